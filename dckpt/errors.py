@@ -1,0 +1,98 @@
+"""The typed error tree. Callers tell missing from corrupt from incompatible by type.
+
+Every error names what it is about (file, tensor, chunk) in its message and keeps those
+names as attributes so tools can report them without parsing text.
+"""
+from __future__ import annotations
+
+
+class DckptError(Exception):
+    """Base of every error dckpt raises on purpose."""
+
+
+class ManifestError(DckptError):
+    """The manifest is missing, unparsable, or breaks the schema."""
+
+    def __init__(self, message: str, path: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.field = field
+
+
+class FormatVersionError(ManifestError):
+    """The checkpoint was written by a newer (or unknown) format version."""
+
+
+class IncompleteCheckpointError(DckptError):
+    """Something the manifest promises is absent: a file, a rank, bytes past the end."""
+
+    def __init__(self, message: str, path: str | None = None, tensor: str | None = None,
+                 chunk: int | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
+        self.chunk = chunk
+        self.offset = offset
+
+
+class CorruptCheckpointError(DckptError):
+    """Stored bytes do not match their recorded hash, or a compressed frame is broken."""
+
+    def __init__(self, message: str, path: str | None = None, tensor: str | None = None,
+                 chunk: int | None = None, offset: int | None = None,
+                 expected: int | None = None, actual: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
+        self.chunk = chunk
+        self.offset = offset
+        self.expected = expected
+        self.actual = actual
+
+
+class StateMismatchError(DckptError):
+    """The live state cannot take the checkpoint (keys, shapes, dtypes, world size).
+
+    Raised before any tensor data is read; `problems` lists every mismatch found.
+    """
+
+    def __init__(self, problems: list[str]):
+        head = f"checkpoint does not match the live state ({len(problems)} problem(s)):"
+        super().__init__("\n  ".join([head, *problems]))
+        self.problems = problems
+
+
+class UnsupportedStateError(DckptError):
+    """A value in the state cannot be stored without pickle; names its key path."""
+
+    def __init__(self, message: str, key_path: str):
+        super().__init__(message)
+        self.key_path = key_path
+
+
+class CheckpointNotFoundError(DckptError):
+    """No committed checkpoint where one was asked for."""
+
+
+class CheckpointExistsError(DckptError):
+    """The target already holds a committed checkpoint and overwrite was not asked for."""
+
+
+class LockError(DckptError):
+    """Another process holds the manager root's lock."""
+
+
+class DistributedError(DckptError):
+    """A collective save/load failed on some rank; names the rank."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class StorageError(DckptError):
+    """Writing or reading the storage failed (disk full, permissions, I/O error)."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path

@@ -1,0 +1,39 @@
+"""Names on disk. One place, so every tool agrees on what a directory holds."""
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+from .manifest import MANIFEST_NAME
+
+LATEST_NAME = "latest"
+LOCK_NAME = ".lock"
+TMP_MARK = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d{9,})$")
+
+
+def rank_file(rank: int, part: int = 0) -> str:
+    return f"rank-{rank:05d}.dckpt" if part == 0 else f"rank-{rank:05d}-{part}.dckpt"
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def staging_dir(target: Path) -> Path:
+    """A hidden sibling of `target`; never mistaken for a committed checkpoint."""
+    return target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def is_staging(name: str) -> bool:
+    return name.startswith(".") and TMP_MARK in name
+
+
+def is_committed(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()

@@ -1,0 +1,332 @@
+"""The manifest: schema, validation and (de)serialization of a checkpoint's description.
+
+Pure data: no torch, no native code, so tools can read a checkpoint anywhere. Every field
+is validated on parse before anything trusts it (see docs/FORMAT.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from ..errors import FormatVersionError, ManifestError
+from .dtypes import ITEMSIZE, numpy_itemsize
+
+FORMAT_NAME = "dckpt"
+FORMAT_VERSION = 1
+HASH_ALGORITHM = "xxh3_64"
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 512 << 20
+MAX_CHUNK_BYTES = 1 << 30
+MAX_INT = (1 << 63) - 1
+
+CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE = 0, 1, 2
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd", CODEC_ZSTD_SHUFFLE: "zstd+shuffle"}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+
+
+def is_safe_name(name: Any) -> bool:
+    """A single path component: no separators, no '..', no hidden or absolute names."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+@dataclass
+class Chunk:
+    file: int
+    offset: int
+    stored: int
+    raw: int
+    codec: int
+    raw_hash: int
+    stored_hash: int
+
+    def to_json(self) -> list:
+        return [self.file, self.offset, self.stored, self.raw, self.codec,
+                f"{self.raw_hash:016x}", f"{self.stored_hash:016x}"]
+
+    def as_native(self) -> tuple:
+        return (self.file, self.offset, self.stored, self.raw, self.codec,
+                self.raw_hash, self.stored_hash)
+
+
+@dataclass
+class Shard:
+    """A stored block of a tensor: its place in the global tensor and its chunks."""
+    offsets: list[int]
+    shape: list[int]
+    rank: int
+    chunks: list[Chunk]
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(c.raw for c in self.chunks)
+
+    def to_json(self) -> dict:
+        return {"offsets": self.offsets, "shape": self.shape, "rank": self.rank,
+                "chunks": [c.to_json() for c in self.chunks]}
+
+
+@dataclass
+class TensorEntry:
+    """A logical tensor. kind "torch" uses torch dtype names, "numpy" numpy dtype strings."""
+    dtype: str
+    shape: list[int]
+    shards: list[Shard]
+    kind: str = "torch"
+
+    @property
+    def itemsize(self) -> int:
+        size = ITEMSIZE.get(self.dtype) if self.kind == "torch" else numpy_itemsize(self.dtype)
+        assert size is not None, self.dtype
+        return size
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored for s in self.shards for c in s.chunks)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "dtype": self.dtype, "shape": self.shape,
+                "shards": [s.to_json() for s in self.shards]}
+
+
+@dataclass
+class FileEntry:
+    """A data file. `dir` names a sibling checkpoint directory for chunks an incremental
+    checkpoint shares with an older one; None means this checkpoint's own directory."""
+    name: str
+    size: int
+    rank: int
+    dir: str | None = None
+
+    def to_json(self) -> dict:
+        out: dict = {"name": self.name, "size": self.size, "rank": self.rank}
+        if self.dir is not None:
+            out["dir"] = self.dir
+        return out
+
+
+@dataclass
+class Manifest:
+    world_size: int = 1
+    files: list[FileEntry] = field(default_factory=list)
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    ranks: list[dict] = field(default_factory=list)  # per rank: {"tree": encoded tree, ...}
+    counters: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # library versions, options, provenance notes
+    created: float = field(default_factory=time.time)
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "hash_algorithm": HASH_ALGORITHM,
+            "created": self.created,
+            "world_size": self.world_size,
+            "files": [f.to_json() for f in self.files],
+            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+            "ranks": self.ranks,
+            "counters": self.counters,
+            "metrics": self.metrics,
+            "meta": self.meta,
+        }
+
+    def to_bytes(self) -> bytes:
+        body = self.to_dict()
+        body["self_hash"] = f"{xxhash.xxh3_64_intdigest(_canonical(body)):016x}"
+        return _canonical(body) + b"\n"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.stored_bytes for t in self.tensors.values())
+
+
+def _canonical(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=True).encode("ascii")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ManifestError(f"duplicate key {k!r} in manifest", field=k)
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str):
+    raise ManifestError(f"non-standard JSON constant {name} in manifest")
+
+
+class _Check:
+    """Field validation that names the offending field and file in every error."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def fail(self, where: str, why: str):
+        raise ManifestError(f"{self.path or 'manifest'}: {where}: {why}", self.path, where)
+
+    def int_(self, v: Any, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            self.fail(where, f"expected an integer in [{lo}, {hi}], got {v!r:.80}")
+        return v
+
+    def type_(self, v: Any, t: type, where: str):
+        if not isinstance(v, t) or isinstance(v, bool) and t is not bool:
+            self.fail(where, f"expected {t.__name__}, got {type(v).__name__}")
+        return v
+
+    def hash_(self, v: Any, where: str) -> int:
+        if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{16}", v):
+            self.fail(where, f"expected 16 lowercase hex digits, got {v!r:.40}")
+        return int(v, 16)
+
+
+def parse(data: bytes, path: str | None = None) -> Manifest:
+    """Validate and parse manifest bytes. Raises ManifestError / FormatVersionError."""
+    c = _Check(path)
+    if len(data) > MAX_MANIFEST_BYTES:
+        c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ManifestError as e:
+        raise ManifestError(f"{path or 'manifest'}: {e}", path, e.field) from None
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(f"{path or 'manifest'}: not valid JSON ({e})", path) from None
+    c.type_(obj, dict, "top level")
+    if obj.get("format") != FORMAT_NAME:
+        c.fail("format", f"not a dckpt manifest (format={obj.get('format')!r:.40})")
+    version = obj.get("version")
+    c.int_(version, "version", 1)
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path or 'manifest'}: format version {version} is newer than this dckpt "
+            f"supports ({FORMAT_VERSION}); upgrade dckpt to read it", path, "version")
+    if obj.get("hash_algorithm") != HASH_ALGORITHM:
+        c.fail("hash_algorithm", f"unsupported {obj.get('hash_algorithm')!r:.40}")
+    stored_hash = c.hash_(obj.pop("self_hash", None), "self_hash")
+    actual = xxhash.xxh3_64_intdigest(_canonical(obj))
+    if actual != stored_hash:
+        from ..errors import CorruptCheckpointError
+        raise CorruptCheckpointError(
+            f"{path or 'manifest'}: manifest hash mismatch (expected {stored_hash:016x}, "
+            f"got {actual:016x}): the manifest was modified or damaged", path=path,
+            expected=stored_hash, actual=actual)
+
+    world = c.int_(obj.get("world_size"), "world_size", 1, 1 << 20)
+    files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
+    tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
+    tensors = {name: _parse_tensor(c, name, t, files, world) for name, t in tensors_obj.items()}
+    ranks = c.type_(obj.get("ranks"), list, "ranks")
+    if len(ranks) != world:
+        c.fail("ranks", f"{len(ranks)} rank entries for world_size {world}")
+    for r, entry in enumerate(ranks):
+        c.type_(entry, dict, f"ranks[{r}]")
+        if "tree" not in entry:
+            c.fail(f"ranks[{r}]", "no tree")
+    created = obj.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        c.fail("created", "expected a timestamp")
+    return Manifest(
+        world_size=world, files=files, tensors=tensors, ranks=ranks,
+        counters=c.type_(obj.get("counters", {}), dict, "counters"),
+        metrics=c.type_(obj.get("metrics", {}), dict, "metrics"),
+        meta=c.type_(obj.get("meta", {}), dict, "meta"),
+        created=float(created), version=version)
+
+
+def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
+    where = f"files[{i}]"
+    c.type_(f, dict, where)
+    name, d = f.get("name"), f.get("dir")
+    if not is_safe_name(name):
+        c.fail(f"{where}.name", f"unsafe file name {name!r:.80}")
+    if d is not None and not is_safe_name(d):
+        c.fail(f"{where}.dir", f"unsafe directory name {d!r:.80}")
+    return FileEntry(name, c.int_(f.get("size"), f"{where}.size"),
+                     c.int_(f.get("rank"), f"{where}.rank"), d)
+
+
+def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int) -> TensorEntry:
+    where = f"tensors[{name!r:.80}]"
+    if not name or len(name) > 4096:
+        c.fail(where, "empty or over-long tensor name")
+    c.type_(t, dict, where)
+    kind = t.get("kind")
+    dtype = t.get("dtype")
+    if kind == "torch":
+        itemsize = ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+    elif kind == "numpy":
+        itemsize = numpy_itemsize(dtype) if isinstance(dtype, str) else None
+    else:
+        c.fail(f"{where}.kind", f"unknown kind {kind!r:.40}")
+    if itemsize is None:
+        c.fail(f"{where}.dtype", f"unknown dtype {dtype!r:.40}")
+    shape = _parse_shape(c, t.get("shape"), f"{where}.shape")
+    shards = []
+    for si, s in enumerate(c.type_(t.get("shards"), list, f"{where}.shards")):
+        sw = f"{where}.shards[{si}]"
+        c.type_(s, dict, sw)
+        sshape = _parse_shape(c, s.get("shape"), f"{sw}.shape")
+        offsets = _parse_shape(c, s.get("offsets"), f"{sw}.offsets")
+        if len(sshape) != len(shape) or len(offsets) != len(shape):
+            c.fail(sw, "shard rank differs from tensor rank")
+        if any(o + n > g for o, n, g in zip(offsets, sshape, shape)):
+            c.fail(sw, f"shard {offsets}+{sshape} exceeds global shape {shape}")
+        rank = c.int_(s.get("rank"), f"{sw}.rank", 0, world - 1)
+        chunks = [_parse_chunk(c, ch, f"{sw}.chunks[{ci}]", files)
+                  for ci, ch in enumerate(c.type_(s.get("chunks"), list, f"{sw}.chunks"))]
+        want = math.prod(sshape) * itemsize
+        got = sum(ch.raw for ch in chunks)
+        if got != want:
+            c.fail(sw, f"chunks hold {got} bytes but shape {sshape} x {dtype} needs {want}")
+        shards.append(Shard(offsets, sshape, rank, chunks))
+    if sum(math.prod(s.shape) for s in shards) != math.prod(shape) or not shards:
+        c.fail(f"{where}.shards", f"shards do not tile the global shape {shape}")
+    return TensorEntry(dtype, shape, shards, kind)
+
+
+def _parse_shape(c: _Check, v: Any, where: str) -> list[int]:
+    c.type_(v, list, where)
+    if len(v) > 64:
+        c.fail(where, "more than 64 dimensions")
+    dims = [c.int_(d, where, 0, 1 << 48) for d in v]
+    if math.prod(dims) * 16 > MAX_INT:
+        c.fail(where, f"shape {dims} is too large")
+    return dims
+
+
+def _parse_chunk(c: _Check, ch: Any, where: str, files: list[FileEntry]) -> Chunk:
+    if not isinstance(ch, list) or len(ch) != 7:
+        c.fail(where, "a chunk is a list of 7 fields")
+    f = c.int_(ch[0], f"{where}.file", 0, max(len(files) - 1, 0))
+    if not files:
+        c.fail(where, "chunk refers to a file but the manifest lists none")
+    off = c.int_(ch[1], f"{where}.offset")
+    stored = c.int_(ch[2], f"{where}.stored", 0, MAX_CHUNK_BYTES + (1 << 20))
+    raw = c.int_(ch[3], f"{where}.raw", 0, MAX_CHUNK_BYTES)
+    codec = c.int_(ch[4], f"{where}.codec", 0, 2)
+    if codec == CODEC_RAW and stored != raw:
+        c.fail(where, f"raw chunk with stored length {stored} != raw length {raw}")
+    if off + stored > files[f].size:
+        c.fail(where, f"bytes {off}..{off + stored} lie past the end of "
+                      f"{files[f].name} ({files[f].size} bytes)")
+    return Chunk(f, off, stored, raw, codec, c.hash_(ch[5], f"{where}.raw_hash"),
+                 c.hash_(ch[6], f"{where}.stored_hash"))

@@ -1,0 +1,57 @@
+"""A reference reader needing only numpy, zstandard and xxhash.
+
+It exists to prove the format is open (docs/FORMAT.md) and serves as the test oracle for
+the native core: simple and slow on purpose.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import xxhash
+import zstandard
+
+from .manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse
+
+
+def read_manifest(ckpt: str | Path) -> Manifest:
+    path = Path(ckpt) / MANIFEST_NAME
+    return parse(path.read_bytes(), str(path))
+
+
+def unshuffle(data: bytes, width: int) -> bytes:
+    n = len(data) // width
+    body = np.frombuffer(data, np.uint8, n * width).reshape(width, n).T.reshape(-1)
+    return body.tobytes() + data[n * width:]
+
+
+def read_tensor_bytes(ckpt: str | Path, m: Manifest, name: str) -> np.ndarray:
+    """The global tensor `name` as raw bytes, shape (*shape, itemsize), row-major."""
+    t = m.tensors[name]
+    out = np.zeros((*t.shape, t.itemsize), np.uint8)
+    for shard in t.shards:
+        raw = bytearray()
+        for ch in shard.chunks:
+            f = m.files[ch.file]
+            path = Path(ckpt).parent / f.dir / f.name if f.dir else Path(ckpt) / f.name
+            with open(path, "rb") as fh:
+                fh.seek(ch.offset)
+                stored = fh.read(ch.stored)
+            if xxhash.xxh3_64_intdigest(stored) != ch.stored_hash:
+                raise ValueError(f"{name}: stored hash mismatch at offset {ch.offset}")
+            if ch.codec == CODEC_RAW:
+                data = stored
+            else:
+                data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ch.raw)
+                if ch.codec == CODEC_ZSTD_SHUFFLE:
+                    data = unshuffle(data, t.itemsize)
+                elif ch.codec != CODEC_ZSTD:
+                    raise ValueError(f"unknown codec {ch.codec}")
+            if xxhash.xxh3_64_intdigest(data) != ch.raw_hash:
+                raise ValueError(f"{name}: raw hash mismatch at offset {ch.offset}")
+            raw += data
+        block = np.frombuffer(bytes(raw), np.uint8).reshape(*shard.shape, t.itemsize)
+        index = tuple(slice(o, o + n) for o, n in zip(shard.offsets, shard.shape))
+        out[index] = block
+    return out

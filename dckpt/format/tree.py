@@ -1,0 +1,173 @@
+"""The safe tree: non-tensor state as JSON, with no pickle and no code on load.
+
+Plain JSON carries None, bools, ints, strings, finite floats, lists and string-keyed
+dicts. Everything else is one tagged object `{"$tag": payload}` so decoding is exact:
+
+    {"$float": "nan" | "inf" | "-inf"}   non-finite floats
+    {"$tuple": [...]}                    tuples (torch.Size too)
+    {"$dict": [[key, value], ...]}       dicts with non-str keys, or keys starting with "$"
+    {"$bytes": "<base64>"}               bytes
+    {"$tensor": "name"}                  a torch tensor stored in the data files
+    {"$ndarray": "name"}                 a numpy array stored in the data files
+    {"$dtype": "float32"}                a torch.dtype (optimizers and AMP keep some)
+    {"$object": "<type>", "state": ...}  an object restored via load_state_dict()
+"""
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ManifestError, UnsupportedStateError
+
+# Nesting deeper than this is refused on decode: a hostile manifest must not exhaust the stack.
+MAX_DEPTH = 200
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    name: str
+
+
+@dataclass(frozen=True)
+class DtypeRef:
+    name: str
+
+
+@dataclass
+class ObjectState:
+    """state_dict() of an object (model, optimizer, ...) and the type it came from."""
+    type_name: str
+    state: Any
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def encode(value: Any, path: str = "") -> Any:
+    """Tree of safe values and refs -> JSON-ready structure. Raises UnsupportedStateError."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return float(value)
+        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, TensorRef):
+        return {"$tensor": value.name}
+    if isinstance(value, ArrayRef):
+        return {"$ndarray": value.name}
+    if isinstance(value, DtypeRef):
+        return {"$dtype": value.name}
+    if isinstance(value, ObjectState):
+        return {"$object": value.type_name, "state": encode(value.state, path)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, tuple):
+        return {"$tuple": [encode(v, _join(path, i)) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode(v, _join(path, i)) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: encode(v, _join(path, k)) for k, v in value.items()}
+        pairs = []
+        for k, v in value.items():
+            if k is not None and not isinstance(k, (str, int, float, bool, tuple)):
+                raise UnsupportedStateError(
+                    f"dict key {k!r} of type {type(k).__name__} at '{path or '/'}' "
+                    "cannot be stored without pickle", path or "/")
+            pairs.append([encode(k, path), encode(v, _join(path, k))])
+        return {"$dict": pairs}
+    raise UnsupportedStateError(
+        f"value of type {type(value).__module__}.{type(value).__qualname__} at "
+        f"'{path or '/'}' cannot be stored without pickle; convert it to "
+        "dict/list/tuple/str/int/float/bool/None/bytes/tensor/ndarray, or give it "
+        "state_dict()/load_state_dict()", path or "/")
+
+
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def decode(node: Any, depth: int = 0) -> Any:
+    """JSON structure -> tree of safe values and refs. Raises ManifestError on bad input."""
+    if depth > MAX_DEPTH:
+        raise ManifestError(f"state tree nested deeper than {MAX_DEPTH}", field="tree")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [decode(v, depth + 1) for v in node]
+    if not isinstance(node, dict):
+        raise ManifestError(f"unexpected JSON value of type {type(node).__name__}", field="tree")
+    tags = [k for k in node if k.startswith("$")]
+    if not tags:
+        return {k: decode(v, depth + 1) for k, v in node.items()}
+    if len(tags) != 1:
+        raise ManifestError(f"tagged node with several tags {tags}", field="tree")
+    tag = tags[0]
+    payload = node[tag]
+    if tag == "$object":
+        if set(node) != {"$object", "state"} or not isinstance(payload, str):
+            raise ManifestError("malformed $object node", field="tree")
+        return ObjectState(payload, decode(node["state"], depth + 1))
+    if len(node) != 1:
+        raise ManifestError(f"tagged node {tag} has extra keys", field="tree")
+    if tag == "$float":
+        if payload not in _NONFINITE:
+            raise ManifestError(f"bad $float payload {payload!r}", field="tree")
+        return _NONFINITE[payload]
+    if tag == "$tuple":
+        if not isinstance(payload, list):
+            raise ManifestError("$tuple payload must be a list", field="tree")
+        return tuple(decode(v, depth + 1) for v in payload)
+    if tag == "$dict":
+        if not isinstance(payload, list) or not all(
+                isinstance(p, list) and len(p) == 2 for p in payload):
+            raise ManifestError("$dict payload must be a list of pairs", field="tree")
+        out = {}
+        for k, v in payload:
+            key = decode(k, depth + 1)
+            try:
+                hash(key)
+            except TypeError:
+                raise ManifestError(f"unhashable $dict key {key!r}", field="tree") from None
+            out[key] = decode(v, depth + 1)
+        return out
+    if tag in ("$tensor", "$ndarray", "$dtype", "$bytes") and not isinstance(payload, str):
+        raise ManifestError(f"{tag} payload must be a string", field="tree")
+    if tag == "$tensor":
+        return TensorRef(payload)
+    if tag == "$ndarray":
+        return ArrayRef(payload)
+    if tag == "$dtype":
+        return DtypeRef(payload)
+    if tag == "$bytes":
+        try:
+            return base64.b64decode(payload.encode("ascii"), validate=True)
+        except (ValueError, UnicodeEncodeError):
+            raise ManifestError("bad base64 in $bytes", field="tree") from None
+    raise ManifestError(f"unknown tag {tag}", field="tree")
+
+
+def refs(node: Any) -> list:
+    """All TensorRef/ArrayRef leaves of a decoded tree, in order."""
+    out: list = []
+    stack = [node]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, (TensorRef, ArrayRef)):
+            out.append(v)
+        elif isinstance(v, ObjectState):
+            stack.append(v.state)
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+    return out

@@ -1,0 +1,133 @@
+"""Chunked tensor I/O through the native core. The only module that imports dckpt._native.
+
+It turns tensors into byte views (no copies), calls the native write/read/verify, and maps
+native errors onto the typed error tree, naming the tensor each failing chunk belongs to.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _native
+from .errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
+                     ManifestError, StorageError)
+from .format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How chunks are stored. compression: None/"none", "zstd", or a zstd level (int)."""
+    compression: str | int | None = None
+    shuffle: bool = True
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    threads: int = 0
+    fsync: bool = True
+
+    @property
+    def codec(self) -> int:
+        if self.compression in (None, "none", "raw", 0, False):
+            return CODEC_RAW
+        return CODEC_ZSTD_SHUFFLE if self.shuffle else CODEC_ZSTD
+
+    @property
+    def level(self) -> int:
+        if isinstance(self.compression, int) and not isinstance(self.compression, bool):
+            return self.compression
+        return 1
+
+    def validate(self) -> "WriteOptions":
+        if not 4096 <= self.chunk_size <= (1 << 30):
+            raise ValueError(f"chunk_size {self.chunk_size} must lie in [4 KiB, 1 GiB]")
+        if self.codec != CODEC_RAW and not 1 <= self.level <= 22:
+            raise ValueError(f"zstd level {self.level} must lie in [1, 22]")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0 = all usable cores)")
+        return self
+
+
+def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A flat uint8 numpy view of a contiguous CPU tensor/array, sharing its memory."""
+    if isinstance(value, np.ndarray):
+        assert value.flags.c_contiguous
+        return value.reshape(-1).view(np.uint8)
+    assert value.device.type == "cpu" and value.is_contiguous()
+    flat = value.detach().reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return flat.numpy()
+
+
+def elem_size(value: torch.Tensor | np.ndarray) -> int:
+    return value.itemsize if isinstance(value, np.ndarray) else value.element_size()
+
+
+def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
+               prev_hashes: list | None = None) -> list[list[Chunk]]:
+    """Write contiguous CPU tensors/arrays to one file; returns their chunk records."""
+    views = [byte_view(v) for v in values]
+    try:
+        records = _native.write_chunks(
+            path, views, [elem_size(v) for v in values], chunk_size=opts.chunk_size,
+            codec=opts.codec, level=opts.level, threads=opts.threads, fsync=opts.fsync,
+            file_index=file_index, prev_hashes=prev_hashes)
+    except _native.ChunkError as e:
+        raise StorageError(f"writing {path} failed: {e}", path) from None
+    return [[Chunk(*r) for r in rs] for rs in records]
+
+
+def read_into(paths: list[str], dests: list, elem_sizes: list[int], chunks: list[list[Chunk]],
+              names: list[str], verify: bool = True, threads: int = 0) -> None:
+    """Read chunks straight into contiguous CPU destinations, verifying raw hashes.
+
+    elem_sizes are the stored element sizes (they undo the byte shuffle), which differ
+    from the destination's when it is a byte staging buffer."""
+    if not dests:
+        return
+    try:
+        _native.read_chunks(paths, [byte_view(d) for d in dests], elem_sizes,
+                            [[c.as_native() for c in cs] for cs in chunks],
+                            verify=verify, threads=threads)
+    except _native.ChunkError as e:
+        raise _map_error(e, names, chunks) from None
+
+
+def verify_chunks(paths: list[str], chunks: list[Chunk], elem_sizes: list[int],
+                  deep: bool = False, threads: int = 0) -> list[tuple]:
+    """Failures as (chunk_index, kind, expected, actual, message); empty when all good."""
+    return _native.verify_chunks(paths, [c.as_native() for c in chunks], elem_sizes,
+                                 deep=deep, threads=threads)
+
+
+def hash64(data) -> int:
+    return _native.hash64(data)
+
+
+def _map_error(e, names: list[str], chunks: list[list[Chunk]]) -> DckptError:
+    b = getattr(e, "buffer_index", -1)
+    ci = getattr(e, "chunk_index", -1)
+    tensor = names[b] if 0 <= b < len(names) else None
+    where = f"tensor '{tensor}' chunk {ci}" if tensor is not None else "a chunk"
+    path, offset = getattr(e, "path", None), getattr(e, "offset", -1)
+    kind = getattr(e, "kind", "io")
+    msg = f"{where} in {path} at offset {offset}: {e}"
+    if kind in ("stored_hash", "raw_hash", "corrupt_frame"):
+        return CorruptCheckpointError(msg, path, tensor, ci, offset,
+                                      getattr(e, "expected", None), getattr(e, "actual", None))
+    if kind in ("missing_file", "out_of_bounds"):
+        return IncompleteCheckpointError(msg, path, tensor, ci, offset)
+    if kind in ("invalid_record", "invalid_argument"):
+        return ManifestError(msg, path)
+    return StorageError(msg, path)
+
+
+__all__ = ["WriteOptions", "write_file", "read_into", "verify_chunks", "hash64",
+           "byte_view", "elem_size", "default_threads", "CODEC_ZSTD"]

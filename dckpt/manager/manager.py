@@ -1,0 +1,227 @@
+"""CheckpointManager: numbered checkpoints under one root, retention, exact resume.
+
+    root/step-000001000/   committed (manifest.json present)
+    root/.step-...tmp-*    in progress or crashed: ignored by restore, removed by gc
+    root/latest            names the newest committed step; written after commit
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint, commit, dist
+from ..errors import CheckpointNotFoundError, DckptError, StateMismatchError
+from ..format import tree as treecodec
+from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
+from ..state import rng
+from .lock import RootLock
+from .retention import Retention
+
+log = logging.getLogger("dckpt")
+
+
+@dataclass
+class ResumeReport:
+    step: int
+    path: Path
+    epoch: int | None
+    step_in_epoch: int | None
+    metrics: dict
+    counters: dict
+    components: dict[str, str]  # restored component -> kind
+    rng_streams: list[str]
+    missing_allowed: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        parts = [f"resumed step {self.step} from {self.path}"]
+        if self.epoch is not None:
+            parts.append(f"epoch {self.epoch}" + (f", step {self.step_in_epoch} in epoch"
+                                                  if self.step_in_epoch is not None else ""))
+        comps = ", ".join(f"{k} ({v})" for k, v in self.components.items())
+        parts.append(f"restored: {comps}; rng: {', '.join(self.rng_streams) or 'none'}")
+        if self.missing_allowed:
+            parts.append(f"NOT restored (allowed): {', '.join(self.missing_allowed)}")
+        parts.append(f"{self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s")
+        return "; ".join(parts)
+
+
+class CheckpointManager:
+    def __init__(self, root: str | os.PathLike, *, retention: Retention | None = None,
+                 keep_last: int | None = None, keep_best: int = 0, metric: str | None = None,
+                 mode: str = "min", keep_every: int | None = None,
+                 compression: str | int | None = None, shuffle: bool = True,
+                 chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
+                 verify: bool = True, group=None):
+        self.root = Path(root)
+        self.retention = retention or Retention(keep_last, keep_best, metric, mode, keep_every)
+        self.save_options = {"compression": compression, "shuffle": shuffle, "threads": threads,
+                             "fsync": fsync}
+        if chunk_size:
+            self.save_options["chunk_size"] = chunk_size
+        self.verify, self.threads, self.group = verify, threads, group
+        self.is_writer = dist.rank(group) == 0
+        if self.is_writer:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with RootLock(self.root):
+                self._remove_staging()
+        dist.barrier(group)
+
+    # ---- what is there -------------------------------------------------------------------
+    def path(self, step: int) -> Path:
+        return self.root / step_dir(step)
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            s = parse_step_dir(p.name)
+            if s is not None and is_committed(p):
+                out.append(s)
+        return sorted(out)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step; the `latest` pointer is a hint checked against disk."""
+        pointed = self._read_latest()
+        steps = self.steps()
+        if pointed is not None and steps and pointed == steps[-1]:
+            return pointed
+        return steps[-1] if steps else None
+
+    def _read_latest(self) -> int | None:
+        try:
+            text = (self.root / LATEST_NAME).read_text().strip()
+        except OSError:
+            return None
+        s = parse_step_dir(text)
+        return s if s is not None and is_committed(self.root / text) else None
+
+    # ---- save ----------------------------------------------------------------------------
+    def save(self, step: int, state: Any, metrics: dict | None = None, *,
+             epoch: int | None = None, step_in_epoch: int | None = None,
+             loss_history: list[float] | None = None, counters: dict | None = None,
+             overwrite: bool = False) -> checkpoint.SaveResult:
+        """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, not {step!r}")
+        metrics = dict(metrics or {})
+        ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+               "loss_history": list(loss_history or []), **(counters or {})}
+        ctr["best"] = self._best_with(step, metrics)
+        lock = RootLock(self.root).acquire() if self.is_writer else None
+        try:
+            result = checkpoint.save(
+                state, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
+                rank_state={"rng": rng.capture()}, group=self.group, **self.save_options)
+            if self.is_writer:
+                self._write_latest(step)
+                self._apply_retention()
+        finally:
+            if lock:
+                lock.release()
+        dist.barrier(self.group)
+        log.info("dckpt: saved step %d (%.1f MB) in %.2f s", step, result.bytes / 1e6,
+                 result.seconds)
+        return result
+
+    def _best_with(self, step: int, metrics: dict) -> dict | None:
+        name = self.retention.metric
+        if not name:
+            return None
+        known = {s: self._metrics(s) for s in self.steps()}
+        known[step] = metrics
+        best = self.retention.best(known, 1)
+        return {"metric": name, "mode": self.retention.mode, "step": best[0],
+                "value": known[best[0]][name]} if best else None
+
+    def _metrics(self, step: int) -> dict:
+        try:
+            return checkpoint.read_manifest(self.path(step)).metrics
+        except DckptError:
+            return {}
+
+    def _write_latest(self, step: int) -> None:
+        commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
+                                  self.save_options["fsync"])
+
+    def retention_plan(self) -> dict[int, list[str]]:
+        """step -> reasons it is kept; an empty list means retention deletes it."""
+        return self.retention.reasons({s: self._metrics(s) for s in self.steps()})
+
+    def _apply_retention(self, dry_run: bool = False) -> list[int]:
+        doomed = [s for s, why in self.retention_plan().items() if not why]
+        if not dry_run:
+            for s in doomed:
+                # Rename first so a crash mid-delete leaves debris gc recognizes, not a
+                # half-deleted directory that still looks committed.
+                trash = self.root / f".{step_dir(s)}.tmp-deleting"
+                os.rename(self.path(s), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        return doomed
+
+    def _remove_staging(self) -> list[Path]:
+        gone = [p for p in self.root.iterdir() if is_staging(p.name)]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return gone
+
+    def gc(self, dry_run: bool = False) -> dict:
+        """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
+        with RootLock(self.root):
+            staging = [p for p in self.root.iterdir() if is_staging(p.name)]
+            doomed = [s for s, why in self.retention_plan().items() if not why]
+            freed = sum(_du(p) for p in staging) + sum(_du(self.path(s)) for s in doomed)
+            if not dry_run:
+                self._remove_staging()
+                self._apply_retention()
+                latest = self.latest_step()
+                if latest is not None and self._read_latest() != latest:
+                    self._write_latest(latest)
+        return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
+                "freed_bytes": freed, "dry_run": dry_run}
+
+    # ---- restore -------------------------------------------------------------------------
+    def restore(self, state: dict, step: int | None = None, *,
+                allow_missing: bool | list[str] = False, keys: list[str] | None = None,
+                restore_rng: bool = True) -> ResumeReport:
+        """Restore `state` in place from `step` (default: latest committed)."""
+        t0 = time.perf_counter()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+        path = self.path(step)
+        m = checkpoint.read_manifest(path)
+        r = dist.rank(self.group)
+        rank_entry = m.ranks[r] if r < m.world_size else None
+        rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
+        wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
+        if wants_rng and not rng_state:
+            raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
+                                      "allow_missing=['rng'] to resume without them"])
+        report = checkpoint.load(path, into=state, keys=keys, verify=self.verify,
+                                 threads=self.threads, allow_missing=allow_missing,
+                                 group=self.group)
+        streams = rng.restore(rng_state) if (restore_rng and rng_state) else []
+        c = m.counters
+        out = ResumeReport(step=step, path=path, epoch=c.get("epoch"),
+                           step_in_epoch=c.get("step_in_epoch"), metrics=m.metrics, counters=c,
+                           components=report.components, rng_streams=streams,
+                           missing_allowed=report.missing_allowed, bytes=report.bytes,
+                           seconds=time.perf_counter() - t0)
+        log.info("dckpt: %s", out.summary())
+        return out
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

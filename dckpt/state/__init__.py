@@ -1,0 +1,1 @@
+"""Training state <-> (safe tree, tensors): flattening, restoring, RNG streams, data position."""

@@ -1,0 +1,116 @@
+"""Plan and run the reads that fill destination tensors from stored shards.
+
+A destination is a block of a global tensor (the whole tensor, or a rank's shard of it).
+Each stored shard overlapping it is read straight into the destination when the overlap is
+the whole shard and lands contiguously there; otherwise the needed byte span of the shard is
+read into a staging buffer and the overlap copied out. CUDA or non-contiguous destinations
+are filled through a contiguous CPU buffer.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import io
+from ..errors import IncompleteCheckpointError, StateMismatchError
+from ..format.manifest import Manifest, Shard, TensorEntry
+from .tensors import dtype_name, torch_dtype
+
+
+def file_paths(ckpt: Path, m: Manifest) -> list[str]:
+    return [str(ckpt.parent / f.dir / f.name if f.dir else ckpt / f.name) for f in m.files]
+
+
+class TensorReader:
+    def __init__(self, ckpt: Path, manifest: Manifest, verify: bool = True, threads: int = 0):
+        self.ckpt, self.m = Path(ckpt), manifest
+        self.paths = file_paths(self.ckpt, manifest)
+        self.verify, self.threads = verify, threads
+        self._dests: list = []
+        self._sizes: list[int] = []
+        self._chunks: list = []
+        self._names: list[str] = []
+        self._after: list = []  # copies from staging into destinations, run after the reads
+
+    def request(self, name: str, dest, offsets: list[int] | None = None) -> None:
+        """Fill `dest` (tensor or ndarray) with the block of tensor `name` at `offsets`."""
+        entry = self.m.tensors[name]
+        offsets = offsets or [0] * len(entry.shape)
+        if isinstance(dest, np.ndarray):
+            if dest.dtype.str != entry.dtype or list(dest.shape) != entry.shape:
+                raise StateMismatchError([f"{name}: array {dest.dtype.str}{list(dest.shape)} "
+                                          f"vs stored {entry.dtype}{entry.shape}"])
+            self._add(name, dest, entry.itemsize, entry.shards[0].chunks)
+            return
+        if dtype_name(dest.dtype) != entry.dtype:
+            raise StateMismatchError([f"{name}: dtype {dest.dtype} vs stored {entry.dtype}"])
+        target = dest
+        if dest.device.type != "cpu" or not dest.is_contiguous():
+            target = torch.empty(dest.shape, dtype=dest.dtype, pin_memory=dest.is_cuda)
+            self._after.append(lambda d=dest, t=target: d.copy_(t, non_blocking=d.is_cuda))
+        self._plan_block(name, entry, target, offsets)
+
+    def _plan_block(self, name: str, entry: TensorEntry, dest: torch.Tensor, offsets: list[int]):
+        shape = list(dest.shape)
+        if math.prod(shape) == 0:
+            return
+        covered = 0
+        for shard in entry.shards:
+            lo = [max(a, b) for a, b in zip(offsets, shard.offsets)]
+            hi = [min(a + n, b + m) for a, n, b, m in
+                  zip(offsets, shape, shard.offsets, shard.shape)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            covered += math.prod(h - l for l, h in zip(lo, hi))
+            dview = dest[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))]
+            whole = lo == shard.offsets and [h - l for l, h in zip(lo, hi)] == shard.shape
+            if whole and dview.is_contiguous():
+                self._add(name, dview, entry.itemsize, shard.chunks)
+            else:
+                self._stage(name, entry, shard, dview, lo, hi)
+        if covered != math.prod(shape):
+            raise IncompleteCheckpointError(
+                f"tensor '{name}': stored shards cover {covered} of the {math.prod(shape)} "
+                f"elements of the block at {offsets} shape {shape}", tensor=name)
+
+    def _stage(self, name, entry: TensorEntry, shard: Shard, dview, lo, hi):
+        """Read only the chunks spanning the overlap, then copy the overlap out."""
+        local_lo = [l - o for l, o in zip(lo, shard.offsets)]
+        local_hi = [h - o - 1 for h, o in zip(hi, shard.offsets)]
+        strides = [math.prod(shard.shape[i + 1:]) for i in range(len(shard.shape))]
+        first = sum(i * s for i, s in zip(local_lo, strides)) * entry.itemsize
+        last = (sum(i * s for i, s in zip(local_hi, strides)) + 1) * entry.itemsize
+        start = 0
+        picked, begin = [], None
+        for ch in shard.chunks:
+            end = start + ch.raw
+            if end > first and start < last:
+                begin = start if begin is None else begin
+                picked.append(ch)
+                stop = end
+            start = end
+        buf = torch.empty(shard.raw_bytes, dtype=torch.uint8)
+        self._add(name, buf[begin:stop], entry.itemsize, picked)
+        dtype = torch_dtype(entry.dtype)
+        src = buf.view(dtype).reshape(shard.shape)[
+            tuple(slice(l, h + 1) for l, h in zip(local_lo, local_hi))]
+        self._after.append(lambda d=dview, s=src: d.copy_(s))
+
+    def _add(self, name, dest, elem_size: int, chunks) -> None:
+        self._dests.append(dest)
+        self._sizes.append(elem_size)
+        self._chunks.append(chunks)
+        self._names.append(name)
+
+    def run(self) -> None:
+        used = sorted({c.file for cs in self._chunks for c in cs})
+        remap = {f: i for i, f in enumerate(used)}
+        chunks = [[type(c)(remap[c.file], *c.as_native()[1:]) for c in cs] for cs in self._chunks]
+        io.read_into([self.paths[f] for f in used], self._dests, self._sizes, chunks,
+                     self._names, verify=self.verify, threads=self.threads)
+        for fn in self._after:
+            fn()
+        self._dests, self._sizes, self._chunks, self._names, self._after = [], [], [], [], []

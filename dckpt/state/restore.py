@@ -1,0 +1,191 @@
+"""Put a decoded checkpoint tree back: into live objects in place, or as plain values.
+
+Restoring into live state runs in two passes over the same walk. The first only compares
+(keys, shapes, dtypes) and collects every problem, so all mismatches are reported at once
+before any memory is allocated. The second requests reads straight into the live tensors,
+allocates only what the live state lacks (e.g. a fresh optimizer's moments), runs the reads,
+then hands each object its state via load_state_dict().
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import StateMismatchError
+from ..format.manifest import Manifest
+from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
+from .flatten import component_kind, has_state_dict
+from .reading import TensorReader
+from .tensors import dtype_name, numpy_dtype, torch_dtype
+
+# dist installs a function (tensor) -> (local tensor, global shape, offsets) for DTensors.
+BlockOf = Callable[[torch.Tensor], "tuple[torch.Tensor, list[int], list[int]] | None"]
+
+
+@dataclass
+class RestoreReport:
+    components: dict[str, str] = field(default_factory=dict)  # key -> kind, restored
+    missing_allowed: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes: int = 0
+
+
+class _Walk:
+    def __init__(self, m: Manifest, reader: TensorReader | None, block_of: BlockOf | None,
+                 tensor_names: dict[str, str] | None = None):
+        self.m, self.reader, self.block_of = m, reader, block_of
+        self.alias = tensor_names or {}  # tree name -> manifest name (per-rank naming)
+        self.problems: list[str] = []
+        self.loaders: list[Callable[[], Any]] = []
+        self.made: dict[str, Any] = {}
+        self.report = RestoreReport()
+
+    @property
+    def dry(self) -> bool:
+        return self.reader is None
+
+    def entry(self, ref, path: str):
+        name = self.alias.get(ref.name, ref.name)
+        e = self.m.tensors.get(name)
+        if e is None:
+            self.problems.append(f"{path}: tensor '{name}' is not in the checkpoint")
+        return name, e
+
+    def tensor(self, live: Any, ref: TensorRef, path: str) -> Any:
+        name, e = self.entry(ref, path)
+        if e is None:
+            return live
+        if e.kind != "torch":
+            self.problems.append(f"{path}: stored as a numpy array, live value is a tensor")
+            return live
+        if isinstance(live, torch.Tensor):
+            block = self.block_of(live) if self.block_of else None
+            local, gshape, offsets = block or (live, list(live.shape), None)
+            if gshape != e.shape or dtype_name(live.dtype) != e.dtype:
+                self.problems.append(f"{path}: live {dtype_name(live.dtype)}{gshape} vs "
+                                     f"checkpoint {e.dtype}{e.shape}")
+                return live
+            if not self.dry:
+                self.reader.request(name, local, offsets)
+                self.count(e)
+            return live
+        if self.dry:
+            return live
+        if name not in self.made:
+            t = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+            self.reader.request(name, t)
+            self.count(e)
+            self.made[name] = t
+        return self.made[name]
+
+    def array(self, live: Any, ref: ArrayRef, path: str) -> Any:
+        name, e = self.entry(ref, path)
+        if e is None or self.dry:
+            return live
+        if e.kind != "numpy":
+            self.problems.append(f"{path}: stored as a tensor, live value is a numpy array")
+            return live
+        if name not in self.made:
+            if (isinstance(live, np.ndarray) and live.flags.c_contiguous and live.flags.writeable
+                    and live.dtype.str == e.dtype and list(live.shape) == e.shape):
+                a = live
+            else:
+                a = np.empty(e.shape, dtype=numpy_dtype(e.dtype))
+            self.reader.request(name, a)
+            self.count(e)
+            self.made[name] = a
+        return self.made[name]
+
+    def count(self, e) -> None:
+        self.report.tensors += 1
+        self.report.bytes += e.nbytes
+
+    def walk(self, live: Any, node: Any, path: str) -> Any:
+        if isinstance(node, TensorRef):
+            return self.tensor(live, node, path)
+        if isinstance(node, ArrayRef):
+            return self.array(live, node, path)
+        if isinstance(node, DtypeRef):
+            return torch_dtype(node.name)
+        if isinstance(node, ObjectState):
+            if not has_state_dict(live):
+                return self.walk(None, node.state, path)
+            live_sd = live.state_dict()
+            if isinstance(live, torch.nn.Module) and isinstance(node.state, dict):
+                self.compare_keys(live_sd, node.state, path)
+            value = self.walk(live_sd, node.state, path)
+            if not self.dry:
+                self.loaders.append(lambda o=live, v=value: o.load_state_dict(v))
+            return live
+        if isinstance(node, dict):
+            live_d = live if isinstance(live, dict) else {}
+            out = {k: self.walk(live_d.get(k), v, f"{path}/{k}" if path else str(k))
+                   for k, v in node.items()}
+            if isinstance(live, dict) and not self.dry:
+                live.update(out)
+                return live
+            return out
+        if isinstance(node, list):
+            same = isinstance(live, list) and len(live) == len(node)
+            out = [self.walk(live[i] if same else None, v, f"{path}/{i}")
+                   for i, v in enumerate(node)]
+            if same and not self.dry:
+                live[:] = out
+                return live
+            return out
+        if isinstance(node, tuple):
+            same = isinstance(live, tuple) and len(live) == len(node)
+            return tuple(self.walk(live[i] if same else None, v, f"{path}/{i}")
+                         for i, v in enumerate(node))
+        return node
+
+    def compare_keys(self, live_sd: dict, saved: dict, path: str) -> None:
+        missing = [k for k in live_sd if k not in saved]
+        extra = [k for k in saved if k not in live_sd]
+        if missing:
+            self.problems.append(f"{path}: keys missing from the checkpoint: {missing[:8]}"
+                                 + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if extra:
+            self.problems.append(f"{path}: unexpected keys in the checkpoint: {extra[:8]}"
+                                 + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+
+
+def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
+                 allow_missing: bool | list[str] = False, block_of: BlockOf | None = None,
+                 tensor_names: dict[str, str] | None = None) -> RestoreReport:
+    """Restore `tree` into the live state dict `live`; returns what was restored."""
+    if not isinstance(live, dict) or not isinstance(tree, dict):
+        raise TypeError("restore needs the live state as a dict of components")
+    missing = [k for k in live if k not in tree]
+    allowed = missing if allow_missing is True else [k for k in missing if k in (allow_missing or [])]
+    problems = [f"component '{k}' ({component_kind(live[k])}) is in the live state but not in "
+                "the checkpoint; pass allow_missing=[...] to skip it" for k in missing
+                if k not in allowed]
+    subtree = {k: v for k, v in tree.items() if k in live}
+    check = _Walk(m, None, block_of, tensor_names)
+    check.walk({k: live[k] for k in subtree}, subtree, "")
+    problems += check.problems
+    if problems:
+        raise StateMismatchError(problems)
+    work = _Walk(m, reader, block_of, tensor_names)
+    work.walk(live, subtree, "")
+    reader.run()
+    for load in work.loaders:
+        load()
+    work.report.components = {k: component_kind(live[k]) for k in subtree}
+    work.report.missing_allowed = allowed
+    return work.report
+
+
+def materialize(tree: Any, m: Manifest, reader: TensorReader,
+                tensor_names: dict[str, str] | None = None) -> Any:
+    """The tree as plain values: new tensors/arrays, objects as their state dicts."""
+    w = _Walk(m, reader, None, tensor_names)
+    out = w.walk(None, tree, "")
+    if w.problems:
+        raise StateMismatchError(w.problems)
+    reader.run()
+    return out

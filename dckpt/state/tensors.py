@@ -1,0 +1,38 @@
+"""torch/numpy dtypes <-> manifest names, and tensor identity for shared storage."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..format.dtypes import ITEMSIZE
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in ITEMSIZE if hasattr(torch, name)
+}
+TORCH_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return TORCH_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"dtype {dtype} is not supported by the dckpt format") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise TypeError(f"dtype {name!r} is not available in this torch build") from None
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
+def view_key(t: torch.Tensor) -> tuple | None:
+    """Identity of a view: equal keys mean the very same memory seen the same way."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr(),
+            t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up of a fresh Debian machine: system libraries, a .venv with
+# the CPU build of torch, the package in editable mode (which compiles dckpt._native).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.dckpt-setup
+
+need_apt=()
+for pkg in libzstd-dev libxxhash-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "dckpt needs Debian packages: ${need_apt[*]}" >&2
+    echo "run: sudo apt-get update && sudo apt-get install -y ${need_apt[*]}" >&2
+    exit 1
+  fi
+  echo "== installing ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x $VENV/bin/python ] || { echo "== creating $VENV"; $PY -m venv $VENV; }
+
+# Re-run pip only when the dependency list or the native sources changed.
+want=$(cat pyproject.toml setup.py csrc/* | sha256sum | cut -d' ' -f1)
+if [ -f $STAMP ] && [ "$(cat $STAMP)" = "$want" ] && $VENV/bin/python -c 'import dckpt._native' 2>/dev/null; then
+  exit 0
+fi
+echo "== installing Python packages into $VENV (torch 2.13.0 CPU build first)"
+$VENV/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11
+# Exact version first: a looser requirement would pull a multi-GB CUDA build.
+$VENV/bin/python -m pip install -q torch==2.13.0
+$VENV/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+echo "$want" > $STAMP
+echo "== set-up done"
