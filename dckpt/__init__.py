@@ -13,9 +13,9 @@ _LAZY = {
     "save": "checkpoint", "load": "checkpoint", "read_manifest": "checkpoint",
     "SaveResult": "checkpoint",
     "CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "manager",
-    "seed_everything": "state.rng",
+    "seed_everything": "rng",
 }
-_MODULES = {"rng": "state.rng", "data": "state.data"}
+_MODULES = {"rng": "rng", "data": "data"}
 
 
 def __getattr__(name: str):

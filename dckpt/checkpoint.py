@@ -94,6 +94,8 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
             commit.finish(tmp, target, m, fsync)
         except Exception as e:
             commit.abort(tmp)
+            if not dist.active(group):
+                raise
             outcome = f"{type(e).__name__}: {e}"
     outcome = dist.broadcast_json(outcome, 0, group)
     if outcome:
@@ -114,7 +116,8 @@ def _write_rank(tmp: Path, flat: Flat, opts: io.WriteOptions, r: int, world: int
         tensors[name] = {
             "kind": "numpy" if leaf.is_numpy else "torch", "dtype": leaf.dtype,
             "shape": leaf.global_shape,
-            "shards": [Shard(leaf.offsets, list(leaf.value.shape), r, cs).to_json()]}
+            "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
+                        "chunks": [c.as_native() for c in cs]}]}
     aliases = {leaf.name: f"{leaf.name}@r{r}" for leaf in leaves} if world > 1 else {}
     return {"file": FileEntry(fname, size, r).to_json() if leaves else None,
             "tensors": tensors, "aliases": aliases}

@@ -18,7 +18,7 @@ from .. import checkpoint, commit, dist
 from ..errors import CheckpointNotFoundError, DckptError, StateMismatchError
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
-from ..state import rng
+from .. import rng
 from .lock import RootLock
 from .retention import Retention
 
