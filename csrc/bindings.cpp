@@ -1,0 +1,339 @@
+// Python face of the native core: converts arguments, buffers, results and errors.
+// The only file that sees Python; all work happens with the GIL released.
+#include <pybind11/eval.h>
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "chunks.h"
+#include "codec.h"
+#include "status.h"
+
+namespace py = pybind11;
+using dckpt::ChunkRecord;
+using dckpt::Kind;
+using dckpt::Status;
+
+namespace {
+
+const char* const kChunkErrorSource = R"(
+class ChunkError(Exception):
+    """A chunk could not be written, read or verified.
+
+    kind: "invalid_argument", "invalid_record", "missing_file", "out_of_bounds",
+    "stored_hash", "raw_hash", "corrupt_frame" or "io". path, buffer_index,
+    chunk_index and offset say where (None / -1 when unknown); expected and actual
+    are the hashes of a mismatch, else None.
+    """
+
+    def __init__(self, message, kind="io", path=None, buffer_index=-1, chunk_index=-1,
+                 offset=-1, expected=None, actual=None):
+        super().__init__(message)
+        self.kind = kind
+        self.path = path
+        self.buffer_index = buffer_index
+        self.chunk_index = chunk_index
+        self.offset = offset
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.kind, self.path, self.buffer_index,
+                             self.chunk_index, self.offset, self.expected, self.actual))
+)";
+
+py::handle chunk_error_type;  // owned by the module; a reference is kept for its lifetime
+
+py::object fs_str(const std::string& path) {
+  return py::reinterpret_steal<py::object>(
+      PyUnicode_DecodeFSDefaultAndSize(path.data(), static_cast<Py_ssize_t>(path.size())));
+}
+
+[[noreturn]] void raise(const Status& s) {
+  py::object none = py::none();
+  py::object exc = chunk_error_type(
+      s.message, dckpt::kind_name(s.kind), s.path.empty() ? none : fs_str(s.path),
+      s.buffer_index, s.chunk_index, s.offset, s.has_hashes ? py::int_(s.expected) : none,
+      s.has_hashes ? py::int_(s.actual) : none);
+  PyErr_SetObject(chunk_error_type.ptr(), exc.ptr());
+  throw py::error_already_set();
+}
+
+[[noreturn]] void invalid_argument(const std::string& message, int64_t buffer = -1,
+                                   int64_t chunk = -1) {
+  Status s = Status::error(Kind::InvalidArgument, message);
+  s.buffer_index = buffer;
+  s.chunk_index = chunk;
+  raise(s);
+}
+
+// Holds a Py_buffer for the whole call: the exporter stays alive and (bytearray,
+// array) cannot be resized while native threads use its memory.
+class Buffer {
+ public:
+  Buffer(py::handle obj, bool writable, const std::string& name) {
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+      std::string why = py::error_already_set().what();
+      invalid_argument(name + (writable ? " is not a writable" : " is not a") +
+                       " C-contiguous buffer: " + why);
+    }
+  }
+  ~Buffer() { PyBuffer_Release(&view_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  uint8_t* data() const { return static_cast<uint8_t*>(view_.buf); }
+  size_t size() const { return static_cast<size_t>(view_.len); }
+
+ private:
+  Py_buffer view_;
+};
+
+std::string to_path(py::handle obj, const std::string& name) {
+  py::object fs = py::reinterpret_steal<py::object>(PyOS_FSPath(obj.ptr()));
+  if (!fs) {
+    PyErr_Clear();
+    invalid_argument(name + " must be a str or os.PathLike");
+  }
+  if (PyUnicode_Check(fs.ptr()))
+    fs = py::reinterpret_steal<py::object>(PyUnicode_EncodeFSDefault(fs.ptr()));
+  if (!fs) throw py::error_already_set();
+  std::string path = py::bytes(fs);
+  if (path.find('\0') != std::string::npos) invalid_argument(name + " contains a NUL byte");
+  return path;
+}
+
+std::vector<std::string> to_paths(py::handle obj) {
+  std::vector<std::string> paths;
+  for (py::handle p : py::reinterpret_borrow<py::sequence>(obj))
+    paths.push_back(to_path(p, "paths[" + std::to_string(paths.size()) + "]"));
+  return paths;
+}
+
+py::sequence to_sequence(py::handle obj, const std::string& name) {
+  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
+    invalid_argument(name + " must be a list or tuple");
+  return py::reinterpret_borrow<py::sequence>(obj);
+}
+
+// An int field that may not fit: *fits turns false instead of raising, since a
+// hostile record is bad data, not a bad argument.
+int64_t to_int64(py::handle obj, bool* fits, const std::string& name) {
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    invalid_argument(name + " must be an int");
+  }
+  if (overflow != 0) {
+    *fits = false;
+    return -1;
+  }
+  return v;
+}
+
+uint64_t to_uint64(py::handle obj, bool* fits, const std::string& name) {
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!index) {
+    PyErr_Clear();
+    invalid_argument(name + " must be an int");
+  }
+  unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    *fits = false;
+    return 0;
+  }
+  return v;
+}
+
+ChunkRecord to_record(py::handle obj, const std::string& name) {
+  py::sequence fields = to_sequence(obj, name);
+  if (py::len(fields) != 7) invalid_argument(name + " must have 7 fields");
+  ChunkRecord r;
+  bool& fits = r.representable;
+  r.file_index = to_int64(fields[0], &fits, name);
+  r.offset = to_int64(fields[1], &fits, name);
+  r.stored_len = to_int64(fields[2], &fits, name);
+  r.raw_len = to_int64(fields[3], &fits, name);
+  r.codec = to_int64(fields[4], &fits, name);
+  r.raw_hash = to_uint64(fields[5], &fits, name);
+  r.stored_hash = to_uint64(fields[6], &fits, name);
+  return r;
+}
+
+std::vector<ChunkRecord> to_records(py::handle obj, const std::string& name) {
+  std::vector<ChunkRecord> records;
+  for (py::handle r : to_sequence(obj, name))
+    records.push_back(to_record(r, name + "[" + std::to_string(records.size()) + "]"));
+  return records;
+}
+
+std::vector<size_t> to_elem_sizes(py::handle obj, size_t expected) {
+  py::sequence seq = to_sequence(obj, "elem_sizes");
+  if (py::len(seq) != expected)
+    invalid_argument("elem_sizes has " + std::to_string(py::len(seq)) + " entries, expected " +
+                     std::to_string(expected));
+  std::vector<size_t> sizes;
+  for (py::handle h : seq) {
+    bool fits = true;
+    int64_t v = to_int64(h, &fits, "elem_sizes[" + std::to_string(sizes.size()) + "]");
+    if (!fits || v < 1 || v > dckpt::kMaxChunkSize)
+      invalid_argument("elem_sizes[" + std::to_string(sizes.size()) + "] must be >= 1");
+    sizes.push_back(static_cast<size_t>(v));
+  }
+  return sizes;
+}
+
+void check_threads(int threads) {
+  if (threads < 0) invalid_argument("threads must be >= 0");
+}
+
+py::tuple to_tuple(const ChunkRecord& r) {
+  return py::make_tuple(r.file_index, r.offset, r.stored_len, r.raw_len, r.codec, r.raw_hash,
+                        r.stored_hash);
+}
+
+py::int_ hash64(py::handle obj) {
+  Buffer buf(obj, false, "buf");
+  uint64_t h;
+  {
+    py::gil_scoped_release release;
+    h = dckpt::hash64(buf.data(), buf.size());
+  }
+  return py::int_(h);
+}
+
+py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
+                      int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
+                      int64_t file_index, py::handle prev_obj) {
+  std::string path = to_path(path_obj, "path");
+  py::sequence buffers = to_sequence(buffers_obj, "buffers");
+  size_t n = py::len(buffers);
+  std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, n);
+  check_threads(threads);
+
+  std::vector<std::vector<uint64_t>> prev(n);
+  std::vector<bool> has_prev(n, false);
+  if (!prev_obj.is_none()) {
+    py::sequence lists = to_sequence(prev_obj, "prev_hashes");
+    if (py::len(lists) != n) invalid_argument("prev_hashes must have one entry per buffer");
+    for (size_t b = 0; b < n; ++b) {
+      py::handle list = lists[b];
+      if (list.is_none()) continue;
+      has_prev[b] = true;
+      std::string name = "prev_hashes[" + std::to_string(b) + "]";
+      for (py::handle h : to_sequence(list, name)) {
+        bool fits = true;
+        prev[b].push_back(to_uint64(h, &fits, name));
+        if (!fits) invalid_argument(name + " holds a value outside [0, 2**64)", b);
+      }
+    }
+  }
+
+  std::vector<std::unique_ptr<Buffer>> held;
+  std::vector<dckpt::WriteSource> sources;
+  for (size_t b = 0; b < n; ++b) {
+    held.push_back(std::make_unique<Buffer>(buffers[b], false, "buffers[" + std::to_string(b) + "]"));
+    sources.push_back({held.back()->data(), held.back()->size(), elem_sizes[b],
+                       has_prev[b] ? &prev[b] : nullptr});
+  }
+  dckpt::WriteOptions options{chunk_size, codec, level, threads, fsync, file_index};
+  std::vector<std::vector<ChunkRecord>> records;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = dckpt::write_chunks(path, sources, options, &records);
+  }
+  if (!st.ok()) raise(st);
+
+  py::list result;
+  for (const auto& per_buffer : records) {
+    py::list items;
+    for (const ChunkRecord& r : per_buffer) items.append(to_tuple(r));
+    result.append(items);
+  }
+  return result;
+}
+
+void read_chunks(py::handle paths_obj, py::handle dests_obj, py::handle elem_sizes_obj,
+                 py::handle chunks_obj, bool verify, int threads) {
+  std::vector<std::string> paths = to_paths(to_sequence(paths_obj, "paths"));
+  py::sequence dests = to_sequence(dests_obj, "dests");
+  py::sequence chunk_lists = to_sequence(chunks_obj, "chunks");
+  size_t n = py::len(dests);
+  if (py::len(chunk_lists) != n) invalid_argument("chunks must have one list per destination");
+  std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, n);
+  check_threads(threads);
+
+  std::vector<std::vector<ChunkRecord>> records;
+  for (size_t i = 0; i < n; ++i)
+    records.push_back(to_records(chunk_lists[i], "chunks[" + std::to_string(i) + "]"));
+  std::vector<std::unique_ptr<Buffer>> held;
+  std::vector<dckpt::ReadTarget> targets;
+  for (size_t i = 0; i < n; ++i) {
+    held.push_back(std::make_unique<Buffer>(dests[i], true, "dests[" + std::to_string(i) + "]"));
+    targets.push_back({held.back()->data(), held.back()->size(), elem_sizes[i], &records[i]});
+  }
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = dckpt::read_chunks(paths, targets, verify, threads);
+  }
+  if (!st.ok()) raise(st);
+}
+
+py::list verify_chunks(py::handle paths_obj, py::handle chunks_obj, py::handle elem_sizes_obj,
+                       bool deep, int threads) {
+  std::vector<std::string> paths = to_paths(to_sequence(paths_obj, "paths"));
+  std::vector<ChunkRecord> records = to_records(chunks_obj, "chunks");
+  std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, records.size());
+  check_threads(threads);
+
+  std::vector<dckpt::VerifyFailure> failures;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = dckpt::verify_chunks(paths, records, elem_sizes, deep, threads, &failures);
+  }
+  if (!st.ok()) raise(st);
+
+  py::list result;
+  for (const auto& f : failures)
+    result.append(py::make_tuple(f.chunk_index, dckpt::kind_name(f.kind), f.expected, f.actual,
+                                 f.message));
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "dckpt native I/O core: chunked, hashed, optionally compressed file I/O.";
+
+  py::dict ns;
+  ns["__name__"] = "dckpt._native";
+  py::exec(kChunkErrorSource, ns);
+  py::object error = ns["ChunkError"];
+  m.attr("ChunkError") = error;
+  chunk_error_type = error.release();
+
+  m.attr("MAX_CHUNK_SIZE") = dckpt::kMaxChunkSize;
+
+  m.def("version", [] { return std::string(dckpt::kNativeVersion); });
+  m.def("zstd_version", [] { return std::string(ZSTD_versionString()); });
+  m.def("hash64", &hash64, py::arg("buf"), "XXH3-64 (seed 0) of any contiguous buffer.");
+  m.def("write_chunks", &write_chunks, py::arg("path"), py::arg("buffers"),
+        py::arg("elem_sizes"), py::arg("chunk_size") = int64_t{4} << 20, py::arg("codec") = 0,
+        py::arg("level") = 1, py::arg("threads") = 0, py::arg("fsync") = true,
+        py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
+        "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.");
+  m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),
+        py::arg("chunks"), py::arg("verify") = true, py::arg("threads") = 0,
+        "Fill each destination buffer from its chunk records.");
+  m.def("verify_chunks", &verify_chunks, py::arg("paths"), py::arg("chunks"),
+        py::arg("elem_sizes"), py::arg("deep") = false, py::arg("threads") = 0,
+        "Check stored (and with deep, raw) hashes; returns one failure tuple per bad chunk.");
+}

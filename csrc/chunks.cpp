@@ -1,0 +1,381 @@
+#include "chunks.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <utility>
+
+#include "codec.h"
+#include "fileio.h"
+#include "thread_pool.h"
+
+namespace dckpt {
+namespace {
+
+// Reads move through memory in blocks this size, each hashed while still in L2.
+constexpr size_t kBlock = size_t{256} << 10;
+
+// Per-worker state, reused for every chunk the worker handles within one call.
+struct Worker {
+  Zstd zstd;
+  Scratch frame;     // stored bytes of a compressed chunk
+  Scratch shuffled;  // shuffled raw bytes
+  Scratch raw;       // decoded chunk that has no destination (deep verify)
+};
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%016" PRIx64, v);
+  return buf;
+}
+
+// Where a failure happened, for the message and the ChunkError attributes.
+struct Where {
+  const std::string* path = nullptr;
+  int64_t buffer = -1;
+  int64_t chunk = -1;
+  int64_t offset = -1;
+};
+
+Status fail(Kind kind, const Where& where, const std::string& what,
+            const std::string& detail = "") {
+  std::string place;
+  if (where.path != nullptr) place += " " + *where.path;
+  if (where.buffer >= 0) place += " buffer " + std::to_string(where.buffer);
+  if (where.chunk >= 0) place += " chunk " + std::to_string(where.chunk);
+  if (where.offset >= 0) place += " at offset " + std::to_string(where.offset);
+  std::string msg = what;
+  if (!place.empty()) msg += " in" + place;
+  if (!detail.empty()) msg += ": " + detail;
+  Status s = Status::error(kind, std::move(msg));
+  if (where.path != nullptr) s.path = *where.path;
+  s.buffer_index = where.buffer;
+  s.chunk_index = where.chunk;
+  s.offset = where.offset;
+  return s;
+}
+
+Status hash_mismatch(Kind kind, const Where& where, uint64_t expected, uint64_t actual) {
+  Status s = fail(kind, where, kind == Kind::RawHash ? "raw hash mismatch" : "stored hash mismatch",
+                  "expected " + hex(expected) + ", got " + hex(actual));
+  s.has_hashes = true;
+  s.expected = expected;
+  s.actual = actual;
+  return s;
+}
+
+Status io_failure(const Where& where, const std::string& what, int err) {
+  // A file that ends before a chunk it was checked to contain was truncated meanwhile.
+  return fail(err == kUnexpectedEof ? Kind::OutOfBounds : Kind::Io, where, what, error_text(err));
+}
+
+Status open_failure(const Where& where, int err) {
+  return fail(err == ENOENT ? Kind::MissingFile : Kind::Io, where, "cannot open file",
+              error_text(err));
+}
+
+// Why a record cannot describe a chunk stored in one of nfiles files, or "".
+std::string record_problem(const ChunkRecord& r, size_t nfiles) {
+  if (!r.representable) return "a field does not fit in 64 bits";
+  if (r.file_index < 0 || static_cast<uint64_t>(r.file_index) >= nfiles)
+    return "file_index " + std::to_string(r.file_index) + " is not one of the " +
+           std::to_string(nfiles) + " files";
+  if (r.offset < 0 || r.stored_len < 0 || r.raw_len < 0) return "negative offset or length";
+  if (r.raw_len > kMaxChunkSize)
+    return "raw_len " + std::to_string(r.raw_len) + " exceeds the chunk limit of " +
+           std::to_string(kMaxChunkSize);
+  switch (r.codec) {
+    case kRaw:
+      if (r.stored_len != r.raw_len) return "raw chunk whose stored_len differs from raw_len";
+      if (r.stored_hash != r.raw_hash) return "raw chunk whose stored_hash differs from raw_hash";
+      return "";
+    case kZstd:
+    case kZstdShuffle:
+      if (static_cast<uint64_t>(r.stored_len) > ZSTD_compressBound(static_cast<size_t>(r.raw_len)))
+        return "stored_len " + std::to_string(r.stored_len) + " exceeds the zstd bound for raw_len " +
+               std::to_string(r.raw_len);
+      return "";
+    default:
+      return "unknown codec " + std::to_string(r.codec);
+  }
+}
+
+// Checks the record and opens its file on first use (each file once per call).
+Status admit(const ChunkRecord& r, const std::vector<std::string>& paths,
+             std::vector<File>* files, Where where) {
+  std::string problem = record_problem(r, paths.size());
+  if (!problem.empty()) return fail(Kind::InvalidRecord, where, "invalid chunk record", problem);
+  where.path = &paths[r.file_index];
+  where.offset = r.offset;
+  File& file = (*files)[r.file_index];
+  if (!file.is_open()) {
+    int err = file.open_read(paths[r.file_index]);
+    if (err != 0) return open_failure(where, err);
+  }
+  // Both terms are below 2^63, so the sum cannot wrap.
+  uint64_t end = static_cast<uint64_t>(r.offset) + static_cast<uint64_t>(r.stored_len);
+  if (end > file.size())
+    return fail(Kind::OutOfBounds, where, "chunk past the end of the file",
+                "it ends at " + std::to_string(end) + ", the file has " +
+                    std::to_string(file.size()) + " bytes");
+  return Status();
+}
+
+// Reads [offset, offset + len) into dst block by block, feeding each block to hash
+// (when given) while it is still in cache.
+int read_hashed(const File& file, uint8_t* dst, size_t len, uint64_t offset, StreamHash* hash) {
+  if (hash == nullptr) return file.pread_all(dst, len, offset);
+  for (size_t done = 0; done < len;) {
+    size_t n = std::min(kBlock, len - done);
+    int err = file.pread_all(dst + done, n, offset + done);
+    if (err != 0) return err;
+    hash->update(dst + done, n);
+    done += n;
+  }
+  return 0;
+}
+
+// Loads one admitted chunk into dst (raw_len bytes), checking both hashes when verify.
+Status load_chunk(const File& file, const ChunkRecord& r, uint8_t* dst, size_t elem_size,
+                  bool verify, Worker& w, const Where& where) {
+  size_t raw_len = static_cast<size_t>(r.raw_len);
+  StreamHash hash;
+  if (r.codec == kRaw) {
+    int err = read_hashed(file, dst, raw_len, r.offset, verify ? &hash : nullptr);
+    if (err != 0) return io_failure(where, "read failed", err);
+    if (verify && hash.digest() != r.raw_hash)
+      return hash_mismatch(Kind::RawHash, where, r.raw_hash, hash.digest());
+    return Status();
+  }
+  size_t stored_len = static_cast<size_t>(r.stored_len);
+  uint8_t* frame = w.frame.get(stored_len);
+  int err = read_hashed(file, frame, stored_len, r.offset, verify ? &hash : nullptr);
+  if (err != 0) return io_failure(where, "read failed", err);
+  if (verify && hash.digest() != r.stored_hash)
+    return hash_mismatch(Kind::StoredHash, where, r.stored_hash, hash.digest());
+  bool shuffled = r.codec == kZstdShuffle;
+  uint8_t* out = shuffled ? w.shuffled.get(raw_len) : dst;
+  std::string problem = w.zstd.decompress(frame, stored_len, out, raw_len);
+  if (!problem.empty()) return fail(Kind::CorruptFrame, where, "undecodable chunk", problem);
+  if (shuffled) unshuffle(out, dst, raw_len, elem_size);
+  if (verify) {
+    uint64_t actual = hash64(dst, raw_len);
+    if (actual != r.raw_hash) return hash_mismatch(Kind::RawHash, where, r.raw_hash, actual);
+  }
+  return Status();
+}
+
+// Hashes one admitted chunk's stored bytes through a small reused buffer.
+Status check_stored(const File& file, const ChunkRecord& r, Worker& w, const Where& where) {
+  uint8_t* buf = w.frame.get(kBlock);
+  StreamHash hash;
+  uint64_t len = static_cast<uint64_t>(r.stored_len);
+  for (uint64_t done = 0; done < len;) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kBlock, len - done));
+    int err = file.pread_all(buf, n, r.offset + done);
+    if (err != 0) return io_failure(where, "read failed", err);
+    hash.update(buf, n);
+    done += n;
+  }
+  if (hash.digest() != r.stored_hash)
+    return hash_mismatch(Kind::StoredHash, where, r.stored_hash, hash.digest());
+  return Status();
+}
+
+Status check_write_options(const WriteOptions& o) {
+  Where none;
+  if (o.chunk_size < 1 || o.chunk_size > kMaxChunkSize)
+    return fail(Kind::InvalidArgument, none,
+                "chunk_size must be in [1, " + std::to_string(kMaxChunkSize) + "], got " +
+                    std::to_string(o.chunk_size));
+  if (o.codec < kRaw || o.codec > kZstdShuffle)
+    return fail(Kind::InvalidArgument, none, "unknown codec " + std::to_string(o.codec));
+  if (o.codec != kRaw && !valid_zstd_level(o.level))
+    return fail(Kind::InvalidArgument, none, "invalid zstd level " + std::to_string(o.level));
+  if (o.file_index < 0) return fail(Kind::InvalidArgument, none, "file_index must be >= 0");
+  return Status();
+}
+
+struct WriteJob {
+  const std::string& path;
+  const File& file;
+  const WriteOptions& options;
+  std::atomic<uint64_t> end{0};  // stored chunks go back to back in completion order
+};
+
+Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Worker& w,
+                   ChunkRecord* rec) {
+  const WriteOptions& o = job.options;
+  size_t begin = c * static_cast<size_t>(o.chunk_size);
+  size_t len = std::min(static_cast<size_t>(o.chunk_size), src.size - begin);
+  const uint8_t* raw = src.data + begin;
+  rec->file_index = o.file_index;
+  rec->raw_len = static_cast<int64_t>(len);
+  rec->raw_hash = hash64(raw, len);
+  if (src.prev_hashes != nullptr && c < src.prev_hashes->size() &&
+      (*src.prev_hashes)[c] == rec->raw_hash) {
+    rec->offset = -1;
+    rec->stored_len = 0;
+    rec->codec = kRaw;
+    rec->stored_hash = 0;
+    return Status();
+  }
+
+  const uint8_t* stored = raw;
+  size_t stored_len = len;
+  int64_t codec = kRaw;
+  if (o.codec != kRaw) {
+    int64_t want = o.codec == kZstdShuffle && src.elem_size > 1 ? kZstdShuffle : kZstd;
+    const uint8_t* input = raw;
+    if (want == kZstdShuffle) {
+      uint8_t* s = w.shuffled.get(len);
+      shuffle(raw, s, len, src.elem_size);
+      input = s;
+    }
+    // A frame that is not smaller than the raw bytes is stored raw instead, so the
+    // frame buffer never needs more than len - 1 bytes.
+    uint8_t* frame = w.frame.get(len);
+    size_t frame_len = 0;
+    std::string problem = w.zstd.compress(input, len, frame, len - 1, o.level, &frame_len);
+    if (!problem.empty())
+      return fail(Kind::Io, Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c)},
+                  problem);
+    if (frame_len > 0) {
+      stored = frame;
+      stored_len = frame_len;
+      codec = want;
+    }
+  }
+
+  uint64_t offset = job.end.fetch_add(stored_len, std::memory_order_relaxed);
+  int err = job.file.pwrite_all(stored, stored_len, offset);
+  if (err != 0)
+    return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
+                            static_cast<int64_t>(offset)},
+                      "write failed", err);
+  rec->offset = static_cast<int64_t>(offset);
+  rec->stored_len = static_cast<int64_t>(stored_len);
+  rec->codec = codec;
+  rec->stored_hash = codec == kRaw ? rec->raw_hash : hash64(stored, stored_len);
+  return Status();
+}
+
+}  // namespace
+
+Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
+  Status st = check_write_options(options);
+  if (!st.ok()) return st;
+
+  size_t chunk = static_cast<size_t>(options.chunk_size);
+  std::vector<std::pair<size_t, size_t>> tasks;  // (source, chunk)
+  out->assign(sources.size(), {});
+  for (size_t b = 0; b < sources.size(); ++b) {
+    size_t count = sources[b].size / chunk + (sources[b].size % chunk != 0);
+    (*out)[b].resize(count);
+    for (size_t c = 0; c < count; ++c) tasks.emplace_back(b, c);
+  }
+
+  File file;
+  int err = file.create(path);
+  if (err != 0) return fail(Kind::Io, Where{&path}, "cannot create file", error_text(err));
+  WriteJob job{path, file, options};
+  int threads = resolve_threads(options.threads, tasks.size());
+  std::vector<Worker> workers(threads);
+  st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+    auto [b, c] = tasks[t];
+    return write_chunk(job, sources[b], b, c, workers[w], &(*out)[b][c]);
+  });
+  if (st.ok() && options.fsync && (err = file.sync()) != 0)
+    st = fail(Kind::Io, Where{&path}, "fsync failed", error_text(err));
+  err = file.close();
+  if (st.ok() && err != 0) st = fail(Kind::Io, Where{&path}, "close failed", error_text(err));
+  return st;
+}
+
+Status read_chunks(const std::vector<std::string>& paths, const std::vector<ReadTarget>& targets,
+                   bool verify, int threads) {
+  struct Task {
+    size_t target;
+    size_t chunk;
+    size_t pos;  // where the chunk starts in the target
+  };
+  std::vector<Task> tasks;
+  std::vector<File> files(paths.size());
+  // Everything is checked before the first byte is read, so a bad record never
+  // leaves a destination half overwritten.
+  for (size_t t = 0; t < targets.size(); ++t) {
+    const ReadTarget& target = targets[t];
+    Where where{nullptr, static_cast<int64_t>(t)};
+    uint64_t total = 0;
+    for (size_t c = 0; c < target.chunks->size(); ++c) {
+      const ChunkRecord& r = (*target.chunks)[c];
+      where.chunk = static_cast<int64_t>(c);
+      Status st = admit(r, paths, &files, where);
+      if (!st.ok()) return st;
+      tasks.push_back({t, c, static_cast<size_t>(total)});
+      total += static_cast<uint64_t>(r.raw_len);
+    }
+    if (total != target.size)
+      return fail(Kind::InvalidRecord, Where{nullptr, static_cast<int64_t>(t)},
+                  "chunk records do not match the destination",
+                  "they hold " + std::to_string(total) + " bytes, the destination has " +
+                      std::to_string(target.size));
+  }
+
+  int n = resolve_threads(threads, tasks.size());
+  std::vector<Worker> workers(n);
+  return parallel_for(tasks.size(), n, [&](size_t i, int w) {
+    const Task& task = tasks[i];
+    const ReadTarget& target = targets[task.target];
+    const ChunkRecord& r = (*target.chunks)[task.chunk];
+    Where where{&paths[r.file_index], static_cast<int64_t>(task.target),
+                static_cast<int64_t>(task.chunk), r.offset};
+    return load_chunk(files[r.file_index], r, target.data + task.pos, target.elem_size, verify,
+                      workers[w], where);
+  });
+}
+
+Status verify_chunks(const std::vector<std::string>& paths,
+                     const std::vector<ChunkRecord>& chunks,
+                     const std::vector<size_t>& elem_sizes, bool deep, int threads,
+                     std::vector<VerifyFailure>* failures) {
+  if (elem_sizes.size() != chunks.size())
+    return Status::error(Kind::InvalidArgument, "elem_sizes must have one entry per chunk");
+
+  std::vector<Status> results(chunks.size());
+  std::vector<size_t> admitted;
+  std::vector<File> files(paths.size());
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    results[i] = admit(chunks[i], paths, &files, Where{nullptr, -1, static_cast<int64_t>(i)});
+    if (results[i].ok()) admitted.push_back(i);
+  }
+
+  int n = resolve_threads(threads, admitted.size());
+  std::vector<Worker> workers(n);
+  Status st = parallel_for(admitted.size(), n, [&](size_t k, int w) {
+    size_t i = admitted[k];
+    const ChunkRecord& r = chunks[i];
+    Where where{&paths[r.file_index], -1, static_cast<int64_t>(i), r.offset};
+    const File& file = files[r.file_index];
+    // Raw chunks have stored_hash == raw_hash, so only compressed ones need decoding.
+    if (deep && r.codec != kRaw)
+      results[i] = load_chunk(file, r, workers[w].raw.get(static_cast<size_t>(r.raw_len)),
+                              elem_sizes[i], /*verify=*/true, workers[w], where);
+    else
+      results[i] = check_stored(file, r, workers[w], where);
+    return Status();
+  });
+  if (!st.ok()) return st;
+
+  failures->clear();
+  for (size_t i = 0; i < results.size(); ++i) {
+    const Status& r = results[i];
+    if (!r.ok()) failures->push_back({i, r.kind, r.expected, r.actual, r.message});
+  }
+  return Status();
+}
+
+}  // namespace dckpt

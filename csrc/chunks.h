@@ -1,0 +1,79 @@
+// Chunked write, verified read and checksum verification on plain memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "status.h"
+
+namespace dckpt {
+
+constexpr const char* kNativeVersion = "0.1.0";
+// Largest raw chunk a record may describe; bounds per-worker scratch memory.
+constexpr int64_t kMaxChunkSize = int64_t{1} << 30;
+
+struct ChunkRecord {
+  int64_t file_index = 0;
+  int64_t offset = 0;  // -1 in a write result: unchanged since prev_hashes, not written
+  int64_t stored_len = 0;
+  int64_t raw_len = 0;
+  int64_t codec = 0;
+  uint64_t raw_hash = 0;
+  uint64_t stored_hash = 0;
+  // False when a field did not fit its type in the caller's representation.
+  bool representable = true;
+};
+
+// Element sizes only steer the byte shuffle; 0 and 1 both mean "do not shuffle".
+struct WriteSource {
+  const uint8_t* data;
+  size_t size;
+  size_t elem_size;
+  // Raw hashes of the previous checkpoint's chunks of this buffer, or null.
+  const std::vector<uint64_t>* prev_hashes;
+};
+
+struct WriteOptions {
+  int64_t chunk_size = int64_t{4} << 20;
+  int64_t codec = 0;
+  int level = 1;
+  int threads = 0;  // <= 0: one per usable core
+  bool fsync = true;
+  int64_t file_index = 0;
+};
+
+// Creates or truncates `path` and stores every source's chunks in it; out[b] receives
+// the records of source b in chunk order.
+Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out);
+
+struct ReadTarget {
+  uint8_t* data;
+  size_t size;
+  size_t elem_size;
+  const std::vector<ChunkRecord>* chunks;  // raw_len must add up to size
+};
+
+// Validates every record against the files before reading anything, then fills each
+// target from its chunks.
+Status read_chunks(const std::vector<std::string>& paths, const std::vector<ReadTarget>& targets,
+                   bool verify, int threads);
+
+struct VerifyFailure {
+  size_t chunk_index;
+  Kind kind;
+  uint64_t expected;
+  uint64_t actual;
+  std::string message;
+};
+
+// Checks stored hashes (and, when deep, decodes and checks raw hashes). Bad data is
+// reported in *failures, one per bad chunk in chunk order; only bad arguments fail.
+Status verify_chunks(const std::vector<std::string>& paths,
+                     const std::vector<ChunkRecord>& chunks,
+                     const std::vector<size_t>& elem_sizes, bool deep, int threads,
+                     std::vector<VerifyFailure>* failures);
+
+}  // namespace dckpt

@@ -1,0 +1,122 @@
+#include "fileio.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <utility>
+
+namespace dckpt {
+namespace {
+
+// Linux moves at most 0x7ffff000 bytes per call; asking for less keeps every
+// request well-formed on any kernel.
+constexpr size_t kMaxIo = size_t{1} << 30;
+
+}  // namespace
+
+std::string error_text(int err) {
+  switch (err) {
+    case kUnexpectedEof: return "unexpected end of file";
+    case kNotRegularFile: return "not a regular file";
+    default: return std::strerror(err);
+  }
+}
+
+File::~File() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+File::File(File&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), size_(other.size_) {}
+
+File& File::operator=(File&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    size_ = other.size_;
+  }
+  return *this;
+}
+
+int File::open_read(const std::string& path) {
+  int fd;
+  do {
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return errno;
+  File opened;
+  opened.fd_ = fd;
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return errno;
+  if (!S_ISREG(st.st_mode)) return kNotRegularFile;
+  opened.size_ = static_cast<uint64_t>(st.st_size);
+  // Chunks of one file are read in rising order by all workers together.
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  *this = std::move(opened);
+  return 0;
+}
+
+int File::create(const std::string& path) {
+  int fd;
+  do {
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return errno;
+  *this = File();
+  fd_ = fd;
+  return 0;
+}
+
+int File::pread_all(void* dst, size_t len, uint64_t offset) const {
+  auto* p = static_cast<char*>(dst);
+  while (len > 0) {
+    ssize_t n = ::pread(fd_, p, len < kMaxIo ? len : kMaxIo, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return kUnexpectedEof;
+    p += n;
+    len -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return 0;
+}
+
+int File::pwrite_all(const void* src, size_t len, uint64_t offset) const {
+  auto* p = static_cast<const char*>(src);
+  while (len > 0) {
+    ssize_t n = ::pwrite(fd_, p, len < kMaxIo ? len : kMaxIo, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    // A zero-byte write for a non-empty request would loop forever.
+    if (n == 0) return EIO;
+    p += n;
+    len -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return 0;
+}
+
+int File::sync() const {
+  int rc;
+  do {
+    rc = ::fsync(fd_);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? 0 : errno;
+}
+
+int File::close() {
+  int fd = std::exchange(fd_, -1);
+  // POSIX leaves the descriptor state unspecified after EINTR; Linux has always
+  // closed it, so retrying could close a descriptor another thread just opened.
+  if (fd >= 0 && ::close(fd) != 0 && errno != EINTR) return errno;
+  return 0;
+}
+
+}  // namespace dckpt
