@@ -1,0 +1,204 @@
+"""dckpt.save / dckpt.load: every dtype and shape, sharing, partial loads, no pickle."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import dckpt
+from dckpt.errors import (CheckpointExistsError, FormatVersionError, StateMismatchError,
+                          UnsupportedStateError)
+from dckpt.format.reader import read_manifest, read_tensor_bytes
+from dckpt.state.tensors import TORCH_DTYPES
+
+DTYPES = sorted(TORCH_DTYPES)
+
+
+def make(dtype: torch.dtype, shape) -> torch.Tensor:
+    raw = torch.randint(0, 256, (int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size(),),
+                        dtype=torch.uint8)
+    if dtype == torch.bool:
+        return (raw % 2).bool().reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and raw(a) == raw(b)
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_every_dtype_and_shape(tmp_path, compression):
+    state = {}
+    for name in DTYPES:
+        dt = TORCH_DTYPES[name]
+        for shape in [(), (0,), (3, 0, 2), (7,), (5, 33)]:
+            state[f"{name}{list(shape)}"] = make(dt, shape)
+    state["noncontig"] = torch.arange(24.0).reshape(4, 6).t()
+    state["slice"] = torch.arange(100, dtype=torch.int16)[10:50:3]
+    state["big"] = torch.randn(3_000_000)  # several chunks
+    dckpt.save(state, tmp_path / "c", compression=compression, chunk_size=1 << 20)
+    back = dckpt.load(tmp_path / "c")
+    assert back.keys() == state.keys()
+    for k, v in state.items():
+        assert same(back[k], v), k
+    # The open-format oracle: numpy + zstandard + xxhash read the same bytes.
+    m = read_manifest(tmp_path / "c")
+    for k in ("float32[5, 33]", "bfloat16[7]", "big"):
+        assert read_tensor_bytes(tmp_path / "c", m, k).tobytes() == \
+            state[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_values_and_numpy(tmp_path):
+    state = {"n": 3, "f": float("nan"), "inf": float("-inf"), "s": "x", "b": b"\x00\x01",
+             "t": (1, [2, (3,)]), "none": None, "ints": {1: "a", (2, 3): "b"},
+             "arr": np.arange(12, dtype=np.float64).reshape(3, 4),
+             "arr_bool": np.array([True, False]), "np_scalar": np.float32(2.5),
+             "dtype": torch.bfloat16, "size": torch.Size([2, 3])}
+    dckpt.save(state, tmp_path / "c")
+    back = dckpt.load(tmp_path / "c")
+    assert back["n"] == 3 and np.isnan(back["f"]) and back["inf"] == float("-inf")
+    assert back["t"] == (1, [2, (3,)]) and back["ints"] == {1: "a", (2, 3): "b"}
+    assert isinstance(back["arr"], np.ndarray) and np.array_equal(back["arr"], state["arr"])
+    assert back["arr_bool"].dtype == np.bool_ and back["np_scalar"] == 2.5
+    assert back["dtype"] is torch.bfloat16 and back["size"] == (2, 3) and back["b"] == b"\x00\x01"
+
+
+def test_shared_storage_survives(tmp_path):
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied weights
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    dckpt.save({"model": model.state_dict()}, tmp_path / "c")
+    back = dckpt.load(tmp_path / "c")["model"]
+    assert back["emb.weight"] is back["head.weight"]
+    m = read_manifest(tmp_path / "c")
+    assert len(m.tensors) == 1  # written once
+
+
+def test_load_into_live_objects_in_place(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+    state = {"model": model, "optimizer": opt, "epoch": 7, "history": [1.0, 2.0]}
+    dckpt.save(state, tmp_path / "c")
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    ptr = fresh[0].weight.data_ptr()
+    live = {"model": fresh, "optimizer": fresh_opt, "epoch": 0, "history": []}
+    report = dckpt.load(tmp_path / "c", into=live)
+    assert fresh[0].weight.data_ptr() == ptr  # read into existing memory
+    assert live["epoch"] == 7 and live["history"] == [1.0, 2.0]
+    assert report.components == {"model": "model", "optimizer": "optimizer", "epoch": "value",
+                                 "history": "value"}
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg_sq"], fresh_opt.state[b]["exp_avg_sq"])
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_partial_load(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dckpt.save({"model": model, "optimizer": opt, "step": 3}, tmp_path / "c")
+    only = dckpt.load(tmp_path / "c", keys=["model"])
+    assert list(only) == ["model"] and torch.equal(only["model"]["weight"], model.weight)
+    fresh = torch.nn.Linear(4, 4)
+    dckpt.load(tmp_path / "c", into={"model": fresh}, keys=["model"])
+    assert torch.equal(fresh.weight, model.weight)
+    with pytest.raises(KeyError, match="nope"):
+        dckpt.load(tmp_path / "c", keys=["nope"])
+
+
+def test_mismatches_reported_together_before_reading(tmp_path):
+    dckpt.save({"model": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 4), "step": 1},
+               tmp_path / "c")
+    model = torch.nn.Linear(4, 4)
+    torch.nn.init.constant_(model.weight, 7.0)
+    live = {"model": model, "head": torch.nn.Linear(4, 5).double(), "step": 0,
+            "scaler": torch.nn.Linear(1, 1)}
+    with pytest.raises(StateMismatchError) as e:
+        dckpt.load(tmp_path / "c", into=live)
+    text = str(e.value)
+    assert "head/weight" in text and "head/bias" in text and "'scaler'" in text
+    assert len(e.value.problems) == 3
+    assert torch.all(model.weight == 7.0) and live["step"] == 0  # nothing was read
+    report = dckpt.load(tmp_path / "c", into={"model": model, "extra": 1},
+                        allow_missing=["extra"])
+    assert report.missing_allowed == ["extra"] and not torch.all(model.weight == 7.0)
+
+
+def test_module_key_mismatch(tmp_path):
+    dckpt.save({"model": torch.nn.Linear(4, 4)}, tmp_path / "c")
+    with pytest.raises(StateMismatchError, match="missing from the checkpoint"):
+        dckpt.load(tmp_path / "c", into={"model": torch.nn.Sequential(torch.nn.Linear(4, 4))})
+
+
+def test_unsupported_value_names_its_path(tmp_path):
+    with pytest.raises(UnsupportedStateError, match="'cfg/fn'"):
+        dckpt.save({"cfg": {"fn": lambda x: x}}, tmp_path / "c")
+    assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+def test_no_pickle_on_load(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 3)
+    dckpt.save({"model": model, "meta": {"a": (1, 2)}}, tmp_path / "c", compression="zstd")
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used on the load path")
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    back = dckpt.load(tmp_path / "c")
+    assert torch.equal(back["model"]["weight"], model.weight)
+    fresh = torch.nn.Linear(3, 3)
+    dckpt.load(tmp_path / "c", into={"model": fresh, "meta": None})
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_future_version_is_a_clear_error(tmp_path):
+    dckpt.save({"x": torch.zeros(2)}, tmp_path / "c")
+    mpath = tmp_path / "c" / "manifest.json"
+    obj = json.loads(mpath.read_text())
+    obj.pop("self_hash")
+    obj["version"] = 2
+    import xxhash
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    obj["self_hash"] = f"{xxhash.xxh3_64_intdigest(body):016x}"
+    mpath.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
+    with pytest.raises(FormatVersionError, match="version 2 is newer"):
+        dckpt.load(tmp_path / "c")
+
+
+def test_overwrite_and_exists(tmp_path):
+    dckpt.save({"x": torch.zeros(2)}, tmp_path / "c")
+    with pytest.raises(CheckpointExistsError):
+        dckpt.save({"x": torch.ones(2)}, tmp_path / "c")
+    dckpt.save({"x": torch.ones(2)}, tmp_path / "c", overwrite=True)
+    assert torch.equal(dckpt.load(tmp_path / "c")["x"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_stateful_dataloader_position(tmp_path):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    data = list(range(40))
+    torch.manual_seed(0)
+    loader = StatefulDataLoader(data, batch_size=4, shuffle=True)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    dckpt.save({"data": loader}, tmp_path / "c")
+    expected = [b.tolist() for b in it]
+    resumed = StatefulDataLoader(data, batch_size=4, shuffle=True)
+    dckpt.load(tmp_path / "c", into={"data": resumed})
+    assert [b.tolist() for b in resumed] == expected
