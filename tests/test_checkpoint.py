@@ -202,3 +202,18 @@ def test_stateful_dataloader_position(tmp_path):
     resumed = StatefulDataLoader(data, batch_size=4, shuffle=True)
     dckpt.load(tmp_path / "c", into={"data": resumed})
     assert [b.tolist() for b in resumed] == expected
+
+
+def test_plain_dataloader_gets_a_hint(tmp_path):
+    loader = torch.utils.data.DataLoader(list(range(4)))
+    with pytest.raises(UnsupportedStateError, match="ResumableLoader"):
+        dckpt.save({"data": loader}, tmp_path / "c")
+
+
+def test_load_into_plain_state_dict(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    dckpt.save({"model": model}, tmp_path / "c")
+    target = torch.nn.Linear(3, 3).state_dict()
+    w = target["weight"]
+    dckpt.load(tmp_path / "c", into={"model": target})
+    assert target["weight"] is w and torch.equal(w, model.weight)

@@ -110,6 +110,10 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             return tuple(walk(x, f"{path}/{i}" if path else str(i)) for i, x in enumerate(v))
         if has_state_dict(v) and not isinstance(v, type):
             return ObjectState(type_name(v), walk(v.state_dict(), path))
+        if isinstance(v, torch.utils.data.DataLoader):
+            raise UnsupportedStateError(
+                f"DataLoader at '{path}' has no state; wrap it in dckpt.data.ResumableLoader "
+                "(or use torchdata's StatefulDataLoader) to save its position", path)
         return v  # scalars; anything else is refused with its path by tree.encode
 
     flat.tree = walk(state, "")

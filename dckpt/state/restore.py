@@ -111,8 +111,8 @@ class _Walk:
         if isinstance(node, DtypeRef):
             return torch_dtype(node.name)
         if isinstance(node, ObjectState):
-            if not has_state_dict(live):
-                return self.walk(None, node.state, path)
+            if not has_state_dict(live):  # e.g. a plain state dict given as the live value
+                return self.walk(live, node.state, path)
             live_sd = live.state_dict()
             if isinstance(live, torch.nn.Module) and isinstance(node.state, dict):
                 self.compare_keys(live_sd, node.state, path)
