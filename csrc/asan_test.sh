@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs tests/test_native_hostile.py against an AddressSanitizer + UBSan build of the
+# native core. The build happens in a temporary copy of the sources, so the normal
+# in-place build stays as it is. Fails on any sanitizer report.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${PY:-$repo/.venv/bin/python}
+[ -x "$py" ] || py=python3
+work=$(mktemp -d "${TMPDIR:-/tmp}/dckpt-asan.XXXXXX")
+trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+
+# Only the core and an empty package: the hostile tests import nothing else, and the
+# rest of dckpt (torch) would only slow the instrumented run down.
+cp "$repo/setup.py" "$repo/pyproject.toml" "$work/"
+[ -f "$repo/README.md" ] && cp "$repo/README.md" "$work/"
+cp -r "$repo/csrc" "$work/csrc"
+mkdir -p "$work/dckpt" "$work/tests"
+: > "$work/dckpt/__init__.py"
+cp "$repo/tests/test_native_hostile.py" "$work/tests/"
+
+echo "== building the ASan core in $work"
+(cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace >build.log 2>&1) || {
+  cat "$work/build.log"
+  exit 1
+}
+
+libasan=$(gcc -print-file-name=libasan.so)
+[ -f "$libasan" ] || { echo "libasan.so not found (gcc -print-file-name)" >&2; exit 1; }
+# libstdc++ must be loaded before the first C++ throw: python does not link it, and
+# ASan's __cxa_throw interceptor binds the real one only at start-up.
+export LD_PRELOAD="$libasan $(gcc -print-file-name=libstdc++.so)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+export PYTHONPATH=$work
+cd "$work"
+loaded=$("$py" -c 'import dckpt._native as n; print(n.__file__)')
+case $loaded in
+  "$work"/*) ;;
+  *) echo "picked up $loaded instead of the ASan build" >&2; exit 1 ;;
+esac
+
+echo "== running tests/test_native_hostile.py under ASan"
+status=0
+# --capture=sys: sanitizer reports go to fd 2, which must reach the log when ASan aborts.
+"$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native_hostile.py 2>&1 | tee "$work/test.log" ||
+  status=$?
+if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test.log"; then
+  echo "== sanitizer report above" >&2
+  exit 1
+fi
+exit $status
