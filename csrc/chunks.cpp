@@ -234,15 +234,14 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
       shuffle(raw, s, len, src.elem_size);
       input = s;
     }
-    // A frame that is not smaller than the raw bytes is stored raw instead, so the
-    // frame buffer never needs more than len - 1 bytes.
-    uint8_t* frame = w.frame.get(len);
+    uint8_t* frame = w.frame.get(ZSTD_compressBound(len));
     size_t frame_len = 0;
-    std::string problem = w.zstd.compress(input, len, frame, len - 1, o.level, &frame_len);
+    std::string problem = w.zstd.compress(input, len, frame, o.level, &frame_len);
     if (!problem.empty())
       return fail(Kind::Io, Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c)},
                   problem);
-    if (frame_len > 0) {
+    // A frame that saves nothing would only cost decoding time: store those raw.
+    if (frame_len < len) {
       stored = frame;
       stored_len = frame_len;
       codec = want;

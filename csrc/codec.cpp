@@ -1,26 +1,12 @@
 #include "codec.h"
 
-#include <zstd_errors.h>
-
 #include <cstring>
 #include <new>
 
 namespace dckpt {
 namespace {
 
-// A fixed width lets the compiler unroll the inner loop into straight-line stores.
-template <size_t W>
-void shuffle_fixed(const uint8_t* src, uint8_t* dst, size_t n) {
-  for (size_t i = 0; i < n; ++i)
-    for (size_t j = 0; j < W; ++j) dst[j * n + i] = src[i * W + j];
-}
-
-template <size_t W>
-void unshuffle_fixed(const uint8_t* src, uint8_t* dst, size_t n) {
-  for (size_t i = 0; i < n; ++i)
-    for (size_t j = 0; j < W; ++j) dst[i * W + j] = src[j * n + i];
-}
-
+// Plain element-by-element loops, for widths without a specialisation.
 void shuffle_any(const uint8_t* src, uint8_t* dst, size_t n, size_t w) {
   for (size_t i = 0; i < n; ++i)
     for (size_t j = 0; j < w; ++j) dst[j * n + i] = src[i * w + j];
@@ -29,6 +15,38 @@ void shuffle_any(const uint8_t* src, uint8_t* dst, size_t n, size_t w) {
 void unshuffle_any(const uint8_t* src, uint8_t* dst, size_t n, size_t w) {
   for (size_t i = 0; i < n; ++i)
     for (size_t j = 0; j < w; ++j) dst[i * w + j] = src[j * n + i];
+}
+
+// Chunk sizes are powers of two, so the W planes lie a power of two apart and
+// element-by-element stores to all of them fight over the same cache sets (16-byte
+// elements ran at 0.5 GB/s). Transposing kTile elements at a time through a small tile
+// turns that into W contiguous runs of kTile bytes: 10-35 GB/s for every W.
+constexpr size_t kTile = 64;
+
+template <size_t W>
+void shuffle_fixed(const uint8_t* src, uint8_t* dst, size_t n) {
+  size_t i0 = 0;
+  for (; i0 + kTile <= n; i0 += kTile) {
+    uint8_t tile[W][kTile];
+    for (size_t i = 0; i < kTile; ++i)
+      for (size_t j = 0; j < W; ++j) tile[j][i] = src[(i0 + i) * W + j];
+    for (size_t j = 0; j < W; ++j) std::memcpy(dst + j * n + i0, tile[j], kTile);
+  }
+  for (size_t i = i0; i < n; ++i)
+    for (size_t j = 0; j < W; ++j) dst[j * n + i] = src[i * W + j];
+}
+
+template <size_t W>
+void unshuffle_fixed(const uint8_t* src, uint8_t* dst, size_t n) {
+  size_t i0 = 0;
+  for (; i0 + kTile <= n; i0 += kTile) {
+    uint8_t tile[W][kTile];
+    for (size_t j = 0; j < W; ++j) std::memcpy(tile[j], src + j * n + i0, kTile);
+    for (size_t i = 0; i < kTile; ++i)
+      for (size_t j = 0; j < W; ++j) dst[(i0 + i) * W + j] = tile[j][i];
+  }
+  for (size_t i = i0; i < n; ++i)
+    for (size_t j = 0; j < W; ++j) dst[i * W + j] = src[j * n + i];
 }
 
 }  // namespace
@@ -77,16 +95,11 @@ Zstd::~Zstd() {
   ZSTD_freeDCtx(dctx_);
 }
 
-std::string Zstd::compress(const void* src, size_t len, void* dst, size_t dst_capacity,
-                           int level, size_t* stored_len) {
-  *stored_len = 0;
+std::string Zstd::compress(const void* src, size_t len, void* dst, int level, size_t* frame_len) {
   if (cctx_ == nullptr && (cctx_ = ZSTD_createCCtx()) == nullptr) throw std::bad_alloc();
-  size_t r = ZSTD_compressCCtx(cctx_, dst, dst_capacity, src, len, level);
-  if (ZSTD_isError(r)) {
-    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall) return "";
-    return std::string("zstd compression failed: ") + ZSTD_getErrorName(r);
-  }
-  *stored_len = r;
+  size_t r = ZSTD_compressCCtx(cctx_, dst, ZSTD_compressBound(len), src, len, level);
+  if (ZSTD_isError(r)) return std::string("zstd compression failed: ") + ZSTD_getErrorName(r);
+  *frame_len = r;
   return "";
 }
 

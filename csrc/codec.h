@@ -52,10 +52,9 @@ class Zstd {
   Zstd(const Zstd&) = delete;
   Zstd& operator=(const Zstd&) = delete;
 
-  // Compresses src into one frame if it fits in dst_capacity bytes. Sets *stored_len
-  // to the frame size, or to 0 when the frame would not fit. Returns "" or an error.
-  std::string compress(const void* src, size_t len, void* dst, size_t dst_capacity, int level,
-                       size_t* stored_len);
+  // Compresses src into one frame in dst, which must hold ZSTD_compressBound(len) bytes.
+  // Returns "" and sets *frame_len, or returns the error.
+  std::string compress(const void* src, size_t len, void* dst, int level, size_t* frame_len);
 
   // Decodes src, which must be exactly one frame of exactly raw_len bytes, into dst.
   // Returns "" or why the frame is unusable.

@@ -1,0 +1,237 @@
+"""Native I/O core against its plain-Python peers, on the same bytes in the same run.
+
+    python benchmarks/bench_native.py                 # 1 GiB, 5 rounds, updates docs/BENCHMARKS.md
+    python benchmarks/bench_native.py --quick         # 128 MiB, 3 rounds, prints only
+
+Systems run interleaved (one round = every system once) so that the machine's swings in
+disk and CPU speed hit all of them alike; the table shows medians over rounds and each
+native figure's ratio to its peer. Throughput is raw (uncompressed) bytes per second,
+except verify, which reads the stored bytes.
+"""
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import xxhash
+import zstandard
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from dckpt import _native  # noqa: E402
+
+CHUNK = 4 << 20
+SECTION = "## Native core"
+
+
+def weights_like(nbytes):
+    values = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32) * 0.02
+    return values.view(np.uint8)
+
+
+def py_write(path, data):
+    with open(path, "wb") as f:
+        f.write(memoryview(data))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def py_zstd_loop(path, data):
+    """What a Python writer does without the native core: hash, compress, hash, write."""
+    compressor = zstandard.ZstdCompressor(level=1)
+    view = memoryview(data)
+    with open(path, "wb") as f:
+        for i in range(0, len(view), CHUNK):
+            piece = view[i:i + CHUNK]
+            xxhash.xxh3_64_intdigest(piece)
+            frame = compressor.compress(piece)
+            xxhash.xxh3_64_intdigest(frame)
+            f.write(frame)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def py_read_verify(path, dest):
+    view = memoryview(dest)
+    with open(path, "rb", buffering=0) as f:
+        for i in range(0, len(view), CHUNK):
+            piece = view[i:i + CHUNK]
+            f.readinto(piece)
+            xxhash.xxh3_64_intdigest(piece)
+
+
+def py_verify(path, scratch):
+    view = memoryview(scratch)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            xxhash.xxh3_64_intdigest(view[:n])
+
+
+def describe_machine(directory):
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    device, fstype, best = "?", "?", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mount, fs = line.split()[:3]
+            if directory.startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
+                device, fstype, best = dev, fs, mount
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{len(os.sched_getaffinity(0))} usable cores ({cpu}), "
+            f"{mem_kib / (1 << 20):.0f} GiB memory; files in {directory} "
+            f"({fstype} on {device} mounted at {best or '?'}); load average at start "
+            f"{os.getloadavg()[0]:.1f}")
+
+
+def run(args):
+    size = args.size_mb << 20
+    data = weights_like(size)
+    dest = np.empty_like(data)
+    scratch = np.empty(CHUNK, np.uint8)
+    work = tempfile.mkdtemp(prefix="dckpt-bench-", dir=args.dir)
+    out, raw_file, z_file = (os.path.join(work, n) for n in ("out", "raw.dckpt", "z.dckpt"))
+    try:
+        raw_records = _native.write_chunks(raw_file, [data], [4], chunk_size=CHUNK, fsync=False)
+        z_records = _native.write_chunks(z_file, [data], [4], chunk_size=CHUNK, codec=2,
+                                         fsync=False)
+        z_ratio = size / os.path.getsize(z_file)
+        chunks = raw_records[0]
+
+        def native_write(threads, codec=0):
+            return lambda: _native.write_chunks(out, [data], [4], chunk_size=CHUNK, codec=codec,
+                                                threads=threads)
+
+        systems = {
+            "python write+fsync": lambda: py_write(out, data),
+            "native raw write+fsync, 1 thread": native_write(1),
+            "native raw write+fsync, 2 threads": native_write(2),
+            "python zstd-1+xxh3 loop, 1 thread": lambda: py_zstd_loop(out, data),
+            "native shuffle+zstd-1, 2 threads": native_write(2, codec=2),
+            "python readinto+xxh3": lambda: py_read_verify(raw_file, dest),
+            "native read+verify, 2 threads": lambda: _native.read_chunks(
+                [raw_file], [dest], [4], raw_records, threads=2),
+            "native read+verify zstd file, 2 threads": lambda: _native.read_chunks(
+                [z_file], [dest], [4], z_records, threads=2),
+            "python verify (readinto+xxh3)": lambda: py_verify(raw_file, scratch),
+            "native verify, 1 thread": lambda: _native.verify_chunks(
+                [raw_file], chunks, [4] * len(chunks), threads=1),
+            "native verify, 2 threads": lambda: _native.verify_chunks(
+                [raw_file], chunks, [4] * len(chunks), threads=2),
+        }
+        # Warm up: page cache for the read side, allocator and pool for everything.
+        py_verify(raw_file, scratch)
+        py_verify(z_file, scratch)
+        _native.read_chunks([raw_file], [dest], [4], raw_records)
+        times = {name: [] for name in systems}
+        for round_ in range(args.repeats):
+            for name, fn in systems.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            print(f"round {round_ + 1}/{args.repeats} done", file=sys.stderr)
+        _native.read_chunks([z_file], [dest], [4], z_records)
+        assert dest.tobytes() == data.tobytes()
+        assert _native.verify_chunks([raw_file], chunks, [4] * len(chunks), deep=True) == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    gbps = {name: size / statistics.median(t) / 1e9 for name, t in times.items()}
+    return gbps, z_ratio
+
+
+def report(gbps, z_ratio, args, machine):
+    rows = [
+        ("python write+fsync", None),
+        ("native raw write+fsync, 1 thread", "python write+fsync"),
+        ("native raw write+fsync, 2 threads", "python write+fsync"),
+        ("python zstd-1+xxh3 loop, 1 thread", None),
+        ("native shuffle+zstd-1, 2 threads", "python zstd-1+xxh3 loop, 1 thread"),
+        ("python readinto+xxh3", None),
+        ("native read+verify, 2 threads", "python readinto+xxh3"),
+        ("native read+verify zstd file, 2 threads", "python readinto+xxh3"),
+        ("python verify (readinto+xxh3)", None),
+        ("native verify, 1 thread", "python verify (readinto+xxh3)"),
+        ("native verify, 2 threads", "python verify (readinto+xxh3)"),
+    ]
+    lines = ["| system | GB/s (median) | vs peer |", "|---|---:|---:|"]
+    for name, peer in rows:
+        ratio = f"{gbps[name] / gbps[peer]:.2f}x" if peer else "peer"
+        lines.append(f"| {name} | {gbps[name]:.2f} | {ratio} |")
+
+    def verdict(ok):
+        return "met" if ok else "not met"
+
+    raw = gbps["native raw write+fsync, 2 threads"] / gbps["python write+fsync"]
+    z = gbps["native shuffle+zstd-1, 2 threads"] / gbps["python zstd-1+xxh3 loop, 1 thread"]
+    verify = gbps["native verify, 2 threads"]
+    targets = [
+        f"- raw-codec write >= 0.9x of plain write+fsync: {raw:.2f}x, {verdict(raw >= 0.9)}",
+        f"- shuffle+zstd-1 on 2 threads >= 1.6x of the Python loop: {z:.2f}x, "
+        f"{verdict(z >= 1.6)}",
+        f"- verify >= 8 GB/s: {verify:.1f} GB/s, {verdict(verify >= 8)}",
+    ]
+    notes = [
+        f"{args.size_mb} MiB of float32 weights (randn * 0.02), 4 MiB chunks, "
+        f"{args.repeats} interleaved rounds; zstd {_native.zstd_version()}, shuffle+zstd-1 "
+        f"ratio {z_ratio:.3f}. Reads and verifies run on files in the page cache.",
+        "",
+        "Writes truncate and rewrite the same file each time and include fsync, so they "
+        "measure the disk as much as the code; the read-side rows measure memory and CPU.",
+    ]
+    return lines, targets, notes
+
+
+def update_doc(path, body):
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default="/var/tmp",
+                        help="directory for the files (a disk, not tmpfs, to include fsync)")
+    parser.add_argument("--quick", action="store_true", help="128 MiB, 3 rounds, no doc update")
+    parser.add_argument("--no-doc", action="store_true", help="do not update docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.size_mb, args.repeats, args.no_doc = min(args.size_mb, 128), 3, True
+    args.dir = os.path.abspath(args.dir)
+
+    machine = describe_machine(args.dir)
+    gbps, z_ratio = run(args)
+    lines, targets, notes = report(gbps, z_ratio, args, machine)
+    print("\n".join([machine, ""] + lines + [""] + targets))
+    if not args.no_doc:
+        date = datetime.date.today().isoformat()
+        body = "\n".join(
+            [SECTION, "", f"`benchmarks/bench_native.py`, {date}. Machine: {machine}.", ""]
+            + notes + [""] + lines + ["", "Targets:", ""] + targets) + "\n"
+        update_doc(os.path.join(REPO, "docs", "BENCHMARKS.md"), body)
+        print("updated docs/BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
