@@ -43,6 +43,7 @@ File& File::operator=(File&& other) noexcept {
 
 int File::open_read(const std::string& path) {
   int fd;
+  // O_NONBLOCK keeps open() from waiting for a writer on a FIFO; regular files ignore it.
   do {
     fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   } while (fd < 0 && errno == EINTR);

@@ -33,8 +33,6 @@ class File {
   // Reports errors that some filesystems (NFS) only surface on close.
   int close();
 
-  bool is_open() const { return fd_ >= 0; }
-  int fd() const { return fd_; }
   // Size at open time.
   uint64_t size() const { return size_; }
 

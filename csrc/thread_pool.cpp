@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -56,11 +57,16 @@ struct Job {
 // Never destroyed (see pool()), so its threads simply sleep until the process exits.
 class Pool {
  public:
-  void submit(const std::shared_ptr<Job>& job, int helpers) {
+  void submit(const std::shared_ptr<Job>& job, size_t helpers) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      while (static_cast<int>(threads_.size()) < helpers) threads_.emplace_back([this] { loop(); });
-      for (int i = 0; i < helpers; ++i) queue_.push_back(job);
+      try {
+        while (threads_.size() < helpers) threads_.emplace_back([this] { loop(); });
+      } catch (const std::system_error&) {
+        // Out of threads (ulimit, memory): go on with those there are; the caller works too.
+        helpers = threads_.size();
+      }
+      for (size_t i = 0; i < helpers; ++i) queue_.push_back(job);
     }
     if (helpers == 1) wake_.notify_one(); else wake_.notify_all();
   }
@@ -140,7 +146,7 @@ Status parallel_for(size_t tasks, int threads,
                     const std::function<Status(size_t, int)>& body) {
   auto job = std::make_shared<Job>(tasks, body);
   size_t used = std::min(static_cast<size_t>(std::max(threads, 1)), tasks);
-  if (used > 1) pool().submit(job, static_cast<int>(used) - 1);
+  if (used > 1) pool().submit(job, used - 1);
   job->run(0);
   std::unique_lock<std::mutex> lock(job->mu);
   job->closed = true;

@@ -332,3 +332,17 @@ def test_disk_full_is_an_io_error(tmp_path, codec):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith(f"io {target} ")
     assert "File too large" in proc.stdout
+
+
+def test_verify_raises_only_for_bad_arguments(valid):
+    path, _, _, records = valid
+    flat = [r for recs in records for r in recs]
+    for chunks, widths in (
+        (flat, [4] * (len(flat) - 1)),  # one elem size per chunk
+        (flat[:1] + [flat[1][:6]], [4, 4]),  # a record needs 7 fields
+        ([("0", 0, 1, 1, 0, 0, 0)], [1]),  # fields are ints
+        (flat[:1], [0]),  # elem sizes are >= 1
+    ):
+        with pytest.raises(native.ChunkError) as e:
+            native.verify_chunks([path], chunks, widths)
+        assert e.value.kind == "invalid_argument"
