@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, commit, dist, errors, io
+from . import __version__, commit, dist, errors, incremental, io
 from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
 from .format import tree as treecodec
 from .format.layout import rank_file
@@ -39,17 +39,19 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
          metrics: dict | None = None, meta: dict | None = None, rank_state: dict | None = None,
-         group=None) -> SaveResult:
+         base: str | os.PathLike | incremental.Base | None = None, group=None) -> SaveResult:
     """Save `state` (a nested dict/list of tensors, arrays, values and objects with
     state_dict()) as a checkpoint directory at `path`.
 
     compression: None (raw), "zstd" (level 1) or a zstd level; shuffle applies a byte shuffle
     by element size before zstd. rank_state: extra per-rank values (RNG streams) stored in
-    the manifest beside the tree.
+    the manifest beside the tree. base: a committed checkpoint; chunks unchanged since it
+    are not written again but shared with it by hard link (see dckpt/incremental.py).
     """
     t0 = time.perf_counter()
     opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
     target = Path(path)
+    base = incremental.Base.of(base)
     flat = flatten(state)
     encoded = treecodec.encode(flat.tree)
     rank_extra = treecodec.encode(rank_state or {})
@@ -68,7 +70,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
 
     report: dict = {"rank": r}
     try:
-        report.update(_write_rank(tmp, flat, opts, r, world))
+        report.update(_write_rank(tmp, flat, opts, r, world, base))
         report["tree"] = encoded
         report["extra"] = rank_extra
     except Exception as e:  # reported to rank 0 so every rank aborts together
@@ -87,6 +89,8 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
         raise DistributedError(f"save to {target} aborted: rank {failed[0]['rank']} failed: "
                                f"{failed[0]['error']}", failed[0]["rank"])
 
+    if base is not None:
+        meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, reports)}
     m = _build_manifest(reports, world, counters, metrics, meta, opts)
     outcome = None
     if r == 0:
@@ -103,24 +107,29 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     return SaveResult(target, m.total_bytes, m.stored_bytes, time.perf_counter() - t0, m)
 
 
-def _write_rank(tmp: Path, flat: Flat, opts: io.WriteOptions, r: int, world: int) -> dict:
+def _write_rank(tmp: Path, flat: Flat, opts: io.WriteOptions, r: int, world: int,
+                base: incremental.Base | None) -> dict:
     """Write this rank's tensors into its data file; returns its part of the manifest."""
     leaves = flat.leaves
-    values = [_contiguous_cpu(leaf.value) for leaf in leaves]
     fname = rank_file(r)
-    chunks = io.write_file(str(tmp / fname), values, opts) if leaves else []
-    size = (tmp / fname).stat().st_size if leaves else 0
+    names = [leaf.name if world == 1 else f"{leaf.name}@r{r}" for leaf in leaves]
+    files, chunks, stats = [], [], None
+    if leaves and base is not None:
+        chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
+                                                      _contiguous_cpu)
+    elif leaves:
+        chunks = io.write_file(str(tmp / fname), [_contiguous_cpu(x.value) for x in leaves], opts)
+        files = [FileEntry(fname, (tmp / fname).stat().st_size, r)]
     tensors = {}
-    for leaf, cs in zip(leaves, chunks):
-        name = leaf.name if world == 1 else f"{leaf.name}@r{r}"
+    for leaf, name, cs in zip(leaves, names, chunks):
         tensors[name] = {
             "kind": "numpy" if leaf.is_numpy else "torch", "dtype": leaf.dtype,
             "shape": leaf.global_shape,
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
                         "chunks": [c.as_native() for c in cs]}]}
     aliases = {leaf.name: f"{leaf.name}@r{r}" for leaf in leaves} if world > 1 else {}
-    return {"file": FileEntry(fname, size, r).to_json() if leaves else None,
-            "tensors": tensors, "aliases": aliases}
+    return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": aliases,
+            incremental.META_KEY: stats}
 
 
 def _contiguous_cpu(v):
@@ -132,13 +141,12 @@ def _contiguous_cpu(v):
 def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, opts) -> Manifest:
     files, tensors, ranks = [], {}, []
     for rep in reports:
-        index = None
-        if rep["file"] is not None:
-            index = len(files)
-            files.append(FileEntry(**rep["file"]))
+        first = len(files)  # a rank's chunks index its own file list
+        files.extend(FileEntry(**f) for f in rep["files"])
         for name, t in rep["tensors"].items():
             shards = [Shard(s["offsets"], s["shape"], s["rank"],
-                            [Chunk(index, *c[1:]) for c in s["chunks"]]) for s in t["shards"]]
+                            [Chunk(first + c[0], *c[1:]) for c in s["chunks"]])
+                      for s in t["shards"]]
             if name in tensors:
                 tensors[name].shards.extend(shards)
             else:

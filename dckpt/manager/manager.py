@@ -19,6 +19,7 @@ from ..errors import CheckpointNotFoundError, DckptError, StateMismatchError
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
+from ..incremental import Base, VersionCache, exclusive_bytes
 from .lock import RootLock
 from .retention import Retention
 
@@ -58,8 +59,17 @@ class CheckpointManager:
                  mode: str = "min", keep_every: int | None = None,
                  compression: str | int | None = None, shuffle: bool = True,
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
-                 verify: bool = True, group=None):
+                 verify: bool = True, incremental: bool = True, full_every: int | None = None,
+                 trust_versions: bool = False, group=None):
+        """incremental: share chunks unchanged since the latest checkpoint instead of writing
+        them again (dckpt/incremental.py); full_every: every K-th save is written in full;
+        trust_versions: skip hashing tensors whose storage and version counter did not change
+        since this manager saved them (unsafe if the state is written through `.data`)."""
+        if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
+            raise ValueError("full_every must be a positive integer or None")
         self.root = Path(root)
+        self.incremental, self.full_every = incremental, full_every
+        self._versions = VersionCache() if trust_versions else None
         self.retention = retention or Retention(keep_last, keep_best, metric, mode, keep_every)
         self.save_options = {"compression": compression, "shuffle": shuffle, "threads": threads,
                              "fsync": fsync}
@@ -108,8 +118,9 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
              loss_history: list[float] | None = None, counters: dict | None = None,
-             overwrite: bool = False) -> checkpoint.SaveResult:
-        """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention."""
+             overwrite: bool = False, full: bool = False) -> checkpoint.SaveResult:
+        """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention.
+        full: write every chunk even when the manager saves incrementally."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
         metrics = dict(metrics or {})
@@ -118,9 +129,20 @@ class CheckpointManager:
         ctr["best"] = self._best_with(step, metrics)
         lock = RootLock(self.root).acquire() if self.is_writer else None
         try:
-            result = checkpoint.save(
-                state, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
-                rank_state={"rng": rng.capture()}, group=self.group, **self.save_options)
+            base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
+                                       self.group)
+            try:
+                result = checkpoint.save(
+                    state, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
+                    rank_state={"rng": rng.capture()}, group=self.group,
+                    base=Base(self.root / base, self._versions) if base else None,
+                    **self.save_options)
+            except BaseException:
+                if self._versions is not None:
+                    self._versions.discard()
+                raise
+            if self._versions is not None:
+                self._versions.commit()
             if self.is_writer:
                 self._write_latest(step)
                 self._apply_retention()
@@ -131,6 +153,19 @@ class CheckpointManager:
         log.info("dckpt: saved step %d (%.1f MB) in %.2f s", step, result.bytes / 1e6,
                  result.seconds)
         return result
+
+    def _base_name(self, full: bool) -> str | None:
+        """The committed checkpoint the next save shares unchanged chunks with, if any."""
+        latest = self.latest_step() if self.incremental and not full else None
+        if latest is None:
+            return None
+        if self.full_every:
+            try:
+                if Base(self.path(latest)).depth + 1 >= self.full_every:
+                    return None
+            except DckptError:
+                return None
+        return step_dir(latest)
 
     def _best_with(self, step: int, metrics: dict) -> dict | None:
         name = self.retention.metric
@@ -178,7 +213,8 @@ class CheckpointManager:
         with RootLock(self.root):
             staging = [p for p in self.root.iterdir() if is_staging(p.name)]
             doomed = [s for s, why in self.retention_plan().items() if not why]
-            freed = sum(_du(p) for p in staging) + sum(_du(self.path(s)) for s in doomed)
+            # Hard-linked data shared with kept checkpoints is not freed.
+            freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
             if not dry_run:
                 self._remove_staging()
                 self._apply_retention()
@@ -219,9 +255,3 @@ class CheckpointManager:
                            seconds=time.perf_counter() - t0)
         log.info("dckpt: %s", out.summary())
         return out
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

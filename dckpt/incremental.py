@@ -1,0 +1,373 @@
+"""Incremental checkpoints: chunks that did not change since a base checkpoint are not
+written again.
+
+Sharing is by hard link. The new checkpoint links the base's data file into its own
+directory and its manifest records point into that link, so every checkpoint stays a
+self-contained directory of ordinary files: load, verify, inspect and resharding need
+nothing new, and the file system counts the references. Deleting a checkpoint (retention,
+gc, or rm -r by hand) never breaks another, and a crash at any instant of a save or a
+deletion loses nothing: links are made inside the staging directory before the commit,
+and a committed checkpoint holds its own links. Committed data files are never modified
+in place. Where links are impossible (another file system, no link support) the chunks are
+written again: always correct, only not smaller.
+
+Which chunks are unchanged is decided without reading old data: the native writer hashes
+each chunk and skips it when the base manifest's raw hash for the same tensor block (same
+name, dtype, offsets, shape) at the same chunk position and length is equal. A
+`VersionCache` (opt-in) skips even the hashing for tensors whose storage and autograd
+version counter are unchanged since this process saved them. It is opt-in because writes
+through `.data` or numpy views do not bump the version counter.
+
+`consolidate` exports any checkpoint as a standalone copy holding only its live chunks.
+This module imports torch only inside the write path, so `consolidate` runs without it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import xxhash
+
+from . import commit
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
+                     ManifestError)
+from .format.layout import rank_file
+from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse
+
+log = logging.getLogger("dckpt")
+
+META_KEY = "incremental"
+_LINK = re.compile(r"^ref-r\d+-(.+)$")
+_STATS = ("new_bytes", "referenced_bytes", "new_chunks", "referenced_chunks", "unhashed_bytes")
+
+
+def read_manifest(ckpt: Path) -> Manifest:
+    path = Path(ckpt) / MANIFEST_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{ckpt} is not a committed checkpoint") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
+    return parse(data, str(path))
+
+
+def data_path(ckpt: Path, f: FileEntry) -> Path:
+    """Where a manifest's file lives; `dir` (a sibling checkpoint) is honoured for readers."""
+    return ckpt.parent / f.dir / f.name if f.dir else ckpt / f.name
+
+
+# ---- the cheap path: tensors whose version counter did not move ------------------------
+
+def fingerprint(t) -> tuple | None:
+    """What must be equal for a tensor to hold the same bytes as when it was last saved,
+    given that every write bumps its version counter. None: no such guarantee."""
+    import torch
+    if not isinstance(t, torch.Tensor) or t.is_inference():
+        return None
+    try:
+        storage = t.untyped_storage()
+        ref = weakref.ref(storage)  # a freed and reused allocation is not the same storage
+    except (RuntimeError, TypeError):
+        return None
+    return (ref, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+def _same_tensor(old: tuple, now: tuple) -> bool:
+    return old[0]() is not None and old[0]() is now[0]() and old[1:] == now[1:]
+
+
+@dataclass
+class VersionCache:
+    """Per process and rank: tensor name -> (fingerprint, raw hashes and lengths of the
+    chunks that stored it). A hit is only used when the base manifest holds exactly those
+    hashes for that tensor, so a stale or foreign base can never be referenced by mistake."""
+    entries: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+
+    def lookup(self, name: str, fp: tuple | None, shard: Shard | None) -> bool:
+        hit = self.entries.get(name)
+        return (fp is not None and shard is not None and hit is not None
+                and _same_tensor(hit[0], fp) and hit[1] == _hashes(shard.chunks))
+
+    def record(self, name: str, fp: tuple | None, chunks: list[Chunk]) -> None:
+        if fp is not None:
+            self.pending[name] = (fp, _hashes(chunks))
+
+    def commit(self) -> None:
+        """The save that recorded `pending` committed: its fingerprints become usable.
+        Older entries stay; a hit is checked against the base's hashes anyway."""
+        self.entries.update(self.pending)
+        self.pending = {}
+
+    def discard(self) -> None:
+        self.pending = {}
+
+
+def _hashes(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    return [(c.raw, c.raw_hash) for c in chunks]
+
+
+@dataclass
+class Base:
+    """The checkpoint a save deduplicates against; `versions` enables the cheap path."""
+    path: Path
+    versions: VersionCache | None = None
+    _manifest: Manifest | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, base) -> "Base | None":
+        if base is None or isinstance(base, Base):
+            return base
+        return cls(Path(base))
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.path)
+        return self._manifest
+
+    @property
+    def depth(self) -> int:
+        """Incremental saves since the last full one, this base included."""
+        d = self.manifest.meta.get(META_KEY, {})
+        return int(d.get("depth", 0)) if isinstance(d, dict) else 0
+
+
+# ---- the write path -------------------------------------------------------------------
+
+def _old_shard(m: Manifest, name: str, leaf) -> Shard | None:
+    t = m.tensors.get(name)
+    kind = "numpy" if leaf.is_numpy else "torch"
+    if t is None or t.kind != kind or t.dtype != leaf.dtype or t.shape != leaf.global_shape:
+        return None
+    shape = list(leaf.value.shape)
+    return next((s for s in t.shards if s.offsets == leaf.offsets and s.shape == shape), None)
+
+
+def _comparable(shard: Shard, chunk_size: int) -> list[Chunk]:
+    """The leading chunks of `shard` that line up with how a rewrite would cut it."""
+    total, out = shard.raw_bytes, []
+    for i, c in enumerate(shard.chunks):
+        if c.raw != min(chunk_size, total - i * chunk_size):
+            break
+        out.append(c)
+    return out
+
+
+def _link_name(base: Path, f: FileEntry, rank: int) -> str:
+    """Names keep the file's origin, are unique per origin, and per rank, so that ranks
+    never race on the same directory entry."""
+    m = _LINK.match(f.name)
+    origin = m.group(1) if m else f"{(f.dir or base.name)}-{f.name}"
+    name = f"ref-r{rank}-{origin}"
+    if not is_safe_name(name) or len(name) > 200:
+        name = f"ref-r{rank}-{xxhash.xxh3_64_hexdigest(origin)}.dckpt"
+    return name
+
+
+class _Links:
+    """Base data files linked into the staging directory, made before writing, dropped
+    again when no chunk ended up referring to them."""
+
+    def __init__(self, base: Path, m: Manifest, tmp: Path, rank: int):
+        self.base, self.m, self.tmp, self.rank = base, m, tmp, rank
+        self.names: dict[int, str | None] = {}  # base file index -> link name, None: failed
+        self.failure: str | None = None
+
+    def get(self, index: int) -> str | None:
+        if index not in self.names:
+            self.names[index] = self._link(self.m.files[index])
+        return self.names[index]
+
+    def _link(self, f: FileEntry) -> str | None:
+        src, name = data_path(self.base, f), _link_name(self.base, f, self.rank)
+        try:
+            if os.stat(src).st_size != f.size:  # a damaged base is not shared further
+                raise OSError(errno.EINVAL, f"size differs from its manifest ({f.size})")
+            os.link(src, self.tmp / name)
+        except FileExistsError:
+            if not os.path.samefile(src, self.tmp / name):
+                raise
+        except OSError as e:
+            self.failure = f"cannot link {src}: {e.strerror or e}"
+            log.warning("dckpt: %s; writing its unchanged chunks again", self.failure)
+            return None
+        return name
+
+    def drop_unused(self, used: set[int]) -> None:
+        for index, name in self.names.items():
+            if name is not None and index not in used:
+                os.unlink(self.tmp / name)
+
+
+def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names: list[str],
+               opts, to_cpu: Callable) -> tuple[list[list[Chunk]], list[FileEntry], dict]:
+    """Write this rank's leaves into tmp/fname, referencing unchanged chunks of `base`.
+
+    Returns each leaf's chunk records (file indices into the returned file list: 0 is
+    fname, then the links), the file list and the statistics for the manifest."""
+    from . import io  # torch and the native core: only the write path needs them
+    m = base.manifest
+    links = _Links(base.path, m, tmp, rank)
+    versions = base.versions
+    old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]
+    fps = [fingerprint(leaf.value) if versions is not None else None for leaf in leaves]
+
+    reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
+    prev: list[list[int] | None] = []
+    for i, (n, shard) in enumerate(zip(names, old)):
+        if versions is not None and versions.lookup(n, fps[i], shard) and \
+                all(links.get(c.file) is not None for c in shard.chunks):
+            reused[i] = shard.chunks
+        comparable = _comparable(shard, opts.chunk_size) if shard and i not in reused else []
+        comparable = [c for c in comparable if links.get(c.file) is not None]
+        prev.append([c.raw_hash for c in comparable] if comparable else None)
+
+    todo = [i for i in range(len(leaves)) if i not in reused]
+    written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo], opts,
+                            prev_hashes=[prev[i] for i in todo])
+    # (record, index of its base file or None when just written) per chunk of each leaf
+    picked: list[list[tuple[Chunk, int | None]]] = [[] for _ in leaves]
+    for i, recs in zip(todo, written):
+        picked[i] = [(old[i].chunks[c], old[i].chunks[c].file) if r.offset == -1 else (r, None)
+                     for c, r in enumerate(recs)]
+    for i, recs in reused.items():
+        picked[i] = [(c, c.file) for c in recs]
+
+    # Renumber: this rank's new file first (unless it got no chunk), then the links used.
+    used = sorted({j for p in picked for _, j in p if j is not None})
+    wrote = any(j is None for p in picked for _, j in p)
+    local = {j: k + wrote for k, j in enumerate(used)}
+    stats = dict.fromkeys(_STATS, 0)
+    chunks = []
+    for i, leaf in enumerate(leaves):
+        out = [Chunk(0 if j is None else local[j], *c.as_native()[1:]) for c, j in picked[i]]
+        for c, j in picked[i]:
+            stats["new_chunks" if j is None else "referenced_chunks"] += 1
+            stats["referenced_bytes"] += 0 if j is None else c.stored
+        if i in reused:
+            stats["unhashed_bytes"] += leaf.nbytes
+        if versions is not None:
+            versions.record(names[i], fps[i], out)
+        chunks.append(out)
+    links.drop_unused(set(used))
+
+    own = FileEntry(fname, (tmp / fname).stat().st_size, rank)
+    if not wrote:
+        os.unlink(tmp / fname)  # nothing changed: no empty data file
+    stats["new_bytes"] = own.size
+    files = [own] * wrote + [FileEntry(links.names[j], m.files[j].size, rank) for j in used]
+    if links.failure:
+        stats["fallback"] = links.failure
+    return chunks, files, stats
+
+
+def summarize(base: Base, reports: list[dict]) -> dict:
+    """The manifest's meta entry: what this save wrote and what it shares, over all ranks."""
+    out: dict = {"base": base.path.name, "depth": base.depth + 1, **dict.fromkeys(_STATS, 0)}
+    for rep in reports:
+        stats = rep.get(META_KEY) or {}
+        for k in _STATS:
+            out[k] += int(stats.get(k, 0))
+        if "fallback" in stats:
+            out.setdefault("fallback", stats["fallback"])
+    return out
+
+
+# ---- reference-aware accounting and export --------------------------------------------
+
+def exclusive_bytes(paths: list[Path]) -> int:
+    """Bytes that deleting `paths` would free: files whose every hard link lies inside."""
+    seen: dict[tuple[int, int], list] = {}
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            st = f.lstat()
+            entry = seen.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])
+            entry[2] += 1
+    return sum(size for size, nlink, links in seen.values() if links >= nlink)
+
+
+def consolidate(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+                fsync: bool = True) -> Manifest:
+    """Write the checkpoint at `src` as a standalone checkpoint at `dst`: one data file per
+    rank holding only the chunks its manifest uses, each copied as stored (no re-encoding)
+    after checking its stored hash. Works on any checkpoint; needs no torch."""
+    src, dst = Path(src), Path(dst)
+    m = read_manifest(src)
+    tmp = commit.begin(dst, overwrite)
+    try:
+        out = _copy_chunks(src, m, tmp, fsync)
+        commit.finish(tmp, dst, out, fsync)
+    except BaseException:
+        commit.abort(tmp)
+        raise
+    return out
+
+
+def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
+    ranks = sorted({f.rank for f in m.files})
+    files = [FileEntry(rank_file(r), 0, r) for r in ranks]
+    index = {r: i for i, r in enumerate(ranks)}
+    handles = [open(tmp / f.name, "wb") for f in files]
+    copied: dict[tuple[int, int, int], Chunk] = {}  # (file, offset, stored) -> new record
+    sources: dict[int, object] = {}
+    try:
+        for name, t in m.tensors.items():
+            for shard in t.shards:
+                for ci, c in enumerate(shard.chunks):
+                    key = (c.file, c.offset, c.stored)
+                    if key not in copied:
+                        k = index[m.files[c.file].rank]
+                        data = _read_stored(src, m, c, sources, name, ci)
+                        copied[key] = Chunk(k, files[k].size, *c.as_native()[2:])
+                        handles[k].write(data)
+                        files[k].size += len(data)
+                    shard.chunks[ci] = copied[key]
+        for h in handles:
+            h.flush()
+            if fsync:
+                os.fsync(h.fileno())
+    finally:
+        for h in [*handles, *sources.values()]:
+            h.close()
+    meta = {k: v for k, v in m.meta.items() if k != META_KEY}
+    meta["consolidated_from"] = src.name
+    return Manifest(world_size=m.world_size, files=files, tensors=m.tensors, ranks=m.ranks,
+                    counters=m.counters, metrics=m.metrics, meta=meta, created=m.created)
+
+
+def _read_stored(src: Path, m: Manifest, c: Chunk, handles: dict, tensor: str,
+                 ci: int) -> bytes:
+    path = data_path(src, m.files[c.file])
+    try:
+        if c.file not in handles:
+            handles[c.file] = open(path, "rb")
+        fh = handles[c.file]
+        fh.seek(c.offset)
+        data = fh.read(c.stored)
+    except OSError as e:
+        raise IncompleteCheckpointError(f"tensor '{tensor}' chunk {ci}: cannot read {path}: "
+                                        f"{e.strerror or e}", str(path), tensor, ci) from None
+    if len(data) != c.stored:
+        raise IncompleteCheckpointError(
+            f"tensor '{tensor}' chunk {ci}: {path} ends before offset {c.offset + c.stored}",
+            str(path), tensor, ci, c.offset)
+    actual = xxhash.xxh3_64_intdigest(data)
+    if actual != c.stored_hash:
+        raise CorruptCheckpointError(
+            f"tensor '{tensor}' chunk {ci} in {path} at offset {c.offset}: stored hash "
+            f"mismatch (expected {c.stored_hash:016x}, got {actual:016x})", str(path), tensor,
+            ci, c.offset, c.stored_hash, actual)
+    return data
+
+
+__all__ = ["Base", "VersionCache", "consolidate", "exclusive_bytes", "summarize",
+           "write_rank"]

@@ -1,0 +1,406 @@
+"""Incremental checkpoints: unchanged chunks are shared by hard link, never written again.
+
+The fine-tuning run below freezes a base model under small trainable adapters with AdamW,
+the case incremental checkpoints exist for. Crashes are real SIGKILLs of a forked process
+at every file-system mutation of a gc or a save (counted by an audit hook).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dckpt
+from dckpt import CheckpointManager, io
+from dckpt.errors import CorruptCheckpointError
+from dckpt.format.reader import read_manifest, read_tensor_bytes
+from dckpt.incremental import Base, VersionCache, consolidate, exclusive_bytes
+from dckpt.state.reading import file_paths
+
+CHUNK = 64 << 10
+
+
+class LoraModel(torch.nn.Module):
+    """A frozen base (~1.5 MB) and a low-rank trainable adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Sequential(torch.nn.Linear(256, 768), torch.nn.ReLU(),
+                                        torch.nn.Linear(768, 256))
+        self.base.requires_grad_(False)
+        self.lora_a = torch.nn.Parameter(torch.randn(256, 4) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(4, 256) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a @ self.lora_b
+
+
+def fresh(seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = LoraModel()
+    opt = torch.optim.AdamW([model.lora_a, model.lora_b], lr=1e-2)
+    return {"model": model, "optim": opt}
+
+
+def train(state: dict, steps: int = 1) -> None:
+    for _ in range(steps):
+        x = torch.randn(16, 256)
+        state["model"](x).pow(2).mean().backward()
+        state["optim"].step()
+        state["optim"].zero_grad()
+
+
+def trainable_bytes(state: dict) -> int:
+    """What a checkpoint after a training step must write: adapters and optimizer state."""
+    n = sum(p.numel() * p.element_size() for p in state["model"].parameters() if p.requires_grad)
+    for per_param in state["optim"].state.values():
+        n += sum(t.numel() * t.element_size() for t in per_param.values())
+    return n
+
+
+def as_bytes(obj):
+    """A comparable form of a state dict in which tensors compare bit for bit."""
+    if isinstance(obj, torch.Tensor):
+        return (str(obj.dtype), tuple(obj.shape),
+                obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(obj, dict):
+        return {k: as_bytes(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_bytes(v) for v in obj]
+    return obj
+
+
+def snapshot(state: dict) -> dict:
+    return {k: as_bytes(v.state_dict()) for k, v in state.items()}
+
+
+def restored(mgr: CheckpointManager, step: int) -> dict:
+    live = fresh(seed=123)  # different values everywhere
+    mgr.restore(live, step, restore_rng=False)
+    return snapshot(live)
+
+
+def deep_verify(path: Path) -> int:
+    """Every chunk of every tensor decodes to its raw hash; returns the chunks checked."""
+    m = dckpt.read_manifest(path)
+    paths, n = file_paths(path, m), 0
+    for name, t in m.tensors.items():
+        chunks = [c for s in t.shards for c in s.chunks]
+        assert io.verify_chunks(paths, chunks, [t.itemsize] * len(chunks), deep=True) == [], name
+        n += len(chunks)
+    return n
+
+
+def own_file_size(path: Path) -> int:
+    return (path / "rank-00000.dckpt").stat().st_size if (path / "rank-00000.dckpt").exists() else 0
+
+
+def test_frozen_base_finetune_writes_only_the_trainable_part(tmp_path):
+    state = fresh()
+    mgr = CheckpointManager(tmp_path, keep_last=2, chunk_size=CHUNK)
+    assert mgr.incremental
+    snaps, sizes = {}, {}
+    for step in range(1, 6):
+        train(state)
+        result = mgr.save(step, state)
+        snaps[step] = snapshot(state)
+        meta = result.manifest.meta.get("incremental")
+        sizes[step] = own_file_size(mgr.path(step))
+        if step == 1:
+            assert meta is None and sizes[1] == result.bytes  # the first save is full
+            continue
+        # Only the adapters and AdamW's moments and step counters were written ...
+        assert sizes[step] == trainable_bytes(state) == meta["new_bytes"]
+        assert meta["referenced_bytes"] == result.bytes - sizes[step]
+        assert meta["base"] == f"step-{step - 1:09d}" and meta["depth"] == step - 1
+        # ... and the base model is the very file step 1 wrote, linked, not copied.
+        links = [p for p in mgr.path(step).iterdir() if p.name.startswith("ref-")]
+        assert [p.name for p in links] == ["ref-r0-step-000000001-rank-00000.dckpt"]
+        assert links[0].stat().st_nlink == 2  # kept: step 1 and 2, then two links
+        assert mgr.steps() == list(range(max(1, step - 1), step + 1))
+        for kept in mgr.steps():
+            assert restored(mgr, kept) == snaps[kept]
+    assert sizes[5] * 30 < sizes[1]
+    # Retention deleted steps 1-3, whose file holds the base: 4 and 5 still load and verify.
+    assert not mgr.path(1).exists() and deep_verify(mgr.path(4)) > 20
+    assert restored(mgr, 4) == snaps[4] and restored(mgr, 5) == snaps[5]
+    # The open-format oracle reads a shared chunk through the link.
+    m = read_manifest(mgr.path(5))
+    w = read_tensor_bytes(mgr.path(5), m, "model/base.0.weight")
+    assert w.tobytes() == state["model"].base[0].weight.numpy().tobytes()
+
+
+def test_unchanged_state_writes_no_data_file(tmp_path):
+    state = fresh()
+    train(state)
+    dckpt.save(state, tmp_path / "a", chunk_size=CHUNK)
+    r = dckpt.save(state, tmp_path / "b", chunk_size=CHUNK, base=tmp_path / "a")
+    assert r.manifest.meta["incremental"]["new_bytes"] == 0
+    assert not (tmp_path / "b" / "rank-00000.dckpt").exists()
+    assert [f.name for f in r.manifest.files] == ["ref-r0-a-rank-00000.dckpt"]
+    assert as_bytes(dckpt.load(tmp_path / "b")["model"]) == snapshot(state)["model"]
+
+
+def test_only_comparable_chunks_are_shared(tmp_path):
+    """Same name, dtype, block and chunk length, else written again; changed chunks too."""
+    big = torch.randn(40_000)  # 160 KB: 3 chunks of 64 KiB
+    state = {"w": big, "dtype": torch.zeros(1000), "shape": torch.zeros(10, 10),
+             "grows": torch.ones(30_000)}
+    dckpt.save(state, tmp_path / "a", chunk_size=CHUNK)
+    big2 = big.clone()
+    big2[20_000] += 1  # the middle chunk changes
+    new = {"w": big2, "dtype": torch.zeros(1000, dtype=torch.int32),
+           "shape": torch.zeros(100), "grows": torch.ones(50_000)}
+    r = dckpt.save(new, tmp_path / "b", chunk_size=CHUNK, base=tmp_path / "a")
+    own = {c: [ch.file == 0 for ch in r.manifest.tensors[c].shards[0].chunks] for c in new}
+    assert own == {"w": [False, True, False], "dtype": [True], "shape": [True],
+                   "grows": [True] * 4}
+    back = dckpt.load(tmp_path / "b")
+    assert all(torch.equal(back[k], v) for k, v in new.items())
+    # Another chunk size lines up only tensors of one chunk.
+    r = dckpt.save(new, tmp_path / "c", chunk_size=CHUNK * 2, base=tmp_path / "b")
+    own = {c: {ch.file for ch in r.manifest.tensors[c].shards[0].chunks} for c in new}
+    assert own == {"w": {0}, "dtype": {1}, "shape": {1}, "grows": {0}}
+
+
+def test_full_every_and_full_on_demand(tmp_path):
+    state = fresh()
+    mgr = CheckpointManager(tmp_path, full_every=3, chunk_size=CHUNK)
+    depths = []
+    for step in range(1, 8):
+        train(state)
+        r = mgr.save(step, state, full=(step == 6))
+        depths.append(r.manifest.meta.get("incremental", {}).get("depth", 0))
+    assert depths == [0, 1, 2, 0, 1, 0, 1]
+    full = mgr.path(6)
+    assert sorted(p.name for p in full.iterdir()) == ["manifest.json", "rank-00000.dckpt"]
+    off = CheckpointManager(tmp_path / "off", incremental=False, chunk_size=CHUNK)
+    off.save(1, state)
+    assert "incremental" not in off.save(2, state).manifest.meta
+
+
+def test_consolidate_exports_a_standalone_copy(tmp_path):
+    state = fresh()
+    mgr = CheckpointManager(tmp_path / "run", chunk_size=CHUNK, compression="zstd")
+    for step in (1, 2, 3):
+        train(state)
+        mgr.save(step, state)
+    src = mgr.path(3)
+    m = consolidate(src, tmp_path / "export")
+    out = tmp_path / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "rank-00000.dckpt"]
+    assert "incremental" not in m.meta and m.meta["consolidated_from"] == "step-000000003"
+    # Only live chunks were copied: stale adapter copies in the linked files are not.
+    assert (out / "rank-00000.dckpt").stat().st_size == m.stored_bytes
+    linked = sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".dckpt")
+    assert m.stored_bytes < linked
+    expected = snapshot(state)
+    import shutil
+    shutil.rmtree(tmp_path / "run")  # the export needs nothing of the run
+    assert deep_verify(out) > 0
+    live = fresh(seed=5)
+    train(live)
+    dckpt.load(out, into=live)
+    assert snapshot(live) == expected
+    # A damaged stored chunk is refused, naming the tensor, and leaves no export behind.
+    m = dckpt.read_manifest(out)
+    c = m.tensors["model/base.0.weight"].shards[0].chunks[1]
+    with open(out / "rank-00000.dckpt", "r+b") as f:
+        f.seek(c.offset + 7)
+        b = f.read(1)
+        f.seek(c.offset + 7)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CorruptCheckpointError, match="model/base.0.weight"):
+        consolidate(out, tmp_path / "export2")
+    assert not (tmp_path / "export2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export2")]
+
+
+def test_links_across_file_systems_fall_back_to_writing(tmp_path):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test directory")
+    state = fresh()
+    train(state)
+    base = other / f"dckpt-incr-{os.getpid()}"
+    try:
+        dckpt.save(state, base, chunk_size=CHUNK)
+        r = dckpt.save(state, tmp_path / "b", chunk_size=CHUNK, base=base)
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+    meta = r.manifest.meta["incremental"]
+    assert "cannot link" in meta["fallback"] and meta["referenced_chunks"] == 0
+    assert as_bytes(dckpt.load(tmp_path / "b")["model"]) == snapshot(state)["model"]
+
+
+# ---- the version cache: skip hashing, never a wrong reference ---------------------------
+
+def test_trusted_versions_skip_hashing_frozen_tensors(tmp_path):
+    state = fresh()
+    mgr = CheckpointManager(tmp_path, trust_versions=True, chunk_size=CHUNK)
+    frozen = sum(p.numel() * 4 for p in state["model"].base.parameters())
+    for step in (1, 2, 3):  # the first incremental save after a full one hashes all
+        train(state)
+        r = mgr.save(step, state)
+    assert r.manifest.meta["incremental"]["unhashed_bytes"] == frozen
+    # An in-place write (bumps the version) is hashed again and written.
+    with torch.no_grad():
+        state["model"].base[0].bias.add_(1.0)
+    r = mgr.save(4, state)  # no training since step 3: everything else is trusted
+    meta = r.manifest.meta["incremental"]
+    assert meta["unhashed_bytes"] == r.bytes - 768 * 4 and meta["new_bytes"] == 768 * 4
+    # A replaced tensor (new storage) is never trusted.
+    state["model"].base[2].weight = torch.nn.Parameter(torch.randn(256, 768),
+                                                       requires_grad=False)
+    r = mgr.save(5, state)
+    meta = r.manifest.meta["incremental"]
+    assert meta["unhashed_bytes"] == r.bytes - 256 * 768 * 4 == meta["referenced_bytes"]
+    assert restored(mgr, 5) == snapshot(state)
+
+
+def test_version_cache_checks_the_base_it_is_used_with(tmp_path):
+    """A base rewritten by someone else under the same name is not trusted."""
+    state = fresh()
+    mgr = CheckpointManager(tmp_path, trust_versions=True, chunk_size=CHUNK)
+    train(state)
+    mgr.save(1, state)
+    mgr.save(2, state)  # records what step 2 holds
+    other = fresh(seed=99)
+    CheckpointManager(tmp_path, incremental=False, chunk_size=CHUNK).save(2, other,
+                                                                          overwrite=True)
+    r = mgr.save(3, state)
+    assert r.manifest.meta["incremental"]["unhashed_bytes"] == 0
+    assert restored(mgr, 3) == snapshot(state)
+
+
+def test_version_cache_rejects_a_freed_and_reused_tensor():
+    cache = VersionCache()
+    t = torch.ones(1000)
+    from dckpt.incremental import fingerprint
+    fp = fingerprint(t)
+    assert fingerprint(t.detach())[1:] == fp[1:]
+    del t
+    u = torch.zeros(1000)  # may reuse the freed memory, version 0 again
+    assert not cache.lookup("x", fingerprint(u), None)
+    from dckpt.incremental import _same_tensor
+    assert not _same_tensor(fp, fingerprint(u))
+    assert fingerprint(np.ones(3)) is None
+    with torch.inference_mode():
+        assert fingerprint(torch.ones(3)) is None
+
+
+# ---- crashes: SIGKILL at every mutation of a gc or a save -------------------------------
+
+MUTATIONS = ("os.rename", "os.remove", "os.rmdir", "os.link", "os.mkdir", "os.truncate")
+
+
+def killed_at(k: int, fn, timeout: float = 60.0) -> bool:
+    """Run fn in a forked child that SIGKILLs itself at its k-th file-system mutation.
+    True if it died there, False if fn finished first."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            count = [0]
+
+            def hook(event, args):
+                writing = event == "open" and (
+                    (isinstance(args[1], str) and any(c in args[1] for c in "wax+")) or
+                    (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR)))
+                if event in MUTATIONS or writing:
+                    count[0] += 1
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+            sys.addaudithook(hook)
+            fn()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child hung at mutation {k}")
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    """Four incremental checkpoints, all kept, and what each holds."""
+    root = tmp_path_factory.mktemp("run") / "root"
+    state = fresh()
+    mgr = CheckpointManager(root, chunk_size=CHUNK, fsync=False)
+    snaps = {}
+    for step in range(1, 5):
+        train(state)
+        mgr.save(step, state)
+        snaps[step] = snapshot(state)
+    train(state)
+    return root, snaps, state
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)  # keeps hard links
+    return dst
+
+
+def check_intact(root: Path, snaps: dict, must_have: list[int]) -> None:
+    mgr = CheckpointManager(root)  # also removes debris
+    assert set(must_have) <= set(mgr.steps())
+    for step in mgr.steps():
+        deep_verify(mgr.path(step))
+        back = dckpt.load(mgr.path(step))
+        assert {k: as_bytes(v) for k, v in back.items()} == snaps[step], step
+
+
+def test_sigkill_during_gc_loses_nothing(tmp_path, run):
+    src, snaps, _ = run
+    k, kills = 0, 0
+    while True:
+        k += 1
+        root = copy_run(src, tmp_path / f"run{k}")
+        if not killed_at(k, lambda: CheckpointManager(root, keep_last=1, fsync=False).gc()):
+            break
+        kills += 1
+        # Whatever instant it died at, every checkpoint still committed is whole, and the
+        # newest (the one retention keeps) is among them.
+        check_intact(root, snaps, must_have=[4])
+        CheckpointManager(root, keep_last=1).gc()
+        assert CheckpointManager(root).steps() == [4]
+        check_intact(root, snaps, must_have=[4])
+    assert kills >= 10  # gc removed three linked step directories: many crash points
+
+
+def test_sigkill_during_incremental_save_loses_nothing(tmp_path, run):
+    src, snaps, state = run
+    snaps = {**snaps, 5: snapshot(state)}
+    k, kills = 0, 0
+    while True:
+        k += 1
+        root = copy_run(src, tmp_path / f"run{k}")
+        mgr = lambda: CheckpointManager(root, keep_last=2, chunk_size=CHUNK, fsync=False)
+        if not killed_at(k, lambda: mgr().save(5, state)):
+            break
+        kills += 1
+        check_intact(root, snaps, must_have=[4])
+        assert not [p for p in root.iterdir() if ".tmp-" in p.name]  # debris was removed
+    assert kills >= 5
+    assert CheckpointManager(root).steps() == [4, 5]
+
+
+def test_gc_reports_only_bytes_it_frees(tmp_path, run):
+    root = copy_run(run[0], tmp_path / "root")
+    plan = CheckpointManager(root, keep_last=1).gc(dry_run=True)
+    own = (root / "step-000000001" / "rank-00000.dckpt").stat().st_size
+    # Step 1's data file holds the base model that step 4 still uses: not freed.
+    assert plan["removed_steps"] == [1, 2, 3] and plan["freed_bytes"] < own / 10
+    assert Base(root / "step-000000004").depth == 3
