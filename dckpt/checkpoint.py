@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, commit, dist, errors, incremental, io
+from . import __version__, commit, dist, errors, incremental, io, partitioned, sharding
 from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
 from .format import tree as treecodec
 from .format.layout import rank_file
 from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
-from .state.flatten import Flat, Leaf, flatten
+from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
 from .state.restore import RestoreReport, materialize, restore_into
 
@@ -47,14 +47,14 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     by element size before zstd. rank_state: extra per-rank values (RNG streams) stored in
     the manifest beside the tree. base: a committed checkpoint; chunks unchanged since it
     are not written again but shared with it by hard link (see dckpt/incremental.py).
+
+    Distributed (see dckpt/sharding.py): DTensor shards are written by their owners with
+    global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
     t0 = time.perf_counter()
     opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
     target = Path(path)
     base = incremental.Base.of(base)
-    flat = flatten(state)
-    encoded = treecodec.encode(flat.tree)
-    rank_extra = treecodec.encode(rank_state or {})
     r, world = dist.rank(group), dist.world_size(group)
 
     tmp_name = error = None
@@ -63,31 +63,30 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
             tmp_name = str(commit.begin(target, overwrite))
         except DckptError as e:
             error = [type(e).__name__, str(e)]
-    tmp_name, error = dist.broadcast_json([tmp_name, error], 0, group)
+    tmp_name, error = dist.broadcast_json([tmp_name, error], 0, group, what="save begin")
     if error:
         raise getattr(errors, error[0], DckptError)(error[1])
     tmp = Path(tmp_name)
 
-    report: dict = {"rank": r}
+    # Phase 1: flatten and tell the others what this rank holds; phase 2: write what the
+    # plan gives this rank and report its records. Each phase ends in an exchange that
+    # also carries failures, so a rank that raises makes every rank abort, none hangs.
     try:
-        report.update(_write_rank(tmp, flat, opts, r, world, base))
+        flat = flatten(partitioned.adapt(state), tensor_hook=sharding.dtensor_leaf)
+        encoded = treecodec.encode(flat.tree)
+        rank_extra = treecodec.encode(rank_state or {})
+        offers, failure = sharding.offer(flat, world), None
+    except Exception as e:
+        offers, failure = None, e
+    offers = _exchange(offers, failure, "plan", tmp, target, group)
+    try:
+        plan = sharding.assign(offers, r)
+        report, failure = _write_rank(tmp, flat, plan, opts, r, base), None
         report["tree"] = encoded
         report["extra"] = rank_extra
-    except Exception as e:  # reported to rank 0 so every rank aborts together
-        report["error"] = f"{type(e).__name__}: {e}"
-        local_error = e
-    else:
-        local_error = None
-    reports = dist.all_gather_json(report, group)
-    failed = [rep for rep in reports if "error" in rep]
-    if failed:
-        if r == 0:
-            commit.abort(tmp)
-        dist.barrier(group)
-        if local_error is not None:
-            raise local_error
-        raise DistributedError(f"save to {target} aborted: rank {failed[0]['rank']} failed: "
-                               f"{failed[0]['error']}", failed[0]["rank"])
+    except Exception as e:
+        report, failure = None, e
+    reports = _exchange(report, failure, "write", tmp, target, group)
 
     if base is not None:
         meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, reports)}
@@ -101,45 +100,66 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
             if not dist.active(group):
                 raise
             outcome = f"{type(e).__name__}: {e}"
-    outcome = dist.broadcast_json(outcome, 0, group)
+    outcome = dist.broadcast_json(outcome, 0, group, what="save commit")
     if outcome:
         raise DistributedError(f"commit of {target} failed on rank 0: {outcome}", 0)
     return SaveResult(target, m.total_bytes, m.stored_bytes, time.perf_counter() - t0, m)
 
 
-def _write_rank(tmp: Path, flat: Flat, opts: io.WriteOptions, r: int, world: int,
-                base: incremental.Base | None) -> dict:
-    """Write this rank's tensors into its data file; returns its part of the manifest."""
-    leaves = flat.leaves
+def _exchange(value, failure: Exception | None, phase: str, tmp: Path, target: Path,
+              group) -> list:
+    """All ranks' `value`s; if any rank failed (or one never arrives), rank 0 removes the
+    staging directory and every rank raises: its own error, or one naming the failed rank."""
+    r = dist.rank(group)
+    msg = {"rank": r, "value": value}
+    if failure is not None:
+        msg = {"rank": r, "error": f"{type(failure).__name__}: {failure}"}
+    try:
+        gathered = dist.all_gather_json(msg, group, what=f"save {phase} of {target}")
+    except DistributedError:
+        if r == 0:
+            commit.abort(tmp)
+        raise
+    failed = [g for g in gathered if "error" in g]
+    if not failed:
+        return [g["value"] for g in gathered]
+    if r == 0:
+        commit.abort(tmp)
+    dist.barrier(group, what=f"save abort of {target}")
+    if failure is not None:
+        raise failure
+    raise DistributedError(f"save to {target} aborted: rank {failed[0]['rank']} failed "
+                           f"({phase}): {failed[0]['error']}", failed[0]["rank"])
+
+
+def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOptions,
+                r: int, base: incremental.Base | None) -> dict:
+    """Write the tensors the plan gives this rank into its data file; returns its part of
+    the manifest."""
+    leaves = [flat.leaves[i] for _, i in plan.writes]
+    names = [name for name, _ in plan.writes]
     fname = rank_file(r)
-    names = [leaf.name if world == 1 else f"{leaf.name}@r{r}" for leaf in leaves]
     files, chunks, stats = [], [], None
     if leaves and base is not None:
         chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
-                                                      _contiguous_cpu)
+                                                      sharding.contiguous_cpu)
     elif leaves:
-        chunks = io.write_file(str(tmp / fname), [_contiguous_cpu(x.value) for x in leaves], opts)
+        chunks = io.write_file(str(tmp / fname),
+                               [sharding.contiguous_cpu(x.value) for x in leaves], opts)
         files = [FileEntry(fname, (tmp / fname).stat().st_size, r)]
     tensors = {}
     for leaf, name, cs in zip(leaves, names, chunks):
         tensors[name] = {
             "kind": "numpy" if leaf.is_numpy else "torch", "dtype": leaf.dtype,
-            "shape": leaf.global_shape,
+            "shape": leaf.global_shape, "placement": plan.placements.get(name),
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
                         "chunks": [c.as_native() for c in cs]}]}
-    aliases = {leaf.name: f"{leaf.name}@r{r}" for leaf in leaves} if world > 1 else {}
-    return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": aliases,
+    return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": plan.aliases,
             incremental.META_KEY: stats}
 
 
-def _contiguous_cpu(v):
-    if isinstance(v, np.ndarray):
-        return np.ascontiguousarray(v)
-    return v.detach().to("cpu").contiguous()
-
-
 def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, opts) -> Manifest:
-    files, tensors, ranks = [], {}, []
+    files, tensors, ranks, meshes = [], {}, [], []
     for rep in reports:
         first = len(files)  # a rank's chunks index its own file list
         files.extend(FileEntry(**f) for f in rep["files"])
@@ -150,14 +170,24 @@ def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, op
             if name in tensors:
                 tensors[name].shards.extend(shards)
             else:
-                tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"])
+                tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
+                                            _index_mesh(t["placement"], meshes))
         ranks.append({"tree": rep["tree"], "aliases": rep["aliases"], **rep["extra"]})
     info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
-                    meta={"library": info, **(meta or {})})
+                    meta={"library": info, **(meta or {})}, meshes=meshes)
+
+
+def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
+    """Store each distinct device mesh once in the manifest; placements name it by index."""
+    if not placement or "mesh" not in placement:
+        return placement
+    if placement["mesh"] not in meshes:
+        meshes.append(placement["mesh"])
+    return {**placement, "mesh": meshes.index(placement["mesh"])}
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -177,14 +207,21 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
          group=None):
     """Load the checkpoint at `path`.
 
-    Without `into`: returns the state as plain values (tensors, arrays, state dicts).
+    Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
+    sharded checkpoint that is the full, consolidated state.
     With `into` (the live state dict): restores in place, reading straight into existing
     tensor memory and calling load_state_dict() on objects; returns a RestoreReport.
     keys: only these top-level components.
+
+    In a distributed job each rank reads only what its live state holds: the blocks of its
+    DTensors' shards, found by global offsets whatever world size saved them, and its own
+    per-rank state. A rank the checkpoint did not have takes rank 0's per-rank state, which
+    RestoreReport.notes says. No collectives: ranks may load independently.
     """
     m = read_manifest(path)
-    r = dist.rank(group)
-    entry = m.ranks[r] if r < m.world_size else m.ranks[0]
+    r, world = dist.rank(group), dist.world_size(group)
+    src = r if r < m.world_size else 0
+    entry = m.ranks[src]
     tree = treecodec.decode(entry["tree"])
     aliases = entry.get("aliases", {})
     if keys is not None:
@@ -195,15 +232,27 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
             raise KeyError(f"components {unknown} are not in the checkpoint {path} "
                            f"(it has {list(tree)})")
         tree = {k: tree[k] for k in keys}
+    live = None
+    if into is not None:
+        live = partitioned.adapt({k: into[k] for k in (keys if keys is not None else into)
+                                  if k in into})
+    if partitioned.has_parts(tree):
+        tree = partitioned.merge_parts(tree, [treecodec.decode(e["tree"]) for e in m.ranks],
+                                       live)
     reader = TensorReader(Path(path), m, verify, threads)
     if into is None:
         return materialize(tree, m, reader, aliases)
-    if keys is not None:
-        into_view = {k: into[k] for k in keys if k in into}
-        report = restore_into(into_view, tree, m, reader, allow_missing, tensor_names=aliases)
-        into.update(into_view)
-        return report
-    return restore_into(into, tree, m, reader, allow_missing, tensor_names=aliases)
+    partitioned.init_states(live)
+    report = restore_into(live, tree, m, reader, allow_missing, block_of=sharding.block_of,
+                          tensor_names=aliases)
+    partitioned.write_back(into, live)
+    report.components = {k: component_kind(into[k]) for k in report.components}
+    if m.world_size != world:
+        report.notes.append(
+            f"saved by {m.world_size} rank(s), loaded on {world}: sharded and replicated "
+            "tensors were read by global offsets; per-rank state (tree, rank-local tensors) "
+            f"of rank {r} came from saved rank {src}")
+    return report
 
 
 __all__ = ["save", "load", "read_manifest", "SaveResult", "RestoreReport", "Leaf"]

@@ -1,8 +1,9 @@
 """Capture and restore every random stream a training step draws from.
 
 Python `random`, numpy's global generator, torch's CPU generator and, when CUDA is present,
-the generator of every CUDA device. States are plain bytes/ints so they live in the
-manifest's safe tree, not in data files.
+the generator of every CUDA device, or in a distributed job only that of the rank's own
+device (restored onto the rank's current device, whatever its index). States are plain
+bytes/ints so they live in the manifest's safe tree, not in data files.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 STREAMS = ("python", "numpy", "torch", "cuda")
 
 
-def capture() -> dict:
+def capture(own_device_only: bool = False) -> dict:
+    """own_device_only: store the CUDA stream of the current device only (one per rank)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
@@ -24,7 +26,12 @@ def capture() -> dict:
         "torch": torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+        if own_device_only:
+            dev = torch.cuda.current_device()
+            state["cuda_device"] = {"index": dev,
+                                    "state": torch.cuda.get_rng_state(dev).numpy().tobytes()}
+        else:
+            state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -50,6 +57,11 @@ def restore(state: dict, streams: tuple[str, ...] = STREAMS) -> list[str]:
                              f"{torch.cuda.device_count()} devices are visible")
         torch.cuda.set_rng_state_all(
             [torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in saved])
+        done.append("cuda")
+    if "cuda" in streams and "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda_device"]["state"]),
+                                                  dtype=torch.uint8),
+                                 torch.cuda.current_device())
         done.append("cuda")
     return done
 

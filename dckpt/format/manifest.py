@@ -74,11 +74,16 @@ class Shard:
 
 @dataclass
 class TensorEntry:
-    """A logical tensor. kind "torch" uses torch dtype names, "numpy" numpy dtype strings."""
+    """A logical tensor. kind "torch" uses torch dtype names, "numpy" numpy dtype strings.
+
+    placement (distributed saves): {"kind": "sharded", "mesh": i, "placements": [...]} for a
+    DTensor (mesh i of Manifest.meshes), or {"kind": "replicated" | "owned" | "local"}.
+    Which rank wrote each shard is Shard.rank."""
     dtype: str
     shape: list[int]
     shards: list[Shard]
     kind: str = "torch"
+    placement: dict | None = None
 
     @property
     def itemsize(self) -> int:
@@ -95,8 +100,11 @@ class TensorEntry:
         return sum(c.stored for s in self.shards for c in s.chunks)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype, "shape": self.shape,
-                "shards": [s.to_json() for s in self.shards]}
+        out = {"kind": self.kind, "dtype": self.dtype, "shape": self.shape,
+               "shards": [s.to_json() for s in self.shards]}
+        if self.placement is not None:
+            out["placement"] = self.placement
+        return out
 
 
 @dataclass
@@ -126,9 +134,12 @@ class Manifest:
     meta: dict = field(default_factory=dict)  # library versions, options, provenance notes
     created: float = field(default_factory=time.time)
     version: int = FORMAT_VERSION
+    # device meshes of sharded tensors: {"shape": [...], "dim_names": [...] | None,
+    # "ranks": [global ranks, row-major]}
+    meshes: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": FORMAT_NAME,
             "version": self.version,
             "hash_algorithm": HASH_ALGORITHM,
@@ -141,6 +152,9 @@ class Manifest:
             "metrics": self.metrics,
             "meta": self.meta,
         }
+        if self.meshes:
+            out["meshes"] = self.meshes
+        return out
 
     def to_bytes(self) -> bytes:
         body = self.to_dict()
@@ -232,8 +246,11 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
 
     world = c.int_(obj.get("world_size"), "world_size", 1, 1 << 20)
     files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
+    meshes = [_parse_mesh(c, x, f"meshes[{i}]")
+              for i, x in enumerate(c.type_(obj.get("meshes", []), list, "meshes"))]
     tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
-    tensors = {name: _parse_tensor(c, name, t, files, world) for name, t in tensors_obj.items()}
+    tensors = {name: _parse_tensor(c, name, t, files, world, meshes)
+               for name, t in tensors_obj.items()}
     ranks = c.type_(obj.get("ranks"), list, "ranks")
     if len(ranks) != world:
         c.fail("ranks", f"{len(ranks)} rank entries for world_size {world}")
@@ -249,7 +266,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
         counters=c.type_(obj.get("counters", {}), dict, "counters"),
         metrics=c.type_(obj.get("metrics", {}), dict, "metrics"),
         meta=c.type_(obj.get("meta", {}), dict, "meta"),
-        created=float(created), version=version)
+        created=float(created), version=version, meshes=meshes)
 
 
 def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
@@ -264,7 +281,8 @@ def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
                      c.int_(f.get("rank"), f"{where}.rank"), d)
 
 
-def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int) -> TensorEntry:
+def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
+                  meshes: list[dict]) -> TensorEntry:
     where = f"tensors[{name!r:.80}]"
     if not name or len(name) > 4096:
         c.fail(where, "empty or over-long tensor name")
@@ -300,7 +318,40 @@ def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: i
         shards.append(Shard(offsets, sshape, rank, chunks))
     if sum(math.prod(s.shape) for s in shards) != math.prod(shape) or not shards:
         c.fail(f"{where}.shards", f"shards do not tile the global shape {shape}")
-    return TensorEntry(dtype, shape, shards, kind)
+    placement = t.get("placement")
+    if placement is not None:
+        _parse_placement(c, placement, f"{where}.placement", meshes)
+    return TensorEntry(dtype, shape, shards, kind, placement)
+
+
+PLACEMENT_KINDS = ("sharded", "replicated", "owned", "local")
+
+
+def _parse_mesh(c: _Check, x: Any, where: str) -> dict:
+    c.type_(x, dict, where)
+    shape = _parse_shape(c, x.get("shape"), f"{where}.shape")
+    ranks = c.type_(x.get("ranks"), list, f"{where}.ranks")
+    if not shape or len(ranks) != math.prod(shape) or len(ranks) > 1 << 20:
+        c.fail(where, f"{len(ranks)} ranks for mesh shape {shape}")
+    for r in ranks:
+        c.int_(r, f"{where}.ranks", 0, 1 << 20)
+    names = x.get("dim_names")
+    if names is not None and (not isinstance(names, list) or len(names) != len(shape)
+                              or not all(isinstance(n, str) and len(n) < 256 for n in names)):
+        c.fail(f"{where}.dim_names", "expected one name per mesh dimension")
+    return {"shape": shape, "dim_names": names, "ranks": ranks}
+
+
+def _parse_placement(c: _Check, p: Any, where: str, meshes: list[dict]) -> None:
+    c.type_(p, dict, where)
+    if p.get("kind") not in PLACEMENT_KINDS:
+        c.fail(f"{where}.kind", f"expected one of {PLACEMENT_KINDS}")
+    if p["kind"] == "sharded":
+        mesh = c.int_(p.get("mesh"), f"{where}.mesh", 0, len(meshes) - 1)
+        pl = c.type_(p.get("placements"), list, f"{where}.placements")
+        if len(pl) != len(meshes[mesh]["shape"]) or not all(
+                isinstance(x, str) and len(x) < 256 for x in pl):
+            c.fail(f"{where}.placements", "expected one placement name per mesh dimension")
 
 
 def _parse_shape(c: _Check, v: Any, where: str) -> list[int]:

@@ -39,6 +39,7 @@ class ResumeReport:
     missing_allowed: list[str] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # world-size change, RNG not restored
 
     def summary(self) -> str:
         parts = [f"resumed step {self.step} from {self.path}"]
@@ -50,6 +51,7 @@ class ResumeReport:
         if self.missing_allowed:
             parts.append(f"NOT restored (allowed): {', '.join(self.missing_allowed)}")
         parts.append(f"{self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s")
+        parts += [f"NOTE: {n}" for n in self.notes]
         return "; ".join(parts)
 
 
@@ -134,7 +136,8 @@ class CheckpointManager:
             try:
                 result = checkpoint.save(
                     state, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
-                    rank_state={"rng": rng.capture()}, group=self.group,
+                    rank_state={"rng": rng.capture(own_device_only=dist.active(self.group))},
+                    group=self.group,
                     base=Base(self.root / base, self._versions) if base else None,
                     **self.save_options)
             except BaseException:
@@ -240,18 +243,29 @@ class CheckpointManager:
         rank_entry = m.ranks[r] if r < m.world_size else None
         rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
         wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
-        if wants_rng and not rng_state:
+        if wants_rng and not rng_state and rank_entry is not None:
             raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
                                       "allow_missing=['rng'] to resume without them"])
-        report = checkpoint.load(path, into=state, keys=keys, verify=self.verify,
-                                 threads=self.threads, allow_missing=allow_missing,
-                                 group=self.group)
+        try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
+            report, failure = checkpoint.load(
+                path, into=state, keys=keys, verify=self.verify, threads=self.threads,
+                allow_missing=allow_missing, group=self.group), None
+        except Exception as e:
+            failure = e
+        dist.raise_if_any_failed(failure, self.group, f"restore of {path}")
         streams = rng.restore(rng_state) if (restore_rng and rng_state) else []
+        notes = list(report.notes)
+        if restore_rng and rank_entry is None:
+            # A new rank has no streams of its own; copying another rank's would make two
+            # ranks draw the same numbers. It keeps the streams this process seeded.
+            notes.append(f"rank {r} did not exist in the {m.world_size}-rank checkpoint: its "
+                         "RNG streams were NOT restored (left as this process seeded them)")
+            log.warning("dckpt: %s", notes[-1])
         c = m.counters
         out = ResumeReport(step=step, path=path, epoch=c.get("epoch"),
                            step_in_epoch=c.get("step_in_epoch"), metrics=m.metrics, counters=c,
                            components=report.components, rng_streams=streams,
                            missing_allowed=report.missing_allowed, bytes=report.bytes,
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, notes=notes)
         log.info("dckpt: %s", out.summary())
         return out

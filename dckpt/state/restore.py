@@ -31,6 +31,7 @@ class RestoreReport:
     missing_allowed: list[str] = field(default_factory=list)
     tensors: int = 0
     bytes: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. a world-size change
 
 
 class _Walk:

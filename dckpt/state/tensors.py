@@ -32,6 +32,9 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def view_key(t: torch.Tensor) -> tuple | None:
     """Identity of a view: equal keys mean the very same memory seen the same way."""
+    if hasattr(t, "to_local") and hasattr(t, "placements"):  # a DTensor: by its local shard
+        key = view_key(t.to_local())
+        return None if key is None else ("dtensor", *key)
     if t.numel() == 0 or t.device.type == "meta":
         return None
     return (t.device.type, t.device.index, t.untyped_storage().data_ptr(),

@@ -1,0 +1,203 @@
+"""Who writes which tensor bytes in a collective save, and which block a rank reads back.
+
+Every tensor leaf of a rank falls in one of four classes:
+
+  sharded     a DTensor's local shard (FSDP2 parameters and optimizer states). All ranks'
+              shards form one manifest tensor under the tree name, each shard placed by its
+              global offsets. A block several ranks hold (Replicate mesh dims) is written once.
+  replicated  a plain tensor that every rank holds with the same dtype, shape and XXH3 hash
+              (DDP parameters, replicated optimizer state): written once in total.
+  owned       a plain tensor only one rank holds (a ZeRO partition's state): written by it
+              under the tree name, so any rank of any world size can find it.
+  local       anything else (per-rank buffers that differ): each rank writes its own copy as
+              "<name>@r<rank>"; the rank's tree maps its name to that via `aliases`.
+
+Blocks that several ranks hold go to the holder that has written the fewest bytes so far,
+largest first, so the write load is spread evenly. Every rank computes the same assignment
+from the same all-gathered offers, so no further communication is needed.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import io
+from .errors import UnsupportedStateError
+from .state.flatten import Flat, Leaf
+from .state.tensors import TORCH_NAMES
+
+SHARDED, REPLICATED, OWNED, LOCAL = "sharded", "replicated", "owned", "local"
+
+
+@dataclass
+class DTensorLeaf(Leaf):
+    """A DTensor's local shard; `placement` records its mesh and placements for the manifest."""
+    placement: dict = field(default_factory=dict)
+
+
+@dataclass
+class RankPlan:
+    """What one rank writes: (manifest name, leaf index) pairs, tree-name aliases, and the
+    manifest placement record of every tensor it writes."""
+    writes: list[tuple[str, int]]
+    aliases: dict[str, str]
+    placements: dict[str, dict]
+    bytes_per_rank: list[int]
+
+
+# ---- DTensors ------------------------------------------------------------------------------
+def is_dtensor(t) -> bool:
+    # DTensors exist only once torch.distributed.tensor is imported; don't import it here.
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod else None
+    return cls is not None and isinstance(t, cls)
+
+
+def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
+    """A DTensor's local tensor, its global shape, and the offsets of the local tensor in it."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    for p in t.placements:
+        if p.is_partial():
+            raise UnsupportedStateError(
+                f"DTensor at '{path}' has a Partial placement (pending reduction); "
+                "redistribute it to Shard or Replicate before saving", path)
+        if not (p.is_shard() or p.is_replicate()) or type(p).__name__ == "_StridedShard":
+            raise UnsupportedStateError(
+                f"DTensor at '{path}' has placement {p}; only Shard and Replicate are "
+                "stored by offsets", path)
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = t.to_local()
+    if list(local.shape) != list(shape):
+        raise UnsupportedStateError(
+            f"DTensor at '{path}': local tensor {list(local.shape)} is not the block "
+            f"{list(shape)} its placements describe (padded shard?)", path)
+    return local, list(t.shape), list(offsets)
+
+
+def block_of(t):
+    """restore's hook: where a live DTensor's local data sits in the global tensor."""
+    return local_block(t) if is_dtensor(t) else None
+
+
+def mesh_record(mesh) -> dict:
+    names = mesh.mesh_dim_names
+    return {"shape": list(mesh.mesh.shape), "dim_names": list(names) if names else None,
+            "ranks": [int(x) for x in mesh.mesh.flatten().tolist()]}
+
+
+def dtensor_leaf(t: torch.Tensor, name: str) -> Leaf | None:
+    """flatten's tensor_hook: describe a DTensor by its local shard; None for other tensors."""
+    if not is_dtensor(t):
+        return None
+    if t.dtype not in TORCH_NAMES:
+        raise UnsupportedStateError(f"tensor at '{name}' has unsupported dtype {t.dtype}", name)
+    local, gshape, offsets = local_block(t, name)
+    placement = {"mesh": mesh_record(t.device_mesh), "placements": [repr(p) for p in t.placements]}
+    return DTensorLeaf(name, local.detach(), gshape, offsets, placement=placement)
+
+
+# ---- planning a save -----------------------------------------------------------------------
+def contiguous_cpu(v):
+    if isinstance(v, np.ndarray):
+        return np.ascontiguousarray(v)
+    return v.detach().to("cpu").contiguous()
+
+
+def offer(flat: Flat, world: int) -> list[dict]:
+    """What this rank holds, for the all-gather that decides who writes what. Plain tensors
+    carry a hash of their bytes when distributed, so replicas can be recognized."""
+    out = []
+    for leaf in flat.leaves:
+        item = {"name": leaf.name, "dtype": leaf.dtype, "kind": "numpy" if leaf.is_numpy else "torch",
+                "shape": list(leaf.value.shape), "global": leaf.global_shape,
+                "offsets": leaf.offsets, "nbytes": leaf.nbytes, "placement": None, "digest": None}
+        if isinstance(leaf, DTensorLeaf):
+            item["placement"] = leaf.placement
+        elif world > 1:
+            leaf.value = contiguous_cpu(leaf.value)  # kept: the write reuses it
+            item["digest"] = f"{io.hash64(io.byte_view(leaf.value)):016x}"
+        out.append(item)
+    return out
+
+
+def assign(offers: list[list[dict]], me: int) -> RankPlan:
+    """Decide every rank's writes from all ranks' offers (same result on every rank).
+    Raises ValueError when the ranks' states cannot form one checkpoint."""
+    world = len(offers)
+    holders: dict[str, list[tuple[int, int, dict]]] = {}
+    for r, items in enumerate(offers):
+        for i, it in enumerate(items):
+            holders.setdefault(it["name"], []).append((r, i, it))
+
+    writes: list[list[tuple[str, int]]] = [[] for _ in range(world)]
+    aliases: list[dict[str, str]] = [{} for _ in range(world)]
+    placements: dict[str, dict] = {}
+    blocks: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []  # nbytes, name, offsets, holders
+    for name, hs in holders.items():
+        first = hs[0][2]
+        if any(h[2]["placement"] for h in hs):
+            _check_sharded(name, hs)
+            placements[name] = {"kind": SHARDED, **first["placement"]}
+            for key, who in _distinct_blocks(hs).items():
+                blocks.append((who[0][2], name, key, [(r, i) for r, i, _ in who]))
+        elif len(hs) == world and _same(hs, ("kind", "dtype", "shape", "digest")):
+            if world > 1:
+                placements[name] = {"kind": REPLICATED}
+            blocks.append((first["nbytes"], name, (), [(r, i) for r, i, _ in hs]))
+        elif len(hs) == 1:
+            placements[name] = {"kind": OWNED}
+            blocks.append((first["nbytes"], name, (), [(hs[0][0], hs[0][1])]))
+        else:
+            for r, i, it in hs:
+                local = f"{name}@r{r}"
+                writes[r].append((local, i))
+                aliases[r][name] = local
+                placements[local] = {"kind": LOCAL}
+
+    load = [sum(offers[r][i]["nbytes"] for _, i in writes[r]) for r in range(world)]
+    # Single-holder blocks first (they are fixed), then shared ones largest first, each to
+    # the least-loaded holder: the greedy longest-processing-time rule.
+    blocks.sort(key=lambda b: (len(b[3]) > 1, -b[0], b[1], b[2]))
+    for nbytes, name, _, who in blocks:
+        r, i = min(who, key=lambda h: (load[h[0]], h[0]))
+        writes[r].append((name, i))
+        load[r] += nbytes
+    mine = {n for n, _ in writes[me]}
+    return RankPlan(writes[me], aliases[me], {n: p for n, p in placements.items() if n in mine},
+                    load)
+
+
+def _same(hs, fields) -> bool:
+    return all(h[2][f] == hs[0][2][f] for h in hs for f in fields)
+
+
+def _check_sharded(name: str, hs) -> None:
+    if not all(h[2]["placement"] for h in hs):
+        raise ValueError(f"tensor '{name}' is a DTensor on some ranks and a plain tensor "
+                         "on others")
+    if not _same(hs, ("kind", "dtype", "global")):
+        raise ValueError(f"DTensor '{name}' has different dtypes or global shapes on "
+                         "different ranks")
+
+
+def _distinct_blocks(hs) -> dict[tuple, list[tuple[int, int, int]]]:
+    """(offsets, shape) -> [(rank, leaf index, nbytes)]: each block once, with its holders.
+    Empty local shards are dropped unless the whole tensor is empty."""
+    gshape = hs[0][2]["global"]
+    total = math.prod(gshape)
+    out: dict[tuple, list] = {}
+    for r, i, it in hs:
+        if math.prod(it["shape"]) == 0 and total > 0:
+            continue
+        out.setdefault((tuple(it["offsets"]), tuple(it["shape"])), []).append((r, i, it["nbytes"]))
+    if total == 0:
+        out = dict(list(out.items())[:1])
+    covered = sum(math.prod(shape) for _, shape in out)
+    if covered != total:
+        raise ValueError(f"DTensor '{hs[0][2]['name']}': the ranks' shards hold {covered} of "
+                         f"its {total} elements (overlapping or missing shards)")
+    return {k: [(r, i, n) for r, i, n in v] for k, v in out.items()}
