@@ -148,7 +148,8 @@ def write_back(orig: dict, adapted: dict) -> None:
             continue
         if isinstance(v, dict) and isinstance(orig.get(k), dict) and v is not orig[k]:
             write_back(orig[k], v)
-        elif isinstance(v, list) and isinstance(orig.get(k), list) and v is not orig[k]:
+        elif isinstance(v, list) and any(isinstance(a, ZeroState) for a in v) and \
+                isinstance(orig.get(k), list) and len(orig[k]) == len(v):
             orig[k][:] = [o if isinstance(a, ZeroState) else a for a, o in zip(v, orig[k])]
         else:
             orig[k] = v
