@@ -35,8 +35,8 @@ from typing import Callable
 import xxhash
 
 from . import commit
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError,
-                     ManifestError)
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
+                     IncompleteCheckpointError, ManifestError)
 from .format.layout import rank_file
 from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse
 
@@ -151,11 +151,12 @@ def _old_shard(m: Manifest, name: str, leaf) -> Shard | None:
     return next((s for s in t.shards if s.offsets == leaf.offsets and s.shape == shape), None)
 
 
-def _comparable(shard: Shard, chunk_size: int) -> list[Chunk]:
-    """The leading chunks of `shard` that line up with how a rewrite would cut it."""
+def _comparable(shard: Shard, chunk_size: int, links: "_Links") -> list[Chunk]:
+    """The leading chunks of `shard` that line up with how a rewrite would cut it and can
+    be linked. A prefix: the native writer compares position by position."""
     total, out = shard.raw_bytes, []
     for i, c in enumerate(shard.chunks):
-        if c.raw != min(chunk_size, total - i * chunk_size):
+        if c.raw != min(chunk_size, total - i * chunk_size) or links.get(c.file) is None:
             break
         out.append(c)
     return out
@@ -201,10 +202,9 @@ class _Links:
             return None
         return name
 
-    def drop_unused(self, used: set[int]) -> None:
-        for index, name in self.names.items():
-            if name is not None and index not in used:
-                os.unlink(self.tmp / name)
+    def drop_unused(self, used: set[str]) -> None:
+        for name in set(self.names.values()) - used - {None}:
+            os.unlink(self.tmp / name)
 
 
 def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names: list[str],
@@ -226,8 +226,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
         if versions is not None and versions.lookup(n, fps[i], shard) and \
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
-        comparable = _comparable(shard, opts.chunk_size) if shard and i not in reused else []
-        comparable = [c for c in comparable if links.get(c.file) is not None]
+        comparable = _comparable(shard, opts.chunk_size, links) if shard and i not in reused \
+            else []
         prev.append([c.raw_hash for c in comparable] if comparable else None)
 
     todo = [i for i in range(len(leaves)) if i not in reused]
@@ -236,15 +236,16 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # (record, index of its base file or None when just written) per chunk of each leaf
     picked: list[list[tuple[Chunk, int | None]]] = [[] for _ in leaves]
     for i, recs in zip(todo, written):
-        picked[i] = [(old[i].chunks[c], old[i].chunks[c].file) if r.offset == -1 else (r, None)
+        picked[i] = [(r, None) if r.offset != -1 else _unchanged(old[i], c, r, names[i])
                      for c, r in enumerate(recs)]
     for i, recs in reused.items():
         picked[i] = [(c, c.file) for c in recs]
 
     # Renumber: this rank's new file first (unless it got no chunk), then the links used.
-    used = sorted({j for p in picked for _, j in p if j is not None})
+    # Two base entries of one origin (linked by two ranks) share one link name here.
     wrote = any(j is None for p in picked for _, j in p)
-    local = {j: k + wrote for k, j in enumerate(used)}
+    used = sorted({links.names[j] for p in picked for _, j in p if j is not None})
+    local = {j: used.index(name) + wrote for j, name in links.names.items() if name in used}
     stats = dict.fromkeys(_STATS, 0)
     chunks = []
     for i, leaf in enumerate(leaves):
@@ -258,15 +259,25 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
             versions.record(names[i], fps[i], out)
         chunks.append(out)
     links.drop_unused(set(used))
+    sizes = {links.names[j]: m.files[j].size for j in local}
 
     own = FileEntry(fname, (tmp / fname).stat().st_size, rank)
     if not wrote:
         os.unlink(tmp / fname)  # nothing changed: no empty data file
     stats["new_bytes"] = own.size
-    files = [own] * wrote + [FileEntry(links.names[j], m.files[j].size, rank) for j in used]
+    files = [own] * wrote + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:
         stats["fallback"] = links.failure
     return chunks, files, stats
+
+
+def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]:
+    """The base record for chunk c, which the writer found unchanged."""
+    old = shard.chunks[c]
+    if old.raw != rec.raw or old.raw_hash != rec.raw_hash:  # the writer broke its contract
+        raise DckptError(f"tensor '{name}' chunk {c}: skipped as unchanged, but its raw "
+                         f"length/hash differ from the base's")
+    return old, old.file
 
 
 def summarize(base: Base, reports: list[dict]) -> dict:

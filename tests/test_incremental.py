@@ -168,6 +168,24 @@ def test_only_comparable_chunks_are_shared(tmp_path):
     assert own == {"w": {0}, "dtype": {1}, "shape": {1}, "grows": {0}}
 
 
+def test_damaged_base_file_is_not_shared_further(tmp_path):
+    """Chunks of a base file whose size no longer matches its manifest are written again;
+    sharing stops at the first such chunk, since chunks are compared by position."""
+    x, y, z = (torch.full((CHUNK // 4,), float(v)) for v in (1, 2, 3))
+    dckpt.save({"w": torch.cat([x, y, z])}, tmp_path / "a", chunk_size=CHUNK)
+    r = dckpt.save({"w": torch.cat([x, y + 1, z])}, tmp_path / "b", chunk_size=CHUNK,
+                   base=tmp_path / "a")
+    assert [c.file for c in r.manifest.tensors["w"].shards[0].chunks] == [1, 0, 1]
+    with open(tmp_path / "a" / "rank-00000.dckpt", "ab") as f:  # b's link: the same inode
+        f.write(b"junk")
+    # Chunk 0 of the new data equals the base's chunk 1, which lies in b's own file.
+    new = torch.cat([y + 1, y + 1, z])
+    r = dckpt.save({"w": new}, tmp_path / "c", chunk_size=CHUNK, base=tmp_path / "b")
+    meta = r.manifest.meta["incremental"]
+    assert "size differs" in meta["fallback"] and meta["referenced_chunks"] == 0
+    assert torch.equal(dckpt.load(tmp_path / "c")["w"], new)
+
+
 def test_full_every_and_full_on_demand(tmp_path):
     state = fresh()
     mgr = CheckpointManager(tmp_path, full_every=3, chunk_size=CHUNK)
