@@ -1,5 +1,15 @@
-"""Numbered checkpoints under a root: commit, retention, resume."""
-from .manager import CheckpointManager, ResumeReport
-from .retention import Retention
+"""Numbered checkpoints under a root: commit, retention, resume.
 
-__all__ = ["CheckpointManager", "ResumeReport", "Retention"]
+Imports are lazy so `Retention` (used by `dckpt ls`) loads without torch."""
+from importlib import import_module
+
+_WHERE = {"CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "retention"}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'dckpt.manager' has no attribute {name!r}")
+
+
+__all__ = list(_WHERE)

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,12 @@ class CheckpointManager:
                  compression: str | int | None = None, shuffle: bool = True,
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
-                 trust_versions: bool = False, group=None):
+                 trust_versions: bool = False, group=None, remove_staging: bool = True):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
-        since this manager saved them (unsafe if the state is written through `.data`)."""
+        since this manager saved them (unsafe if the state is written through `.data`);
+        remove_staging: clear incomplete temporaries now (off for tools that only look)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         self.root = Path(root)
@@ -81,8 +82,9 @@ class CheckpointManager:
         self.is_writer = dist.rank(group) == 0
         if self.is_writer:
             self.root.mkdir(parents=True, exist_ok=True)
-            with RootLock(self.root):
-                self._remove_staging()
+            if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
+                with RootLock(self.root):
+                    self._remove_staging()
         dist.barrier(group)
 
     # ---- what is there -------------------------------------------------------------------
@@ -139,7 +141,8 @@ class CheckpointManager:
                     rank_state={"rng": rng.capture(own_device_only=dist.active(self.group))},
                     group=self.group,
                     base=Base(self.root / base, self._versions) if base else None,
-                    **self.save_options)
+                    # Recorded so `dckpt ls` / `dckpt gc` apply the policy the run used.
+                    meta={"retention": asdict(self.retention)}, **self.save_options)
             except BaseException:
                 if self._versions is not None:
                     self._versions.discard()

@@ -1,0 +1,205 @@
+"""dckpt ls ROOT: the checkpoints under a manager root, from manifests and directory sizes.
+
+Reads no tensor data and does not import torch (unless --verify, which checks checksums).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from . import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from .output import Style, add_output_arguments, number, print_json, size, table, when
+
+SCHEMA = "dckpt.ls/1"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("root", help="a CheckpointManager root directory")
+    p.add_argument("--verify", action="store_true",
+                   help="also verify every checkpoint's checksums (reads all data)")
+    add_retention_arguments(p)
+    add_output_arguments(p, "print the listing as JSON (schema dckpt.ls/1)")
+
+
+def add_retention_arguments(p) -> None:
+    g = p.add_argument_group("retention (default: the policy recorded by the run's manager)")
+    g.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
+    g.add_argument("--keep-best", type=int, metavar="K", help="keep the best K by --metric")
+    g.add_argument("--metric", help="metric name for --keep-best")
+    g.add_argument("--mode", choices=("min", "max"), help="best is min (default) or max")
+    g.add_argument("--keep-every", type=int, metavar="K", help="keep steps divisible by K")
+
+
+def retention_from(args, recorded: dict | None):
+    """(Retention or None, where it came from). Flags win over the recorded policy."""
+    from ..manager import Retention
+    flags = {k: getattr(args, k) for k in ("keep_last", "keep_best", "metric", "mode",
+                                           "keep_every") if getattr(args, k) is not None}
+    if flags:
+        return Retention(**flags), "command line"
+    if isinstance(recorded, dict):
+        try:
+            return Retention(**recorded), "recorded by the run's manager"
+        except (TypeError, ValueError):
+            pass
+    return None, "none recorded"
+
+
+def scan(root: Path) -> dict:
+    """Every checkpoint-like entry under root, described from manifests only."""
+    from ..errors import DckptError
+    from ..format.layout import LATEST_NAME, TMP_MARK, is_staging, parse_step_dir
+    from ..format.reader import read_manifest
+    entries, metrics, recorded = [], {}, None
+    for p in sorted(root.iterdir(), key=lambda p: p.name.lstrip(".")):
+        step = parse_step_dir(p.name)
+        if step is None and is_staging(p.name):
+            base = p.name[1:].split(TMP_MARK)[0]
+            entry = {"step": parse_step_dir(base), "name": p.name, "status": (
+                "being deleted" if p.name.endswith("deleting") else "incomplete")}
+        elif step is not None and p.is_dir():
+            entry = {"step": step, "name": p.name, "status": "committed"}
+            try:
+                m = read_manifest(p)
+            except FileNotFoundError:
+                entry["status"] = "no manifest"
+            except DckptError as e:
+                entry["status"] = "bad manifest"
+                entry["problem"] = str(e)
+            else:
+                entry.update(created=m.created, metrics=m.metrics,
+                             epoch=m.counters.get("epoch"), bytes=m.total_bytes)
+                metrics[step] = m.metrics
+                recorded = m.meta.get("retention", recorded)
+        else:
+            continue
+        entry["disk_bytes"] = _du(p)
+        entries.append(entry)
+    try:
+        text = (root / LATEST_NAME).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        text = None
+    return {"entries": entries, "metrics": metrics, "recorded": recorded,
+            "latest_text": text}
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def run(args) -> int:
+    from ..format.layout import parse_step_dir
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"dckpt ls: {root} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    found = scan(root)
+    entries = found["entries"]
+    try:
+        policy, source = retention_from(args, found["recorded"])
+    except ValueError as e:
+        print(f"dckpt ls: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    reasons = policy.reasons(found["metrics"]) if policy else {}
+    committed = [e["step"] for e in entries if e["status"] == "committed"]
+    newest = max(committed, default=None)
+    pointed = parse_step_dir(found["latest_text"] or "")
+    for e in entries:
+        e["kept_by"] = reasons.get(e["step"]) if e["status"] == "committed" and policy else None
+        e["latest"] = e["status"] == "committed" and e["step"] == newest
+        e["latest_pointer"] = e["status"] == "committed" and e["step"] == pointed
+    failed = False
+    if args.verify:
+        failed = _verify_all(root, entries)
+    doc = {"schema": SCHEMA, "root": str(root), "latest": newest,
+           "latest_pointer": found["latest_text"],
+           "retention": {"policy": _policy_json(policy), "source": source},
+           "checkpoints": [_entry_json(e) for e in entries]}
+    if args.json:
+        print_json(doc)
+    else:
+        for line in render(doc, Style(args.color)):
+            print(line)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _policy_json(policy) -> dict | None:
+    if policy is None:
+        return None
+    from dataclasses import asdict
+    return asdict(policy)
+
+
+def _entry_json(e: dict) -> dict:
+    keys = ("step", "name", "status", "created", "epoch", "metrics", "bytes", "disk_bytes",
+            "kept_by", "latest", "latest_pointer", "problem")
+    return {k: e.get(k) for k in keys}
+
+
+def _verify_all(root: Path, entries: list[dict]) -> bool:
+    from ..verify import verify
+    failed = False
+    for e in entries:
+        if e["status"] != "committed":
+            continue
+        rep = verify(root / e["name"]).checkpoints[0]
+        errors = [c for c in rep.checks if c.level == "error"]
+        if errors:
+            e["status"] = "corrupt" if any(c.group in ("checksums", "files") for c in errors) \
+                else "invalid"
+            e["problem"] = errors[0].message
+            failed = True
+        else:
+            e["status"] = "verified"
+    return failed
+
+
+def render(doc: dict, style: Style) -> list[str]:
+    rows = []
+    colors = {"committed": None, "verified": "green", "incomplete": "yellow",
+              "being deleted": "dim", "corrupt": "red", "invalid": "red",
+              "no manifest": "red", "bad manifest": "red"}
+    for e in doc["checkpoints"]:
+        mets = ", ".join(f"{k} {number(v)}" for k, v in (e["metrics"] or {}).items())
+        kept = ("-" if e["kept_by"] is None
+                else ", ".join(e["kept_by"]) if e["kept_by"] else "delete at next gc")
+        status = e["status"]
+        color = colors.get(status)
+        mark = "latest" if e["latest"] else ""
+        if e["latest"] and not e["latest_pointer"]:
+            mark = "latest (pointer stale)"
+        rows.append([str(e["step"]) if e["step"] is not None else "?", when(e["created"]),
+                     size(e["disk_bytes"]), status, mets or "-", kept, mark])
+    out = [style(f"{doc['root']}", "bold") + f"  ({len(doc['checkpoints'])} entr"
+           f"{'y' if len(doc['checkpoints']) == 1 else 'ies'})"]
+    if not rows:
+        return out + ["  no checkpoints"]
+    lines = table(rows, ["step", "created", "size", "status", "metrics", "kept by",
+                         "latest"], style, right={0, 2})
+    out.append("  " + lines[0])
+    for line, e in zip(lines[1:], doc["checkpoints"]):
+        color = colors.get(e["status"])
+        out.append("  " + (style(line, color) if color else line))
+    for e in doc["checkpoints"]:
+        if e.get("problem"):
+            out.append(f"  {e['name']}: {e['problem']}")
+    pol = doc["retention"]
+    if pol["policy"]:
+        rules = ", ".join(f"{k}={v}" for k, v in pol["policy"].items()
+                          if v not in (None, 0) and k != "mode" or (k == "mode" and
+                                                                   pol["policy"]["metric"]))
+        out.append(f"  retention ({pol['source']}): {rules or 'keep all'}")
+    else:
+        out.append("  retention: none recorded (pass --keep-last etc. to see a policy's effect)")
+    if doc["latest_pointer"] is None and doc["latest"] is not None:
+        out.append("  'latest' pointer missing: resume uses the newest step; `dckpt repair` "
+                   "rewrites it")
+    return out

@@ -1,0 +1,235 @@
+"""What a checkpoint holds, read from its manifest alone: components, counters, RNG streams.
+
+Tools (verify, inspect, ls) need to tell the model from the optimizer without torch and
+without reading tensor data. A component is recognised by the type its tree was recorded
+with and, for state converted from plain dicts, by the shape of its state dict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .manifest import Manifest
+from .tree import ArrayRef, ObjectState, TensorRef, decode
+
+# The parts a training run needs to resume exactly, in report order.
+TRAINING_PARTS = ("model", "optimizer", "scheduler", "rng", "data")
+# RNG streams every process has; "cuda" exists only where CUDA was initialised.
+BASE_STREAMS = ("python", "numpy", "torch")
+# Manifest meta key set by `dckpt repair` when it adds RNG streams a legacy checkpoint lacked.
+RNG_SEEDED_NOW = "rng_seeded_now"
+
+_NUMPY_OF = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8",
+             "int32": "<i4", "int16": "<i2", "int8": "|i1", "uint8": "|u1", "bool": "|b1"}
+
+
+@dataclass
+class Component:
+    key: str
+    kind: str  # model | optimizer | scheduler | scaler | data | object | tensor | value
+    type_name: str | None  # recorded type ("torch.optim.adamw.AdamW"), None for plain dicts
+    state: Any  # the decoded state (refs in place of tensors)
+
+    @property
+    def short_type(self) -> str | None:
+        return self.type_name.rsplit(".", 1)[-1] if self.type_name else None
+
+
+@dataclass
+class RankView:
+    rank: int
+    components: list[Component]
+    rng_streams: list[str]
+    aliases: dict[str, str] = field(default_factory=dict)  # tree name -> manifest name
+
+    def of_kind(self, kind: str) -> list[Component]:
+        return [c for c in self.components if c.kind == kind]
+
+    def missing(self) -> list[str]:
+        have = {c.kind for c in self.components}
+        if self.rng_streams:
+            have.add("rng")
+        return [p for p in TRAINING_PARTS if p not in have]
+
+
+def rank_view(m: Manifest, rank: int) -> RankView:
+    """Components and RNG streams of one rank. Raises ManifestError on a malformed tree."""
+    entry = m.ranks[rank]
+    tree = decode(entry.get("tree"))
+    rng = entry.get("rng")
+    streams = sorted(rng) if isinstance(rng, dict) else []
+    aliases = entry.get("aliases") if isinstance(entry.get("aliases"), dict) else {}
+    if isinstance(tree, dict):
+        comps = [classify(str(k), v) for k, v in tree.items()]
+    else:
+        comps = [classify("state", tree)]
+    return RankView(rank, comps, streams, aliases)
+
+
+def classify(key: str, node: Any) -> Component:
+    type_name = node.type_name if isinstance(node, ObjectState) else None
+    state = node.state if isinstance(node, ObjectState) else node
+    return Component(key, _kind(key, type_name, state), type_name, state)
+
+
+def _kind(key: str, type_name: str | None, state: Any) -> str:
+    t = type_name or ""
+    if "lr_scheduler" in t or _looks_like_scheduler(state):
+        return "scheduler"
+    if t.endswith("GradScaler") or _has(state, "scale", "growth_factor", "backoff_factor"):
+        return "scaler"
+    if _has(state, "state", "param_groups"):
+        return "optimizer"
+    if t.endswith("ResumableLoader") or _looks_like_loader(state):
+        return "data"
+    if isinstance(state, dict) and state and all(
+            isinstance(v, (TensorRef, ArrayRef)) or v is None for v in state.values()) and any(
+            isinstance(v, TensorRef) for v in state.values()):
+        return "model"
+    if isinstance(state, (TensorRef, ArrayRef)):
+        return "tensor"
+    if type_name is not None:
+        return "object"
+    if key.lower() in ("data", "loader", "dataloader", "sampler") and isinstance(state, dict):
+        return "data"
+    return "value"
+
+
+def _has(state: Any, *keys: str) -> bool:
+    return isinstance(state, dict) and all(k in state for k in keys)
+
+
+def _looks_like_scheduler(state: Any) -> bool:
+    return _has(state, "last_epoch") and (_has(state, "base_lrs") or _has(state, "_step_count")
+                                           or _has(state, "min_lrs"))
+
+
+def _looks_like_loader(state: Any) -> bool:
+    # dckpt's ResumableLoader, torchdata's StatefulDataLoader.
+    return _has(state, "epoch", "batches") or _has(state, "_num_yielded") or _has(
+        state, "_sampler_iter_yielded")
+
+
+# ---- training counters ------------------------------------------------------------------
+
+def as_int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v == int(v):
+        return int(v)
+    return None
+
+
+def as_float(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+@dataclass
+class OptimizerSteps:
+    """The step count(s) an optimizer recorded for its parameters."""
+    values: list[float]  # one per parameter with state; empty: no step count kept
+    unread: list[tuple[str, str]]  # (tensor, why) for step tensors that could not be read
+
+    @property
+    def count(self) -> int | None:
+        return int(max(self.values)) if self.values else None
+
+
+def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
+    """Per-parameter `step` of an optimizer state. `read_scalar(tree_name) -> float` reads a
+    0-d tensor (torch keeps Adam's step as one since 1.12); plain numbers are used as is."""
+    per_param = opt.state.get("state") if isinstance(opt.state, dict) else None
+    out = OptimizerSteps([], [])
+    if not isinstance(per_param, dict):
+        return out
+    for entry in per_param.values():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(step, TensorRef):
+            try:
+                out.values.append(float(read_scalar(step.name)))
+            except Exception as e:  # reported, never fatal: the checksum group names damage
+                out.unread.append((step.name, str(e)))
+        elif as_float(step) is not None:
+            out.values.append(float(step))
+    return out
+
+
+def scalar_reader(ckpt, m: Manifest, aliases: dict[str, str]):
+    """read_scalar for optimizer_steps using the pure-Python reference reader (verified)."""
+    import numpy as np
+
+    from .reader import read_tensor_bytes
+
+    def read(tree_name: str) -> float:
+        name = aliases.get(tree_name, tree_name)
+        entry = m.tensors[name]
+        if len(entry.shape) > 1 or (entry.shape and entry.shape[0] != 1):
+            raise ValueError(f"shape {entry.shape} is not a scalar")
+        dtype = entry.dtype if entry.kind == "numpy" else _NUMPY_OF.get(entry.dtype)
+        if dtype is None:
+            raise ValueError(f"dtype {entry.dtype} is not a step counter type")
+        raw = read_tensor_bytes(ckpt, m, name)
+        return float(np.frombuffer(raw.tobytes(), dtype=dtype)[0])
+
+    return read
+
+
+@dataclass
+class SchedulerInfo:
+    type_name: str | None
+    last_epoch: int | None
+    step_count: int | None
+    last_lr: list[float]
+    base_lrs: list[float]
+    max_lrs: list[float]  # cyclic / one-cycle peaks, when recorded
+
+
+def scheduler_info(sched: Component) -> SchedulerInfo:
+    s = sched.state if isinstance(sched.state, dict) else {}
+
+    def floats(v) -> list[float]:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return [float(v)]
+        if isinstance(v, (list, tuple)):
+            return [float(x) for x in v if as_float(x) is not None]
+        return []
+
+    return SchedulerInfo(sched.type_name, as_int(s.get("last_epoch")),
+                         as_int(s.get("_step_count")), floats(s.get("_last_lr")),
+                         floats(s.get("base_lrs")), floats(s.get("max_lrs")))
+
+
+def optimizer_lrs(opt: Component) -> tuple[list[float], list[float], list[float]]:
+    """(lr, initial_lr, max_lr) per param group; max_lr only where a one-cycle schedule set it."""
+    groups = opt.state.get("param_groups") if isinstance(opt.state, dict) else None
+    lrs, initial, peak = [], [], []
+    for g in groups if isinstance(groups, list) else []:
+        if not isinstance(g, dict):
+            continue
+        if as_float(g.get("lr")) is not None:
+            lrs.append(float(g["lr"]))
+        if as_float(g.get("initial_lr")) is not None:
+            initial.append(float(g["initial_lr"]))
+        if as_float(g.get("max_lr")) is not None:
+            peak.append(float(g["max_lr"]))
+    return lrs, initial, peak
+
+
+def loader_position(data: Component) -> tuple[int | None, int | None]:
+    """(epoch, batches consumed in it) of a data component, when it records them."""
+    s = data.state if isinstance(data.state, dict) else {}
+    if "batches" in s:
+        return as_int(s.get("epoch")), as_int(s.get("batches"))
+    if "_num_yielded" in s:  # torchdata StatefulDataLoader
+        return None, as_int(s.get("_num_yielded"))
+    return as_int(s.get("epoch")), None
+
+
+def tensor_count(node: Any) -> int:
+    from .tree import refs
+    return len(refs(node))
