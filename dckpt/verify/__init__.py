@@ -144,8 +144,9 @@ def _check_root(root: Path, steps: list[Path], report: Report) -> None:
             add("root.latest", PASS, f"'{LATEST_NAME}' names step {pointed}, the newest", LATEST_NAME)
     temps = sorted(p.name for p in root.iterdir() if is_staging(p.name))
     if temps:
-        add("root.temporaries", WARNING, f"{len(temps)} incomplete temporar(y/ies) from "
-            f"interrupted saves ({', '.join(temps[:3])}{', ...' if len(temps) > 3 else ''}): "
+        n = len(temps)
+        add("root.temporaries", WARNING, f"{n} incomplete temporar{'y' if n == 1 else 'ies'} "
+            f"from interrupted saves ({', '.join(temps[:3])}{', ...' if len(temps) > 3 else ''}): "
             "never resumed from; `dckpt gc` or `dckpt repair` removes them")
 
 

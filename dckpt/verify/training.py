@@ -76,6 +76,9 @@ def check_metadata(ckpt: Path, m: Manifest, rep: CheckpointReport,
         if abs(expected - step) > tolerance(spe, step):
             rep.add(g, "metadata.epoch", WARNING, f"epoch {epoch} x {spe} steps + {sie} = "
                     f"{expected}, but the global step is {step}")
+    if step is None:
+        rep.add(g, "metadata.step", WARNING, "no global step recorded: the resume position "
+                "is unknown")
     rep.add(g, "metadata.position", PASS, _position_text(step, epoch, sie))
     if view is not None:
         _check_loader(view, epoch, sie, rep)
