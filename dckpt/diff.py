@@ -61,6 +61,7 @@ class DiffReport:
     unread_identical: int = 0  # of those, proven equal by hashes without reading
     tensors: list[TensorDiff] = field(default_factory=list)
     values: list[ValueDiff] = field(default_factory=list)
+    meta: list[ValueDiff] = field(default_factory=list)  # provenance: shown, not a difference
 
     @property
     def same(self) -> bool:
@@ -75,7 +76,8 @@ class DiffReport:
                             "identical_by_hash": self.unread_identical, **count,
                             "values": len(self.values)},
                 "tensors": [t.to_json() for t in self.tensors],
-                "values": [v.to_json() for v in self.values]}
+                "values": [v.to_json() for v in self.values],
+                "meta": [v.to_json() for v in self.meta]}
 
 
 def _finite(v: float | None):
@@ -220,7 +222,7 @@ def _diff_state(ma: Manifest, mb: Manifest, report: DiffReport) -> None:
               prefix + "rng", out)
     for section in ("counters", "metrics"):
         _walk(getattr(ma, section), getattr(mb, section), section, out)
-    _walk(ma.meta, mb.meta, "meta", out)
+    _walk(ma.meta, mb.meta, "meta", report.meta)
 
 
 def _join(path: str, key: Any) -> str:

@@ -77,6 +77,8 @@ def render(report, style: Style, limit: int | None) -> list[str]:
             out.append(f"  ... {len(report.values) - limit} more (--all)")
     else:
         out.append("state: no differences")
+    for v in report.meta[:limit]:
+        out.append(style(f"  (meta) {v.path}: {v.a} -> {v.b}", "dim"))
     out.append(style("identical" if report.same else "different", "bold"))
     return out
 

@@ -60,7 +60,7 @@ def rank_view(m: Manifest, rank: int) -> RankView:
     rng = entry.get("rng")
     streams = sorted(rng) if isinstance(rng, dict) else []
     aliases = entry.get("aliases") if isinstance(entry.get("aliases"), dict) else {}
-    if isinstance(tree, dict):
+    if isinstance(tree, dict) and _kind("", None, tree) != "model":
         comps = [classify(str(k), v) for k, v in tree.items()]
     else:
         comps = [classify("state", tree)]
