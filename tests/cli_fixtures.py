@@ -92,7 +92,8 @@ def copy(src: Path, dst: Path) -> Path:
 def snapshot(path: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under path (backups excluded)."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and ".dckpt-backup" not in p.parts}
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and ".dckpt-backup" not in p.relative_to(path).parts}
 
 
 def key_paths(obj, prefix: str = "") -> set[str]:

@@ -266,3 +266,14 @@ def two_rank_checkpoint(path: Path) -> Path:
     m = checkpoint._build_manifest(reports, 2, {"step": 0}, {}, {}, opts)
     commit.finish(tmp, path, m, fsync=False)
     return path
+
+
+def test_python_dash_m_dckpt_in_a_fresh_process(root):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-m", "dckpt", "verify", str(root), "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "COMPLETE"

@@ -51,8 +51,9 @@ def load(path: str | Path) -> Any:
         raise ConvertError(f"{path.name} holds Python objects that only unpickling could "
                            f"restore{what}; dckpt loads no pickle", str(path)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConvertError(f"{path.name} is not a readable torch.save file: "
-                           f"{str(e).splitlines()[0][:200]}", str(path)) from None
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ConvertError(f"{path.name} is not a readable torch.save file: {why}",
+                           str(path)) from None
 
 
 # ---- RNG states in the layouts other tools save ------------------------------------------
