@@ -116,3 +116,20 @@ def flip_byte(path: Path, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x40]))
+
+
+def _two_rank_worker(rank: int, path: str, store: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        state = {"model": {"w": torch.full((16,), float(rank))}, "step": 0}
+        dckpt.save(state, path, counters={"step": 0}, fsync=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def two_rank_checkpoint(path: Path) -> Path:
+    """A real 2-rank save over gloo: one data file per rank, tensors named @r0 / @r1."""
+    torch.multiprocessing.spawn(_two_rank_worker, args=(str(path), str(path) + ".store"),
+                                nprocs=2)
+    return path
