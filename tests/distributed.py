@@ -45,13 +45,13 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn, args, timeout: float,
-           survivors: int) -> None:
+           survivors: int, backend: str) -> None:
     import torch
     import torch.distributed as tdist
     torch.set_num_threads(1)  # N ranks share 2 cores: no oversubscription
     result: dict
     try:
-        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                  world_size=world, timeout=timedelta(seconds=timeout))
         result = {"ok": fn(rank, world, *args)}
     except BaseException as e:  # reported to the parent, which fails the test
@@ -86,8 +86,9 @@ def _leave_together(survivors: int, patience: float = 30.0) -> None:
         pass
 
 
-def run_with_ranks(n: int, fn, *args, timeout: float = 60.0, may_die: tuple[int, ...] = ()):
-    """fn(rank, world, *args) on n gloo ranks; returns each rank's value in rank order.
+def run_with_ranks(n: int, fn, *args, timeout: float = 60.0, may_die: tuple[int, ...] = (),
+                   backend: str = "gloo"):
+    """fn(rank, world, *args) on n ranks (gloo unless `backend` says otherwise); returns each rank's value in rank order.
 
     Ranks in `may_die` may exit without a result (their entry is None): for tests that kill
     a rank on purpose. Any other rank that raises, dies or outlives `timeout` fails the call.
@@ -96,7 +97,8 @@ def run_with_ranks(n: int, fn, *args, timeout: float = 60.0, may_die: tuple[int,
     with tempfile.TemporaryDirectory(prefix="dckpt-ranks-") as out:
         port = free_port()
         survivors = n - len(may_die)
-        procs = [ctx.Process(target=_entry, args=(r, n, port, out, fn, args, timeout, survivors),
+        procs = [ctx.Process(target=_entry, args=(r, n, port, out, fn, args, timeout, survivors,
+                                                   backend),
                              daemon=True) for r in range(n)]
         for p in procs:
             p.start()
