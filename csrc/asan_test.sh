@@ -19,7 +19,7 @@ mkdir -p "$work/dckpt" "$work/tests"
 cp "$repo/tests/test_native_hostile.py" "$work/tests/"
 
 echo "== building the ASan core in $work"
-(cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace >build.log 2>&1) || {
+(cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {
   cat "$work/build.log"
   exit 1
 }

@@ -92,6 +92,12 @@ class Buffer {
   Py_buffer view_;
 };
 
+py::sequence to_sequence(py::handle obj, const std::string& name) {
+  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
+    invalid_argument(name + " must be a list or tuple");
+  return py::reinterpret_borrow<py::sequence>(obj);
+}
+
 std::string to_path(py::handle obj, const std::string& name) {
   py::object fs = py::reinterpret_steal<py::object>(PyOS_FSPath(obj.ptr()));
   if (!fs) {
@@ -108,15 +114,9 @@ std::string to_path(py::handle obj, const std::string& name) {
 
 std::vector<std::string> to_paths(py::handle obj) {
   std::vector<std::string> paths;
-  for (py::handle p : py::reinterpret_borrow<py::sequence>(obj))
+  for (py::handle p : to_sequence(obj, "paths"))
     paths.push_back(to_path(p, "paths[" + std::to_string(paths.size()) + "]"));
   return paths;
-}
-
-py::sequence to_sequence(py::handle obj, const std::string& name) {
-  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
-    invalid_argument(name + " must be a list or tuple");
-  return py::reinterpret_borrow<py::sequence>(obj);
 }
 
 // An int field that may not fit: *fits turns false instead of raising, since a
@@ -182,7 +182,8 @@ std::vector<size_t> to_elem_sizes(py::handle obj, size_t expected) {
     bool fits = true;
     int64_t v = to_int64(h, &fits, "elem_sizes[" + std::to_string(sizes.size()) + "]");
     if (!fits || v < 1 || v > dckpt::kMaxChunkSize)
-      invalid_argument("elem_sizes[" + std::to_string(sizes.size()) + "] must be >= 1");
+      invalid_argument("elem_sizes[" + std::to_string(sizes.size()) + "] must be in [1, " +
+                       std::to_string(dckpt::kMaxChunkSize) + "]");
     sizes.push_back(static_cast<size_t>(v));
   }
   return sizes;
@@ -261,7 +262,7 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
 
 void read_chunks(py::handle paths_obj, py::handle dests_obj, py::handle elem_sizes_obj,
                  py::handle chunks_obj, bool verify, int threads) {
-  std::vector<std::string> paths = to_paths(to_sequence(paths_obj, "paths"));
+  std::vector<std::string> paths = to_paths(paths_obj);
   py::sequence dests = to_sequence(dests_obj, "dests");
   py::sequence chunk_lists = to_sequence(chunks_obj, "chunks");
   size_t n = py::len(dests);
@@ -288,7 +289,7 @@ void read_chunks(py::handle paths_obj, py::handle dests_obj, py::handle elem_siz
 
 py::list verify_chunks(py::handle paths_obj, py::handle chunks_obj, py::handle elem_sizes_obj,
                        bool deep, int threads) {
-  std::vector<std::string> paths = to_paths(to_sequence(paths_obj, "paths"));
+  std::vector<std::string> paths = to_paths(paths_obj);
   std::vector<ChunkRecord> records = to_records(chunks_obj, "chunks");
   std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, records.size());
   check_threads(threads);
