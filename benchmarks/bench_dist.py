@@ -36,6 +36,7 @@ SYSTEMS = ("dckpt", "dcp")
 
 def build(rank: int, world: int, mb: int):
     import torch
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from dckpt.partitioned import init_state
     width = 1024
@@ -43,9 +44,10 @@ def build(rank: int, world: int, mb: int):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
                                   for _ in range(layers)])
+    mesh = init_device_mesh("cpu", (world,))  # CPU state even where a GPU is visible
     for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     init_state(opt)
     torch.manual_seed(rank)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +60,6 @@ def is_dtensor(t) -> bool:
 
 def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
     """A DTensor's local tensor, its global shape, and the offsets of the local tensor in it."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     for p in t.placements:
         if p.is_partial():
             raise UnsupportedStateError(
@@ -69,7 +69,7 @@ def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
             raise UnsupportedStateError(
                 f"DTensor at '{path}' has placement {p}; only Shard and Replicate are "
                 "stored by offsets", path)
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    shape, offsets = _block_geometry(t.device_mesh, tuple(t.placements), tuple(t.shape))
     local = t.to_local()
     if list(local.shape) != list(shape):
         raise UnsupportedStateError(
@@ -78,15 +78,33 @@ def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
     return local, list(t.shape), list(offsets)
 
 
+# Per mesh: (placements, global shape) -> (local shape, offsets), and the manifest record of
+# the mesh. Both cost ~0.5 ms to compute and repeat for every parameter and moment.
+_geometry: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_mesh_records: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _block_geometry(mesh, placements: tuple, shape: tuple) -> tuple[list[int], list[int]]:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    known = _geometry.setdefault(mesh, {})
+    if (placements, shape) not in known:
+        local, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+        known[(placements, shape)] = (list(local), list(offsets))
+    return known[(placements, shape)]
+
+
 def block_of(t):
     """restore's hook: where a live DTensor's local data sits in the global tensor."""
     return local_block(t) if is_dtensor(t) else None
 
 
 def mesh_record(mesh) -> dict:
-    names = mesh.mesh_dim_names
-    return {"shape": list(mesh.mesh.shape), "dim_names": list(names) if names else None,
-            "ranks": [int(x) for x in mesh.mesh.flatten().tolist()]}
+    if mesh not in _mesh_records:
+        names = mesh.mesh_dim_names
+        _mesh_records[mesh] = {"shape": list(mesh.mesh.shape),
+                               "dim_names": list(names) if names else None,
+                               "ranks": [int(x) for x in mesh.mesh.flatten().tolist()]}
+    return _mesh_records[mesh]
 
 
 def dtensor_leaf(t: torch.Tensor, name: str) -> Leaf | None:

@@ -51,11 +51,13 @@ def net(init_seed):
 
 
 def fsdp_state(rank, world, init_seed=0):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))  # CPU even where a GPU is visible
     model = net(init_seed)
     for layer in (model.l1, model.l2, model.l3):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01, foreach=True)
     torch.manual_seed(1000 + rank)  # per-rank streams: dropout differs between ranks
     return {"model": model, "optimizer": opt, "data": loader(rank, world)}
