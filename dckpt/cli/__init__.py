@@ -25,6 +25,8 @@ COMMANDS = {
                                      "export weights to safetensors"),
     "gc": ("dckpt.cli.gc", "apply retention and remove incomplete temporaries"),
     "demo": ("dckpt.demo", "train with accelerate, kill, verify, resume exactly, compare"),
+    "bench": ("dckpt.bench.cli", "save/load speed, size and memory against torch.save, "
+                                 "safetensors, DCP, accelerate and the machine's limits"),
 }
 
 

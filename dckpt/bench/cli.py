@@ -1,0 +1,81 @@
+"""`dckpt bench`: dckpt against torch.save, safetensors, DCP and accelerate, with the
+machine's plain write/read limits, on the project's disk (fsync) and in /dev/shm."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from . import measure, report
+from .runner import Options, run as run_bench
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="small workloads, 2 repeats (under 2 minutes): keeps the bench working")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 2)")
+    p.add_argument("--disk-dir", type=Path, default=None,
+                   help="directory on the disk to measure (default: a temporary one in the "
+                        "current directory)")
+    p.add_argument("--shm-dir", type=Path, default=None,
+                   help="RAM-backed directory (default: a temporary one in /dev/shm)")
+    p.add_argument("--regimes", default="disk,shm", help="comma list of disk, shm")
+    p.add_argument("--workloads", default=None,
+                   help="comma list of workload names, e.g. transformer-1GB-fp32")
+    p.add_argument("--systems", default=None, help="comma list of system names")
+    p.add_argument("--no-ranks", action="store_true", help="skip the 2-rank variants")
+    cold = p.add_mutually_exclusive_group()
+    cold.add_argument("--cold", dest="cold", action="store_true", default=None,
+                      help="also load with a dropped page cache (needs root)")
+    cold.add_argument("--no-cold", dest="cold", action="store_false")
+    p.add_argument("--out", type=Path, default=Path("bench-results"),
+                   help="where results.json, chart.png and report.md go")
+    p.add_argument("--docs", type=Path, default=None,
+                   help="rewrite the '## Save and load' section of this markdown file")
+
+
+def run(args: argparse.Namespace) -> int:
+    regimes = [r for r in args.regimes.split(",") if r]
+    if not set(regimes) <= {"disk", "shm"}:
+        print("--regimes takes disk and/or shm", file=sys.stderr)
+        return 2
+    made = []
+    dirs = {}
+    for regime in regimes:
+        given = args.disk_dir if regime == "disk" else args.shm_dir
+        if given is None:
+            parent = Path.cwd() if regime == "disk" else Path("/dev/shm")
+            if not parent.is_dir():
+                print(f"skipping the {regime} regime: {parent} does not exist", file=sys.stderr)
+                continue
+            given = Path(tempfile.mkdtemp(prefix=".dckpt-bench-", dir=parent))
+            made.append(given)
+        dirs[regime] = given
+    opts = Options(dirs=dirs, quick=args.quick,
+                   repeats=args.repeats or (2 if args.quick else 3), cold=args.cold,
+                   ranks=not args.no_ranks,
+                   workloads=args.workloads.split(",") if args.workloads else None,
+                   systems=args.systems.split(",") if args.systems else None)
+    command = "python -m dckpt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if sys.argv[1:2] == ["bench"] else "python -m dckpt bench"
+    try:
+        result = run_bench(opts)
+    finally:
+        for d in made:
+            measure.remove(d)
+    result["command"] = command.strip()
+    paths = report.write_outputs(result, args.out, command.strip())
+    print(report.tables(result))
+    print()
+    print(report.goals_markdown(result["goals"]))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    if args.docs:
+        report.update_docs(args.docs, result, paths["chart"], command.strip())
+        print(f"updated {args.docs}")
+    return 0
+
+
+__all__ = ["add_arguments", "run"]

@@ -1,0 +1,107 @@
+"""`dckpt bench` keeps working: its quick mode runs every system and writes the report.
+
+No timing is asserted (speed lives in the benchmark's own output); the goals logic and the
+docs update are checked on hand-made results where the answer is known.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dckpt.bench import report
+from dckpt.bench.measure import PeakRss
+from dckpt.bench.ranks import SYSTEMS as RANK_SYSTEMS
+from dckpt.bench.systems import catalogue
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_writes_json_chart_and_docs(tmp_path):
+    out, doc = tmp_path / "out", tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Save and load\n\nold figures\n\n## Other\n\nkept\n")
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    shm_dir = Path(os.path.realpath(shm)) / f"dckpt-test-bench-{os.getpid()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dckpt", "bench", "--quick", "--repeats", "1", "--no-cold",
+             "--out", str(out), "--disk-dir", str(tmp_path / "disk"), "--shm-dir", str(shm_dir),
+             "--docs", str(doc)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["rm", "-rf", str(shm_dir)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    result = json.loads((out / "results.json").read_text())
+    for key in ("machine", "options", "systems", "workloads", "figures", "goals", "command"):
+        assert key in result
+    assert result["machine"]["cores"] >= 1 and result["machine"]["memory_bytes"] > 0
+    expected = {s.name for s in catalogue()} | set(RANK_SYSTEMS) | {"plain write"}
+    assert {w["name"] for w in result["workloads"]} == {"transformer-48MB-fp32",
+                                                       "transformer-24MB-bf16"}
+    for w in result["workloads"]:
+        assert w["tensors"] >= 100 and w["bytes"] > 0
+        assert set(w["regimes"]) == {"disk", "shm"}
+        for regime, systems in w["regimes"].items():
+            assert set(systems) == expected
+            for name, s in systems.items():
+                assert not s["errors"], (regime, name, s["errors"])
+                assert len(s["seconds"]["save"]) == 1 and len(s["seconds"]["load"]) == 1
+        figs = result["figures"][w["name"]]["shm"]
+        assert figs["dckpt"]["verify"]["median"] > 0 and figs["torch.save"]["verify"]
+        assert figs["dckpt zstd-1"]["size_bytes"] < figs["dckpt"]["size_bytes"]
+        assert figs["dckpt"]["peak_rss_save"] is not None
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert any("0.9x plain write" in g for g in goals) and any("300 MB" in g for g in goals)
+    assert all(g["met"] in (True, False, None) and g["detail"] for g in goals.values())
+
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "chart.png").stat().st_size > 20_000
+    text = doc.read_text()
+    assert "old figures" not in text and "## Other\n\nkept" in text
+    assert "### Goals" in text and "transformer-48MB-fp32" in text
+    assert (tmp_path / "bench_save_load.png").is_file()
+    assert "dckpt x" in proc.stdout
+
+
+def _result(dckpt_save: float, peer_save: float, zstd_size: int) -> dict:
+    """A minimal run: one workload of 1 GB, one regime, dckpt vs one peer."""
+    def sys_(save, size):
+        return {"seconds": {"save": [1 / save], "load": [0.5]}, "peak_rss": {"save": [10 << 20]},
+                "size_bytes": size, "errors": []}
+    return {"workloads": [{
+        "name": "transformer-1GB-fp32", "bytes": 10**9, "tensors": 300, "rank_bytes": None,
+        "memcpy_seconds": [0.1],
+        "regimes": {"shm": {"plain write": {"seconds": {"save": [1.0], "load": [0.5]},
+                                            "peak_rss": {}, "size_bytes": 10**9, "errors": []},
+                            "dckpt": sys_(dckpt_save, 10**9),
+                            "dckpt zstd-1": sys_(0.5, zstd_size),
+                            "torch.save": sys_(peer_save, 10**9)}}}]}
+
+
+@pytest.mark.parametrize("dckpt_save,peer_save,met", [(1.0, 0.8, True), (0.95, 1.2, False)])
+def test_goals_compare_with_peers_and_limits(dckpt_save, peer_save, met):
+    goals = {g["goal"]: g for g in report.goals(_result(dckpt_save, peer_save, 8 * 10**8))}
+    faster = next(g for k, g in goals.items() if "save faster than every peer" in k)
+    assert faster["met"] is met
+    limit = next(g for k, g in goals.items() if "save >= 0.9x plain write" in k)
+    assert limit["met"] is True  # 1.0 and 0.95 of the plain write's 1.0 GB/s
+    size = next(g for k, g in goals.items() if "size <= 0.85x" in k)
+    assert size["met"] is True  # 0.8 of raw
+
+
+def test_goal_not_met_when_compression_does_not_pay():
+    goals = report.goals(_result(1.0, 0.5, 9 * 10**8))
+    size = next(g for g in goals if "size <= 0.85x" in g["goal"])
+    assert size["met"] is False
+
+
+def test_peak_rss_sees_a_transient_allocation():
+    with PeakRss() as peak:
+        block = bytearray(64 << 20)
+        block[::4096] = b"\x01" * len(block[::4096])
+        del block
+    assert peak.extra >= 60 << 20
