@@ -55,15 +55,16 @@ class WriteOptions:
 
 
 def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A flat uint8 numpy view of a contiguous CPU tensor/array, sharing its memory."""
+    """A uint8 numpy view of a contiguous CPU tensor/array, sharing its memory (flat for
+    arrays; a tensor's keeps its leading dimensions, which the native core ignores)."""
     if isinstance(value, np.ndarray):
         assert value.flags.c_contiguous
         return value.reshape(-1).view(np.uint8)
     assert value.device.type == "cpu" and value.is_contiguous()
-    flat = value.detach().reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-    return flat.numpy()
+    if value.dim() == 0 or not value.numel():  # view(dtype) needs a dimension and data
+        value = value.reshape(-1) if value.numel() else torch.empty(0, dtype=torch.uint8)
+    # The native side takes any C-contiguous buffer, so the N-d uint8 view needs no reshape.
+    return (value if value.dtype == torch.uint8 else value.detach().view(torch.uint8)).numpy()
 
 
 def elem_size(value: torch.Tensor | np.ndarray) -> int:

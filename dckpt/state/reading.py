@@ -38,7 +38,6 @@ class TensorReader:
     def request(self, name: str, dest, offsets: list[int] | None = None) -> None:
         """Fill `dest` (tensor or ndarray) with the block of tensor `name` at `offsets`."""
         entry = self.m.tensors[name]
-        offsets = offsets or [0] * len(entry.shape)
         if isinstance(dest, np.ndarray):
             if dest.dtype.str != entry.dtype or list(dest.shape) != entry.shape:
                 raise StateMismatchError([f"{name}: array {dest.dtype.str}{list(dest.shape)} "
@@ -47,6 +46,13 @@ class TensorReader:
             return
         if dtype_name(dest.dtype) != entry.dtype:
             raise StateMismatchError([f"{name}: dtype {dest.dtype} vs stored {entry.dtype}"])
+        shards = entry.shards
+        if (offsets is None and len(shards) == 1 and dest.is_contiguous()
+                and dest.device.type == "cpu" and list(dest.shape) == shards[0].shape):
+            # The common case (a whole tensor stored in one piece): no block arithmetic.
+            self._add(name, dest, entry.itemsize, shards[0].chunks)
+            return
+        offsets = offsets or [0] * len(entry.shape)
         target = dest
         if dest.device.type != "cpu" or not dest.is_contiguous():
             target = torch.empty(dest.shape, dtype=dest.dtype, pin_memory=dest.is_cuda)
@@ -106,11 +112,9 @@ class TensorReader:
         self._names.append(name)
 
     def run(self) -> None:
-        used = sorted({c.file for cs in self._chunks for c in cs})
-        remap = {f: i for i, f in enumerate(used)}
-        chunks = [[type(c)(remap[c.file], *c.as_native()[1:]) for c in cs] for cs in self._chunks]
-        io.read_into([self.paths[f] for f in used], self._dests, self._sizes, chunks,
-                     self._names, verify=self.verify, threads=self.threads)
+        # Every path goes along: the native reader opens only the files a chunk refers to.
+        io.read_into(self.paths, self._dests, self._sizes, self._chunks, self._names,
+                     verify=self.verify, threads=self.threads)
         for fn in self._after:
             fn()
         self._dests, self._sizes, self._chunks, self._names, self._after = [], [], [], [], []
