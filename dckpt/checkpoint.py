@@ -134,7 +134,7 @@ def _exchange(value, failure: Exception | None, phase: str, tmp: Path, target: P
 
 def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOptions,
                 r: int, base: incremental.Base | None) -> dict:
-    """Write the tensors the plan gives this rank into its data file; returns its part of
+    """Write the tensors the plan gives this rank into its data file(s); returns its part of
     the manifest."""
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
@@ -144,9 +144,11 @@ def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOp
         chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
                                                       sharding.contiguous_cpu)
     elif leaves:
-        chunks = io.write_file(str(tmp / fname),
-                               [sharding.contiguous_cpu(x.value) for x in leaves], opts)
-        files = [FileEntry(fname, (tmp / fname).stat().st_size, r)]
+        values = [sharding.contiguous_cpu(x.value) for x in leaves]
+        parts = io.part_count(sum(v.nbytes for v in values), opts)
+        fnames = [rank_file(r, p) for p in range(parts)]
+        chunks = io.write_files([str(tmp / n) for n in fnames], values, opts)
+        files = [FileEntry(n, (tmp / n).stat().st_size, r) for n in fnames]
     tensors = {}
     for leaf, name, cs in zip(leaves, names, chunks):
         tensors[name] = {

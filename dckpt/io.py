@@ -6,6 +6,7 @@ native errors onto the typed error tree, naming the tensor each failing chunk be
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,15 +75,89 @@ def elem_size(value: torch.Tensor | np.ndarray) -> int:
 def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
                prev_hashes: list | None = None) -> list[list[Chunk]]:
     """Write contiguous CPU tensors/arrays to one file; returns their chunk records."""
-    views = [byte_view(v) for v in values]
+    return _write_views(path, [byte_view(v) for v in values], [elem_size(v) for v in values],
+                        opts, file_index, prev_hashes)
+
+
+def _write_views(path: str, views: list, sizes: list[int], opts: WriteOptions,
+                 file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
     try:
         records = _native.write_chunks(
-            path, views, [elem_size(v) for v in values], chunk_size=opts.chunk_size,
-            codec=opts.codec, level=opts.level, threads=opts.threads, fsync=opts.fsync,
-            file_index=file_index, prev_hashes=prev_hashes)
+            path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
+            threads=opts.threads, fsync=opts.fsync, file_index=file_index,
+            prev_hashes=prev_hashes)
     except _native.ChunkError as e:
         raise StorageError(f"writing {path} failed: {e}", path) from None
     return [[Chunk(*r) for r in rs] for rs in records]
+
+
+# Below this much data per file a rank writes one file: another would cost an open and an
+# fsync for little gain.
+MIN_PART_BYTES = 16 << 20
+
+
+def part_count(nbytes: int, opts: WriteOptions) -> int:
+    """How many files one rank's data goes into: one per writer thread. Writers to one file
+    take turns on its inode lock in the kernel (tmpfs and ext4 buffered writes), writers to
+    separate files copy in parallel: on 2 cores about 2x on /dev/shm, 1.2x on ext4 + fsync."""
+    threads = opts.threads or default_threads()
+    return int(max(1, min(threads, nbytes // MIN_PART_BYTES)))
+
+
+def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list[Chunk]]:
+    """Write contiguous CPU tensors/arrays across `paths`, one native writer per file, all
+    running at once. Values are cut on their chunk grid so the files get equal shares; each
+    value's records (file = index into paths) come back in order, as from one file."""
+    if len(paths) == 1:
+        return write_file(paths[0], values, opts)
+    views = [byte_view(v).reshape(-1) for v in values]
+    sizes = [elem_size(v) for v in values]
+    plan = _split([v.nbytes for v in views], len(paths), opts.chunk_size)
+    each = WriteOptions(opts.compression, opts.shuffle, opts.chunk_size,
+                        max(1, (opts.threads or default_threads()) // len(paths)), opts.fsync)
+    results: list = [None] * len(paths)
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            results[i] = _write_views(paths[i], [views[v][a:z] for v, a, z in plan[i]],
+                                      [sizes[v] for v, _, _ in plan[i]], each, i)
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    helpers = [threading.Thread(target=write, args=(i,)) for i in range(1, len(paths))]
+    for t in helpers:
+        t.start()
+    write(0)
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
+    out: list[list[Chunk]] = [[] for _ in values]
+    for pieces, records in zip(plan, results):
+        for (v, _, _), rs in zip(pieces, records):
+            out[v].extend(rs)
+    return out
+
+
+def _split(lengths: list[int], parts: int, chunk: int) -> list[list[tuple[int, int, int]]]:
+    """Per file, the (value, start, stop) byte ranges it holds: the concatenated values cut
+    into `parts` nearly equal runs, each cut moved up to the value's next chunk boundary."""
+    total = sum(lengths)
+    bounds = [total * k // parts for k in range(1, parts)]
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    base = 0
+    for v, length in enumerate(lengths):
+        cuts = [0]
+        for b in bounds:
+            c = min(length, max(0, -(-(b - base) // chunk) * chunk))
+            cuts.append(max(cuts[-1], c))
+        cuts.append(length)
+        for f in range(parts):
+            if cuts[f + 1] > cuts[f]:
+                plan[f].append((v, cuts[f], cuts[f + 1]))
+        base += length
+    return plan
 
 
 def read_into(paths: list[str], dests: list, elem_sizes: list[int], chunks: list[list[Chunk]],
@@ -130,5 +205,6 @@ def _map_error(e, names: list[str], chunks: list[list[Chunk]]) -> DckptError:
     return StorageError(msg, path)
 
 
-__all__ = ["WriteOptions", "write_file", "read_into", "verify_chunks", "hash64",
+__all__ = ["WriteOptions", "write_file", "write_files", "part_count", "read_into",
+           "verify_chunks", "hash64",
            "byte_view", "elem_size", "default_threads", "CODEC_ZSTD"]
