@@ -57,19 +57,11 @@ class Dckpt(System):
 
 
 def verify_dckpt(path: Path) -> None:
-    """Check every stored chunk's hash without loading tensors (what `dckpt verify` does)."""
-    from dckpt import io
-    from dckpt.checkpoint import read_manifest
-    from dckpt.state.reading import file_paths
-    m = read_manifest(path)
-    chunks, sizes = [], []
-    for entry in m.tensors.values():
-        for shard in entry.shards:
-            chunks.extend(shard.chunks)
-            sizes.extend([entry.itemsize] * len(shard.chunks))
-    bad = io.verify_chunks(file_paths(Path(path), m), chunks, sizes)
-    if bad:
-        raise RuntimeError(f"{path}: {len(bad)} chunks failed verification: {bad[0]}")
+    """What `dckpt verify` does: every stored chunk's hash, without loading tensors."""
+    from dckpt.verify import verify
+    report = verify(path)
+    if not report.ok:
+        raise RuntimeError(f"{path}: verification failed ({report.status})")
 
 
 class TorchSave(System):
