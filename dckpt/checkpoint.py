@@ -52,6 +52,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
     t0 = time.perf_counter()
+    threads = dist.threads_per_rank(threads, io.default_threads())
     opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
     target = Path(path)
     base = incremental.Base.of(base)
@@ -241,7 +242,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     if partitioned.has_parts(tree):
         tree = partitioned.merge_parts(tree, [treecodec.decode(e["tree"]) for e in m.ranks],
                                        live)
-    reader = TensorReader(Path(path), m, verify, threads)
+    reader = TensorReader(Path(path), m, verify,
+                          dist.threads_per_rank(threads, io.default_threads()))
     if into is None:
         return materialize(tree, m, reader, aliases)
     partitioned.init_states(live)

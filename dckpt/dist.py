@@ -128,3 +128,20 @@ def raise_if_any_failed(failure: BaseException | None, group=None, what: str = "
     bad = [(r, e) for r, e in enumerate(errors) if e]
     if bad:
         raise DistributedError(f"{what}: rank {bad[0][0]} failed: {bad[0][1]}", bad[0][0])
+
+
+def local_world_size() -> int:
+    """Ranks sharing this machine, as launchers (torchrun) announce it; 1 when unknown."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def threads_per_rank(threads: int, all_cores: int) -> int:
+    """`threads`, or for 0 (= all cores) this rank's share of the cores when several ranks
+    share the machine: N ranks with a pool of every core each would oversubscribe it N-fold."""
+    if threads:
+        return threads
+    local = local_world_size()
+    return 0 if local <= 1 else max(1, all_cores // local)

@@ -49,6 +49,8 @@ def _entry(rank: int, world: int, port: int, out: str, fn, args, timeout: float,
     import torch
     import torch.distributed as tdist
     torch.set_num_threads(1)  # N ranks share 2 cores: no oversubscription
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))  # what torchrun announces
     result: dict
     try:
         tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
