@@ -13,6 +13,7 @@ _LAZY = {
     "save": "checkpoint", "load": "checkpoint", "read_manifest": "checkpoint",
     "SaveResult": "checkpoint",
     "CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "manager",
+    "AsyncOptions": "manager", "SaveHandle": "manager",
     "seed_everything": "rng",
 }
 _MODULES = {"rng": "rng", "data": "data"}

@@ -11,7 +11,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +35,26 @@ class SaveResult:
     manifest: Manifest = field(repr=False)
 
 
+@dataclass
+class Snapshot:
+    """A state reduced to what a save writes. The tree and per-rank extras are encoded (a
+    copy: later changes to the live objects do not reach them); the leaves alias the live
+    tensors unless they were staged (dckpt.state.staging) for a background write."""
+    flat: Flat
+    tree: Any
+    rank_state: Any
+
+    @property
+    def leaves(self) -> list[Leaf]:
+        return self.flat.leaves
+
+
+def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
+    """Flatten `state` (calling state_dict() on objects) and encode its non-tensor part."""
+    flat = flatten(partitioned.adapt(state), tensor_hook=sharding.dtensor_leaf)
+    return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
+
+
 def save(state: Any, path: str | os.PathLike, *, compression: str | int | None = None,
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
@@ -51,6 +71,20 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     Distributed (see dckpt/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
+    return write(lambda: snapshot(state, rank_state), path, compression=compression,
+                 shuffle=shuffle, chunk_size=chunk_size, threads=threads, fsync=fsync,
+                 overwrite=overwrite, counters=counters, metrics=metrics, meta=meta, base=base,
+                 group=group)
+
+
+def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
+          compression: str | int | None = None, shuffle: bool = True,
+          chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
+          overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
+          meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
+          group=None) -> SaveResult:
+    """Write and commit a snapshot (or what a callable returns, taken inside the first
+    phase so that its failure aborts every rank); collective over `group` like save()."""
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
     opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
@@ -73,18 +107,16 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     # plan gives this rank and report its records. Each phase ends in an exchange that
     # also carries failures, so a rank that raises makes every rank abort, none hangs.
     try:
-        flat = flatten(partitioned.adapt(state), tensor_hook=sharding.dtensor_leaf)
-        encoded = treecodec.encode(flat.tree)
-        rank_extra = treecodec.encode(rank_state or {})
-        offers, failure = sharding.offer(flat, world), None
+        snap = snap() if callable(snap) else snap
+        offers, failure = sharding.offer(snap.flat, world), None
     except Exception as e:
         offers, failure = None, e
     offers = _exchange(offers, failure, "plan", tmp, target, group)
     try:
         plan = sharding.assign(offers, r)
-        report, failure = _write_rank(tmp, flat, plan, opts, r, base), None
-        report["tree"] = encoded
-        report["extra"] = rank_extra
+        report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None
+        report["tree"] = snap.tree
+        report["extra"] = snap.rank_state
     except Exception as e:
         report, failure = None, e
     reports = _exchange(report, failure, "write", tmp, target, group)
@@ -259,4 +291,5 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     return report
 
 
-__all__ = ["save", "load", "read_manifest", "SaveResult", "RestoreReport", "Leaf"]
+__all__ = ["save", "load", "read_manifest", "snapshot", "write", "Snapshot", "SaveResult",
+           "RestoreReport", "Leaf"]

@@ -96,3 +96,13 @@ class StorageError(DckptError):
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class AsyncSaveError(DckptError):
+    """A background save failed (nothing of it was committed) or did not finish.
+
+    `steps` names the saves concerned; `__cause__` is the first underlying error."""
+
+    def __init__(self, message: str, steps: list[int]):
+        super().__init__(message)
+        self.steps = steps

@@ -3,7 +3,8 @@
 Imports are lazy so `Retention` (used by `dckpt ls`) loads without torch."""
 from importlib import import_module
 
-_WHERE = {"CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "retention"}
+_WHERE = {"CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "retention",
+          "AsyncOptions": "async_save", "SaveHandle": "async_save"}
 
 
 def __getattr__(name: str):

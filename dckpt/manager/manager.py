@@ -20,6 +20,7 @@ from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
+from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from .retention import Retention
 
@@ -62,17 +63,21 @@ class CheckpointManager:
                  compression: str | int | None = None, shuffle: bool = True,
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
-                 trust_versions: bool = False, group=None, remove_staging: bool = True):
+                 trust_versions: bool = False, group=None, remove_staging: bool = True,
+                 async_save: bool | AsyncOptions = False):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
-        since this manager saved them (unsafe if the state is written through `.data`);
-        remove_staging: clear incomplete temporaries now (off for tools that only look)."""
+        since this manager saved them (unsafe if the state is written through `.data`; no
+        effect with async saves, which write from staging copies);
+        remove_staging: clear incomplete temporaries now (off for tools that only look);
+        async_save: True or AsyncOptions(...) makes save() take a snapshot and return a
+        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         self.root = Path(root)
         self.incremental, self.full_every = incremental, full_every
-        self._versions = VersionCache() if trust_versions else None
+        self._versions = VersionCache() if trust_versions and not async_save else None
         self.retention = retention or Retention(keep_last, keep_best, metric, mode, keep_every)
         self.save_options = {"compression": compression, "shuffle": shuffle, "threads": threads,
                              "fsync": fsync}
@@ -85,6 +90,11 @@ class CheckpointManager:
             if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
                 with RootLock(self.root):
                     self._remove_staging()
+        self._saver = None
+        if async_save:
+            opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
+            self._commit_group = commit_group(group)
+            self._saver = AsyncSaver(opts, group)
         dist.barrier(group)
 
     # ---- what is there -------------------------------------------------------------------
@@ -122,27 +132,42 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
              loss_history: list[float] | None = None, counters: dict | None = None,
-             overwrite: bool = False, full: bool = False) -> checkpoint.SaveResult:
+             overwrite: bool = False, full: bool = False) -> checkpoint.SaveResult | SaveHandle:
         """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention.
-        full: write every chunk even when the manager saves incrementally."""
+        full: write every chunk even when the manager saves incrementally.
+
+        Synchronous: returns the SaveResult once committed. Async: returns a SaveHandle once
+        the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
         metrics = dict(metrics or {})
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
-        ctr["best"] = self._best_with(step, metrics)
+        rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
+        if self._saver is not None:
+            return self._saver.submit(
+                step, state, rank_state,
+                lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
+                                           self._commit_group, self._saver.options.threads))
+        return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
+                             metrics, overwrite, full, self.group, self.threads)
+
+    def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
+                 group, threads: int) -> checkpoint.SaveResult:
+        """Write and commit `snap` (see checkpoint.write), apply retention, then move
+        `latest`. Collective over `group`: the training group, or the async worker's own."""
+        ctr = {**ctr, "best": self._best_with(step, metrics)}
         lock = RootLock(self.root).acquire() if self.is_writer else None
         try:
             base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
-                                       self.group)
+                                       group)
             try:
-                result = checkpoint.save(
-                    state, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
-                    rank_state={"rng": rng.capture(own_device_only=dist.active(self.group))},
-                    group=self.group,
-                    base=Base(self.root / base, self._versions) if base else None,
+                result = checkpoint.write(
+                    snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
+                    group=group, base=Base(self.root / base, self._versions) if base else None,
                     # Recorded so `dckpt ls` / `dckpt gc` apply the policy the run used.
-                    meta={"retention": asdict(self.retention)}, **self.save_options)
+                    meta={"retention": asdict(self.retention)},
+                    **{**self.save_options, "threads": threads})
             except BaseException:
                 if self._versions is not None:
                     self._versions.discard()
@@ -150,15 +175,41 @@ class CheckpointManager:
             if self._versions is not None:
                 self._versions.commit()
             if self.is_writer:
-                self._write_latest(step)
                 self._apply_retention()
+                self._write_latest(step)
         finally:
             if lock:
                 lock.release()
-        dist.barrier(self.group)
+        dist.barrier(group)
         log.info("dckpt: saved step %d (%.1f MB) in %.2f s", step, result.bytes / 1e6,
                  result.seconds)
         return result
+
+    # ---- async service -------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for pending async saves (True when none is left); raises their failures."""
+        return self._saver.wait(timeout) if self._saver is not None else True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish pending async saves and stop the worker; raises failures and, after
+        `timeout`, unfinished saves (AsyncSaveError)."""
+        if self._saver is not None:
+            self._saver.close(timeout)
+
+    def prepare(self, state: Any) -> int:
+        """Allocate the async staging buffers for `state` now; returns their bytes."""
+        return self._saver.prepare(state) if self._saver is not None else 0
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for async snapshots (at most max_in_flight x state size)."""
+        return self._saver.pool.nbytes if self._saver is not None else 0
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _base_name(self, full: bool) -> str | None:
         """The committed checkpoint the next save shares unchanged chunks with, if any."""
@@ -216,6 +267,7 @@ class CheckpointManager:
 
     def gc(self, dry_run: bool = False) -> dict:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
+        self.wait()  # the async worker holds the root lock while it commits
         with RootLock(self.root):
             staging = [p for p in self.root.iterdir() if is_staging(p.name)]
             doomed = [s for s, why in self.retention_plan().items() if not why]
@@ -236,6 +288,7 @@ class CheckpointManager:
                 restore_rng: bool = True) -> ResumeReport:
         """Restore `state` in place from `step` (default: latest committed)."""
         t0 = time.perf_counter()
+        self.wait()
         if step is None:
             step = self.latest_step()
             if step is None:

@@ -1,0 +1,200 @@
+"""How long an async save holds training, against the saves that hold it all the way.
+
+    python benchmarks/bench_async.py [--gb 1.07] [--rounds 2] [--dir /tmp] [--quick]
+
+One run, on one model + AdamW state (parameters --gb, plus two moments: ~3x that in all):
+  - durable torch.save: torch.save to a file, then fsync (what a careful user does);
+  - synchronous dckpt save (CheckpointManager.save, fsync'd, committed);
+  - async save, snapshot="immediate": time inside save() (the copy into warm staging);
+  - async save, snapshot="deferred": time inside save() plus the wait of the next
+    optimizer.step() for the background copy;
+  - training step time with no save in flight, and while each kind of async save is
+    writing in the background (the steps taken until the save is committed).
+Systems are interleaved and repeated `--rounds` times; medians are reported.
+Targets (issue 7): blocked <= 10% of the durable torch.save (stretch, deferred: <= 2%),
+steps slowed <= 20% while a save runs in the background.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dckpt  # noqa: E402
+from dckpt.manager.async_save import AsyncOptions  # noqa: E402
+
+WIDTH = 4096
+
+
+def build(gb: float, batch: int):
+    torch.manual_seed(0)
+    layers = max(1, round(gb * 1e9 / (WIDTH * WIDTH * 4)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, WIDTH)
+    state = {"model": model, "optimizer": opt}
+    step(state, x)  # the moments exist from here on
+    return state, x
+
+
+def step(state, x) -> None:
+    model, opt = state["model"], state["optimizer"]
+    loss = model(x).square().mean()
+    opt.zero_grad(set_to_none=False)
+    loss.backward()
+    opt.step()
+
+
+def state_bytes(state) -> int:
+    return sum(leaf.nbytes for leaf in dckpt.checkpoint.snapshot(state).leaves)
+
+
+def timed_steps(state, x, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step(state, x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def torch_save_durable(state, path: Path) -> float:
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save({k: v.state_dict() for k, v in state.items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    took = time.perf_counter() - t0
+    path.unlink()
+    return took
+
+
+def sync_save(mgr, n: int, state) -> float:
+    t0 = time.perf_counter()
+    mgr.save(n, state)
+    return time.perf_counter() - t0
+
+
+def async_save_under_training(mgr, n: int, state, x, max_steps: int) -> dict:
+    """save(), then train until the save is committed: blocked time, step times, total."""
+    t0 = time.perf_counter()
+    h = mgr.save(n, state)
+    inside = time.perf_counter() - t0
+    steps = []
+    while not h.done() and len(steps) < max_steps:
+        s0 = time.perf_counter()
+        step(state, x)
+        steps.append(time.perf_counter() - s0)
+    h.result()
+    # The first step of a deferred save includes its wait for the copy: counted as
+    # blocked time (h.blocked_seconds), not as step slowdown.
+    first_wait = h.blocked_seconds - inside
+    if steps:
+        steps[0] -= first_wait
+    return {"blocked": h.blocked_seconds, "inside": inside, "steps": steps,
+            "total": time.perf_counter() - t0, "staging": h.staging_bytes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=1.07, help="parameter gigabytes")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="baseline steps per round")
+    ap.add_argument("--max-steps", type=int, default=40)
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--quick", action="store_true", help="a 0.1 GB model, one round")
+    a = ap.parse_args()
+    if a.quick:
+        a.gb, a.rounds, a.steps = 0.1, 1, 2
+    work = Path(tempfile.mkdtemp(prefix="bench_async_", dir=a.dir))
+    try:
+        return run(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(a, work: Path) -> int:
+    state, x = build(a.gb, a.batch)
+    nbytes = state_bytes(state)
+    print(f"# state: {nbytes / 1e9:.2f} GB ({a.gb:.2f} GB parameters + AdamW moments), "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, dir {work}")
+    sync = dckpt.CheckpointManager(work / "sync", keep_last=1)
+    imm = dckpt.CheckpointManager(work / "imm", keep_last=1, async_save=True)
+    dfr = dckpt.CheckpointManager(work / "dfr", keep_last=1,
+                                  async_save=AsyncOptions(snapshot="deferred"))
+    t0 = time.perf_counter()
+    first = imm.save(1, state)  # unprepared: allocates (and faults in) the staging arena
+    first.result()
+    print(f"first async save (allocates staging): blocked {first.blocked_seconds:.3f} s; "
+          f"staging {imm.staging_bytes / 1e9:.2f} GB")
+    t0 = time.perf_counter()
+    dfr.prepare(state)
+    print(f"prepare() of the deferred manager's staging: {time.perf_counter() - t0:.3f} s")
+
+    r = {k: [] for k in ("torch", "sync", "imm", "dfr", "base", "imm_steps", "dfr_steps",
+                         "imm_total", "dfr_total", "imm_n", "dfr_n")}
+    n = 2
+    for rnd in range(a.rounds):
+        r["base"] += timed_steps(state, x, a.steps)
+        r["torch"].append(torch_save_durable(state, work / "torch.pt"))
+        r["sync"].append(sync_save(sync, n, state))
+        for key, mgr in (("imm", imm), ("dfr", dfr)):
+            res = async_save_under_training(mgr, n, state, x, a.max_steps)
+            r[key].append(res["blocked"])
+            r[f"{key}_steps"] += res["steps"]
+            r[f"{key}_total"].append(res["total"])
+            r[f"{key}_n"].append(len(res["steps"]))
+        n += 1
+        print(f"round {rnd}: torch.save+fsync {r['torch'][-1]:.2f} s, dckpt sync "
+              f"{r['sync'][-1]:.2f} s, async blocked {r['imm'][-1]:.3f} s (committed after "
+              f"{r['imm_total'][-1]:.1f} s, {r['imm_n'][-1]} steps), deferred blocked "
+              f"{r['dfr'][-1]:.3f} s (committed after {r['dfr_total'][-1]:.1f} s, "
+              f"{r['dfr_n'][-1]} steps)")
+    r["base"] += timed_steps(state, x, a.steps)
+    for mgr in (sync, imm, dfr):
+        mgr.close()
+
+    med = {k: statistics.median(v) if v else float("nan") for k, v in r.items()}
+    ts = med["torch"]
+    gbs = nbytes / 1e9
+    print()
+    print(f"| what ({gbs:.2f} GB state) | seconds | vs durable torch.save |")
+    print("|---|---|---|")
+    print(f"| durable torch.save (+fsync) | {ts:.2f} | 1.00 |")
+    print(f"| dckpt sync save (fsync, committed) | {med['sync']:.2f} | {med['sync'] / ts:.2f} |")
+    print(f"| async save, immediate: blocked | {med['imm']:.3f} | {med['imm'] / ts:.3f} |")
+    print(f"| async save, deferred: blocked | {med['dfr']:.3f} | {med['dfr'] / ts:.3f} |")
+    print()
+    base = med["base"]
+    print("| training step | median s | slowdown |")
+    print("|---|---|---|")
+    print(f"| no save in flight | {base:.3f} | - |")
+    for key, name in (("imm", "immediate"), ("dfr", "deferred")):
+        print(f"| {name} save in flight ({sum(r[key + '_n'])} steps) | {med[key + '_steps']:.3f} "
+              f"| {med[key + '_steps'] / base - 1:+.1%} |")
+    print()
+    ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+    print(f"blocked <= 10% of durable torch.save: {ok(med['imm'] <= 0.10 * ts)} (immediate "
+          f"{med['imm'] / ts:.1%}), stretch <= 2%: {ok(med['dfr'] <= 0.02 * ts)} (deferred "
+          f"{med['dfr'] / ts:.1%}); steps slowed <= 20%: "
+          f"{ok(max(med['imm_steps'], med['dfr_steps']) <= 1.2 * base)}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+          f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
