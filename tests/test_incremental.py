@@ -49,7 +49,7 @@ def fresh(seed: int = 0) -> dict:
 
 def train(state: dict, steps: int = 1) -> None:
     for _ in range(steps):
-        x = torch.randn(16, 256)
+        x = torch.randn(16, state["model"].lora_a.shape[0])
         state["model"](x).pow(2).mean().backward()
         state["optim"].step()
         state["optim"].zero_grad()
@@ -422,3 +422,76 @@ def test_gc_reports_only_bytes_it_frees(tmp_path, run):
     # Step 1's data file holds the base model that step 4 still uses: not freed.
     assert plan["removed_steps"] == [1, 2, 3] and plan["freed_bytes"] < own / 10
     assert Base(root / "step-000000004").depth == 3
+
+
+# ---- distributed: each rank deduplicates the shards it writes ---------------------------
+
+class ShardedLora(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(),
+                                        torch.nn.Linear(512, 64))
+        self.base.requires_grad_(False)
+        self.lora_a = torch.nn.Parameter(torch.randn(64, 4) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(4, 64) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a @ self.lora_b
+
+
+def fsdp_lora(seed: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(seed)  # the same on every rank: FSDP2 shards identical copies
+    model = ShardedLora()
+    fully_shard(model.base)
+    fully_shard(model)
+    return {"model": model, "optim": torch.optim.AdamW([model.lora_a, model.lora_b])}
+
+
+def local_bytes(state: dict) -> dict:
+    out = {f"model/{k}": v for k, v in state["model"].state_dict().items()}
+    for i, st in state["optim"].state_dict()["state"].items():
+        out.update({f"optim/{i}/{k}": v for k, v in st.items()})
+    return {k: as_bytes(v.to_local() if hasattr(v, "to_local") else v) for k, v in out.items()}
+
+
+def rank_lora_run(rank, world, root):
+    state = fsdp_lora(0)
+    mgr = CheckpointManager(root, keep_last=2, chunk_size=8192)
+    torch.manual_seed(100 + rank)  # each rank its own data
+    own, links = [], []
+    for step in (1, 2, 3):
+        train(state)
+        mgr.save(step, state)
+        d = mgr.path(step)
+        own.append((d / f"rank-{rank:05d}.dckpt").stat().st_size)
+        links.append(sorted(p.name for p in d.iterdir() if p.name.startswith(f"ref-r{rank}-")))
+    saved = local_bytes(state)
+    dckpt.save(state, root + "-full", fsync=False)
+    fresh = fsdp_lora(7)
+    train(fresh)  # moments exist, with other values
+    mgr.restore(fresh)
+    return {"own": own, "links": links, "restored": local_bytes(fresh) == saved}
+
+
+def test_each_rank_deduplicates_its_own_shards(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed import run_with_ranks
+    res = run_with_ranks(2, rank_lora_run, str(tmp_path / "run"), timeout=120)
+    root = tmp_path / "run"
+    assert CheckpointManager(root).steps() == [2, 3]  # step 1, which wrote the base, is gone
+    m = dckpt.read_manifest(root / "step-000000003")
+    meta = m.meta["incremental"]
+    frozen = sum(t.nbytes for n, t in m.tensors.items() if n.startswith("model/base."))
+    assert meta["referenced_bytes"] == frozen and meta["new_bytes"] == m.stored_bytes - frozen
+    for r, out in enumerate(res):
+        assert out["restored"], r
+        # Rank r's own file holds only its trainable part; the base shards it wrote at
+        # step 1 are reached through its own link to its own step-1 file.
+        trainable = sum(c.stored for n, t in m.tensors.items() if not n.startswith("model/base.")
+                        for s in t.shards if s.rank == r for c in s.chunks)
+        assert out["own"][1] == out["own"][2] == trainable < out["own"][0] / 10
+        assert out["links"][2] == [f"ref-r{r}-step-000000001-rank-{r:05d}.dckpt"]
+    # A load on one process (resharding 2 -> 1) gives what the full save holds.
+    inc, full = dckpt.load(root / "step-000000003"), dckpt.load(tmp_path / "run-full")
+    assert {k: as_bytes(v) for k, v in inc.items()} == {k: as_bytes(v) for k, v in full.items()}
