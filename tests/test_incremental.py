@@ -239,6 +239,35 @@ def test_consolidate_exports_a_standalone_copy(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export2")]
 
 
+def test_cli_verify_inspect_convert_an_incremental_checkpoint(tmp_path, run):
+    import contextlib
+    import io as stdio
+    import json
+    from dckpt.cli import main
+
+    def cli(*argv):
+        out = stdio.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(stdio.StringIO()):
+            code = main([str(a) for a in argv])
+        return code, out.getvalue()
+
+    root, snaps, _ = run
+    step = root / "step-000000004"
+    assert cli("verify", root, "--deep", "--no-progress")[0] == 0
+    code, out = cli("inspect", step, "--json")
+    meta = json.loads(out)["meta"]["incremental"]
+    assert code == 0 and meta["base"] == "step-000000003" and meta["referenced_bytes"] > 0
+    assert "shared by hard link with step-000000003" in cli("inspect", step)[1]
+    code, out = cli("convert", step, tmp_path / "alone", "--json")
+    assert code == 0 and json.loads(out)["standalone"]
+    assert sorted(p.name for p in (tmp_path / "alone").iterdir()) == ["manifest.json",
+                                                                      "rank-00000.dckpt"]
+    assert cli("verify", tmp_path / "alone", "--deep", "--no-progress")[0] == 0
+    back = dckpt.load(tmp_path / "alone")
+    assert {k: as_bytes(v) for k, v in back.items()} == snaps[4]
+    assert cli("convert", step, tmp_path / "alone")[0] == 2  # exists
+
+
 def test_links_across_file_systems_fall_back_to_writing(tmp_path):
     other = Path("/dev/shm")
     if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:

@@ -1,5 +1,6 @@
 """dckpt convert SRC DST: import torch.save / safetensors / accelerate / HF Trainer checkpoints
-into dckpt, or export a dckpt checkpoint's model weights to a .safetensors file."""
+into dckpt, export a dckpt checkpoint's model weights to a .safetensors file, or copy a dckpt
+checkpoint (incremental ones included) into a standalone directory."""
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("src", help="source: a .pt/.pth/.bin file, a .safetensors file, an "
                                "accelerate save_state folder, an HF Trainer checkpoint-N "
                                "folder, or a dckpt checkpoint (to export)")
-    p.add_argument("dst", help="a new dckpt checkpoint directory, or a .safetensors file when "
-                               "exporting")
+    p.add_argument("dst", help="a new dckpt checkpoint directory (from a dckpt checkpoint: a "
+                               "standalone copy without shared chunks), or a .safetensors "
+                               "file when exporting")
     p.add_argument("--from", dest="source", choices=SOURCES, default="auto",
                    help="source kind (default: detected)")
     p.add_argument("--component", help="export: the component to write (default: the model)")
@@ -25,6 +27,30 @@ def add_arguments(p) -> None:
     add_output_arguments(p, "print the result as JSON (schema dckpt.convert/1)")
 
 
+def _standalone(src: Path, dst: Path, args) -> int:
+    """A dckpt checkpoint (incremental or not) copied into a self-contained directory that
+    holds only the chunks its manifest uses (dckpt.incremental.consolidate)."""
+    from ..errors import CheckpointExistsError, DckptError
+    from ..incremental import consolidate
+    try:
+        m = consolidate(src, dst, overwrite=args.overwrite)
+    except CheckpointExistsError as e:
+        print(f"dckpt convert: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DckptError as e:
+        print(f"dckpt convert: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    doc = {"schema": "dckpt.convert/1", "source": "dckpt", "src": str(src), "dst": str(dst),
+           "standalone": True, "tensors": len(m.tensors), "bytes": m.total_bytes,
+           "stored_bytes": sum(f.size for f in m.files)}
+    if args.json:
+        print_json(doc)
+    else:
+        print(f"wrote a standalone copy of {src}: {doc['tensors']} tensors, "
+              f"{size(doc['stored_bytes'])} stored -> {dst}")
+    return EXIT_OK
+
+
 def run(args) -> int:
     from ..convert import ConvertError, convert, export_safetensors
     from ..convert.sources import detect
@@ -32,11 +58,9 @@ def run(args) -> int:
     style = Style(args.color)
     try:
         kind = detect(src) if args.source == "auto" else args.source
+        if kind == "dckpt" and dst.suffix != ".safetensors":
+            return _standalone(src, dst, args)
         if kind == "dckpt":
-            if dst.suffix != ".safetensors":
-                print("dckpt convert: exporting a dckpt checkpoint needs a DST ending in "
-                      ".safetensors", file=sys.stderr)
-                return EXIT_USAGE
             out = export_safetensors(src, dst, component=args.component,
                                      overwrite=args.overwrite)
             doc = {"schema": "dckpt.convert/1", "source": "dckpt", "src": str(src),

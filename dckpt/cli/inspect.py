@@ -115,6 +115,20 @@ def describe(path: Path, m) -> dict:
     }
 
 
+def _incremental(d: dict) -> str:
+    """New vs shared bytes of an incremental checkpoint (docs/FORMAT.md)."""
+    try:
+        line = (f"incremental: {size(int(d['new_bytes']))} written, "
+                f"{size(int(d['referenced_bytes']))} shared by hard link with "
+                f"{d.get('base')} ({int(d['referenced_chunks'])} chunk(s)); "
+                f"{int(d.get('depth', 0))} save(s) since a full one")
+    except (KeyError, TypeError, ValueError):
+        return f"incremental: {_short(d, 100)}"
+    if d.get("fallback"):
+        line += f"; not shared: {_short(d['fallback'], 80)}"
+    return line
+
+
 def _codec(code: int) -> str:
     from ..format.manifest import CODEC_NAMES
     return CODEC_NAMES.get(code, str(code))
@@ -156,6 +170,9 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
                 f"{v['chunk_size'] / (1 << 20):g} MiB" if "chunk_size" in v else "")
         out.append(f"  written by {libs}{opts}")
     for key, value in doc["meta"].items():
+        if key == "incremental" and isinstance(value, dict):
+            out.append("  " + _incremental(value))
+            continue
         out.append(f"  {key}: {_short(value, 100)}")
     c = doc["counters"]
     if c:
