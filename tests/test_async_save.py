@@ -56,7 +56,7 @@ def stored(path) -> dict[str, bytes]:
 
 def live(state) -> dict[str, bytes]:
     return {leaf.name: io.byte_view(leaf.value if isinstance(leaf.value, np.ndarray)
-                                    else leaf.value.contiguous()).tobytes()
+                                    else leaf.value.detach().cpu().contiguous()).tobytes()
             for leaf in checkpoint.snapshot(state).leaves}
 
 
