@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from .output import Style, add_output_arguments, print_json, size
+from .output import Style, add_output_arguments, plural, print_json, size
 
 
 def add_arguments(p) -> None:
@@ -102,7 +102,7 @@ def run(args) -> int:
     if result.counters:
         shown = {k: v for k, v in result.counters.items() if k != "loss_history"}
         if "loss_history" in result.counters:
-            shown["loss_history"] = f"{len(result.counters['loss_history'])} values"
+            shown["loss_history"] = plural(len(result.counters["loss_history"]), "value")
         print("  counters: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     for note in result.notes:
         print(f"  note: {note}")

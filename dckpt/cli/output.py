@@ -48,6 +48,15 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def counts(summary: dict) -> str:
+    return (f"{summary['passed']} passed, {plural(summary['warnings'], 'warning')}, "
+            f"{plural(summary['errors'], 'error')}")
+
+
 def number(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from .output import Progress, Style, add_output_arguments, print_json
+from .output import Progress, Style, add_output_arguments, counts, print_json
 
 TAGS = {"pass": (" ok ", "green"), "warning": ("warn", "yellow"), "error": ("FAIL", "red")}
 STATUS_STYLE = {"COMPLETE": "green", "PARTIAL": "yellow", "INCOMPLETE": "red"}
@@ -58,9 +58,9 @@ def render(report, style: Style, verbose: bool = False) -> list[str]:
         s = summarize(ck.checks)
         head = Path(ck.path).name if report.kind == "root" else "result"
         status = style(ck.status, STATUS_STYLE[ck.status], "bold")
-        counts = f"{s['passed']} passed, {s['warnings']} warnings, {s['errors']} errors"
+        tally = counts(s)
         if brief:
-            out.append(f"{style(head, 'bold')}  {status}  {counts}")
+            out.append(f"{style(head, 'bold')}  {status}  {tally}")
             out += [_line(c, style, "  ") for c in _capped(
                 [c for c in ck.checks if c.level != "pass"], verbose)]
             continue
@@ -72,13 +72,12 @@ def render(report, style: Style, verbose: bool = False) -> list[str]:
                 out.append(f"  {title}")
                 out += [_line(c, style, "    ") for c in _capped(checks, verbose)]
         if report.kind == "root":
-            out.append(f"  {status}  {counts}")
+            out.append(f"  {status}  {tally}")
     s = summarize(report.all_checks())
-    counts = f"{s['passed']} passed, {s['warnings']} warnings, {s['errors']} errors"
     status = style(report.status, STATUS_STYLE[report.status], "bold")
     which = f" (step {report.latest}, the one a resume uses)" if report.kind == "root" else ""
     out.append("")
-    out.append(f"{status}{which}: {counts}")
+    out.append(f"{status}{which}: {counts(s)}")
     if report.ok:
         verdict = style("VERIFICATION PASSED", "green", "bold")
         tail = {"COMPLETE": "ready for an exact resume",
