@@ -1,6 +1,7 @@
 """dckpt verify PATH: the checks of dckpt.verify, as a report for people or for scripts."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -31,7 +32,7 @@ def run(args) -> int:
         report = verify(Path(args.path), deep=args.deep, strict=args.strict,
                         threads=args.threads, progress=progress)
     except CheckpointNotFoundError as e:
-        print(f"dckpt verify: {e}", file=__import__("sys").stderr)
+        print(f"dckpt verify: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         progress.close()

@@ -134,6 +134,7 @@ class OptimizerSteps:
     """The step count(s) an optimizer recorded for its parameters."""
     values: list[float]  # one per parameter with state; empty: no step count kept
     unread: list[tuple[str, str]]  # (tensor, why) for step tensors that could not be read
+    skipped: int = 0  # step tensors the caller chose not to read
 
     @property
     def count(self) -> int | None:
@@ -141,8 +142,9 @@ class OptimizerSteps:
 
 
 def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
-    """Per-parameter `step` of an optimizer state. `read_scalar(tree_name) -> float` reads a
-    0-d tensor (torch keeps Adam's step as one since 1.12); plain numbers are used as is."""
+    """Per-parameter `step` of an optimizer state. `read_scalar(tree_name) -> float | None`
+    reads a 0-d tensor (torch keeps Adam's step as one since 1.12; None skips it); plain
+    numbers are used as is."""
     per_param = opt.state.get("state") if isinstance(opt.state, dict) else None
     out = OptimizerSteps([], [])
     if not isinstance(per_param, dict):
@@ -151,9 +153,14 @@ def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
         step = entry.get("step") if isinstance(entry, dict) else None
         if isinstance(step, TensorRef):
             try:
-                out.values.append(float(read_scalar(step.name)))
+                value = read_scalar(step.name)
             except Exception as e:  # reported, never fatal: the checksum group names damage
                 out.unread.append((step.name, str(e)))
+                continue
+            if value is None:
+                out.skipped += 1
+            else:
+                out.values.append(float(value))
         elif as_float(step) is not None:
             out.values.append(float(step))
     return out

@@ -49,7 +49,7 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
-           threads: int = 0, checksums: bool = True, progress: Progress | None = None) -> Report:
+           threads: int = 0, progress: Progress | None = None) -> Report:
     """Verify a checkpoint directory or a manager root. Raises CheckpointNotFoundError when
     `path` is neither; every problem inside one is a check in the report."""
     path = Path(path)
@@ -76,7 +76,7 @@ def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
 
     for ckpt, rep, m in parsed:
         if m is not None:
-            _check_parsed(ckpt, m, rep, deep, threads, checksums, advance)
+            _check_parsed(ckpt, m, rep, deep, threads, advance)
     return report
 
 
@@ -89,10 +89,9 @@ def verify_checkpoint(path: str | os.PathLike, **kwargs) -> CheckpointReport:
 
 
 def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, threads: int,
-                  checksums: bool, advance) -> None:
+                  advance) -> None:
     usable = integrity.check_files(ckpt, m, rep)
-    if checksums:
-        integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance)
+    integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance)
     views = []
     try:
         views = [anatomy.rank_view(m, r) for r in range(m.world_size)]
@@ -100,7 +99,11 @@ def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, th
         rep.add("structure", "structure.tree", ERROR, f"state tree: {e}")
     training.check_metadata(ckpt, m, rep, views[0] if views else None)
     if views:
-        training.check_training(ckpt, m, rep, views[0])
+        # Tensors already reported damaged or lost are not read again for their step counts.
+        damaged = {c.location.tensor for c in rep.checks if c.level == ERROR and c.location}
+        damaged |= {n for n, t in m.tensors.items()
+                    if any(c.file not in usable for s in t.shards for c in s.chunks)}
+        training.check_training(ckpt, m, rep, views[0], damaged)
         training.check_completeness(m, views, rep)
 
 
@@ -146,7 +149,7 @@ def _check_root(root: Path, steps: list[Path], report: Report) -> None:
     if temps:
         n = len(temps)
         add("root.temporaries", WARNING, f"{n} incomplete temporar{'y' if n == 1 else 'ies'} "
-            f"from interrupted saves ({', '.join(temps[:3])}{', ...' if len(temps) > 3 else ''}): "
+            f"from interrupted (or still running) saves ({', '.join(temps[:3])}{', ...' if len(temps) > 3 else ''}): "
             "never resumed from; `dckpt gc` or `dckpt repair` removes them")
 
 

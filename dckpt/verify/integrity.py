@@ -171,7 +171,7 @@ def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointRe
     rep.stats["bytes_checked"] = checked_bytes
     rep.stats["seconds"] = round(seconds, 6)
     what = "stored and raw hashes (decoded)" if deep else "stored-bytes hashes"
-    if not bad:
+    if not bad and items:
         rate = f", {checked_bytes / seconds / 1e9:.2f} GB/s" if seconds > 0.05 else ""
         note = f"; {skipped} chunk(s) in missing or empty files not checked" if skipped else ""
         rep.add(g, "checksums.chunk", PASS, f"{len(items)} chunk(s), {_size(checked_bytes)}: "

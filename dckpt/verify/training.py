@@ -143,13 +143,19 @@ def _check_losses(history, rep: CheckpointReport) -> None:
 
 # ---- training-state consistency -----------------------------------------------------------
 
-def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankView) -> None:
+def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankView,
+                   damaged: set[str] = frozenset()) -> None:
+    """`damaged`: tensors the integrity checks reported; their step counts are not read."""
     g = "training"
     c = m.counters
     step = as_int(c.get("step"))
     opts, scheds = view.of_kind("optimizer"), view.of_kind("scheduler")
     opt_steps = None
-    read = anatomy.scalar_reader(ckpt, m, view.aliases)
+    reader = anatomy.scalar_reader(ckpt, m, view.aliases)
+
+    def read(name: str) -> float | None:
+        return None if view.aliases.get(name, name) in damaged else reader(name)
+
     for opt in opts:
         steps = anatomy.optimizer_steps(opt, read)
         for tensor, why in steps.unread[:3]:
@@ -157,7 +163,7 @@ def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankVie
                     f"optimizer '{opt.key}': cannot read step count '{tensor}': {why}",
                     Location(tensor=view.aliases.get(tensor, tensor)))
         if steps.count is None:
-            if not steps.unread:
+            if not steps.unread and not steps.skipped:
                 rep.add(g, "training.optimizer_steps", PASS,
                         f"optimizer '{opt.key}' ({opt.short_type or 'state dict'}) keeps no "
                         "step count (nothing to compare)")
