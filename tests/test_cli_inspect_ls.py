@@ -108,3 +108,25 @@ def test_inspect_and_ls_run_without_torch(root):
     out = subprocess.run([sys.executable, "-c", code, "verify", str(root)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0  # verify needs the native core for checksums
+
+
+def test_components_are_recognised_from_the_tree_alone():
+    from dckpt.format.anatomy import classify
+    from dckpt.format.tree import ObjectState, TensorRef
+    t = TensorRef
+    cases = {
+        "model": ObjectState("user.Net", {"w": t("m/w"), "b": t("m/b"), "_extra_state": b"x"}),
+        "weights": {"w": t("w/w")},  # a converted plain state dict
+        "optimizer": {"state": {0: {"step": t("o/0/step")}}, "param_groups": [{"lr": 0.1}]},
+        "sched": ObjectState("torch.optim.lr_scheduler.OneCycleLR", {"last_epoch": 3}),
+        "plateau": {"last_epoch": 2, "min_lrs": [0.0], "best": 1.0},
+        "scaler": {"scale": 2.0, "growth_factor": 2.0, "backoff_factor": 0.5},
+        "loader": ObjectState("dckpt.data.ResumableLoader", {"epoch": 1, "batches": 2}),
+        "stateful": {"_num_yielded": 5, "_sampler_iter_yielded": 5},
+        "thing": ObjectState("user.Thing", {"n": 1}),
+        "lr": 0.1,
+    }
+    kinds = {k: classify(k, v).kind for k, v in cases.items()}
+    assert kinds == {"model": "model", "weights": "model", "optimizer": "optimizer",
+                     "sched": "scheduler", "plateau": "scheduler", "scaler": "scaler",
+                     "loader": "data", "stateful": "data", "thing": "object", "lr": "value"}

@@ -82,6 +82,8 @@ def test_root_verifies_every_step(root):
     assert code == 0 and doc["kind"] == "root" and doc["latest"] == 10
     assert [c["step"] for c in doc["checkpoints"]] == [5, 10]
     assert {c["id"] for c in doc["checks"]} == {"root.steps", "root.latest"}
+    code, doc = run_json("verify", root, "--latest")
+    assert code == 0 and [c["step"] for c in doc["checkpoints"]] == [10]
 
 
 def test_corrupted_chunk_names_file_tensor_chunk_and_offset(ckpt):

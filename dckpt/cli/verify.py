@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--deep", action="store_true",
                    help="also decompress every chunk and check its raw hash (slower)")
     p.add_argument("--strict", action="store_true", help="warnings fail verification too")
+    p.add_argument("--latest", action="store_true",
+                   help="for a root: only the step a resume would use (and the root itself)")
     p.add_argument("--threads", type=int, default=0, help="reader threads (0: all cores)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every check (for roots: of every step) and every bad chunk")
@@ -30,7 +32,7 @@ def run(args) -> int:
     progress = Progress("verifying", enabled=not args.no_progress)
     try:
         report = verify(Path(args.path), deep=args.deep, strict=args.strict,
-                        threads=args.threads, progress=progress)
+                        threads=args.threads, latest_only=args.latest, progress=progress)
     except CheckpointNotFoundError as e:
         print(f"dckpt verify: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -83,9 +83,7 @@ def _kind(key: str, type_name: str | None, state: Any) -> str:
         return "optimizer"
     if t.endswith("ResumableLoader") or _looks_like_loader(state):
         return "data"
-    if isinstance(state, dict) and state and all(
-            isinstance(v, (TensorRef, ArrayRef)) or v is None for v in state.values()) and any(
-            isinstance(v, TensorRef) for v in state.values()):
+    if _looks_like_weights(state):
         return "model"
     if isinstance(state, (TensorRef, ArrayRef)):
         return "tensor"
@@ -103,6 +101,15 @@ def _has(state: Any, *keys: str) -> bool:
 def _looks_like_scheduler(state: Any) -> bool:
     return _has(state, "last_epoch") and (_has(state, "base_lrs") or _has(state, "_step_count")
                                            or _has(state, "min_lrs"))
+
+
+def _looks_like_weights(state: Any) -> bool:
+    """A flat state dict of tensors (a module's); a few extra entries (`_extra_state`) allowed."""
+    if not isinstance(state, dict) or not state:
+        return False
+    tensors = sum(isinstance(v, TensorRef) for v in state.values())
+    nested = any(isinstance(v, (dict, list, ObjectState)) for v in state.values())
+    return tensors > 0 and not nested and tensors * 2 >= len(state)
 
 
 def _looks_like_loader(state: Any) -> bool:

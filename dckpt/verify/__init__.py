@@ -49,9 +49,11 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
-           threads: int = 0, progress: Progress | None = None) -> Report:
-    """Verify a checkpoint directory or a manager root. Raises CheckpointNotFoundError when
-    `path` is neither; every problem inside one is a check in the report."""
+           threads: int = 0, latest_only: bool = False,
+           progress: Progress | None = None) -> Report:
+    """Verify a checkpoint directory or a manager root (every step; with latest_only, the
+    one a resume would use). Raises CheckpointNotFoundError when `path` is neither; every
+    problem inside one is a check in the report."""
     path = Path(path)
     kind = classify_path(path)
     report = Report(str(path), kind, deep, strict)
@@ -60,6 +62,8 @@ def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
     else:
         targets = step_dirs(path)
         _check_root(path, targets, report)
+        if latest_only:
+            targets = [p for p in targets if parse_step_dir(p.name) == report.latest]
     parsed = []
     for ckpt in targets:
         rep = CheckpointReport(str(ckpt), parse_step_dir(ckpt.name))
