@@ -106,3 +106,12 @@ class AsyncSaveError(DckptError):
     def __init__(self, message: str, steps: list[int]):
         super().__init__(message)
         self.steps = steps
+
+
+class UnsafePickleError(DckptError):
+    """A foreign file (e.g. accelerate's .bin/.pkl) can only be read by unpickling, which runs
+    code from the file. Refused unless the caller opts in for files it trusts."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path

@@ -1,0 +1,353 @@
+"""dckpt for Hugging Face accelerate: keep the accelerate loop, get dckpt checkpoints.
+
+    accelerator = DckptAccelerator(...)      # instead of Accelerator(...); or install(accelerator)
+    accelerator.save_state()                 # same arguments and semantics as accelerate's
+    accelerator.load_state()
+
+What is saved: every prepared model, optimizer and scheduler, the position of every prepared
+data loader (exact, mid-epoch), the GradScaler, objects given to register_for_checkpointing,
+accelerator.step, and each process's RNG streams, collectively from every process.
+
+accelerate's conventions hold: an explicit output_dir, or with
+ProjectConfiguration(automatic_checkpoint_naming=True) numbered checkpoints under
+project_dir/checkpoints kept to total_limit (here by a CheckpointManager: the oldest ones are
+removed only after the new one is committed); load_state() without a directory loads the
+newest committed one; save/load pre-hooks are called as accelerate calls them; invalid
+registrations raise accelerate's errors. A folder written by accelerate's own save_state is
+read too (see accelerate_folder.py), so a run moves to dckpt by changing one line.
+
+DeepSpeed, Megatron-LM and XLA keep their own checkpoint engines: there accelerate's own
+save_state/load_state run unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import MethodType
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from .. import checkpoint, commit, dist, rng
+from ..errors import CheckpointNotFoundError, StateMismatchError
+from ..format import tree as treecodec
+from ..format.layout import staging_dir
+from ..format.manifest import MANIFEST_NAME
+from ..manager import CheckpointManager, ResumeReport
+from . import accelerate_folder
+from .loader_position import LoaderState, track_position
+
+log = logging.getLogger("dckpt")
+
+_OWN_ENGINES = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
+CHECKPOINTS = "checkpoints"  # accelerate's sub-directory of project_dir for automatic naming
+
+
+# ---- the state of an Accelerator as checkpoint components --------------------------------
+class ModelWeights:
+    """A model's weights as a component. Saving: the (hook-filtered) state dict accelerate
+    would write. Loading: reads into the live parameters, then model.load_state_dict."""
+
+    def __init__(self, model, weights: dict | None = None, **load_kwargs):
+        self.model, self.weights, self.load_kwargs = model, weights, load_kwargs
+
+    def state_dict(self) -> dict:
+        return self.weights if self.weights is not None else self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state, **self.load_kwargs)
+
+
+class AcceleratorCounters:
+    """accelerator.step (the gradient-accumulation step accelerate restores on load)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+
+    def state_dict(self) -> dict:
+        return {"step": int(self.accelerator.step)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accelerator.step = int(state["step"])
+
+
+def _name(kind: str, i: int) -> str:
+    return kind if i == 0 else f"{kind}_{i}"
+
+
+def _model_for_state(accelerator: Accelerator, model):
+    # Sharded engines keep their wrapper (its state dict holds the shards); otherwise the bare
+    # module, so the keys do not depend on DDP or torch.compile and a checkpoint loads on any
+    # number of processes.
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return model
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
+def components(accelerator: Accelerator, models: list | None = None,
+               weights: list[dict] | None = None, load_kwargs: dict | None = None) -> dict:
+    """The checkpoint state of `accelerator`, in load order (the scaler before optimizers,
+    as FSDP2 needs). models/weights: what remains after save/load pre-hooks."""
+    models = list(accelerator._models) if models is None else models
+    state: dict = {"accelerator": AcceleratorCounters(accelerator)}
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler
+    for i, model in enumerate(models):
+        w = weights[i] if weights is not None else None
+        state[_name("model", i)] = ModelWeights(_model_for_state(accelerator, model), w,
+                                                **(load_kwargs or {}))
+    if weights is not None:  # a save hook may have left more weights than models
+        for i in range(len(models), len(weights)):
+            state[_name("model", i)] = ModelWeights(None, weights[i])
+    for i, opt in enumerate(accelerator._optimizers):
+        state[_name("optimizer", i)] = opt
+    for i, sched in enumerate(accelerator._schedulers):
+        state[_name("scheduler", i)] = sched
+    for i, loader in enumerate(accelerator._dataloaders):
+        state[_name("dataloader", i)] = LoaderState(loader)
+    for i, obj in enumerate(accelerator._custom_objects):
+        state[f"custom_{i}"] = obj
+    return state
+
+
+# ---- save ----------------------------------------------------------------------------------
+def options(accelerator: Accelerator) -> dict:
+    """dckpt's save/load options of this accelerator (compression, threads, fsync, verify)."""
+    return getattr(accelerator, "_dckpt_options", None) or {}
+
+
+def manager(accelerator: Accelerator) -> CheckpointManager:
+    """The CheckpointManager behind automatic checkpoint naming: project_dir/checkpoints, one
+    checkpoint per save iteration, keep_last = total_limit. Collective on first use."""
+    pc = accelerator.project_configuration
+    root = Path(accelerator.project_dir) / CHECKPOINTS
+    key = (str(root), pc.total_limit)
+    cached = getattr(accelerator, "_dckpt_manager", None)
+    if cached is None or cached[0] != key:
+        opts = {k: v for k, v in options(accelerator).items()
+                if k in ("compression", "shuffle", "chunk_size", "threads", "fsync", "verify")}
+        cached = (key, CheckpointManager(root, keep_last=pc.total_limit, **opts))
+        accelerator._dckpt_manager = cached
+    return cached[1]
+
+
+def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = None,
+               safe_serialization: bool = True, **save_model_func_kwargs) -> Path:
+    """accelerate's Accelerator.save_state, written by dckpt. Returns the checkpoint path.
+
+    safe_serialization is accepted for compatibility: dckpt never pickles."""
+    if accelerator.distributed_type in _OWN_ENGINES:
+        return Accelerator.save_state(accelerator, output_dir, safe_serialization,
+                                      **save_model_func_kwargs)
+    pc = accelerator.project_configuration
+    mgr = None
+    if pc.automatic_checkpoint_naming:
+        mgr = manager(accelerator)
+        target = mgr.path(accelerator.save_iteration)
+        if target.exists():
+            raise ValueError(
+                f"Checkpoint directory {target} ({accelerator.save_iteration}) already exists. "
+                "Please manually override `self.save_iteration` with what iteration to start "
+                "with.")
+        accelerator.wait_for_everyone()
+    elif output_dir is None:
+        raise ValueError("save_state needs an output_dir unless the Accelerator has "
+                         "ProjectConfiguration(automatic_checkpoint_naming=True)")
+    else:
+        target = Path(os.path.expanduser(output_dir))
+
+    weights = [_model_for_state(accelerator, m).state_dict() for m in accelerator._models]
+    if accelerator._save_model_state_pre_hook:
+        if accelerator.is_main_process:
+            target.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        for hook in accelerator._save_model_state_pre_hook.values():
+            hook(accelerator._models, weights, str(target))
+        accelerator.wait_for_everyone()
+    models = accelerator._models[:len(weights)]
+    state = components(accelerator, models, weights)
+    counters = {"iteration": int(pc.iteration), "accelerator_step": int(accelerator.step)}
+    log.info("dckpt: saving accelerator state to %s", target)
+    with _keeping_extras(target):
+        if mgr is not None:
+            mgr.save(int(accelerator.save_iteration), state, counters=counters)
+        else:
+            opts = options(accelerator)
+            checkpoint.save(state, target, overwrite=True, counters=counters,
+                            rank_state={"rng": rng.capture()},
+                            **{k: v for k, v in opts.items() if k != "verify"})
+    pc.iteration += 1
+    return target
+
+
+class _keeping_extras:
+    """Files other than dckpt's own in the target directory (what save pre-hooks write, or
+    whatever the user keeps there: accelerate only adds files to a directory) survive the
+    atomic replacement of the directory: rank 0 parks them beside it during the save and
+    moves them into the committed checkpoint after."""
+
+    def __init__(self, target: Path):
+        self.target, self.parked = target, None
+
+    def __enter__(self):
+        if dist.rank() == 0 and self.target.is_dir():
+            extras = [p for p in self.target.iterdir() if not _is_dckpt_file(p.name)]
+            if extras:
+                self.parked = staging_dir(self.target)
+                self.parked.mkdir()
+                for p in extras:
+                    os.rename(p, self.parked / p.name)
+            if not any(self.target.iterdir()):
+                self.target.rmdir()  # e.g. made for the hooks: the save creates it afresh
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.parked is not None:
+            dest = self.target if exc_type is None else self.target.parent / (
+                self.target.name + ".extras")
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in self.parked.iterdir():
+                if not (dest / p.name).exists():
+                    os.rename(p, dest / p.name)
+            shutil.rmtree(self.parked, ignore_errors=True)
+            commit.fsync_dir(dest)
+        dist.barrier()
+
+
+def _is_dckpt_file(name: str) -> bool:
+    return name == MANIFEST_NAME or (name.startswith("rank-") and name.endswith(".dckpt"))
+
+
+# ---- load ----------------------------------------------------------------------------------
+def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = None,
+               load_kwargs: dict | None = None, *, allow_pickle: bool = False,
+               **load_model_func_kwargs) -> ResumeReport | None:
+    """accelerate's Accelerator.load_state, read by dckpt (verified). Returns what was restored.
+
+    A folder written by accelerate's own save_state is read as well; its pickled files are
+    opened with torch.load(weights_only=True), and where a file needs real unpickling (it can
+    run code) only with allow_pickle=True. map_location is accepted and ignored: dckpt reads
+    straight into the live tensors, wherever they are."""
+    if accelerator.distributed_type in _OWN_ENGINES:
+        return Accelerator.load_state(accelerator, input_dir, load_kwargs,
+                                      **load_model_func_kwargs)
+    t0 = time.perf_counter()
+    load_model_func_kwargs.pop("map_location", None)
+    path = _input_path(accelerator, input_dir)
+    log.info("dckpt: loading accelerator state from %s", path)
+    models = list(accelerator._models)
+    for hook in accelerator._load_model_state_pre_hook.values():
+        hook(models, str(path))
+    if not (path / MANIFEST_NAME).is_file():
+        if accelerate_folder.looks_like(path):
+            accelerate_folder.load(accelerator, path, models, allow_pickle=allow_pickle,
+                                   load_kwargs=load_kwargs, **load_model_func_kwargs)
+            return None
+        raise CheckpointNotFoundError(f"{path} is neither a dckpt checkpoint (no {MANIFEST_NAME})"
+                                      " nor a folder written by accelerate's save_state")
+
+    m = checkpoint.read_manifest(path)
+    r = dist.rank()
+    entry = m.ranks[r] if r < m.world_size else m.ranks[0]
+    saved = treecodec.decode(entry["tree"])
+    _check_custom_count(path, saved, len(accelerator._custom_objects))
+    state = components(accelerator, models, load_kwargs=load_model_func_kwargs)
+    report = checkpoint.load(path, into=state, verify=options(accelerator).get("verify", True),
+                             threads=options(accelerator).get("threads", 0))
+    own = m.ranks[r] if r < m.world_size else None
+    rng_state = treecodec.decode(own["rng"]) if own and own.get("rng") else None
+    if rng_state is None and r < m.world_size:
+        raise StateMismatchError([f"{path}: no RNG streams for process {r}"])
+    if rng_state is None:
+        # More processes now than when saved: the new ones start from their own streams.
+        log.warning("dckpt: %s was saved by %d process(es); process %d keeps its own RNG",
+                    path, m.world_size, r)
+    streams = rng.restore(rng_state) if rng_state else []
+    c = m.counters
+    return ResumeReport(step=int(c.get("iteration", c.get("step", 0)) or 0), path=path,
+                        epoch=None, step_in_epoch=None, metrics=m.metrics, counters=c,
+                        components=report.components, rng_streams=streams,
+                        bytes=report.bytes, seconds=time.perf_counter() - t0)
+
+
+def _input_path(accelerator: Accelerator, input_dir) -> Path:
+    if input_dir is not None:
+        input_dir = os.path.expanduser(input_dir)
+        if not os.path.isdir(input_dir):
+            raise ValueError(f"Tried to find {input_dir} but folder does not exist")
+        return Path(input_dir)
+    if not accelerator.project_configuration.automatic_checkpoint_naming:
+        raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
+    mgr = manager(accelerator)
+    step = mgr.latest_step()
+    if step is not None:
+        return mgr.path(step)
+    old = accelerate_folder.newest_numbered(mgr.root)  # checkpoints of the run before dckpt
+    if old is not None:
+        return old
+    raise CheckpointNotFoundError(f"no committed checkpoint under {mgr.root}")
+
+
+def _check_custom_count(path: Path, saved, registered: int) -> None:
+    found = sum(1 for k in saved if isinstance(k, str) and k.startswith("custom_")) \
+        if isinstance(saved, dict) else 0
+    if found != registered:
+        raise RuntimeError(
+            f"Number of custom checkpoints in folder {path} does not match the number of "
+            f"registered objects:\n\tFound checkpoints: {found}\n\tRegistered objects: "
+            f"{registered}\nPlease make sure to only load checkpoints from folders that were "
+            "created with the same set of registered objects.")
+
+
+# ---- the drop-in ---------------------------------------------------------------------------
+def _prepare_data_loader(self, data_loader, device_placement=None, slice_fn_for_dispatch=None):
+    prepared = Accelerator.prepare_data_loader(self, data_loader, device_placement,
+                                               slice_fn_for_dispatch)
+    return track_position(prepared) if hasattr(prepared, "base_dataloader") else prepared
+
+
+def _skip_first_batches(self, dataloader, num_batches: int = 0):
+    # After load_state the loader itself resumes at the exact batch; scripts written for
+    # accelerate also call skip_first_batches for that, which must not skip a second time.
+    pending = getattr(dataloader, "dckpt_pending_batches", lambda: None)()
+    if pending is not None:
+        if pending != num_batches:
+            log.warning("dckpt: skip_first_batches(%d) ignored: the loader resumes itself "
+                        "after batch %d of the checkpoint's epoch", num_batches, pending)
+        return dataloader
+    return Accelerator.skip_first_batches(self, dataloader, num_batches)
+
+
+class DckptAccelerator(Accelerator):
+    """An Accelerator whose save_state()/load_state() write and read dckpt checkpoints.
+
+    dckpt: options for dckpt (compression=None|"zstd"|level, threads, fsync, verify)."""
+
+    def __init__(self, *args, dckpt: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dckpt_options = dict(dckpt or {})
+
+    save_state = save_state
+    load_state = load_state
+    prepare_data_loader = _prepare_data_loader
+    skip_first_batches = _skip_first_batches
+
+
+def install(accelerator: Accelerator, **dckpt_options) -> Accelerator:
+    """Make an existing Accelerator save and load with dckpt; returns it. Data loaders it has
+    already prepared start tracking their position now (at their next epoch)."""
+    accelerator._dckpt_options = dckpt_options
+    for name, fn in (("save_state", save_state), ("load_state", load_state),
+                     ("prepare_data_loader", _prepare_data_loader),
+                     ("skip_first_batches", _skip_first_batches)):
+        setattr(accelerator, name, MethodType(fn, accelerator))
+    for loader in accelerator._dataloaders:
+        track_position(loader)
+    return accelerator
+
+
+__all__ = ["DckptAccelerator", "install", "save_state", "load_state", "components", "manager",
+           "ModelWeights"]

@@ -1,0 +1,321 @@
+"""dckpt under Hugging Face accelerate: the drop-in keeps accelerate's save_state/load_state
+semantics, resumes bit for bit (fresh processes, 1 and 2 of them), reads accelerate's own
+folders without unpickling, and resumes data loaders mid-epoch exactly."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration
+
+from dckpt import rng
+from dckpt.errors import UnsafePickleError
+from dckpt.integrations.accelerate import DckptAccelerator, install
+from dckpt.integrations.loader_position import LoaderState
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = str(Path(__file__).with_name("accel_job.py"))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, s):
+        self.n = s["n"]
+
+
+def setup(acc, workers: int = 0, data=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    data = torch.arange(80, dtype=torch.float32).view(20, 4) if data is None else data
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, num_workers=workers)
+    return acc.prepare(model, opt, sched, loader)
+
+
+def train_steps(model, opt, sched, it, n):
+    out = []
+    for _ in range(n):
+        x = next(it)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        out.append((x.clone(), loss.item()))
+    return out
+
+
+# ---- accelerate's semantics -----------------------------------------------------------------
+def test_explicit_dir_roundtrip_hooks_and_extras(tmp_path):
+    acc = DckptAccelerator(cpu=True)
+    model, opt, sched, loader = setup(acc)
+    counter = Counter()
+    acc.register_for_checkpointing(counter)
+    calls = []
+
+    def save_hook(models, weights, output_dir):
+        calls.append(("save", len(models), len(weights), output_dir))
+        Path(output_dir, "config.json").write_text("{}")  # what save hooks typically do
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(lambda models, d: calls.append(("load", len(models), d)))
+    it = iter(loader)
+    train_steps(model, opt, sched, it, 2)
+    counter.n, acc.step = 7, 3
+    out = acc.save_state(tmp_path / "ckpt")
+    assert out == tmp_path / "ckpt" and (out / "manifest.json").is_file()
+    assert (out / "config.json").read_text() == "{}"  # survived the atomic replacement
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    expect = train_steps(model, opt, sched, it, 3)
+    counter.n, acc.step = 0, 0
+
+    report = acc.load_state(out)
+    assert calls == [("save", 1, 1, str(out)), ("load", 1, str(out))]
+    assert counter.n == 7 and acc.step == 3
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(opt_state[k], v) for k, v in opt.state_dict()["state"][0].items())
+    assert sched.scheduler.last_epoch == 2
+    assert set(report.components) >= {"model", "optimizer", "scheduler", "dataloader", "custom_0"}
+    got = train_steps(model, opt, sched, iter(loader), 3)
+    assert [(x.tolist(), l) for x, l in got] == [(x.tolist(), l) for x, l in expect]
+
+    acc.save_state(out)  # again into the same directory: replaced, extras kept
+    assert (out / "config.json").is_file() and (out / "manifest.json").is_file()
+
+
+def test_automatic_naming_total_limit_and_latest(tmp_path):
+    pc = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
+                              total_limit=2)
+    acc = DckptAccelerator(cpu=True, project_config=pc)
+    model, opt, sched, loader = setup(acc)
+    weights = []
+    for _ in range(3):
+        train_steps(model, opt, sched, iter(loader), 1)
+        acc.save_state()
+        weights.append(model[0].weight.detach().clone())
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "latest", "step-000000001", "step-000000002"]
+    assert acc.save_iteration == 3
+    acc.project_configuration.iteration = 2
+    with pytest.raises(ValueError, match="already exists"):
+        acc.save_state()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    report = acc.load_state()  # no directory: the newest committed checkpoint
+    assert report.path == root / "step-000000002" and report.step == 2
+    assert torch.equal(model[0].weight, weights[2])
+
+
+def test_accelerate_errors_are_kept(tmp_path):
+    acc = DckptAccelerator(cpu=True)
+    setup(acc)
+    with pytest.raises(ValueError, match="must include a `state_dict` and `load_state_dict`"):
+        acc.register_for_checkpointing(object())
+    with pytest.raises(ValueError, match="No input_dir provided"):
+        acc.load_state()
+    with pytest.raises(ValueError, match="folder does not exist"):
+        acc.load_state(tmp_path / "nothing")
+    acc.save_state(tmp_path / "c")
+    acc.register_for_checkpointing(Counter())
+    with pytest.raises(RuntimeError, match="Number of custom checkpoints"):
+        acc.load_state(tmp_path / "c")
+
+
+def test_install_on_a_plain_accelerator(tmp_path):
+    acc = Accelerator(cpu=True)
+    model, opt, sched, loader = setup(acc)  # prepared before install: tracked from now on
+    install(acc)
+    it = iter(loader)
+    train_steps(model, opt, sched, it, 2)
+    acc.save_state(tmp_path / "c")
+    assert (tmp_path / "c" / "manifest.json").is_file()
+    expect = train_steps(model, opt, sched, it, 3)  # to the end of the epoch (5 batches)
+    expect += train_steps(model, opt, sched, iter(loader), 1)  # and into the next
+    acc.load_state(tmp_path / "c")
+    assert acc.skip_first_batches(loader, 2) is loader  # the loader resumes by itself
+    got = train_steps(model, opt, sched, iter(loader), 3)
+    got += train_steps(model, opt, sched, iter(loader), 1)
+    assert [l for _, l in got] == [l for _, l in expect]
+
+
+# ---- data position ------------------------------------------------------------------------
+class NoisyData(torch.utils.data.Dataset):
+    """Random augmentation from the global RNG inside __getitem__."""
+
+    def __len__(self):
+        return 18
+
+    def __getitem__(self, i):
+        return torch.full((4,), float(i)) + torch.rand(4)
+
+
+@pytest.mark.parametrize("workers,data", [(0, "noisy"), (2, "plain")])
+def test_loader_position_is_exact(workers, data):
+    acc = DckptAccelerator(cpu=True)
+    dataset = NoisyData() if data == "noisy" else None
+    *_, loader = setup(acc, workers, dataset)
+    pos = LoaderState(loader)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state, streams = pos.state_dict(), rng.capture()
+    assert state["batches"] == 3
+    expect = [b.clone() for b in it] + [b.clone() for b in loader]  # rest of epoch, next epoch
+    after = torch.rand(3)
+    del it
+    torch.manual_seed(123)  # as a fresh process would: everything else differs
+    random.seed(5)
+    np.random.seed(5)
+    pos.load_state_dict(state)
+    rng.restore(streams)
+    got = [b.clone() for b in loader] + [b.clone() for b in loader]
+    assert len(got) == len(expect) and all(torch.equal(a, b) for a, b in zip(got, expect))
+    assert torch.equal(torch.rand(3), after)
+
+
+def test_position_at_epoch_end_moves_to_next_epoch():
+    acc = DckptAccelerator(cpu=True)
+    *_, loader = setup(acc)
+    pos = LoaderState(loader)
+    for _ in loader:
+        last = pos.state_dict()
+    assert last["batches"] == 0 and last["epoch"] == 1  # taken after the last batch
+    assert pos.state_dict()["epoch"] == 1 and loader.iteration == 1
+
+
+# ---- accelerate's own folders ---------------------------------------------------------------
+class Exotic:
+    """A custom object whose state is not plain data: only real unpickling can read it."""
+
+    def __init__(self):
+        self.value = Counter()
+
+    def state_dict(self):
+        return {"obj": self.value}
+
+    def load_state_dict(self, s):
+        self.value = s["obj"]
+
+
+def test_import_accelerate_save_state_folder(tmp_path):
+    acc = Accelerator(cpu=True)
+    model, opt, sched, loader = setup(acc)
+    counter = Counter()
+    acc.register_for_checkpointing(counter)
+    train_steps(model, opt, sched, iter(loader), 3)
+    counter.n, acc.step = 11, 5
+    Accelerator.save_state(acc, tmp_path / "accel")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    draws = torch.rand(4), random.random(), np.random.rand()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    acc2 = DckptAccelerator(cpu=True)
+    model2, opt2, sched2, _ = setup(acc2)
+    counter2 = Counter()
+    acc2.register_for_checkpointing(counter2)
+    torch.manual_seed(99)
+    acc2.load_state(tmp_path / "accel")  # accelerate's format, read with weights_only=True
+    assert (torch.rand(4), random.random(), np.random.rand())[1:] == draws[1:]
+    assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
+    st = opt2.state_dict()["state"]
+    assert all(torch.equal(saved_opt["state"][0][k], st[0][k]) for k in st[0])
+    assert sched2.scheduler.last_epoch == 3 and counter2.n == 11 and acc2.step == 5
+    acc2.save_state(tmp_path / "moved")  # the run continues in dckpt's format
+    assert (tmp_path / "moved" / "manifest.json").is_file()
+
+    acc2._custom_objects[0] = Exotic()
+    Accelerator.save_state(acc2, tmp_path / "exotic")
+    with pytest.raises(UnsafePickleError, match="allow_pickle=True") as e:
+        acc2.load_state(tmp_path / "exotic")
+    assert e.value.path.endswith("custom_checkpoint_0.pkl")
+    acc2.load_state(tmp_path / "exotic", allow_pickle=True)  # the caller trusts the file
+    assert isinstance(acc2._custom_objects[0].value, Counter)
+
+
+# ---- fresh processes: single, two, resharded ------------------------------------------------
+def job(tmp_path, out, *args, procs=1):
+    launch = [sys.executable]
+    if procs > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    res = subprocess.run([*launch, JOB, str(tmp_path / "project"), str(tmp_path / out),
+                          *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((tmp_path / out).read_text()) if (tmp_path / out).exists() else None
+
+
+def test_single_process_resume_is_bitwise(tmp_path):
+    (tmp_path / "ref").mkdir()
+    ref = job(tmp_path / "ref", "ref.json")
+    job(tmp_path, "a.json", "--save-at", 4, 9, "--stop-at", 10, "--total-limit", 1)
+    root = tmp_path / "project" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000000001"]
+    resumed = job(tmp_path, "b.json", "--resume")  # latest: step 9, mid-epoch 2
+    assert resumed["seen"] == ref["seen"]
+    assert resumed["losses"] == ref["losses"]
+    assert resumed["params"] == ref["params"]
+
+
+def test_two_process_resume_is_bitwise_and_reshards(tmp_path):
+    (tmp_path / "ref").mkdir()
+    ref = job(tmp_path / "ref", "ref.json", "--split-batches", procs=2)
+    ckpt = tmp_path / "ckpt"
+    job(tmp_path, "a.json", "--save-at", 9, "--stop-at", 11, "--split-batches",
+        "--explicit", ckpt, procs=2)
+    two = job(tmp_path, "b.json", "--resume", ckpt, "--split-batches", "--explicit", ckpt,
+              procs=2)
+    assert len(ref["losses"][0]) == 2  # both processes' losses, every step
+    assert two["seen"] == ref["seen"] and two["losses"] == ref["losses"]
+    assert two["params"] == ref["params"]
+    one = job(tmp_path, "c.json", "--resume", ckpt, "--split-batches", "--explicit", ckpt)
+    assert one["world"] == 1
+    assert one["seen"] == ref["seen"]  # same global batches, same order, across the epoch end
+    for a, b in zip(one["losses"][9:], ref["losses"][9:]):
+        assert abs(a[0] - sum(b) / 2) < 0.1  # close, not bitwise: other reduction, RNG streams
+
+
+def test_fsdp_plugin_on_cpu(tmp_path):
+    info = job(tmp_path, "fsdp.json", "--fsdp", procs=2)
+    if info["distributed_type"] != "DistributedType.FSDP":
+        pytest.skip("accelerate ignores the FSDP plugin with cpu=True (it ran as "
+                    f"{info['distributed_type']}); FSDP2 sharded state is covered through "
+                    "plain fully_shard in the distributed tests")
+    pytest.fail("accelerate ran FSDP on CPU: extend this test to save and resume it")
+
+
+def test_demo_end_to_end(tmp_path):
+    env = dict(ENV, CI="1")
+    res = subprocess.run([sys.executable, "-m", "dckpt", "demo", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "SIGKILL sent" in out and "BITWISE IDENTICAL" in out
+    assert "hash matches" in out or "dckpt verify" in out
+    assert "accelerate" in out.split("save_state / load_state")[1]
+    png = tmp_path / "dckpt-demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
