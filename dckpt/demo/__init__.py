@@ -26,15 +26,15 @@ from pathlib import Path
 
 def add_arguments(parser) -> None:
     parser.add_argument("--dir", default=None, help="work directory (default: a new temp dir)")
-    parser.add_argument("--steps", type=int, help="training steps (default 60; 24 when CI is set)")
-    parser.add_argument("--every", type=int, help="checkpoint every K steps (default 10; 8 with CI)")
+    parser.add_argument("--steps", type=int, help="training steps (default 60; 16 when CI is set)")
+    parser.add_argument("--every", type=int, help="checkpoint every K steps (default 10; 4 with CI)")
     parser.add_argument("--kill-at", type=int, help="step at which the run is killed")
 
 
 def run(args) -> int:
     ci = bool(os.environ.get("CI"))
-    steps = args.steps or (24 if ci else 60)
-    every = args.every or (8 if ci else 10)
+    steps = args.steps or (16 if ci else 60)
+    every = args.every or (4 if ci else 10)
     kill_at = args.kill_at or (steps // every // 2 * every + every // 2)
     if not every < kill_at < steps:
         print(f"dckpt demo: --kill-at must lie between {every} and {steps}", file=sys.stderr)
