@@ -177,7 +177,7 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = 
         else:
             opts = options(accelerator)
             checkpoint.save(state, target, overwrite=True, counters=counters,
-                            rank_state={"rng": rng.capture()},
+                            rank_state={"rng": rng.capture(own_device_only=dist.active())},
                             **{k: v for k, v in opts.items() if k != "verify"})
     pc.iteration += 1
     return target
@@ -244,33 +244,40 @@ def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = N
     if not (path / MANIFEST_NAME).is_file():
         if accelerate_folder.looks_like(path):
             accelerate_folder.load(accelerator, path, models, allow_pickle=allow_pickle,
-                                   load_kwargs=load_kwargs, **load_model_func_kwargs)
+                                   **load_model_func_kwargs)
             return None
         raise CheckpointNotFoundError(f"{path} is neither a dckpt checkpoint (no {MANIFEST_NAME})"
                                       " nor a folder written by accelerate's save_state")
 
     m = checkpoint.read_manifest(path)
     r = dist.rank()
-    entry = m.ranks[r] if r < m.world_size else m.ranks[0]
-    saved = treecodec.decode(entry["tree"])
-    _check_custom_count(path, saved, len(accelerator._custom_objects))
-    state = components(accelerator, models, load_kwargs=load_model_func_kwargs)
-    report = checkpoint.load(path, into=state, verify=options(accelerator).get("verify", True),
-                             threads=options(accelerator).get("threads", 0))
     own = m.ranks[r] if r < m.world_size else None
+    saved = treecodec.decode((own or m.ranks[0])["tree"])
+    _check_custom_count(path, saved, len(accelerator._custom_objects))
     rng_state = treecodec.decode(own["rng"]) if own and own.get("rng") else None
-    if rng_state is None and r < m.world_size:
+    if own is not None and not rng_state:
         raise StateMismatchError([f"{path}: no RNG streams for process {r}"])
-    if rng_state is None:
-        # More processes now than when saved: the new ones start from their own streams.
-        log.warning("dckpt: %s was saved by %d process(es); process %d keeps its own RNG",
-                    path, m.world_size, r)
+    state = components(accelerator, models, load_kwargs=load_model_func_kwargs)
+    try:  # collective, as the manager's restore: one process failing fails them all
+        report, failure = checkpoint.load(
+            path, into=state, verify=options(accelerator).get("verify", True),
+            threads=options(accelerator).get("threads", 0)), None
+    except Exception as e:
+        failure = e
+    dist.raise_if_any_failed(failure, None, f"load_state of {path}")
     streams = rng.restore(rng_state) if rng_state else []
+    notes = list(report.notes)
+    if own is None:
+        # A process the checkpoint did not have: copying another's streams would make two
+        # processes draw the same numbers, so it keeps its own.
+        notes.append(f"process {r} did not exist in the {m.world_size}-process checkpoint: "
+                     "its RNG streams were not restored")
+        log.warning("dckpt: %s", notes[-1])
     c = m.counters
-    return ResumeReport(step=int(c.get("iteration", c.get("step", 0)) or 0), path=path,
-                        epoch=None, step_in_epoch=None, metrics=m.metrics, counters=c,
-                        components=report.components, rng_streams=streams,
-                        bytes=report.bytes, seconds=time.perf_counter() - t0)
+    return ResumeReport(step=int(c.get("iteration", 0)), path=path, epoch=None,
+                        step_in_epoch=None, metrics=m.metrics, counters=c,
+                        components=report.components, rng_streams=streams, bytes=report.bytes,
+                        seconds=time.perf_counter() - t0, notes=notes)
 
 
 def _input_path(accelerator: Accelerator, input_dir) -> Path:
