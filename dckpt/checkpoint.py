@@ -239,21 +239,21 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
-         group=None):
+         group=None, manifest: Manifest | None = None):
     """Load the checkpoint at `path`.
 
     Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
     sharded checkpoint that is the full, consolidated state.
     With `into` (the live state dict): restores in place, reading straight into existing
     tensor memory and calling load_state_dict() on objects; returns a RestoreReport.
-    keys: only these top-level components.
+    keys: only these top-level components. manifest: the already parsed manifest of `path`.
 
     In a distributed job each rank reads only what its live state holds: the blocks of its
     DTensors' shards, found by global offsets whatever world size saved them, and its own
     per-rank state. A rank the checkpoint did not have takes rank 0's per-rank state, which
     RestoreReport.notes says. No collectives: ranks may load independently.
     """
-    m = read_manifest(path)
+    m = manifest or read_manifest(path)
     r, world = dist.rank(group), dist.world_size(group)
     src = r if r < m.world_size else 0
     entry = m.ranks[src]

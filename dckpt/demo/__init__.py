@@ -144,10 +144,11 @@ def _train(work: Path, project: str, procs: int, steps: int, every: int, extra: 
 def _verify(path: Path) -> bool:
     from ..cli import COMMANDS
     if "verify" in COMMANDS:
-        out = subprocess.run([sys.executable, "-m", "dckpt", "verify", str(path)],
-                             capture_output=True, text=True)
-        for line in (out.stdout + out.stderr).strip().splitlines():
-            print(f"      $ dckpt verify: {line}" if line else "")
+        cmd = ["dckpt", "verify", "--deep", "--no-progress", "--color", "never", str(path)]
+        print(f"      $ {' '.join(cmd)}")
+        out = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+        for line in (out.stdout + out.stderr).strip().splitlines()[1:]:
+            print(f"      {line}" if line.strip() else "")
         return out.returncode == 0
     return _verify_chunks(path)
 

@@ -214,7 +214,6 @@ class _keeping_extras:
                     os.rename(p, dest / p.name)
             shutil.rmtree(self.parked, ignore_errors=True)
             commit.fsync_dir(dest)
-        dist.barrier()
 
 
 def _is_dckpt_file(name: str) -> bool:
@@ -261,7 +260,7 @@ def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = N
     try:  # collective, as the manager's restore: one process failing fails them all
         report, failure = checkpoint.load(
             path, into=state, verify=options(accelerator).get("verify", True),
-            threads=options(accelerator).get("threads", 0)), None
+            threads=options(accelerator).get("threads", 0), manifest=m), None
     except Exception as e:
         failure = e
     dist.raise_if_any_failed(failure, None, f"load_state of {path}")
