@@ -121,7 +121,8 @@ def main() -> None:
         zfiles = data_files(zst.path)
         zbytes = sum(p.stat().st_size for p in zfiles)
         sequential_read(zfiles)
-        deep = [timed(lambda: run_verify(zst.path, deep=True)) for _ in range(max(1, args.repeat // 2))]
+        deep = [timed(lambda: run_verify(zst.path, deep=True))
+                for _ in range(max(1, args.repeat // 2))]
         t = statistics.median(deep)
         print(f"\n--deep on zstd ({zbytes / 1e9:.2f} GB stored, ratio {nbytes / zbytes:.2f}), "
               f"warm: {zst.bytes / t / 1e9:.2f} GB/s of raw data decoded and hashed")

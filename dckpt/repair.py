@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import commit
-from .errors import CheckpointNotFoundError
 from .format import anatomy
 from .format import tree as treecodec
-from .format.layout import LATEST_NAME, is_staging, parse_step_dir, step_dir
+from .format.layout import LATEST_NAME, is_staging, parse_step_dir
 from .format.manifest import MANIFEST_NAME, parse
 
 SCHEMA = "dckpt.repair/1"
@@ -232,44 +231,39 @@ def _latest(root: Path, ckpts: list[Path], report: RepairReport, saver: _Backup,
     try:
         text = pointer.read_text().strip()
     except FileNotFoundError:
-        text, state = None, "missing"
+        text, state = None, "is missing"
     except (OSError, UnicodeDecodeError):
-        text, state = None, "unreadable"
-    committed = [p for p in ckpts if (p / MANIFEST_NAME).is_file()]
-    target = None
-    skipped = []
-    for p in reversed(committed):  # newest first: the first that verifies
+        text, state = None, "is unreadable"
+    target, failing = None, []
+    for p in reversed([p for p in ckpts if (p / MANIFEST_NAME).is_file()]):  # newest first
         why = _problem(p, threads, verified)
         if why is None:
             target = p
             break
-        skipped.append(f"{p.name} ({why})")
+        failing.append(f"{p.name} ({why})")
     if text is not None:
-        pointed = parse_step_dir(text)
         if target is not None and text == target.name:
             return  # already right
-        state = (f"names {text[:60]!r}" + ("" if pointed is not None and
-                                         (root / text / MANIFEST_NAME).is_file()
-                                         else ", not a committed checkpoint"))
+        committed = parse_step_dir(text) is not None and (root / text / MANIFEST_NAME).is_file()
+        state = f"names {text[:60]!r}" + ("" if committed else ", not a committed checkpoint")
     if target is None:
-        if text is None or skipped:
+        if failing or text is None:
             report.actions.append(Action(
-                "latest", LATEST_NAME, f"'{LATEST_NAME}' is {state}",
+                "latest", LATEST_NAME, f"'{LATEST_NAME}' {state}",
                 refused="no committed checkpoint passes verification"
-                        + (f": {'; '.join(skipped[:3])}" if skipped else "")))
+                        + (f": {'; '.join(failing[:3])}" if failing else "")))
         return
-    detail = f"'{LATEST_NAME}' {state if text is not None else 'is ' + state} -> " \
-             f"{target.name} (newest verified step)"
-    if skipped:
-        detail += f"; newer but failing verification: {', '.join(skipped[:3])}"
+    detail = f"'{LATEST_NAME}' {state} -> {target.name} (newest verified step)"
+    if failing:
+        detail += f"; newer but failing verification: {', '.join(failing[:3])}"
     a = Action("latest", LATEST_NAME, detail)
     report.actions.append(a)
     if report.dry_run:
         return
     if pointer.is_file():
         saver.copy(pointer)
-    commit.write_file_durably(pointer, f"{step_dir(parse_step_dir(target.name))}\n".encode())
+    commit.write_file_durably(pointer, f"{target.name}\n".encode())
     a.done = True
 
 
-__all__ = ["repair", "RepairReport", "Action", "BACKUP_DIR", "CheckpointNotFoundError"]
+__all__ = ["repair", "RepairReport", "Action", "BACKUP_DIR"]

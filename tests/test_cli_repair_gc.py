@@ -1,7 +1,6 @@
 """dckpt repair and dckpt gc: what they fix or remove, and that nothing changes unbacked."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -177,9 +177,9 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
     c = doc["counters"]
     if c:
         parts = []
-        order = ["step", "epoch", "step_in_epoch"]
-        for k, val in sorted(c.items(), key=lambda kv: (kv[0] not in order,
-                                                         order.index(kv[0]) if kv[0] in order else 0)):
+        first = ["step", "epoch", "step_in_epoch"]
+        ordered = [k for k in first if k in c] + [k for k in c if k not in first]
+        for k, val in ((k, c[k]) for k in ordered):
             if k == "loss_history" and isinstance(val, list):
                 last = f", last {number(val[-1])}" if val else ""
                 parts.append(f"loss_history {len(val)} value(s){last}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DckptError, UnsupportedStateError
+from ..errors import UnsupportedStateError
 from .sources import READERS, Imported, detect, read_accelerate_state
 from .torchfiles import ConvertError
 
@@ -203,4 +203,4 @@ def _collect(node: Any, prefix: str, out: dict, skipped: list) -> None:
 
 
 __all__ = ["convert", "read", "write", "export_safetensors", "ConvertResult", "ConvertError",
-           "Imported", "read_accelerate_state", "detect", "SOURCES", "DckptError"]
+           "Imported", "read_accelerate_state", "detect", "SOURCES"]

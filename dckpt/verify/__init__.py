@@ -148,13 +148,15 @@ def _check_root(root: Path, steps: list[Path], report: Report) -> None:
             add("root.latest", WARNING, f"'{LATEST_NAME}' names step {pointed} but step {newest} "
                 "is newer (resume uses the newest); `dckpt repair` rewrites it", LATEST_NAME)
         else:
-            add("root.latest", PASS, f"'{LATEST_NAME}' names step {pointed}, the newest", LATEST_NAME)
+            add("root.latest", PASS, f"'{LATEST_NAME}' names step {pointed}, the newest",
+                LATEST_NAME)
     temps = sorted(p.name for p in root.iterdir() if is_staging(p.name))
     if temps:
         n = len(temps)
+        shown = ", ".join(temps[:3]) + (", ..." if n > 3 else "")
         add("root.temporaries", WARNING, f"{n} incomplete temporar{'y' if n == 1 else 'ies'} "
-            f"from interrupted (or still running) saves ({', '.join(temps[:3])}{', ...' if len(temps) > 3 else ''}): "
-            "never resumed from; `dckpt gc` or `dckpt repair` removes them")
+            f"from interrupted (or still running) saves ({shown}): never resumed from; "
+            "`dckpt gc` or `dckpt repair` removes them")
 
 
 __all__ = ["verify", "verify_checkpoint", "classify_path", "step_dirs", "Report",

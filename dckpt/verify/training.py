@@ -228,6 +228,13 @@ def _check_scheduler(sched: Component, opts: list[Component], opt_steps: int | N
     info = anatomy.scheduler_info(sched)
     name = f"scheduler '{sched.key}'" + (f" ({sched.short_type})" if sched.short_type else "")
     reference = opt_steps if opt_steps is not None else step
+    if (info.step_count is not None and info.last_epoch is not None
+            and info.step_count != info.last_epoch + 1
+            and "Sequential" not in (sched.type_name or "")):
+        # Every LRScheduler.step() moves both; only an edited or spliced state breaks this.
+        rep.add(g, "training.scheduler_steps", WARNING,
+                f"{name}: _step_count {info.step_count} does not follow last_epoch "
+                f"{info.last_epoch} (expected {info.last_epoch + 1})")
     if info.last_epoch is not None and reference is not None:
         what = "optimizer steps" if opt_steps is not None else "global step"
         if info.last_epoch == reference:
@@ -334,10 +341,11 @@ def check_completeness(m: Manifest, views: list[RankView], rep: CheckpointReport
             rep.add(g, "completeness.rng", WARNING, f"{who}: RNG stream(s) {', '.join(absent)} "
                     "missing", Location(rank=ranks[0]))
     if seeded:
+        by = seeded.get("by", "a repair") if isinstance(seeded, dict) else "a repair"
         rep.add(g, "completeness.rng_seeded_now", WARNING,
-                f"RNG streams were added by {seeded.get('by', 'a repair') if isinstance(seeded, dict) else 'a repair'} "
-                "after the fact (seeded when repaired, not the run's own streams): training "
-                "continues from here reproducibly, but not as the original run would have")
+                f"RNG streams were added by {by} after the fact (seeded when repaired, not the "
+                "run's own streams): training continues from here reproducibly, but not as the "
+                "original run would have")
 
 
 def _part_text(v: RankView, part: str) -> str:
