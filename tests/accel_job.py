@@ -1,7 +1,7 @@
 """An accelerate training job, run in fresh processes (plain python, or torchrun) by
 test_accelerate.py.
 
-    accel_job.py PROJECT OUT.json --total 14 [--save-at 5 --stop-at 7] [--resume [DIR]]
+    accel_job.py PROJECT OUT.json --total 14 [--save-at 4 9] [--resume [DIR]]
 
 Transformer with dropout, shuffled DataLoader (6 batches per epoch, so saves land mid-epoch
 and runs cross epochs), AdamW, warmup schedule, a registered custom object. Rank 0 writes
@@ -57,7 +57,6 @@ def parse():
     ap.add_argument("out")
     ap.add_argument("--total", type=int, default=14)
     ap.add_argument("--save-at", type=int, nargs="*", default=[])
-    ap.add_argument("--stop-at", type=int)
     ap.add_argument("--resume", nargs="?", const="", default=None)
     ap.add_argument("--explicit", help="save to this directory instead of automatic naming")
     ap.add_argument("--total-limit", type=int)
@@ -108,8 +107,6 @@ def run(a):
             progress.seen.append(hashlib.sha1(acc.gather(x).numpy().tobytes()).hexdigest()[:12])
             if progress.step in a.save_at:
                 acc.save_state(a.explicit)
-            if progress.step == a.stop_at:
-                return acc  # "killed": nothing after the last save survives
             if progress.step >= a.total:
                 break
     if acc.is_main_process:

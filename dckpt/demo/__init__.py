@@ -221,9 +221,13 @@ def _plot(png: Path, ref, killed, two, one, resumed_at: int, kill_at: int) -> Pa
     for ax in (top, bottom):
         ax.axvline(resumed_at, color="grey", ls=":", lw=1)
         ax.axvline(kill_at, color="tab:red", ls=":", lw=1)
+    top.annotate(f"checkpoint\nstep {resumed_at}", (resumed_at, max(ref)), ha="right",
+                 va="top", fontsize=8, color="grey", xytext=(-3, 0), textcoords="offset points")
+    top.annotate("SIGKILL", (kill_at, max(ref)), ha="left", va="top", fontsize=8,
+                 color="tab:red", xytext=(3, 0), textcoords="offset points")
     top.set_ylabel("training loss")
     top.set_title("dckpt: a killed accelerate run resumes exactly")
-    top.legend(loc="upper right", fontsize=8)
+    top.legend(loc="center right", fontsize=8)
     bottom.plot(after, [two[i - 1] - ref[i - 1] for i in after], "o-", ms=3, color="tab:green",
                 label="2 processes minus reference (all exactly 0)")
     bottom.plot(after, [one[i - 1] - ref[i - 1] for i in after], color="tab:blue", ls="--",

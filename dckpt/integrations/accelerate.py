@@ -257,14 +257,24 @@ def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = N
     if own is not None and not rng_state:
         raise StateMismatchError([f"{path}: no RNG streams for process {r}"])
     state = components(accelerator, models, load_kwargs=load_model_func_kwargs)
+    # accelerate restores no data position (nor fails without one), and a checkpoint made by
+    # `dckpt convert` from accelerate's folder has none: such loaders start their epoch anew.
+    lenient = [k for k in state if k not in saved and (k == "accelerator" or
+                                                       k.startswith("dataloader"))]
+    for k in lenient:
+        log.warning("dckpt: %s has no %s; %s", path, k, "it starts its epoch from the beginning"
+                    if k != "accelerator" else "accelerator.step taken from its counters")
     try:  # collective, as the manager's restore: one process failing fails them all
         report, failure = checkpoint.load(
             path, into=state, verify=options(accelerator).get("verify", True),
-            threads=options(accelerator).get("threads", 0), manifest=m), None
+            threads=options(accelerator).get("threads", 0), allow_missing=lenient,
+            manifest=m), None
     except Exception as e:
         failure = e
     dist.raise_if_any_failed(failure, None, f"load_state of {path}")
     streams = rng.restore(rng_state) if rng_state else []
+    if "accelerator" in lenient and isinstance(m.counters.get("accelerate_step"), int):
+        accelerator.step = m.counters["accelerate_step"]
     notes = list(report.notes)
     if own is None:
         # A process the checkpoint did not have: copying another's streams would make two
