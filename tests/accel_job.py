@@ -61,7 +61,8 @@ def parse():
     ap.add_argument("--explicit", help="save to this directory instead of automatic naming")
     ap.add_argument("--total-limit", type=int)
     ap.add_argument("--split-batches", action="store_true")
-    ap.add_argument("--fsdp", action="store_true", help="only report the distributed type")
+    ap.add_argument("--fsdp", action="store_true", help="with accelerate's FSDP2 plugin")
+    ap.add_argument("--gpu", action="store_true", help="on CUDA, deterministic algorithms")
     return ap.parse_args()
 
 
@@ -73,12 +74,11 @@ def run(a):
     if a.fsdp:
         from accelerate import FullyShardedDataParallelPlugin
         kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(fsdp_version=2)
-    acc = DckptAccelerator(cpu=True, project_config=pc, dataloader_config=DataLoaderConfiguration(
-        split_batches=a.split_batches), **kw)
-    if a.fsdp:
-        if acc.is_main_process:
-            json.dump({"distributed_type": str(acc.distributed_type)}, open(a.out, "w"))
-        return acc
+    if a.gpu:
+        torch.use_deterministic_algorithms(True)  # needs CUBLAS_WORKSPACE_CONFIG=:4096:8
+    acc = DckptAccelerator(cpu=not a.gpu, project_config=pc,
+                           dataloader_config=DataLoaderConfiguration(split_batches=a.split_batches),
+                           **kw)
     set_seed(0)
     data = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = BATCH * 2 if a.split_batches else BATCH  # the global batch: any world size
@@ -104,17 +104,23 @@ def run(a):
             opt.zero_grad()
             progress.step += 1
             progress.losses.append(acc.gather(loss.detach()[None]).tolist())
-            progress.seen.append(hashlib.sha1(acc.gather(x).numpy().tobytes()).hexdigest()[:12])
+            progress.seen.append(hashlib.sha1(acc.gather(x).cpu().numpy().tobytes()).hexdigest()[:12])
             if progress.step in a.save_at:
                 acc.save_state(a.explicit)
             if progress.step >= a.total:
                 break
     if acc.is_main_process:
-        params = hashlib.sha1(b"".join(p.detach().numpy().tobytes()
+        params = hashlib.sha1(b"".join(_full(p).numpy().tobytes()
                                        for p in acc.unwrap_model(model).parameters())).hexdigest()
         json.dump({"losses": progress.losses, "seen": progress.seen, "params": params,
-                   "world": acc.num_processes}, open(a.out, "w"))
+                   "world": acc.num_processes, "distributed_type": str(acc.distributed_type)},
+                  open(a.out, "w"))
     return acc
+
+
+def _full(p):
+    p = p.detach()
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).cpu()
 
 
 if __name__ == "__main__":

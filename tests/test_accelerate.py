@@ -267,12 +267,12 @@ def test_import_accelerate_save_state_folder(tmp_path):
 
 
 # ---- fresh processes: single, two, resharded ------------------------------------------------
-def job(tmp_path, out, *args, procs=1):
+def job(tmp_path, out, *args, procs=1, torchrun=None, env=ENV):
     launch = [sys.executable]
-    if procs > 1:
+    if procs > 1 if torchrun is None else torchrun:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
     res = subprocess.run([*launch, JOB, str(tmp_path / "project"), str(tmp_path / out),
-                          *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV,
+                          *map(str, args)], capture_output=True, text=True, timeout=300, env=env,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((tmp_path / out).read_text()) if (tmp_path / out).exists() else None
@@ -307,11 +307,12 @@ def test_two_process_resume_is_bitwise_and_reshards(tmp_path):
 
 
 def test_fsdp_plugin_on_cpu(tmp_path):
-    info = job(tmp_path, "fsdp.json", "--fsdp", procs=2)
+    info = job(tmp_path, "fsdp.json", "--fsdp", "--total", 1, procs=2)
     if info["distributed_type"] != "DistributedType.FSDP":
         pytest.skip("accelerate ignores the FSDP plugin with cpu=True (it ran as "
                     f"{info['distributed_type']}); FSDP2 sharded state is covered through "
-                    "plain fully_shard in the distributed tests")
+                    "plain fully_shard in the distributed tests, and through accelerate's "
+                    "plugin on a GPU in test_accelerate_cuda.py")
     pytest.fail("accelerate ran FSDP on CPU: extend this test to save and resume it")
 
 
