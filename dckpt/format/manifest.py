@@ -258,6 +258,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
         c.type_(entry, dict, f"ranks[{r}]")
         if "tree" not in entry:
             c.fail(f"ranks[{r}]", "no tree")
+        _check_aliases(c, entry.get("aliases", {}), f"ranks[{r}].aliases", tensors)
     created = obj.get("created")
     if not isinstance(created, (int, float)) or isinstance(created, bool):
         c.fail("created", "expected a timestamp")
@@ -267,6 +268,14 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
         metrics=c.type_(obj.get("metrics", {}), dict, "metrics"),
         meta=c.type_(obj.get("meta", {}), dict, "meta"),
         created=float(created), version=version, meshes=meshes)
+
+
+def _check_aliases(c: _Check, aliases: Any, where: str, tensors: dict) -> None:
+    """A rank's tree names -> manifest tensor names; every target must exist."""
+    c.type_(aliases, dict, where)
+    for k, v in aliases.items():
+        if not isinstance(v, str) or v not in tensors:
+            c.fail(f"{where}[{k!r:.80}]", f"names no tensor of the manifest ({v!r:.80})")
 
 
 def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ManifestError, UnsupportedStateError
+from .dtypes import ITEMSIZE
 
 # Nesting deeper than this is refused on decode: a hostile manifest must not exhaust the stack.
 MAX_DEPTH = 200
@@ -147,6 +148,8 @@ def decode(node: Any, depth: int = 0) -> Any:
     if tag == "$ndarray":
         return ArrayRef(payload)
     if tag == "$dtype":
+        if payload not in ITEMSIZE:
+            raise ManifestError(f"unknown $dtype {payload!r:.40}", field="tree")
         return DtypeRef(payload)
     if tag == "$bytes":
         try:
