@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import StateMismatchError
+from ..errors import DckptError, StateMismatchError
 from ..format.manifest import Manifest
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
 from .flatten import component_kind, has_state_dict
@@ -115,11 +115,11 @@ class _Walk:
             if not has_state_dict(live):  # e.g. a plain state dict given as the live value
                 return self.walk(live, node.state, path)
             live_sd = live.state_dict()
-            if isinstance(live, torch.nn.Module) and isinstance(node.state, dict):
-                self.compare_keys(live_sd, node.state, path)
+            if isinstance(live, torch.nn.Module):
+                self.compare_module(live_sd, node.state, path)
             value = self.walk(live_sd, node.state, path)
             if not self.dry:
-                self.loaders.append(lambda o=live, v=value: o.load_state_dict(v))
+                self.loaders.append((path, live, value))
             return live
         if isinstance(node, dict):
             live_d = live if isinstance(live, dict) else {}
@@ -143,6 +143,18 @@ class _Walk:
                          for i, v in enumerate(node))
         return node
 
+    def compare_module(self, live_sd: dict, saved: Any, path: str) -> None:
+        """A module takes exactly its own keys, and a tensor wherever it has one."""
+        if not isinstance(saved, dict):
+            self.problems.append(f"{path}: the checkpoint holds a {type(saved).__name__} "
+                                 "where the module's state dict belongs")
+            return
+        self.compare_keys(live_sd, saved, path)
+        for k, v in live_sd.items():
+            if isinstance(v, torch.Tensor) and k in saved and not isinstance(saved[k], TensorRef):
+                self.problems.append(f"{path}/{k}: the checkpoint holds a "
+                                     f"{type(saved[k]).__name__}, the module a tensor")
+
     def compare_keys(self, live_sd: dict, saved: dict, path: str) -> None:
         missing = [k for k in live_sd if k not in saved]
         extra = [k for k in saved if k not in live_sd]
@@ -158,8 +170,11 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                  allow_missing: bool | list[str] = False, block_of: BlockOf | None = None,
                  tensor_names: dict[str, str] | None = None) -> RestoreReport:
     """Restore `tree` into the live state dict `live`; returns what was restored."""
-    if not isinstance(live, dict) or not isinstance(tree, dict):
+    if not isinstance(live, dict):
         raise TypeError("restore needs the live state as a dict of components")
+    if not isinstance(tree, dict):
+        raise StateMismatchError([f"the checkpoint's state is a {type(tree).__name__}, not a "
+                                  "dict of components; load it without into="])
     missing = [k for k in live if k not in tree]
     allowed = missing if allow_missing is True else [k for k in missing if k in (allow_missing or [])]
     problems = [f"component '{k}' ({component_kind(live[k])}) is in the live state but not in "
@@ -174,11 +189,22 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
     work = _Walk(m, reader, block_of, tensor_names)
     work.walk(live, subtree, "")
     reader.run()
-    for load in work.loaders:
-        load()
+    for path, obj, value in work.loaders:
+        _load_state_dict(path, obj, value)
     work.report.components = {k: component_kind(live[k]) for k in subtree}
     work.report.missing_allowed = allowed
     return work.report
+
+
+def _load_state_dict(path: str, obj: Any, value: Any) -> None:
+    """Hand an object its state; whatever it objects to becomes one typed error naming it."""
+    try:
+        obj.load_state_dict(value)
+    except DckptError:
+        raise
+    except Exception as e:
+        raise StateMismatchError([f"{path}: {type(obj).__name__}.load_state_dict rejected the "
+                                  f"checkpoint's state: {type(e).__name__}: {e}"]) from e
 
 
 def materialize(tree: Any, m: Manifest, reader: TensorReader,

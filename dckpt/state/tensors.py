@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import StateMismatchError
 from ..format.dtypes import ITEMSIZE
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -23,7 +24,8 @@ def torch_dtype(name: str) -> torch.dtype:
     try:
         return TORCH_DTYPES[name]
     except KeyError:
-        raise TypeError(f"dtype {name!r} is not available in this torch build") from None
+        raise StateMismatchError([f"dtype {name!r} is not available in this torch build "
+                                  f"(torch {torch.__version__})"]) from None
 
 
 def numpy_dtype(name: str) -> np.dtype:
