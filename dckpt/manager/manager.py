@@ -303,13 +303,17 @@ class CheckpointManager:
             raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
                                       "allow_missing=['rng'] to resume without them"])
         try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
+            # RNG streams are checked before any read: a malformed one leaves state untouched.
+            rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
             report, failure = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
                 allow_missing=allow_missing, group=self.group), None
         except Exception as e:
             failure = e
         dist.raise_if_any_failed(failure, self.group, f"restore of {path}")
-        streams = rng.restore(rng_state) if (restore_rng and rng_state) else []
+        for _, set_stream in rng_setters:
+            set_stream()
+        streams = [name for name, _ in rng_setters]
         notes = list(report.notes)
         if restore_rng and rank_entry is None:
             # A new rank has no streams of its own; copying another rank's would make two
