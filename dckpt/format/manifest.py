@@ -24,6 +24,11 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 512 << 20
 MAX_CHUNK_BYTES = 1 << 30
 MAX_INT = (1 << 63) - 1
+# A zstd block of up to 128 KiB costs at least 4 stored bytes (an RLE block), so no frame
+# expands more than this: it bounds what a declared raw length can claim from a small file.
+MAX_ZSTD_RATIO = 1 << 15
+# Shard overlap checks allowed per tensor; real layouts (1-D or 2-D grids) need far fewer.
+MAX_SHARD_COMPARISONS = 10_000_000
 
 CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE = 0, 1, 2
 CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd", CODEC_ZSTD_SHUFFLE: "zstd+shuffle"}
@@ -251,6 +256,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
     tensors = {name: _parse_tensor(c, name, t, files, world, meshes)
                for name, t in tensors_obj.items()}
+    _check_regions(c, files, tensors)
     ranks = c.type_(obj.get("ranks"), list, "ranks")
     if len(ranks) != world:
         c.fail("ranks", f"{len(ranks)} rank entries for world_size {world}")
@@ -327,6 +333,7 @@ def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: i
         shards.append(Shard(offsets, sshape, rank, chunks))
     if sum(math.prod(s.shape) for s in shards) != math.prod(shape) or not shards:
         c.fail(f"{where}.shards", f"shards do not tile the global shape {shape}")
+    _check_disjoint(c, f"{where}.shards", shards)
     placement = t.get("placement")
     if placement is not None:
         _parse_placement(c, placement, f"{where}.placement", meshes)
@@ -363,6 +370,50 @@ def _parse_placement(c: _Check, p: Any, where: str, meshes: list[dict]) -> None:
             c.fail(f"{where}.placements", "expected one placement name per mesh dimension")
 
 
+def _check_disjoint(c: _Check, where: str, shards: list[Shard]) -> None:
+    """No two shards overlap. With their sizes summing to the global size (checked by the
+    caller) they then tile it exactly, so no element of a loaded tensor is left unwritten.
+    A sweep along the axis with the most distinct offsets compares only shards that share
+    a range of it: O(n log n) for 1-D layouts."""
+    boxes = [(s.offsets, s.shape) for s in shards if math.prod(s.shape) > 0]
+    if len(boxes) < 2:
+        return
+    ndim = len(boxes[0][0])
+    if ndim == 0:
+        c.fail(where, "several shards of a scalar")
+    axis = max(range(ndim), key=lambda k: len({lo[k] for lo, _ in boxes}))
+    boxes.sort(key=lambda b: b[0][axis])
+    budget = MAX_SHARD_COMPARISONS
+    for i, (lo, n) in enumerate(boxes):
+        end = lo[axis] + n[axis]
+        for j in range(i + 1, len(boxes)):
+            lo2, n2 = boxes[j]
+            if lo2[axis] >= end:
+                break
+            budget -= 1
+            if budget < 0:
+                c.fail(where, "shard layout too complex to validate")
+            if all(a < b + m and b < a + k for a, k, b, m in zip(lo, n, lo2, n2)):
+                c.fail(where, f"shards at {lo} and {lo2} overlap")
+
+
+def _check_regions(c: _Check, files: list[FileEntry], tensors: dict) -> None:
+    """Chunks never share stored bytes. This bounds what a manifest can claim: every raw
+    byte is backed by distinct bytes of a file whose size is checked before reading."""
+    regions: list[list[tuple[int, int, str]]] = [[] for _ in files]
+    for name, t in tensors.items():
+        for si, s in enumerate(t.shards):
+            for ci, ch in enumerate(s.chunks):
+                if ch.stored:
+                    regions[ch.file].append((ch.offset, ch.stored, f"{name}:{si}:{ci}"))
+    for f, rs in zip(files, regions):
+        rs.sort()
+        for (a, n, w1), (b, _, w2) in zip(rs, rs[1:]):
+            if b < a + n:
+                c.fail(f"files[{f.name}]", f"chunks {w1!r:.80} and {w2!r:.80} "
+                                           f"(tensor:shard:chunk) share stored bytes")
+
+
 def _parse_shape(c: _Check, v: Any, where: str) -> list[int]:
     c.type_(v, list, where)
     if len(v) > 64:
@@ -385,6 +436,8 @@ def _parse_chunk(c: _Check, ch: Any, where: str, files: list[FileEntry]) -> Chun
     codec = c.int_(ch[4], f"{where}.codec", 0, 2)
     if codec == CODEC_RAW and stored != raw:
         c.fail(where, f"raw chunk with stored length {stored} != raw length {raw}")
+    if codec != CODEC_RAW and raw > stored * MAX_ZSTD_RATIO:
+        c.fail(where, f"{stored} stored bytes cannot hold {raw} raw bytes of zstd")
     if off + stored > files[f].size:
         c.fail(where, f"bytes {off}..{off + stored} lie past the end of "
                       f"{files[f].name} ({files[f].size} bytes)")
