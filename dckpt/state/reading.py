@@ -9,13 +9,15 @@ are filled through a contiguous CPU buffer.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import io
-from ..errors import IncompleteCheckpointError, StateMismatchError
+from ..errors import IncompleteCheckpointError, StateMismatchError, StorageError
 from ..format.manifest import Manifest, Shard, TensorEntry
 from .tensors import dtype_name, torch_dtype
 
@@ -34,10 +36,40 @@ class TensorReader:
         self._chunks: list = []
         self._names: list[str] = []
         self._after: list = []  # copies from staging into destinations, run after the reads
+        self._admitted: set[int] = set()
+
+    def admit(self, name: str) -> None:
+        """Check that the files behind tensor `name` exist and hold the bytes the manifest
+        promises. Callers run this before allocating for the tensor: the manifest bounds raw
+        bytes by stored bytes, so a huge declared tensor cannot outgrow its real files."""
+        for shard in self.m.tensors[name].shards:
+            for ch in shard.chunks:
+                if ch.file not in self._admitted:
+                    self._admit_file(ch.file, name)
+                    self._admitted.add(ch.file)
+
+    def _admit_file(self, index: int, tensor: str) -> None:
+        path, want = self.paths[index], self.m.files[index].size
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"tensor '{tensor}': data file {path} is missing",
+                                            path, tensor) from None
+        except OSError as e:
+            raise StorageError(f"tensor '{tensor}': cannot stat {path}: {e.strerror}",
+                               path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise IncompleteCheckpointError(f"tensor '{tensor}': {path} is not a regular file",
+                                            path, tensor)
+        if st.st_size < want:
+            raise IncompleteCheckpointError(
+                f"tensor '{tensor}': {path} has {st.st_size} bytes, the manifest promises "
+                f"{want}: the file was truncated", path, tensor)
 
     def request(self, name: str, dest, offsets: list[int] | None = None) -> None:
         """Fill `dest` (tensor or ndarray) with the block of tensor `name` at `offsets`."""
         entry = self.m.tensors[name]
+        self.admit(name)
         if isinstance(dest, np.ndarray):
             if dest.dtype.str != entry.dtype or list(dest.shape) != entry.shape:
                 raise StateMismatchError([f"{name}: array {dest.dtype.str}{list(dest.shape)} "

@@ -76,6 +76,7 @@ class _Walk:
         if self.dry:
             return live
         if name not in self.made:
+            self.reader.admit(name)  # before allocating what the manifest declares
             t = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
             self.reader.request(name, t)
             self.count(e)
@@ -94,6 +95,7 @@ class _Walk:
                     and live.dtype.str == e.dtype and list(live.shape) == e.shape):
                 a = live
             else:
+                self.reader.admit(name)
                 a = np.empty(e.shape, dtype=numpy_dtype(e.dtype))
             self.reader.request(name, a)
             self.count(e)
