@@ -17,9 +17,10 @@ test: setup
 test-slow: setup
 	@DCKPT_SLOW=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
-# The hostile-input tests against an AddressSanitizer build of the native core.
+# The hostile-input tests and the native fuzz attacks against an AddressSanitizer build.
 asan: setup
-	@bash csrc/asan_test.sh
+	@if [ -f csrc/asan_test.sh ]; then bash csrc/asan_test.sh; fi
+	@bash csrc/asan_fuzz.sh
 
 bench: setup
 	@$(PY) -m dckpt bench
