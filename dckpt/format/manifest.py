@@ -14,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-from ..errors import FormatVersionError, ManifestError
+from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
 from .dtypes import ITEMSIZE, numpy_itemsize
 
 FORMAT_NAME = "dckpt"
@@ -193,6 +193,38 @@ def _reject_constant(name: str):
     raise ManifestError(f"non-standard JSON constant {name} in manifest")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ManifestError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _check_self_hash(c: "_Check", obj: dict, data: bytes) -> None:
+    """The hash covers the canonical form, and the bytes must be that form exactly (one
+    trailing newline allowed): so every change is caught, even one JSON reads as the same
+    value ("1E-08" for "1e-08", "\\u00E9" for "\\u00e9")."""
+    stored_hash = c.hash_(obj.pop("self_hash", None), "self_hash")
+    try:
+        body = _canonical(obj)
+        obj["self_hash"] = f"{stored_hash:016x}"
+        full = _canonical(obj)
+    except (ValueError, RecursionError) as e:
+        c.fail("top level", f"cannot be written canonically ({e})")
+    finally:
+        obj.pop("self_hash", None)
+    actual = xxhash.xxh3_64_intdigest(body)
+    problem = None
+    if actual != stored_hash:
+        problem = f"manifest hash mismatch (expected {stored_hash:016x}, got {actual:016x})"
+    elif data != full and data != full + b"\n":
+        problem = "manifest bytes are not in canonical form"
+    if problem:
+        raise CorruptCheckpointError(
+            f"{c.path or 'manifest'}: {problem}: the manifest was modified or damaged",
+            path=c.path, expected=stored_hash, actual=actual)
+
+
 class _Check:
     """Field validation that names the offending field and file in every error."""
 
@@ -224,7 +256,8 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
     try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_float=_finite_float)
     except ManifestError as e:
         raise ManifestError(f"{path or 'manifest'}: {e}", path, e.field) from None
     except (ValueError, RecursionError) as e:
@@ -240,14 +273,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
             f"supports ({FORMAT_VERSION}); upgrade dckpt to read it", path, "version")
     if obj.get("hash_algorithm") != HASH_ALGORITHM:
         c.fail("hash_algorithm", f"unsupported {obj.get('hash_algorithm')!r:.40}")
-    stored_hash = c.hash_(obj.pop("self_hash", None), "self_hash")
-    actual = xxhash.xxh3_64_intdigest(_canonical(obj))
-    if actual != stored_hash:
-        from ..errors import CorruptCheckpointError
-        raise CorruptCheckpointError(
-            f"{path or 'manifest'}: manifest hash mismatch (expected {stored_hash:016x}, "
-            f"got {actual:016x}): the manifest was modified or damaged", path=path,
-            expected=stored_hash, actual=actual)
+    _check_self_hash(c, obj, data)
 
     world = c.int_(obj.get("world_size"), "world_size", 1, 1 << 20)
     files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
