@@ -112,6 +112,8 @@ def test_manifest_from_a_newer_version(ckpt):
     b'{"format":"dckpt"}', b'{"format":"dckpt","version":"1"}', b"[" * 100_000,
     b'{"format":"dckpt","version":' + b"9" * 5000 + b"}", "{\"é\":1}".encode("latin-1"),
     b'{"format":"dckpt","version":1,"hash_algorithm":"xxh3_64","self_hash":"00"}',
+    b'{"format":"dckpt","version":1,"hash_algorithm":"xxh3_64","created":1e999,'
+    b'"self_hash":"0000000000000000"}',
 ])
 def test_garbage_manifest(ckpt, data):
     (ckpt / MANIFEST_NAME).write_bytes(data)
