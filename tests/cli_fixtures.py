@@ -118,18 +118,25 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0x40]))
 
 
-def _two_rank_worker(rank: int, path: str, store: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                         world_size=2)
-    try:
-        state = {"model": {"w": torch.full((16,), float(rank))}, "step": 0}
-        dckpt.save(state, path, counters={"step": 0}, fsync=False)
-    finally:
-        torch.distributed.destroy_process_group()
+def _rank_sharded_save(rank: int, world: int, root: str) -> int:
+    """FSDP2 (fully_shard on a CPU mesh) model and AdamW, one step, saved by a manager."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    dckpt.CheckpointManager(root, fsync=False).save(1, {"model": model, "optimizer": opt})
+    return rank
 
 
-def two_rank_checkpoint(path: Path) -> Path:
-    """A real 2-rank save over gloo: one data file per rank, tensors named @r0 / @r1."""
-    torch.multiprocessing.spawn(_two_rank_worker, args=(str(path), str(path) + ".store"),
-                                nprocs=2)
-    return path
+def sharded_root(root: Path) -> Path:
+    """A real 2-rank FSDP2 save over gloo: tensors sharded across the ranks' data files."""
+    from distributed import run_with_ranks
+    run_with_ranks(2, _rank_sharded_save, str(root))
+    return root

@@ -48,6 +48,7 @@ def test_inspect_json(root):
     assert {"schema", "path", "format_version", "created", "world_size", "versions", "meta",
             "counters", "metrics", "ranks", "files", "tensors", "totals"} == set(doc)
     assert {"tensors[].name", "tensors[].dtype", "tensors[].shape", "tensors[].shards",
+            "tensors[].placement",
             "tensors[].bytes", "tensors[].stored_bytes", "tensors[].ratio",
             "tensors[].codecs"} <= key_paths(doc)
 

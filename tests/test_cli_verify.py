@@ -9,7 +9,7 @@ import torch
 
 import dckpt
 from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, run_cli, run_json,
-                          two_rank_checkpoint)
+                          sharded_root)
 from dckpt.format.reader import read_manifest
 from dckpt.verify import verify
 
@@ -116,21 +116,44 @@ def test_deep_decodes_compressed_chunks(tmp_path):
                                   "shard": 0, "chunk": 2, "offset": chunk.offset}]
 
 
-def test_missing_rank_file(tmp_path):
-    path = two_rank_checkpoint(tmp_path / "two")
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    return sharded_root(tmp_path_factory.mktemp("sharded") / "run") / "step-000000001"
+
+
+def test_sharded_checkpoint_verifies(sharded):
+    code, doc = run_json("verify", sharded)
+    ck = doc["checkpoints"][0]
+    assert code == 0 and ck["stats"]["files"] == 2 and len(ck["ranks"]) == 2
+    assert [r["missing"] for r in ck["ranks"]] == [["scheduler", "data"]] * 2
+
+
+def test_corrupt_shard_names_its_rank_and_shard(sharded, tmp_path):
+    path = copy(sharded, tmp_path / "ck")
+    m = read_manifest(path)
+    shard = m.tensors["model/0.weight"].shards[1]
+    f = m.files[shard.chunks[0].file]
+    flip_byte(path / f.name, shard.chunks[0].offset)
     code, doc = run_json("verify", path)
-    assert code == 0 and len(doc["checkpoints"][0]["ranks"]) == 2
-    assert doc["checkpoints"][0]["stats"]["files"] == 2
+    (bad,) = [c for c in doc["checkpoints"][0]["checks"] if c["level"] == "error"]
+    assert code == 1 and bad["location"] == {"file": f.name, "rank": 1, "tensor": "model/0.weight",
+                                             "shard": 1, "chunk": 0,
+                                             "offset": shard.chunks[0].offset}
+
+
+def test_missing_rank_file(sharded, tmp_path):
+    path = copy(sharded, tmp_path / "ck")
     (path / "rank-00001.dckpt").unlink()
     code, out, _ = run_cli("verify", path)
     assert code == 1
-    assert "rank-00001.dckpt (rank 1) is missing" in out and "'model/w@r1'" in out
+    assert "rank-00001.dckpt (rank 1) is missing" in out and "'model/0.weight'" in out
     _, doc = run_json("verify", path)
     errors = [c for c in doc["checkpoints"][0]["checks"] if c["level"] == "error"]
     assert [e["id"] for e in errors] == ["files.present"]
     assert errors[0]["location"]["rank"] == 1
-    # rank 0's chunks are still checked, rank 1's are not counted as corrupt
-    assert doc["checkpoints"][0]["stats"]["chunks_checked"] == 1
+    # rank 0's chunks are still checked; rank 1's are not reported chunk by chunk
+    stats = doc["checkpoints"][0]["stats"]
+    assert 0 < stats["chunks_checked"] < stats["chunks"]
 
 
 def test_empty_data_file(ckpt):

@@ -94,6 +94,7 @@ def describe(path: Path, m) -> dict:
         stored = t.stored_bytes
         tensors.append({
             "name": name, "kind": t.kind, "dtype": t.dtype, "shape": t.shape,
+            "placement": t.placement,
             "shards": [{"rank": s.rank, "offsets": s.offsets, "shape": s.shape,
                         "chunks": len(s.chunks)} for s in t.shards],
             "bytes": t.nbytes, "stored_bytes": stored,
@@ -216,6 +217,10 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
                       if len(shards) > 1 else f"rank {shards[0]['rank']}")
             if len(shards) == 1 and shards[0]["shape"] != x["shape"]:
                 layout += f" block {shards[0]['shape']}"
+            p = x["placement"]
+            if p:
+                how = ", ".join(p.get("placements", [])) if p.get("kind") == "sharded" else ""
+                layout = f"{p.get('kind')}{' ' + how if how else ''}; {layout}"
             rows.append([x["name"], x["dtype"], _shape(x["shape"]), size(x["bytes"]),
                          f"{x['ratio']:.2f}" if x["ratio"] else "-", layout])
         out += ["  " + line for line in table(
