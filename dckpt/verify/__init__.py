@@ -49,11 +49,12 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
-           threads: int = 0, latest_only: bool = False,
+           threads: int = 0, latest_only: bool = False, checksums: bool = True,
            progress: Progress | None = None) -> Report:
     """Verify a checkpoint directory or a manager root (every step; with latest_only, the
-    one a resume would use). Raises CheckpointNotFoundError when `path` is neither; every
-    problem inside one is a check in the report."""
+    one a resume would use). checksums=False skips the checksum pass (every other check
+    still runs). Raises CheckpointNotFoundError when `path` is neither; every problem inside one
+    is a check in the report."""
     path = Path(path)
     kind = classify_path(path)
     report = Report(str(path), kind, deep, strict)
@@ -80,7 +81,7 @@ def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
 
     for ckpt, rep, m in parsed:
         if m is not None:
-            _check_parsed(ckpt, m, rep, deep, threads, advance)
+            _check_parsed(ckpt, m, rep, deep, threads, checksums, advance)
     return report
 
 
@@ -93,9 +94,10 @@ def verify_checkpoint(path: str | os.PathLike, **kwargs) -> CheckpointReport:
 
 
 def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, threads: int,
-                  advance) -> None:
+                  checksums: bool, advance) -> None:
     usable = integrity.check_files(ckpt, m, rep)
-    integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance)
+    if checksums:
+        integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance)
     views = []
     try:
         views = [anatomy.rank_view(m, r) for r in range(m.world_size)]
