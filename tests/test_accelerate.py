@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from dckpt import rng
 from dckpt.convert import convert
@@ -174,9 +174,11 @@ class NoisyData(torch.utils.data.Dataset):
         return torch.full((4,), float(i)) + torch.rand(4)
 
 
-@pytest.mark.parametrize("workers,data", [(0, "noisy"), (2, "plain")])
-def test_loader_position_is_exact(workers, data):
-    acc = DckptAccelerator(cpu=True)
+@pytest.mark.parametrize("workers,data,stateful", [(0, "noisy", False), (2, "plain", False),
+                                                   (0, "noisy", True)])
+def test_loader_position_is_exact(workers, data, stateful):
+    acc = DckptAccelerator(cpu=True, dataloader_config=DataLoaderConfiguration(
+        use_stateful_dataloader=stateful))  # torchdata's StatefulDataLoader underneath
     dataset = NoisyData() if data == "noisy" else None
     *_, loader = setup(acc, workers, dataset)
     pos = LoaderState(loader)

@@ -169,7 +169,7 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = 
         accelerator.wait_for_everyone()
     models = accelerator._models[:len(weights)]
     state = components(accelerator, models, weights)
-    counters = {"iteration": int(pc.iteration), "accelerator_step": int(accelerator.step)}
+    counters = {"iteration": int(pc.iteration), "accelerate_step": int(accelerator.step)}
     log.info("dckpt: saving accelerator state to %s", target)
     with _keeping_extras(target):
         if mgr is not None:
@@ -204,16 +204,15 @@ class _keeping_extras:
                 self.target.rmdir()  # e.g. made for the hooks: the save creates it afresh
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, *exc) -> None:
+        # After a failed save too: they go back where they were.
         if self.parked is not None:
-            dest = self.target if exc_type is None else self.target.parent / (
-                self.target.name + ".extras")
-            dest.mkdir(parents=True, exist_ok=True)
+            self.target.mkdir(parents=True, exist_ok=True)
             for p in self.parked.iterdir():
-                if not (dest / p.name).exists():
-                    os.rename(p, dest / p.name)
+                if not (self.target / p.name).exists():
+                    os.rename(p, self.target / p.name)
             shutil.rmtree(self.parked, ignore_errors=True)
-            commit.fsync_dir(dest)
+            commit.fsync_dir(self.target)
 
 
 def _is_dckpt_file(name: str) -> bool:

@@ -14,14 +14,11 @@ N processes resumes on M processes when split_batches=True, or when without it N
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 from .. import rng
-
-log = logging.getLogger("dckpt")
 
 _SUBCLASSES: dict[type, type] = {}
 _SET_CLASS = object.__dict__["__class__"].__set__  # DataLoaderAdapter hides __class__ behind a property
@@ -92,6 +89,11 @@ class _BaseHook:
 
     def __iter__(self):
         real = self._owner.base_dataloader = self._real  # one shot
+        if getattr(real, "_initial_iter_for_state_dict", False):
+            # torchdata's StatefulDataLoader builds its next iterator early, whenever its
+            # state_dict() is read (accelerate reads it at every batch): build it here instead,
+            # at the recorded start of the epoch, so the original and the resumed run agree.
+            real._initial_iter_for_state_dict, real._iterator = False, None
         if not self._skip:
             return _Fetches(real.__iter__(), self._owner, None)
         # The index sampler is swapped before the iterator exists, since worker processes
@@ -108,15 +110,18 @@ class _BaseHook:
 
 
 class _Skip:
-    """Drops the first `skip` batches of indices, then calls `skipped()`. Lazy like any
-    sampler, so the random draws happen in the same order as in the original run: the
-    loader's base seed when the iterator is built, the shuffle on the first fetch."""
+    """Drops the first `skip` batches of indices, then calls `skipped()`. The wrapped sampler
+    is iterated exactly when and how the original run iterated it, so its random draws keep
+    their order relative to the loader's own (base seed): a sampler that draws in iter()
+    (torchdata's) draws there, one that draws on its first next() (torch's) draws there."""
 
     def __init__(self, batches, skip: int, skipped):
         self.batches, self.skip, self.skipped = batches, skip, skipped
 
     def __iter__(self):
-        it = iter(self.batches)
+        return self._rest(iter(self.batches))
+
+    def _rest(self, it):
         for _ in range(self.skip):
             next(it, None)
         self.skipped()
