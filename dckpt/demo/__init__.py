@@ -252,3 +252,6 @@ def _print_bench(b: dict) -> None:
               f"{s['load'] * 1e3:5.0f} ms {mb / s['load']:6.0f} MB/s   {s['disk_bytes'] / 1e6:6.1f} MB")
     print("      dckpt commits atomically, verifies every chunk on load and also saves the data "
           "position and RNG streams of every process; accelerate neither fsyncs nor checksums.")
+    if mb < 100:
+        print(f"      At {mb:.0f} MB fixed costs per call (process collectives, the manifest) "
+              "outweigh the I/O; `make bench` measures large states.")
