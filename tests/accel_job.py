@@ -104,7 +104,8 @@ def run(a):
             opt.zero_grad()
             progress.step += 1
             progress.losses.append(acc.gather(loss.detach()[None]).tolist())
-            progress.seen.append(hashlib.sha1(acc.gather(x).cpu().numpy().tobytes()).hexdigest()[:12])
+            seen = acc.gather(x).cpu().numpy().tobytes()
+            progress.seen.append(hashlib.sha1(seen).hexdigest()[:12])
             if progress.step in a.save_at:
                 acc.save_state(a.explicit)
             if progress.step >= a.total:

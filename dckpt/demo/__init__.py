@@ -23,11 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..format.layout import is_staging
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--dir", default=None, help="work directory (default: a new temp dir)")
     parser.add_argument("--steps", type=int, help="training steps (default 60; 16 when CI is set)")
-    parser.add_argument("--every", type=int, help="checkpoint every K steps (default 10; 4 with CI)")
+    parser.add_argument("--every", type=int,
+                        help="checkpoint every K steps (default 10; 4 with CI)")
     parser.add_argument("--kill-at", type=int, help="step at which the run is killed")
 
 
@@ -52,7 +55,7 @@ def run(args) -> int:
     killed = _train(work, "run", 2, steps, every, [], kill_at=kill_at)
     root = work / "run" / "checkpoints"
     committed = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
-    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
+    leftovers = sorted(p.name for p in root.iterdir() if is_staging(p.name))
     print(f"      committed checkpoints: {', '.join(committed)} (total_limit=3 keeps the newest 3)"
           + (f"; half-written, ignored and cleaned up on resume: {', '.join(leftovers)}"
              if leftovers else ""))
@@ -114,8 +117,8 @@ def _train(work: Path, project: str, procs: int, steps: int, every: int, extra: 
                   f"{time.perf_counter() - t0:.1f} s")
         elif kind == "resumed":
             out["resumed"] = ev
-            print(f"      resumed step {ev['step']} from {Path(ev['path']).name}: {ev['mb']:.1f} MB "
-                  f"read and verified in {ev['seconds'] * 1e3:.0f} ms; restored "
+            print(f"      resumed step {ev['step']} from {Path(ev['path']).name}: "
+                  f"{ev['mb']:.1f} MB read and verified in {ev['seconds'] * 1e3:.0f} ms; restored "
                   f"{', '.join(ev['components'])}; RNG streams {', '.join(ev['rng'])}")
         elif kind == "step":
             out["losses"].append(ev["loss"])
@@ -128,7 +131,7 @@ def _train(work: Path, project: str, procs: int, steps: int, every: int, extra: 
                   f"{ev['seconds'] * 1e3:.0f} ms")
         if kill_at is not None and kind == "step" and ev["step"] >= kill_at:
             os.killpg(proc.pid, signal.SIGKILL)
-            print(f"      SIGKILL sent to torchrun and its {2} workers at step {ev['step']}")
+            print(f"      SIGKILL sent to torchrun and its workers at step {ev['step']}")
             break
     rc = proc.wait()
     log.close()
@@ -249,7 +252,8 @@ def _print_bench(b: dict) -> None:
     print("       system              save                 load            on disk")
     for name, s in b["systems"].items():
         print(f"       {name:<16} {s['save'] * 1e3:5.0f} ms {mb / s['save']:6.0f} MB/s   "
-              f"{s['load'] * 1e3:5.0f} ms {mb / s['load']:6.0f} MB/s   {s['disk_bytes'] / 1e6:6.1f} MB")
+              f"{s['load'] * 1e3:5.0f} ms {mb / s['load']:6.0f} MB/s   "
+              f"{s['disk_bytes'] / 1e6:6.1f} MB")
     print("      dckpt commits atomically, verifies every chunk on load and also saves the data "
           "position and RNG streams of every process; accelerate neither fsyncs nor checksums.")
     if mb < 100:

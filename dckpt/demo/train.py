@@ -105,13 +105,13 @@ def main(argv=None) -> int:
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     warmup = 5
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
     model, opt, sched, loader = acc.prepare(model, opt, sched, loader)
     progress = Progress()
     acc.register_for_checkpointing(progress)
-    emit(acc, "start", processes=acc.num_processes, params=sum(p.numel() for p in model.parameters()),
-         batches_per_epoch=len(loader))
+    emit(acc, "start", processes=acc.num_processes, batches_per_epoch=len(loader),
+         params=sum(p.numel() for p in model.parameters()))
 
     if a.resume is not None:
         report = acc.load_state(a.resume or None)

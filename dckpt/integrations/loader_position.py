@@ -21,7 +21,8 @@ import torch
 from .. import rng
 
 _SUBCLASSES: dict[type, type] = {}
-_SET_CLASS = object.__dict__["__class__"].__set__  # DataLoaderAdapter hides __class__ behind a property
+# DataLoaderAdapter hides __class__ behind a read-only property; object's own setter swaps it.
+_SET_CLASS = object.__dict__["__class__"].__set__
 
 
 def _as_tensor(b: bytes) -> torch.Tensor:
