@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import copy, flip_byte, make_root, run_cli, run_json
+from cli_fixtures import copy, flip_byte, key_paths, make_root, run_cli, run_json
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,13 @@ def test_two_steps_differ_with_exact_max_abs(root):
     a, b = root / "step-000000003", root / "step-000000006"
     code, doc = run_json("diff", a, b)
     assert code == 1 and not doc["same"]
+    assert key_paths(doc) == {
+        "schema", "a", "b", "same", "atol", "summary", "tensors", "values", "meta",
+        *(f"summary.{k}" for k in ("identical", "identical_by_hash", "added", "removed",
+                                   "changed", "retyped", "values")),
+        *(f"tensors[].{k}" for k in ("name", "change", "a", "b", "max_abs", "max_rel",
+                                     "differing", "numel")),
+        *(f"{x}[].{k}" for x in ("values", "meta") for k in ("path", "a", "b"))}
     changed = {t["name"]: t for t in doc["tensors"]}
     wa = dckpt.load(a, keys=["model"])["model"]["0.weight"]
     wb = dckpt.load(b, keys=["model"])["model"]["0.weight"]

@@ -71,6 +71,14 @@ def test_ls_lists_steps_retention_and_latest(root):
     assert "recorded by the run's manager" in out
     code, doc = run_json("ls", root, "--keep-last", "1")
     assert doc["schema"] == "dckpt.ls/1" and doc["latest"] == 12
+    assert key_paths(doc) - {p for p in key_paths(doc) if ".metrics." in p} == {
+        "schema", "root", "latest", "latest_pointer", "retention", "retention.policy",
+        "retention.source", "checkpoints",
+        *(f"retention.policy.{k}" for k in ("keep_last", "keep_best", "metric", "mode",
+                                            "keep_every")),
+        *(f"checkpoints[].{k}" for k in ("step", "name", "status", "created", "epoch",
+                                         "metrics", "bytes", "disk_bytes", "kept_by", "latest",
+                                         "latest_pointer", "problem"))}
     kept = {c["step"]: c["kept_by"] for c in doc["checkpoints"]}
     best = min(doc["checkpoints"], key=lambda c: c["metrics"]["loss"])["step"]
     assert kept[12][:2] == ["newest", "last 1"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import (build_state, copy, flip_byte, make_root, run_cli, run_json,
-                          snapshot)
+from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, run_cli,
+                          run_json, snapshot)
 from dckpt.format.reader import read_manifest
 from dckpt.repair import BACKUP_DIR
 
@@ -57,6 +57,9 @@ def test_missing_latest_points_to_newest_verified(root):
               m.tensors["model/0.weight"].shards[0].chunks[0].offset)
     code, doc = run_json("repair", root)
     assert code == 0 and doc["schema"] == "dckpt.repair/1"
+    assert key_paths(doc) == {"schema", "path", "kind", "dry_run", "ok", "backup", "actions",
+                              *(f"actions[].{k}" for k in ("kind", "target", "detail", "done",
+                                                           "refused"))}
     (action,) = doc["actions"]
     assert action["kind"] == "latest" and action["done"]
     assert "step-000000004 (newest verified step)" in action["detail"]
