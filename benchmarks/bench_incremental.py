@@ -106,13 +106,14 @@ def main() -> None:
 
     print(f"\n{'mode':<12} {'save':>5} {'seconds':>9} {'new MiB':>9} {'x smaller':>10} "
           f"{'x faster':>9}")
-    full_t, full_b = median("full", 0, 0), median("full", 0, 1)
     for mode in MODES:
         for save in (0, 1):
             t, b = median(mode, save, 0), median(mode, save, 1)
+            full_t, full_b = median("full", save, 0), median("full", save, 1)
             print(f"{mode:<12} {save + 2:>5} {t:>9.3f} {b / 2**20:>9.2f} "
                   f"{full_b / max(b, 1):>10.1f} {full_t / t:>9.1f}")
-    print(f"\n(medians of {args.repeats} interleaved runs; ratios against the full save 2)")
+    print(f"\n(medians of {args.repeats} interleaved runs; ratios against the full save of "
+          "the same number)")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,9 @@ class Base:
     @property
     def depth(self) -> int:
         """Incremental saves since the last full one, this base included."""
-        d = self.manifest.meta.get(META_KEY, {})
-        return int(d.get("depth", 0)) if isinstance(d, dict) else 0
+        d = self.manifest.meta.get(META_KEY)
+        depth = d.get("depth") if isinstance(d, dict) else 0
+        return depth if isinstance(depth, int) and not isinstance(depth, bool) else 0
 
 
 # ---- the write path -------------------------------------------------------------------

@@ -246,7 +246,10 @@ class CheckpointManager:
 
     def retention_plan(self) -> dict[int, list[str]]:
         """step -> reasons it is kept; an empty list means retention deletes it."""
-        return self.retention.reasons({s: self._metrics(s) for s in self.steps()})
+        # Manifests are read only when a metric decides: each save would otherwise parse
+        # every kept one, a cost that grows with the run and dwarfs a small incremental save.
+        read = self._metrics if self.retention.metric else (lambda s: {})
+        return self.retention.reasons({s: read(s) for s in self.steps()})
 
     def _apply_retention(self, dry_run: bool = False) -> list[int]:
         doomed = [s for s, why in self.retention_plan().items() if not why]
