@@ -4,7 +4,11 @@ The fine-tuning run below freezes a base model under small trainable adapters wi
 the case incremental checkpoints exist for. Crashes are real SIGKILLs of a forked process
 at every file-system mutation of a gc or a save (counted by an audit hook).
 """
+import contextlib
+import io as stdio
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +21,12 @@ import torch
 
 import dckpt
 from dckpt import CheckpointManager, io
+from dckpt.cli import main
 from dckpt.errors import CorruptCheckpointError
 from dckpt.format.reader import read_manifest, read_tensor_bytes
-from dckpt.incremental import Base, VersionCache, consolidate, exclusive_bytes
+from dckpt.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
 from dckpt.state.reading import file_paths
+from distributed import run_with_ranks
 
 CHUNK = 64 << 10
 
@@ -218,7 +224,6 @@ def test_consolidate_exports_a_standalone_copy(tmp_path):
     linked = sum(f.stat().st_size for f in src.iterdir() if f.suffix == ".dckpt")
     assert m.stored_bytes < linked
     expected = snapshot(state)
-    import shutil
     shutil.rmtree(tmp_path / "run")  # the export needs nothing of the run
     assert deep_verify(out) > 0
     live = fresh(seed=5)
@@ -240,11 +245,6 @@ def test_consolidate_exports_a_standalone_copy(tmp_path):
 
 
 def test_cli_verify_inspect_convert_an_incremental_checkpoint(tmp_path, run):
-    import contextlib
-    import io as stdio
-    import json
-    from dckpt.cli import main
-
     def cli(*argv):
         out = stdio.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(stdio.StringIO()):
@@ -279,7 +279,6 @@ def test_links_across_file_systems_fall_back_to_writing(tmp_path):
         dckpt.save(state, base, chunk_size=CHUNK)
         r = dckpt.save(state, tmp_path / "b", chunk_size=CHUNK, base=base)
     finally:
-        import shutil
         shutil.rmtree(base, ignore_errors=True)
     meta = r.manifest.meta["incremental"]
     assert "cannot link" in meta["fallback"] and meta["referenced_chunks"] == 0
@@ -329,13 +328,11 @@ def test_version_cache_checks_the_base_it_is_used_with(tmp_path):
 def test_version_cache_rejects_a_freed_and_reused_tensor():
     cache = VersionCache()
     t = torch.ones(1000)
-    from dckpt.incremental import fingerprint
     fp = fingerprint(t)
     assert fingerprint(t.detach())[1:] == fp[1:]
     del t
     u = torch.zeros(1000)  # may reuse the freed memory, version 0 again
     assert not cache.lookup("x", fingerprint(u), None)
-    from dckpt.incremental import _same_tensor
     assert not _same_tensor(fp, fingerprint(u))
     assert fingerprint(np.ones(3)) is None
     with torch.inference_mode():
@@ -504,8 +501,6 @@ def rank_lora_run(rank, world, root):
 
 
 def test_each_rank_deduplicates_its_own_shards(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from distributed import run_with_ranks
     res = run_with_ranks(2, rank_lora_run, str(tmp_path / "run"), timeout=120)
     root = tmp_path / "run"
     assert CheckpointManager(root).steps() == [2, 3]  # step 1, which wrote the base, is gone
