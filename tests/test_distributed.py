@@ -163,6 +163,27 @@ def test_ddp(tmp_path, world, zero):
         assert sorted(full["state"]) == list(range(6))
 
 
+def rank_zero_reload(rank, world, root):
+    """Restore a ZeRO checkpoint saved on another number of ranks into this partition."""
+    state = ddp_state(rank, world, init_seed=1, zero=True)
+    dckpt.CheckpointManager(root).restore(state)
+    zero = state["optimizer"]
+    return {zero._param_to_index[p]: {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()
+                                      for k, v in st.items()}
+            for p, st in zero.optim.state.items()}
+
+
+def test_zero_partitions_reshard_4_to_2(tmp_path):
+    run_with_ranks(4, rank_ddp, str(tmp_path), True)
+    parts = run_with_ranks(2, rank_zero_reload, str(tmp_path))
+    full = dckpt.load(tmp_path / "step-000000002", keys=["optimizer"])["optimizer"]["state"]
+    got = {int(i): st for part in parts for i, st in part.items()}
+    assert sorted(got) == sorted(full) == list(range(6))  # new partition: all, once
+    for i, st in got.items():
+        assert st == {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()
+                      for k, v in full[i].items()}
+
+
 # ---- FSDP2 + AdamW: bitwise resume at the same world size ----------------------------------
 def rank_fsdp_run(rank, world, root, total, stop):
     """Train to `stop` (saving there) or, with stop=None, resume from root and go on."""
@@ -198,6 +219,44 @@ def test_fsdp2_resume_is_bitwise_exact(tmp_path):
                                                                (1, [5, 0], [5, 6])]
     assert m.tensors["optimizer/state/0/exp_avg"].placement["kind"] == "sharded"
     assert m.tensors["optimizer/state/0/step"].placement["kind"] == "replicated"
+
+
+# ---- HSDP: a Replicate mesh dimension is written once ---------------------------------------
+def rank_hsdp(rank, world, path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def build(seed):
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        model = net(seed)
+        fully_shard(model, mesh=mesh)
+        return {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=0.05),
+                "data": loader(rank // 2, 2)}  # the replicas of a shard see the same data
+    state = build(0)
+    train(state, 2, [])
+    dckpt.save(state, path)
+    fresh = build(1)
+    dckpt.load(path, into=fresh)
+    blocks = {}
+    for k, v in fresh["model"].state_dict().items():
+        block, _, offsets = local_block(v)
+        blocks[k] = [offsets, list(block.shape), hashlib.sha1(block.numpy().tobytes()).hexdigest()]
+    return {"blocks": blocks, "same": digests(state) == digests(fresh)}
+
+
+def test_hsdp_replicas_written_once(tmp_path):
+    res = run_with_ranks(4, rank_hsdp, str(tmp_path / "c"))
+    assert all(r["same"] for r in res)
+    m = dckpt.read_manifest(tmp_path / "c")
+    w = m.tensors["model/l1.weight"]
+    assert w.placement["placements"] == ["Replicate()", "Shard(dim=0)"]
+    assert m.meshes[w.placement["mesh"]]["dim_names"] == ["replicate", "shard"]
+    assert len(w.shards) == 2 and len({s.rank for s in w.shards}) == 2
+    full = dckpt.load(tmp_path / "c", keys=["model"])["model"]  # consolidated
+    for r in res:
+        for k, (offsets, shape, digest) in r["blocks"].items():
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, shape))
+            assert hashlib.sha1(full[k][index].numpy().tobytes()).hexdigest() == digest, k
 
 
 # ---- resharding 2 -> 4 -> 2 -> 1 -------------------------------------------------------------

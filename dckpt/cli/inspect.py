@@ -103,7 +103,7 @@ def describe(path: Path, m) -> dict:
     total, stored = m.total_bytes, m.stored_bytes
     return {
         "schema": SCHEMA, "path": str(path), "format_version": m.version,
-        "created": m.created, "world_size": m.world_size,
+        "created": m.created, "world_size": m.world_size, "meshes": m.meshes,
         "versions": m.meta.get("library", {}),
         "meta": {k: v for k, v in m.meta.items() if k != "library"},
         "counters": m.counters, "metrics": m.metrics, "ranks": ranks,
@@ -165,6 +165,10 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
     v = doc["versions"]
     out.append(f"  format v{doc['format_version']}, created {when(doc['created'])}, "
                f"world size {doc['world_size']}")
+    for i, mesh in enumerate(doc["meshes"]):
+        names = f" ({', '.join(mesh['dim_names'])})" if mesh.get("dim_names") else ""
+        out.append(f"  device mesh {i}: shape {_shape(mesh['shape'])}{names}, "
+                   f"ranks {_short(mesh['ranks'], 60)}")
     if v:
         libs = ", ".join(f"{k} {v[k]}" for k in ("dckpt", "torch", "numpy", "python") if k in v)
         opts = (f"; compression {v.get('compression')}, chunks of "
