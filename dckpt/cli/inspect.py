@@ -103,7 +103,8 @@ def describe(path: Path, m) -> dict:
     total, stored = m.total_bytes, m.stored_bytes
     return {
         "schema": SCHEMA, "path": str(path), "format_version": m.version,
-        "created": m.created, "world_size": m.world_size, "meshes": m.meshes,
+        "created": m.created, "world_size": m.world_size,
+        **({"meshes": m.meshes} if m.meshes else {}),  # device meshes of sharded tensors
         "versions": m.meta.get("library", {}),
         "meta": {k: v for k, v in m.meta.items() if k != "library"},
         "counters": m.counters, "metrics": m.metrics, "ranks": ranks,
@@ -165,7 +166,7 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
     v = doc["versions"]
     out.append(f"  format v{doc['format_version']}, created {when(doc['created'])}, "
                f"world size {doc['world_size']}")
-    for i, mesh in enumerate(doc["meshes"]):
+    for i, mesh in enumerate(doc.get("meshes", [])):
         names = f" ({', '.join(mesh['dim_names'])})" if mesh.get("dim_names") else ""
         out.append(f"  device mesh {i}: shape {_shape(mesh['shape'])}{names}, "
                    f"ranks {_short(mesh['ranks'], 60)}")
