@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch.distributed as tdist
 
-from .. import checkpoint, dist
+from .. import checkpoint, dist, io
 from ..checkpoint import SaveResult, Snapshot
 from ..errors import AsyncSaveError, DckptError
 from ..state.staging import Staged, StagingPool, layout, on_cuda
@@ -59,8 +59,10 @@ class AsyncOptions:
     snapshot: "immediate" (save() returns once every tensor is copied) or "deferred"
         (parameters and optimizer states are copied while forward/backward run; the next
         optimizer.step() waits for that copy; see dckpt.manager.deferred for the contract).
-    threads: native writer threads (1 leaves the other cores to training).
-    nice: the writer thread's nice increment (Linux: per thread); 0 keeps its priority.
+    threads: native writer threads; None: half of this rank's cores, at least 1 (on 2 cores
+        one, which leaves the other to training).
+    nice: the writer thread's nice increment (Linux: per thread; the native pool's helper
+        threads keep the priority of the thread that started them); 0 keeps its priority.
     handle_sigterm: install the SIGTERM handler described above (main thread only, and only
         where SIGTERM still has its default action).
     exit_timeout: seconds to wait for pending saves at exit (None: as long as they take).
@@ -69,7 +71,7 @@ class AsyncOptions:
     max_in_flight: int = 1
     when_busy: str = "wait"
     snapshot: str = "immediate"
-    threads: int = 1
+    threads: int | None = None
     nice: int = 10
     handle_sigterm: bool = True
     exit_timeout: float | None = None
@@ -81,8 +83,15 @@ class AsyncOptions:
             raise ValueError(f"when_busy must be 'wait' or 'skip', not {self.when_busy!r}")
         if self.snapshot not in ("immediate", "deferred"):
             raise ValueError(f"snapshot must be 'immediate' or 'deferred', not {self.snapshot!r}")
-        if self.threads < 0 or self.nice < 0:
+        if (self.threads is not None and self.threads < 0) or self.nice < 0:
             raise ValueError("threads and nice must be >= 0")
+
+    @property
+    def writer_threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        cores = io.default_threads()
+        return max(1, (dist.threads_per_rank(0, cores) or cores) // 2)
 
 
 class SaveHandle:
@@ -218,9 +227,9 @@ class AsyncSaver:
                 owned = owned_storages(opts)
                 later = [i for i in everything if storage_key(snap.leaves[i].value) in owned]
                 staged.copy_now(sorted(set(everything) - set(later)))
-                staged.defer(later)
                 if later:
                     self.gate.hold(opts, staged, handle)
+                    staged.defer(later)
                 elif not opts:
                     log.warning("dckpt: deferred snapshot found no optimizer in the state; "
                                 "every tensor was copied inside save()")

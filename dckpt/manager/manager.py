@@ -148,7 +148,7 @@ class CheckpointManager:
             return self._saver.submit(
                 step, state, rank_state,
                 lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
-                                           self._commit_group, self._saver.options.threads))
+                                           self._commit_group, self._saver.options.writer_threads))
         return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
                              metrics, overwrite, full, self.group, self.threads)
 
