@@ -151,10 +151,6 @@ class Staged:
         self._todo: deque[int] = deque()  # deferred CPU copies not started yet
         self._left = 0  # deferred CPU copies not finished yet
 
-    @property
-    def nbytes(self) -> int:
-        return sum(leaf.nbytes for leaf in self.sources)
-
     def copy_now(self, indices: list[int]) -> None:
         """Copy these leaves and return when their staged bytes are final."""
         gpu = [i for i in indices if on_cuda(self.sources[i])]
