@@ -130,14 +130,18 @@ def offer(flat: Flat, world: int) -> list[dict]:
     carry a hash of their bytes when distributed, so replicas can be recognized."""
     out = []
     for leaf in flat.leaves:
-        item = {"name": leaf.name, "dtype": leaf.dtype, "kind": "numpy" if leaf.is_numpy else "torch",
+        item = {"name": leaf.name, "dtype": leaf.dtype,
+                "kind": "numpy" if leaf.is_numpy else "torch",
                 "shape": list(leaf.value.shape), "global": leaf.global_shape,
                 "offsets": leaf.offsets, "nbytes": leaf.nbytes, "placement": None, "digest": None}
         if isinstance(leaf, DTensorLeaf):
             item["placement"] = leaf.placement
         elif world > 1:
-            leaf.value = contiguous_cpu(leaf.value)  # kept: the write reuses it
-            item["digest"] = f"{io.hash64(io.byte_view(leaf.value)):016x}"
+            host = contiguous_cpu(leaf.value)
+            item["digest"] = f"{io.hash64(io.byte_view(host)):016x}"
+            if isinstance(host, np.ndarray) or leaf.value.device.type == "cpu":
+                leaf.value = host  # no new memory (unless it was strided): the write reuses it
+            # A device tensor's host copy is dropped: only its writer needs one, later.
         out.append(item)
     return out
 
@@ -154,7 +158,8 @@ def assign(offers: list[list[dict]], me: int) -> RankPlan:
     writes: list[list[tuple[str, int]]] = [[] for _ in range(world)]
     aliases: list[dict[str, str]] = [{} for _ in range(world)]
     placements: dict[str, dict] = {}
-    blocks: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []  # nbytes, name, offsets, holders
+    # (nbytes, name, (offsets, shape) or (), [(holder rank, leaf index)])
+    blocks: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
     for name, hs in holders.items():
         first = hs[0][2]
         if any(h[2]["placement"] for h in hs):

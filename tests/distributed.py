@@ -1,4 +1,4 @@
-"""Run a function on N real torch.distributed ranks (gloo, CPU) from a test.
+"""Run a function on N real torch.distributed ranks (gloo on CPU by default) from a test.
 
     results = run_with_ranks(2, fn, arg1, arg2)   # fn(rank, world, *args) on every rank
 
@@ -20,9 +20,10 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor",
-            "torch.nn.parallel", "torch.distributed.optim", "dckpt.checkpoint", "dckpt.manager",
-            "distributed"]
+# Imported once by the forkserver (torch._dynamo alone takes seconds, and FSDP2 pulls it in).
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp",
+            "torch.distributed.tensor", "torch.nn.parallel", "torch.distributed.optim",
+            "dckpt.checkpoint", "dckpt.manager", "distributed"]
 _ctx = None
 
 
@@ -90,7 +91,8 @@ def _leave_together(survivors: int, patience: float = 30.0) -> None:
 
 def run_with_ranks(n: int, fn, *args, timeout: float = 60.0, may_die: tuple[int, ...] = (),
                    backend: str = "gloo"):
-    """fn(rank, world, *args) on n ranks (gloo unless `backend` says otherwise); returns each rank's value in rank order.
+    """fn(rank, world, *args) on n ranks (gloo unless `backend` says otherwise); returns
+    each rank's value in rank order.
 
     Ranks in `may_die` may exit without a result (their entry is None): for tests that kill
     a rank on purpose. Any other rank that raises, dies or outlives `timeout` fails the call.

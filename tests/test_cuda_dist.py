@@ -39,7 +39,8 @@ def test_cuda_tensors_and_own_device_rng(tmp_path):
                for r in res)
     assert res[0]["expected"] != res[1]["expected"]  # each rank its own CUDA stream
     m = dckpt.read_manifest(tmp_path / "step-000000001")
-    assert len(m.tensors["shared"].shards) == 1 and m.tensors["shared"].placement["kind"] == "replicated"
+    shared = m.tensors["shared"]
+    assert len(shared.shards) == 1 and shared.placement["kind"] == "replicated"
     assert {n for n in m.tensors if n.startswith("mine")} == {"mine@r0", "mine@r1"}
     assert all("cuda_device" in json.dumps(m.ranks[r]["rng"]) for r in range(2))
 

@@ -184,6 +184,10 @@ def test_zero_partitions_reshard_4_to_2(tmp_path):
     for i, st in got.items():
         assert st == {k: hashlib.sha1(v.numpy().tobytes()).hexdigest()
                       for k, v in full[i].items()}
+    plain = torch.optim.AdamW(net(0).parameters(), lr=0.05)  # consolidate into one process
+    dckpt.load(tmp_path / "step-000000002", into={"optimizer": plain}, keys=["optimizer"])
+    for i, p in enumerate(plain.param_groups[0]["params"]):
+        assert all(torch.equal(plain.state[p][k], full[i][k]) for k in full[i])
 
 
 # ---- FSDP2 + AdamW: bitwise resume at the same world size ----------------------------------
