@@ -4,15 +4,23 @@ Data files are fsync'd by the writer. Then the manifest is written to a temporar
 fsync'd and renamed to manifest.json inside the staging directory, the staging directory
 is fsync'd, renamed onto the target name, and the parent directory fsync'd. A crash before
 the last rename leaves only a hidden staging directory, which readers ignore and gc removes.
+
+Overwriting swaps the staging directory and the committed target in one atomic step
+(Linux renameat2 RENAME_EXCHANGE), so readers see the old or the new checkpoint, never none.
+Where the file system cannot exchange, the target is moved aside first; a crash before the
+final rename then leaves no target, only the aside copy, and recover() (run by every manager
+before it clears temporaries) moves it back: the old checkpoint is never lost.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 from pathlib import Path
 
 from .errors import CheckpointExistsError, StorageError
-from .format.layout import staging_dir
+from .format.layout import aside_dir, aside_target, staging_dir
 from .format.manifest import MANIFEST_NAME, Manifest
 
 
@@ -39,6 +47,26 @@ def write_file_durably(path: Path, data: bytes, fsync: bool = True) -> None:
         raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError):  # not Linux, or a libc without it (glibc < 2.28)
+    _renameat2 = None
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system or file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def begin(target: Path, overwrite: bool = False) -> Path:
     """Create and return the staging directory for `target`."""
     target = Path(target)
@@ -56,11 +84,14 @@ def finish(tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> N
     if fsync:
         fsync_dir(tmp)
     old = None
-    if target.exists():
-        # Move the old checkpoint aside first: at every instant one complete copy exists.
-        old = staging_dir(target)
-        os.rename(target, old)
-    os.rename(tmp, target)
+    if target.exists() and exchange(tmp, target):
+        old = tmp  # now holds the replaced checkpoint
+    else:
+        if target.exists():
+            # At every instant one complete copy exists, under a name recover() knows.
+            old = aside_dir(target)
+            os.rename(target, old)
+        os.rename(tmp, target)
     if fsync:
         fsync_dir(target.parent)
     if old is not None:
@@ -69,3 +100,22 @@ def finish(tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> N
 
 def abort(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover(parent: Path) -> list[str]:
+    """Finish overwrites a crash interrupted under `parent`: a copy moved aside whose
+    replacement never arrived goes back in place; one whose replacement did is removed.
+    Returns the names put back. Callers hold the root lock (no overwrite is running)."""
+    restored = []
+    for p in sorted(Path(parent).iterdir()):
+        name = aside_target(p.name)
+        if name is None:
+            continue
+        if (p.parent / name).exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.rename(p, p.parent / name)
+            restored.append(name)
+    if restored:
+        fsync_dir(Path(parent))
+    return restored

@@ -10,6 +10,7 @@ from .manifest import MANIFEST_NAME
 LATEST_NAME = "latest"
 LOCK_NAME = ".lock"
 TMP_MARK = ".tmp-"
+ASIDE_MARK = ".old-"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 
 
@@ -33,6 +34,18 @@ def staging_dir(target: Path) -> Path:
 
 def is_staging(name: str) -> bool:
     return name.startswith(".") and TMP_MARK in name
+
+
+def aside_dir(target: Path) -> Path:
+    """Where an overwrite parks the committed `target` until its replacement is in place.
+    Not a staging name: tools that clear debris must not delete it (commit.recover)."""
+    return target.parent / f".{target.name}{ASIDE_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def aside_target(name: str) -> str | None:
+    """The checkpoint name an aside directory belongs to, or None."""
+    head, mark, _ = name.rpartition(ASIDE_MARK)
+    return head[1:] if mark and name.startswith(".") and TMP_MARK not in name else None
 
 
 def is_committed(path: Path) -> bool:
