@@ -262,8 +262,16 @@ class CheckpointManager:
                 shutil.rmtree(trash, ignore_errors=True)
         return doomed
 
+    def _temporaries(self) -> list[Path]:
+        """Staging directories and the half-written `latest` a crash leaves behind."""
+        return [p for p in self.root.iterdir()
+                if is_staging(p.name) or p.name == LATEST_NAME + ".tmp"]
+
     def _remove_staging(self) -> list[Path]:
-        gone = [p for p in self.root.iterdir() if is_staging(p.name)]
+        for name in commit.recover(self.root):
+            log.warning("dckpt: %s was moved aside by an overwrite that crashed; put back",
+                        name)
+        gone = self._temporaries()
         for p in gone:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return gone
@@ -272,7 +280,7 @@ class CheckpointManager:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
         self.wait()  # the async worker holds the root lock while it commits
         with RootLock(self.root):
-            staging = [p for p in self.root.iterdir() if is_staging(p.name)]
+            staging = self._temporaries()
             doomed = [s for s, why in self.retention_plan().items() if not why]
             # Hard-linked data shared with kept checkpoints is not freed.
             freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
