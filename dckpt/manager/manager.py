@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, commit, dist
-from ..errors import CheckpointNotFoundError, DckptError, StateMismatchError
+from ..errors import CheckpointNotFoundError, DckptError, LockError, StateMismatchError
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
@@ -25,6 +25,10 @@ from .lock import RootLock
 from .retention import Retention
 
 log = logging.getLogger("dckpt")
+
+# Seconds a save (or gc) waits for a short holder of the root lock: another process's
+# manager clearing temporaries as it opens. Another save is refused at once.
+LOCK_WAIT = 30.0
 
 
 @dataclass
@@ -88,8 +92,15 @@ class CheckpointManager:
         if self.is_writer:
             self.root.mkdir(parents=True, exist_ok=True)
             if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
-                with RootLock(self.root):
-                    self._remove_staging()
+                try:
+                    with RootLock(self.root, "cleanup"):
+                        self._remove_staging()
+                except LockError:
+                    # Another process is saving here: its staging directory is live, not
+                    # debris, and a reader must not fail. A second writer learns of the
+                    # first at save() (LockError).
+                    log.info("dckpt: %s is being written by another process; temporaries "
+                             "left to it", self.root)
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -157,7 +168,7 @@ class CheckpointManager:
         """Write and commit `snap` (see checkpoint.write), apply retention, then move
         `latest`. Collective over `group`: the training group, or the async worker's own."""
         ctr = {**ctr, "best": self._best_with(step, metrics)}
-        lock = RootLock(self.root).acquire() if self.is_writer else None
+        lock = RootLock(self.root, wait=LOCK_WAIT).acquire() if self.is_writer else None
         try:
             base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
                                        group)
@@ -279,7 +290,7 @@ class CheckpointManager:
     def gc(self, dry_run: bool = False) -> dict:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
         self.wait()  # the async worker holds the root lock while it commits
-        with RootLock(self.root):
+        with RootLock(self.root, wait=LOCK_WAIT):
             staging = self._temporaries()
             doomed = [s for s, why in self.retention_plan().items() if not why]
             # Hard-linked data shared with kept checkpoints is not freed.
@@ -316,9 +327,11 @@ class CheckpointManager:
         try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
             # RNG streams are checked before any read: a malformed one leaves state untouched.
             rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
+            # The manifest parsed above, not a second read: an overwrite in between must
+            # not pair this version's counters and RNG streams with another's tensors.
             report, failure = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, group=self.group), None
+                allow_missing=allow_missing, group=self.group, manifest=m), None
         except Exception as e:
             failure = e
         dist.raise_if_any_failed(failure, self.group, f"restore of {path}")
