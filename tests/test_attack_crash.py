@@ -79,8 +79,11 @@ def check_after_kill(root: Path, exchange: bool = True) -> dict[int, int]:
     if acks:
         step, version = acks[-1]
         for view in (seen, versions) if exchange else (versions,):
-            assert step in view, f"acknowledged step {step} lost; on disk: {view}"
-            assert view[step] >= version
+            # Retention may have deleted it, once KEEP newer steps committed (async saves
+            # are acknowledged a little after they commit).
+            if len([s for s in view if s > step]) < KEEP:
+                assert step in view, f"acknowledged step {step} lost; on disk: {view}"
+                assert view[step] >= version
     if versions:
         newest = max(versions)
         assert mgr.latest_step() == newest
