@@ -8,8 +8,9 @@ One run, on one model + AdamW state (parameters --gb, plus two moments: ~3x that
   - async save, snapshot="immediate": time inside save() (the copy into warm staging);
   - async save, snapshot="deferred": time inside save() plus the wait of the next
     optimizer.step() for the background copy;
-  - training step time with no save in flight, and while each kind of async save is
-    writing in the background (the steps taken until the save is committed).
+  - training step time while each kind of async save is writing in the background (the
+    steps taken until the save is committed), and with no save in flight (steps right
+    before and after each of those saves).
 Systems are interleaved and repeated `--rounds` times; medians are reported.
 Targets (issue 7): blocked <= 10% of the durable torch.save (stretch, deferred: <= 2%),
 steps slowed <= 20% while a save runs in the background.
@@ -138,7 +139,6 @@ def run(a, work: Path) -> int:
                          "imm_total", "dfr_total", "imm_n", "dfr_n", "prepare")}
     n = 1
     for rnd in range(a.rounds):
-        r["base"] += timed_steps(state, x, a.steps)
         r["torch"].append(torch_save_durable(state, work / "torch.pt"))
         r["sync"].append(sync_save(sync, n, state))
         for key, opts in modes.items():
@@ -147,8 +147,12 @@ def run(a, work: Path) -> int:
             t0 = time.perf_counter()
             mgr.prepare(state)  # what the first save would otherwise pay
             r["prepare"].append(time.perf_counter() - t0)
+            # Baseline steps right before and after each save: the shared machine's load
+            # drifts within minutes, so only neighbouring steps compare.
+            r["base"] += timed_steps(state, x, a.steps)
             res = async_save_under_training(mgr, n, state, x, a.max_steps)
             mgr.close()
+            r["base"] += timed_steps(state, x, a.steps)
             r[key].append(res["blocked"])
             r[f"{key}_steps"] += res["steps"]
             r[f"{key}_total"].append(res["total"])
@@ -160,7 +164,6 @@ def run(a, work: Path) -> int:
               f"{r['dfr'][-1]:.3f} s (committed after {r['dfr_total'][-1]:.1f} s, "
               f"{r['dfr_n'][-1]} steps); steps so far {statistics.median(r['base']):.2f} s",
               flush=True)
-    r["base"] += timed_steps(state, x, a.steps)
     sync.close()
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in r.items()}
