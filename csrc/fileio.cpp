@@ -63,7 +63,8 @@ int File::open_read(const std::string& path) {
 int File::create(const std::string& path) {
   int fd;
   do {
-    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    // Never world-writable, even under a umask of 0 (the umask applies on top).
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0664);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) return errno;
   *this = File();

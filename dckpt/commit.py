@@ -24,6 +24,29 @@ from .format.layout import aside_dir, aside_target, staging_dir
 from .format.manifest import MANIFEST_NAME, Manifest
 
 
+# Modes everything a save creates asks for; the umask applies on top. Never world-writable,
+# even under a umask of 0: anyone on the machine could otherwise alter a checkpoint.
+FILE_MODE, DIR_MODE = 0o664, 0o775
+
+
+def create_file(path: Path):
+    """Open `path` for writing (created or truncated) with FILE_MODE."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             FILE_MODE), "wb")
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p with DIR_MODE for every directory it creates (Path.mkdir(parents=True)
+    gives intermediate ones the default 0o777)."""
+    missing = []
+    p = Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=DIR_MODE, exist_ok=True)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -36,7 +59,7 @@ def write_file_durably(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write `data` under a temporary name, fsync, rename onto `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with create_file(tmp) as f:
             f.write(data)
             f.flush()
             if fsync:
@@ -72,9 +95,9 @@ def begin(target: Path, overwrite: bool = False) -> Path:
     target = Path(target)
     if target.exists() and not overwrite:
         raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     tmp = staging_dir(target)
-    tmp.mkdir()
+    tmp.mkdir(mode=DIR_MODE)
     return tmp
 
 

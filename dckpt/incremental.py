@@ -328,7 +328,7 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
     ranks = sorted({f.rank for f in m.files})
     files = [FileEntry(rank_file(r), 0, r) for r in ranks]
     index = {r: i for i, r in enumerate(ranks)}
-    handles = [open(tmp / f.name, "wb") for f in files]
+    handles = [commit.create_file(tmp / f.name) for f in files]
     copied: dict[tuple[int, int, int], Chunk] = {}  # (file, offset, stored) -> new record
     sources: dict[int, object] = {}
     try:

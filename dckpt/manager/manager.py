@@ -90,7 +90,7 @@ class CheckpointManager:
         self.verify, self.threads, self.group = verify, threads, group
         self.is_writer = dist.rank(group) == 0
         if self.is_writer:
-            self.root.mkdir(parents=True, exist_ok=True)
+            commit.make_dirs(self.root)
             if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
                 try:
                     with RootLock(self.root, "cleanup"):
