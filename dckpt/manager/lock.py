@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import LockError
+from ..errors import LockError, StorageError
 from ..format.layout import LOCK_NAME
 
 SAVE = "save"
@@ -23,7 +23,11 @@ class RootLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RootLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot open the lock file {self.path}: {e.strerror}",
+                               str(self.path)) from None
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -37,8 +41,11 @@ class RootLock:
                     raise LockError(f"{self.path.parent} is being written by another process "
                                     f"({holder or 'unknown pid'}); one manager per root") from None
                 time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} {self.purpose}\n".encode(), 0)
+        try:  # the holder's name only informs contenders; a full disk must not stop us
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} {self.purpose}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
         return self
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, commit, dist
-from ..errors import CheckpointNotFoundError, DckptError, LockError, StateMismatchError
+from ..errors import (CheckpointNotFoundError, DckptError, LockError, StateMismatchError,
+                      StorageError)
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
@@ -187,7 +188,13 @@ class CheckpointManager:
                 self._versions.commit()
             if self.is_writer:
                 self._apply_retention()
-                self._write_latest(step)
+                try:
+                    self._write_latest(step)
+                except StorageError as e:
+                    # Committed already, and `latest` is only a hint checked against the
+                    # steps on disk: a full disk here must not report the save as failed.
+                    log.warning("dckpt: step %d is committed but 'latest' was not moved: %s",
+                                step, e)
         finally:
             if lock:
                 lock.release()
