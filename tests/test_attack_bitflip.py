@@ -2,6 +2,8 @@
 Every flip in stored data must be caught by verify (the native checksum pass, the library
 behind `dckpt verify`, and the command itself for a sample) and by load, naming tensor and
 chunk; every flip in the manifest by its self hash or its schema. 100% detection."""
+import contextlib
+import io as io_
 import random
 import time
 
@@ -25,8 +27,13 @@ def ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("flip") / "ckpt"
     state = {**model_state(1), "extra": known_state(1, scale=8)}
     dckpt.save(state, path, compression=request.param, chunk_size=4096)
-    assert cli(["verify", "--json", str(path)]) == 0
+    assert quiet_cli("verify", "--json", str(path)) == 0
     return path
+
+
+def quiet_cli(*args) -> int:
+    with contextlib.redirect_stdout(io_.StringIO()):
+        return cli(list(args))
 
 
 def chunk_map(ckpt):
@@ -69,7 +76,7 @@ def test_every_data_flip_is_detected_and_named(ckpt):
             errors = [c for c in errors if c.group == "checksums"]
             assert [(c.location.tensor, c.location.chunk) for c in errors] == [(tensor, ci)]
             if detected < 5:
-                assert cli(["verify", "--json", str(ckpt)]) == 1
+                assert quiet_cli("verify", "--json", str(ckpt)) == 1
             with pytest.raises(CorruptCheckpointError) as e:
                 dckpt.load(ckpt)
             assert (e.value.tensor, e.value.chunk) == (tensor, ci), str(e.value)
