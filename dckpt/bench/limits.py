@@ -1,13 +1,15 @@
 """The machine's own limits on the same bytes, measured in the same run as the systems.
 
 plain write: Python writes each tensor's bytes to one file (then fsync), the simplest
-durable save there is. plain read: reads the file back sequentially into preallocated
-tensors. memcpy: one thread copies the same bytes between preallocated buffers.
+durable save there is. plain read: reads the file back sequentially into the same
+(preallocated) tensors, which get their own bytes back. memcpy: one thread copies the same
+bytes into a reused scratch buffer larger than any cache.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,11 +19,21 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().reshape(-1).view(torch.uint8).numpy()
 
 
+SCRATCH_BYTES = 256 << 20
+
+
 class Limits:
-    def __init__(self, tensors: list[torch.Tensor]):
-        self.tensors = [t for t in tensors if t.numel()]
-        self.dests = [torch.empty_like(t) for t in self.tensors]
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+    """`tensors()` gives the state's current tensors: a peer's load may have replaced some
+    (optimizer.load_state_dict keeps the loaded tensors), and old ones must not be kept."""
+
+    def __init__(self, tensors: Callable[[], list[torch.Tensor]]):
+        self._tensors = tensors
+        largest = max((t.numel() * t.element_size() for t in tensors()), default=0)
+        self.scratch = np.empty(max(SCRATCH_BYTES, largest), np.uint8)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self._tensors() if t.numel()]
 
     def write(self, path: Path) -> None:
         with open(path, "wb", buffering=0) as f:
@@ -36,17 +48,22 @@ class Limits:
 
     def read(self, path: Path) -> None:
         with open(path, "rb", buffering=0) as f:
-            for d in self.dests:
-                view = _bytes(d)
+            for t in self.tensors:
+                view = _bytes(t)
                 if f.readinto(view) != view.nbytes:
                     raise EOFError(f"{path} is shorter than the state")
 
     def memcpy(self) -> None:
-        for s, d in zip(self.tensors, self.dests):
-            np.copyto(_bytes(d), _bytes(s))
+        pos = 0
+        for t in self.tensors:
+            src = _bytes(t)
+            if pos + src.nbytes > self.scratch.nbytes:
+                pos = 0
+            np.copyto(self.scratch[pos:pos + src.nbytes], src)
+            pos += src.nbytes
 
     def close(self) -> None:
-        self.dests = []
+        self.scratch = np.empty(0, np.uint8)
 
 
 __all__ = ["Limits"]

@@ -322,7 +322,7 @@ def chart(result: dict, path: Path) -> None:
         base[2].set_axis_off()
     fig.suptitle(f"dckpt vs peers, {result['machine']['cores']} cores, "
                  f"{result['started']}", fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -24,6 +24,7 @@ from .systems import System, catalogue as system_catalogue
 from .workloads import Spec, Workload, catalogue as workload_catalogue
 
 LIMIT_WRITE = "plain write"  # its samples hold the plain write (save) and read (load)
+RANKS_MAX_BYTES = 1.5e9  # rank processes hold a second copy of the state: not for the largest
 
 
 @dataclass
@@ -94,7 +95,9 @@ def _run_workload(spec: Spec, systems: list[System], rank_systems: list[str], op
                   cold: bool, log) -> dict:
     w = spec.build()
     reference = fingerprint(w)
-    limits = Limits(w.tensors())
+    limits = Limits(w.tensors)
+    if spec.total_bytes > RANKS_MAX_BYTES:
+        rank_systems = []
     pair = RankPair(spec) if rank_systems else None
     names = [LIMIT_WRITE] + [s.name for s in systems] + rank_systems
     samples = {regime: {n: Samples() for n in names} for regime in opts.dirs}
