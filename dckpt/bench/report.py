@@ -199,6 +199,39 @@ def tables(result: dict) -> str:
     return "\n\n".join(parts)
 
 
+def headline_workload(result: dict) -> str:
+    """The largest float32 transformer of the run (issue 3's >= 1 GB model + AdamW)."""
+    names = [w["name"] for w in result["workloads"]]
+    fp32 = [w for w in result["workloads"] if w["name"].startswith("transformer")
+            and w["name"].endswith("fp32")]
+    return max(fp32, key=lambda w: w["bytes"])["name"] if fp32 else names[0]
+
+
+def headline(result: dict) -> str:
+    """One row per regime and operation: dckpt's GB/s, then each peer's and the limit's
+    GB/s with dckpt's ratio over it, on the headline workload."""
+    figs = figures(result)
+    name = headline_workload(result)
+    per = figs[name]
+    peers = [n for n in result["systems"] if not n.startswith("dckpt") and not n.endswith("ranks")]
+    hdr = ["regime", "operation", "dckpt GB/s", "plain write / read"] + peers
+    lines = [f"{name} ({next(w for w in result['workloads'] if w['name'] == name)['tensors']} "
+             "tensors): GB/s (dckpt x that)", "", "| " + " | ".join(hdr) + " |",
+             "|" + "---|" * len(hdr)]
+    for regime, rows in per.items():
+        for op in ("save", "load", "load_cold", "verify"):
+            mine = _median(rows.get(DCKPT), op)
+            if mine is None:
+                continue
+            limit = "plain write" if op == "save" else "plain read"
+            cells = [REGIME_TITLES.get(regime, regime), OP_TITLES[op], f"{mine:.2f}"]
+            for n in [limit] + peers:
+                theirs = _median(rows.get(n), op)
+                cells.append(f"{theirs:.2f} ({mine / theirs:.2f}x)" if theirs else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def goals_markdown(gs: list[dict]) -> str:
     lines = ["| goal | this run | figure |", "|---|---|---|"]
     for g in gs:
@@ -233,7 +266,8 @@ def markdown(result: dict, chart_name: str | None = None, command: str = "") -> 
               "of the repeats (min-max). `dckpt x` is dckpt's median over that row's: above 1 "
               "dckpt is faster; on the limit rows it is the fraction of the limit reached. "
               "Sizes are relative to dckpt raw; peak extra RSS is the rise of the process's "
-              "resident memory during a save.", "", "### Goals", "", goals_markdown(gs), ""]
+              "resident memory during a save.", "", "### Headline", "", headline(result), "",
+              "### Goals", "", goals_markdown(gs), ""]
     if chart_name:
         parts += [f"![save and load throughput]({chart_name})", ""]
     parts += ["### Figures", "", tables(result), ""]
