@@ -49,7 +49,8 @@ def test_quick_bench_writes_json_chart_and_docs(tmp_path):
             assert set(systems) == expected
             for name, s in systems.items():
                 assert not s["errors"], (regime, name, s["errors"])
-                assert len(s["seconds"]["save"]) == 1 and len(s["seconds"]["load"]) == 1
+                assert len(s["seconds"]["save"]) == 1
+                assert len(s["seconds"].get("load", [])) == (name != "DCP 2t")
         figs = result["figures"][w["name"]]["shm"]
         assert figs["dckpt"]["verify"]["median"] > 0 and figs["torch.save"]["verify"]
         assert figs["dckpt zstd-1"]["size_bytes"] < figs["dckpt"]["size_bytes"]

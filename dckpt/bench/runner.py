@@ -175,6 +175,8 @@ def _measure_system(system: System, w: Workload, reference: list[int], path: Pat
     s.peak_rss.setdefault("save", []).append(peak.extra)
     s.size_bytes = measure.disk_usage(path)
     passes = [("load", False)] + ([("load_cold", True)] if cold else [])
+    if not system.loads:
+        passes = []
     for op, drop in passes:
         w.perturb()
         gc.collect()

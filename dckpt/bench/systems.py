@@ -23,6 +23,7 @@ class System:
     name = ""
     peer = True  # False for dckpt's own configurations
     can_verify = False
+    loads = True  # False where another system already measures the very same load path
 
     def save(self, w: Workload, path: Path) -> None:
         raise NotImplementedError
@@ -144,6 +145,7 @@ class Dcp(System):
     def __init__(self, threads: int):
         self.threads = threads
         self.name = f"DCP {threads}t"
+        self.loads = threads == 1  # writer threads change the files, not how they are read
 
     def save(self, w: Workload, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
