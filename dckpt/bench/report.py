@@ -256,7 +256,8 @@ def machine_markdown(result: dict) -> str:
             f"on {result['started']}.")
 
 
-def markdown(result: dict, chart_name: str | None = None, command: str = "") -> str:
+def markdown(result: dict, chart_name: str | None = None, command: str = "",
+             notes: str = "") -> str:
     gs = result.get("goals") or goals(result)
     parts = ["## Save and load", ""]
     if command:
@@ -270,6 +271,8 @@ def markdown(result: dict, chart_name: str | None = None, command: str = "") -> 
               "### Goals", "", goals_markdown(gs), ""]
     if chart_name:
         parts += [f"![save and load throughput]({chart_name})", ""]
+    if notes:
+        parts += [notes.strip(), ""]
     parts += ["### Figures", "", tables(result), ""]
     return "\n".join(parts)
 
@@ -375,12 +378,13 @@ def write_outputs(result: dict, out_dir: Path, command: str = "") -> dict[str, P
     return paths
 
 
-def update_docs(doc: Path, result: dict, chart_png: Path, command: str) -> None:
+def update_docs(doc: Path, result: dict, chart_png: Path, command: str,
+                notes: str = "") -> None:
     """Replace (or append) the '## Save and load' section of doc, chart beside it."""
     doc = Path(doc)
     chart_name = "bench_save_load.png"
     shutil.copyfile(chart_png, doc.parent / chart_name)
-    section = markdown(result, chart_name, command).rstrip() + "\n"
+    section = markdown(result, chart_name, command, notes).rstrip() + "\n"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
     pattern = re.compile(r"^## Save and load\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
