@@ -122,7 +122,3 @@ def flip_bit(path: Path, offset: int, bit: int) -> None:
         byte = f.read(1)[0]
         f.seek(offset)
         f.write(bytes([byte ^ (1 << bit)]))
-
-
-def tree_files(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("*"))

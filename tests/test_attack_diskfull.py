@@ -5,9 +5,7 @@ A real small file system (a tmpfs mount, when this process may mount) is filled 
 every amount of free space from none to enough, in page steps; without mount rights, a
 file-size limit (RLIMIT_FSIZE) in a forked process plays the full disk."""
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path

@@ -95,7 +95,6 @@ def planted(tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    import dckpt
     from dckpt import CheckpointManager
     from dckpt.format.manifest import MANIFEST_NAME
 
