@@ -4,11 +4,8 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -89,13 +86,6 @@ def drop_caches() -> bool:
         return False
 
 
-@contextmanager
-def timed(out: dict, key: str):
-    t0 = time.perf_counter()
-    yield
-    out[key] = time.perf_counter() - t0
-
-
 def fsync_tree(path: Path) -> None:
     """fsync every file under path and every directory up to and including its parent,
     so a peer that does not sync itself is held to the same durability as dckpt."""
@@ -132,12 +122,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def summary(values: list[float]) -> dict:
-    """Median with min and max: the figures reported for every measurement."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
 
 
 def load_average() -> list[float]:
@@ -189,5 +173,5 @@ def _filesystem(path: Path) -> dict:
     return info
 
 
-__all__ = ["PeakRss", "can_drop_caches", "drop_caches", "timed", "fsync_tree", "disk_usage",
-           "remove", "summary", "machine", "load_average", "available_memory", "rss_bytes"]
+__all__ = ["PeakRss", "can_drop_caches", "drop_caches", "fsync_tree", "disk_usage", "remove",
+           "machine", "load_average", "available_memory", "rss_bytes"]

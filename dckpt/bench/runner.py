@@ -58,7 +58,7 @@ def run(opts: Options, log=None) -> dict:
     if opts.workloads:
         specs = [s for s in specs if s.name in opts.workloads] or [
             _parse_spec(n) for n in opts.workloads]
-    systems = [s for s in system_catalogue(opts.quick)
+    systems = [s for s in system_catalogue()
                if not opts.systems or s.name in opts.systems]
     rank_systems = [s for s in RANK_SYSTEMS
                     if opts.ranks and (not opts.systems or s in opts.systems)]

@@ -8,7 +8,6 @@ that do not sync themselves are synced by fsync_tree, inside the timed region).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -200,14 +199,10 @@ class Accelerate(System):
             acc.free_memory()
 
 
-def catalogue(quick: bool = False) -> list[System]:
+def catalogue() -> list[System]:
     """Every single-process system of a run, dckpt's configurations first."""
     return [Dckpt(None, "dckpt"), Dckpt(1, "dckpt zstd-1"), Dckpt(3, "dckpt zstd-3"),
             TorchSave(), Safetensors(), Dcp(1), Dcp(2), Accelerate()]
-
-
-def threads_note() -> str:
-    return f"torch threads {torch.get_num_threads()}, usable cores {len(os.sched_getaffinity(0))}"
 
 
 __all__ = ["System", "Dckpt", "TorchSave", "Safetensors", "Dcp", "Accelerate", "catalogue",
