@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,45 @@ def flip_bit(path: Path, offset: int, bit: int) -> None:
         byte = f.read(1)[0]
         f.seek(offset)
         f.write(bytes([byte ^ (1 << bit)]))
+
+
+MUTATIONS = ("os.rename", "os.remove", "os.rmdir", "os.link", "os.mkdir", "os.truncate",
+             "os.unlink")
+
+
+def killed_at(k: int, fn, timeout: float = 60.0) -> bool:
+    """Run fn in a forked child that SIGKILLs itself at its k-th file-system mutation (an
+    open for writing counts). True if it died there, False if fn finished first."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            count = [0]
+
+            def hook(event, args):
+                writing = event == "open" and (
+                    (isinstance(args[1], str) and any(c in args[1] for c in "wax+")) or
+                    (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR)))
+                if event in MUTATIONS or writing:
+                    count[0] += 1
+                    if count[0] == k:
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+            sys.addaudithook(hook)
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            print(f"victim failed: {type(e).__name__}: {e}", file=sys.stderr)
+            os._exit(3)
+        os._exit(0)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                return True
+            assert os.WEXITSTATUS(status) == 0, f"victim failed at mutation {k}"
+            return False
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"victim hung at mutation {k}")
+        time.sleep(0.002)

@@ -9,10 +9,7 @@ import io as stdio
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from dckpt.errors import CorruptCheckpointError
 from dckpt.format.reader import read_manifest, read_tensor_bytes
 from dckpt.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
 from dckpt.state.reading import file_paths
+from attacks import killed_at
 from distributed import run_with_ranks
 
 CHUNK = 64 << 10
@@ -340,42 +338,6 @@ def test_version_cache_rejects_a_freed_and_reused_tensor():
 
 
 # ---- crashes: SIGKILL at every mutation of a gc or a save -------------------------------
-
-MUTATIONS = ("os.rename", "os.remove", "os.rmdir", "os.link", "os.mkdir", "os.truncate")
-
-
-def killed_at(k: int, fn, timeout: float = 60.0) -> bool:
-    """Run fn in a forked child that SIGKILLs itself at its k-th file-system mutation.
-    True if it died there, False if fn finished first."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            count = [0]
-
-            def hook(event, args):
-                writing = event == "open" and (
-                    (isinstance(args[1], str) and any(c in args[1] for c in "wax+")) or
-                    (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR)))
-                if event in MUTATIONS or writing:
-                    count[0] += 1
-                    if count[0] == k:
-                        os.kill(os.getpid(), signal.SIGKILL)
-
-            sys.addaudithook(hook)
-            fn()
-        finally:
-            os._exit(0)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child hung at mutation {k}")
-        time.sleep(0.002)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, dict]:
