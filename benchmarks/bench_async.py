@@ -115,6 +115,10 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--nice", type=int, default=AsyncOptions.nice, help="writer nice value")
+    ap.add_argument("--duty", type=float, default=AsyncOptions.duty,
+                    help="share of time the background writer writes")
+    ap.add_argument("--buffered", action="store_true",
+                    help="background writes through the page cache (no O_DIRECT)")
     ap.add_argument("--quick", action="store_true", help="a 0.1 GB model, one round")
     a = ap.parse_args()
     if a.quick:
@@ -131,12 +135,14 @@ def run(a, work: Path) -> int:
     nbytes = state_bytes(state)
     print(f"# state: {nbytes / 1e9:.2f} GB ({a.gb:.2f} GB parameters + AdamW moments), "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, dir {work}, "
-          f"writer nice {a.nice}, load average {os.getloadavg()[0]:.1f}")
+          f"writer nice {a.nice}, duty {a.duty}, {'buffered' if a.buffered else 'direct'}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     sync = dckpt.CheckpointManager(work / "sync", keep_last=1)
-    modes = {"imm": AsyncOptions(nice=a.nice),
-             "dfr": AsyncOptions(snapshot="deferred", nice=a.nice)}
+    bg = {"nice": a.nice, "duty": a.duty, "direct": not a.buffered}
+    modes = {"imm": AsyncOptions(**bg), "dfr": AsyncOptions(snapshot="deferred", **bg)}
     r = {k: [] for k in ("torch", "sync", "imm", "dfr", "base", "imm_steps", "dfr_steps",
-                         "imm_total", "dfr_total", "imm_n", "dfr_n", "prepare")}
+                         "imm_total", "dfr_total", "imm_n", "dfr_n", "imm_ratio", "dfr_ratio",
+                         "prepare")}
     n = 1
     for rnd in range(a.rounds):
         r["torch"].append(torch_save_durable(state, work / "torch.pt"))
@@ -149,10 +155,14 @@ def run(a, work: Path) -> int:
             r["prepare"].append(time.perf_counter() - t0)
             # Baseline steps right before and after each save: the shared machine's load
             # drifts within minutes, so only neighbouring steps compare.
-            r["base"] += timed_steps(state, x, a.steps)
+            around = timed_steps(state, x, a.steps)
             res = async_save_under_training(mgr, n, state, x, a.max_steps)
             mgr.close()
-            r["base"] += timed_steps(state, x, a.steps)
+            around += timed_steps(state, x, a.steps)
+            r["base"] += around
+            if res["steps"]:  # this save's steps against its own neighbours
+                r[f"{key}_ratio"].append(statistics.median(res["steps"])
+                                         / statistics.median(around))
             r[key].append(res["blocked"])
             r[f"{key}_steps"] += res["steps"]
             r[f"{key}_total"].append(res["total"])
@@ -187,11 +197,17 @@ def run(a, work: Path) -> int:
         print(f"| {name} save in flight ({sum(r[key + '_n'])} steps) | {med[key + '_steps']:.3f} "
               f"| {med[key + '_steps'] / base - 1:+.1%} |")
     print()
+    # The load of a shared machine drifts between rounds: each save's steps compared with
+    # the steps right before and after that save is the figure the target is judged on.
+    paired = {k: [f"{v - 1:+.0%}" for v in r[f"{k}_ratio"]] for k in ("imm", "dfr")}
+    print(f"slowdown per save against its neighbouring steps: immediate {paired['imm']}, "
+          f"deferred {paired['dfr']}; medians {med['imm_ratio'] - 1:+.1%} / "
+          f"{med['dfr_ratio'] - 1:+.1%}")
     ok = lambda c: "met" if c else "NOT met"  # noqa: E731
     print(f"blocked <= 10% of durable torch.save: {ok(med['imm'] <= 0.10 * ts)} (immediate "
           f"{med['imm'] / ts:.1%}), stretch <= 2%: {ok(med['dfr'] <= 0.02 * ts)} (deferred "
           f"{med['dfr'] / ts:.1%}); steps slowed <= 20%: "
-          f"{ok(max(med['imm_steps'], med['dfr_steps']) <= 1.2 * base)}")
+          f"{ok(max(med['imm_ratio'], med['dfr_ratio']) <= 1.2)}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "

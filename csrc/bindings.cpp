@@ -210,7 +210,7 @@ py::int_ hash64(py::handle obj) {
 
 py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
                       int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
-                      int64_t file_index, py::handle prev_obj) {
+                      int64_t file_index, py::handle prev_obj, bool direct, double duty) {
   std::string path = to_path(path_obj, "path");
   py::sequence buffers = to_sequence(buffers_obj, "buffers");
   size_t n = py::len(buffers);
@@ -242,7 +242,7 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
     sources.push_back({held.back()->data(), held.back()->size(), elem_sizes[b],
                        has_prev[b] ? &prev[b] : nullptr});
   }
-  dckpt::WriteOptions options{chunk_size, codec, level, threads, fsync, file_index};
+  dckpt::WriteOptions options{chunk_size, codec, level, threads, fsync, file_index, direct, duty};
   std::vector<std::vector<ChunkRecord>> records;
   Status st;
   {
@@ -330,7 +330,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("elem_sizes"), py::arg("chunk_size") = int64_t{4} << 20, py::arg("codec") = 0,
         py::arg("level") = 1, py::arg("threads") = 0, py::arg("fsync") = true,
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
-        "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.");
+        py::arg("direct") = false, py::arg("duty") = 1.0,
+        "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.\n"
+        "direct: raw chunks bypass the page cache where the filesystem allows it; duty: the\n"
+        "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest).");
   m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),
         py::arg("chunks"), py::arg("verify") = true, py::arg("threads") = 0,
         "Fill each destination buffer from its chunk records.");

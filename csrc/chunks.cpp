@@ -3,8 +3,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <tuple>
 #include <utility>
 
 #include "codec.h"
@@ -17,12 +24,34 @@ namespace {
 // Reads move through memory in blocks this size, each hashed while still in L2.
 constexpr size_t kBlock = size_t{256} << 10;
 
+// A kDirectAlign-aligned buffer for O_DIRECT writes of bytes that are not aligned.
+class AlignedScratch {
+ public:
+  uint8_t* get(size_t len) {
+    if (len > capacity_) {
+      void* p = nullptr;
+      if (::posix_memalign(&p, kDirectAlign, len) != 0) return nullptr;
+      data_.reset(static_cast<uint8_t*>(p));
+      capacity_ = len;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> data_;
+  size_t capacity_ = 0;
+};
+
 // Per-worker state, reused for every chunk the worker handles within one call.
 struct Worker {
   Zstd zstd;
   Scratch frame;     // stored bytes of a compressed chunk
   Scratch shuffled;  // shuffled raw bytes
   Scratch raw;       // decoded chunk that has no destination (deep verify)
+  AlignedScratch bounce;  // unaligned bytes on their way to an O_DIRECT write
 };
 
 std::string hex(uint64_t v) {
@@ -216,7 +245,18 @@ Status check_write_options(const WriteOptions& o) {
   if (o.codec != kRaw && !valid_zstd_level(o.level))
     return fail(Kind::InvalidArgument, none, "invalid zstd level " + std::to_string(o.level));
   if (o.file_index < 0) return fail(Kind::InvalidArgument, none, "file_index must be >= 0");
+  if (!(o.duty > 0.0 && o.duty <= 1.0))
+    return fail(Kind::InvalidArgument, none, "duty must be in (0, 1]");
   return Status();
+}
+
+using Clock = std::chrono::steady_clock;
+
+// Sleeps so that the work done since `start` is `duty` of the time spent.
+void pace(Clock::time_point start, double duty) {
+  if (duty >= 1.0) return;
+  std::chrono::duration<double> busy = Clock::now() - start;
+  std::this_thread::sleep_for(busy * ((1.0 - duty) / duty));
 }
 
 struct WriteJob {
@@ -282,6 +322,143 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
   return Status();
 }
 
+uint64_t align_down(uint64_t v) { return v & ~uint64_t{kDirectAlign - 1}; }
+uint64_t align_up(uint64_t v) { return align_down(v + kDirectAlign - 1); }
+
+// Writes file bytes [begin, end), aligned, from src with O_DIRECT: straight from src when
+// it is aligned too, else through the worker's aligned scratch, a piece at a time.
+int write_aligned(const File& file, const uint8_t* src, uint64_t begin, uint64_t end,
+                  AlignedScratch& bounce) {
+  size_t len = static_cast<size_t>(end - begin);
+  if (reinterpret_cast<uintptr_t>(src) % kDirectAlign == 0)
+    return file.pwrite_all(src, len, begin);
+  constexpr size_t kPiece = size_t{1} << 20;
+  uint8_t* buf = bounce.get(kPiece);
+  if (buf == nullptr) return ENOMEM;
+  for (size_t done = 0; done < len;) {
+    size_t n = std::min(kPiece, len - done);
+    std::memcpy(buf, src + done, n);
+    if (int err = file.pwrite_all(buf, n, begin + done); err != 0) return err;
+    done += n;
+  }
+  return 0;
+}
+
+// The blocks of a direct write that chunks share with a neighbour (or with the end of
+// the file): filled in file order, zero-padded, each written once when complete.
+class EdgeBlocks {
+ public:
+  EdgeBlocks(const File& file, uint8_t* block) : file_(file), block_(block) {}
+
+  // n bytes at file offset pos, all inside one block.
+  int add(uint64_t pos, const uint8_t* src, size_t n) {
+    uint64_t at = align_down(pos);
+    if (at != at_) {
+      if (int err = flush(); err != 0) return err;
+      std::memset(block_, 0, kDirectAlign);
+      at_ = at;
+    }
+    std::memcpy(block_ + (pos - at), src, n);
+    return 0;
+  }
+
+  int flush() {
+    if (at_ == kNone) return 0;
+    uint64_t at = std::exchange(at_, kNone);
+    return file_.pwrite_all(block_, kDirectAlign, at);
+  }
+
+ private:
+  static constexpr uint64_t kNone = ~uint64_t{0};
+  const File& file_;
+  uint8_t* block_;
+  uint64_t at_ = kNone;
+};
+
+// write_chunks' raw chunks through an O_DIRECT file, same bytes as a buffered write:
+// chunks go back to back in task order (offsets are known when a chunk is claimed, not
+// when its write completes), each worker writes the aligned middle of its chunk, then
+// the blocks that chunks share are assembled and written, and a padded last block is
+// cut back to the real end.
+Status write_direct(const std::string& path, const File& file,
+                    const std::vector<WriteSource>& sources,
+                    const std::vector<std::pair<size_t, size_t>>& tasks, const WriteOptions& o,
+                    std::vector<Worker>& workers, std::vector<std::vector<ChunkRecord>>* out) {
+  std::mutex mu;
+  size_t next = 0;
+  uint64_t end = 0;
+  size_t chunk = static_cast<size_t>(o.chunk_size);
+  Status st = parallel_for(tasks.size(), static_cast<int>(workers.size()), [&](size_t, int w) {
+    Clock::time_point start = Clock::now();
+    size_t b, c, len;
+    const uint8_t* raw;
+    ChunkRecord* rec;
+    uint64_t offset;
+    bool hashed = false;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      std::tie(b, c) = tasks[next++];
+      const WriteSource& src = sources[b];
+      raw = src.data + c * chunk;
+      len = std::min(chunk, src.size - c * chunk);
+      rec = &(*out)[b][c];
+      rec->file_index = o.file_index;
+      rec->raw_len = static_cast<int64_t>(len);
+      rec->codec = kRaw;
+      if (src.prev_hashes != nullptr && c < src.prev_hashes->size()) {
+        // Whether this chunk takes file space decides where the next one goes.
+        rec->raw_hash = hash64(raw, len);
+        hashed = true;
+        if ((*src.prev_hashes)[c] == rec->raw_hash) {
+          rec->offset = -1;
+          rec->stored_len = 0;
+          rec->stored_hash = 0;
+          return Status();
+        }
+      }
+      offset = end;
+      end += len;
+    }
+    if (!hashed) rec->raw_hash = hash64(raw, len);  // read while it is about to be written
+    rec->offset = static_cast<int64_t>(offset);
+    rec->stored_len = static_cast<int64_t>(len);
+    rec->stored_hash = rec->raw_hash;
+    uint64_t lo = align_up(offset), hi = align_down(offset + len);
+    if (lo < hi) {
+      int err = write_aligned(file, raw + (lo - offset), lo, hi, workers[w].bounce);
+      if (err != 0)
+        return io_failure(Where{&path, static_cast<int64_t>(b), static_cast<int64_t>(c),
+                                static_cast<int64_t>(offset)},
+                          "write failed", err);
+    }
+    pace(start, o.duty);
+    return Status();
+  });
+  if (!st.ok()) return st;
+
+  uint8_t* block = workers[0].bounce.get(kDirectAlign);
+  if (block == nullptr) return fail(Kind::Io, Where{&path}, "write failed", error_text(ENOMEM));
+  EdgeBlocks edges(file, block);
+  int err = 0;
+  for (size_t t = 0; t < tasks.size() && err == 0; ++t) {
+    auto [b, c] = tasks[t];
+    const ChunkRecord& r = (*out)[b][c];
+    if (r.offset < 0) continue;
+    const uint8_t* raw = sources[b].data + c * chunk;
+    uint64_t first = static_cast<uint64_t>(r.offset);
+    uint64_t last = first + static_cast<uint64_t>(r.stored_len);
+    uint64_t head_end = std::min(last, align_up(first));
+    uint64_t tail_begin = std::max(align_down(last), head_end);
+    if (first < head_end) err = edges.add(first, raw, head_end - first);
+    if (err == 0 && tail_begin < last)
+      err = edges.add(tail_begin, raw + (tail_begin - first), last - tail_begin);
+  }
+  if (err == 0) err = edges.flush();
+  if (err == 0 && end % kDirectAlign != 0) err = file.truncate(end);
+  if (err != 0) return fail(Kind::Io, Where{&path}, "write failed", error_text(err));
+  return Status();
+}
+
 }  // namespace
 
 Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
@@ -299,15 +476,22 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
   }
 
   File file;
-  int err = file.create(path);
+  int err = file.create(path, options.direct && options.codec == kRaw);
   if (err != 0) return fail(Kind::Io, Where{&path}, "cannot create file", error_text(err));
-  WriteJob job{path, file, options};
   int threads = resolve_threads(options.threads, tasks.size());
   std::vector<Worker> workers(threads);
-  st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
-    auto [b, c] = tasks[t];
-    return write_chunk(job, sources[b], b, c, workers[w], &(*out)[b][c]);
-  });
+  if (file.direct()) {
+    st = write_direct(path, file, sources, tasks, options, workers, out);
+  } else {
+    WriteJob job{path, file, options};
+    st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+      Clock::time_point start = Clock::now();
+      auto [b, c] = tasks[t];
+      Status s = write_chunk(job, sources[b], b, c, workers[w], &(*out)[b][c]);
+      pace(start, options.duty);
+      return s;
+    });
+  }
   if (st.ok() && options.fsync && (err = file.sync()) != 0)
     st = fail(Kind::Io, Where{&path}, "fsync failed", error_text(err));
   err = file.close();

@@ -42,6 +42,13 @@ struct WriteOptions {
   int threads = 0;  // <= 0: one per usable core
   bool fsync = true;
   int64_t file_index = 0;
+  // Raw chunks bypass the page cache (O_DIRECT) where the filesystem allows it; the file
+  // holds the same bytes as a buffered write. Other codecs are written buffered.
+  bool direct = false;
+  // Share of wall time each writer thread spends on chunks, in (0, 1]: after a chunk
+  // that took t, it sleeps t * (1 - duty) / duty, so a background save leaves training
+  // the rest of the memory bandwidth and CPU.
+  double duty = 1.0;
 };
 
 // Creates or truncates `path` and stores every source's chunks in it; out[b] receives

@@ -30,13 +30,14 @@ File::~File() {
 }
 
 File::File(File&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)), size_(other.size_) {}
+    : fd_(std::exchange(other.fd_, -1)), size_(other.size_), direct_(other.direct()) {}
 
 File& File::operator=(File&& other) noexcept {
   if (this != &other) {
     if (fd_ >= 0) ::close(fd_);
     fd_ = std::exchange(other.fd_, -1);
     size_ = other.size_;
+    direct_.store(other.direct(), std::memory_order_relaxed);
   }
   return *this;
 }
@@ -60,16 +61,26 @@ int File::open_read(const std::string& path) {
   return 0;
 }
 
-int File::create(const std::string& path) {
+int File::create(const std::string& path, bool direct) {
+  int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
   int fd;
   do {
     // Never world-writable, even under a umask of 0 (the umask applies on top).
-    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0664);
+    fd = ::open(path.c_str(), flags | (direct ? O_DIRECT : 0), 0664);
   } while (fd < 0 && errno == EINTR);
+  if (fd < 0 && direct && errno == EINVAL) return create(path, false);  // tmpfs, some FUSE
   if (fd < 0) return errno;
   *this = File();
   fd_ = fd;
+  direct_.store(direct, std::memory_order_relaxed);
   return 0;
+}
+
+bool File::drop_direct() const {
+  int flags = ::fcntl(fd_, F_GETFL);
+  if (flags < 0 || ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) != 0) return false;
+  direct_.store(false, std::memory_order_relaxed);
+  return true;
 }
 
 int File::pread_all(void* dst, size_t len, uint64_t offset) const {
@@ -94,6 +105,9 @@ int File::pwrite_all(const void* src, size_t len, uint64_t offset) const {
     ssize_t n = ::pwrite(fd_, p, len < kMaxIo ? len : kMaxIo, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
+      // A filesystem that took O_DIRECT at open may still refuse the write (alignment it
+      // wants larger, or no direct I/O after all): write through the page cache instead.
+      if (errno == EINVAL && direct() && drop_direct()) continue;
       return errno;
     }
     // A zero-byte write for a non-empty request would loop forever.
@@ -103,6 +117,14 @@ int File::pwrite_all(const void* src, size_t len, uint64_t offset) const {
     offset += static_cast<uint64_t>(n);
   }
   return 0;
+}
+
+int File::truncate(uint64_t size) const {
+  int rc;
+  do {
+    rc = ::ftruncate(fd_, static_cast<off_t>(size));
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? 0 : errno;
 }
 
 int File::sync() const {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,43 @@ class WriteOptions:
         return self
 
 
+@dataclass(frozen=True)
+class Background:
+    """How a save that runs beside training writes (the async saver sets it per thread).
+
+    direct: raw chunks bypass the page cache (O_DIRECT where the filesystem allows it,
+        else buffered): no kernel copy into the cache and no later writeback of dirty
+        pages, both of which take memory bandwidth from the training step.
+    duty: the share of time each writer thread spends writing, in (0, 1]; it sleeps the
+        rest, so a write of t seconds takes about t / duty.
+    """
+    direct: bool = False
+    duty: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.duty <= 1:
+            raise ValueError(f"duty must lie in (0, 1], not {self.duty!r}")
+
+
+_FOREGROUND = Background()
+_mode = threading.local()
+
+
+@contextmanager
+def background_writes(mode: Background):
+    """Writes started on this thread inside the block use `mode`."""
+    before = getattr(_mode, "value", _FOREGROUND)
+    _mode.value = mode
+    try:
+        yield
+    finally:
+        _mode.value = before
+
+
+def write_mode() -> Background:
+    return getattr(_mode, "value", _FOREGROUND)
+
+
 def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
     """A uint8 numpy view of a contiguous CPU tensor/array, sharing its memory (flat for
     arrays; a tensor's keeps its leading dimensions, which the native core ignores)."""
@@ -76,16 +114,16 @@ def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
                prev_hashes: list | None = None) -> list[list[Chunk]]:
     """Write contiguous CPU tensors/arrays to one file; returns their chunk records."""
     return _write_views(path, [byte_view(v) for v in values], [elem_size(v) for v in values],
-                        opts, file_index, prev_hashes)
+                        opts, write_mode(), file_index, prev_hashes)
 
 
-def _write_views(path: str, views: list, sizes: list[int], opts: WriteOptions,
+def _write_views(path: str, views: list, sizes: list[int], opts: WriteOptions, mode: Background,
                  file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
     try:
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
             threads=opts.threads, fsync=opts.fsync, file_index=file_index,
-            prev_hashes=prev_hashes)
+            prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty)
     except _native.ChunkError as e:
         raise StorageError(f"writing {path} failed: {e}", path) from None
     return [[Chunk(*r) for r in rs] for rs in records]
@@ -117,11 +155,12 @@ def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list
                         max(1, (opts.threads or default_threads()) // len(paths)), opts.fsync)
     results: list = [None] * len(paths)
     errors: list[BaseException] = []
+    mode = write_mode()  # the helper threads write as this one does
 
     def write(i: int) -> None:
         try:
             results[i] = _write_views(paths[i], [views[v][a:z] for v, a, z in plan[i]],
-                                      [sizes[v] for v, _, _ in plan[i]], each, i)
+                                      [sizes[v] for v, _, _ in plan[i]], each, mode, i)
         except BaseException as e:  # re-raised in the calling thread
             errors.append(e)
 
@@ -205,6 +244,6 @@ def _map_error(e, names: list[str], chunks: list[list[Chunk]]) -> DckptError:
     return StorageError(msg, path)
 
 
-__all__ = ["WriteOptions", "write_file", "write_files", "part_count", "read_into",
-           "verify_chunks", "hash64",
+__all__ = ["WriteOptions", "Background", "background_writes", "write_mode", "write_file",
+           "write_files", "part_count", "read_into", "verify_chunks", "hash64",
            "byte_view", "elem_size", "default_threads", "CODEC_ZSTD"]

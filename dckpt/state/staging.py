@@ -32,14 +32,30 @@ from .flatten import Leaf
 log = logging.getLogger("dckpt")
 
 ALIGN = 256  # bytes between staged tensors: keeps every dtype view aligned
+DIRECT_ALIGN = 4096  # what an O_DIRECT write needs of its source (csrc/fileio.h)
+CONGRUENT_MIN = 64 << 10  # smaller leaves are packed: their bytes are few
 
 
-def layout(leaves: list[Leaf]) -> tuple[list[int], int]:
-    """Offsets of each leaf's bytes in an arena, and the arena size they need."""
+def layout(leaves: list[Leaf], order: list[int] | None = None) -> tuple[list[int], int]:
+    """Offsets of each leaf's bytes in an arena, and the arena size they need.
+
+    Leaves are ALIGN-aligned, except that a large one sits at the offset, modulo
+    DIRECT_ALIGN, its bytes will have in the data file when the leaves are stored back to
+    back in `order` (indices into leaves; default: as listed). An O_DIRECT write then sends
+    it straight from the arena; placed otherwise it still works, through a bounce buffer.
+    It costs at most DIRECT_ALIGN bytes per large leaf."""
+    in_file = [0] * len(leaves)
+    pos = 0
+    for i in range(len(leaves)) if order is None else order:
+        in_file[i] = pos
+        pos += leaves[i].nbytes
     offsets, total = [], 0
-    for leaf in leaves:
-        offsets.append(total)
-        total += -(-leaf.nbytes // ALIGN) * ALIGN
+    for leaf, want in zip(leaves, in_file):
+        at = -(-total // ALIGN) * ALIGN
+        if leaf.nbytes >= CONGRUENT_MIN and want % io.elem_size(leaf.value) == 0:
+            at = total + (want - total) % DIRECT_ALIGN  # a multiple of the element size
+        offsets.append(at)
+        total = at + leaf.nbytes
     return offsets, total
 
 
@@ -134,10 +150,11 @@ class StagingPool:
 
 
 class Staged:
-    """One save's copies of `leaves` in `arena`. `leaves` (staged) are what gets written."""
+    """One save's copies of `leaves` in `arena`. `leaves` (staged) are what gets written;
+    `order` is the order they will be stored in (see layout())."""
 
-    def __init__(self, sources: list[Leaf], arena: Arena):
-        offsets, total = layout(sources)
+    def __init__(self, sources: list[Leaf], arena: Arena, order: list[int] | None = None):
+        offsets, total = layout(sources, order)
         assert total <= arena.nbytes
         self.arena = arena
         self.sources = sources
