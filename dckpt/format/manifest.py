@@ -34,6 +34,7 @@ CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE = 0, 1, 2
 CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd", CODEC_ZSTD_SHUFFLE: "zstd+shuffle"}
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+_HEX16 = re.compile(r"[0-9a-f]{16}").fullmatch
 
 
 def is_safe_name(name: Any) -> bool:
@@ -162,9 +163,10 @@ class Manifest:
         return out
 
     def to_bytes(self) -> bytes:
-        body = self.to_dict()
-        body["self_hash"] = f"{xxhash.xxh3_64_intdigest(_canonical(body)):016x}"
-        return _canonical(body) + b"\n"
+        parts = _canonical_parts(self.to_dict())
+        digest = xxhash.xxh3_64_intdigest(_join(parts))
+        parts["self_hash"] = _canonical(f"{digest:016x}")
+        return _join(parts) + b"\n"
 
     @property
     def total_bytes(self) -> int:
@@ -175,9 +177,19 @@ class Manifest:
         return sum(t.stored_bytes for t in self.tensors.values())
 
 
-def _canonical(obj: dict) -> bytes:
+def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
                       ensure_ascii=True).encode("ascii")
+
+
+# The canonical form of a dict is its sorted "key":value pairs joined by commas, so the forms
+# with and without "self_hash" are built from one serialization of the top-level values.
+def _canonical_parts(obj: dict) -> dict[str, bytes]:
+    return {k: _canonical(v) for k, v in obj.items()}
+
+
+def _join(parts: dict[str, bytes]) -> bytes:
+    return b"{" + b",".join(_canonical(k) + b":" + parts[k] for k in sorted(parts)) + b"}"
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -200,24 +212,47 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_self_hash(c: "_Check", obj: dict, data: bytes) -> None:
-    """The hash covers the canonical form, and the bytes must be that form exactly (one
-    trailing newline allowed): so every change is caught, even one JSON reads as the same
-    value ("1E-08" for "1e-08", "\\u00E9" for "\\u00e9")."""
-    stored_hash = c.hash_(obj.pop("self_hash", None), "self_hash")
+def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None]:
+    """The JSON value of `data`, and its canonical parts when `data` is exactly the canonical
+    form (which every writer produces). Such bytes have no duplicate keys, non-finite
+    numbers or odd spellings (serializing the value again would differ or fail), so the C
+    parser reads them; anything else is parsed again with checks that name the problem."""
     try:
-        body = _canonical(obj)
-        obj["self_hash"] = f"{stored_hash:016x}"
-        full = _canonical(obj)
+        obj = json.loads(data)
+        if isinstance(obj, dict):
+            parts = _canonical_parts(obj)
+            full = _join(parts)
+            if data == full or data == full + b"\n":
+                return obj, parts
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                          parse_float=_finite_float), None
+    except ManifestError as e:
+        raise ManifestError(f"{path or 'manifest'}: {e}", path, e.field) from None
     except (ValueError, RecursionError) as e:
-        c.fail("top level", f"cannot be written canonically ({e})")
-    finally:
-        obj.pop("self_hash", None)
-    actual = xxhash.xxh3_64_intdigest(body)
+        raise ManifestError(f"{path or 'manifest'}: not valid JSON ({e})", path) from None
+
+
+def _check_self_hash(c: "_Check", obj: dict, parts: dict | None) -> None:
+    """The hash covers the canonical form without "self_hash", and the bytes must be the
+    canonical form exactly (one trailing newline allowed; `parts` is None when they are
+    not): so every change is caught, even one JSON reads as the same value ("1E-08" for
+    "1e-08", "\\u00E9" for "\\u00e9")."""
+    stored_hash = c.hash_(obj.pop("self_hash", None), "self_hash")
+    canonical = parts is not None
+    if parts is None:
+        try:
+            parts = _canonical_parts(obj)
+        except (ValueError, RecursionError) as e:
+            c.fail("top level", f"cannot be written canonically ({e})")
+    parts.pop("self_hash", None)
+    actual = xxhash.xxh3_64_intdigest(_join(parts))
     problem = None
     if actual != stored_hash:
         problem = f"manifest hash mismatch (expected {stored_hash:016x}, got {actual:016x})"
-    elif data != full and data != full + b"\n":
+    elif not canonical:
         problem = "manifest bytes are not in canonical form"
     if problem:
         raise CorruptCheckpointError(
@@ -245,7 +280,7 @@ class _Check:
         return v
 
     def hash_(self, v: Any, where: str) -> int:
-        if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{16}", v):
+        if not isinstance(v, str) or not _HEX16(v):
             self.fail(where, f"expected 16 lowercase hex digits, got {v!r:.40}")
         return int(v, 16)
 
@@ -255,13 +290,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     c = _Check(path)
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
-    try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                         parse_float=_finite_float)
-    except ManifestError as e:
-        raise ManifestError(f"{path or 'manifest'}: {e}", path, e.field) from None
-    except (ValueError, RecursionError) as e:
-        raise ManifestError(f"{path or 'manifest'}: not valid JSON ({e})", path) from None
+    obj, parts = _decode(data, path)
     c.type_(obj, dict, "top level")
     if obj.get("format") != FORMAT_NAME:
         c.fail("format", f"not a dckpt manifest (format={obj.get('format')!r:.40})")
@@ -273,7 +302,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
             f"supports ({FORMAT_VERSION}); upgrade dckpt to read it", path, "version")
     if obj.get("hash_algorithm") != HASH_ALGORITHM:
         c.fail("hash_algorithm", f"unsupported {obj.get('hash_algorithm')!r:.40}")
-    _check_self_hash(c, obj, data)
+    _check_self_hash(c, obj, parts)
 
     world = c.int_(obj.get("world_size"), "world_size", 1, 1 << 20)
     files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
@@ -322,7 +351,38 @@ def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
                      c.int_(f.get("rank"), f"{where}.rank"), d)
 
 
+def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> TensorEntry | None:
+    """A tensor stored whole by one rank (every tensor of a single-process save), checked
+    in one pass: thousands per manifest. None for anything else, valid or not, which
+    _parse_tensor then checks field by field, naming what is wrong."""
+    if type(t) is not dict or not 0 < len(name) <= 4096 or t.get("placement") is not None:
+        return None
+    kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
+    if type(dtype) is not str or type(shards) is not list or len(shards) != 1:
+        return None
+    itemsize = (ITEMSIZE.get(dtype) if kind == "torch" else
+                numpy_itemsize(dtype) if kind == "numpy" else None)
+    s = shards[0]
+    if itemsize is None or not _shape_ok(shape) or type(s) is not dict:
+        return None
+    offsets, sshape, rank, chunks = s.get("offsets"), s.get("shape"), s.get("rank"), s.get("chunks")
+    if not (_shape_ok(sshape) and sshape == shape and type(offsets) is list
+            and len(offsets) == len(shape) and all(type(o) is int and o == 0 for o in offsets)
+            and type(rank) is int and 0 <= rank < world and type(chunks) is list
+            and all(_chunk_ok(ch, files) for ch in chunks)
+            and sum(ch[3] for ch in chunks) == math.prod(shape) * itemsize):
+        return None
+    return TensorEntry(dtype, shape, [Shard(offsets, sshape, rank, [
+        Chunk(*ch[:5], int(ch[5], 16), int(ch[6], 16)) for ch in chunks])], kind)
+
+
 def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
+                  meshes: list[dict]) -> TensorEntry:
+    return _whole_tensor(name, t, files, world) or _check_tensor(c, name, t, files, world,
+                                                                  meshes)
+
+
+def _check_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
                   meshes: list[dict]) -> TensorEntry:
     where = f"tensors[{name!r:.80}]"
     if not name or len(name) > 4096:
@@ -440,22 +500,46 @@ def _check_regions(c: _Check, files: list[FileEntry], tensors: dict) -> None:
                                            f"(tensor:shard:chunk) share stored bytes")
 
 
+def _shape_ok(v: Any) -> bool:
+    return (type(v) is list and len(v) <= 64
+            and all(type(d) is int and 0 <= d <= 1 << 48 for d in v)
+            and math.prod(v) * 16 <= MAX_INT)
+
+
 def _parse_shape(c: _Check, v: Any, where: str) -> list[int]:
+    if _shape_ok(v):
+        return v
     c.type_(v, list, where)
     if len(v) > 64:
         c.fail(where, "more than 64 dimensions")
     dims = [c.int_(d, where, 0, 1 << 48) for d in v]
-    if math.prod(dims) * 16 > MAX_INT:
-        c.fail(where, f"shape {dims} is too large")
-    return dims
+    c.fail(where, f"shape {dims} is too large")
+
+
+def _chunk_ok(ch: Any, files: list[FileEntry]) -> bool:
+    """Every check of _parse_chunk in one expression, for the common valid chunk."""
+    if type(ch) is not list or len(ch) != 7:
+        return False
+    f, off, stored, raw, codec, raw_hash, stored_hash = ch
+    return (type(f) is int and 0 <= f < len(files)
+            and type(off) is int and 0 <= off <= MAX_INT
+            and type(stored) is int and 0 <= stored <= MAX_CHUNK_BYTES + (1 << 20)
+            and type(raw) is int and 0 <= raw <= MAX_CHUNK_BYTES
+            and type(codec) is int and 0 <= codec <= 2
+            and (stored == raw if codec == CODEC_RAW else raw <= stored * MAX_ZSTD_RATIO)
+            and off + stored <= files[f].size
+            and type(raw_hash) is str and _HEX16(raw_hash) is not None
+            and type(stored_hash) is str and _HEX16(stored_hash) is not None)
 
 
 def _parse_chunk(c: _Check, ch: Any, where: str, files: list[FileEntry]) -> Chunk:
+    if _chunk_ok(ch, files):
+        return Chunk(*ch[:5], int(ch[5], 16), int(ch[6], 16))
     if not isinstance(ch, list) or len(ch) != 7:
         c.fail(where, "a chunk is a list of 7 fields")
-    f = c.int_(ch[0], f"{where}.file", 0, max(len(files) - 1, 0))
     if not files:
         c.fail(where, "chunk refers to a file but the manifest lists none")
+    f = c.int_(ch[0], f"{where}.file", 0, len(files) - 1)
     off = c.int_(ch[1], f"{where}.offset")
     stored = c.int_(ch[2], f"{where}.stored", 0, MAX_CHUNK_BYTES + (1 << 20))
     raw = c.int_(ch[3], f"{where}.raw", 0, MAX_CHUNK_BYTES)
