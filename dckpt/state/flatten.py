@@ -82,7 +82,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             if leaf is None:
                 if v.dtype not in TORCH_NAMES:
                     raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
-                if v.is_sparse or v.layout != torch.strided:
+                if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
                     raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
                                                 "only dense tensors are stored", path)
                 leaf = Leaf(name, v.detach(), list(v.shape), [0] * v.dim())

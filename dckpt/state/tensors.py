@@ -39,5 +39,5 @@ def view_key(t: torch.Tensor) -> tuple | None:
         return None if key is None else ("dtensor", *key)
     if t.numel() == 0 or t.device.type == "meta":
         return None
-    return (t.device.type, t.device.index, t.untyped_storage().data_ptr(),
-            t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    # data_ptr() is the storage's address plus the view's offset: the same memory.
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
