@@ -1,8 +1,8 @@
 """Atomic commit: a checkpoint appears complete or not at all.
 
 Data files are fsync'd by the writer. Then manifest.json is written into the staging
-directory and fsync'd together with that directory, the staging directory is renamed onto
-the target name, and the parent directory fsync'd. A crash before the last rename leaves
+directory and fsync'd, then that directory, the staging directory is renamed onto the
+target name, and the parent directory fsync'd. A crash before the last rename leaves
 only a hidden staging directory, which readers ignore and gc removes.
 
 Overwriting swaps the staging directory and the committed target in one atomic step
@@ -17,7 +17,6 @@ import ctypes
 import errno
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointExistsError, StorageError
@@ -103,19 +102,17 @@ def begin(target: Path, overwrite: bool = False) -> Path:
 
 
 def write_manifest(tmp: Path, data: bytes, fsync: bool = True) -> None:
-    """Write the manifest into the staging directory, durably with its directory entries.
-    Nothing reads a staging directory, so the manifest needs no temporary name; its fsync
-    and the directory's run at once (on ext4 both wait for one journal commit, not two)."""
+    """Write the manifest into the staging directory, durably with the directory's entries.
+    Nothing reads a staging directory, so the manifest needs no temporary name."""
     path = tmp / MANIFEST_NAME
     try:
         with create_file(path) as f:
             f.write(data)
             f.flush()
             if fsync:
-                with ThreadPoolExecutor(1) as pool:
-                    entries = pool.submit(fsync_dir, tmp)
-                    os.fsync(f.fileno())
-                    entries.result()
+                os.fsync(f.fileno())
+        if fsync:
+            fsync_dir(tmp)
     except OSError as e:
         raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
 

@@ -57,7 +57,8 @@ def paused_writer(root: Path, async_save: bool) -> None:
     """Saves step 2 and stops right where the manifest is being written (holding the lock,
     staging directory on disk) until the test lets it go."""
     def hook(event, args):
-        if event == "open" and str(args[0]).endswith("manifest.json.tmp"):
+        if (event == "open" and str(args[0]).endswith("manifest.json")
+                and is_staging(Path(args[0]).parent.name)):
             (root.parent / "paused").touch()
             while not (root.parent / "go").exists():
                 time.sleep(0.005)
