@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, commit, dist, errors, incremental, io, partitioned, sharding
+from . import __version__, commit, dist, errors, gcpause, incremental, io, partitioned, sharding
 from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
 from .format import tree as treecodec
 from .format.layout import rank_file
@@ -77,6 +77,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
                  group=group)
 
 
+@gcpause.during
 def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           compression: str | int | None = None, shuffle: bool = True,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
