@@ -113,6 +113,14 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     except Exception as e:
         offers, failure = None, e
     offers = _exchange(offers, failure, "plan", tmp, target, group)
+    late = sharding.undecided(offers)
+    if late:  # large plain tensors on every rank: hash only these, to find the replicas
+        try:
+            digests, failure = sharding.late_digests(snap.flat, late), None
+        except Exception as e:
+            digests, failure = None, e
+        sharding.add_digests(offers, late, _exchange(digests, failure, "replicas", tmp,
+                                                     target, group))
     try:
         plan = sharding.assign(offers, r)
         report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None

@@ -6,7 +6,9 @@ Every tensor leaf of a rank falls in one of four classes:
               shards form one manifest tensor under the tree name, each shard placed by its
               global offsets. A block several ranks hold (Replicate mesh dims) is written once.
   replicated  a plain tensor that every rank holds with the same dtype, shape and XXH3 hash
-              (DDP parameters, replicated optimizer state): written once in total.
+              (DDP parameters, replicated optimizer state): written once in total. Only
+              tensors every rank holds alike are hashed (a pass over their memory), in a
+              second exchange; small ones are hashed with the first.
   owned       a plain tensor only one rank holds (a ZeRO partition's state): written by it
               under the tree name, so any rank of any world size can find it.
   local       anything else (per-rank buffers that differ): each rank writes its own copy as
@@ -125,9 +127,15 @@ def contiguous_cpu(v):
     return v.detach().to("cpu").contiguous()
 
 
+# Plain tensors up to this size are hashed with the offer: a few microseconds each, and it
+# spares the extra exchange for states whose only plain tensors are small (FSDP2's steps).
+EAGER_DIGEST_BYTES = 1 << 16
+
+
 def offer(flat: Flat, world: int) -> list[dict]:
-    """What this rank holds, for the all-gather that decides who writes what. Plain tensors
-    carry a hash of their bytes when distributed, so replicas can be recognized."""
+    """What this rank holds, for the all-gather that decides who writes what. Small plain
+    tensors carry a hash of their bytes when distributed, so replicas can be recognized;
+    larger ones get theirs only if every rank turns out to hold them (late_digests)."""
     out = []
     for leaf in flat.leaves:
         item = {"name": leaf.name, "dtype": leaf.dtype,
@@ -136,14 +144,49 @@ def offer(flat: Flat, world: int) -> list[dict]:
                 "offsets": leaf.offsets, "nbytes": leaf.nbytes, "placement": None, "digest": None}
         if isinstance(leaf, DTensorLeaf):
             item["placement"] = leaf.placement
-        elif world > 1:
-            host = contiguous_cpu(leaf.value)
-            item["digest"] = f"{io.hash64(io.byte_view(host)):016x}"
-            if isinstance(host, np.ndarray) or leaf.value.device.type == "cpu":
-                leaf.value = host  # no new memory (unless it was strided): the write reuses it
-            # A device tensor's host copy is dropped: only its writer needs one, later.
+        elif world > 1 and leaf.nbytes <= EAGER_DIGEST_BYTES:
+            item["digest"] = _digest(leaf)
         out.append(item)
     return out
+
+
+def _digest(leaf: Leaf) -> str:
+    host = contiguous_cpu(leaf.value)
+    if isinstance(host, np.ndarray) or leaf.value.device.type == "cpu":
+        leaf.value = host  # no new memory (unless it was strided): the write reuses it
+    # A device tensor's host copy is dropped: only its writer needs one, later.
+    return f"{io.hash64(io.byte_view(host)):016x}"
+
+
+def undecided(offers: list[list[dict]]) -> list[str]:
+    """Names that may be replicas but carry no digest yet: plain tensors that every rank
+    holds with the same kind, dtype and shape. The same list on every rank."""
+    world = len(offers)
+    if world < 2:
+        return []
+    seen: dict[str, list[dict]] = {}
+    for items in offers:
+        for it in items:
+            seen.setdefault(it["name"], []).append(it)
+    return [name for name, its in seen.items()
+            if len(its) == world and its[0]["digest"] is None
+            and not any(it["placement"] for it in its)
+            and all(it[f] == its[0][f] for it in its for f in ("kind", "dtype", "shape"))]
+
+
+def late_digests(flat: Flat, names: list[str]) -> list[str]:
+    """This rank's digests of the named leaves, in the order of `names`."""
+    leaves = {leaf.name: leaf for leaf in flat.leaves}
+    return [_digest(leaves[n]) for n in names]
+
+
+def add_digests(offers: list[list[dict]], names: list[str], digests: list[list[str]]) -> None:
+    """Fill in the late digests (digests[rank][k] for names[k]) before assign()."""
+    for items, mine in zip(offers, digests):
+        found = dict(zip(names, mine))
+        for it in items:
+            if it["name"] in found:
+                it["digest"] = found[it["name"]]
 
 
 def assign(offers: list[list[dict]], me: int) -> RankPlan:

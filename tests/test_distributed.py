@@ -190,6 +190,45 @@ def test_zero_partitions_reshard_4_to_2(tmp_path):
         assert all(torch.equal(plain.state[p][k], full[i][k]) for k in full[i])
 
 
+# ---- replica detection: equal plain tensors once, unequal ones per rank ---------------------
+def rank_replicas(rank, world, path):
+    from dckpt import io, sharding
+    hashed = []  # bytes each digest covered: owned tensors must not be hashed at all
+    real = io.hash64
+    io.hash64 = lambda view: hashed.append(view.nbytes) or real(view)
+    n = sharding.EAGER_DIGEST_BYTES // 4 + 1  # float32s: one past the size hashed eagerly
+    same = torch.arange(2 * n, dtype=torch.float32)
+    differs = same.clone()
+    differs[-1] = rank  # a single element apart: must not be taken for a replica
+    state = {"same": same, "same_t": same.reshape(2, n).t(), "differs": differs,
+             "small": torch.tensor([1.0, float(rank)]), "tiny_same": torch.ones(3)}
+    if rank == 1:
+        state["own"] = torch.full((n,), 7.0)
+    try:
+        dckpt.save(state, path)
+    finally:
+        io.hash64 = real
+    back = dckpt.load(path)
+    return {"hashed": sum(hashed), "same": sorted(back) == sorted(state)
+            and all(torch.equal(back[k], v) for k, v in state.items())}
+
+
+def test_replicas_written_once_and_differing_copies_kept(tmp_path):
+    path = tmp_path / "ckpt"
+    res = run_with_ranks(2, rank_replicas, str(path))
+    assert all(r["same"] for r in res)  # every rank gets its own values back, bitwise
+    n = (1 << 16) // 4 + 1
+    m = dckpt.read_manifest(path)
+    kinds = {name: (t.placement or {}).get("kind") for name, t in m.tensors.items()}
+    assert kinds == {"same": "replicated", "same_t": "replicated", "tiny_same": "replicated",
+                     "differs@r0": "local", "differs@r1": "local",
+                     "small@r0": "local", "small@r1": "local", "own": "owned"}
+    assert all(len(t.shards) == 1 for t in m.tensors.values())
+    unique = 4 * (2 * n + 2 * n + 3 + 2 * (2 * n) + 2 * 2 + n)
+    assert m.stored_bytes == unique  # each replica's bytes once, each differing copy twice
+    assert res[1]["hashed"] == 4 * (2 * n + 2 * n + 2 * n + 2 + 3)  # not "own"
+
+
 # ---- FSDP2 + AdamW: bitwise resume at the same world size ----------------------------------
 def rank_fsdp_run(rank, world, root, total, stop):
     """Train to `stop` (saving there) or, with stop=None, resume from root and go on."""
