@@ -93,26 +93,25 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     base = incremental.Base.of(base)
     r, world = dist.rank(group), dist.world_size(group)
 
-    tmp_name = error = None
-    if r == 0:
-        try:
-            tmp_name = str(commit.begin(target, overwrite))
-        except DckptError as e:
-            error = [type(e).__name__, str(e)]
-    tmp_name, error = dist.broadcast_json([tmp_name, error], 0, group, what="save begin")
-    if error:
-        raise getattr(errors, error[0], DckptError)(error[1])
-    tmp = Path(tmp_name)
-
-    # Phase 1: flatten and tell the others what this rank holds; phase 2: write what the
+    # Phase 1: rank 0 opens the staging directory while every rank flattens its state; the
+    # exchange tells all ranks its name and what each rank holds. Phase 2: write what the
     # plan gives this rank and report its records. Each phase ends in an exchange that
     # also carries failures, so a rank that raises makes every rank abort, none hangs.
+    begun = offers = failure = None
     try:
-        snap = snap() if callable(snap) else snap
-        offers, failure = sharding.offer(snap.flat, world), None
+        if r == 0:
+            begun = _begin(target, overwrite)
+        if begun is None or begun[0]:
+            snap = snap() if callable(snap) else snap
+            offers = sharding.offer(snap.flat, world)
     except Exception as e:
-        offers, failure = None, e
-    offers = _exchange(offers, failure, "plan", tmp, target, group)
+        failure = e
+    staged = Path(begun[0]) if begun and begun[0] else None
+    gathered = _exchange([begun, offers], failure, "plan", staged, target, group)
+    tmp_name, error = gathered[0][0]
+    if error:
+        raise getattr(errors, error[0], DckptError)(error[1])
+    tmp, offers = Path(tmp_name), [g[1] for g in gathered]
     late = sharding.undecided(offers)
     if late:  # large plain tensors on every rank: hash only these, to find the replicas
         try:
@@ -148,10 +147,20 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     return SaveResult(target, m.total_bytes, m.stored_bytes, time.perf_counter() - t0, m)
 
 
-def _exchange(value, failure: Exception | None, phase: str, tmp: Path, target: Path,
+def _begin(target: Path, overwrite: bool) -> list:
+    """Rank 0: [staging directory, None], or [None, [error type, message]] that every rank
+    raises (the target exists, say)."""
+    try:
+        return [str(commit.begin(target, overwrite)), None]
+    except DckptError as e:
+        return [None, [type(e).__name__, str(e)]]
+
+
+def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, target: Path,
               group) -> list:
     """All ranks' `value`s; if any rank failed (or one never arrives), rank 0 removes the
-    staging directory and every rank raises: its own error, or one naming the failed rank."""
+    staging directory (if it made one) and every rank raises: its own error, or one naming
+    the failed rank."""
     r = dist.rank(group)
     msg = {"rank": r, "value": value}
     if failure is not None:
@@ -159,13 +168,13 @@ def _exchange(value, failure: Exception | None, phase: str, tmp: Path, target: P
     try:
         gathered = dist.all_gather_json(msg, group, what=f"save {phase} of {target}")
     except DistributedError:
-        if r == 0:
+        if r == 0 and tmp is not None:
             commit.abort(tmp)
         raise
     failed = [g for g in gathered if "error" in g]
     if not failed:
         return [g["value"] for g in gathered]
-    if r == 0:
+    if r == 0 and tmp is not None:
         commit.abort(tmp)
     dist.barrier(group, what=f"save abort of {target}")
     if failure is not None:

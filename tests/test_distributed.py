@@ -429,3 +429,21 @@ def test_rank_failing_mid_save(tmp_path, how):
     assert mgr.steps() == [1]
     assert not [p for p in tmp_path.iterdir() if is_staging(p.name)]
     assert dckpt.load(mgr.path(1), keys=["model"])["model"]  # previous one intact, verified
+
+
+def rank_save_onto_existing(rank, world, path):
+    try:
+        dckpt.save({"w": torch.full((4,), float(rank))}, path)
+    except dckpt.errors.DckptError as e:
+        return type(e).__name__
+    return None
+
+
+def test_existing_target_refused_on_every_rank(tmp_path):
+    path = tmp_path / "ckpt"
+    assert run_with_ranks(2, rank_save_onto_existing, str(path)) == [None, None]
+    before = dckpt.read_manifest(path).to_bytes()
+    res = run_with_ranks(2, rank_save_onto_existing, str(path))
+    assert res == ["CheckpointExistsError"] * 2  # the same typed error everywhere
+    assert dckpt.read_manifest(path).to_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging debris
