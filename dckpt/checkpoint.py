@@ -51,7 +51,8 @@ class Snapshot:
 
 def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
     """Flatten `state` (calling state_dict() on objects) and encode its non-tensor part."""
-    flat = flatten(partitioned.adapt(state), tensor_hook=sharding.dtensor_leaf)
+    with torch.no_grad():  # DTensor.to_local() then returns the shard, not an autograd view
+        flat = flatten(partitioned.adapt(state), tensor_hook=sharding.dtensor_leaf)
     return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
 
 

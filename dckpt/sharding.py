@@ -62,7 +62,26 @@ def is_dtensor(t) -> bool:
 
 def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
     """A DTensor's local tensor, its global shape, and the offsets of the local tensor in it."""
-    for p in t.placements:
+    placements = tuple(t.placements)
+    if placements not in _stored_placements:
+        _check_placements(placements, path)
+    shape, offsets = _block_geometry(t.device_mesh, placements, tuple(t.shape))
+    with torch.no_grad():  # the local tensor itself, not a view made by an autograd function
+        local = t.to_local()
+    if list(local.shape) != list(shape):
+        raise UnsupportedStateError(
+            f"DTensor at '{path}': local tensor {list(local.shape)} is not the block "
+            f"{list(shape)} its placements describe (padded shard?)", path)
+    return local, list(t.shape), list(offsets)
+
+
+# Placement tuples found storable; checking costs more than the rest of a tensor's
+# description, and a state has a handful of distinct tuples over hundreds of tensors.
+_stored_placements: set = set()
+
+
+def _check_placements(placements: tuple, path: str) -> None:
+    for p in placements:
         if p.is_partial():
             raise UnsupportedStateError(
                 f"DTensor at '{path}' has a Partial placement (pending reduction); "
@@ -71,13 +90,7 @@ def local_block(t, path: str = "") -> tuple[torch.Tensor, list[int], list[int]]:
             raise UnsupportedStateError(
                 f"DTensor at '{path}' has placement {p}; only Shard and Replicate are "
                 "stored by offsets", path)
-    shape, offsets = _block_geometry(t.device_mesh, tuple(t.placements), tuple(t.shape))
-    local = t.to_local()
-    if list(local.shape) != list(shape):
-        raise UnsupportedStateError(
-            f"DTensor at '{path}': local tensor {list(local.shape)} is not the block "
-            f"{list(shape)} its placements describe (padded shard?)", path)
-    return local, list(t.shape), list(offsets)
+    _stored_placements.add(placements)
 
 
 # Per mesh: (placements, global shape) -> (local shape, offsets), and the manifest record of
