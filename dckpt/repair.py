@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import commit
+from .errors import ManifestError
 from .format import anatomy
 from .format import tree as treecodec
 from .format.layout import LATEST_NAME, is_staging, parse_step_dir
@@ -210,7 +211,10 @@ def _add_rng(base: Path, ckpts: list[Path], report: RepairReport, saver: _Backup
 
 
 def _streams(entry: dict) -> set[str]:
-    rng = entry.get("rng")
+    try:
+        rng = treecodec.decode(entry.get("rng"))
+    except ManifestError:
+        return set()
     return set(rng) if isinstance(rng, dict) else set()
 
 

@@ -98,6 +98,15 @@ def test_tree_roundtrip():
     assert type(back["t"]) is tuple
 
 
+def test_tree_keeps_dict_order_through_sorted_json():
+    """The manifest is canonical JSON with sorted keys; dicts still come back in their order."""
+    value = {"z": 1, "layer.10.w": 2, "layer.2.w": {"b": 1, "a": 2}, "a": {"x": 1, "y": 2}}
+    sealed = json.dumps(tree.encode(value), sort_keys=True)
+    back = tree.decode(json.loads(sealed))
+    assert list(back) == list(value) and list(back["layer.2.w"]) == ["b", "a"]
+    assert back == value and tree.encode(value["a"]) == {"x": 1, "y": 2}  # sorted: plain
+
+
 def test_tree_refuses_objects_with_path():
     class Thing:
         pass

@@ -57,7 +57,7 @@ def rank_view(m: Manifest, rank: int) -> RankView:
     """Components and RNG streams of one rank. Raises ManifestError on a malformed tree."""
     entry = m.ranks[rank]
     tree = decode(entry.get("tree"))
-    rng = entry.get("rng")
+    rng = decode(entry.get("rng"))
     streams = sorted(rng) if isinstance(rng, dict) else []
     aliases = entry.get("aliases") if isinstance(entry.get("aliases"), dict) else {}
     if isinstance(tree, dict) and _kind("", None, tree) != "model":

@@ -5,7 +5,8 @@ dicts. Everything else is one tagged object `{"$tag": payload}` so decoding is e
 
     {"$float": "nan" | "inf" | "-inf"}   non-finite floats
     {"$tuple": [...]}                    tuples (torch.Size too)
-    {"$dict": [[key, value], ...]}       dicts with non-str keys, or keys starting with "$"
+    {"$dict": [[key, value], ...]}       dicts with non-str keys, keys starting with "$", or
+                                         keys not in sorted order (kept in their order)
     {"$bytes": "<base64>"}               bytes
     {"$tensor": "name"}                  a torch tensor stored in the data files
     {"$ndarray": "name"}                 a numpy array stored in the data files
@@ -77,7 +78,11 @@ def encode(value: Any, path: str = "") -> Any:
     if isinstance(value, list):
         return [encode(v, _join(path, i)) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+        # The manifest's JSON has sorted keys: a dict in another order is stored as pairs,
+        # so it comes back in its own order.
+        keys = list(value)
+        if all(isinstance(k, str) and not k.startswith("$") for k in keys) and all(
+                a < b for a, b in zip(keys, keys[1:])):
             return {k: encode(v, _join(path, k)) for k, v in value.items()}
         pairs = []
         for k, v in value.items():
