@@ -93,6 +93,23 @@ def rewrite_manifest(ckpt: Path, obj: dict) -> None:
     (Path(ckpt) / MANIFEST_NAME).write_bytes(seal(obj))
 
 
+def tree_child(node: dict, key: str):
+    """The value at `key` of an encoded tree dict: a plain object, or $dict pairs (a dict
+    whose keys are not in sorted order)."""
+    if "$dict" in node:
+        return next(v for k, v in node["$dict"] if k == key)
+    return node[key]
+
+
+def tree_set(node: dict, key: str, value) -> None:
+    """Set `key` of an encoded tree dict, in either form."""
+    if "$dict" not in node:
+        node[key] = value
+        return
+    pairs = [p for p in node["$dict"] if p[0] != key]
+    node["$dict"] = pairs + [[key, value]]
+
+
 def json_paths(node, prefix=(), sample_lists=True):
     """Every path into a JSON value (root excluded). Long lists contribute their first and
     last element only when sample_lists, so a 625-word RNG state is two paths, not 625."""

@@ -17,7 +17,8 @@ from dckpt.errors import (DckptError, IncompleteCheckpointError, ManifestError,
                           StateMismatchError)
 from dckpt.format.manifest import MANIFEST_NAME, _canonical, parse
 
-from attacks import SLOW, json_paths, manifest_obj, model_state, rewrite_manifest, seal
+from attacks import (SLOW, json_paths, manifest_obj, model_state, rewrite_manifest, seal,
+                     tree_child, tree_set)
 
 W = "extra/w"  # float32 [64, 33], several 4 KiB chunks
 
@@ -74,7 +75,7 @@ def alias_to_nothing(o):
 
 
 def ref_to_nothing(o):
-    o["ranks"][0]["tree"]["extra"]["w"] = {"$tensor": "no/such/tensor"}
+    tree_set(tree_child(o["ranks"][0]["tree"], "extra"), "w", {"$tensor": "no/such/tensor"})
 
 
 HOSTILE = {
@@ -136,7 +137,7 @@ def test_deeply_nested_tree(ckpt, depth, message):
     """Too deep for the tree decoder, or for the JSON parser itself; sealed by splicing the
     nesting into the canonical text, which json.dumps could not write."""
     obj = manifest_obj(ckpt)
-    obj["ranks"][0]["tree"]["extra"]["deep"] = "DEEP"
+    tree_set(tree_child(obj["ranks"][0]["tree"], "extra"), "deep", "DEEP")
     deep = b"[" * depth + b"]" * depth
     body = {k: v for k, v in obj.items() if k != "self_hash"}
     digest = xxhash.xxh3_64_intdigest(_canonical(body).replace(b'"DEEP"', deep))
@@ -204,7 +205,7 @@ def huge_tensor(obj, chunks):
     obj["tensors"]["huge"] = {"kind": "torch", "dtype": "float32", "shape": [GIB_FLOATS],
                               "shards": [{"offsets": [0], "shape": [GIB_FLOATS], "rank": 0,
                                           "chunks": chunks}]}
-    obj["ranks"][0]["tree"]["extra"]["huge"] = {"$tensor": "huge"}
+    tree_set(tree_child(obj["ranks"][0]["tree"], "extra"), "huge", {"$tensor": "huge"})
 
 
 def repeated_region(obj):
