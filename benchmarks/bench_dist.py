@@ -9,7 +9,8 @@ which goes first:
   dcp    get_state_dict + dcp.save(FileSystemWriter) / dcp.load + set_state_dict
 
 Aggregate throughput = state bytes of all ranks / wall time from a common start barrier to
-the slowest rank's finish; per-rank = that rank's own bytes / its own time. Both systems
+the slowest rank's finish; per-rank = that rank's own bytes / its own time. Save CPU = the
+CPU seconds (user + system, all threads) the ranks spent in one save, summed. Both systems
 fsync their files. Loads read what the save just wrote (warm page cache for both).
 
     python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 3 repeats
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -58,19 +60,25 @@ def build(rank: int, world: int, mb: int):
     return {"model": model, "optim": opt}, local * 3
 
 
-def save_load(system: str, state, path: str) -> tuple[float, float]:
+def cpu_seconds() -> float:
+    """CPU time of this rank's process, all its threads, user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def save_load(system: str, state, path: str) -> tuple[float, float, float]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import dckpt
     from dckpt import dist
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if system == "dckpt":
         dckpt.save(state, path)
     else:
         msd, osd = get_state_dict(state["model"], state["optim"])
         dcp.save({"model": msd, "optim": osd}, storage_writer=dcp.FileSystemWriter(path))
-    saved = time.perf_counter() - t0
+    saved, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     dist.barrier()
     t1 = time.perf_counter()
     if system == "dckpt":
@@ -82,20 +90,21 @@ def save_load(system: str, state, path: str) -> tuple[float, float]:
         set_state_dict(state["model"], state["optim"], model_state_dict=sd["model"],
                        optim_state_dict=sd["optim"])
     loaded = time.perf_counter() - t1
-    return saved, loaded
+    return saved, loaded, cpu
 
 
 def rank_main(rank: int, world: int, mb: int, root: str, repeats: int) -> dict:
     import torch.distributed as tdist
     state, nbytes = build(rank, world, mb)
-    out = {s: {"save": [], "load": []} for s in SYSTEMS}
+    out = {s: {"save": [], "load": [], "save_cpu": []} for s in SYSTEMS}
     for rep in range(repeats):
         order = SYSTEMS if rep % 2 == 0 else SYSTEMS[::-1]
         for system in order:
             path = os.path.join(root, f"{system}-{rep}")
-            saved, loaded = save_load(system, state, path)
+            saved, loaded, cpu = save_load(system, state, path)
             out[system]["save"].append(saved)
             out[system]["load"].append(loaded)
+            out[system]["save_cpu"].append(cpu)
             tdist.barrier()
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
@@ -129,20 +138,25 @@ def main() -> None:
                                          for r in res)
             per_load = statistics.median(r["bytes"] / statistics.median(r["times"][system]["load"])
                                          for r in res)
+            # CPU seconds of one save, all ranks together: what the save costs the machine,
+            # which other jobs' load changes much less than it changes wall time.
+            save_cpu = statistics.median(sum(r["times"][system]["save_cpu"][i] for r in res)
+                                         for i in range(a.repeats))
             rows.append((world, system, total, per_save, total / agg_save, per_load,
-                         total / agg_load))
+                         total / agg_load, save_cpu))
     print("\n| ranks | system | state GB | save GB/s per rank | save GB/s aggregate | "
-          "load GB/s per rank | load GB/s aggregate |")
-    print("|---|---|---|---|---|---|---|")
-    for w, s, total, ps, ags, pl, agl in rows:
+          "load GB/s per rank | load GB/s aggregate | save CPU s (all ranks) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w, s, total, ps, ags, pl, agl, cpu in rows:
         print(f"| {w} | {s} | {total / 1e9:.2f} | {ps / 1e9:.2f} | {ags / 1e9:.2f} | "
-              f"{pl / 1e9:.2f} | {agl / 1e9:.2f} |")
-    print("\n| ranks | dckpt / dcp save (aggregate) | dckpt / dcp load (aggregate) |")
-    print("|---|---|---|")
+              f"{pl / 1e9:.2f} | {agl / 1e9:.2f} | {cpu:.3f} |")
+    print("\n| ranks | dckpt / dcp save (aggregate) | dckpt / dcp load (aggregate) | "
+          "dcp / dckpt save CPU |")
+    print("|---|---|---|---|")
     for w in a.worlds:
         d = next(r for r in rows if r[0] == w and r[1] == "dckpt")
         c = next(r for r in rows if r[0] == w and r[1] == "dcp")
-        print(f"| {w} | {d[4] / c[4]:.2f}x | {d[6] / c[6]:.2f}x |")
+        print(f"| {w} | {d[4] / c[4]:.2f}x | {d[6] / c[6]:.2f}x | {c[7] / d[7]:.2f}x |")
 
 
 if __name__ == "__main__":
