@@ -19,7 +19,9 @@ def rank_cuda_state(rank, world, root):
     torch.cuda.manual_seed(100 + rank)
     torch.rand(3, device=dev)
     g = torch.Generator().manual_seed(1)
-    shared = torch.randn(64, 32, generator=g).to(dev)  # identical on both: written once
+    # Identical on both, so written once; past sharding.EAGER_DIGEST_BYTES, so it is hashed
+    # (through a host copy) only in the exchange that settles replicas.
+    shared = torch.randn(256, 128, generator=g).to(dev)
     mine = (torch.randn(32, 64) + rank).to(dev).t()  # per rank, non-contiguous
     mgr = dckpt.CheckpointManager(root)
     mgr.save(1, {"shared": shared, "mine": mine})
