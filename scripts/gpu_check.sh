@@ -13,5 +13,9 @@ export LD_LIBRARY_PATH=/tmp/dev/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 python3 setup.py -q build_ext --inplace 2>&1 | grep -iE "error" ; ls dckpt/_native*.so
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_cuda_dist.py tests/test_async_save.py tests/test_native.py tests/test_checkpoint.py tests/test_resume.py "$@"
+# Arguments replace the default test list, e.g. `scripts/gpu_check.sh tests/test_cuda.py`.
+TESTS=("$@")
+[ ${#TESTS[@]} -gt 0 ] || TESTS=(tests/test_cuda.py tests/test_cuda_dist.py tests/test_async_save.py
+    tests/test_accelerate_cuda.py tests/test_native.py tests/test_checkpoint.py tests/test_resume.py)
+python3 -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
 if [ -f benchmarks/gpu_check.py ]; then python3 benchmarks/gpu_check.py; fi
