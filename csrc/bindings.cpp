@@ -325,6 +325,8 @@ PYBIND11_MODULE(_native, m) {
 
   m.def("version", [] { return std::string(dckpt::kNativeVersion); });
   m.def("zstd_version", [] { return std::string(ZSTD_versionString()); });
+  m.def("hash_isa", [] { return std::string(dckpt::xxh3().isa); },
+        "The instruction set XXH3 runs with here: sse2, avx2 or avx512.");
   m.def("hash64", &hash64, py::arg("buf"), "XXH3-64 (seed 0) of any contiguous buffer.");
   m.def("write_chunks", &write_chunks, py::arg("path"), py::arg("buffers"),
         py::arg("elem_sizes"), py::arg("chunk_size") = int64_t{4} << 20, py::arg("codec") = 0,

@@ -1,7 +1,6 @@
 // Chunk codecs: XXH3 hashing, byte shuffle, zstd frames with reusable contexts.
 #pragma once
 
-#include <xxhash.h>
 #include <zstd.h>
 
 #include <cstddef>
@@ -9,21 +8,24 @@
 #include <memory>
 #include <string>
 
+#include "xxh3_isa.h"
+
 namespace dckpt {
 
 // On-disk codec ids (part of the format).
 enum Codec : int64_t { kRaw = 0, kZstd = 1, kZstdShuffle = 2 };
 
-inline uint64_t hash64(const void* data, size_t len) { return XXH3_64bits(data, len); }
+inline uint64_t hash64(const void* data, size_t len) { return xxh3().hash(data, len); }
 
 // Incremental XXH3-64 (seed 0); equals hash64 of the concatenated input.
 class StreamHash {
  public:
-  StreamHash() { XXH3_64bits_reset(&state_); }
-  void update(const void* data, size_t len) { XXH3_64bits_update(&state_, data, len); }
-  uint64_t digest() const { return XXH3_64bits_digest(&state_); }
+  StreamHash() : impl_(xxh3()) { XXH3_64bits_reset(&state_); }
+  void update(const void* data, size_t len) { impl_.update(&state_, data, len); }
+  uint64_t digest() const { return impl_.digest(&state_); }
 
  private:
+  const Xxh3& impl_;
   XXH3_state_t state_;
 };
 

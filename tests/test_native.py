@@ -92,6 +92,40 @@ def test_hash64_matches_xxhash(size):
     assert native.hash64(memoryview(bytearray(data.tobytes()))) == expected
 
 
+_ISA_CHECK = """
+import sys, numpy as np, xxhash
+from dckpt import _native as native
+sizes = [0, 1, 3, 16, 17, 128, 129, 240, 241, 1000, 1024, 4095, 65_537, 1 << 20]
+for n in sizes:  # one-shot: every length class of XXH3 (0-16, 17-128, 129-240, long)
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    assert native.hash64(data) == xxhash.xxh3_64_intdigest(data.tobytes()), n
+# Streaming: a verified read hashes 256 KiB blocks of a 1 MiB + 5 chunk as they arrive.
+data = np.random.default_rng(9).integers(0, 256, (1 << 20) + 5, dtype=np.uint8)
+path = sys.argv[1]
+(recs,) = native.write_chunks(path, [data], [1], chunk_size=1 << 21)
+assert recs[0][5] == xxhash.xxh3_64_intdigest(data.tobytes())
+out = np.zeros_like(data)
+native.read_chunks([path], [out], [1], [recs], verify=True)
+assert (out == data).all()
+print(native.hash_isa())
+"""
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+def test_every_xxh3_variant_matches_xxhash(tmp_path, isa):
+    """XXH3 is compiled for SSE2, AVX2 and AVX-512 and picked at run time; DCKPT_XXH3 caps
+    the pick so each variant this CPU runs is checked against the oracle, one-shot and
+    streamed."""
+    import subprocess
+    res = subprocess.run([sys.executable, "-c", _ISA_CHECK, str(tmp_path / "f")],
+                         capture_output=True, text=True, env={**os.environ, "DCKPT_XXH3": isa})
+    assert res.returncode == 0, res.stderr[-2000:]
+    ran = res.stdout.strip()
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    supported = {"sse2": True, "avx2": "avx2" in flags, "avx512": "avx512f" in flags}
+    assert ran == isa if supported[isa] else ran in ("sse2", "avx2")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("codec", [0, 1, 2])
 @pytest.mark.parametrize("size", [0, 1, 5, 4093, CS - 1, CS, CS + 1, 3 * CS + 7])
