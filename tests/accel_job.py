@@ -48,7 +48,11 @@ class Progress:
 
 def main():
     acc = run(parse())
-    acc.end_training()  # destroys the process group: exiting with gloo threads alive aborts
+    # Destroying the process group while a peer still works (rank 0 hashes the parameters)
+    # can abort gloo's threads ("terminate called without an active exception"); so can
+    # exiting with them alive. Meet first, then tear down together.
+    acc.wait_for_everyone()
+    acc.end_training()
 
 
 def parse():

@@ -147,6 +147,7 @@ def main(argv=None) -> int:
         figures = bench(acc, Path(a.project) / "bench", model, opt)
         if acc.is_main_process:
             Path(a.bench).write_text(json.dumps(figures))
+    acc.wait_for_everyone()  # tearing gloo down while a peer still works can abort it
     acc.end_training()
     return 0
 
