@@ -8,14 +8,7 @@
 #define XXH_VECTOR 3  // XXH_AVX512
 #include <immintrin.h>  // xxhash.h includes it only when the whole build targets AVX2
 
-#include "xxh3_isa.h"
-
-namespace dckpt {
-namespace {
-uint64_t hash(const void* data, size_t len) { return XXH3_64bits(data, len); }
-void update(XXH3_state_t* s, const void* data, size_t len) { XXH3_64bits_update(s, data, len); }
-uint64_t digest(const XXH3_state_t* s) { return XXH3_64bits_digest(s); }
-}  // namespace
-const Xxh3 kXxh3Avx512 = {"avx512", hash, update, digest};
-}  // namespace dckpt
+#define XXH3_TABLE kXxh3Avx512
+#define XXH3_ISA "avx512"
+#include "xxh3_variant.inc"
 #endif

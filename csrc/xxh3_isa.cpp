@@ -5,9 +5,6 @@
 
 namespace dckpt {
 namespace {
-uint64_t hash(const void* data, size_t len) { return XXH3_64bits(data, len); }
-void update(XXH3_state_t* s, const void* data, size_t len) { XXH3_64bits_update(s, data, len); }
-uint64_t digest(const XXH3_state_t* s) { return XXH3_64bits_digest(s); }
 
 const Xxh3& pick() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -20,9 +17,8 @@ const Xxh3& pick() {
 #endif
   return kXxh3Sse2;
 }
-}  // namespace
 
-const Xxh3 kXxh3Sse2 = {"sse2", hash, update, digest};
+}  // namespace
 
 const Xxh3& xxh3() {
   static const Xxh3& chosen = pick();

@@ -55,15 +55,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write(path: Path, data: bytes, fsync: bool) -> None:
+    with create_file(path) as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
 def write_file_durably(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write `data` under a temporary name, fsync, rename onto `path`."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with create_file(tmp) as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+        _write(tmp, data, fsync)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -106,11 +110,7 @@ def write_manifest(tmp: Path, data: bytes, fsync: bool = True) -> None:
     Nothing reads a staging directory, so the manifest needs no temporary name."""
     path = tmp / MANIFEST_NAME
     try:
-        with create_file(path) as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+        _write(path, data, fsync)
         if fsync:
             fsync_dir(tmp)
     except OSError as e:
