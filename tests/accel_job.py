@@ -10,6 +10,7 @@ every rank's per-step losses, the data it saw, and the final parameters to OUT.j
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 import torch
@@ -48,10 +49,7 @@ class Progress:
 
 def main():
     acc = run(parse())
-    # Destroying the process group while a peer still works (rank 0 hashes the parameters)
-    # can abort gloo's threads ("terminate called without an active exception"); so can
-    # exiting with them alive. Meet first, then tear down together.
-    acc.wait_for_everyone()
+    acc.wait_for_everyone()  # rank 0 still hashes the parameters
     acc.end_training()
 
 
@@ -129,4 +127,11 @@ def _full(p):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    # A gloo worker thread may still be releasing a finished collective's tensors (which
+    # takes the GIL) while the interpreter finalizes, and that aborts the process
+    # ("terminate called without an active exception"; seen in 1 of ~15 runs). All output
+    # is written and closed by now, so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         figures = bench(acc, Path(a.project) / "bench", model, opt)
         if acc.is_main_process:
             Path(a.bench).write_text(json.dumps(figures))
-    acc.wait_for_everyone()  # tearing gloo down while a peer still works can abort it
+    acc.wait_for_everyone()
     acc.end_training()
     return 0
 
@@ -201,4 +202,11 @@ def _timed(acc, fn) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # A gloo worker thread may still be releasing a finished collective's tensors (which
+    # takes the GIL) while the interpreter finalizes, and that aborts the process
+    # ("terminate called without an active exception"). Everything is written by now,
+    # so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
