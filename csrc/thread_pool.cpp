@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <exception>
 #include <memory>
@@ -31,7 +32,10 @@ struct Job {
   std::condition_variable left;
   int active = 0;       // pool workers inside run(); guarded by mu
   bool closed = false;  // once set no worker enters, so `body` may go away
+  // The failure of the lowest-numbered task that failed: tasks start in order, so every
+  // task before it ran to the end, and the error reported does not depend on timing.
   Status first_error;   // guarded by mu
+  size_t first_error_task = SIZE_MAX;  // guarded by mu
 
   void run(int worker) {
     while (!failed.load(std::memory_order_relaxed)) {
@@ -47,7 +51,11 @@ struct Job {
       }
       if (!st.ok()) {
         std::lock_guard<std::mutex> lock(mu);
-        if (!failed.exchange(true)) first_error = std::move(st);
+        failed.store(true);
+        if (task < first_error_task) {
+          first_error = std::move(st);
+          first_error_task = task;
+        }
         return;
       }
     }
