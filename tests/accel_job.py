@@ -18,20 +18,9 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch import nn
 
 from dckpt.integrations.accelerate import DckptAccelerator
+from tiny_lm import TinyLM  # beside this script: sys.path[0]
 
 VOCAB, SEQ, BATCH, SAMPLES = 40, 10, 4, 24
-
-
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(32, VOCAB)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)))
 
 
 class Progress:
@@ -85,7 +74,7 @@ def run(a):
     data = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(1))
     batch = BATCH * 2 if a.split_batches else BATCH  # the global batch: any world size
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
-    model = TinyLM()
+    model = TinyLM(VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
     model, opt, sched, loader = acc.prepare(model, opt, sched, loader)

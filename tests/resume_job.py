@@ -15,27 +15,16 @@ from torch import nn
 
 import dckpt
 from dckpt.data import ResumableLoader
+from tiny_lm import TinyLM  # beside this script: sys.path[0]
 
 VOCAB, SEQ, BATCH = 50, 12, 4
-
-
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 32)
-        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(32, VOCAB)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)))
 
 
 def build(seed: int = 0):
     dckpt.seed_everything(seed)
     data = torch.randint(0, VOCAB, (40, SEQ + 1), generator=torch.Generator().manual_seed(1))
     loader = ResumableLoader(torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True))
-    model = TinyLM()
+    model = TinyLM(VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup, total = 3, 40
     sched = torch.optim.lr_scheduler.LambdaLR(
