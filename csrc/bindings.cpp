@@ -92,6 +92,22 @@ class Buffer {
   Py_buffer view_;
 };
 
+// An (address, nbytes) pair: writable memory the caller owns and keeps alive for the call.
+// Torch tensors have no buffer protocol, and a numpy view of each costs more than a
+// small tensor's read.
+std::pair<uint8_t*, size_t> to_memory(py::handle obj, const std::string& name) {
+  py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
+  if (t.size() != 2 || !PyLong_Check(t[0].ptr()) || !PyLong_Check(t[1].ptr()))
+    invalid_argument(name + " must be a buffer or an (address, nbytes) pair of ints");
+  uintptr_t address = PyLong_AsUnsignedLongLong(t[0].ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  long long size = PyLong_AsLongLong(t[1].ptr());
+  if (PyErr_Occurred()) throw py::error_already_set();
+  if (size < 0 || (address == 0 && size > 0))
+    invalid_argument(name + " must name memory: a non-null address and nbytes >= 0");
+  return {reinterpret_cast<uint8_t*>(address), static_cast<size_t>(size)};
+}
+
 py::sequence to_sequence(py::handle obj, const std::string& name) {
   if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
     invalid_argument(name + " must be a list or tuple");
@@ -276,7 +292,13 @@ void read_chunks(py::handle paths_obj, py::handle dests_obj, py::handle elem_siz
   std::vector<std::unique_ptr<Buffer>> held;
   std::vector<dckpt::ReadTarget> targets;
   for (size_t i = 0; i < n; ++i) {
-    held.push_back(std::make_unique<Buffer>(dests[i], true, "dests[" + std::to_string(i) + "]"));
+    std::string name = "dests[" + std::to_string(i) + "]";
+    if (PyTuple_Check(dests[i].ptr())) {
+      auto [address, size] = to_memory(dests[i], name);
+      targets.push_back({address, size, elem_sizes[i], &records[i]});
+      continue;
+    }
+    held.push_back(std::make_unique<Buffer>(dests[i], true, name));
     targets.push_back({held.back()->data(), held.back()->size(), elem_sizes[i], &records[i]});
   }
   Status st;
@@ -338,7 +360,8 @@ PYBIND11_MODULE(_native, m) {
         "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest).");
   m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),
         py::arg("chunks"), py::arg("verify") = true, py::arg("threads") = 0,
-        "Fill each destination buffer from its chunk records.");
+        "Fill each destination from its chunk records: a writable C-contiguous buffer, or an\n"
+        "(address, nbytes) pair of memory the caller keeps alive (a torch tensor's).");
   m.def("verify_chunks", &verify_chunks, py::arg("paths"), py::arg("chunks"),
         py::arg("elem_sizes"), py::arg("deep") = false, py::arg("threads") = 0,
         "Check stored (and with deep, raw) hashes; returns one failure tuple per bad chunk.");

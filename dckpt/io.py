@@ -208,11 +208,20 @@ def read_into(paths: list[str], dests: list, elem_sizes: list[int], chunks: list
     if not dests:
         return
     try:
-        _native.read_chunks(paths, [byte_view(d) for d in dests], elem_sizes,
+        _native.read_chunks(paths, [_memory(d) for d in dests], elem_sizes,
                             [[c.as_native() for c in cs] for cs in chunks],
                             verify=verify, threads=threads)
     except _native.ChunkError as e:
         raise _map_error(e, names, chunks) from None
+
+
+def _memory(dest: torch.Tensor | np.ndarray):
+    """What the native reader fills: an array itself, a tensor by address and size."""
+    if isinstance(dest, np.ndarray):
+        return byte_view(dest)
+    if dest.device.type != "cpu" or not dest.is_contiguous():
+        raise ValueError("read destinations are contiguous CPU tensors")
+    return (dest.data_ptr(), dest.nbytes)
 
 
 def verify_chunks(paths: list[str], chunks: list[Chunk], elem_sizes: list[int],

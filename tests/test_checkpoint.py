@@ -137,6 +137,25 @@ def test_mismatches_reported_together_before_reading(tmp_path):
     assert report.missing_allowed == ["extra"] and not torch.all(model.weight == 7.0)
 
 
+def test_a_mismatch_changes_nothing_live(tmp_path):
+    """The walk that finds problems also plans the restore: none of it happens (no read, no
+    change to a live container) when anything mismatched, however late the problem."""
+    dckpt.save({"stats": {"mean": torch.ones(3), "seen": [torch.ones(2), 5]},
+                "w": torch.ones(3)}, tmp_path / "c")
+    seen = [torch.full((2,), 7.0), 0]
+    stats = {"mean": torch.full((3,), 7.0), "seen": seen}
+    live = {"stats": stats, "w": torch.zeros(4)}
+    with pytest.raises(StateMismatchError, match=r"w: live float32\[4\]") as e:
+        dckpt.load(tmp_path / "c", into=live)
+    assert len(e.value.problems) == 1
+    assert live["stats"] is stats and stats["seen"] is seen and seen[1] == 0
+    assert torch.all(stats["mean"] == 7.0) and torch.all(seen[0] == 7.0)
+    live["w"] = torch.zeros(3)
+    dckpt.load(tmp_path / "c", into=live)
+    assert seen[1] == 5 and torch.all(stats["mean"] == 1.0) and torch.all(seen[0] == 1.0)
+    assert torch.all(live["w"] == 1.0)
+
+
 def test_module_key_mismatch(tmp_path):
     dckpt.save({"model": torch.nn.Linear(4, 4)}, tmp_path / "c")
     with pytest.raises(StateMismatchError, match="missing from the checkpoint"):

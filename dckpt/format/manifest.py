@@ -354,7 +354,8 @@ def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
 def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> TensorEntry | None:
     """A tensor stored whole by one rank (every tensor of a single-process save), checked
     in one pass: thousands per manifest. None for anything else, valid or not, which
-    _parse_tensor then checks field by field, naming what is wrong."""
+    _parse_tensor then checks field by field, naming what is wrong. Loops, not all(): the
+    lists are short and a generator costs more than the checks."""
     if type(t) is not dict or not 0 < len(name) <= 4096 or t.get("placement") is not None:
         return None
     kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
@@ -366,11 +367,20 @@ def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> Tens
     if itemsize is None or not _shape_ok(shape) or type(s) is not dict:
         return None
     offsets, sshape, rank, chunks = s.get("offsets"), s.get("shape"), s.get("rank"), s.get("chunks")
-    if not (_shape_ok(sshape) and sshape == shape and type(offsets) is list
-            and len(offsets) == len(shape) and all(type(o) is int and o == 0 for o in offsets)
-            and type(rank) is int and 0 <= rank < world and type(chunks) is list
-            and all(_chunk_ok(ch, files) for ch in chunks)
-            and sum(ch[3] for ch in chunks) == math.prod(shape) * itemsize):
+    # Equal lists of equal length; the types too, as 1.0 == 1 == True.
+    if (type(sshape) is not list or sshape != shape or type(offsets) is not list
+            or len(offsets) != len(shape) or type(rank) is not int or not 0 <= rank < world
+            or type(chunks) is not list):
+        return None
+    for d, o in zip(sshape, offsets):
+        if type(d) is not int or type(o) is not int or o != 0:
+            return None
+    raw = 0
+    for ch in chunks:
+        if not _chunk_ok(ch, files):
+            return None
+        raw += ch[3]
+    if raw != math.prod(shape) * itemsize:
         return None
     return TensorEntry(dtype, shape, [Shard(offsets, sshape, rank, [
         Chunk(*ch[:5], int(ch[5], 16), int(ch[6], 16)) for ch in chunks])], kind)
@@ -501,9 +511,12 @@ def _check_regions(c: _Check, files: list[FileEntry], tensors: dict) -> None:
 
 
 def _shape_ok(v: Any) -> bool:
-    return (type(v) is list and len(v) <= 64
-            and all(type(d) is int and 0 <= d <= 1 << 48 for d in v)
-            and math.prod(v) * 16 <= MAX_INT)
+    if type(v) is not list or len(v) > 64:
+        return False
+    for d in v:
+        if type(d) is not int or not 0 <= d <= 1 << 48:
+            return False
+    return math.prod(v) * 16 <= MAX_INT
 
 
 def _parse_shape(c: _Check, v: Any, where: str) -> list[int]:

@@ -112,6 +112,8 @@ def decode(node: Any, depth: int = 0) -> Any:
         return [decode(v, depth + 1) for v in node]
     if not isinstance(node, dict):
         raise ManifestError(f"unexpected JSON value of type {type(node).__name__}", field="tree")
+    if len(node) == 1 and type(node.get("$tensor")) is str:  # most nodes: one per tensor
+        return TensorRef(node["$tensor"])
     tags = [k for k in node if k.startswith("$")]
     if not tags:
         return {k: decode(v, depth + 1) for k, v in node.items()}
@@ -139,7 +141,7 @@ def decode(node: Any, depth: int = 0) -> Any:
             raise ManifestError("$dict payload must be a list of pairs", field="tree")
         out = {}
         for k, v in payload:
-            key = decode(k, depth + 1)
+            key = k if type(k) is str else decode(k, depth + 1)
             try:
                 hash(key)
             except TypeError:

@@ -1,13 +1,16 @@
 """Put a decoded checkpoint tree back: into live objects in place, or as plain values.
 
-Restoring into live state runs in two passes over the same walk. The first only compares
-(keys, shapes, dtypes) and collects every problem, so all mismatches are reported at once
-before any memory is allocated. The second requests reads straight into the live tensors,
-allocates only what the live state lacks (e.g. a fresh optimizer's moments), runs the reads,
-then hands each object its state via load_state_dict().
+Restoring into live state is one walk over the checkpoint tree beside the live state. It
+compares keys, shapes and dtypes and collects every problem; it requests reads straight
+into the live tensors and allocates only what the live state lacks (e.g. a fresh
+optimizer's moments, once their files are known to hold them); changes to live containers
+and the load_state_dict() calls are only recorded. If anything mismatched, all of it is
+reported at once, and no byte has been read and nothing live has changed. Otherwise the
+recorded changes are made, the reads run, and each object gets its state.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,18 +38,23 @@ class RestoreReport:
 
 
 class _Walk:
-    def __init__(self, m: Manifest, reader: TensorReader | None, block_of: BlockOf | None,
+    def __init__(self, m: Manifest, reader: TensorReader, block_of: BlockOf | None,
                  tensor_names: dict[str, str] | None = None):
         self.m, self.reader, self.block_of = m, reader, block_of
         self.alias = tensor_names or {}  # tree name -> manifest name (per-rank naming)
         self.problems: list[str] = []
+        self.updates: list[Callable[[], Any]] = []  # changes to live containers, made last
         self.loaders: list[Callable[[], Any]] = []
         self.made: dict[str, Any] = {}
         self.report = RestoreReport()
 
-    @property
-    def dry(self) -> bool:
-        return self.reader is None
+    def finish(self) -> None:
+        """Raise every problem found, or make the recorded changes and run the reads."""
+        if self.problems:
+            raise StateMismatchError(self.problems)
+        for update in self.updates:
+            update()
+        self.reader.run()
 
     def entry(self, ref, path: str):
         name = self.alias.get(ref.name, ref.name)
@@ -69,11 +77,8 @@ class _Walk:
                 self.problems.append(f"{path}: live {dtype_name(live.dtype)}{gshape} vs "
                                      f"checkpoint {e.dtype}{e.shape}")
                 return live
-            if not self.dry:
-                self.reader.request(name, local, offsets)
-                self.count(e)
-            return live
-        if self.dry:
+            self.reader.request(name, local, offsets)
+            self.count(e)
             return live
         if name not in self.made:
             self.reader.admit(name)  # before allocating what the manifest declares
@@ -85,7 +90,7 @@ class _Walk:
 
     def array(self, live: Any, ref: ArrayRef, path: str) -> Any:
         name, e = self.entry(ref, path)
-        if e is None or self.dry:
+        if e is None:
             return live
         if e.kind != "numpy":
             self.problems.append(f"{path}: stored as a tensor, live value is a numpy array")
@@ -120,23 +125,22 @@ class _Walk:
             if isinstance(live, torch.nn.Module):
                 self.compare_module(live_sd, node.state, path)
             value = self.walk(live_sd, node.state, path)
-            if not self.dry:
-                self.loaders.append((path, live, value))
+            self.loaders.append((path, live, value))
             return live
         if isinstance(node, dict):
             live_d = live if isinstance(live, dict) else {}
             out = {k: self.walk(live_d.get(k), v, f"{path}/{k}" if path else str(k))
                    for k, v in node.items()}
-            if isinstance(live, dict) and not self.dry:
-                live.update(out)
+            if isinstance(live, dict):
+                self.updates.append(functools.partial(live.update, out))
                 return live
             return out
         if isinstance(node, list):
             same = isinstance(live, list) and len(live) == len(node)
             out = [self.walk(live[i] if same else None, v, f"{path}/{i}")
                    for i, v in enumerate(node)]
-            if same and not self.dry:
-                live[:] = out
+            if same:
+                self.updates.append(functools.partial(live.__setitem__, slice(None), out))
                 return live
             return out
         if isinstance(node, tuple):
@@ -183,14 +187,10 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                 "the checkpoint; pass allow_missing=[...] to skip it" for k in missing
                 if k not in allowed]
     subtree = {k: v for k, v in tree.items() if k in live}
-    check = _Walk(m, None, block_of, tensor_names)
-    check.walk({k: live[k] for k in subtree}, subtree, "")
-    problems += check.problems
-    if problems:
-        raise StateMismatchError(problems)
     work = _Walk(m, reader, block_of, tensor_names)
     work.walk(live, subtree, "")
-    reader.run()
+    work.problems[:0] = problems
+    work.finish()
     for path, obj, value in work.loaders:
         _load_state_dict(path, obj, value)
     work.report.components = {k: component_kind(live[k]) for k in subtree}
@@ -214,7 +214,5 @@ def materialize(tree: Any, m: Manifest, reader: TensorReader,
     """The tree as plain values: new tensors/arrays, objects as their state dicts."""
     w = _Walk(m, reader, None, tensor_names)
     out = w.walk(None, tree, "")
-    if w.problems:
-        raise StateMismatchError(w.problems)
-    reader.run()
+    w.finish()
     return out
