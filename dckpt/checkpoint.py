@@ -256,6 +256,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return parse(data, str(p))
 
 
+@gcpause.during
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
          group=None, manifest: Manifest | None = None):

@@ -1,4 +1,4 @@
-"""dckpt.gcpause: the cyclic collector is paused for a main-thread save and only then."""
+"""dckpt.gcpause: the cyclic collector is paused for a main-thread save or load and only then."""
 import gc
 import threading
 
@@ -50,3 +50,19 @@ def test_nested_pauses_and_errors_restore():
 
     outer()
     assert gc.isenabled()
+
+
+def test_load_pauses_collector_and_restores_it(tmp_path, monkeypatch):
+    from dckpt.state import restore
+    dckpt.save({"w": torch.ones(3)}, tmp_path / "a")
+    seen = []
+    real = restore.restore_into
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "restore_into", spy)
+    live = {"w": torch.zeros(3)}
+    dckpt.load(tmp_path / "a", into=live)
+    assert seen == [False] and gc.isenabled() and torch.all(live["w"] == 1)

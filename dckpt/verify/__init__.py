@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from .. import gcpause
 from ..errors import CheckpointNotFoundError, DckptError
 from ..format import anatomy
 from ..format.layout import LATEST_NAME, is_staging, parse_step_dir
@@ -48,6 +49,7 @@ def step_dirs(root: Path) -> list[Path]:
     return [p for s, p in sorted((s, p) for s, p in found if s is not None)]
 
 
+@gcpause.during
 def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
            threads: int = 0, latest_only: bool = False, checksums: bool = True,
            progress: Progress | None = None) -> Report:
