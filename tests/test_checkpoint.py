@@ -156,6 +156,39 @@ def test_a_mismatch_changes_nothing_live(tmp_path):
     assert torch.all(live["w"] == 1.0)
 
 
+def test_modules_that_change_how_they_load_still_load(tmp_path):
+    """A module whose tensors were all read in place need not be handed them again, unless
+    some part of it loads its own way: an override, a hook or extra state."""
+    class Cached(torch.nn.Linear):
+        def _load_from_state_dict(self, *args, **kwargs):
+            super()._load_from_state_dict(*args, **kwargs)
+            self.loaded = True
+
+    class Versioned(torch.nn.Module):  # extra state equal to the live one: still handed over
+        def __init__(self):
+            super().__init__()
+            self.w, self.restored = torch.nn.Parameter(torch.ones(2)), False
+
+        def get_extra_state(self):
+            return 1
+
+        def set_extra_state(self, state):
+            self.restored = state == 1
+
+    torch.manual_seed(0)
+    dckpt.save({"a": torch.nn.Sequential(Cached(2, 2)), "n": Versioned(),
+                "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)}, tmp_path / "c")
+    saved = dckpt.load(tmp_path / "c")
+    a, n, b, c = (torch.nn.Sequential(Cached(2, 2)), Versioned(), torch.nn.Linear(2, 2),
+                  torch.nn.Linear(2, 2))
+    seen = []
+    c.register_load_state_dict_post_hook(lambda module, keys: seen.append(module))
+    dckpt.load(tmp_path / "c", into={"a": a, "n": n, "b": b, "c": c})
+    assert a[0].loaded and n.restored and seen == [c]
+    assert torch.equal(b.weight, saved["b"]["weight"]) and torch.equal(c.bias, saved["c"]["bias"])
+    assert torch.equal(a[0].weight, saved["a"]["0.weight"])
+
+
 def test_module_key_mismatch(tmp_path):
     dckpt.save({"model": torch.nn.Linear(4, 4)}, tmp_path / "c")
     with pytest.raises(StateMismatchError, match="missing from the checkpoint"):

@@ -37,6 +37,9 @@ class RestoreReport:
     notes: list[str] = field(default_factory=list)  # e.g. a world-size change
 
 
+_ABSENT = object()
+
+
 class _Walk:
     def __init__(self, m: Manifest, reader: TensorReader, block_of: BlockOf | None,
                  tensor_names: dict[str, str] | None = None):
@@ -122,17 +125,23 @@ class _Walk:
             if not has_state_dict(live):  # e.g. a plain state dict given as the live value
                 return self.walk(live, node.state, path)
             live_sd = live.state_dict()
-            if isinstance(live, torch.nn.Module):
+            module = isinstance(live, torch.nn.Module)
+            if module:
                 self.compare_module(live_sd, node.state, path)
+            changes = len(self.updates)
             value = self.walk(live_sd, node.state, path)
-            self.loaders.append((path, live, value))
+            # A module whose every tensor was read in place, and which loads the default way,
+            # would only copy each tensor onto itself: skip the call (~1 ms per 100 modules).
+            if not (module and len(self.updates) == changes and _loads_by_default(live)):
+                self.loaders.append((path, live, value))
             return live
         if isinstance(node, dict):
             live_d = live if isinstance(live, dict) else {}
             out = {k: self.walk(live_d.get(k), v, f"{path}/{k}" if path else str(k))
                    for k, v in node.items()}
             if isinstance(live, dict):
-                self.updates.append(functools.partial(live.update, out))
+                if any(live.get(k, _ABSENT) is not v for k, v in out.items()):
+                    self.updates.append(functools.partial(live.update, out))
                 return live
             return out
         if isinstance(node, list):
@@ -170,6 +179,21 @@ class _Walk:
         if extra:
             self.problems.append(f"{path}: unexpected keys in the checkpoint: {extra[:8]}"
                                  + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+
+
+def _loads_by_default(module: torch.nn.Module) -> bool:
+    """No part of the module changes how it loads: no override of the loading methods and
+    no load hooks, so its load_state_dict() only copies the given tensors into its own."""
+    base = torch.nn.Module
+    if type(module).load_state_dict is not base.load_state_dict:
+        return False
+    for m in module.modules():
+        cls = type(m)
+        if (cls._load_from_state_dict is not base._load_from_state_dict
+                or cls.set_extra_state is not base.set_extra_state
+                or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks):
+            return False
+    return True
 
 
 def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
