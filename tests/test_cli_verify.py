@@ -276,3 +276,22 @@ def test_color_and_progress(ckpt, capsys):
     bar.close()
     assert "50%" in stream.getvalue() and "100%" in stream.getvalue()
 
+
+
+def test_damaged_step_count_is_reported_when_checksums_are_skipped(tmp_path):
+    """The step counts are read and checked by hash even without the checksum pass."""
+    from cli_fixtures import train
+    state = build_state()
+    train(state, 2, [])
+    res = dckpt.save(state, tmp_path / "ckpt", counters={"step": 2})
+    good = verify(res.path, checksums=False).checkpoints[0]
+    steps = [c for c in good.checks if c.id == "training.optimizer_steps"]
+    assert steps and all(c.level == "pass" for c in steps)
+    m = read_manifest(res.path)
+    name = next(n for n in m.tensors if n.endswith("/step"))
+    ch = m.tensors[name].shards[0].chunks[0]
+    flip_byte(res.path / m.files[ch.file].name, ch.offset)
+    bad = verify(res.path, checksums=False).checkpoints[0]
+    errors = [c for c in bad.checks if c.id == "training.optimizer_steps" and c.level == "error"]
+    assert len(errors) == 1 and "cannot read step count" in errors[0].message
+    assert "fail their hash" in errors[0].message

@@ -174,10 +174,31 @@ def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
 
 
 def scalar_reader(ckpt, m: Manifest, aliases: dict[str, str]):
-    """read_scalar for optimizer_steps using the pure-Python reference reader (verified)."""
-    import numpy as np
+    """read_scalar for optimizer_steps: a scalar stored as one raw chunk is read with one
+    pread and checked against its hash (a step count per parameter: hundreds per
+    checkpoint); anything else through the pure-Python reference reader (verified)."""
+    import os
 
-    from .reader import read_tensor_bytes
+    import numpy as np
+    import xxhash
+
+    from .manifest import CODEC_RAW
+    from .reader import chunk_path, read_tensor_bytes
+
+    def raw_bytes(name: str) -> bytes:
+        chunks = [ch for shard in m.tensors[name].shards for ch in shard.chunks]
+        if len(chunks) != 1 or chunks[0].codec != CODEC_RAW:
+            return read_tensor_bytes(ckpt, m, name).tobytes()
+        ch = chunks[0]
+        fd = os.open(chunk_path(ckpt, m, ch), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, ch.stored, ch.offset)
+        finally:
+            os.close(fd)
+        if len(data) != ch.stored or xxhash.xxh3_64_intdigest(data) != ch.raw_hash:
+            raise ValueError(f"{name}: stored bytes at offset {ch.offset} are short or "
+                             "fail their hash")
+        return data
 
     def read(tree_name: str) -> float:
         name = aliases.get(tree_name, tree_name)
@@ -187,8 +208,7 @@ def scalar_reader(ckpt, m: Manifest, aliases: dict[str, str]):
         dtype = entry.dtype if entry.kind == "numpy" else _NUMPY_OF.get(entry.dtype)
         if dtype is None:
             raise ValueError(f"dtype {entry.dtype} is not a step counter type")
-        raw = read_tensor_bytes(ckpt, m, name)
-        return float(np.frombuffer(raw.tobytes(), dtype=dtype)[0])
+        return float(np.frombuffer(raw_bytes(name), dtype=dtype)[0])
 
     return read
 
