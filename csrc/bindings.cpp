@@ -100,11 +100,11 @@ std::pair<uint8_t*, size_t> to_memory(py::handle obj, const std::string& name) {
   if (t.size() != 2 || !PyLong_Check(t[0].ptr()) || !PyLong_Check(t[1].ptr()))
     invalid_argument(name + " must be a buffer or an (address, nbytes) pair of ints");
   uintptr_t address = PyLong_AsUnsignedLongLong(t[0].ptr());
-  if (PyErr_Occurred()) throw py::error_already_set();
   long long size = PyLong_AsLongLong(t[1].ptr());
-  if (PyErr_Occurred()) throw py::error_already_set();
-  if (size < 0 || (address == 0 && size > 0))
-    invalid_argument(name + " must name memory: a non-null address and nbytes >= 0");
+  bool overflow = PyErr_Occurred() != nullptr;
+  PyErr_Clear();
+  if (overflow || size < 0 || (address == 0 && size > 0))
+    invalid_argument(name + " must name memory: an address and nbytes >= 0 that fit 64 bits");
   return {reinterpret_cast<uint8_t*>(address), static_cast<size_t>(size)};
 }
 

@@ -164,6 +164,26 @@ def test_malformed_arguments(valid, bad_args):
     expect_read_error(bad_args["kind"], paths, buffers, widths, records)
 
 
+def test_destinations_by_address(valid):
+    """A destination may be an (address, nbytes) pair (how torch tensors are passed): it
+    reads like the buffer there, and a malformed pair is refused before any read."""
+    path, buffers, widths, records = valid
+    dests = [np.zeros(len(b), np.uint8) for b in buffers]
+    pairs = [(d.ctypes.data, d.nbytes) for d in dests]
+    native.read_chunks([path], pairs, widths, records, threads=2)
+    assert all(np.array_equal(d, b) for d, b in zip(dests, buffers))
+    address, nbytes = pairs[2]
+    for bad in [(address,), (address, nbytes, 0), (address, -1), (0, nbytes), (address, "1"),
+                (-address, nbytes), (2**64, nbytes), (address, 2**63)]:
+        dests[2][:] = 7
+        with pytest.raises(native.ChunkError) as e:
+            native.read_chunks([path], pairs[:2] + [bad], widths, records, threads=2)
+        assert e.value.kind == "invalid_argument", str(e.value)
+        assert np.all(dests[2] == 7)
+    expect_read_error("invalid_record", [path], buffers, widths, records,
+                      dests=dests[:2] + [(address, nbytes - 1)])
+
+
 def test_missing_file(valid, tmp_path):
     path, buffers, widths, records = valid
     other = str(tmp_path / "rank-00001.dckpt")
