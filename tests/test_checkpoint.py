@@ -158,7 +158,7 @@ def test_a_mismatch_changes_nothing_live(tmp_path):
 
 def test_modules_that_change_how_they_load_still_load(tmp_path):
     """A module whose tensors were all read in place need not be handed them again, unless
-    some part of it loads its own way: an override, a hook or extra state."""
+    some part of it saves or loads its own way: an override, a hook or extra state."""
     class Cached(torch.nn.Linear):
         def _load_from_state_dict(self, *args, **kwargs):
             super()._load_from_state_dict(*args, **kwargs)
@@ -175,18 +175,31 @@ def test_modules_that_change_how_they_load_still_load(tmp_path):
         def set_extra_state(self, state):
             self.restored = state == 1
 
+    class Copied(torch.nn.Linear):  # its state dict holds copies, not its own tensors
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            for name, p in self.named_parameters(recurse=False):
+                destination[prefix + name] = p.detach().clone()
+
     torch.manual_seed(0)
     dckpt.save({"a": torch.nn.Sequential(Cached(2, 2)), "n": Versioned(),
-                "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)}, tmp_path / "c")
+                "b": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2),
+                "k": torch.nn.Sequential(Copied(2, 2)), "h": torch.nn.Linear(2, 2)}, tmp_path / "c")
     saved = dckpt.load(tmp_path / "c")
-    a, n, b, c = (torch.nn.Sequential(Cached(2, 2)), Versioned(), torch.nn.Linear(2, 2),
-                  torch.nn.Linear(2, 2))
+    a, n, k = torch.nn.Sequential(Cached(2, 2)), Versioned(), torch.nn.Sequential(Copied(2, 2))
+    b, c, h = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     seen = []
     c.register_load_state_dict_post_hook(lambda module, keys: seen.append(module))
-    dckpt.load(tmp_path / "c", into={"a": a, "n": n, "b": b, "c": c})
+
+    def hand_out_copies(module, state, prefix, local_metadata):
+        for key in state:
+            state[key] = state[key].clone()
+    h.register_state_dict_post_hook(hand_out_copies)
+    dckpt.load(tmp_path / "c", into={"a": a, "n": n, "b": b, "c": c, "k": k, "h": h})
     assert a[0].loaded and n.restored and seen == [c]
     assert torch.equal(b.weight, saved["b"]["weight"]) and torch.equal(c.bias, saved["c"]["bias"])
     assert torch.equal(a[0].weight, saved["a"]["0.weight"])
+    assert torch.equal(k[0].weight, saved["k"]["0.weight"])
+    assert torch.equal(h.weight, saved["h"]["weight"])
 
 
 def test_module_key_mismatch(tmp_path):

@@ -130,8 +130,8 @@ class _Walk:
                 self.compare_module(live_sd, node.state, path)
             changes = len(self.updates)
             value = self.walk(live_sd, node.state, path)
-            # A module whose every tensor was read in place, and which loads the default way,
-            # would only copy each tensor onto itself: skip the call (~1 ms per 100 modules).
+            # A module whose every tensor was read in place into its own parameters and
+            # buffers would only copy each onto itself: skip the call (~1 ms per 100 modules).
             if not (module and len(self.updates) == changes and _loads_by_default(live)):
                 self.loaders.append((path, live, value))
             return live
@@ -182,15 +182,18 @@ class _Walk:
 
 
 def _loads_by_default(module: torch.nn.Module) -> bool:
-    """No part of the module changes how it loads: no override of the loading methods and
-    no load hooks, so its load_state_dict() only copies the given tensors into its own."""
+    """Every part of the module saves and loads the default way: its state dict holds
+    its own parameters and buffers (no override, no state-dict hook), and loading only
+    copies the given tensors into them (no override, no load hook, no extra state)."""
     base = torch.nn.Module
-    if type(module).load_state_dict is not base.load_state_dict:
-        return False
     for m in module.modules():
         cls = type(m)
-        if (cls._load_from_state_dict is not base._load_from_state_dict
+        if (cls.state_dict is not base.state_dict
+                or cls._save_to_state_dict is not base._save_to_state_dict
+                or cls.load_state_dict is not base.load_state_dict
+                or cls._load_from_state_dict is not base._load_from_state_dict
                 or cls.set_extra_state is not base.set_extra_state
+                or m._state_dict_hooks or m._state_dict_pre_hooks
                 or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks):
             return False
     return True
