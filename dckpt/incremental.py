@@ -58,11 +58,6 @@ def read_manifest(ckpt: Path) -> Manifest:
     return parse(data, str(path))
 
 
-def data_path(ckpt: Path, f: FileEntry) -> Path:
-    """Where a manifest's file lives; `dir` (a sibling checkpoint) is honoured for readers."""
-    return ckpt.parent / f.dir / f.name if f.dir else ckpt / f.name
-
-
 # ---- the cheap path: tensors whose version counter did not move ------------------------
 
 def fingerprint(t) -> tuple | None:
@@ -189,7 +184,7 @@ class _Links:
         return self.names[index]
 
     def _link(self, f: FileEntry) -> str | None:
-        src, name = data_path(self.base, f), _link_name(self.base, f, self.rank)
+        src, name = f.path(self.base), _link_name(self.base, f, self.rank)
         try:
             if os.stat(src).st_size != f.size:  # a damaged base is not shared further
                 raise OSError(errno.EINVAL, f"size differs from its manifest ({f.size})")
@@ -358,7 +353,7 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
 
 def _read_stored(src: Path, m: Manifest, c: Chunk, handles: dict, tensor: str,
                  ci: int) -> bytes:
-    path = data_path(src, m.files[c.file])
+    path = m.files[c.file].path(src)
     try:
         if c.file not in handles:
             handles[c.file] = open(path, "rb")

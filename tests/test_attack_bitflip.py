@@ -15,7 +15,6 @@ from dckpt.cli import main as cli
 from dckpt.errors import CorruptCheckpointError, DckptError
 from dckpt.verify import verify_checkpoint
 from dckpt.format.manifest import MANIFEST_NAME
-from dckpt.state.reading import file_paths
 
 from attacks import assert_same, flip_bit, known_state, model_state, trials
 
@@ -58,7 +57,7 @@ def chunk_map(ckpt):
 
 def test_every_data_flip_is_detected_and_named(ckpt):
     m, flat, sizes, spans = chunk_map(ckpt)
-    paths = file_paths(ckpt, m)
+    paths = [str(f.path(ckpt)) for f in m.files]
     rng = random.Random(len(paths) * 7919 + TRIALS)
     reference = dckpt.load(ckpt)
     detected = 0

@@ -22,7 +22,6 @@ from dckpt.cli import main
 from dckpt.errors import CorruptCheckpointError
 from dckpt.format.reader import read_manifest, read_tensor_bytes
 from dckpt.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
-from dckpt.state.reading import file_paths
 from attacks import killed_at
 from distributed import run_with_ranks
 
@@ -92,7 +91,7 @@ def restored(mgr: CheckpointManager, step: int) -> dict:
 def deep_verify(path: Path) -> int:
     """Every chunk of every tensor decodes to its raw hash; returns the chunks checked."""
     m = dckpt.read_manifest(path)
-    paths, n = file_paths(path, m), 0
+    paths, n = [str(f.path(path)) for f in m.files], 0
     for name, t in m.tensors.items():
         chunks = [c for s in t.shards for c in s.chunks]
         assert io.verify_chunks(paths, chunks, [t.itemsize] * len(chunks), deep=True) == [], name

@@ -183,14 +183,14 @@ def scalar_reader(ckpt, m: Manifest, aliases: dict[str, str]):
     import xxhash
 
     from .manifest import CODEC_RAW
-    from .reader import chunk_path, read_tensor_bytes
+    from .reader import read_tensor_bytes
 
     def raw_bytes(name: str) -> bytes:
         chunks = [ch for shard in m.tensors[name].shards for ch in shard.chunks]
         if len(chunks) != 1 or chunks[0].codec != CODEC_RAW:
             return read_tensor_bytes(ckpt, m, name).tobytes()
         ch = chunks[0]
-        fd = os.open(chunk_path(ckpt, m, ch), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(m.files[ch.file].path(ckpt), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             data = os.pread(fd, ch.stored, ch.offset)
         finally:

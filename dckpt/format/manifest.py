@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import xxhash
@@ -121,6 +123,11 @@ class FileEntry:
     size: int
     rank: int
     dir: str | None = None
+
+    def path(self, ckpt: str | os.PathLike) -> Path:
+        """Where the file lies: in checkpoint `ckpt`, or in the sibling `dir` names."""
+        ckpt = Path(ckpt)
+        return ckpt.parent / self.dir / self.name if self.dir else ckpt / self.name
 
     def to_json(self) -> dict:
         out: dict = {"name": self.name, "size": self.size, "rank": self.rank}

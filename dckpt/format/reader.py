@@ -26,13 +26,6 @@ def unshuffle(data: bytes, width: int) -> bytes:
     return body.tobytes() + data[n * width:]
 
 
-def chunk_path(ckpt: str | Path, m: Manifest, ch) -> Path:
-    """The data file holding chunk `ch`: in this checkpoint, or a sibling's for a chunk an
-    incremental checkpoint shares."""
-    f = m.files[ch.file]
-    return Path(ckpt).parent / f.dir / f.name if f.dir else Path(ckpt) / f.name
-
-
 def read_tensor_bytes(ckpt: str | Path, m: Manifest, name: str) -> np.ndarray:
     """The global tensor `name` as raw bytes, shape (*shape, itemsize), row-major."""
     t = m.tensors[name]
@@ -40,7 +33,7 @@ def read_tensor_bytes(ckpt: str | Path, m: Manifest, name: str) -> np.ndarray:
     for shard in t.shards:
         raw = bytearray()
         for ch in shard.chunks:
-            with open(chunk_path(ckpt, m, ch), "rb") as fh:
+            with open(m.files[ch.file].path(ckpt), "rb") as fh:
                 fh.seek(ch.offset)
                 stored = fh.read(ch.stored)
             if xxhash.xxh3_64_intdigest(stored) != ch.stored_hash:

@@ -22,14 +22,10 @@ from ..format.manifest import Manifest, Shard, TensorEntry
 from .tensors import dtype_name, torch_dtype
 
 
-def file_paths(ckpt: Path, m: Manifest) -> list[str]:
-    return [str(ckpt.parent / f.dir / f.name if f.dir else ckpt / f.name) for f in m.files]
-
-
 class TensorReader:
     def __init__(self, ckpt: Path, manifest: Manifest, verify: bool = True, threads: int = 0):
         self.ckpt, self.m = Path(ckpt), manifest
-        self.paths = file_paths(self.ckpt, manifest)
+        self.paths = [str(f.path(self.ckpt)) for f in manifest.files]
         self.verify, self.threads = verify, threads
         self._dests: list = []
         self._sizes: list[int] = []
