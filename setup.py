@@ -11,6 +11,10 @@ from setuptools import setup
 SOURCES = sorted(
     os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")
 )
+# Headers and included bodies: a change to any of them rebuilds the core.
+DEPENDS = sorted(
+    os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".h", ".inc"))
+)
 
 extra_compile = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra"]
 extra_link = []
@@ -22,6 +26,7 @@ if os.environ.get("DCKPT_ASAN"):
 native = Pybind11Extension(
     "dckpt._native",
     SOURCES,
+    depends=DEPENDS,
     cxx_std=17,
     define_macros=[("XXH_INLINE_ALL", "1")],
     libraries=["zstd", "pthread"],
