@@ -5,18 +5,24 @@ import threading
 import torch
 
 import dckpt
+import dckpt.verify
 from dckpt import checkpoint, gcpause
 
 
-def test_save_pauses_collector_and_restores_it(tmp_path, monkeypatch):
-    seen = []
-    real = checkpoint._build_manifest
+def collector_states(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so each call records whether the collector was enabled then."""
+    seen, real = [], getattr(module, name)
 
     def spy(*args, **kwargs):
         seen.append(gc.isenabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_build_manifest", spy)
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_save_pauses_collector_and_restores_it(tmp_path, monkeypatch):
+    seen = collector_states(monkeypatch, checkpoint, "_build_manifest")
     assert gc.isenabled()
     dckpt.save({"w": torch.ones(3)}, tmp_path / "a")
     assert seen == [False] and gc.isenabled()
@@ -52,17 +58,13 @@ def test_nested_pauses_and_errors_restore():
     assert gc.isenabled()
 
 
-def test_load_pauses_collector_and_restores_it(tmp_path, monkeypatch):
-    from dckpt.state import restore
+def test_load_and_verify_pause_collector_and_restore_it(tmp_path, monkeypatch):
+    from dckpt.verify import integrity
     dckpt.save({"w": torch.ones(3)}, tmp_path / "a")
-    seen = []
-    real = restore.restore_into
-
-    def spy(*args, **kwargs):
-        seen.append(gc.isenabled())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "restore_into", spy)
+    loading = collector_states(monkeypatch, checkpoint, "restore_into")
+    verifying = collector_states(monkeypatch, integrity, "check_structure")
     live = {"w": torch.zeros(3)}
     dckpt.load(tmp_path / "a", into=live)
-    assert seen == [False] and gc.isenabled() and torch.all(live["w"] == 1)
+    assert dckpt.verify.verify(tmp_path / "a").ok
+    assert loading == [False] and verifying == [False] and gc.isenabled()
+    assert torch.all(live["w"] == 1)
