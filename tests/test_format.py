@@ -43,6 +43,23 @@ def test_self_hash_detects_edits():
         parse(bytes(data))
 
 
+def test_self_hash_member_planted_or_moved_is_caught():
+    """The self hash is checked on the raw bytes with its member cut out: a copy of that
+    member planted in a nested dict, or the member moved there, must not pass."""
+    data = sample_manifest().to_bytes()
+    start = data.index(b',"self_hash":')
+    member = data[start:data.index(b'"', start + 14) + 1]
+    nested = data.index(b'"step":3') + len(b'"step":3')
+    planted = data[:nested] + member + data[nested:]
+    moved = planted.replace(member + b',"tensors"', b',"tensors"')
+    assert planted != data and moved.count(member) == 1
+    with pytest.raises(CorruptCheckpointError, match="manifest hash mismatch"):
+        parse(planted)
+    with pytest.raises(ManifestError, match="self_hash: expected 16 lowercase hex"):
+        parse(moved)
+    assert parse(data).counters == {"step": 3}
+
+
 def test_future_version():
     data = edit(sample_manifest(), lambda o: o.update(version=99))
     with pytest.raises(FormatVersionError, match="version 99 is newer"):

@@ -219,27 +219,60 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None]:
-    """The JSON value of `data`, and its canonical parts when `data` is exactly the canonical
-    form (which every writer produces). Such bytes have no duplicate keys, non-finite
-    numbers or odd spellings (serializing the value again would differ or fail), so the C
-    parser reads them; anything else is parsed again with checks that name the problem."""
+def _rejected_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
+    """The JSON value of `data`; its canonical parts when `data` is exactly the canonical
+    form (which every writer produces); and whether `data` already passed its self hash.
+
+    The usual manifest passes the self hash on its raw bytes (see _raw_hash_ok): the bytes
+    are then exactly what the writer serialized, canonical by construction, with no
+    duplicate keys, non-finite numbers or odd spellings. Otherwise the value is serialized
+    again to compare with `data` (about 2 ms per 200 KB), and anything that is not the
+    canonical form is parsed again with checks that name the problem."""
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_constant=_rejected_constant)
         if isinstance(obj, dict):
+            if _raw_hash_ok(data, obj.get("self_hash")):
+                return obj, None, True
             parts = _canonical_parts(obj)
             full = _join(parts)
             if data == full or data == full + b"\n":
-                return obj, parts
+                return obj, parts, False
     except (ValueError, RecursionError):
         pass
     try:
         return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                          parse_float=_finite_float), None
+                          parse_float=_finite_float), None, False
     except ManifestError as e:
         raise ManifestError(f"{path or 'manifest'}: {e}", path, e.field) from None
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"{path or 'manifest'}: not valid JSON ({e})", path) from None
+
+
+def _raw_hash_ok(data: bytes, stored: Any) -> bool:
+    """Whether `data` with one `,"self_hash":"<stored>"` member (and a trailing newline)
+    cut out hashes to `stored`. The writer hashed the canonical form without that member,
+    so a match means these are the bytes it wrote, byte for byte (an xxh3 collision aside,
+    the assurance the self hash gives anyway), without serializing the value again.
+    A nested member spelled the same cannot pass in place of the top-level one: the rest
+    would then still hold a top-level "self_hash", which the hashed form never has."""
+    if type(stored) is not str or not _HEX16(stored):
+        return False
+    member = b',"self_hash":"' + stored.encode() + b'"'
+    body = memoryview(data)[:-1] if data.endswith(b"\n") else memoryview(data)
+    want = int(stored, 16)
+    at = data.find(member, 0, len(body))
+    while at >= 0:
+        h = xxhash.xxh3_64()
+        h.update(body[:at])
+        h.update(body[at + len(member):])
+        if h.intdigest() == want:
+            return True
+        at = data.find(member, at + 1, len(body))
+    return False
 
 
 def _check_self_hash(c: "_Check", obj: dict, parts: dict | None) -> None:
@@ -297,7 +330,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     c = _Check(path)
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
-    obj, parts = _decode(data, path)
+    obj, parts, hash_ok = _decode(data, path)
     c.type_(obj, dict, "top level")
     if obj.get("format") != FORMAT_NAME:
         c.fail("format", f"not a dckpt manifest (format={obj.get('format')!r:.40})")
@@ -309,7 +342,10 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
             f"supports ({FORMAT_VERSION}); upgrade dckpt to read it", path, "version")
     if obj.get("hash_algorithm") != HASH_ALGORITHM:
         c.fail("hash_algorithm", f"unsupported {obj.get('hash_algorithm')!r:.40}")
-    _check_self_hash(c, obj, parts)
+    if hash_ok:
+        del obj["self_hash"]
+    else:
+        _check_self_hash(c, obj, parts)
 
     world = c.int_(obj.get("world_size"), "world_size", 1, 1 << 20)
     files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
