@@ -207,7 +207,7 @@ def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOp
             "kind": "numpy" if leaf.is_numpy else "torch", "dtype": leaf.dtype,
             "shape": leaf.global_shape, "placement": plan.placements.get(name),
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
-                        "chunks": [c.as_native() for c in cs]}]}
+                        "chunks": [tuple(c) for c in cs]}]}
     return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": plan.aliases,
             incremental.META_KEY: stats}
 

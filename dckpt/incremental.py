@@ -245,7 +245,7 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     stats = dict.fromkeys(_STATS, 0)
     chunks = []
     for i, leaf in enumerate(leaves):
-        out = [Chunk(0 if j is None else local[j], *c.as_native()[1:]) for c, j in picked[i]]
+        out = [Chunk(0 if j is None else local[j], *c[1:]) for c, j in picked[i]]
         for c, j in picked[i]:
             stats["new_chunks" if j is None else "referenced_chunks"] += 1
             stats["referenced_bytes"] += 0 if j is None else c.stored
@@ -334,7 +334,7 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
                     if key not in copied:
                         k = index[m.files[c.file].rank]
                         data = _read_stored(src, m, c, sources, name, ci)
-                        copied[key] = Chunk(k, files[k].size, *c.as_native()[2:])
+                        copied[key] = Chunk(k, files[k].size, *c[2:])
                         handles[k].write(data)
                         files[k].size += len(data)
                     shard.chunks[ci] = copied[key]

@@ -209,7 +209,7 @@ def read_into(paths: list[str], dests: list, elem_sizes: list[int], chunks: list
         return
     try:
         _native.read_chunks(paths, [_memory(d) for d in dests], elem_sizes,
-                            [[c.as_native() for c in cs] for cs in chunks],
+                            chunks,
                             verify=verify, threads=threads)
     except _native.ChunkError as e:
         raise _map_error(e, names, chunks) from None
@@ -219,7 +219,7 @@ def _memory(dest: torch.Tensor | np.ndarray):
     """What the native reader fills: an array itself, a tensor by address and size."""
     if isinstance(dest, np.ndarray):
         return byte_view(dest)
-    if dest.device.type != "cpu" or not dest.is_contiguous():
+    if not dest.is_cpu or not dest.is_contiguous():
         raise ValueError("read destinations are contiguous CPU tensors")
     return (dest.data_ptr(), dest.nbytes)
 
@@ -227,7 +227,7 @@ def _memory(dest: torch.Tensor | np.ndarray):
 def verify_chunks(paths: list[str], chunks: list[Chunk], elem_sizes: list[int],
                   deep: bool = False, threads: int = 0) -> list[tuple]:
     """Failures as (chunk_index, kind, expected, actual, message); empty when all good."""
-    return _native.verify_chunks(paths, [c.as_native() for c in chunks], elem_sizes,
+    return _native.verify_chunks(paths, chunks, elem_sizes,
                                  deep=deep, threads=threads)
 
 

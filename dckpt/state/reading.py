@@ -75,14 +75,14 @@ class TensorReader:
         if dtype_name(dest.dtype) != entry.dtype:
             raise StateMismatchError([f"{name}: dtype {dest.dtype} vs stored {entry.dtype}"])
         shards = entry.shards
-        if (offsets is None and len(shards) == 1 and dest.is_contiguous()
-                and dest.device.type == "cpu" and list(dest.shape) == shards[0].shape):
+        if (offsets is None and len(shards) == 1 and dest.is_cpu and dest.is_contiguous()
+                and list(dest.shape) == shards[0].shape):
             # The common case (a whole tensor stored in one piece): no block arithmetic.
             self._add(name, dest, entry.itemsize, shards[0].chunks)
             return
         offsets = offsets or [0] * len(entry.shape)
         target = dest
-        if dest.device.type != "cpu" or not dest.is_contiguous():
+        if not dest.is_cpu or not dest.is_contiguous():
             target = torch.empty(dest.shape, dtype=dest.dtype, pin_memory=dest.is_cuda)
             self._after.append(lambda d=dest, t=target: d.copy_(t, non_blocking=d.is_cuda))
         self._plan_block(name, entry, target, offsets)
