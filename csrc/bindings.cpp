@@ -1,5 +1,6 @@
 // Python face of the native core: converts arguments, buffers, results and errors.
-// The only file that sees Python; all work happens with the GIL released.
+// With tensor_records.cpp the only file that sees Python; all I/O happens with the GIL
+// released.
 #include <pybind11/eval.h>
 #include <pybind11/pybind11.h>
 
@@ -10,6 +11,7 @@
 #include "chunks.h"
 #include "codec.h"
 #include "status.h"
+#include "tensor_records.h"
 
 namespace py = pybind11;
 using dckpt::ChunkRecord;
@@ -365,4 +367,17 @@ PYBIND11_MODULE(_native, m) {
   m.def("verify_chunks", &verify_chunks, py::arg("paths"), py::arg("chunks"),
         py::arg("elem_sizes"), py::arg("deep") = false, py::arg("threads") = 0,
         "Check stored (and with deep, raw) hashes; returns one failure tuple per bad chunk.");
+  m.def(
+      "whole_tensors",
+      [](py::handle tensors, py::handle file_sizes, long long world, py::handle itemsizes,
+         py::handle types) {
+        PyObject* out = dckpt::whole_tensors(tensors.ptr(), file_sizes.ptr(), world,
+                                             itemsizes.ptr(), types.ptr());
+        if (out == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::list>(out);
+      },
+      py::arg("tensors"), py::arg("file_sizes"), py::arg("world"), py::arg("itemsizes"),
+      py::arg("types"),
+      "Manifest tensor records stored whole by one rank, checked and built as\n"
+      "types = (Chunk, Shard, TensorEntry); None for any other record (see manifest.py).");
 }

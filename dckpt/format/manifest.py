@@ -1,7 +1,8 @@
 """The manifest: schema, validation and (de)serialization of a checkpoint's description.
 
-Pure data: no torch, no native code, so tools can read a checkpoint anywhere. Every field
-is validated on parse before anything trusts it (see docs/FORMAT.md).
+Pure data: no torch, so tools can read a checkpoint anywhere. Every field is validated on
+parse before anything trusts it (see docs/FORMAT.md). Where the native core is built, it
+checks the usual tensor record (the same checks as _whole_tensor, held equal by tests).
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ import xxhash
 
 from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
 from .dtypes import ITEMSIZE, numpy_itemsize
+
+try:
+    from .._native import whole_tensors as _native_whole_tensors
+except ImportError:  # the format without the built core: the same checks, in Python
+    _native_whole_tensors = None
 
 FORMAT_NAME = "dckpt"
 FORMAT_VERSION = 1
@@ -347,8 +353,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     meshes = [_parse_mesh(c, x, f"meshes[{i}]")
               for i, x in enumerate(c.type_(obj.get("meshes", []), list, "meshes"))]
     tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
-    tensors = {name: _parse_tensor(c, name, t, files, world, meshes)
-               for name, t in tensors_obj.items()}
+    tensors = _parse_tensors(c, tensors_obj, files, world, meshes)
     _check_regions(c, files, tensors)
     ranks = c.type_(obj.get("ranks"), list, "ranks")
     if len(ranks) != world:
@@ -422,6 +427,17 @@ def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> Tens
         return None
     return TensorEntry(dtype, shape, [Shard(offsets, sshape, rank, [
         _chunk(ch) for ch in chunks])], kind)
+
+
+def _parse_tensors(c: _Check, tensors: dict, files: list[FileEntry], world: int,
+                   meshes: list[dict]) -> dict[str, TensorEntry]:
+    if _native_whole_tensors is None:
+        return {name: _parse_tensor(c, name, t, files, world, meshes)
+                for name, t in tensors.items()}
+    fast = _native_whole_tensors(tensors, [f.size for f in files], world, ITEMSIZE,
+                                 (Chunk, Shard, TensorEntry))
+    return {name: e or _parse_tensor(c, name, t, files, world, meshes)
+            for (name, t), e in zip(tensors.items(), fast)}
 
 
 def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
@@ -534,18 +550,28 @@ def _check_disjoint(c: _Check, where: str, shards: list[Shard]) -> None:
 def _check_regions(c: _Check, files: list[FileEntry], tensors: dict) -> None:
     """Chunks never share stored bytes. This bounds what a manifest can claim: every raw
     byte is backed by distinct bytes of a file whose size is checked before reading."""
-    regions: list[list[tuple[int, int, str]]] = [[] for _ in files]
+    regions: list[list[tuple[int, int, str, Chunk]]] = [[] for _ in files]
     for name, t in tensors.items():
-        for si, s in enumerate(t.shards):
-            for ci, ch in enumerate(s.chunks):
+        for s in t.shards:
+            for ch in s.chunks:
                 if ch.stored:
-                    regions[ch.file].append((ch.offset, ch.stored, f"{name}:{si}:{ci}"))
+                    regions[ch.file].append((ch.offset, ch.stored, name, ch))
     for f, rs in zip(files, regions):
         rs.sort()
-        for (a, n, w1), (b, _, w2) in zip(rs, rs[1:]):
+        for (a, n, name1, ch1), (b, _, name2, ch2) in zip(rs, rs[1:]):
             if b < a + n:
+                w1, w2 = _where(tensors, name1, ch1), _where(tensors, name2, ch2)
                 c.fail(f"files[{f.name}]", f"chunks {w1!r:.80} and {w2!r:.80} "
                                            f"(tensor:shard:chunk) share stored bytes")
+
+
+def _where(tensors: dict, name: str, ch: Chunk) -> str:
+    """'tensor:shard:chunk' of a chunk, for an error message."""
+    for si, s in enumerate(tensors[name].shards):
+        for ci, x in enumerate(s.chunks):
+            if x is ch:
+                return f"{name}:{si}:{ci}"
+    return name
 
 
 def _shape_ok(v: Any) -> bool:

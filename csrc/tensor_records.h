@@ -1,0 +1,14 @@
+// Manifest tensor records checked and built natively (see tensor_records.cpp).
+#pragma once
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+namespace dckpt {
+
+// For each record of `tensors` (name -> parsed JSON), in order: the TensorEntry of a
+// torch tensor stored whole by one rank, or None when the record is anything else or
+// breaks a rule. A new list; nullptr with a Python error set on bad arguments.
+PyObject* whole_tensors(PyObject* tensors, PyObject* file_sizes, long long world,
+                        PyObject* itemsizes, PyObject* types);
+
+}  // namespace dckpt
