@@ -100,6 +100,11 @@ def test_load_into_live_objects_in_place(tmp_path):
     assert live["epoch"] == 7 and live["history"] == [1.0, 2.0]
     assert report.components == {"model": "model", "optimizer": "optimizer", "epoch": "value",
                                  "history": "value"}
+    # 4 parameters, and per parameter AdamW's step, exp_avg and exp_avg_sq
+    saved = list(model.state_dict().values()) + [
+        v for per in opt.state_dict()["state"].values() for v in per.values()]
+    assert report.tensors == len(saved) == 16
+    assert report.bytes == sum(t.numel() * t.element_size() for t in saved)
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(opt.state[a]["exp_avg_sq"], fresh_opt.state[b]["exp_avg_sq"])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DckptError, StateMismatchError
-from ..format.manifest import Manifest
+from ..format.manifest import Manifest, TensorEntry
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
 from .flatten import component_kind, has_state_dict
 from .reading import TensorReader
@@ -38,6 +38,7 @@ class RestoreReport:
 
 
 _ABSENT = object()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class _Walk:
@@ -49,6 +50,7 @@ class _Walk:
         self.updates: list[Callable[[], Any]] = []  # changes to live containers, made last
         self.loaders: list[Callable[[], Any]] = []
         self.made: dict[str, Any] = {}
+        self.restored: list[TensorEntry] = []  # one per tensor read, for the report
         self.report = RestoreReport()
 
     def finish(self) -> None:
@@ -58,6 +60,8 @@ class _Walk:
         for update in self.updates:
             update()
         self.reader.run()
+        self.report.tensors = len(self.restored)
+        self.report.bytes = sum(e.nbytes for e in self.restored)
 
     def entry(self, ref, path: str):
         name = self.alias.get(ref.name, ref.name)
@@ -74,20 +78,22 @@ class _Walk:
             self.problems.append(f"{path}: stored as a numpy array, live value is a tensor")
             return live
         if isinstance(live, torch.Tensor):
-            block = self.block_of(live) if self.block_of else None
+            # Only a tensor subclass can be a DTensor: skip the hook for the common types.
+            block = (self.block_of(live) if self.block_of and type(live) not in _PLAIN
+                     else None)
             local, gshape, offsets = block or (live, list(live.shape), None)
             if gshape != e.shape or dtype_name(live.dtype) != e.dtype:
                 self.problems.append(f"{path}: live {dtype_name(live.dtype)}{gshape} vs "
                                      f"checkpoint {e.dtype}{e.shape}")
                 return live
             self.reader.request(name, local, offsets)
-            self.count(e)
+            self.restored.append(e)
             return live
         if name not in self.made:
             self.reader.admit(name)  # before allocating what the manifest declares
             t = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
             self.reader.request(name, t)
-            self.count(e)
+            self.restored.append(e)
             self.made[name] = t
         return self.made[name]
 
@@ -106,13 +112,9 @@ class _Walk:
                 self.reader.admit(name)
                 a = np.empty(e.shape, dtype=numpy_dtype(e.dtype))
             self.reader.request(name, a)
-            self.count(e)
+            self.restored.append(e)
             self.made[name] = a
         return self.made[name]
-
-    def count(self, e) -> None:
-        self.report.tensors += 1
-        self.report.bytes += e.nbytes
 
     def walk(self, live: Any, node: Any, path: str) -> Any:
         if isinstance(node, TensorRef):
