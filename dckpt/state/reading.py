@@ -89,6 +89,12 @@ class TensorReader:
             self._after.append(lambda d=dest, t=target: d.copy_(t, non_blocking=d.is_cuda))
         self._plan_block(name, entry, target, offsets)
 
+    def request_whole(self, name: str, entry: TensorEntry, dest: torch.Tensor) -> None:
+        """request() for a contiguous CPU tensor whose dtype and shape the caller checked
+        against `entry`, stored in one shard."""
+        self.admit(name)
+        self._add(name, dest, entry.itemsize, entry.shards[0].chunks)
+
     def _plan_block(self, name: str, entry: TensorEntry, dest: torch.Tensor, offsets: list[int]):
         shape = list(dest.shape)
         if math.prod(shape) == 0:
