@@ -142,6 +142,22 @@ def test_mismatches_reported_together_before_reading(tmp_path):
     assert report.missing_allowed == ["extra"] and not torch.all(model.weight == 7.0)
 
 
+def test_same_size_other_dtype_is_a_mismatch_and_views_are_filled(tmp_path):
+    """A live tensor of another dtype is refused even when its bytes would fit exactly;
+    a non-contiguous live tensor is filled through its values, not its memory."""
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    dckpt.save({"model": {"w": w, "v": w.clone()}}, tmp_path / "c")
+    live = {"model": {"w": torch.zeros(3, 4, dtype=torch.int32), "v": torch.zeros(3, 4)}}
+    with pytest.raises(StateMismatchError, match=r"model/w: live int32\[3, 4\] vs checkpoint "
+                                                 r"float32\[3, 4\]"):
+        dckpt.load(tmp_path / "c", into=live)
+    assert not live["model"]["v"].any()  # nothing read
+    base = torch.zeros(4, 3)
+    live = {"model": {"w": base.t(), "v": torch.zeros(3, 4)}}
+    dckpt.load(tmp_path / "c", into=live)
+    assert live["model"]["w"]._base is base and torch.equal(base.t(), w)
+
+
 def test_a_mismatch_changes_nothing_live(tmp_path):
     """The walk that finds problems also plans the restore: none of it happens (no read, no
     change to a live container) when anything mismatched, however late the problem."""
