@@ -105,6 +105,7 @@ def test_tree_roundtrip():
     value = {"a": [1, 2.5, None, True, "s"], "t": (1, (2, 3)), 5: b"\x00\xff",
              "$weird": {"nan": math.nan, "inf": math.inf, "ninf": -math.inf},
              "refs": [tree.TensorRef("x"), tree.ArrayRef("y")],
+             "sd": {"b": tree.TensorRef("w"), "a": tree.TensorRef("v"), 0: tree.TensorRef("u")},
              "obj": tree.ObjectState("torch.optim.AdamW", {"lr": 1e-3})}
     enc = tree.encode(value)
     json.dumps(enc, allow_nan=False)  # strict JSON
@@ -112,6 +113,7 @@ def test_tree_roundtrip():
     assert back["a"] == value["a"] and back["t"] == (1, (2, 3)) and back[5] == b"\x00\xff"
     assert math.isnan(back["$weird"]["nan"]) and back["$weird"]["ninf"] == -math.inf
     assert back["refs"] == value["refs"] and back["obj"] == value["obj"]
+    assert back["sd"] == value["sd"] and list(back["sd"]) == ["b", "a", 0]
     assert type(back["t"]) is tuple
 
 
@@ -139,7 +141,9 @@ def test_tree_decode_hostile():
     with pytest.raises(ManifestError, match="deeper"):
         tree.decode(deep)
     for bad in ({"$tensor": 5}, {"$float": "1.0"}, {"$bytes": "!!"}, {"$nope": 1},
-                {"$tuple": 1, "$dict": []}, {"$dict": [[1]]}, {"$dict": [[[1], 2]]}):
+                {"$tuple": 1, "$dict": []}, {"$dict": [[1]]}, {"$dict": [[[1], 2]]},
+                {"$dict": "x"}, {"$dict": [["k", {"$tensor": 5}]]},
+                {"$dict": [["k", {"$tensor": "x", "more": 1}]]}):
         with pytest.raises(ManifestError):
             tree.decode(bad)
 

@@ -136,17 +136,26 @@ def decode(node: Any, depth: int = 0) -> Any:
             raise ManifestError("$tuple payload must be a list", field="tree")
         return tuple(decode(v, depth + 1) for v in payload)
     if tag == "$dict":
-        if not isinstance(payload, list) or not all(
-                isinstance(p, list) and len(p) == 2 for p in payload):
+        if not isinstance(payload, list):
             raise ManifestError("$dict payload must be a list of pairs", field="tree")
         out = {}
-        for k, v in payload:
-            key = k if type(k) is str else decode(k, depth + 1)
-            try:
-                hash(key)
-            except TypeError:
-                raise ManifestError(f"unhashable $dict key {key!r}", field="tree") from None
-            out[key] = decode(v, depth + 1)
+        for pair in payload:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ManifestError("$dict payload must be a list of pairs", field="tree")
+            k, v = pair
+            if type(k) is str:
+                key = k
+            else:
+                key = decode(k, depth + 1)
+                try:
+                    hash(key)
+                except TypeError:
+                    raise ManifestError(f"unhashable $dict key {key!r}", field="tree") from None
+            # A state dict's values are mostly tensor references: no call for those.
+            if type(v) is dict and len(v) == 1 and type(v.get("$tensor")) is str:
+                out[key] = TensorRef(v["$tensor"])
+            else:
+                out[key] = decode(v, depth + 1)
         return out
     if tag in ("$tensor", "$ndarray", "$dtype", "$bytes") and not isinstance(payload, str):
         raise ManifestError(f"{tag} payload must be a string", field="tree")
