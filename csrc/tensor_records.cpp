@@ -1,9 +1,10 @@
 // The manifest's usual tensor record (a tensor stored whole by one rank: every tensor of a
-// single-process save) checked and built without the interpreter, about 2 ms of a 720-tensor
-// load. It mirrors _whole_tensor in dckpt/format/manifest.py check for check, and
-// tests/test_format.py holds the two to the same answer on thousands of mutated records.
-// A record it does not accept comes back as None: the Python checks then take it and name
-// what is wrong. Works on the parsed JSON, so it reads no bytes itself.
+// single-process save) checked and built without the interpreter: 0.38 ms instead of 2.06
+// for the 720 records of the bf16 benchmark state. It mirrors _whole_tensor in
+// dckpt/format/manifest.py check for check, and tests/test_native_records.py holds the two
+// to the same answer on every single-field edit and thousands of random ones. A record it
+// does not accept comes back as None: the Python checks then take it and name what is
+// wrong. Works on the parsed JSON, so it reads no bytes itself.
 #include "tensor_records.h"
 
 #include <cstdint>
