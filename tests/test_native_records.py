@@ -52,7 +52,7 @@ def both(tensors: dict, world: int = 2) -> tuple[list, list]:
 def test_valid_records_build_the_same_entries():
     fast, slow = both(records())
     assert fast == slow
-    assert [e is None for e in fast] == [False] * 4 + [True, False, True]  # numpy: Python's
+    assert [e is None for e in fast] == [False] * 4 + [True, False, True]  # wide: invalid; arr: numpy
     assert mf._whole_tensor("arr", records()["arr"], FILES, 2) is not None
     w = fast[0]
     assert type(w) is mf.TensorEntry and type(w.shards[0]) is mf.Shard
