@@ -60,6 +60,31 @@ def test_self_hash_member_planted_or_moved_is_caught():
     assert parse(data).counters == {"step": 3}
 
 
+def forge(data: bytes) -> bytes:
+    """`data` with its self hash recomputed over the raw bytes, as a forger would."""
+    import re
+    import xxhash
+    m = re.search(rb',"self_hash":"[0-9a-f]{16}"', data)
+    body = (data[:m.start()] + data[m.end():]).rstrip(b"\n")
+    return data[:m.start()] + b',"self_hash":"%016x"' % xxhash.xxh3_64_intdigest(body) + data[m.end():]
+
+
+def test_forged_manifest_still_meets_every_rule():
+    """Bytes that pass the self hash on their raw form skip the canonical comparison; a
+    forger can make any bytes pass, so numbers out of range are still refused there, and
+    duplicate keys read as JSON reads them (the last one), then face every schema check."""
+    data = sample_manifest().to_bytes()
+    assert forge(data) == data
+    with pytest.raises(ManifestError, match="out of range"):
+        parse(forge(data.replace(b'"loss":0.5', b'"loss":1e999')))
+    with pytest.raises(ManifestError, match="non-standard JSON constant"):
+        parse(forge(data.replace(b'"loss":0.5', b'"loss":NaN')))
+    m = parse(forge(data.replace(b'"step":3', b'"step":3,"step":4')))
+    assert m.counters == {"step": 4}
+    with pytest.raises(ManifestError, match="rank entries"):
+        parse(forge(data.replace(b'"world_size":1', b'"world_size":1,"world_size":2')))
+
+
 def test_future_version():
     data = edit(sample_manifest(), lambda o: o.update(version=99))
     with pytest.raises(FormatVersionError, match="version 99 is newer"):

@@ -220,8 +220,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The fast attempt's hooks: a non-standard constant or a number out of float range sends
+# the bytes to the strict parse, which names it (even in bytes that pass the self hash).
 def _rejected_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite_or_rejected(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
@@ -229,12 +238,13 @@ def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
     form (which every writer produces); and whether `data` already passed its self hash.
 
     The usual manifest passes the self hash on its raw bytes (see _raw_hash_ok): the bytes
-    are then exactly what the writer serialized, canonical by construction, with no
-    duplicate keys, non-finite numbers or odd spellings. Otherwise the value is serialized
-    again to compare with `data` (about 2 ms per 200 KB), and anything that is not the
-    canonical form is parsed again with checks that name the problem."""
+    are then what the writer serialized, canonical by construction, unless forged (a forger
+    can make any bytes pass: their duplicate keys read last-wins, and they still face every
+    schema check). Otherwise the value is serialized again to compare with `data` (about
+    2 ms per 200 KB), and anything that is not the canonical form is parsed again with
+    checks that name the problem."""
     try:
-        obj = json.loads(data, parse_constant=_rejected_constant)
+        obj = json.loads(data, parse_constant=_rejected_constant, parse_float=_finite_or_rejected)
         if isinstance(obj, dict):
             if _raw_hash_ok(data, obj.get("self_hash")):
                 return obj, None, True
