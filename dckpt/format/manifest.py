@@ -220,19 +220,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# The fast attempt's hooks: a non-standard constant or a number out of float range sends
-# the bytes to the strict parse, which names it (even in bytes that pass the self hash).
-def _rejected_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _finite_or_rejected(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
 def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
     """The JSON value of `data`; its canonical parts when `data` is exactly the canonical
     form (which every writer produces); and whether `data` already passed its self hash.
@@ -244,7 +231,9 @@ def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
     2 ms per 200 KB), and anything that is not the canonical form is parsed again with
     checks that name the problem."""
     try:
-        obj = json.loads(data, parse_constant=_rejected_constant, parse_float=_finite_or_rejected)
+        # A non-standard constant or a number out of range, even in bytes that pass the
+        # self hash, sends them to the strict parse below, which names it.
+        obj = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
         if isinstance(obj, dict):
             if _raw_hash_ok(data, obj.get("self_hash")):
                 return obj, None, True
@@ -252,7 +241,7 @@ def _decode(data: bytes, path: str | None) -> tuple[Any, dict | None, bool]:
             full = _join(parts)
             if data == full or data == full + b"\n":
                 return obj, parts, False
-    except (ValueError, RecursionError):
+    except (ManifestError, ValueError, RecursionError):
         pass
     try:
         return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
