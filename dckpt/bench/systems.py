@@ -41,8 +41,10 @@ class Dckpt(System):
     peer = False
     can_verify = True
 
-    def __init__(self, compression: str | int | None = None, label: str = "dckpt"):
-        self.compression, self.name = compression, label
+    def __init__(self, compression: str | int | None = None, label: str = "dckpt",
+                 verify: bool = True):
+        self.compression, self.name, self.verify_on_load = compression, label, verify
+        self.can_verify = verify  # unchecked: `dckpt verify` is the checked one's
 
     def save(self, w: Workload, path: Path) -> None:
         import dckpt
@@ -50,7 +52,7 @@ class Dckpt(System):
 
     def load(self, w: Workload, path: Path) -> None:
         import dckpt
-        dckpt.load(path, into=w.state())
+        dckpt.load(path, into=w.state(), verify=self.verify_on_load)
 
     def verify(self, path: Path) -> None:
         verify_dckpt(path)
@@ -201,7 +203,9 @@ class Accelerate(System):
 
 def catalogue() -> list[System]:
     """Every single-process system of a run, dckpt's configurations first."""
-    return [Dckpt(None, "dckpt"), Dckpt(1, "dckpt zstd-1"), Dckpt(3, "dckpt zstd-3"),
+    # "dckpt unchecked" loads without checksums: what checking every byte costs, same run.
+    return [Dckpt(None, "dckpt"), Dckpt(None, "dckpt unchecked", verify=False),
+            Dckpt(1, "dckpt zstd-1"), Dckpt(3, "dckpt zstd-3"),
             TorchSave(), Safetensors(), Dcp(1), Dcp(2), Accelerate()]
 
 
