@@ -172,14 +172,15 @@ Status admit(const ChunkRecord& r, FileSet& files, Where where) {
 }
 
 // Reads [offset, offset + len) into dst block by block, feeding each block to hash
-// (when given) while it is still in cache.
+// (when given) while it is still in cache. Without a hash too: from a cold cache, one
+// pread of a whole chunk waited for all of it, and loaded 1 GB 20% slower than blocks,
+// which keep the kernel's readahead ahead of the copy.
 int read_hashed(const File& file, uint8_t* dst, size_t len, uint64_t offset, StreamHash* hash) {
-  if (hash == nullptr) return file.pread_all(dst, len, offset);
   for (size_t done = 0; done < len;) {
     size_t n = std::min(kBlock, len - done);
     int err = file.pread_all(dst + done, n, offset + done);
     if (err != 0) return err;
-    hash->update(dst + done, n);
+    if (hash != nullptr) hash->update(dst + done, n);
     done += n;
   }
   return 0;
