@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,13 @@ def test_damaged_step_count_is_reported_when_checksums_are_skipped(tmp_path):
     errors = [c for c in bad.checks if c.id == "training.optimizer_steps" and c.level == "error"]
     assert len(errors) == 1 and "cannot read step count" in errors[0].message
     assert "fail their hash" in errors[0].message
+
+
+def test_step_count_reader_closes_its_descriptors(sharded):
+    """The step-count reader keeps a descriptor per data file for the whole check (one
+    open for hundreds of scalars) and closes them all when the check ends."""
+    before = len(os.listdir("/proc/self/fd"))
+    report = verify(sharded, checksums=False).checkpoints[0]
+    assert len(os.listdir("/proc/self/fd")) == before
+    steps = [c for c in report.checks if c.id == "training.optimizer_steps"]
+    assert steps and all(c.level == "pass" for c in steps)

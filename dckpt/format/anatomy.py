@@ -7,10 +7,14 @@ with and, for state converted from plain dicts, by the shape of its state dict.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .manifest import Manifest
+import numpy as np
+import xxhash
+
+from .manifest import CODEC_RAW, Manifest
 from .tree import ArrayRef, ObjectState, TensorRef, decode
 
 # The parts a training run needs to resume exactly, in report order.
@@ -173,44 +177,52 @@ def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
     return out
 
 
-def scalar_reader(ckpt, m: Manifest, aliases: dict[str, str]):
+class ScalarReader:
     """read_scalar for optimizer_steps: a scalar stored as one raw chunk is read with one
     pread and checked against its hash (a step count per parameter: hundreds per
-    checkpoint); anything else through the pure-Python reference reader (verified)."""
-    import os
+    checkpoint, so each data file is opened once, not once per scalar); anything else
+    through the pure-Python reference reader (verified). Use it as a context manager."""
 
-    import numpy as np
-    import xxhash
+    def __init__(self, ckpt, m: Manifest, aliases: dict[str, str]):
+        self.ckpt, self.m, self.aliases = ckpt, m, aliases
+        self._fds: dict[int, int] = {}  # file index -> open descriptor
 
-    from .manifest import CODEC_RAW
-    from .reader import read_tensor_bytes
+    def __enter__(self) -> "ScalarReader":
+        return self
 
-    def raw_bytes(name: str) -> bytes:
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _raw_bytes(self, name: str) -> bytes:
+        from .reader import read_tensor_bytes
+
+        m = self.m
         chunks = [ch for shard in m.tensors[name].shards for ch in shard.chunks]
         if len(chunks) != 1 or chunks[0].codec != CODEC_RAW:
-            return read_tensor_bytes(ckpt, m, name).tobytes()
+            return read_tensor_bytes(self.ckpt, m, name).tobytes()
         ch = chunks[0]
-        fd = os.open(m.files[ch.file].path(ckpt), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            data = os.pread(fd, ch.stored, ch.offset)
-        finally:
-            os.close(fd)
+        fd = self._fds.get(ch.file)
+        if fd is None:
+            fd = os.open(m.files[ch.file].path(self.ckpt),
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._fds[ch.file] = fd
+        data = os.pread(fd, ch.stored, ch.offset)
         if len(data) != ch.stored or xxhash.xxh3_64_intdigest(data) != ch.raw_hash:
             raise ValueError(f"{name}: stored bytes at offset {ch.offset} are short or "
                              "fail their hash")
         return data
 
-    def read(tree_name: str) -> float:
-        name = aliases.get(tree_name, tree_name)
-        entry = m.tensors[name]
+    def __call__(self, tree_name: str) -> float:
+        name = self.aliases.get(tree_name, tree_name)
+        entry = self.m.tensors[name]
         if len(entry.shape) > 1 or (entry.shape and entry.shape[0] != 1):
             raise ValueError(f"shape {entry.shape} is not a scalar")
         dtype = entry.dtype if entry.kind == "numpy" else _NUMPY_OF.get(entry.dtype)
         if dtype is None:
             raise ValueError(f"dtype {entry.dtype} is not a step counter type")
-        return float(np.frombuffer(raw_bytes(name), dtype=dtype)[0])
-
-    return read
+        return float(np.frombuffer(self._raw_bytes(name), dtype=dtype)[0])
 
 
 @dataclass

@@ -150,32 +150,11 @@ def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankVie
     c = m.counters
     step = as_int(c.get("step"))
     opts, scheds = view.of_kind("optimizer"), view.of_kind("scheduler")
-    opt_steps = None
-    reader = anatomy.scalar_reader(ckpt, m, view.aliases)
+    with anatomy.ScalarReader(ckpt, m, view.aliases) as reader:
+        def read(name: str) -> float | None:
+            return None if view.aliases.get(name, name) in damaged else reader(name)
 
-    def read(name: str) -> float | None:
-        return None if view.aliases.get(name, name) in damaged else reader(name)
-
-    for opt in opts:
-        steps = anatomy.optimizer_steps(opt, read)
-        for tensor, why in steps.unread[:3]:
-            rep.add(g, "training.optimizer_steps", ERROR,
-                    f"optimizer '{opt.key}': cannot read step count '{tensor}': {why}",
-                    Location(tensor=view.aliases.get(tensor, tensor)))
-        if steps.count is None:
-            if not steps.unread and not steps.skipped:
-                rep.add(g, "training.optimizer_steps", PASS,
-                        f"optimizer '{opt.key}' ({opt.short_type or 'state dict'}) keeps no "
-                        "step count (nothing to compare)")
-            continue
-        if len(set(steps.values)) > 1:
-            rep.add(g, "training.optimizer_steps", WARNING,
-                    f"optimizer '{opt.key}': parameters record different step counts "
-                    f"({int(min(steps.values))}..{int(max(steps.values))}): some were frozen or "
-                    "added during training")
-        opt_steps = steps.count if opt_steps is None else max(opt_steps, steps.count)
-        if step is not None:
-            _compare_steps(opt.key, steps.count, step, c, rep)
+        opt_steps = _check_optimizers(opts, read, step, c, rep, view)
     for sched in scheds:
         _check_scheduler(sched, opts, opt_steps, step, as_int(c.get("epoch")), rep)
     if not scheds:
@@ -186,6 +165,34 @@ def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankVie
         scale = as_float(scaler.state.get("scale")) if isinstance(scaler.state, dict) else None
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             rep.add(g, "training.scaler", ERROR, f"grad scaler '{scaler.key}' has scale {scale}")
+
+
+def _check_optimizers(opts, read, step: int | None, c: dict, rep: CheckpointReport,
+                      view: RankView) -> int | None:
+    """Each optimizer's step counts: readable, agreeing, consistent with the global step.
+    Returns the largest step count found (None: no optimizer keeps one)."""
+    opt_steps = None
+    for opt in opts:
+        steps = anatomy.optimizer_steps(opt, read)
+        for tensor, why in steps.unread[:3]:
+            rep.add("training", "training.optimizer_steps", ERROR,
+                    f"optimizer '{opt.key}': cannot read step count '{tensor}': {why}",
+                    Location(tensor=view.aliases.get(tensor, tensor)))
+        if steps.count is None:
+            if not steps.unread and not steps.skipped:
+                rep.add("training", "training.optimizer_steps", PASS,
+                        f"optimizer '{opt.key}' ({opt.short_type or 'state dict'}) keeps no "
+                        "step count (nothing to compare)")
+            continue
+        if len(set(steps.values)) > 1:
+            rep.add("training", "training.optimizer_steps", WARNING,
+                    f"optimizer '{opt.key}': parameters record different step counts "
+                    f"({int(min(steps.values))}..{int(max(steps.values))}): some were frozen or "
+                    "added during training")
+        opt_steps = steps.count if opt_steps is None else max(opt_steps, steps.count)
+        if step is not None:
+            _compare_steps(opt.key, steps.count, step, c, rep)
+    return opt_steps
 
 
 def _compare_steps(key: str, opt_steps: int, step: int, c: dict, rep: CheckpointReport) -> None:
