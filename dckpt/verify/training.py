@@ -171,21 +171,21 @@ def _check_optimizers(opts, read, step: int | None, c: dict, rep: CheckpointRepo
                       view: RankView) -> int | None:
     """Each optimizer's step counts: readable, agreeing, consistent with the global step.
     Returns the largest step count found (None: no optimizer keeps one)."""
-    opt_steps = None
+    g, opt_steps = "training", None
     for opt in opts:
         steps = anatomy.optimizer_steps(opt, read)
         for tensor, why in steps.unread[:3]:
-            rep.add("training", "training.optimizer_steps", ERROR,
+            rep.add(g, "training.optimizer_steps", ERROR,
                     f"optimizer '{opt.key}': cannot read step count '{tensor}': {why}",
                     Location(tensor=view.aliases.get(tensor, tensor)))
         if steps.count is None:
             if not steps.unread and not steps.skipped:
-                rep.add("training", "training.optimizer_steps", PASS,
+                rep.add(g, "training.optimizer_steps", PASS,
                         f"optimizer '{opt.key}' ({opt.short_type or 'state dict'}) keeps no "
                         "step count (nothing to compare)")
             continue
         if len(set(steps.values)) > 1:
-            rep.add("training", "training.optimizer_steps", WARNING,
+            rep.add(g, "training.optimizer_steps", WARNING,
                     f"optimizer '{opt.key}': parameters record different step counts "
                     f"({int(min(steps.values))}..{int(max(steps.values))}): some were frozen or "
                     "added during training")
