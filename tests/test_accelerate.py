@@ -107,28 +107,98 @@ def test_explicit_dir_roundtrip_hooks_and_extras(tmp_path):
     assert (out / "config.json").is_file() and (out / "manifest.json").is_file()
 
 
-def test_automatic_naming_total_limit_and_latest(tmp_path):
-    pc = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True,
-                              total_limit=2)
+def test_automatic_naming_is_accelerates(tmp_path, monkeypatch):
+    # accelerate's names and nothing else in its folder, under a relative project_dir.
+    monkeypatch.chdir(tmp_path)
+    pc = ProjectConfiguration(project_dir="run", automatic_checkpoint_naming=True, total_limit=2)
     acc = DckptAccelerator(cpu=True, project_config=pc)
     model, opt, sched, loader = setup(acc)
     weights = []
+    for i in range(3):
+        train_steps(model, opt, sched, iter(loader), 1)
+        assert acc.save_state() == Path("run", "checkpoints", f"checkpoint_{i}")
+        weights.append(model[0].weight.detach().clone())
+    root = tmp_path / "run" / "checkpoints"
+    assert os.listdir(tmp_path / "run") == ["checkpoints"]
+    assert sorted(os.listdir(root)) == ["checkpoint_1", "checkpoint_2"]  # total_limit, oldest out
+    assert acc.save_iteration == 3
+    for it, match in ((2, "already exists"), (0, "counts as older.*iteration = 3")):
+        acc.project_configuration.iteration = it
+        with pytest.raises(ValueError, match=match):
+            acc.save_state()
+    assert sorted(os.listdir(root)) == ["checkpoint_1", "checkpoint_2"]  # nothing written/lost
+    with torch.no_grad():
+        model[0].weight.zero_()
+    report = acc.load_state()  # no directory: the newest
+    assert report.path == Path("run", "checkpoints", "checkpoint_2")
+    assert report.counters["iteration"] == 2 and acc.save_iteration == 3
+    assert torch.equal(model[0].weight, weights[2])
+
+    # accelerate's own save_state lists and prunes the folder (it sorts every entry by the
+    # number in its name: a `latest` or `.lock` there was an IndexError) ...
+    plain = Accelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir="run", automatic_checkpoint_naming=True, total_limit=2, iteration=3))
+    for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+        setattr(plain, name, getattr(acc, name))
+    Accelerator.save_state(plain)
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]
+    # ... and DckptAccelerator goes on from accelerate's newest checkpoint.
+    acc.project_configuration.iteration = 0
+    report = acc.load_state()
+    assert report.path.name == "checkpoint_3" and acc.save_iteration == 4
+    acc.save_state()
+    assert sorted(os.listdir(root)) == ["checkpoint_3", "checkpoint_4"]
+
+
+def test_first_save_after_load_state_is_the_newest(tmp_path):
+    # A fresh process resumes with iteration 0 (accelerate leaves it there): its first save
+    # must not be checkpoint_0, the "oldest", which total_limit deletes and load_state() skips.
+    pc = dict(project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2)
+    acc = DckptAccelerator(cpu=True, project_config=ProjectConfiguration(**pc))
+    model, opt, sched, loader = setup(acc)
     for _ in range(3):
         train_steps(model, opt, sched, iter(loader), 1)
         acc.save_state()
-        weights.append(model[0].weight.detach().clone())
-    root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
-        "latest", "step-000000001", "step-000000002"]
-    assert acc.save_iteration == 3
-    acc.project_configuration.iteration = 2
-    with pytest.raises(ValueError, match="already exists"):
-        acc.save_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = DckptAccelerator(cpu=True, project_config=ProjectConfiguration(**pc))
+    model, opt, sched, loader = setup(acc)
+    assert acc.load_state().path.name == "checkpoint_2" and acc.save_iteration == 3
+    train_steps(model, opt, sched, iter(loader), 1)
+    after = model[0].weight.detach().clone()
+    assert acc.save_state().name == "checkpoint_3"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["checkpoint_2", "checkpoint_3"]
     with torch.no_grad():
         model[0].weight.zero_()
-    report = acc.load_state()  # no directory: the newest committed checkpoint
-    assert report.path == root / "step-000000002" and report.step == 2
-    assert torch.equal(model[0].weight, weights[2])
+    assert acc.load_state().path.name == "checkpoint_3"
+    assert torch.equal(model[0].weight, after)
+
+
+def test_documented_flow_passes_strict_verify(tmp_path):
+    # docs/accelerate.md's loop: the recorded step is the optimizer's, so verify's training
+    # checks hold (it used to record the save iteration: "stepped N times more than the run").
+    acc = DckptAccelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir=str(tmp_path), automatic_checkpoint_naming=True))
+    model, opt, sched, loader = setup(acc)
+    counter = Counter()
+    acc.register_for_checkpointing(counter)
+    for epoch in range(3):
+        for x in loader:
+            acc.backward(model(x).pow(2).mean())
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            counter.n += 1
+            if counter.n % 4 == 0:
+                acc.save_state()
+    paths = sorted(p for p in (tmp_path / "checkpoints").iterdir() if (p / "manifest.json").exists())
+    assert len(paths) == 3
+    for p in paths:
+        res = subprocess.run([sys.executable, "-m", "dckpt", "verify", "--strict", str(p)],
+                             capture_output=True, text=True, timeout=120, env=ENV)
+        assert res.returncode == 0, res.stdout + res.stderr
+    report = acc.load_state()
+    assert report.step == 12 == opt.state_dict()["state"][0]["step"]
+    assert report.counters["iteration"] == 2
 
 
 def test_accelerate_errors_are_kept(tmp_path):
@@ -285,7 +355,7 @@ def test_single_process_resume_is_bitwise(tmp_path):
     # that never saves); a fresh process resumes the newest checkpoint, mid-epoch 2.
     ref = job(tmp_path, "ref.json", "--save-at", 4, 9, "--total-limit", 1)
     root = tmp_path / "project" / "checkpoints"
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-000000001"]
+    assert os.listdir(root) == ["checkpoint_1"]
     resumed = job(tmp_path, "b.json", "--resume")
     assert resumed["seen"] == ref["seen"]
     assert resumed["losses"] == ref["losses"]

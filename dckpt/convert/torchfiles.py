@@ -23,6 +23,11 @@ class ConvertError(DckptError):
         self.path = path
 
 
+class PickleRequired(ConvertError):
+    """The file holds Python objects that only real unpickling (running code from the file)
+    could restore; callers that may unpickle trusted files tell this from a broken file."""
+
+
 def _numpy_globals() -> list:
     import numpy as np
     try:
@@ -48,7 +53,7 @@ def load(path: str | Path) -> Any:
         except Exception:
             needs = []
         what = f" (it pickles {', '.join(needs[:4])})" if needs else ""
-        raise ConvertError(f"{path.name} holds Python objects that only unpickling could "
+        raise PickleRequired(f"{path.name} holds Python objects that only unpickling could "
                            f"restore{what}; dckpt loads no pickle", str(path)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]

@@ -9,10 +9,11 @@ data loader (exact, mid-epoch), the GradScaler, objects given to register_for_ch
 accelerator.step, and each process's RNG streams, collectively from every process.
 
 accelerate's conventions hold: an explicit output_dir, or with
-ProjectConfiguration(automatic_checkpoint_naming=True) numbered checkpoints under
-project_dir/checkpoints kept to total_limit (here by a CheckpointManager: the oldest ones are
-removed only after the new one is committed); load_state() without a directory loads the
-newest committed one; save/load pre-hooks are called as accelerate calls them; invalid
+ProjectConfiguration(automatic_checkpoint_naming=True) project_dir/checkpoints/checkpoint_<n>,
+n = project_configuration.iteration, kept to total_limit (the oldest ones are removed only
+after the new one is committed), and nothing else in that folder, so accelerate's own listing
+(os.listdir, sorted by the number in each name) works on it; load_state() without a directory
+loads the newest one; save/load pre-hooks are called as accelerate calls them; invalid
 registrations raise accelerate's errors. A folder written by accelerate's own save_state is
 read too (see accelerate_folder.py), so a run moves to dckpt by changing one line.
 
@@ -21,22 +22,25 @@ save_state/load_state run unchanged.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from types import MethodType
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .. import checkpoint, commit, dist, rng
-from ..errors import CheckpointNotFoundError, StateMismatchError
+from ..errors import CheckpointNotFoundError, LockError, StateMismatchError
 from ..format import tree as treecodec
-from ..format.layout import staging_dir
+from ..format.layout import TMP_MARK, is_staging, staging_dir
 from ..format.manifest import MANIFEST_NAME
-from ..manager import CheckpointManager, ResumeReport
+from ..manager import ResumeReport
 from . import accelerate_folder
 from .loader_position import LoaderState, track_position
 
@@ -44,6 +48,8 @@ log = logging.getLogger("dckpt")
 
 _OWN_ENGINES = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA)
 CHECKPOINTS = "checkpoints"  # accelerate's sub-directory of project_dir for automatic naming
+_AUTO_NAME = re.compile(r"^checkpoint_([0-9]+)$")  # accelerate's name for checkpoint n there
+_MAP_LOCATIONS = (None, "cpu", "on_device")  # what accelerate's load_state accepts
 
 
 # ---- the state of an Accelerator as checkpoint components --------------------------------
@@ -119,19 +125,119 @@ def options(accelerator: Accelerator) -> dict:
     return getattr(accelerator, "_dckpt_options", None) or {}
 
 
-def manager(accelerator: Accelerator) -> CheckpointManager:
-    """The CheckpointManager behind automatic checkpoint naming: project_dir/checkpoints, one
-    checkpoint per save iteration, keep_last = total_limit. Collective on first use."""
+def training_step(accelerator: Accelerator) -> int:
+    """The optimizer steps taken: the largest step count a prepared optimizer keeps (what
+    `dckpt verify` compares the recorded global step with); accelerator.step (which only
+    accumulate() advances) when no optimizer keeps one. Recorded as the checkpoint's step."""
+    counts: dict = {}
+    for opt in accelerator._optimizers:
+        for s in getattr(opt, "optimizer", opt).state.values():
+            v = s.get("step") if isinstance(s, dict) else None
+            if hasattr(v, "to_local"):
+                v = v.to_local()
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                counts.setdefault(v.device, []).append(v.detach().reshape(()).double())
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                counts.setdefault("python", []).append(float(v))
+    # One device sync per device, not one per parameter (capturable optimizers keep the
+    # counts on the GPU).
+    found = [max(v) if k == "python" else torch.stack(v).max().item() for k, v in counts.items()]
+    return int(max(found)) if found else int(accelerator.step)
+
+
+def _numbered(root: Path) -> dict[int, str]:
+    """accelerate's automatic names under root: n -> what checkpoint_<n> holds ("dckpt", a
+    committed checkpoint; "accelerate", one written by accelerate's own save_state; "other",
+    neither). Read by rank 0 and broadcast, so that every process decides alike."""
+    found: dict[int, str] = {}
+    if dist.rank() == 0 and root.is_dir():
+        for p in root.iterdir():
+            m = _AUTO_NAME.match(p.name)
+            if m and p.is_dir():
+                found[int(m.group(1))] = ("dckpt" if (p / MANIFEST_NAME).is_file() else
+                                          "accelerate" if accelerate_folder.looks_like(p) else
+                                          "other")
+    return {int(n): k for n, k in dist.broadcast_json(
+        {str(n): k for n, k in found.items()}, 0, None, "checkpoint listing").items()}
+
+
+class _RootLock:
+    """One saving process per project_dir/checkpoints: an advisory flock on the directory
+    itself. A lock file beside the checkpoints would be one more entry in accelerate's
+    listing, which takes every entry for a numbered checkpoint."""
+
+    def __init__(self, root: Path):
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise LockError(f"{root} is being written by another process's save_state: two "
+                            "runs must not share a project_dir (give each its own)") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _begin_automatic(accelerator: Accelerator) -> tuple[Path, str | None, "_RootLock | None"]:
+    """Checks and locks for a save under automatic naming; collective. Returns the target,
+    the checkpoint to share unchanged chunks with, and (rank 0) the held lock."""
     pc = accelerator.project_configuration
-    root = Path(accelerator.project_dir) / CHECKPOINTS
-    key = (str(root), pc.total_limit)
-    cached = getattr(accelerator, "_dckpt_manager", None)
-    if cached is None or cached[0] != key:
-        opts = {k: v for k, v in options(accelerator).items()
-                if k in ("compression", "shuffle", "chunk_size", "threads", "fsync", "verify")}
-        cached = (key, CheckpointManager(root, keep_last=pc.total_limit, **opts))
-        accelerator._dckpt_manager = cached
-    return cached[1]
+    root = Path(accelerator.project_dir) / CHECKPOINTS  # a relative project_dir: as accelerate
+    it = int(pc.iteration)
+    target = root / f"checkpoint_{it}"
+    lock = failure = None
+    if dist.rank() == 0:
+        try:
+            commit.make_dirs(root)
+            lock = _RootLock(root)
+            for p in root.iterdir():  # what a crashed save or deletion left behind
+                if is_staging(p.name):
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        except Exception as e:
+            failure = e
+    dist.raise_if_any_failed(failure, None, "save_state")
+    try:
+        found = _numbered(root)
+        newest = max(found, default=None)
+        if it in found:
+            raise ValueError(
+                f"Checkpoint directory {target} ({it}) already exists. Please manually override "
+                "`self.save_iteration` with what iteration to start with.")
+        if newest is not None and it < newest:
+            # accelerate would write it, then take it for the oldest: total_limit deletes it
+            # first and load_state() never picks it.
+            raise ValueError(
+                f"save_state would write {target.name}, but {root} already holds "
+                f"checkpoint_{newest}: a lower number counts as older, so load_state() would not "
+                f"resume from it and total_limit would delete it first. Set "
+                f"accelerator.project_configuration.iteration = {newest + 1} (load_state() does "
+                "this itself), or pass an explicit output_dir")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    base = max((n for n, k in found.items() if k == "dckpt"), default=None)
+    return target, (f"checkpoint_{base}" if base is not None else None), lock
+
+
+def _apply_total_limit(root: Path, limit: int | None, new: int) -> None:
+    """accelerate's total_limit, after the commit: the oldest checkpoint_<n> beyond the
+    newest `limit` go (accelerate deletes before it writes; a crash then lost one)."""
+    if limit is None:
+        return
+    found = sorted(int(m.group(1)) for p in root.iterdir()
+                   if (m := _AUTO_NAME.match(p.name)) and p.is_dir())
+    for n in found[:max(0, len(found) - max(limit, 1))]:
+        if n == new:
+            continue
+        # Renamed first: a crash mid-delete leaves a hidden staging name, not a half-deleted
+        # checkpoint_<n> that load_state() could pick; the next save clears it.
+        trash = root / f".checkpoint_{n}{TMP_MARK}deleting"
+        os.rename(root / f"checkpoint_{n}", trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = None,
@@ -143,42 +249,41 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = 
         return Accelerator.save_state(accelerator, output_dir, safe_serialization,
                                       **save_model_func_kwargs)
     pc = accelerator.project_configuration
-    mgr = None
+    lock = base = None
     if pc.automatic_checkpoint_naming:
-        mgr = manager(accelerator)
-        target = mgr.path(accelerator.save_iteration)
-        if target.exists():
-            raise ValueError(
-                f"Checkpoint directory {target} ({accelerator.save_iteration}) already exists. "
-                "Please manually override `self.save_iteration` with what iteration to start "
-                "with.")
-        accelerator.wait_for_everyone()
+        target, base, lock = _begin_automatic(accelerator)
     elif output_dir is None:
         raise ValueError("save_state needs an output_dir unless the Accelerator has "
                          "ProjectConfiguration(automatic_checkpoint_naming=True)")
     else:
         target = Path(os.path.expanduser(output_dir))
-
-    weights = [_model_for_state(accelerator, m).state_dict() for m in accelerator._models]
-    if accelerator._save_model_state_pre_hook:
-        if accelerator.is_main_process:
-            target.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        for hook in accelerator._save_model_state_pre_hook.values():
-            hook(accelerator._models, weights, str(target))
-        accelerator.wait_for_everyone()
-    models = accelerator._models[:len(weights)]
-    state = components(accelerator, models, weights)
-    counters = {"iteration": int(pc.iteration), "accelerate_step": int(accelerator.step)}
-    log.info("dckpt: saving accelerator state to %s", target)
-    with _keeping_extras(target):
-        if mgr is not None:
-            mgr.save(int(accelerator.save_iteration), state, counters=counters)
-        else:
+    try:
+        weights = [_model_for_state(accelerator, m).state_dict() for m in accelerator._models]
+        if accelerator._save_model_state_pre_hook:
+            if accelerator.is_main_process:
+                target.mkdir(parents=True, exist_ok=True)
+            accelerator.wait_for_everyone()
+            for hook in accelerator._save_model_state_pre_hook.values():
+                hook(accelerator._models, weights, str(target))
+            accelerator.wait_for_everyone()
+        models = accelerator._models[:len(weights)]
+        state = components(accelerator, models, weights)
+        counters = {"step": training_step(accelerator), "iteration": int(pc.iteration),
+                    "accelerate_step": int(accelerator.step)}
+        log.info("dckpt: saving accelerator state to %s", target)
+        with _keeping_extras(target):
             opts = options(accelerator)
             checkpoint.save(state, target, overwrite=True, counters=counters,
                             rank_state={"rng": rng.capture(own_device_only=dist.active())},
+                            base=target.parent / base if base else None,
                             **{k: v for k, v in opts.items() if k != "verify"})
+        if lock is not None:
+            _apply_total_limit(target.parent, pc.total_limit, int(pc.iteration))
+    finally:
+        if lock is not None:
+            lock.release()
+    if pc.automatic_checkpoint_naming:
+        dist.barrier(None, "save_state")  # every process sees the folder as it now is
     pc.iteration += 1
     return target
 
@@ -222,31 +327,51 @@ def _is_dckpt_file(name: str) -> bool:
 # ---- load ----------------------------------------------------------------------------------
 def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = None,
                load_kwargs: dict | None = None, *, allow_pickle: bool = False,
-               **load_model_func_kwargs) -> ResumeReport | None:
+               **load_model_func_kwargs) -> ResumeReport:
     """accelerate's Accelerator.load_state, read by dckpt (verified). Returns what was restored.
 
     A folder written by accelerate's own save_state is read as well; its pickled files are
     opened with torch.load(weights_only=True), and where a file needs real unpickling (it can
-    run code) only with allow_pickle=True. map_location is accepted and ignored: dckpt reads
-    straight into the live tensors, wherever they are."""
+    run code) only with allow_pickle=True. map_location is checked as accelerate checks it
+    and otherwise ignored: dckpt reads straight into the live tensors, wherever they are.
+
+    With automatic checkpoint naming, project_configuration.iteration is then moved past the
+    newest checkpoint_<n>, so the next save_state() is the newest: accelerate would name it
+    from the iteration the process started with, and total_limit would delete it first."""
     if accelerator.distributed_type in _OWN_ENGINES:
         return Accelerator.load_state(accelerator, input_dir, load_kwargs,
                                       **load_model_func_kwargs)
     t0 = time.perf_counter()
-    load_model_func_kwargs.pop("map_location", None)
-    path = _input_path(accelerator, input_dir)
+    if load_model_func_kwargs.pop("map_location", None) not in _MAP_LOCATIONS:
+        raise TypeError("Unsupported optimizer map location passed, please choose one of `None`,"
+                        " `'cpu'`, or `'on_device'`")  # accelerate's words
+    pc = accelerator.project_configuration
+    found = _numbered(Path(accelerator.project_dir) / CHECKPOINTS) \
+        if pc.automatic_checkpoint_naming else {}
+    path = _input_path(accelerator, input_dir, found)
     log.info("dckpt: loading accelerator state from %s", path)
     models = list(accelerator._models)
     for hook in accelerator._load_model_state_pre_hook.values():
         hook(models, str(path))
-    if not (path / MANIFEST_NAME).is_file():
-        if accelerate_folder.looks_like(path):
-            accelerate_folder.load(accelerator, path, models, allow_pickle=allow_pickle,
-                                   **load_model_func_kwargs)
-            return None
+    if (path / MANIFEST_NAME).is_file():
+        report = _load_dckpt(accelerator, path, models, load_model_func_kwargs)
+    elif accelerate_folder.looks_like(path):
+        report = accelerate_folder.load(accelerator, path, models, allow_pickle=allow_pickle,
+                                        **load_model_func_kwargs)
+        report.step = training_step(accelerator)
+    else:
         raise CheckpointNotFoundError(f"{path} is neither a dckpt checkpoint (no {MANIFEST_NAME})"
                                       " nor a folder written by accelerate's save_state")
+    if found and pc.iteration <= max(found):
+        log.info("dckpt: project_configuration.iteration %d -> %d (after checkpoint_%d)",
+                 pc.iteration, max(found) + 1, max(found))
+        pc.iteration = max(found) + 1
+    report.seconds = time.perf_counter() - t0
+    return report
 
+
+def _load_dckpt(accelerator: Accelerator, path: Path, models: list,
+                load_model_func_kwargs: dict) -> ResumeReport:
     m = checkpoint.read_manifest(path)
     r = dist.rank()
     own = m.ranks[r] if r < m.world_size else None
@@ -282,13 +407,13 @@ def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = N
                      "its RNG streams were not restored")
         log.warning("dckpt: %s", notes[-1])
     c = m.counters
-    return ResumeReport(step=int(c.get("iteration", 0)), path=path, epoch=None,
-                        step_in_epoch=None, metrics=m.metrics, counters=c,
-                        components=report.components, rng_streams=streams, bytes=report.bytes,
-                        seconds=time.perf_counter() - t0, notes=notes)
+    step = c.get("step", c.get("iteration", 0))  # checkpoints of older versions: the iteration
+    return ResumeReport(step=int(step), path=path, epoch=None, step_in_epoch=None,
+                        metrics=m.metrics, counters=c, components=report.components,
+                        rng_streams=streams, bytes=report.bytes, notes=notes)
 
 
-def _input_path(accelerator: Accelerator, input_dir) -> Path:
+def _input_path(accelerator: Accelerator, input_dir, found: dict[int, str]) -> Path:
     if input_dir is not None:
         input_dir = os.path.expanduser(input_dir)
         if not os.path.isdir(input_dir):
@@ -296,14 +421,14 @@ def _input_path(accelerator: Accelerator, input_dir) -> Path:
         return Path(input_dir)
     if not accelerator.project_configuration.automatic_checkpoint_naming:
         raise ValueError("No input_dir provided and automatic checkpoint naming is disabled.")
-    mgr = manager(accelerator)
-    step = mgr.latest_step()
-    if step is not None:
-        return mgr.path(step)
-    old = accelerate_folder.newest_numbered(mgr.root)  # checkpoints of the run before dckpt
-    if old is not None:
-        return old
-    raise CheckpointNotFoundError(f"no committed checkpoint under {mgr.root}")
+    root = Path(accelerator.project_dir) / CHECKPOINTS
+    usable = [n for n, kind in found.items() if kind != "other"]
+    for n in sorted(n for n in found if n > max(usable, default=-1)):
+        log.warning("dckpt: %s/checkpoint_%d is neither a dckpt checkpoint nor accelerate's "
+                    "folder; loading an older one", root, n)
+    if not usable:
+        raise CheckpointNotFoundError(f"no checkpoint_<n> to load under {root}")
+    return root / f"checkpoint_{max(usable)}"
 
 
 def _check_custom_count(path: Path, saved, registered: int) -> None:
@@ -364,5 +489,5 @@ def install(accelerator: Accelerator, **dckpt_options) -> Accelerator:
     return accelerator
 
 
-__all__ = ["DckptAccelerator", "install", "save_state", "load_state", "components", "manager",
-           "ModelWeights"]
+__all__ = ["DckptAccelerator", "install", "save_state", "load_state", "components",
+           "training_step", "ModelWeights"]

@@ -17,27 +17,19 @@ import torch
 
 from .. import rng
 from ..convert.sources import read_accelerate_state
+from ..convert.torchfiles import PickleRequired, rng_from_legacy
 from ..convert.torchfiles import load as load_weights_only
-from ..convert.torchfiles import rng_from_legacy
 from ..errors import IncompleteCheckpointError, UnsafePickleError
+from ..manager import ResumeReport
+from ..state.flatten import component_kind
 
 log = logging.getLogger("dckpt")
 
-_NUMBERED = re.compile(r"[\/]?([0-9]+)(?=[^\/]*$)")  # accelerate's checkpoint_<n> ordering
 _MARKERS = ("model.safetensors", "pytorch_model.bin", "optimizer.bin", "random_states_0.pkl")
 
 
 def looks_like(path: Path) -> bool:
     return any((path / name).is_file() for name in _MARKERS)
-
-
-def newest_numbered(root: Path) -> Path | None:
-    """accelerate's automatic naming (checkpoint_<n>): the highest n, as accelerate picks."""
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := _NUMBERED.search(p.name)) and looks_like(p)]
-    return max(found)[1] if found else None
 
 
 def _suffix(i: int) -> str:
@@ -56,15 +48,18 @@ def _fit_prefix(state: dict, live_keys: set) -> dict:
 
 
 def load(accelerator, path: Path, models: list, *, allow_pickle: bool = False,
-         **load_model_func_kwargs) -> None:
+         **load_model_func_kwargs) -> ResumeReport:
     """Restore `accelerator` from accelerate's save_state folder `path`: the same files, in
-    the same order, as accelerate's own load_state."""
+    the same order, as accelerate's own load_state. Returns what was restored (its step is
+    set by the caller, from the live optimizers)."""
     from accelerate.data_loader import IterableDatasetShard
     from accelerate.utils import DistributedType
     if accelerator.distributed_type == DistributedType.FSDP:
         raise NotImplementedError("reading accelerate's FSDP checkpoint folders is not supported;"
                                   " load it with accelerate, then save_state with dckpt")
     imported = read_accelerate_state(path)
+    restored: dict = {}
+    notes: list[str] = []
 
     def component(key: str, filename: str):
         if key in imported.components:
@@ -75,12 +70,16 @@ def load(accelerator, path: Path, models: list, *, allow_pickle: bool = False,
         state = component(f"model{_suffix(i)}", f"model{_suffix(i)}.safetensors")
         model.load_state_dict(_fit_prefix(state, set(model.state_dict())),
                               **load_model_func_kwargs)
+        restored[f"model{_suffix(i)}"] = "model"
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(component("scaler", "scaler.pt"))
+        restored["scaler"] = "scaler"
     for i, opt in enumerate(accelerator._optimizers):
         opt.load_state_dict(component(f"optimizer{_suffix(i)}", f"optimizer{_suffix(i)}.bin"))
+        restored[f"optimizer{_suffix(i)}"] = "optimizer"
     for i, sched in enumerate(accelerator._schedulers):
         sched.load_state_dict(component(f"scheduler{_suffix(i)}", f"scheduler{_suffix(i)}.bin"))
+        restored[f"scheduler{_suffix(i)}"] = "scheduler"
     for i, loader in enumerate(accelerator._dataloaders):
         sampler_file = path / f"sampler{_suffix(i)}.bin"
         if isinstance(loader.dataset, IterableDatasetShard) and sampler_file.is_file():
@@ -88,10 +87,12 @@ def load(accelerator, path: Path, models: list, *, allow_pickle: bool = False,
         key = f"dl_state_dict{_suffix(i)}"
         if getattr(loader, "use_stateful_dataloader", False) and (path / f"{key}.bin").is_file():
             loader.load_state_dict(component(key, f"{key}.bin"))
+            restored[f"dataloader{_suffix(i)}"] = "data"
         else:
-            log.warning("dckpt: accelerate stored no position for data loader %d in %s; it "
-                        "starts its epoch from the beginning", i, path)
-    _load_rng(accelerator, path)
+            notes.append(f"accelerate stored no position for data loader {i}: it starts its "
+                         "epoch from the beginning")
+            log.warning("dckpt: %s: %s", path, notes[-1])
+    streams = _load_rng(accelerator, path, allow_pickle, notes)
     custom = [p for p in path.iterdir() if re.search(r"^custom_checkpoint_\d+\.pkl$", p.name)]
     if len(custom) != len(accelerator._custom_objects):
         raise RuntimeError(
@@ -101,6 +102,11 @@ def load(accelerator, path: Path, models: list, *, allow_pickle: bool = False,
             "from folders that were created with the same set of registered objects.")
     for i, obj in enumerate(accelerator._custom_objects):
         obj.load_state_dict(component(f"custom_{i}", f"custom_checkpoint_{i}.pkl"))
+        restored[f"custom_{i}"] = component_kind(obj)
+    return ResumeReport(step=0, path=path, epoch=None, step_in_epoch=None, metrics={},
+                        counters=dict(imported.counters), components=restored,
+                        rng_streams=streams, notes=notes,
+                        bytes=sum(p.stat().st_size for p in path.iterdir() if p.is_file()))
 
 
 def _unpickle(path: Path, allow_pickle: bool, notes: list[str]):
@@ -118,16 +124,21 @@ def _unpickle(path: Path, allow_pickle: bool, notes: list[str]):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _load_rng(accelerator, path: Path) -> None:
+def _load_rng(accelerator, path: Path, allow_pickle: bool, report_notes: list[str]) -> list:
+    """This process's random states (and accelerator.step); returns the restored streams."""
     f = path / f"random_states_{accelerator.process_index}.pkl"
     if not f.is_file():
-        log.warning("dckpt: no %s: random states not restored", f.name)  # as accelerate
-        return
-    states = load_weights_only(f)
+        report_notes.append(f"no {f.name}: random states not restored")
+        log.warning("dckpt: %s", report_notes[-1])  # as accelerate
+        return []
+    try:
+        states = load_weights_only(f)
+    except PickleRequired as e:  # e.g. a generator object in the file: only unpickling reads it
+        states = _unpickle(f, allow_pickle, [str(e)])
     notes: list[str] = []
     streams = rng_from_legacy(states, notes, f.name)
     if notes or not streams:
         raise ValueError(f"{f}: unreadable random states: {'; '.join(notes) or 'none found'}")
     if isinstance(states.get("step"), int):
         accelerator.step = states["step"]
-    rng.restore(streams)
+    return rng.restore(streams)
