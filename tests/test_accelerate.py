@@ -338,6 +338,46 @@ def test_import_accelerate_save_state_folder(tmp_path):
     assert isinstance(acc2._custom_objects[0].value, Counter)
 
 
+def test_accelerate_folder_load_returns_a_report(tmp_path):
+    acc = Accelerator(cpu=True)
+    model, opt, sched, loader = setup(acc)
+    acc.register_for_checkpointing(Counter())
+    train_steps(model, opt, sched, iter(loader), 3)
+    Accelerator.save_state(acc, tmp_path / "accel")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc2 = DckptAccelerator(cpu=True)
+    setup(acc2)
+    acc2.register_for_checkpointing(Counter())
+    report = acc2.load_state(tmp_path / "accel")
+    assert report is not None and report.path == tmp_path / "accel"
+    assert report.components == {"model": "model", "optimizer": "optimizer",
+                                 "scheduler": "scheduler", "custom_0": "object"}
+    assert report.step == 3  # the optimizer's steps, as for a dckpt checkpoint
+    assert set(report.rng_streams) >= {"python", "numpy", "torch"}
+    assert report.bytes > 0 and report.seconds > 0
+    assert any("no position for data loader 0" in n for n in report.notes)
+    assert "resumed step 3" in report.summary()
+
+
+def test_accelerate_rng_file_that_needs_unpickling(tmp_path):
+    acc = Accelerator(cpu=True)
+    setup(acc)
+    Accelerator.save_state(acc, tmp_path / "accel")
+    f = tmp_path / "accel" / "random_states_0.pkl"
+    states = torch.load(f, weights_only=False)
+    states["generator"] = np.random.default_rng(0)  # an object: only unpickling rebuilds it
+    torch.save(states, f)
+    expect = torch.rand(4)
+    acc2 = DckptAccelerator(cpu=True)
+    setup(acc2)
+    with pytest.raises(UnsafePickleError, match="random_states_0.pkl.*allow_pickle=True") as e:
+        acc2.load_state(tmp_path / "accel")
+    assert e.value.path == str(f)
+    torch.manual_seed(99)
+    report = acc2.load_state(tmp_path / "accel", allow_pickle=True)  # the caller trusts it
+    assert "torch" in report.rng_streams and torch.equal(torch.rand(4), expect)
+
+
 # ---- fresh processes: single, two, resharded ------------------------------------------------
 def job(tmp_path, out, *args, procs=1, torchrun=None, env=ENV):
     launch = [sys.executable]
