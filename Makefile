@@ -28,4 +28,4 @@ bench-quick: setup
 	@$(PY) -m dckpt bench --quick
 
 clean:
-	rm -rf build *.egg-info dckpt/*.so .venv
+	rm -rf build *.egg-info dckpt/*.so .venv .cache

@@ -27,13 +27,25 @@ fi
 
 # Re-run pip only when the dependency list or the native sources changed.
 want=$(cat pyproject.toml setup.py csrc/* | sha256sum | cut -d' ' -f1)
-if [ -f $STAMP ] && [ "$(cat $STAMP)" = "$want" ] && $VENV/bin/python -c 'import dckpt._native' 2>/dev/null; then
-  exit 0
+if ! { [ -f $STAMP ] && [ "$(cat $STAMP)" = "$want" ] && $VENV/bin/python -c 'import dckpt._native' 2>/dev/null; }; then
+  echo "== installing Python packages into $VENV (torch 2.13.0 CPU build first)"
+  $VENV/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11
+  # Exact version first: a looser requirement would pull a multi-GB CUDA build.
+  $VENV/bin/python -m pip install -q torch==2.13.0
+  $VENV/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+  echo "$want" > $STAMP
+  echo "== set-up done"
 fi
-echo "== installing Python packages into $VENV (torch 2.13.0 CPU build first)"
-$VENV/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11
-# Exact version first: a looser requirement would pull a multi-GB CUDA build.
-$VENV/bin/python -m pip install -q torch==2.13.0
-$VENV/bin/python -m pip install -q --no-build-isolation -e '.[test]'
-echo "$want" > $STAMP
-echo "== set-up done"
+
+# accelerate's own tests/test_state_checkpointing.py is the specification DckptAccelerator is
+# tested against (tests/test_accelerate_spec.py). It ships in accelerate's source archive, not
+# in its wheel, and is not committed here: fetch the installed version's archive once.
+acc_version=$($VENV/bin/python -c 'from importlib.metadata import version; print(version("accelerate"))')
+acc_dir=.cache/accelerate
+if [ ! -f "$acc_dir/accelerate-$acc_version.tar.gz" ]; then
+  echo "== fetching accelerate $acc_version's source archive (its checkpointing tests)"
+  mkdir -p $acc_dir
+  $VENV/bin/python -m pip download -q --no-deps --no-binary :all: -d $acc_dir \
+      "accelerate==$acc_version" \
+    || echo "could not fetch accelerate's source archive: tests/test_accelerate_spec.py fails" >&2
+fi
