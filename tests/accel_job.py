@@ -1,7 +1,7 @@
 """An accelerate training job, run in fresh processes (plain python, or torchrun) by
 test_accelerate.py.
 
-    accel_job.py PROJECT OUT.json --total 14 [--save-at 4 9] [--resume [DIR]]
+    accel_job.py PROJECT OUT.json --total 14 [--save-at 4 9] [--resume [DIR]] [--iteration N]
 
 Transformer with dropout, shuffled DataLoader (6 batches per epoch, so saves land mid-epoch
 and runs cross epochs), AdamW, warmup schedule, a registered custom object. Rank 0 writes
@@ -51,6 +51,7 @@ def parse():
     ap.add_argument("--resume", nargs="?", const="", default=None)
     ap.add_argument("--explicit", help="save to this directory instead of automatic naming")
     ap.add_argument("--total-limit", type=int)
+    ap.add_argument("--iteration", type=int, help="set the save iteration (after any resume)")
     ap.add_argument("--split-batches", action="store_true")
     ap.add_argument("--fsdp", action="store_true", help="with accelerate's FSDP2 plugin")
     ap.add_argument("--gpu", action="store_true", help="on CUDA, deterministic algorithms")
@@ -82,8 +83,9 @@ def run(a):
     acc.register_for_checkpointing(progress)
 
     if a.resume is not None:
-        acc.load_state(a.resume or None)
-        acc.project_configuration.iteration = progress.step  # as accelerate users do
+        acc.load_state(a.resume or None)  # moves the save iteration past the newest checkpoint
+    if a.iteration is not None:
+        acc.project_configuration.iteration = a.iteration
     model.train()
     while progress.step < a.total:
         for x in loader:
@@ -98,7 +100,11 @@ def run(a):
             seen = acc.gather(x).cpu().numpy().tobytes()
             progress.seen.append(hashlib.sha1(seen).hexdigest()[:12])
             if progress.step in a.save_at:
-                acc.save_state(a.explicit)
+                try:
+                    acc.save_state(a.explicit)
+                except ValueError as e:  # a refused save: each process says so, then stops
+                    open(f"{a.out}.refused-{acc.process_index}", "w").write(str(e))
+                    return acc
             if progress.step >= a.total:
                 break
     if acc.is_main_process:

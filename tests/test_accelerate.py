@@ -4,6 +4,7 @@ folders without unpickling, and resumes data loaders mid-epoch exactly."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,8 @@ def test_documented_flow_passes_strict_verify(tmp_path):
             counter.n += 1
             if counter.n % 4 == 0:
                 acc.save_state()
-    paths = sorted(p for p in (tmp_path / "checkpoints").iterdir() if (p / "manifest.json").exists())
+    paths = sorted(p for p in (tmp_path / "checkpoints").iterdir()
+                   if (p / "manifest.json").exists())
     assert len(paths) == 3
     for p in paths:
         res = subprocess.run([sys.executable, "-m", "dckpt", "verify", "--strict", str(p)],
@@ -416,6 +418,23 @@ def test_two_process_resume_is_bitwise_and_reshards(tmp_path):
     assert one["seen"] == ref["seen"]  # same global batches, same order, across the epoch end
     for a, b in zip(one["losses"][9:], ref["losses"][9:]):
         assert abs(a[0] - sum(b) / 2) < 0.1  # close, not bitwise: other reduction, RNG streams
+
+
+def test_two_process_automatic_naming(tmp_path):
+    # accelerate's layout written by 2 gloo processes: rank 0 lists, locks and prunes for both.
+    ref = job(tmp_path, "ref.json", "--save-at", 3, 6, 9, 12, "--total-limit", 2, procs=2)
+    root = tmp_path / "project" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]
+    shutil.rmtree(root / "checkpoint_3")  # as if killed after step 9's save
+    resumed = job(tmp_path, "b.json", "--resume", "--save-at", 12, "--total-limit", 2, procs=2)
+    assert resumed["losses"] == ref["losses"] and resumed["params"] == ref["params"]
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]  # the first save: 3
+    # A save numbered below the newest is refused by every process, before anything is written.
+    assert job(tmp_path, "c.json", "--resume", root / "checkpoint_2", "--iteration", 1,
+               "--save-at", 12, "--total-limit", 2, procs=2) is None
+    for r in (0, 1):
+        assert "counts as older" in (tmp_path / f"c.json.refused-{r}").read_text()
+    assert sorted(os.listdir(root)) == ["checkpoint_2", "checkpoint_3"]
 
 
 def test_fsdp_plugin_on_cpu(tmp_path):

@@ -127,7 +127,7 @@ def _train(work: Path, project: str, procs: int, steps: int, every: int, extra: 
                 print(f"      step {s:3d}/{steps}  loss {ev['loss']:.4f}  "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
         elif kind == "saved":
-            print(f"      step {ev['step']:3d}: checkpoint {Path(ev['path']).name} committed in "
+            print(f"      step {ev['step']:3d}: {Path(ev['path']).name} committed in "
                   f"{ev['seconds'] * 1e3:.0f} ms")
         if kill_at is not None and kind == "step" and ev["step"] >= kill_at:
             os.killpg(proc.pid, signal.SIGKILL)

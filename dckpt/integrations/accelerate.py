@@ -278,7 +278,13 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = 
                             base=target.parent / base if base else None,
                             **{k: v for k, v in opts.items() if k != "verify"})
         if lock is not None:
-            _apply_total_limit(target.parent, pc.total_limit, int(pc.iteration))
+            try:
+                _apply_total_limit(target.parent, pc.total_limit, int(pc.iteration))
+            except OSError as e:
+                # The new checkpoint is committed and the others wait at the barrier below:
+                # housekeeping that failed on rank 0 must not fail the save there alone.
+                log.warning("dckpt: %s is committed, but total_limit could not remove older "
+                            "checkpoints: %s", target, e)
     finally:
         if lock is not None:
             lock.release()
