@@ -18,7 +18,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 from dckpt import rng
 from dckpt.convert import convert
-from dckpt.errors import UnsafePickleError
+from dckpt.errors import LockError, UnsafePickleError
 from dckpt.integrations.accelerate import DckptAccelerator, install
 from dckpt.integrations.loader_position import LoaderState
 
@@ -172,6 +172,29 @@ def test_first_save_after_load_state_is_the_newest(tmp_path):
         model[0].weight.zero_()
     assert acc.load_state().path.name == "checkpoint_3"
     assert torch.equal(model[0].weight, after)
+
+
+def test_two_runs_sharing_a_project_dir_are_refused(tmp_path):
+    # dckpt's lock is a flock on the checkpoints folder itself (no file in accelerate's
+    # listing); another process holding it makes save_state fail, writing nothing.
+    pc = ProjectConfiguration(project_dir=str(tmp_path), automatic_checkpoint_naming=True)
+    acc = DckptAccelerator(cpu=True, project_config=pc)
+    setup(acc)
+    acc.save_state()
+    root = tmp_path / "checkpoints"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match="another process"):
+            acc.save_state()
+        assert os.listdir(root) == ["checkpoint_0"] and acc.save_iteration == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert acc.save_state().name == "checkpoint_1"  # free again
 
 
 def test_documented_flow_passes_strict_verify(tmp_path):

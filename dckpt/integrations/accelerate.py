@@ -198,6 +198,9 @@ def _begin_automatic(accelerator: Accelerator) -> tuple[Path, str | None, "_Root
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
         except Exception as e:
             failure = e
+            if lock is not None:
+                lock.release()
+                lock = None
     dist.raise_if_any_failed(failure, None, "save_state")
     try:
         found = _numbered(root)
