@@ -54,7 +54,7 @@ def load(path: str | Path) -> Any:
             needs = []
         what = f" (it pickles {', '.join(needs[:4])})" if needs else ""
         raise PickleRequired(f"{path.name} holds Python objects that only unpickling could "
-                           f"restore{what}; dckpt loads no pickle", str(path)) from None
+                             f"restore{what}; dckpt loads no pickle", str(path)) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise ConvertError(f"{path.name} is not a readable torch.save file: {why}",
