@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dckpt import CheckpointManager
+from dckpt.bench.order import balanced
 
 MODES = {"full": {"incremental": False}, "incremental": {},
          "trusted": {"trust_versions": True}}
@@ -96,7 +97,7 @@ def main() -> None:
     try:
         one_run(work / "warm", "full", state)  # first writes into fresh pages are slower
         for rep in range(args.repeats):
-            for mode in MODES:
+            for mode in balanced(list(MODES), rep):
                 results[mode].append(one_run(work / mode, mode, state))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,6 +25,7 @@ import zstandard
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from dckpt import _native  # noqa: E402
+from dckpt.bench.order import balanced  # noqa: E402
 
 CHUNK = 4 << 20
 SECTION = "## Native core"
@@ -139,7 +140,8 @@ def run(args):
         times = {name: [] for name in systems}
         cpu = {name: [] for name in systems}
         for round_ in range(args.repeats):
-            for name, fn in systems.items():
+            for name in balanced(list(systems), round_):
+                fn = systems[name]
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - start)

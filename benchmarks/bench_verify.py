@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dckpt  # noqa: E402
+from dckpt.bench.order import balanced  # noqa: E402
 from dckpt.verify import verify  # noqa: E402
 
 
@@ -100,10 +101,10 @@ def main() -> None:
           f"{len(raw.manifest.tensors)} tensors; {os.cpu_count()} cores; {base}")
 
     results: dict[str, list[float]] = {}
+    ops = [("read", lambda: sequential_read(files)), ("verify", lambda: run_verify(raw.path))]
     for rep in range(args.repeat):
         for cache in ("cold", "warm"):
-            for name, fn in (("read", lambda: sequential_read(files)),
-                             ("verify", lambda: run_verify(raw.path))):
+            for name, fn in balanced(ops, rep):
                 if cache == "cold":
                     drop_cache(files)
                 else:

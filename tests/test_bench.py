@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from dckpt import io
 from dckpt.bench import report
 from dckpt.bench.measure import PeakRss
 from dckpt.bench.ranks import SYSTEMS as RANK_SYSTEMS
@@ -106,3 +108,70 @@ def test_peak_rss_sees_a_transient_allocation():
         block[::4096] = b"\x01" * len(block[::4096])
         del block
     assert peak.extra >= 60 << 20
+
+
+def _goal(result: dict, text: str) -> dict:
+    return next(g for g in report.goals(result) if text in g["goal"])
+
+
+def test_a_ratio_of_exactly_one_is_not_faster():
+    assert _goal(_result(1.0, 1.0, 8 * 10**8), "save faster than every peer")["met"] is False
+
+
+def test_a_failed_peer_fails_the_goal_instead_of_dropping_out():
+    result = _result(1.0, 0.8, 8 * 10**8)
+    peer = result["workloads"][0]["regimes"]["shm"]["torch.save"]
+    peer["seconds"], peer["errors"] = {}, ["OSError: disk full"]
+    goal = _goal(result, "save faster than every peer")
+    assert goal["met"] is False
+    assert "1 of 1 cases failed" in goal["detail"] and "torch.save" in goal["detail"]
+
+
+def test_an_inexact_dckpt_load_fails_every_goal_it_would_count_in():
+    result = _result(1.0, 0.8, 8 * 10**8)
+    mine = result["workloads"][0]["regimes"]["shm"]["dckpt"]
+    mine["errors"] = ["AssertionError: dckpt: loaded state differs from the saved one"]
+    for text in ("save faster than every peer", "save >= 0.9x plain write", "300 MB"):
+        assert _goal(result, text)["met"] is False, text
+
+
+class _Forgetful:
+    """A system whose load leaves the live state as it found it."""
+    name, loads = "forgetful", True
+
+    def load(self, w, path):
+        pass
+
+
+def test_a_load_that_restores_wrong_bytes_records_no_time(tmp_path):
+    from dckpt.bench.runner import Samples, _measure_load, fingerprint
+    from dckpt.bench.workloads import transformer
+    w = transformer(2_000_000)
+    s = Samples()
+    with pytest.raises(AssertionError, match="differs"):
+        _measure_load(_Forgetful(), w, fingerprint(w), tmp_path, s, "load")
+    assert "load" not in s.seconds
+
+
+def test_perturb_changes_every_tensor_including_adamw_steps():
+    from dckpt.bench.workloads import transformer
+    w = transformer(2_000_000)
+    before = [t.clone() for t in w.tensors()]
+    assert any(t.dim() == 0 for t in before)
+    w.perturb()
+    for old, new in zip(before, w.tensors()):
+        assert (io.byte_view(old) != io.byte_view(new)).all()
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 7])
+def test_balanced_order_puts_each_system_in_each_slot_and_after_each_other_equally(n):
+    from collections import Counter
+
+    from dckpt.bench.order import balanced, cycle_length
+    reps = cycle_length(n)
+    rows = [balanced(list(range(n)), r) for r in range(reps)]
+    assert all(sorted(r) == list(range(n)) for r in rows)
+    slots = Counter((pos, x) for r in rows for pos, x in enumerate(r))
+    assert set(slots.values()) == {reps // n}
+    follows = Counter((a, b) for r in rows for a, b in zip(r, r[1:]))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1

@@ -70,6 +70,12 @@ def _median(row: dict | None, op: str) -> float | None:
     return r["median"] if r else None
 
 
+def _failure(name: str, row: dict | None) -> str | None:
+    """Why a system's figures cannot count: any failed or inexact run voids all of them."""
+    errors = (row or {}).get("errors")
+    return f"{name} failed: {errors[0]}" if errors else None
+
+
 def _peers(rows: dict, name: str) -> list[str]:
     """Whom `name` is compared with: single-process peers, or DCP 2 ranks for dckpt's."""
     if name == DCKPT_RANKS:
@@ -78,68 +84,92 @@ def _peers(rows: dict, name: str) -> list[str]:
             and n not in ("plain write", "plain read", "memcpy")]
 
 
+# A case: (where, value, threshold, why it failed or None). Value >= threshold is wanted
+# (> for goals that say "faster"); a failed case is never met and never dropped.
+Case = tuple[str, "float | None", float, "str | None"]
+
+
 def goals(result: dict) -> list[dict]:
     """The goals of issue 8 / issue 3, each with met / not met and the figures behind it."""
     figs = figures(result)
     out = []
 
-    def check(goal: str, pairs: list[tuple[str, float | None, float]]) -> None:
-        """pairs: (where, value, threshold) with value >= threshold wanted."""
-        known = [(w, v, t) for w, v, t in pairs if v is not None]
-        if not known:
+    def check(goal: str, cases: list[Case], strict: bool = False) -> None:
+        failed = [c for c in cases if c[3]]
+        known = [c for c in cases if not c[3] and c[1] is not None]
+        if not known and not failed:
             out.append({"goal": goal, "met": None, "detail": "not measured in this run"})
             return
-        worst = min(known, key=lambda p: p[1] / p[2])
-        met = all(v >= t for _, v, t in known)
-        bad = sum(v < t for _, v, t in known)
-        out.append({"goal": goal, "met": met,
-                    "detail": f"worst {worst[1]:.2f} ({worst[0]})"
-                              + (f"; {bad} of {len(known)} cases below" if bad else
-                                 f"; all {len(known)} cases")})
+        below = [c for c in known if (c[1] <= c[2] if strict else c[1] < c[2])]
+        parts = []
+        if known:
+            worst = min(known, key=lambda c: c[1] / c[2])
+            parts.append(f"worst {worst[1]:.2f} ({worst[0]})")
+        if failed:
+            parts.append(f"{len(failed)} of {len(cases)} cases failed ({failed[0][0]}: "
+                         f"{failed[0][3]})")
+        if below:
+            parts.append(f"{len(below)} of {len(cases)} cases below")
+        if not failed and not below:
+            parts.append(f"all {len(cases)} cases")
+        out.append({"goal": goal, "met": not failed and not below, "detail": "; ".join(parts)})
 
     for regime in _regimes(figs):
         title = REGIME_TITLES.get(regime, regime)
         for op in ("save", "load", "load_cold", "verify"):
-            pairs = []
+            cases = []
             for wname, per in figs.items():
                 rows = per.get(regime, {})
                 for name in (DCKPT, DCKPT_RANKS):
-                    mine = _median(rows.get(name), op)
+                    if name not in rows:
+                        continue
+                    mine = _median(rows[name], op)
                     for peer in _peers(rows, name):
+                        why = _failure(name, rows[name]) or _failure(peer, rows[peer])
                         theirs = _median(rows[peer], op)
-                        if mine is not None and theirs:
-                            pairs.append((f"{wname} vs {peer}", mine / theirs, 1.0))
-            if pairs:
+                        if why:
+                            cases.append((f"{wname} vs {peer}", None, 1.0, why))
+                        elif mine is not None and theirs:
+                            cases.append((f"{wname} vs {peer}", mine / theirs, 1.0, None))
+            if cases:
                 check(f"{title}: dckpt {OP_TITLES[op]} faster than every peer (ratio > 1)",
-                      pairs)
+                      cases, strict=True)
         for op, limit, want in (("save", "plain write", 0.9), ("load", "plain read", 0.8),
                                 ("load_cold", "plain read", 0.8),
                                 ("verify", "plain read", 0.9)):
-            pairs = []
+            cases = []
             for wname, per in figs.items():
                 rows = per.get(regime, {})
-                mine, lim = _median(rows.get(DCKPT), op), _median(rows.get(limit), op)
-                if mine is not None and lim:
-                    pairs.append((wname, mine / lim, want))
-            if pairs:
-                check(f"{title}: dckpt {OP_TITLES[op]} >= {want}x {limit}", pairs)
+                if DCKPT not in rows:
+                    continue
+                mine, lim = _median(rows[DCKPT], op), _median(rows.get(limit), op)
+                why = _failure(DCKPT, rows[DCKPT])
+                if why or (mine is not None and lim):
+                    cases.append((wname, None if why else mine / lim, want, why))
+            if cases:
+                check(f"{title}: dckpt {OP_TITLES[op]} >= {want}x {limit}", cases)
     for dtype, want in (("fp32", 0.85), ("bf16", 0.72)):
-        pairs = []
+        cases = []
         for wname, per in figs.items():
             if not wname.startswith("transformer") or not wname.endswith(dtype):
                 continue
             rows = next(iter(per.values()))
+            why = _failure(DCKPT, rows.get(DCKPT)) or _failure(ZSTD1, rows.get(ZSTD1))
             raw, z = rows.get(DCKPT, {}).get("size_bytes"), rows.get(ZSTD1, {}).get("size_bytes")
-            if raw and z:
-                pairs.append((wname, want / (z / raw), 1.0))  # >= 1 when z/raw <= want
-        check(f"shuffle+zstd-1 size <= {want}x raw ({dtype}; figure: {want} / ratio)", pairs)
-    pairs = []
+            if why or (raw and z):  # >= 1 when z/raw <= want
+                cases.append((wname, None if why else want / (z / raw), 1.0, why))
+        check(f"shuffle+zstd-1 size <= {want}x raw ({dtype}; figure: {want} / ratio)", cases)
+    cases = []
     for wname, per in figs.items():
         for regime, rows in per.items():
+            why = _failure(DCKPT, rows.get(DCKPT))
             rss = rows.get(DCKPT, {}).get("peak_rss_save")
-            if rss is not None:
-                pairs.append((f"{wname} {regime}: {rss / 2**20:.0f} MB", RSS_LIMIT / max(rss, 1), 1.0))
-    check("peak extra RSS of a synchronous dckpt save < 300 MB (figure: 300 MB / peak)", pairs)
+            if why:
+                cases.append((f"{wname} {regime}", None, 1.0, why))
+            elif rss is not None:
+                cases.append((f"{wname} {regime}: {rss / 2**20:.0f} MB",
+                              RSS_LIMIT / max(rss, 1), 1.0, None))
+    check("peak extra RSS of a synchronous dckpt save < 300 MB (figure: 300 MB / peak)", cases)
     return out
 
 
@@ -249,7 +279,9 @@ def machine_markdown(result: dict) -> str:
     o = result["options"]
     return (f"{m['cores']} cores ({m['cpu']}), {m['memory_bytes'] / 2**30:.1f} GiB memory, "
             f"Linux {m['kernel']}, Python {m['python']}. Directories: {fs}. "
-            f"{o['repeats']} interleaved repeats; cold-cache loads "
+            f"{o['repeats']} interleaved repeats in a balanced order (dckpt/bench/order.py), "
+            f"after one untimed warm-up save and load by every system; a load counts only "
+            f"when bit-exact and a failed system fails every goal it is part of; cold-cache loads "
             f"{'measured (page cache dropped before each)' if o['cold'] else 'not measured'}; "
             f"load average {result['load_average_start']} at start, "
             f"{result.get('load_average_end')} at end; run took {result.get('seconds')} s "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,11 +66,13 @@ class Workload:
         return len(self.tensors())
 
     def perturb(self) -> None:
-        """Overwrite the live tensors so a load has to really restore them."""
-        with torch.no_grad():
-            for t in self.tensors():
-                if t.dim() > 0:
-                    t.zero_()
+        """Flip every bit of every live tensor, 0-d ones (AdamW's `step`) included, so each
+        element differs from the saved one and a load has to really restore all of them
+        (zeroing would leave zero-initialised moments and biases already "restored")."""
+        from dckpt import io
+        for t in self.tensors():
+            view = io.byte_view(t)
+            np.bitwise_not(view, out=view)
 
 
 def _shape_for(total_bytes: int, itemsize: int, trainable_fraction: float) -> tuple[int, int, int]:
