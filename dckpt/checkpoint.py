@@ -56,6 +56,7 @@ def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
     return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
 
 
+@dist.collective
 def save(state: Any, path: str | os.PathLike, *, compression: str | int | None = None,
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
@@ -79,6 +80,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
 
 
 @gcpause.during
+@dist.collective
 def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           compression: str | int | None = None, shuffle: bool = True,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
