@@ -33,6 +33,12 @@ class SaveResult:
     stored_bytes: int  # bytes in the data files
     seconds: float
     manifest: Manifest = field(repr=False)
+    rank_bytes: int = 0  # this rank's share of `bytes`: the shards it wrote
+
+    @classmethod
+    def of(cls, path: Path, m: Manifest, seconds: float, rank: int) -> "SaveResult":
+        mine = sum(s.raw_bytes for t in m.tensors.values() for s in t.shards if s.rank == rank)
+        return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine)
 
 
 @dataclass
@@ -147,7 +153,7 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     outcome = dist.broadcast_json(outcome, 0, group, what="save commit")
     if outcome:
         raise DistributedError(f"commit of {target} failed on rank 0: {outcome}", 0)
-    return SaveResult(target, m.total_bytes, m.stored_bytes, time.perf_counter() - t0, m)
+    return SaveResult.of(target, m, time.perf_counter() - t0, r)
 
 
 def _begin(target: Path, overwrite: bool) -> list:

@@ -216,8 +216,8 @@ class CheckpointManager:
         finally:
             if lock:
                 lock.release()
-        log.info("dckpt: saved step %d (%.1f MB) in %.2f s", step, result.bytes / 1e6,
-                 result.seconds)
+        log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
+                 result.bytes / 1e6, result.rank_bytes / 1e6, result.seconds)
         return result
 
     # ---- async service -------------------------------------------------------------------
