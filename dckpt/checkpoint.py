@@ -33,6 +33,12 @@ class SaveResult:
     stored_bytes: int  # bytes in the data files
     seconds: float
     manifest: Manifest = field(repr=False)
+    rank_bytes: int = 0  # this rank's share of `bytes`: the shards it wrote
+
+    @classmethod
+    def of(cls, path: Path, m: Manifest, seconds: float, rank: int) -> "SaveResult":
+        mine = sum(s.raw_bytes for t in m.tensors.values() for s in t.shards if s.rank == rank)
+        return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine)
 
 
 @dataclass
@@ -56,6 +62,7 @@ def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
     return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
 
 
+@dist.collective
 def save(state: Any, path: str | os.PathLike, *, compression: str | int | None = None,
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
@@ -79,6 +86,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
 
 
 @gcpause.during
+@dist.collective
 def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           compression: str | int | None = None, shuffle: bool = True,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
@@ -145,7 +153,7 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     outcome = dist.broadcast_json(outcome, 0, group, what="save commit")
     if outcome:
         raise DistributedError(f"commit of {target} failed on rank 0: {outcome}", 0)
-    return SaveResult(target, m.total_bytes, m.stored_bytes, time.perf_counter() - t0, m)
+    return SaveResult.of(target, m, time.perf_counter() - t0, r)
 
 
 def _begin(target: Path, overwrite: bool) -> list:

@@ -2,16 +2,20 @@
 
 The collectives exchange small JSON documents (never pickle) through the process group's
 key-value store rather than through the communication backend: they then work the same over
-gloo and NCCL without device syncs, and every wait has a deadline after which the error names
-the ranks that never arrived. A rank that dies mid-save cannot hang the others.
+gloo and NCCL without device syncs. A rank that raises inside a dckpt operation posts its
+error for the others, and every rank beats a heartbeat in the store, so a failed or dead rank
+is every rank's error within seconds; only a live rank that has not arrived yet is waited
+for up to the long collective deadline.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as tdist
@@ -20,8 +24,17 @@ from .errors import DistributedError
 
 TIMEOUT_ENV = "DCKPT_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # like torch's own default: a slow rank may be writing gigabytes
+PEER_TIMEOUT_ENV = "DCKPT_PEER_TIMEOUT"
+DEFAULT_PEER_TIMEOUT = 10.0  # a rank silent this long is dead (or stopped), not slow
+BEAT_SECONDS = 1.0
 _timeout_override: list[float] = []
-_sequence: dict[str, int] = {}  # per group: collectives so far, the same count on every rank
+# Per group: dckpt operations begun, how deep the caller is inside the current one, and the
+# exchanges made in it so far. Every rank makes the same operation calls, so the numbers
+# agree even after a rank left one halfway (see operation()).
+_operations: dict[str, int] = {}
+_depth: dict[str, int] = {}
+_sequence: dict[str, int] = {}
+_heartbeat: dict[int, threading.Thread] = {}  # pid -> the thread beating for this process
 
 
 def active(group=None) -> bool:
@@ -37,10 +50,15 @@ def world_size(group=None) -> int:
 
 
 def collective_timeout() -> float:
-    """Seconds a rank waits for the others at a dckpt collective ($DCKPT_COLLECTIVE_TIMEOUT)."""
+    """Seconds a rank waits for live peers at a dckpt collective ($DCKPT_COLLECTIVE_TIMEOUT)."""
     if _timeout_override:
         return _timeout_override[-1]
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+
+
+def peer_timeout() -> float:
+    """Seconds without a heartbeat after which a peer counts as dead ($DCKPT_PEER_TIMEOUT)."""
+    return float(os.environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT))
 
 
 @contextmanager
@@ -58,48 +76,165 @@ def _group_key(group) -> str:
     return getattr(g, "group_name", None) or "default"
 
 
+def _store():
+    return tdist.distributed_c10d._get_default_store()
+
+
+@contextmanager
+def operation(group=None):
+    """One collective dckpt call (a save, a restore, a commit): its exchanges are numbered
+    from 0 under an operation number of its own. Every rank makes the same operation calls,
+    so a rank that left the previous one halfway (it raised before an exchange the others
+    made) pairs its next exchanges with theirs again instead of shifting by the ones it
+    skipped. An exception leaving the outermost operation is posted for the peers, which
+    raise it from whatever exchange of the operation they wait in, within a poll interval,
+    instead of waiting for the collective deadline. Nested calls join the outer operation."""
+    if not active(group):
+        yield
+        return
+    gkey = _group_key(group)
+    outer = not _depth.get(gkey)
+    if outer:
+        _operations[gkey] = _operations.get(gkey, 0) + 1
+        _sequence[gkey] = 0
+        start_heartbeat()
+    _depth[gkey] = _depth.get(gkey, 0) + 1
+    try:
+        yield
+    except BaseException as e:
+        if outer:
+            _post_abort(gkey, e)
+        raise
+    finally:
+        _depth[gkey] -= 1
+
+
+def collective(fn):
+    """Run `fn` as one operation() over its group: its `group` argument, else `self.group`."""
+    sig = inspect.signature(fn)
+    takes_group = "group" in sig.parameters
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if takes_group:
+            group = sig.bind_partial(*args, **kwargs).arguments.get("group")
+        else:
+            group = getattr(args[0], "group", None)
+        with operation(group):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _op_key(gkey: str) -> str:
+    return f"dckpt/{gkey}/{_operations.get(gkey, 0)}"
+
+
+def _post_abort(gkey: str, e: BaseException) -> None:
+    if isinstance(e, DistributedError):
+        return  # a peer's failure, already known to every rank, or a dead peer's
+    try:
+        # add() makes the first poster win; the message says which rank and why.
+        key = f"{_op_key(gkey)}/abort"
+        if _store().add(f"{key}/n", 1) == 1:
+            _store().set(key, json.dumps([rank(), f"{type(e).__name__}: {e}"]))
+    except Exception:
+        pass  # the store is gone: the peers learn it from their own store calls
+
+
+def start_heartbeat() -> None:
+    """Beat for this process in the store from a daemon thread (idempotent), so that peers
+    waiting at a collective can tell a dead rank from a slow one (see _wait)."""
+    if not active() or os.getpid() in _heartbeat:
+        return
+    store, key = _store(), _alive_key(tdist.get_rank())
+
+    def beat() -> None:
+        while True:
+            try:
+                store.add(key, 1)
+            except Exception:
+                return  # the store went away with rank 0: the job is over
+            time.sleep(BEAT_SECONDS)
+
+    t = threading.Thread(target=beat, name="dckpt-heartbeat", daemon=True)
+    t.start()
+    _heartbeat[os.getpid()] = t
+
+
+def _alive_key(global_rank: int) -> str:
+    return f"dckpt/alive/{global_rank}"
+
+
 def all_gather_json(obj: Any, group=None, what: str = "exchange") -> list:
     """Every rank's `obj`, in rank order, on every rank. Raises DistributedError naming the
-    ranks that did not arrive within collective_timeout(); `what` names the step."""
+    first rank that failed or died, or that did not arrive within collective_timeout();
+    `what` names the step."""
     if not active(group):
         return [obj]
-    store = tdist.distributed_c10d._get_default_store()
-    gkey = _group_key(group)
-    seq = _sequence.get(gkey, 0)
-    _sequence[gkey] = seq + 1
-    base = f"dckpt/{gkey}/{seq}"
-    n, me = world_size(group), rank(group)
-    keys = [f"{base}/{r}" for r in range(n)]
-    limit = collective_timeout()
-    try:
-        store.set(keys[me], json.dumps(obj))
-        _wait(store, keys, limit, what)
-        values = [json.loads(v) for v in store.multi_get(keys)]
-        if store.add(f"{base}/read", 1) == n:  # the last reader cleans up
-            for k in [*keys, f"{base}/read"]:
-                store.delete_key(k)
-    except DistributedError:
-        raise
-    except Exception as e:  # the store itself failed: its host (rank 0) is gone
-        raise DistributedError(f"dckpt {what}: the process group's store failed ({e}); "
-                               "rank 0, which hosts it, probably died", 0) from None
-    return values
+    with operation(group):
+        store = _store()
+        gkey = _group_key(group)
+        seq = _sequence[gkey]
+        _sequence[gkey] = seq + 1
+        base = f"{_op_key(gkey)}/{seq}"
+        n, me = world_size(group), rank(group)
+        keys = [f"{base}/{r}" for r in range(n)]
+        try:
+            store.set(keys[me], json.dumps(obj))
+            _wait(store, keys, group, what)
+            values = [json.loads(v) for v in store.multi_get(keys)]
+            if store.add(f"{base}/read", 1) == n:  # the last reader cleans up
+                for k in [*keys, f"{base}/read"]:
+                    store.delete_key(k)
+        except DistributedError:
+            raise
+        except Exception as e:  # the store itself failed: its host (rank 0) is gone
+            raise DistributedError(f"dckpt {what}: the process group's store failed ({e}); "
+                                   "rank 0, which hosts it, probably died", 0) from None
+        return values
 
 
-def _wait(store, keys: list[str], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    try:
-        store.wait(keys, timedelta(seconds=limit))
-        return
-    except Exception:
-        if time.monotonic() < deadline - 1.0:
-            raise  # not a timeout: the store broke
-    missing = [r for r, k in enumerate(keys) if not store.check([k])]
-    if not missing:
-        return
-    raise DistributedError(f"dckpt {what}: rank(s) {missing} did not arrive within "
-                           f"{limit:.0f} s (they died, hang, or skipped the collective call)",
-                           missing[0])
+def _wait(store, keys: list[str], group, what: str) -> None:
+    """Poll until every key is set. Each round also looks for a failure a peer posted in
+    this operation and for peers whose heartbeat stopped: either raises at once. Only a
+    live, silent peer (one still computing, or that never called dckpt) is waited for up to
+    collective_timeout(). Polling with check() keeps the store's client free for the
+    heartbeat thread (a blocking wait holds it)."""
+    limit, dead_after = collective_timeout(), peer_timeout()
+    start = time.monotonic()
+    abort_key = f"{keys[0].rsplit('/', 2)[0]}/abort"
+    beats: dict[int, tuple[int, float]] = {}  # missing rank -> (beat count, when it changed)
+    pause, next_look = 0.0002, start + BEAT_SECONDS
+    while not store.check(keys):
+        now = time.monotonic()
+        if store.check([abort_key]):
+            failed, error = json.loads(store.get(abort_key))
+            raise DistributedError(f"dckpt {what}: rank {failed} failed: {error}", failed)
+        if now >= next_look:
+            next_look = now + BEAT_SECONDS
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            for r in missing:
+                count = store.add(_alive_key(_global_rank(group, r)), 0)
+                seen = beats.get(r)
+                if seen is None or seen[0] != count:
+                    beats[r] = (count, now)
+                elif count and now - seen[1] >= dead_after:
+                    raise DistributedError(
+                        f"dckpt {what}: rank {r} stopped responding (no heartbeat for "
+                        f"{now - seen[1]:.0f} s): it died or its process is stopped; "
+                        f"${PEER_TIMEOUT_ENV} sets how long a silent rank is waited for", r)
+            if now - start >= limit:
+                raise DistributedError(
+                    f"dckpt {what}: rank(s) {missing} did not arrive within {limit:.0f} s "
+                    "(they hang, or skipped the collective call)", missing[0])
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
+
+
+def _global_rank(group, r: int) -> int:
+    if group is None or group is tdist.group.WORLD:
+        return r
+    return tdist.get_global_rank(group, r)
 
 
 def broadcast_json(obj: Any, src: int = 0, group=None, what: str = "broadcast") -> Any:
@@ -114,20 +249,27 @@ def barrier(group=None, what: str = "barrier") -> None:
         all_gather_json(None, group, what)
 
 
-def raise_if_any_failed(failure: BaseException | None, group=None, what: str = "step") -> None:
-    """Collective: if any rank failed, every rank raises (its own error, or one naming the
-    first failed rank), so no rank carries on alone into a collective that never completes."""
+def exchange(value: Any, failure: BaseException | None, group=None, what: str = "step") -> list:
+    """Collective: every rank's `value` when no rank failed; otherwise every rank raises (its
+    own error, or one naming the first failed rank), so no rank carries on alone into a
+    collective that never completes."""
     if not active(group):
         if failure is not None:
             raise failure
-        return
-    errors = all_gather_json(None if failure is None else f"{type(failure).__name__}: {failure}",
-                             group, what)
+        return [value]
+    msg = [None, f"{type(failure).__name__}: {failure}"] if failure is not None else [value, None]
+    gathered = all_gather_json(msg, group, what)
     if failure is not None:
         raise failure
-    bad = [(r, e) for r, e in enumerate(errors) if e]
+    bad = [(r, e) for r, (_, e) in enumerate(gathered) if e]
     if bad:
         raise DistributedError(f"{what}: rank {bad[0][0]} failed: {bad[0][1]}", bad[0][0])
+    return [v for v, _ in gathered]
+
+
+def raise_if_any_failed(failure: BaseException | None, group=None, what: str = "step") -> None:
+    """exchange() without a value."""
+    exchange(None, failure, group, what)
 
 
 def local_world_size() -> int:

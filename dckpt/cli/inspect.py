@@ -5,6 +5,7 @@ numpy, zstandard and xxhash are installed.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -71,6 +72,28 @@ def resolve(path: Path) -> Path | None:
     steps = sorted((s, p) for p in path.iterdir()
                    if (s := parse_step_dir(p.name)) is not None and is_committed(p))
     return steps[-1][1] if steps else None
+
+
+def _identical_ranks(ranks: list[dict]) -> list[tuple[list[int], dict]]:
+    """Ranks whose components, RNG streams and gaps read the same, grouped (first rank's
+    order): at hundreds of replicated ranks, one block shows what they share and the
+    others stand out."""
+    groups: dict[str, tuple[list[int], dict]] = {}
+    for r in ranks:
+        key = json.dumps({k: v for k, v in r.items() if k != "rank"}, sort_keys=True)
+        groups.setdefault(key, ([], r))[0].append(r["rank"])
+    return list(groups.values())
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def describe(path: Path, m) -> dict:
@@ -195,8 +218,10 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
     if doc["metrics"]:
         out.append(style("metrics", "bold") + "   " + ", ".join(
             f"{k} {number(val)}" for k, val in doc["metrics"].items()))
-    for r in doc["ranks"][:16]:
-        out.append(style(f"rank {r['rank']}", "bold"))
+    groups = _identical_ranks(doc["ranks"])
+    for ranks, r in groups[:16]:
+        out.append(style(f"rank {ranks[0]}" if len(ranks) == 1 else
+                         f"ranks {_ranges(ranks)} ({len(ranks)}, identical)", "bold"))
         for comp in r["components"]:
             label = comp["type"].rsplit(".", 1)[-1] if comp["type"] else ""
             tens = f"{comp['tensors']} tensor(s), {size(comp['bytes'])}" if comp["tensors"] else ""
@@ -207,8 +232,8 @@ def render(doc: dict, style: Style, limit: int | None) -> list[str]:
         if r["missing"]:
             out.append("  " + style(f"missing for an exact resume: {', '.join(r['missing'])}",
                                     "yellow"))
-    if len(doc["ranks"]) > 16:
-        out.append(f"  ... {len(doc['ranks']) - 16} more rank(s) (--json lists them)")
+    if len(groups) > 16:
+        out.append(f"  ... {len(groups) - 16} more group(s) of ranks (--json lists them)")
     t = doc["totals"]
     ratio = f", ratio {t['ratio']:.2f}" if t["ratio"] else ""
     out.append(style("tensors", "bold") + f"  {t['tensors']}, {size(t['bytes'])} "

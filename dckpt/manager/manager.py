@@ -62,6 +62,7 @@ class ResumeReport:
 
 
 class CheckpointManager:
+    @dist.collective
     def __init__(self, root: str | os.PathLike, *, retention: Retention | None = None,
                  keep_last: int | None = None, keep_best: int = 0, metric: str | None = None,
                  mode: str = "min", keep_every: int | None = None,
@@ -90,24 +91,31 @@ class CheckpointManager:
             self.save_options["chunk_size"] = chunk_size
         self.verify, self.threads, self.group = verify, threads, group
         self.is_writer = dist.rank(group) == 0
+        failure = None
         if self.is_writer:
-            commit.make_dirs(self.root)
-            if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
-                try:
-                    with RootLock(self.root, "cleanup"):
-                        self._remove_staging()
-                except LockError:
-                    # Another process is saving here: its staging directory is live, not
-                    # debris, and a reader must not fail. A second writer learns of the
-                    # first at save() (LockError).
-                    log.info("dckpt: %s is being written by another process; temporaries "
-                             "left to it", self.root)
+            try:
+                self._open_root(remove_staging)
+            except Exception as e:
+                failure = e
+        dist.raise_if_any_failed(failure, group, f"opening {self.root}")
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
             self._commit_group = commit_group(group)
             self._saver = AsyncSaver(opts, group)
-        dist.barrier(group)
+
+    def _open_root(self, remove_staging: bool) -> None:
+        commit.make_dirs(self.root)
+        if remove_staging:  # off for tools that only look (dckpt gc --dry-run)
+            try:
+                with RootLock(self.root, "cleanup"):
+                    self._remove_staging()
+            except LockError:
+                # Another process is saving here: its staging directory is live, not
+                # debris, and a reader must not fail. A second writer learns of the
+                # first at save() (LockError).
+                log.info("dckpt: %s is being written by another process; temporaries "
+                         "left to it", self.root)
 
     # ---- what is there -------------------------------------------------------------------
     def path(self, step: int) -> Path:
@@ -141,6 +149,7 @@ class CheckpointManager:
         return s if s is not None and is_committed(self.root / text) else None
 
     # ---- save ----------------------------------------------------------------------------
+    @dist.collective
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
              loss_history: list[float] | None = None, counters: dict | None = None,
@@ -164,15 +173,25 @@ class CheckpointManager:
         return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
                              metrics, overwrite, full, self.group, self.threads)
 
+    @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
                  group, threads: int) -> checkpoint.SaveResult:
         """Write and commit `snap` (see checkpoint.write), apply retention, then move
-        `latest`. Collective over `group`: the training group, or the async worker's own."""
-        ctr = {**ctr, "best": self._best_with(step, metrics)}
-        lock = RootLock(self.root, wait=LOCK_WAIT).acquire() if self.is_writer else None
+        `latest`. Collective over `group`: the training group, or the async worker's own.
+        What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
+        exchange, so its failure is every rank's error at once."""
+        lock = base = best = failure = None
+        if self.is_writer:
+            try:
+                lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
+                base = self._base_name(full)
+                best = self._best_with(step, metrics)
+            except Exception as e:
+                failure = e
         try:
-            base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
-                                       group)
+            base, best = dist.exchange([base, best] if self.is_writer and not failure else None,
+                                       failure, group, f"save of step {step}: lock")[0]
+            ctr = {**ctr, "best": best}
             try:
                 result = checkpoint.write(
                     snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
@@ -186,21 +205,19 @@ class CheckpointManager:
                 raise
             if self._versions is not None:
                 self._versions.commit()
+            failure = None
             if self.is_writer:
-                self._apply_retention()
                 try:
-                    self._write_latest(step)
-                except StorageError as e:
-                    # Committed already, and `latest` is only a hint checked against the
-                    # steps on disk: a full disk here must not report the save as failed.
-                    log.warning("dckpt: step %d is committed but 'latest' was not moved: %s",
-                                step, e)
+                    self._apply_retention()
+                    self._move_latest(step)
+                except Exception as e:
+                    failure = e
+            dist.raise_if_any_failed(failure, group, f"save of step {step}: retention")
         finally:
             if lock:
                 lock.release()
-        dist.barrier(group)
-        log.info("dckpt: saved step %d (%.1f MB) in %.2f s", step, result.bytes / 1e6,
-                 result.seconds)
+        log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
+                 result.bytes / 1e6, result.rank_bytes / 1e6, result.seconds)
         return result
 
     # ---- async service -------------------------------------------------------------------
@@ -258,6 +275,14 @@ class CheckpointManager:
         except DckptError:
             return {}
 
+    def _move_latest(self, step: int) -> None:
+        try:
+            self._write_latest(step)
+        except StorageError as e:
+            # Committed already, and `latest` is only a hint checked against the steps on
+            # disk: a full disk here must not report the save as failed.
+            log.warning("dckpt: step %d is committed but 'latest' was not moved: %s", step, e)
+
     def _write_latest(self, step: int) -> None:
         commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
                                   self.save_options["fsync"])
@@ -294,9 +319,20 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return gone
 
+    @dist.collective
     def gc(self, dry_run: bool = False) -> dict:
-        """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
+        """Apply retention and remove incomplete temporaries; reports what (would be) freed.
+        Collective: rank 0 does it, every rank gets its report or its error."""
         self.wait()  # the async worker holds the root lock while it commits
+        report = failure = None
+        if self.is_writer:
+            try:
+                report = self._gc(dry_run)
+            except Exception as e:
+                failure = e
+        return dist.exchange(report, failure, self.group, f"gc of {self.root}")[0]
+
+    def _gc(self, dry_run: bool) -> dict:
         with RootLock(self.root, wait=LOCK_WAIT):
             staging = self._temporaries()
             doomed = [s for s, why in self.retention_plan().items() if not why]
@@ -312,26 +348,46 @@ class CheckpointManager:
                 "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
+    def _agree_on_step(self, step: int | None) -> int:
+        """The step every rank restores: the one asked for, or rank 0's latest (ranks that
+        each listed the root could pick different steps while a save commits, or where
+        nodes see different roots). Ranks asking for different steps are an error."""
+        failure = None
+        try:
+            if step is None and self.is_writer:
+                step = self.latest_step()
+                if step is None:
+                    raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+        except Exception as e:
+            failure = e
+        asked = dist.exchange(step, failure, self.group, f"restore from {self.root}: step")
+        chosen = asked[0]
+        differ = sorted({s for s in asked if s is not None and s != chosen})
+        if differ:
+            raise StateMismatchError([f"ranks asked to restore different steps of {self.root}: "
+                                      f"rank 0 step {chosen}, others {differ}"])
+        return chosen
+
+    @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
                 allow_missing: bool | list[str] = False, keys: list[str] | None = None,
                 restore_rng: bool = True) -> ResumeReport:
         """Restore `state` in place from `step` (default: latest committed)."""
         t0 = time.perf_counter()
         self.wait()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+        step = self._agree_on_step(step)
         path = self.path(step)
-        m = checkpoint.read_manifest(path)
         r = dist.rank(self.group)
-        rank_entry = m.ranks[r] if r < m.world_size else None
-        rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
-        wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
-        if wants_rng and not rng_state and rank_entry is not None:
-            raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
-                                      "allow_missing=['rng'] to resume without them"])
+        rank_entry = None
         try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
+            m = checkpoint.read_manifest(path)
+            rank_entry = m.ranks[r] if r < m.world_size else None
+            rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
+            wants_rng = restore_rng and not (allow_missing is True
+                                             or "rng" in (allow_missing or []))
+            if wants_rng and not rng_state and rank_entry is not None:
+                raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
+                                          "allow_missing=['rng'] to resume without them"])
             # RNG streams are checked before any read: a malformed one leaves state untouched.
             rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
             # The manifest parsed above, not a second read: an overwrite in between must

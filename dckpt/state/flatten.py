@@ -109,6 +109,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         if isinstance(v, tuple):
             return tuple(walk(x, f"{path}/{i}" if path else str(i)) for i, x in enumerate(v))
         if has_state_dict(v) and not isinstance(v, type):
+            v = unwrap(v)
             return ObjectState(type_name(v), walk(v.state_dict(), path))
         if isinstance(v, torch.utils.data.DataLoader):
             raise UnsupportedStateError(
@@ -120,6 +121,37 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
     if isinstance(state, dict):
         flat.components = {str(k): component_kind(v) for k, v in state.items()}
     return flat
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(v: Any) -> Any:
+    """The module inside DDP / DataParallel (whose state dict keys gain `module.`) and
+    torch.compile (`_orig_mod.`), so a checkpoint names tensors as the plain module does and
+    loads into it, wrapped or not, as torch.distributed.checkpoint's state_dict helpers do.
+    OptimizedModule is recognised by name: importing torch._dynamo costs seconds."""
+    while True:
+        if isinstance(v, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            v = v.module
+        elif type(v).__name__ == "OptimizedModule" and isinstance(
+                getattr(v, "_orig_mod", None), torch.nn.Module):
+            v = v._orig_mod
+        else:
+            return v
+
+
+def without_wrapper_prefixes(saved: dict, live_keys) -> dict:
+    """`saved` with the wrapper prefixes an older checkpoint recorded (every key starting
+    with `module.` or `_orig_mod.`, none matching the live module) taken off."""
+    changed = True
+    while changed and saved and not any(k in live_keys for k in saved):
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in saved):
+                saved = {k[len(prefix):]: v for k, v in saved.items()}
+                changed = True
+    return saved
 
 
 def component_kind(v: Any) -> str:

@@ -20,7 +20,7 @@ import torch
 from ..errors import DckptError, StateMismatchError
 from ..format.manifest import Manifest, TensorEntry
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
-from .flatten import component_kind, has_state_dict
+from .flatten import component_kind, has_state_dict, unwrap, without_wrapper_prefixes
 from .reading import TensorReader
 from .tensors import dtype_name, numpy_dtype, torch_dtype
 
@@ -140,17 +140,21 @@ class _Walk:
         if isinstance(node, ObjectState):
             if not has_state_dict(live):  # e.g. a plain state dict given as the live value
                 return self.walk(live, node.state, path)
+            wrapper, live = live, unwrap(live)  # the wrapper stays where the caller has it
             live_sd = live.state_dict()
             module = isinstance(live, torch.nn.Module)
+            saved = node.state
             if module:
-                self.compare_module(live_sd, node.state, path)
+                if isinstance(saved, dict):
+                    saved = without_wrapper_prefixes(saved, live_sd)
+                self.compare_module(live_sd, saved, path)
             changes = len(self.updates)
-            value = self.walk(live_sd, node.state, path)
+            value = self.walk(live_sd, saved, path)
             # A module whose every tensor was read in place into its own parameters and
             # buffers would only copy each onto itself: skip the call (~1 ms per 100 modules).
             if not (module and len(self.updates) == changes and _loads_by_default(live)):
                 self.loaders.append((path, live, value))
-            return live
+            return wrapper
         if isinstance(node, dict):
             live_d = live if isinstance(live, dict) else {}
             out = {}
