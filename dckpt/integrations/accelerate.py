@@ -243,6 +243,7 @@ def _apply_total_limit(root: Path, limit: int | None, new: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+@dist.collective
 def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = None,
                safe_serialization: bool = True, **save_model_func_kwargs) -> Path:
     """accelerate's Accelerator.save_state, written by dckpt. Returns the checkpoint path.
@@ -334,6 +335,7 @@ def _is_dckpt_file(name: str) -> bool:
 
 
 # ---- load ----------------------------------------------------------------------------------
+@dist.collective
 def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = None,
                load_kwargs: dict | None = None, *, allow_pickle: bool = False,
                **load_model_func_kwargs) -> ResumeReport:
