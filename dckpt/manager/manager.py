@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import checkpoint, commit, dist
 from ..errors import (CheckpointNotFoundError, DckptError, LockError, StateMismatchError,
-                      StorageError)
+                      StepOrderError, StorageError)
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
@@ -171,8 +171,19 @@ class CheckpointManager:
         ctr = {**ctr, "best": self._best_with(step, metrics)}
         lock = RootLock(self.root, wait=LOCK_WAIT).acquire() if self.is_writer else None
         try:
-            base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
-                                       group)
+            # Rank 0 decides under the root lock (so a run sharing the root cannot slip a
+            # newer step in between); every rank gets the decision and refuses alike.
+            base, newest = dist.broadcast_json(
+                [self._base_name(full), self.latest_step()] if self.is_writer else None, 0,
+                group)
+            if newest is not None and step < newest:
+                raise StepOrderError(
+                    f"refusing to save step {step} under {self.root}: it already holds step "
+                    f"{newest}, and retention keeps the newest steps, so step {step} would be "
+                    "deleted as soon as it was written. Resume from there "
+                    f"(restore() returns step {newest}) and save a step above {newest}, or "
+                    "save this run under another root (or remove the newer checkpoints)",
+                    step, newest)
             try:
                 result = checkpoint.write(
                     snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
@@ -187,7 +198,6 @@ class CheckpointManager:
             if self._versions is not None:
                 self._versions.commit()
             if self.is_writer:
-                self._apply_retention()
                 try:
                     self._write_latest(step)
                 except StorageError as e:
@@ -195,6 +205,8 @@ class CheckpointManager:
                     # steps on disk: a full disk here must not report the save as failed.
                     log.warning("dckpt: step %d is committed but 'latest' was not moved: %s",
                                 step, e)
+                # Moved first, so that retention can protect whatever `latest` names.
+                self._apply_retention(saved=step)
         finally:
             if lock:
                 lock.release()
@@ -262,6 +274,11 @@ class CheckpointManager:
         commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
                                   self.save_options["fsync"])
 
+    def _fix_latest(self) -> None:
+        latest = self.latest_step()
+        if latest is not None and self._read_latest() != latest:
+            self._write_latest(latest)
+
     def retention_plan(self) -> dict[int, list[str]]:
         """step -> reasons it is kept; an empty list means retention deletes it."""
         # Manifests are read only when a metric decides: each save would otherwise parse
@@ -269,8 +286,15 @@ class CheckpointManager:
         read = self._metrics if self.retention.metric else (lambda s: {})
         return self.retention.reasons({s: read(s) for s in self.steps()})
 
-    def _apply_retention(self, dry_run: bool = False) -> list[int]:
-        doomed = [s for s, why in self.retention_plan().items() if not why]
+    def _doomed(self, saved: int | None = None) -> list[int]:
+        """The steps retention deletes: never the step just saved nor the one `latest`
+        names, whatever the policy says (a save must not report success for a checkpoint
+        it then deletes, nor leave `latest` naming nothing)."""
+        keep = {saved, self._read_latest()}
+        return [s for s, why in self.retention_plan().items() if not why and s not in keep]
+
+    def _apply_retention(self, dry_run: bool = False, saved: int | None = None) -> list[int]:
+        doomed = self._doomed(saved)
         if not dry_run:
             for s in doomed:
                 # Rename first so a crash mid-delete leaves debris gc recognizes, not a
@@ -299,15 +323,15 @@ class CheckpointManager:
         self.wait()  # the async worker holds the root lock while it commits
         with RootLock(self.root, wait=LOCK_WAIT):
             staging = self._temporaries()
-            doomed = [s for s, why in self.retention_plan().items() if not why]
+            if not dry_run:
+                self._fix_latest()  # first: retention spares what `latest` names
+            doomed = self._doomed()
             # Hard-linked data shared with kept checkpoints is not freed.
             freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
             if not dry_run:
                 self._remove_staging()
                 self._apply_retention()
-                latest = self.latest_step()
-                if latest is not None and self._read_latest() != latest:
-                    self._write_latest(latest)
+                self._fix_latest()
         return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
                 "freed_bytes": freed, "dry_run": dry_run}
 
