@@ -87,6 +87,22 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           group=None) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save()."""
+    staged: list[Path] = []  # rank 0's staging directory, once it exists
+    try:
+        return _write(snap, path, staged, compression=compression, shuffle=shuffle,
+                      chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
+                      counters=counters, metrics=metrics, meta=meta, base=base, group=group)
+    except BaseException:
+        # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
+        # staging directory on the errors they exchange, this on everything else, so no
+        # interrupted save leaves its bytes behind. After a commit it no longer exists.
+        for tmp in staged:
+            commit.abort(tmp)
+        raise
+
+
+def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, threads, fsync,
+           overwrite, counters, metrics, meta, base, group) -> SaveResult:
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
     opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
@@ -102,6 +118,8 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     try:
         if r == 0:
             begun = _begin(target, overwrite)
+            if begun[0]:
+                staged.append(Path(begun[0]))
         if begun is None or begun[0]:
             snap = snap() if callable(snap) else snap
             offers = sharding.offer(snap.flat, world)

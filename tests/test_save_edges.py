@@ -109,3 +109,70 @@ def test_lower_step_is_refused_on_every_rank(tmp_path):
     assert [r["refused"] for r in res] == [[5, 20], [5, 20]]
     assert res[0]["steps"] == [20, 30]
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+# ---- an interrupted save leaves nothing behind ---------------------------------------------
+INTERRUPTED_SAVE = """
+    import sys, torch, dckpt
+    root, mode = sys.argv[1], sys.argv[2]
+    big = {"w": torch.full((75_000_000,), 1.5)}  # 300 MB
+    if mode == "manager":
+        mgr = dckpt.CheckpointManager(root)
+        mgr.save(1, {"w": torch.arange(4.0)})
+        print("ready", flush=True)
+        mgr.save(2, big)
+    else:
+        dckpt.save({"w": torch.arange(4.0)}, root + "/step-000000001")
+        print("ready", flush=True)
+        dckpt.save(big, root + "/step-000000002")
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["manager", "bare"])
+def test_ctrl_c_mid_save_removes_the_temporary(tmp_path, mode):
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(INTERRUPTED_SAVE),
+                              str(tmp_path), mode], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 60
+        written = []
+        while not written and time.monotonic() < deadline and child.poll() is None:
+            written = [f for d in tmp_path.glob(".step-000000002.tmp-*")
+                       for f in d.glob("rank-*") if f.stat().st_size > 0]
+            time.sleep(0.001)
+        assert written, "the save ended before any data reached the staging directory"
+        child.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert "done" not in out and "KeyboardInterrupt" in err, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step")) == [
+        "step-000000001"]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    back = dckpt.load(tmp_path / "step-000000001")  # the previous checkpoint, intact
+    assert torch.equal(back["w"], torch.arange(4.0))
+
+
+class Exploding:
+    """A state object whose state_dict() raises something that is not an Exception."""
+
+    def state_dict(self):
+        raise SystemExit("stop")
+
+    def load_state_dict(self, sd):
+        pass
+
+
+def test_base_exception_while_saving_removes_the_temporary(tmp_path):
+    with pytest.raises(SystemExit):
+        dckpt.save({"x": torch.zeros(3), "obj": Exploding()}, tmp_path / "ck")
+    assert os.listdir(tmp_path) == []
+    mgr = CheckpointManager(tmp_path / "root")
+    with pytest.raises(SystemExit):
+        mgr.save(1, {"x": torch.zeros(3), "obj": Exploding()})
+    assert [p for p in os.listdir(tmp_path / "root") if ".tmp-" in p] == []
