@@ -176,3 +176,86 @@ def test_base_exception_while_saving_removes_the_temporary(tmp_path):
     with pytest.raises(SystemExit):
         mgr.save(1, {"x": torch.zeros(3), "obj": Exploding()})
     assert [p for p in os.listdir(tmp_path / "root") if ".tmp-" in p] == []
+
+
+# ---- a failed load: restore() falls back, a bare load says what it changed -----------------
+def big_state(v: float):
+    torch.manual_seed(int(v))
+    return {"w": torch.randn(64, 1024) + v, "b": torch.full((4096,), v),
+            "opt": {"lr": v, "moment": torch.randn(3, 5)}}
+
+
+def corrupt_chunk(ckpt: Path, tensor: str, index: int = -1) -> None:
+    """Flip one byte in the middle of one stored chunk of `tensor`."""
+    m = dckpt.read_manifest(ckpt)
+    ch = m.tensors[tensor].shards[0].chunks[index]
+    f = m.files[ch.file].path(ckpt)
+    data = bytearray(f.read_bytes())
+    data[ch.offset + ch.stored // 2] ^= 0x40
+    f.write_bytes(bytes(data))
+
+
+def assert_bitwise(live, want):
+    assert live.keys() == want.keys()
+    for k in want:
+        a, b = live[k], want[k]
+        if isinstance(b, dict):
+            assert_bitwise(a, b)
+        elif isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        else:
+            assert a == b
+
+
+def test_restore_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    mgr = CheckpointManager(tmp_path, chunk_size=4096)
+    for s in (1, 2, 3):
+        mgr.save(s, big_state(s))
+    corrupt_chunk(mgr.path(3), "b")  # the last chunk read: the others are already in place
+    live = big_state(99)
+    report = mgr.restore(live)
+    assert report.step == 2
+    assert "fell back to step 2" in report.notes[0] and "step 3" in report.notes[0]
+    assert "CorruptCheckpointError" in report.notes[0]
+    assert_bitwise(live, big_state(2))  # completely step 2, nothing of the failed attempt
+
+    # Asked for step 3 by name: no fallback, and the error says the state was changed.
+    live = big_state(99)
+    with pytest.raises(dckpt.errors.CorruptCheckpointError, match="PARTLY OVERWRITTEN"):
+        mgr.restore(live, step=3)
+
+
+def test_bare_load_failure_says_live_state_was_partly_overwritten(tmp_path):
+    dckpt.save(big_state(1), tmp_path / "ck", chunk_size=4096)
+    corrupt_chunk(tmp_path / "ck", "b")
+    live = big_state(99)
+    with pytest.raises(dckpt.errors.CorruptCheckpointError) as e:
+        dckpt.load(tmp_path / "ck", into=live)
+    assert "PARTLY OVERWRITTEN" in str(e.value) and "tensor 'b'" in str(e.value)
+    assert e.value.live_state_changed and e.value.tensor == "b"
+    # A mismatch is found before any read: nothing changed, and the error does not say so.
+    with pytest.raises(dckpt.errors.StateMismatchError) as e:
+        dckpt.load(tmp_path / "ck", into={"w": torch.zeros(2)})
+    assert "PARTLY" not in str(e.value)
+
+
+def rank_fallback(rank, world, root, phase):
+    mgr = CheckpointManager(root)
+    if phase == "save":
+        for s in (1, 2):
+            mgr.save(s, {"mine": torch.full((2048,), float(10 * s + rank))})
+        return None
+    live = {"mine": torch.full((2048,), -1.0)}
+    report = mgr.restore(live)
+    return {"step": report.step, "notes": report.notes, "value": live["mine"].unique().tolist()}
+
+
+def test_restore_falls_back_on_every_rank_when_one_rank_hits_damage(tmp_path):
+    run_with_ranks(2, rank_fallback, str(tmp_path), "save")
+    m = dckpt.read_manifest(tmp_path / "step-000000002")
+    [name] = [n for n, t in m.tensors.items() if t.shards[0].rank == 1]
+    corrupt_chunk(tmp_path / "step-000000002", name)  # only rank 1 reads it
+    res = run_with_ranks(2, rank_fallback, str(tmp_path), "restore")
+    assert [r["step"] for r in res] == [1, 1]
+    assert [r["value"] for r in res] == [[10.0], [11.0]]
+    assert all("fell back to step 1" in r["notes"][0] for r in res)

@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, commit, dist
-from ..errors import (CheckpointNotFoundError, DckptError, LockError, StateMismatchError,
-                      StepOrderError, StorageError)
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
+                      DistributedError, FormatVersionError, IncompleteCheckpointError,
+                      LockError, ManifestError, StateMismatchError, StepOrderError,
+                      StorageError)
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
+from ..state.restore import partly_overwritten
 from .retention import Retention
 
 log = logging.getLogger("dckpt")
@@ -59,6 +62,20 @@ class ResumeReport:
         parts.append(f"{self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s")
         parts += [f"NOTE: {n}" for n in self.notes]
         return "; ".join(parts)
+
+
+def _damaged(e: Exception) -> bool:
+    """A failure an older checkpoint may not have: its data or manifest is damaged (not a
+    newer format, a mismatching state or an I/O error, which an older one shares)."""
+    return isinstance(e, (CorruptCheckpointError, IncompleteCheckpointError, ManifestError,
+                          CheckpointNotFoundError)) and not isinstance(e, FormatVersionError)
+
+
+def _hit(e: Exception | None) -> list | None:
+    """What a rank's failed restore attempt tells the others (JSON)."""
+    if e is None:
+        return None
+    return [f"{type(e).__name__}: {e}", _damaged(e), getattr(e, "live_state_changed", False)]
 
 
 class CheckpointManager:
@@ -336,40 +353,85 @@ class CheckpointManager:
                 "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
-    def restore(self, state: dict, step: int | None = None, *,
-                allow_missing: bool | list[str] = False, keys: list[str] | None = None,
-                restore_rng: bool = True) -> ResumeReport:
-        """Restore `state` in place from `step` (default: latest committed)."""
-        t0 = time.perf_counter()
-        self.wait()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
-        path = self.path(step)
-        m = checkpoint.read_manifest(path)
+    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng):
+        """One restore attempt from `path`, on this rank: (manifest, this rank's entry, RNG
+        setters, RestoreReport, None) or (..., the exception it raised)."""
+        m = rank_entry = report = None
+        rng_setters = []
         r = dist.rank(self.group)
-        rank_entry = m.ranks[r] if r < m.world_size else None
-        rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
-        wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
-        if wants_rng and not rng_state and rank_entry is not None:
-            raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
-                                      "allow_missing=['rng'] to resume without them"])
-        try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
+        try:
+            m = checkpoint.read_manifest(path)
+            rank_entry = m.ranks[r] if r < m.world_size else None
+            rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
+            wants_rng = restore_rng and not (allow_missing is True
+                                             or "rng" in (allow_missing or []))
+            if wants_rng and not rng_state and rank_entry is not None:
+                raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
+                                          "allow_missing=['rng'] to resume without them"])
             # RNG streams are checked before any read: a malformed one leaves state untouched.
             rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
             # The manifest parsed above, not a second read: an overwrite in between must
             # not pair this version's counters and RNG streams with another's tensors.
-            report, failure = checkpoint.load(
+            report = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, group=self.group, manifest=m), None
+                allow_missing=allow_missing, group=self.group, manifest=m)
+            return m, rank_entry, rng_setters, report, None
         except Exception as e:
-            failure = e
-        dist.raise_if_any_failed(failure, self.group, f"restore of {path}")
+            return m, rank_entry, rng_setters, report, e
+
+    def restore(self, state: dict, step: int | None = None, *,
+                allow_missing: bool | list[str] = False, keys: list[str] | None = None,
+                restore_rng: bool = True) -> ResumeReport:
+        """Restore `state` in place from `step` (default: the newest committed one).
+
+        Without `step`, a newest checkpoint found damaged (corrupt or missing data, damaged
+        manifest) is skipped for the next older one, which is restored completely, and the
+        report's notes say so: a failed read may have overwritten part of the live state
+        already, and this puts all of it back from one checkpoint."""
+        t0 = time.perf_counter()
+        self.wait()
+        if step is None:
+            candidates = self.steps()[::-1]
+            if not candidates:
+                raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+        else:
+            candidates = [step]
+        r = dist.rank(self.group)
+        skipped, changed = [], False
+        for i, step in enumerate(candidates):
+            path = self.path(step)
+            m, rank_entry, rng_setters, report, failure = self._load_step(
+                state, path, allow_missing, keys, restore_rng)
+            # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
+            # every rank falls back alike (each learns what every rank hit).
+            if dist.active(self.group):
+                hit = dist.all_gather_json(_hit(failure), self.group, f"restore of {path}")
+            else:
+                hit = [_hit(failure)]
+            bad = [(rk, h) for rk, h in enumerate(hit) if h]
+            if not bad:
+                break
+            changed = changed or any(h[2] for _, h in bad)
+            if len(candidates) > 1 and i + 1 < len(candidates) and all(h[1] for _, h in bad):
+                skipped.append(f"step {step} could not be restored (rank {bad[0][0]}: "
+                               f"{bad[0][1][0].splitlines()[0]})")
+                log.warning("dckpt: %s; falling back to step %d", skipped[-1],
+                            candidates[i + 1])
+                continue
+            if failure is None:
+                failure = DistributedError(f"restore of {path}: rank {bad[0][0]} failed: "
+                                           f"{bad[0][1][0]}", bad[0][0])
+            if skipped and changed and not getattr(failure, "live_state_changed", False):
+                partly_overwritten(failure)  # by an attempt before this one
+            raise failure
         for _, set_stream in rng_setters:
             set_stream()
         streams = [name for name, _ in rng_setters]
         notes = list(report.notes)
+        if skipped:
+            notes.insert(0, f"fell back to step {step}, the newest intact checkpoint: "
+                            + "; ".join(skipped) + f". Everything restored comes from step "
+                            f"{step}, including what the failed attempt had overwritten")
         if restore_rng and rank_entry is None:
             # A new rank has no streams of its own; copying another rank's would make two
             # ranks draw the same numbers. It keeps the streams this process seeded.
