@@ -127,3 +127,8 @@ class StepOrderError(DckptError):
         super().__init__(message)
         self.step = step
         self.newest = newest
+
+
+class InvalidArgumentError(DckptError, ValueError):
+    """An argument of a save cannot be stored or is not understood (a metric that is not a
+    number, an unknown compression); raised before anything is written."""

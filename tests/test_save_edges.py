@@ -259,3 +259,111 @@ def test_restore_falls_back_on_every_rank_when_one_rank_hits_damage(tmp_path):
     assert [r["step"] for r in res] == [1, 1]
     assert [r["value"] for r in res] == [[10.0], [11.0]]
     assert all("fell back to step 1" in r["notes"][0] for r in res)
+
+
+# ---- values a training loop has at hand ----------------------------------------------------
+def test_metrics_from_a_training_loop_are_stored(tmp_path):
+    import math
+
+    import numpy as np
+    mgr = CheckpointManager(tmp_path, keep_last=1, keep_best=1, metric="loss")
+    mgr.save(1, state(1), metrics={"loss": torch.tensor(0.5), "acc": np.float32(0.25)},
+             loss_history=[torch.tensor(2.0), np.float64(1.0), float("nan")])
+    mgr.save(2, state(2), metrics={"loss": float("nan"), "grad": float("inf"),
+                                   "low": np.float64(-np.inf)})  # diverged
+    mgr.save(3, state(3), metrics={"loss": torch.tensor(float("nan"))})
+    # keep_best ignores NaN: step 1 stays the best, beside the newest.
+    assert mgr.steps() == [1, 3]
+    m1, m2 = dckpt.read_manifest(mgr.path(1)), dckpt.read_manifest(tmp_path / "step-000000003")
+    assert m1.metrics == {"loss": 0.5, "acc": 0.25} and type(m1.metrics["loss"]) is float
+    assert m1.counters["loss_history"][:2] == [2.0, 1.0]
+    assert math.isnan(m1.counters["loss_history"][2])
+    assert math.isnan(m2.metrics["loss"])
+    assert m2.counters["best"] == {"metric": "loss", "mode": "min", "step": 1, "value": 0.5}
+    raw = (mgr.path(3) / "manifest.json").read_text()
+    assert '"loss":{"$float":"nan"}' in raw and "NaN" not in raw
+    assert mgr.restore(state()).metrics["loss"] != mgr.restore(state()).metrics["loss"]  # nan
+
+
+def test_non_finite_metrics_in_ls_and_inspect(tmp_path):
+    import json
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, state(1), metrics={"loss": float("nan"), "gnorm": float("-inf")})
+    for args in (["ls", str(tmp_path)], ["inspect", str(mgr.path(1))]):
+        r = run_child("import sys; from dckpt.cli import main; sys.exit(main(sys.argv[1:]))",
+                      *args, "--json")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"literal {c}"))
+        assert '{"$float": "nan"}' in json.dumps(doc) and '{"$float": "-inf"}' in json.dumps(doc)
+        r = run_child("import sys; from dckpt.cli import main; sys.exit(main(sys.argv[1:]))",
+                      *args)
+        assert r.returncode == 0 and "nan" in r.stdout and "-inf" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("bad", ["fast", torch.tensor([1.0, 2.0]), [1.0], None,
+                                 torch.tensor(1 + 2j)])
+def test_bad_metric_is_refused_before_anything_is_written(tmp_path, bad):
+    with pytest.raises(dckpt.errors.InvalidArgumentError, match=r"metrics\['loss'\]"):
+        dckpt.save(state(), tmp_path / "ck", metrics={"loss": bad})
+    assert os.listdir(tmp_path) == []
+    mgr = CheckpointManager(tmp_path / "root")
+    with pytest.raises(dckpt.errors.InvalidArgumentError):
+        mgr.save(1, state(), metrics={"loss": bad})
+    assert [p for p in os.listdir(tmp_path / "root") if p != ".lock"] == []
+
+
+def test_unstorable_counter_or_meta_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(dckpt.errors.InvalidArgumentError, match=r"counters\['x'\]"):
+        dckpt.save(state(), tmp_path / "ck", counters={"x": object()})
+    with pytest.raises(dckpt.errors.InvalidArgumentError, match=r"meta\['t'\]"):
+        dckpt.save(state(), tmp_path / "ck", meta={"t": torch.zeros(3)})
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(dckpt.errors.InvalidArgumentError, match="step"):
+        CheckpointManager(tmp_path / "root").save(True, state())
+
+
+def test_manifest_rejects_a_malformed_float_tag(tmp_path):
+    from dckpt.format.manifest import Manifest, parse
+    ranks = [{"tree": {}}]
+    data = Manifest(metrics={"loss": float("inf")}, ranks=ranks).to_bytes()
+    assert parse(data).metrics == {"loss": float("inf")}
+    bad = Manifest(metrics={"loss": {"$float": "huge"}}, ranks=ranks).to_bytes()
+    with pytest.raises(dckpt.errors.ManifestError, match="metrics"):
+        parse(bad)
+    with pytest.raises(dckpt.errors.ManifestError):
+        parse(data.replace(b'{"$float":"inf"}', b"Infinity"))  # literals stay refused
+
+
+def rank_bad_argument(rank, world, root, what):
+    bad = {"metrics": {"metrics": {"loss": "diverged" if rank == 1 else 1.0}},
+           "compression": {"compression": "banana" if rank == 1 else None}}[what]
+    try:
+        dckpt.save(state(rank), os.path.join(root, "ck"), **bad)
+        raised = None
+    except dckpt.errors.DckptError as e:
+        raised = type(e).__name__
+    dckpt.save(state(rank), os.path.join(root, "ok"))  # no rank was left behind
+    return raised
+
+
+@pytest.mark.parametrize("what", ["metrics", "compression"])
+def test_bad_argument_on_one_rank_fails_every_rank_before_writing(tmp_path, what):
+    res = run_with_ranks(2, rank_bad_argument, str(tmp_path), what)
+    assert res == ["DistributedError", "InvalidArgumentError"]
+    assert sorted(os.listdir(tmp_path)) == ["ok"]
+
+
+@pytest.mark.parametrize("bad", ["lz4", "banana", True, False, 23, -1, 1.5, "ZSTD"])
+def test_unknown_compression_is_refused_before_anything_is_written(tmp_path, bad):
+    with pytest.raises(dckpt.errors.InvalidArgumentError, match="zstd.*level 1-22") as e:
+        dckpt.save(state(), tmp_path / "ck", compression=bad)
+    assert repr(bad) in str(e.value)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(dckpt.errors.InvalidArgumentError):
+        CheckpointManager(tmp_path / "root", compression=bad)
+
+
+@pytest.mark.parametrize("ok", [None, "none", "raw", "zstd", 0, 1, 3, 22])
+def test_known_compression_values_save(tmp_path, ok):
+    dckpt.save(state(1), tmp_path / "ck", compression=ok)
+    assert torch.equal(dckpt.load(tmp_path / "ck")["model"]["weight"], torch.ones(2, 2))

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, commit, dist
+from .. import checkpoint, commit, dist, io
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                       DistributedError, FormatVersionError, IncompleteCheckpointError,
-                      LockError, ManifestError, StateMismatchError, StepOrderError,
-                      StorageError)
+                      InvalidArgumentError, LockError, ManifestError, StateMismatchError,
+                      StepOrderError, StorageError)
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
@@ -97,6 +97,7 @@ class CheckpointManager:
         SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
+        io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
         self.root = Path(root)
         self.incremental, self.full_every = incremental, full_every
         self._versions = VersionCache() if trust_versions and not async_save else None
@@ -167,9 +168,10 @@ class CheckpointManager:
 
         Synchronous: returns the SaveResult once committed. Async: returns a SaveHandle once
         the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, not {step!r}")
-        metrics = dict(metrics or {})
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}")
+        # Numbers now, for keep_best; checkpoint.write refuses what is not one, on every rank.
+        metrics = {k: checkpoint.as_number(v) for k, v in (metrics or {}).items()}
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
