@@ -367,3 +367,53 @@ def test_unknown_compression_is_refused_before_anything_is_written(tmp_path, bad
 def test_known_compression_values_save(tmp_path, ok):
     dckpt.save(state(1), tmp_path / "ck", compression=ok)
     assert torch.equal(dckpt.load(tmp_path / "ck")["model"]["weight"], torch.ones(2, 2))
+
+
+# ---- a directory the process cannot write: StorageError, like the manager ------------------
+READ_ONLY_SAVE = """
+    import os, subprocess, sys, torch, dckpt
+    ro = sys.argv[1]
+    if os.geteuid() == 0:  # root writes through mode bits: mount the directory read-only
+        subprocess.run(["mount", "--bind", ro, ro], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
+    else:
+        os.chmod(ro, 0o555)
+    for target in (os.path.join(ro, "ck"), os.path.join(ro, "sub", "ck")):
+        try:
+            dckpt.save({"w": torch.zeros(3)}, target)
+            print("SAVED", target)
+        except dckpt.errors.StorageError as e:
+            print("STORAGE", e.path, "|", e)
+    try:
+        dckpt.CheckpointManager(os.path.join(ro, "root"))
+    except dckpt.errors.StorageError as e:
+        print("MANAGER STORAGE", e)
+"""
+
+
+def test_save_to_a_read_only_directory_raises_storage_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+            pytest.skip("root without a private mount namespace: no real read-only directory")
+        # A private mount namespace: the read-only mount is seen by the child alone.
+        cmd = ["unshare", "-m", "--propagation", "private", sys.executable, "-c",
+               textwrap.dedent(READ_ONLY_SAVE), str(ro)]
+    else:
+        cmd = [sys.executable, "-c", textwrap.dedent(READ_ONLY_SAVE), str(ro)]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3 and all("STORAGE" in x for x in lines), r.stdout + r.stderr
+    assert "Read-only file system" in lines[0] or "Permission denied" in lines[0]
+    assert str(ro) in lines[0] and all("save where this process may write" in x for x in lines)
+    os.chmod(ro, 0o755)
+    assert os.listdir(ro) == []
+
+
+def test_save_under_a_regular_file_raises_storage_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(dckpt.errors.StorageError, match="Not a directory"):
+        dckpt.save(state(), tmp_path / "file" / "ck")
