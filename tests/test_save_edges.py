@@ -417,3 +417,28 @@ def test_save_under_a_regular_file_raises_storage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(dckpt.errors.StorageError, match="Not a directory"):
         dckpt.save(state(), tmp_path / "file" / "ck")
+
+
+def test_async_save_refuses_a_lower_step_and_a_bad_metric(tmp_path):
+    with CheckpointManager(tmp_path, keep_last=2, async_save=True) as mgr:
+        mgr.save(10, state(10)).wait()
+        with pytest.raises(dckpt.errors.InvalidArgumentError):
+            mgr.save(11, state(11), metrics={"loss": "x"})  # at the call, not later
+        handle = mgr.save(5, state(5))
+        with pytest.raises(dckpt.errors.AsyncSaveError) as e:
+            handle.wait()
+        assert isinstance(e.value.__cause__, StepOrderError)
+    assert CheckpointManager(tmp_path).steps() == [10]
+    assert (tmp_path / "latest").read_text().strip() == "step-000000010"
+
+
+def test_restore_falls_back_past_a_damaged_manifest(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, big_state(1))
+    mgr.save(2, big_state(2))
+    man = mgr.path(2) / "manifest.json"
+    man.write_bytes(man.read_bytes()[:100])
+    live = big_state(99)
+    report = mgr.restore(live)
+    assert report.step == 1 and "ManifestError" in report.notes[0]
+    assert_bitwise(live, big_state(1))

@@ -170,8 +170,11 @@ class CheckpointManager:
         the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}")
-        # Numbers now, for keep_best; checkpoint.write refuses what is not one, on every rank.
+        # Numbers now, for keep_best. checkpoint.write refuses what is not one, on every rank;
+        # a single process is told here already, even before an async snapshot is taken.
         metrics = {k: checkpoint.as_number(v) for k, v in (metrics or {}).items()}
+        if not dist.active(self.group):
+            checkpoint.plain_metrics(metrics)
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
