@@ -417,7 +417,7 @@ class CheckpointManager:
             if not bad:
                 break
             changed = changed or any(h[2] for _, h in bad)
-            if len(candidates) > 1 and i + 1 < len(candidates) and all(h[1] for _, h in bad):
+            if i + 1 < len(candidates) and all(h[1] for _, h in bad):
                 skipped.append(f"step {step} could not be restored (rank {bad[0][0]}: "
                                f"{bad[0][1][0].splitlines()[0]})")
                 log.warning("dckpt: %s; falling back to step %d", skipped[-1],
