@@ -95,9 +95,24 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           group=None) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save()."""
+    staged: list[Path] = []  # rank 0's staging directory, once it exists
+    try:
+        return _write(snap, path, staged, compression=compression, shuffle=shuffle,
+                      chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
+                      counters=counters, metrics=metrics, meta=meta, base=base, group=group)
+    except BaseException:
+        # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
+        # staging directory on the errors they exchange, this on everything else, so no
+        # interrupted save leaves its bytes behind. After a commit it no longer exists.
+        for tmp in staged:
+            commit.abort(tmp)
+        raise
+
+
+def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, threads, fsync,
+           overwrite, counters, metrics, meta, base, group) -> SaveResult:
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
-    opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
     target = Path(path)
     base = incremental.Base.of(base)
     r, world = dist.rank(group), dist.world_size(group)
@@ -108,8 +123,16 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     # also carries failures, so a rank that raises makes every rank abort, none hangs.
     begun = offers = failure = None
     try:
+        # The whole call is checked before anything is created, and inside this phase, so
+        # that a bad argument on any rank fails every rank (nothing fails at commit).
+        opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
+        metrics = plain_metrics(metrics)
+        counters = plain_json(counters or {}, "counters")
+        meta = plain_json(meta or {}, "meta")
         if r == 0:
             begun = _begin(target, overwrite)
+            if begun[0]:
+                staged.append(Path(begun[0]))
         if begun is None or begun[0]:
             snap = snap() if callable(snap) else snap
             offers = sharding.offer(snap.flat, world)
@@ -154,6 +177,50 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     if outcome:
         raise DistributedError(f"commit of {target} failed on rank 0: {outcome}", 0)
     return SaveResult.of(target, m, time.perf_counter() - t0, r)
+
+
+def as_number(v: Any) -> Any:
+    """A 0-d tensor or numpy scalar (what a training loop has at hand) as a Python number;
+    anything else unchanged."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_complex():
+        return v.item()
+    if isinstance(v, (np.generic, np.ndarray)) and v.ndim == 0 and v.dtype.kind in "biuf":
+        return v.item()
+    return v
+
+
+def plain_metrics(metrics: dict | None) -> dict:
+    """`metrics` with numbers only (non-finite ones allowed: the manifest encodes them), or
+    InvalidArgumentError naming the first that is not one."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        v = as_number(v)
+        if not isinstance(k, str) or not isinstance(v, (int, float)):
+            raise errors.InvalidArgumentError(
+                f"metrics[{k!r:.80}] = {v!r:.80} ({type(v).__name__}): a metric is a number "
+                "(int, float, a 0-d tensor or a numpy scalar) under a string name; nothing "
+                "was written")
+        out[k] = v
+    return out
+
+
+def plain_json(v: Any, where: str) -> Any:
+    """`v` as what the manifest can hold (dicts with string keys, lists, strings, numbers
+    incl. non-finite ones, bools, None; 0-d tensors and numpy scalars converted), or
+    InvalidArgumentError naming where it is not."""
+    v = as_number(v)
+    if v is None or isinstance(v, (str, int, float)):
+        return v
+    if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise errors.InvalidArgumentError(f"{where} has a key that is not a string; "
+                                              "nothing was written")
+        return {k: plain_json(x, f"{where}[{k!r}]") for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain_json(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    raise errors.InvalidArgumentError(
+        f"{where} = {v!r:.80} ({type(v).__name__}) cannot be stored in the manifest (JSON "
+        "values, 0-d tensors and numpy scalars can); nothing was written")
 
 
 def _begin(target: Path, overwrite: bool) -> list:

@@ -44,7 +44,18 @@ def make_dirs(path: Path) -> None:
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
+        _mkdir(d, exist_ok=True)
+
+
+def _mkdir(d: Path, exist_ok: bool = False) -> None:
+    """mkdir with DIR_MODE; a failure (read-only, permissions, a file in the way) is a
+    StorageError that says what to do."""
+    try:
+        d.mkdir(mode=DIR_MODE, exist_ok=exist_ok)
+    except OSError as e:
+        raise StorageError(f"cannot create directory {d}: {e.strerror or e}; save where this "
+                           "process may write (a writable, mounted directory with free space)",
+                           str(d)) from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,7 +112,7 @@ def begin(target: Path, overwrite: bool = False) -> Path:
         raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
     make_dirs(target.parent)
     tmp = staging_dir(target)
-    tmp.mkdir(mode=DIR_MODE)
+    _mkdir(tmp)
     return tmp
 
 
@@ -120,6 +131,14 @@ def write_manifest(tmp: Path, data: bytes, fsync: bool = True) -> None:
 def finish(tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> None:
     """Write the manifest last and move the staging directory into place."""
     write_manifest(tmp, manifest.to_bytes(), fsync)
+    try:
+        _move_into_place(tmp, target, fsync)
+    except OSError as e:
+        raise StorageError(f"committing {target} failed: {e.strerror or e}", str(target)) \
+            from None
+
+
+def _move_into_place(tmp: Path, target: Path, fsync: bool) -> None:
     old = None
     if target.exists() and exchange(tmp, target):
         old = tmp  # now holds the replaced checkpoint

@@ -115,3 +115,20 @@ class UnsafePickleError(DckptError):
     def __init__(self, message: str, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class StepOrderError(DckptError):
+    """A manager save was given a step lower than the newest committed one in its root.
+
+    Retention keeps the newest steps, so such a checkpoint would be deleted as soon as it
+    was written and `latest` would name nothing: refused before anything is written."""
+
+    def __init__(self, message: str, step: int, newest: int):
+        super().__init__(message)
+        self.step = step
+        self.newest = newest
+
+
+class InvalidArgumentError(DckptError, ValueError):
+    """An argument of a save cannot be stored or is not understood (a metric that is not a
+    number, an unknown compression); raised before anything is written."""

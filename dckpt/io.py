@@ -15,7 +15,7 @@ import torch
 
 from . import _native
 from .errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
-                     ManifestError, StorageError)
+                     InvalidArgumentError, ManifestError, StorageError)
 from .format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -47,6 +47,15 @@ class WriteOptions:
         return 1
 
     def validate(self) -> "WriteOptions":
+        c = self.compression
+        level = isinstance(c, int) and not isinstance(c, bool)
+        if not (c in (None, "none", "raw", "zstd") and not isinstance(c, bool)
+                or level and 0 <= c <= 22):
+            # Checked before anything is written: an unknown name used to save with zstd
+            # and record the bogus name.
+            raise InvalidArgumentError(
+                f"compression={c!r} is not understood; use None (or \"none\"/\"raw\") for "
+                "no compression, \"zstd\" (level 1), or a zstd level 1-22 as an int")
         if not 4096 <= self.chunk_size <= (1 << 30):
             raise ValueError(f"chunk_size {self.chunk_size} must lie in [4 KiB, 1 GiB]")
         if self.codec != CODEC_RAW and not 1 <= self.level <= 22:
@@ -168,8 +177,17 @@ def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list
     for t in helpers:
         t.start()
     write(0)
+    # A Ctrl-C during a join is raised only once every helper is done: the caller then
+    # removes the staging directory, which must not race helpers still writing into it.
+    interrupted = None
     for t in helpers:
-        t.join()
+        while t.is_alive():
+            try:
+                t.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted
     if errors:
         raise errors[0]
     out: list[list[Chunk]] = [[] for _ in values]

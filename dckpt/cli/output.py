@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import datetime
 
+from ..format.manifest import encode_nonfinite
 from ..units import human_size as size  # noqa: F401 (re-exported for the commands)
 
 _CODES = {"green": "32", "yellow": "33", "red": "31", "bold": "1", "dim": "2", "cyan": "36"}
@@ -36,7 +37,9 @@ class Style:
 
 
 def print_json(doc) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=False, default=str)
+    # Non-finite metrics as the manifest stores them ({"$float": "nan"}): JSON has no NaN.
+    json.dump(encode_nonfinite(doc), sys.stdout, indent=2, sort_keys=False, default=str,
+              allow_nan=False)
     sys.stdout.write("\n")
 
 

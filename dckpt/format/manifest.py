@@ -162,8 +162,8 @@ class Manifest:
             "files": [f.to_json() for f in self.files],
             "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "ranks": self.ranks,
-            "counters": self.counters,
-            "metrics": self.metrics,
+            "counters": encode_nonfinite(self.counters),
+            "metrics": encode_nonfinite(self.metrics),
             "meta": self.meta,
         }
         if self.meshes:
@@ -183,6 +183,43 @@ class Manifest:
     @property
     def stored_bytes(self) -> int:
         return sum(t.stored_bytes for t in self.tensors.values())
+
+
+# JSON has no NaN or infinity, and a diverging run still checkpoints: in metrics and counters
+# a non-finite float is stored as the state tree's one-key object {"$float": "nan"|"inf"|
+# "-inf"} and read back as the float (docs/FORMAT.md). Nowhere else is one accepted.
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def encode_nonfinite(v: Any) -> Any:
+    """`v` (plain JSON values) with every non-finite float as {"$float": ...}."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"$float": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    if isinstance(v, dict):
+        return {k: encode_nonfinite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [encode_nonfinite(x) for x in v]
+    return v
+
+
+def _decode_nonfinite(c: "_Check", v: Any, where: str) -> Any:
+    if isinstance(v, dict):
+        if len(v) == 1 and "$float" in v:
+            if not isinstance(v["$float"], str) or v["$float"] not in _NONFINITE:
+                c.fail(where, f"bad $float payload {v['$float']!r:.40}")
+            return _NONFINITE[v["$float"]]
+        return {k: _decode_nonfinite(c, x, f"{where}.{k}") for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode_nonfinite(c, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    return v
+
+
+def _values(c: "_Check", obj: dict, key: str) -> dict:
+    """The counters or metrics dict, non-finite floats decoded."""
+    try:
+        return _decode_nonfinite(c, c.type_(obj.get(key, {}), dict, key), key)
+    except RecursionError:
+        c.fail(key, "nested too deeply")
 
 
 def _canonical(obj: Any) -> bytes:
@@ -367,8 +404,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
         c.fail("created", "expected a timestamp")
     return Manifest(
         world_size=world, files=files, tensors=tensors, ranks=ranks,
-        counters=c.type_(obj.get("counters", {}), dict, "counters"),
-        metrics=c.type_(obj.get("metrics", {}), dict, "metrics"),
+        counters=_values(c, obj, "counters"), metrics=_values(c, obj, "metrics"),
         meta=c.type_(obj.get("meta", {}), dict, "meta"),
         created=float(created), version=version, meshes=meshes)
 

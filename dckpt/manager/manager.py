@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, commit, dist
-from ..errors import (CheckpointNotFoundError, DckptError, LockError, StateMismatchError,
-                      StorageError)
+from .. import checkpoint, commit, dist, io
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
+                      DistributedError, FormatVersionError, IncompleteCheckpointError,
+                      InvalidArgumentError, LockError, ManifestError, StateMismatchError,
+                      StepOrderError, StorageError)
 from ..format import tree as treecodec
 from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
 from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
+from ..state.restore import partly_overwritten
 from .retention import Retention
 
 log = logging.getLogger("dckpt")
@@ -61,6 +64,20 @@ class ResumeReport:
         return "; ".join(parts)
 
 
+def _damaged(e: Exception) -> bool:
+    """A failure an older checkpoint may not have: its data or manifest is damaged (not a
+    newer format, a mismatching state or an I/O error, which an older one shares)."""
+    return isinstance(e, (CorruptCheckpointError, IncompleteCheckpointError, ManifestError,
+                          CheckpointNotFoundError)) and not isinstance(e, FormatVersionError)
+
+
+def _hit(e: Exception | None) -> list | None:
+    """What a rank's failed restore attempt tells the others (JSON)."""
+    if e is None:
+        return None
+    return [f"{type(e).__name__}: {e}", _damaged(e), getattr(e, "live_state_changed", False)]
+
+
 class CheckpointManager:
     @dist.collective
     def __init__(self, root: str | os.PathLike, *, retention: Retention | None = None,
@@ -81,6 +98,7 @@ class CheckpointManager:
         SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
+        io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
         self.root = Path(root)
         self.incremental, self.full_every = incremental, full_every
         self._versions = VersionCache() if trust_versions and not async_save else None
@@ -159,9 +177,13 @@ class CheckpointManager:
 
         Synchronous: returns the SaveResult once committed. Async: returns a SaveHandle once
         the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, not {step!r}")
-        metrics = dict(metrics or {})
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative int, not {step!r}")
+        # Numbers now, for keep_best. checkpoint.write refuses what is not one, on every rank;
+        # a single process is told here already, even before an async snapshot is taken.
+        metrics = {k: checkpoint.as_number(v) for k, v in (metrics or {}).items()}
+        if not dist.active(self.group):
+            checkpoint.plain_metrics(metrics)
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
@@ -180,17 +202,28 @@ class CheckpointManager:
         `latest`. Collective over `group`: the training group, or the async worker's own.
         What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
         exchange, so its failure is every rank's error at once."""
-        lock = base = best = failure = None
+        lock = base = best = newest = failure = None
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
-                base = self._base_name(full)
+                base, newest = self._base_name(full), self.latest_step()
                 best = self._best_with(step, metrics)
             except Exception as e:
                 failure = e
         try:
-            base, best = dist.exchange([base, best] if self.is_writer and not failure else None,
-                                       failure, group, f"save of step {step}: lock")[0]
+            # Rank 0 decides under the root lock (so a run sharing the root cannot slip a
+            # newer step in between); every rank gets the decision and refuses alike.
+            base, best, newest = dist.exchange(
+                [base, best, newest] if self.is_writer and not failure else None, failure,
+                group, f"save of step {step}: lock")[0]
+            if newest is not None and step < newest:
+                raise StepOrderError(
+                    f"refusing to save step {step} under {self.root}: it already holds step "
+                    f"{newest}, and retention keeps the newest steps, so step {step} would be "
+                    "deleted as soon as it was written. Resume from there "
+                    f"(restore() returns step {newest}) and save a step above {newest}, or "
+                    "save this run under another root (or remove the newer checkpoints)",
+                    step, newest)
             ctr = {**ctr, "best": best}
             try:
                 result = checkpoint.write(
@@ -208,8 +241,9 @@ class CheckpointManager:
             failure = None
             if self.is_writer:
                 try:
-                    self._apply_retention()
+                    # Moved first, so that retention can protect whatever `latest` names.
                     self._move_latest(step)
+                    self._apply_retention(saved=step)
                 except Exception as e:
                     failure = e
             dist.raise_if_any_failed(failure, group, f"save of step {step}: retention")
@@ -287,6 +321,11 @@ class CheckpointManager:
         commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
                                   self.save_options["fsync"])
 
+    def _fix_latest(self) -> None:
+        latest = self.latest_step()
+        if latest is not None and self._read_latest() != latest:
+            self._write_latest(latest)
+
     def retention_plan(self) -> dict[int, list[str]]:
         """step -> reasons it is kept; an empty list means retention deletes it."""
         # Manifests are read only when a metric decides: each save would otherwise parse
@@ -294,8 +333,15 @@ class CheckpointManager:
         read = self._metrics if self.retention.metric else (lambda s: {})
         return self.retention.reasons({s: read(s) for s in self.steps()})
 
-    def _apply_retention(self, dry_run: bool = False) -> list[int]:
-        doomed = [s for s, why in self.retention_plan().items() if not why]
+    def _doomed(self, saved: int | None = None) -> list[int]:
+        """The steps retention deletes: never the step just saved nor the one `latest`
+        names, whatever the policy says (a save must not report success for a checkpoint
+        it then deletes, nor leave `latest` naming nothing)."""
+        keep = {saved, self._read_latest()}
+        return [s for s, why in self.retention_plan().items() if not why and s not in keep]
+
+    def _apply_retention(self, dry_run: bool = False, saved: int | None = None) -> list[int]:
+        doomed = self._doomed(saved)
         if not dry_run:
             for s in doomed:
                 # Rename first so a crash mid-delete leaves debris gc recognizes, not a
@@ -335,51 +381,48 @@ class CheckpointManager:
     def _gc(self, dry_run: bool) -> dict:
         with RootLock(self.root, wait=LOCK_WAIT):
             staging = self._temporaries()
-            doomed = [s for s, why in self.retention_plan().items() if not why]
+            if not dry_run:
+                self._fix_latest()  # first: retention spares what `latest` names
+            doomed = self._doomed()
             # Hard-linked data shared with kept checkpoints is not freed.
             freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
             if not dry_run:
                 self._remove_staging()
                 self._apply_retention()
-                latest = self.latest_step()
-                if latest is not None and self._read_latest() != latest:
-                    self._write_latest(latest)
+                self._fix_latest()
         return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
                 "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
-    def _agree_on_step(self, step: int | None) -> int:
-        """The step every rank restores: the one asked for, or rank 0's latest (ranks that
-        each listed the root could pick different steps while a save commits, or where
-        nodes see different roots). Ranks asking for different steps are an error."""
-        failure = None
+    def _candidates(self, step: int | None) -> list[int]:
+        """The steps every rank tries, in order: the one asked for, or rank 0's committed
+        steps newest first (ranks that each listed the root could pick different steps while
+        a save commits, or where nodes see different roots). Ranks asking for different
+        steps are an error."""
+        failure = listed = None
         try:
             if step is None and self.is_writer:
-                step = self.latest_step()
-                if step is None:
+                listed = self.steps()[::-1]
+                if not listed:
                     raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
         except Exception as e:
             failure = e
-        asked = dist.exchange(step, failure, self.group, f"restore from {self.root}: step")
-        chosen = asked[0]
-        differ = sorted({s for s in asked if s is not None and s != chosen})
+        asked = dist.exchange([step, listed], failure, self.group,
+                              f"restore from {self.root}: step")
+        chosen, listed = asked[0]
+        differ = sorted({s for s, _ in asked if s is not None and s != chosen})
         if differ:
             raise StateMismatchError([f"ranks asked to restore different steps of {self.root}: "
                                       f"rank 0 step {chosen}, others {differ}"])
-        return chosen
+        return [chosen] if chosen is not None else listed
 
-    @dist.collective
-    def restore(self, state: dict, step: int | None = None, *,
-                allow_missing: bool | list[str] = False, keys: list[str] | None = None,
-                restore_rng: bool = True) -> ResumeReport:
-        """Restore `state` in place from `step` (default: latest committed)."""
-        t0 = time.perf_counter()
-        self.wait()
-        step = self._agree_on_step(step)
-        path = self.path(step)
+    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng):
+        """One restore attempt from `path`, on this rank: (manifest, this rank's entry, RNG
+        setters, RestoreReport, None) or (..., the exception it raised)."""
+        m = rank_entry = report = None
+        rng_setters = []
         r = dist.rank(self.group)
-        rank_entry = None
-        try:  # collective: a rank that fails to load (corrupt chunk) fails every rank
+        try:
             m = checkpoint.read_manifest(path)
             rank_entry = m.ranks[r] if r < m.world_size else None
             rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
@@ -392,16 +435,62 @@ class CheckpointManager:
             rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
             # The manifest parsed above, not a second read: an overwrite in between must
             # not pair this version's counters and RNG streams with another's tensors.
-            report, failure = checkpoint.load(
+            report = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, group=self.group, manifest=m), None
+                allow_missing=allow_missing, group=self.group, manifest=m)
+            return m, rank_entry, rng_setters, report, None
         except Exception as e:
-            failure = e
-        dist.raise_if_any_failed(failure, self.group, f"restore of {path}")
+            return m, rank_entry, rng_setters, report, e
+
+    @dist.collective
+    def restore(self, state: dict, step: int | None = None, *,
+                allow_missing: bool | list[str] = False, keys: list[str] | None = None,
+                restore_rng: bool = True) -> ResumeReport:
+        """Restore `state` in place from `step` (default: the newest committed one).
+
+        Without `step`, a newest checkpoint found damaged (corrupt or missing data, damaged
+        manifest) is skipped for the next older one, which is restored completely, and the
+        report's notes say so: a failed read may have overwritten part of the live state
+        already, and this puts all of it back from one checkpoint."""
+        t0 = time.perf_counter()
+        self.wait()
+        candidates = self._candidates(step)
+        r = dist.rank(self.group)
+        skipped, changed = [], False
+        for i, step in enumerate(candidates):
+            path = self.path(step)
+            m, rank_entry, rng_setters, report, failure = self._load_step(
+                state, path, allow_missing, keys, restore_rng)
+            # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
+            # every rank falls back alike (each learns what every rank hit).
+            if dist.active(self.group):
+                hit = dist.all_gather_json(_hit(failure), self.group, f"restore of {path}")
+            else:
+                hit = [_hit(failure)]
+            bad = [(rk, h) for rk, h in enumerate(hit) if h]
+            if not bad:
+                break
+            changed = changed or any(h[2] for _, h in bad)
+            if i + 1 < len(candidates) and all(h[1] for _, h in bad):
+                skipped.append(f"step {step} could not be restored (rank {bad[0][0]}: "
+                               f"{bad[0][1][0].splitlines()[0]})")
+                log.warning("dckpt: %s; falling back to step %d", skipped[-1],
+                            candidates[i + 1])
+                continue
+            if failure is None:
+                failure = DistributedError(f"restore of {path}: rank {bad[0][0]} failed: "
+                                           f"{bad[0][1][0]}", bad[0][0])
+            if skipped and changed and not getattr(failure, "live_state_changed", False):
+                partly_overwritten(failure)  # by an attempt before this one
+            raise failure
         for _, set_stream in rng_setters:
             set_stream()
         streams = [name for name, _ in rng_setters]
         notes = list(report.notes)
+        if skipped:
+            notes.insert(0, f"fell back to step {step}, the newest intact checkpoint: "
+                            + "; ".join(skipped) + f". Everything restored comes from step "
+                            f"{step}, including what the failed attempt had overwritten")
         if restore_rng and rank_entry is None:
             # A new rank has no streams of its own; copying another rank's would make two
             # ranks draw the same numbers. It keeps the streams this process seeded.

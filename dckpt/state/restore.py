@@ -52,11 +52,13 @@ class _Walk:
         self.made: dict[str, Any] = {}
         self.restored: list[TensorEntry] = []  # one per tensor read, for the report
         self.report = RestoreReport()
+        self.touched = False
 
     def finish(self) -> None:
         """Raise every problem found, or make the recorded changes and run the reads."""
         if self.problems:
             raise StateMismatchError(self.problems)
+        self.touched = True  # from here on a failure leaves live state partly changed
         for update in self.updates:
             update()
         self.reader.run()
@@ -242,12 +244,29 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
     work = _Walk(m, reader, block_of, tensor_names)
     work.walk(live, subtree, "")
     work.problems[:0] = problems
-    work.finish()
-    for path, obj, value in work.loaders:
-        _load_state_dict(path, obj, value)
+    try:
+        work.finish()
+        for path, obj, value in work.loaders:
+            _load_state_dict(path, obj, value)
+    except DckptError as e:
+        if work.touched:
+            raise partly_overwritten(e)
+        raise
     work.report.components = {k: component_kind(live[k]) for k in subtree}
     work.report.missing_allowed = allowed
     return work.report
+
+
+def partly_overwritten(e: DckptError) -> DckptError:
+    """`e`, of its own type, saying that the live state was changed before it was raised.
+    Checking every chunk before the first write would leave it untouched but cost a second
+    pass over the data on every load (docs/ARCHITECTURE.md, "Loading")."""
+    e.live_state_changed = True
+    e.args = (f"{e}\nThe live state was PARTLY OVERWRITTEN by this failed load (what was "
+              "read before the failure holds the checkpoint's values): restore it completely "
+              "from an intact checkpoint before training on (CheckpointManager.restore() "
+              "falls back to the newest intact one by itself).",)
+    return e
 
 
 def _load_state_dict(path: str, obj: Any, value: Any) -> None:
