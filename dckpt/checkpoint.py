@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from . import __version__, commit, dist, errors, gcpause, incremental, io, partitioned, sharding
-from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
+from .errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
+                     NotACheckpointError)
 from .format import tree as treecodec
-from .format.layout import rank_file
+from .format.layout import not_a_checkpoint, rank_file
 from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
 from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
@@ -249,9 +250,13 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     p = Path(path) / MANIFEST_NAME
     try:
         data = p.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path} is not a committed checkpoint (no {MANIFEST_NAME})")
     except OSError as e:
+        why = not_a_checkpoint(Path(path))  # a torch.save file, a manager root
+        if why:
+            raise NotACheckpointError(why, str(path)) from None
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointNotFoundError(
+                f"{path} is not a committed checkpoint (no {MANIFEST_NAME})") from None
         raise ManifestError(f"cannot read {p}: {e.strerror}", str(p)) from None
     return parse(data, str(p))
 

@@ -29,7 +29,9 @@ def run(args) -> int:
     from ..format.reader import read_manifest
     path = resolve(Path(args.path))
     if path is None:
-        print(f"dckpt inspect: {args.path} is not a checkpoint or a manager root with one",
+        from ..format.layout import not_a_checkpoint
+        why = not_a_checkpoint(Path(args.path))
+        print(f"dckpt inspect: {why or f'{args.path} is not a checkpoint or a manager root with one'}",
               file=sys.stderr)
         return EXIT_USAGE
     try:
