@@ -85,3 +85,38 @@ def test_diff_exit_code_survives_a_closed_pipe(root):
     assert _piped_exit_code(argv, 0) == 1  # the reader is gone before the first line
     assert _piped_exit_code(["diff", a, a, "--json"], 0) == 0
     assert _piped_exit_code(["verify", str(root), "-v"], 0) == 0
+
+
+# ---- convert to a .pt name: an export file, never a directory called model.pt -------------
+
+def test_convert_to_pt_exports_a_torch_file(tmp_path):
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied: the file keeps them one storage, as torch.save does
+    model = nn.ModuleDict({"emb": emb, "head": head, "norm": nn.LayerNorm(4)})
+    ck = tmp_path / "ck"
+    dckpt.save({"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}, ck)
+    for name in ("model.pt", "model.bin"):
+        code, out, err = run_cli("convert", ck, tmp_path / name)
+        assert code == 0, err
+        f = tmp_path / name
+        assert f.is_file() and "exported component 'model'" in out
+        back = torch.load(f, weights_only=True)
+        want = model.state_dict()
+        assert list(back) == list(want)
+        for k in want:
+            assert torch.equal(back[k], want[k]) and back[k].dtype == want[k].dtype
+        assert back["emb.weight"].data_ptr() == back["head.weight"].data_ptr()
+        fresh = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False),
+                               "norm": nn.LayerNorm(4)})
+        fresh.load_state_dict(back)
+    code, _, err = run_cli("convert", ck, tmp_path / "model.pt")  # exists: not replaced
+    assert code == 2 and "overwrite" in err
+
+
+def test_convert_into_a_file_name_is_refused(tmp_path):
+    src = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(3)}, src)
+    code, _, err = run_cli("convert", src, tmp_path / "out.pt")
+    assert code == 2 and "names a file" in err and "directory" in err
+    assert not (tmp_path / "out.pt").exists()
