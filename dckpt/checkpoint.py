@@ -264,7 +264,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 @gcpause.during
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
-         group=None, manifest: Manifest | None = None):
+         strict: bool = True, group=None, manifest: Manifest | None = None):
     """Load the checkpoint at `path`.
 
     Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
@@ -272,6 +272,9 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     With `into` (the live state dict): restores in place, reading straight into existing
     tensor memory and calling load_state_dict() on objects; returns a RestoreReport.
     keys: only these top-level components. manifest: the already parsed manifest of `path`.
+    Components the checkpoint holds that were not restored are named in RestoreReport.notes
+    (and .not_restored). An optimizer or scheduler of another class than the one saved is
+    refused (StateMismatchError) unless strict=False.
 
     In a distributed job each rank reads only what its live state holds: the blocks of its
     DTensors' shards, found by global offsets whatever world size saved them, and its own
@@ -291,7 +294,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
         if unknown:
             raise KeyError(f"components {unknown} are not in the checkpoint {path} "
                            f"(it has {list(tree)})")
-        tree = {k: tree[k] for k in keys}
+        if into is None:  # with into=, restore_into keeps to the live keys and reports the rest
+            tree = {k: tree[k] for k in keys}
     live = None
     if into is not None:
         live = partitioned.adapt({k: into[k] for k in (keys if keys is not None else into)
@@ -305,7 +309,7 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
         return materialize(tree, m, reader, aliases)
     partitioned.init_states(live)
     report = restore_into(live, tree, m, reader, allow_missing, block_of=sharding.block_of,
-                          tensor_names=aliases)
+                          tensor_names=aliases, strict=strict)
     partitioned.write_back(into, live)
     report.components = {k: component_kind(into[k]) for k in report.components}
     if m.world_size != world:

@@ -120,3 +120,85 @@ def test_convert_into_a_file_name_is_refused(tmp_path):
     code, _, err = run_cli("convert", src, tmp_path / "out.pt")
     assert code == 2 and "names a file" in err and "directory" in err
     assert not (tmp_path / "out.pt").exists()
+
+
+# ---- partial restores say what they left behind; another optimizer class is refused -------
+
+def test_partial_restore_names_what_was_left_behind(root):
+    state = build_state()
+    live = {"model": state["model"], "optimizer": state["optimizer"]}
+    rep = dckpt.CheckpointManager(root).restore(live, restore_rng=False)
+    assert set(rep.components) == {"model", "optimizer"}
+    assert any("not restored" in n and "scheduler (LambdaLR)" in n and "scaler (GradScaler)" in n
+               and "data (ResumableLoader)" in n for n in rep.notes), rep.notes
+    assert "scheduler" in rep.summary()
+    out = dckpt.load(root / "step-000000006", into=build_state(), keys=["model"])
+    assert set(out.not_restored) == {"optimizer", "scheduler", "scaler", "data"}
+    assert any("not restored" in n for n in out.notes)
+    full = dckpt.load(root / "step-000000006", into=build_state())
+    assert full.not_restored == {} and full.notes == []
+
+
+def _trained(opt_cls, sched_cls=None):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = opt_cls(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = {"model": model, "optimizer": opt}
+    if sched_cls is not None:
+        state["scheduler"] = sched_cls(opt)
+        state["scheduler"].step()
+    return state
+
+
+def test_optimizer_of_another_class_is_refused_unless_not_strict(tmp_path):
+    ck = tmp_path / "ck"
+    dckpt.save(_trained(torch.optim.AdamW), ck)
+    live = _trained(torch.optim.SGD)
+    before = {k: v.clone() for k, v in live["model"].state_dict().items()}
+    sgd_state = repr(live["optimizer"].state_dict())
+    with pytest.raises(dckpt.StateMismatchError) as e:
+        dckpt.load(ck, into=live)
+    msg = str(e.value)
+    assert "torch.optim.adamw.AdamW" in msg and "torch.optim.sgd.SGD" in msg
+    assert "strict=False" in msg and "optimizer" in msg
+    # refused before anything was read or handed over
+    assert all(torch.equal(before[k], v) for k, v in live["model"].state_dict().items())
+    assert repr(live["optimizer"].state_dict()) == sgd_state
+    root = tmp_path / "run"
+    mgr = dckpt.CheckpointManager(root, fsync=False)
+    mgr.save(1, _trained(torch.optim.AdamW))
+    with pytest.raises(dckpt.StateMismatchError, match="AdamW"):
+        mgr.restore(_trained(torch.optim.SGD), restore_rng=False)
+    rep = dckpt.load(ck, into=live, strict=False)
+    assert any("AdamW state loaded into a torch.optim.sgd.SGD" in n for n in rep.notes)
+    # the same class, and a scheduler of its own class, restore without a word
+    same = _trained(torch.optim.AdamW, lambda o: torch.optim.lr_scheduler.StepLR(o, 2))
+    ck2 = tmp_path / "ck2"
+    dckpt.save(same, ck2)
+    assert dckpt.load(ck2, into=_trained(torch.optim.AdamW,
+                                         lambda o: torch.optim.lr_scheduler.StepLR(o, 2))).notes == []
+    with pytest.raises(dckpt.StateMismatchError, match="StepLR"):
+        dckpt.load(ck2, into=_trained(torch.optim.AdamW,
+                                      lambda o: torch.optim.lr_scheduler.ExponentialLR(o, 0.9)))
+
+
+def test_wrapped_optimizer_takes_its_inner_class(tmp_path):
+    """accelerate's AcceleratedOptimizer wraps the real one: a plain AdamW checkpoint
+    restores into it, and its checkpoint restores into a plain AdamW."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    acc = Accelerator(cpu=True)
+    plain, ck = _trained(torch.optim.AdamW), tmp_path / "plain"
+    dckpt.save(plain, ck)
+    wrapped = _trained(torch.optim.AdamW)
+    wrapped["optimizer"] = acc.prepare(wrapped["optimizer"])
+    assert isinstance(wrapped["optimizer"], AcceleratedOptimizer)
+    dckpt.load(ck, into=wrapped)
+    dckpt.save(wrapped, tmp_path / "wrapped")
+    dckpt.load(tmp_path / "wrapped", into=_trained(torch.optim.AdamW))
+    sgd = _trained(torch.optim.SGD)
+    sgd["optimizer"] = acc.prepare(sgd["optimizer"])
+    with pytest.raises(dckpt.StateMismatchError, match="AdamW"):
+        dckpt.load(ck, into=sgd)

@@ -314,8 +314,15 @@ class CheckpointManager:
     # ---- restore -------------------------------------------------------------------------
     def restore(self, state: dict, step: int | None = None, *,
                 allow_missing: bool | list[str] = False, keys: list[str] | None = None,
-                restore_rng: bool = True) -> ResumeReport:
-        """Restore `state` in place from `step` (default: latest committed)."""
+                restore_rng: bool = True, strict: bool = True) -> ResumeReport:
+        """Restore `state` in place from `step` (default: latest committed).
+
+        Every component of `state` must be in the checkpoint (allow_missing= names those
+        that may not be); components of the checkpoint left out of `state` (or `keys`) are
+        named in the report's notes. An optimizer or scheduler of another class than the
+        saved one is refused (StateMismatchError) unless strict=False. The training
+        position is in the report: `report.step`, `report.epoch`, `report.step_in_epoch`,
+        and the counters passed to save() in `report.counters`."""
         t0 = time.perf_counter()
         self.wait()
         if step is None:
@@ -338,7 +345,7 @@ class CheckpointManager:
             # not pair this version's counters and RNG streams with another's tensors.
             report, failure = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, group=self.group, manifest=m), None
+                allow_missing=allow_missing, strict=strict, group=self.group, manifest=m), None
         except Exception as e:
             failure = e
         dist.raise_if_any_failed(failure, self.group, f"restore of {path}")

@@ -20,7 +20,7 @@ import torch
 from ..errors import DckptError, StateMismatchError
 from ..format.manifest import Manifest, TensorEntry
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
-from .flatten import component_kind, has_state_dict
+from .flatten import component_kind, has_state_dict, type_name
 from .reading import TensorReader
 from .tensors import dtype_name, numpy_dtype, torch_dtype
 
@@ -35,16 +35,22 @@ class RestoreReport:
     tensors: int = 0
     bytes: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. a world-size change
+    # components the checkpoint holds that were not restored (not asked for): key -> type
+    not_restored: dict[str, str] = field(default_factory=dict)
 
 
 _ABSENT = object()
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_CLASS_CHECKED = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+# Saved type names of wrappers, which do not say the class of what they wrap.
+_WRAPPERS = ("dckpt.", "accelerate.")
 
 
 class _Walk:
     def __init__(self, m: Manifest, reader: TensorReader, block_of: BlockOf | None,
-                 tensor_names: dict[str, str] | None = None):
+                 tensor_names: dict[str, str] | None = None, strict: bool = True):
         self.m, self.reader, self.block_of = m, reader, block_of
+        self.strict = strict
         self.alias = tensor_names or {}  # tree name -> manifest name (per-rank naming)
         self.problems: list[str] = []
         self.updates: list[Callable[[], Any]] = []  # changes to live containers, made last
@@ -140,6 +146,7 @@ class _Walk:
         if isinstance(node, ObjectState):
             if not has_state_dict(live):  # e.g. a plain state dict given as the live value
                 return self.walk(live, node.state, path)
+            self.compare_class(node.type_name, live, path)
             live_sd = live.state_dict()
             module = isinstance(live, torch.nn.Module)
             if module:
@@ -191,6 +198,29 @@ class _Walk:
                 self.problems.append(f"{path}/{k}: the checkpoint holds a "
                                      f"{type(saved[k]).__name__}, the module a tensor")
 
+    def compare_class(self, saved: str, live: Any, path: str) -> None:
+        """An optimizer or scheduler takes only the state of its own class: AdamW's moments
+        handed to SGD load without complaint and train with the wrong update rule. Saved
+        wrappers (accelerate's, dckpt's imported or ZeRO states) name no inner class: any
+        live class takes them; a live wrapper takes its inner class's state."""
+        chain, obj = [], live
+        while obj is not None and len(chain) < 4:
+            chain.append(obj)
+            obj = next((inner for a in ("optimizer", "scheduler", "optim")
+                        if has_state_dict(inner := getattr(obj, a, None))), None)
+        if (not any(isinstance(o, _CLASS_CHECKED) for o in chain)
+                or saved.startswith(_WRAPPERS) or saved in {type_name(o) for o in chain}):
+            return
+        live_name = type_name(chain[-1])
+        if self.strict:
+            self.problems.append(
+                f"{path}: the checkpoint holds the state of a {saved}, the live object is a "
+                f"{live_name}; restore it into a {saved.rpartition('.')[2]}, or pass "
+                "strict=False to hand the state to its load_state_dict() anyway")
+        else:
+            self.report.notes.append(f"{path}: {saved} state loaded into a {live_name} "
+                                     "(strict=False)")
+
     def compare_keys(self, live_sd: dict, saved: dict, path: str) -> None:
         missing = [k for k in live_sd if k not in saved]
         extra = [k for k in saved if k not in live_sd]
@@ -222,8 +252,10 @@ def _loads_by_default(module: torch.nn.Module) -> bool:
 
 def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                  allow_missing: bool | list[str] = False, block_of: BlockOf | None = None,
-                 tensor_names: dict[str, str] | None = None) -> RestoreReport:
-    """Restore `tree` into the live state dict `live`; returns what was restored."""
+                 tensor_names: dict[str, str] | None = None,
+                 strict: bool = True) -> RestoreReport:
+    """Restore `tree` into the live state dict `live`; returns what was restored.
+    strict=False lets an optimizer or scheduler take the state of another class."""
     if not isinstance(live, dict):
         raise TypeError("restore needs the live state as a dict of components")
     if not isinstance(tree, dict):
@@ -235,7 +267,7 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                 "the checkpoint; pass allow_missing=[...] to skip it" for k in missing
                 if k not in allowed]
     subtree = {k: v for k, v in tree.items() if k in live}
-    work = _Walk(m, reader, block_of, tensor_names)
+    work = _Walk(m, reader, block_of, tensor_names, strict)
     work.walk(live, subtree, "")
     work.problems[:0] = problems
     work.finish()
@@ -243,7 +275,22 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
         _load_state_dict(path, obj, value)
     work.report.components = {k: component_kind(live[k]) for k in subtree}
     work.report.missing_allowed = allowed
+    left = {k: saved_kind(v) for k, v in tree.items() if k not in live}
+    if left:
+        work.report.not_restored = left
+        work.report.notes.append(
+            "in the checkpoint but not restored (not in the live state or keys): "
+            + ", ".join(f"{k} ({t})" for k, t in left.items()))
     return work.report
+
+
+def saved_kind(node: Any) -> str:
+    """A short label of a saved component: its class name, or the kind of value."""
+    if isinstance(node, ObjectState):
+        return node.type_name.rpartition(".")[2]
+    if isinstance(node, (TensorRef, ArrayRef)):
+        return "tensor"
+    return type(node).__name__
 
 
 def _load_state_dict(path: str, obj: Any, value: Any) -> None:
