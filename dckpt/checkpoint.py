@@ -29,6 +29,8 @@ from .state.restore import RestoreReport, materialize, restore_into
 
 @dataclass
 class SaveResult:
+    """What save() committed: the checkpoint directory, its logical and stored sizes, the
+    time taken and the manifest written."""
     path: Path
     bytes: int  # logical bytes of all tensors saved by every rank
     stored_bytes: int  # bytes in the data files

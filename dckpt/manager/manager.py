@@ -34,6 +34,10 @@ LOCK_WAIT = 30.0
 
 @dataclass
 class ResumeReport:
+    """What CheckpointManager.restore() restored and where the run stands: `step`,
+    `epoch` and `step_in_epoch` (as passed to save()), `counters` (all of them, with
+    loss_history and your own), `metrics`, the restored components and RNG streams, and
+    `notes` (world-size change, components left out, RNG not restored)."""
     step: int
     path: Path
     epoch: int | None
@@ -48,6 +52,7 @@ class ResumeReport:
     notes: list[str] = field(default_factory=list)  # world-size change, RNG not restored
 
     def summary(self) -> str:
+        """One line for a log: step, epoch, what was restored, bytes, time and notes."""
         parts = [f"resumed step {self.step} from {self.path}"]
         if self.epoch is not None:
             parts.append(f"epoch {self.epoch}" + (f", step {self.step_in_epoch} in epoch"
@@ -62,6 +67,20 @@ class ResumeReport:
 
 
 class CheckpointManager:
+    """Numbered checkpoints of one run under `root`, with retention and exact resume.
+
+        mgr = dckpt.CheckpointManager("runs/exp1", keep_last=3, keep_best=1, metric="loss")
+        if mgr.latest_step() is not None:
+            report = mgr.restore(state)     # report.step, report.epoch: where to go on
+        mgr.save(step, state, metrics={"loss": loss}, epoch=epoch)
+
+    Each save(step, ...) commits root/step-<step> atomically with this process's RNG
+    streams, then applies the retention policy (keep_last, keep_best by `metric` in
+    `mode`, keep_every) and moves `latest`. restore(state) puts the newest committed step
+    (or `step=`) back into the live objects in place. Collective under torch.distributed
+    (every rank calls save/restore). Options are described in __init__.
+    """
+
     def __init__(self, root: str | os.PathLike, *, retention: Retention | None = None,
                  keep_last: int | None = None, keep_best: int = 0, metric: str | None = None,
                  mode: str = "min", keep_every: int | None = None,
@@ -111,6 +130,7 @@ class CheckpointManager:
 
     # ---- what is there -------------------------------------------------------------------
     def path(self, step: int) -> Path:
+        """The directory of checkpoint `step` (committed or not)."""
         return self.root / step_dir(step)
 
     def steps(self) -> list[int]:

@@ -30,6 +30,9 @@ BlockOf = Callable[[torch.Tensor], "tuple[torch.Tensor, list[int], list[int]] | 
 
 @dataclass
 class RestoreReport:
+    """What dckpt.load(path, into=state) restored: components (key -> kind), tensors and
+    bytes read, components allowed to be missing, components of the checkpoint not
+    restored, and notes (world-size change, what was left out)."""
     components: dict[str, str] = field(default_factory=dict)  # key -> kind, restored
     missing_allowed: list[str] = field(default_factory=list)
     tensors: int = 0
