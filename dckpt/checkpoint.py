@@ -21,7 +21,8 @@ from .errors import (CheckpointNotFoundError, DckptError, DistributedError, Mani
                      NotACheckpointError)
 from .format import tree as treecodec
 from .format.layout import not_a_checkpoint, rank_file
-from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
+from .format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
+                              TensorEntry, parse)
 from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
 from .state.restore import RestoreReport, materialize, restore_into
@@ -129,6 +130,7 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
         report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None
         report["tree"] = snap.tree
         report["extra"] = snap.rank_state
+        report["views"] = snap.flat.views
     except Exception as e:
         report, failure = None, e
     reports = _exchange(report, failure, "write", tmp, target, group)
@@ -233,9 +235,11 @@ def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, op
     info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
+    # Version 2 only where a tree holds $view nodes, which version-1 readers do not know.
+    version = VIEWS_VERSION if any(rep.get("views") for rep in reports) else 1
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
-                    meta={"library": info, **(meta or {})}, meshes=meshes)
+                    meta={"library": info, **(meta or {})}, meshes=meshes, version=version)
 
 
 def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:

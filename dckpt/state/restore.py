@@ -17,9 +17,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import DckptError, StateMismatchError
+from ..errors import DckptError, ManifestError, StateMismatchError
 from ..format.manifest import Manifest, TensorEntry
-from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
+from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
 from .flatten import component_kind, has_state_dict, type_name
 from .reading import TensorReader
 from .tensors import dtype_name, numpy_dtype, torch_dtype
@@ -60,6 +60,7 @@ class _Walk:
         self.loaders: list[Callable[[], Any]] = []
         self.made: dict[str, Any] = {}
         self.restored: list[TensorEntry] = []  # one per tensor read, for the report
+        self.copies: list[tuple] = []  # (live tensor, view of a read storage record)
         self.report = RestoreReport()
 
     def finish(self) -> None:
@@ -69,6 +70,8 @@ class _Walk:
         for update in self.updates:
             update()
         self.reader.run()
+        for live, view in self.copies:  # live views sharing memory get the same bytes
+            live.copy_(view)
         self.report.tensors = len(self.restored)
         self.report.bytes = sum(e.nbytes for e in self.restored)
 
@@ -120,6 +123,34 @@ class _Walk:
             self.made[name] = t
         return self.made[name]
 
+    def view(self, live: Any, ref: ViewRef, path: str) -> Any:
+        """A view into a storage record: a new tensor sharing the record's memory with the
+        other views of it (as torch.load gives them back), or, for a live tensor, its bytes
+        copied in after the read (the live tensors keep whatever aliasing they have)."""
+        name, e = self.entry(ref, path)
+        if e is None:
+            return live
+        if e.kind != "torch" or len(e.shape) != 1 or ref.extent() > e.nbytes:
+            # Hostile or broken: the view would reach outside the bytes stored for it.
+            raise ManifestError(f"{path}: view of {name!r} ({ref.dtype}, offset {ref.offset}, "
+                                f"shape {list(ref.shape)}, stride {list(ref.stride)}) needs "
+                                f"{ref.extent()} bytes of a 1-D storage record, the record "
+                                f"is {e.kind} {e.dtype}{e.shape} ({e.nbytes} bytes)",
+                                field="tree")
+        if isinstance(live, torch.Tensor) and (
+                list(live.shape) != list(ref.shape) or dtype_name(live.dtype) != ref.dtype
+                or (self.block_of and type(live) not in _PLAIN and self.block_of(live))):
+            self.problems.append(f"{path}: live {dtype_name(live.dtype)}{list(live.shape)} vs "
+                                 f"checkpoint {ref.dtype}{list(ref.shape)} (a view)")
+            return live
+        base = self.tensor(None, TensorRef(ref.name), path)  # read once, shared by its views
+        view = torch.empty(0, dtype=torch_dtype(ref.dtype)).set_(
+            base.untyped_storage(), ref.offset, ref.shape, ref.stride)
+        if isinstance(live, torch.Tensor):
+            self.copies.append((live, view))
+            return live
+        return view
+
     def array(self, live: Any, ref: ArrayRef, path: str) -> Any:
         name, e = self.entry(ref, path)
         if e is None:
@@ -140,6 +171,8 @@ class _Walk:
         return self.made[name]
 
     def walk(self, live: Any, node: Any, path: str) -> Any:
+        if isinstance(node, ViewRef):
+            return self.view(live, node, path)
         if isinstance(node, TensorRef):
             return self.tensor(live, node, path)
         if isinstance(node, ArrayRef):

@@ -104,6 +104,8 @@ def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, th
     views = []
     try:
         views = [anatomy.rank_view(m, r) for r in range(m.world_size)]
+        for problem in (p for v in views for p in anatomy.bad_views(m, v)):
+            rep.add("structure", "structure.tree", ERROR, f"state tree: {problem}")
     except DckptError as e:
         rep.add("structure", "structure.tree", ERROR, f"state tree: {e}")
     training.check_metadata(ckpt, m, rep, views[0] if views else None)
