@@ -144,10 +144,18 @@ def share_storages(flat: Flat, plain: list[int], unique) -> None:
     """Replace plain tensors that are different views of one storage by one storage record
     and view references into it (see the module docstring)."""
     groups: dict[tuple, list[int]] = {}
+    leaves = flat.leaves
     for i in plain:
-        t = flat.leaves[i].value
-        if t.numel() and t.device.type != "meta":
-            groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(i)
+        t = leaves[i].value
+        if t.is_meta or not t.numel():
+            continue
+        # The storage's address (cheaper than untyped_storage(), thousands of leaves a save)
+        base = t.data_ptr() - t.storage_offset() * t.element_size()
+        group = groups.get((base, t.get_device()))
+        if group is None:
+            groups[(base, t.get_device())] = [i]
+        else:
+            group.append(i)
     views: dict[str, ViewRef] = {}  # member's name -> its view of the record
     drop: set[int] = set()
     for members in groups.values():
