@@ -251,8 +251,8 @@ class _Walk:
         if self.strict:
             self.problems.append(
                 f"{path}: the checkpoint holds the state of a {saved}, the live object is a "
-                f"{live_name}; restore it into a {saved.rpartition('.')[2]}, or pass "
-                "strict=False to hand the state to its load_state_dict() anyway")
+                f"{live_name}; restore it into a {saved.rpartition('.')[2]} object, or "
+                "pass strict=False to hand the state to its load_state_dict() anyway")
         else:
             self.report.notes.append(f"{path}: {saved} state loaded into a {live_name} "
                                      "(strict=False)")
