@@ -240,3 +240,14 @@ def test_views_on_distributed_ranks(tmp_path):
         assert tail == [want[8:10], want[10:12]]
     m = dckpt.read_manifest(tmp_path / "ck")
     assert len(m.tensors) == 2  # one storage record per rank, nothing else
+
+
+def test_inspect_shows_each_view_with_its_own_shape(tmp_path):
+    from cli_fixtures import run_cli
+    model, flat = flat_model()
+    dckpt.save({"model": model, "flat": flat}, tmp_path / "ck", fsync=False)
+    code, out, _ = run_cli("inspect", tmp_path / "ck", "--tree")
+    assert code == 0 and "format v2" in out
+    assert "0.bias: <float32[480] view of model/0.weight~storage at element 122944>" in out
+    code, _, _ = run_cli("verify", tmp_path / "ck", "--deep")
+    assert code == 0
