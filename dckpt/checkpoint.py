@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from . import __version__, commit, dist, errors, gcpause, incremental, io, partitioned, sharding
-from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
+from .errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
+                     NotACheckpointError)
 from .format import tree as treecodec
-from .format.layout import rank_file
-from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
+from .format.layout import not_a_checkpoint, rank_file
+from .format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
+                              TensorEntry, parse)
 from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
 from .state.restore import RestoreReport, materialize, restore_into
@@ -28,6 +30,8 @@ from .state.restore import RestoreReport, materialize, restore_into
 
 @dataclass
 class SaveResult:
+    """What save() committed: the checkpoint directory, its logical and stored sizes, the
+    time taken and the manifest written."""
     path: Path
     bytes: int  # logical bytes of all tensors saved by every rank
     stored_bytes: int  # bytes in the data files
@@ -157,6 +161,7 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
         report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None
         report["tree"] = snap.tree
         report["extra"] = snap.rank_state
+        report["views"] = snap.flat.views
     except Exception as e:
         report, failure = None, e
     reports = _exchange(report, failure, "write", tmp, target, group)
@@ -305,9 +310,11 @@ def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, op
     info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
+    # Version 2 only where a tree holds $view nodes, which version-1 readers do not know.
+    version = VIEWS_VERSION if any(rep.get("views") for rep in reports) else 1
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
-                    meta={"library": info, **(meta or {})}, meshes=meshes)
+                    meta={"library": info, **(meta or {})}, meshes=meshes, version=version)
 
 
 def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
@@ -324,9 +331,13 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     p = Path(path) / MANIFEST_NAME
     try:
         data = p.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path} is not a committed checkpoint (no {MANIFEST_NAME})")
     except OSError as e:
+        why = not_a_checkpoint(Path(path))  # a torch.save file, a manager root
+        if why:
+            raise NotACheckpointError(why, str(path)) from None
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointNotFoundError(
+                f"{path} is not a committed checkpoint (no {MANIFEST_NAME})") from None
         raise ManifestError(f"cannot read {p}: {e.strerror}", str(p)) from None
     return parse(data, str(p))
 
@@ -334,7 +345,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 @gcpause.during
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
-         group=None, manifest: Manifest | None = None):
+         strict: bool = True, group=None, manifest: Manifest | None = None):
     """Load the checkpoint at `path`.
 
     Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
@@ -342,6 +353,9 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     With `into` (the live state dict): restores in place, reading straight into existing
     tensor memory and calling load_state_dict() on objects; returns a RestoreReport.
     keys: only these top-level components. manifest: the already parsed manifest of `path`.
+    Components the checkpoint holds that were not restored are named in RestoreReport.notes
+    (and .not_restored). An optimizer or scheduler of another class than the one saved is
+    refused (StateMismatchError) unless strict=False.
 
     In a distributed job each rank reads only what its live state holds: the blocks of its
     DTensors' shards, found by global offsets whatever world size saved them, and its own
@@ -361,7 +375,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
         if unknown:
             raise KeyError(f"components {unknown} are not in the checkpoint {path} "
                            f"(it has {list(tree)})")
-        tree = {k: tree[k] for k in keys}
+        if into is None:  # with into=, restore_into keeps to the live keys and reports the rest
+            tree = {k: tree[k] for k in keys}
     live = None
     if into is not None:
         live = partitioned.adapt({k: into[k] for k in (keys if keys is not None else into)
@@ -375,7 +390,7 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
         return materialize(tree, m, reader, aliases)
     partitioned.init_states(live)
     report = restore_into(live, tree, m, reader, allow_missing, block_of=sharding.block_of,
-                          tensor_names=aliases)
+                          tensor_names=aliases, strict=strict)
     partitioned.write_back(into, live)
     report.components = {k: component_kind(into[k]) for k in report.components}
     if m.world_size != world:

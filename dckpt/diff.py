@@ -238,7 +238,7 @@ def _walk(a: Any, b: Any, path: str, out: list[ValueDiff]) -> None:
         _walk(a.state, b.state, path, out)
         return
     if isinstance(a, (TensorRef, ArrayRef)) and type(a) is type(b):
-        if a.name != b.name:  # the tensors themselves are compared by name
+        if a != b:  # the tensors themselves are compared by name (views: and geometry)
             out.append(ValueDiff(path, _show(a), _show(b)))
         return
     if isinstance(a, dict) and isinstance(b, dict):

@@ -74,6 +74,15 @@ class CheckpointNotFoundError(DckptError):
     """No committed checkpoint where one was asked for."""
 
 
+class NotACheckpointError(CheckpointNotFoundError):
+    """The path is something else: a file (torch.save, safetensors) or a manager root where
+    one checkpoint directory is expected. The message says what to use instead."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
 class CheckpointExistsError(DckptError):
     """The target already holds a committed checkpoint and overwrite was not asked for."""
 

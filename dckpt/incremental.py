@@ -214,7 +214,10 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
     old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]
-    fps = [fingerprint(leaf.value) if versions is not None else None for leaf in leaves]
+    # A storage record of views is a fresh tensor each save: its version counter does not
+    # see writes through the views, so it is always hashed.
+    fps = [fingerprint(leaf.value) if versions is not None and not leaf.storage else None
+           for leaf in leaves]
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
     prev: list[list[int] | None] = []
@@ -348,7 +351,8 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
     meta = {k: v for k, v in m.meta.items() if k != META_KEY}
     meta["consolidated_from"] = src.name
     return Manifest(world_size=m.world_size, files=files, tensors=m.tensors, ranks=m.ranks,
-                    counters=m.counters, metrics=m.metrics, meta=meta, created=m.created)
+                    counters=m.counters, metrics=m.metrics, meta=meta, created=m.created,
+                    version=m.version)
 
 
 def _read_stored(src: Path, m: Manifest, c: Chunk, handles: dict, tensor: str,

@@ -3,7 +3,9 @@ runs (so `dckpt ls` and `dckpt inspect` never import torch), with `add_arguments
 `run(args) -> int`.
 
 Exit codes: 0 ok, 1 the check failed (verification failed, checkpoints differ, a repair was
-refused), 2 usage error or unreadable input.
+refused), 2 usage error or unreadable input. They do not depend on who reads the output: a
+reader that goes away early (`dckpt diff A B | head -3`) only stops the output, the command
+still finishes and exits with its own code.
 """
 from __future__ import annotations
 
@@ -13,6 +15,40 @@ import sys
 from importlib import import_module
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _PipeSafe:
+    """stdout that swallows a closed pipe: the rest of the output goes to /dev/null (also
+    what is still buffered at interpreter exit) and the command runs on to its exit code."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._gone = False
+
+    def _closed(self) -> None:
+        self._gone = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -56,15 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    stdout = sys.stdout
+    sys.stdout = _PipeSafe(stdout)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout = stdout
+
+
+def _run(args) -> int:
     from ..errors import DckptError
     try:
-        return int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+        code = int(import_module(COMMANDS[args.command][0]).run(args) or 0)
+        sys.stdout.flush()  # a reader gone now must not turn the code into an exit error
+        return code
     except DckptError as e:
         print(f"dckpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # `dckpt ls | head`: stop quietly, also at interpreter exit
+    except BrokenPipeError:  # output written past _PipeSafe: the result is unknown, and
+        # never reported as success; 141 is what a shell shows for a process killed by SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return 141
     except OSError as e:
         print(f"dckpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

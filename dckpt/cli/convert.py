@@ -16,8 +16,8 @@ def add_arguments(p) -> None:
                                "accelerate save_state folder, an HF Trainer checkpoint-N "
                                "folder, or a dckpt checkpoint (to export)")
     p.add_argument("dst", help="a new dckpt checkpoint directory (from a dckpt checkpoint: a "
-                               "standalone copy without shared chunks), or a .safetensors "
-                               "file when exporting")
+                               "standalone copy without shared chunks), or a .safetensors or "
+                               ".pt/.pth/.bin file when exporting from a dckpt checkpoint")
     p.add_argument("--from", dest="source", choices=SOURCES, default="auto",
                    help="source kind (default: detected)")
     p.add_argument("--component", help="export: the component to write (default: the model)")
@@ -52,17 +52,18 @@ def _standalone(src: Path, dst: Path, args) -> int:
 
 
 def run(args) -> int:
-    from ..convert import ConvertError, convert, export_safetensors
+    from ..convert import (EXPORT_SUFFIXES, ConvertError, convert, export_safetensors,
+                           export_torch)
     from ..convert.sources import detect
     src, dst = Path(args.src), Path(args.dst)
     style = Style(args.color)
     try:
         kind = detect(src) if args.source == "auto" else args.source
-        if kind == "dckpt" and dst.suffix != ".safetensors":
+        if kind == "dckpt" and dst.suffix not in EXPORT_SUFFIXES:
             return _standalone(src, dst, args)
         if kind == "dckpt":
-            out = export_safetensors(src, dst, component=args.component,
-                                     overwrite=args.overwrite)
+            export = export_safetensors if dst.suffix == ".safetensors" else export_torch
+            out = export(src, dst, component=args.component, overwrite=args.overwrite)
             doc = {"schema": "dckpt.convert/1", "source": "dckpt", "src": str(src),
                    "dst": str(dst), **out}
             if args.json:

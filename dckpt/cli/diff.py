@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from . import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from .output import Style, add_output_arguments, print_json
@@ -10,8 +11,8 @@ SHOWN = 40
 
 
 def add_arguments(p) -> None:
-    p.add_argument("a", help="checkpoint directory A")
-    p.add_argument("b", help="checkpoint directory B")
+    p.add_argument("a", help="checkpoint directory A (or a manager root: its newest step)")
+    p.add_argument("b", help="checkpoint directory B (or a manager root: its newest step)")
     p.add_argument("--atol", type=float, default=0.0,
                    help="tensors whose max abs difference is at most this count as equal")
     p.add_argument("--all", action="store_true", help=f"list every difference (default: "
@@ -23,8 +24,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..diff import diff
     from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ManifestError
+    from .inspect import resolve
+    a, b = (resolve(Path(x)) or Path(x) for x in (args.a, args.b))  # roots: newest step
     try:
-        report = diff(args.a, args.b, atol=args.atol, threads=args.threads)
+        report = diff(a, b, atol=args.atol, threads=args.threads)
     except (CheckpointNotFoundError, ManifestError) as e:
         print(f"dckpt diff: {e}", file=sys.stderr)
         return EXIT_USAGE

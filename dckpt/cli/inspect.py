@@ -30,7 +30,9 @@ def run(args) -> int:
     from ..format.reader import read_manifest
     path = resolve(Path(args.path))
     if path is None:
-        print(f"dckpt inspect: {args.path} is not a checkpoint or a manager root with one",
+        from ..format.layout import not_a_checkpoint
+        why = not_a_checkpoint(Path(args.path))
+        print(f"dckpt inspect: {why or f'{args.path} is not a checkpoint or a manager root with one'}",
               file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -271,8 +273,11 @@ def _short(value, width: int) -> str:
 
 def tree_lines(node, m, indent: str, key: str = "", depth: int = 0) -> list[str]:
     """The decoded tree, tensors shown as dtype[shape], long containers elided."""
-    from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
+    from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
     label = f"{key}: " if key else ""
+    if isinstance(node, ViewRef):  # its own dtype and shape, in the storage record it names
+        return [f"{indent}{label}<{node.dtype}{_shape(list(node.shape))} view of {node.name} "
+                f"at element {node.offset}>"]
     if isinstance(node, (TensorRef, ArrayRef)):
         t = m.tensors.get(node.name)
         desc = f"{t.dtype}{_shape(t.shape)}" if t else "missing!"

@@ -22,6 +22,9 @@ from .sources import READERS, Imported, detect, read_accelerate_state
 from .torchfiles import ConvertError
 
 SOURCES = ("auto", *READERS)
+# Destinations that name a file: exports of a dckpt checkpoint, never a checkpoint directory.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+EXPORT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 
 class _ImportedState:
@@ -104,6 +107,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, source: str = "au
             overwrite: bool = False, compression: str | int | None = None,
             fsync: bool = True) -> ConvertResult:
     """Write the checkpoint at `src` as a dckpt checkpoint directory `dst`."""
+    if Path(dst).suffix in EXPORT_SUFFIXES:
+        # A directory named model.pt would be taken for a torch.save file by every tool.
+        raise ConvertError(f"{dst} names a file ({Path(dst).suffix}), but a dckpt checkpoint is "
+                           "a directory: give a destination without that suffix (files are "
+                           "only written when exporting from a dckpt checkpoint)", str(dst))
     imp = read(src, source)
     return write(imp, dst, overwrite=overwrite, compression=compression, fsync=fsync)
 
@@ -150,6 +158,21 @@ def export_safetensors(ckpt: str | os.PathLike, dst: str | os.PathLike, *,
     """Write one component's tensors (default: the model) as a safetensors file for
     inference. Tied weights are written as separate copies (safetensors shares no storage).
     Returns {"component", "tensors", "bytes", "skipped"}."""
+    return _export(ckpt, dst, component, overwrite, torch_file=False)
+
+
+def export_torch(ckpt: str | os.PathLike, dst: str | os.PathLike, *,
+                 component: str | None = None, overwrite: bool = False) -> dict:
+    """Write one component's tensors (default: the model) as a torch.save file of a flat
+    state dict ({"0.weight": tensor, ...}) that `torch.load(dst, weights_only=True)` and
+    `model.load_state_dict` take; tied weights keep sharing one storage. Writing it needs no
+    pickle of anything but tensors and str keys; dckpt itself never loads it.
+    Returns {"component", "tensors", "bytes", "skipped"}."""
+    return _export(ckpt, dst, component, overwrite, torch_file=True)
+
+
+def _export(ckpt, dst, component: str | None, overwrite: bool, torch_file: bool) -> dict:
+    import torch
     from safetensors.torch import save_file
 
     from .. import checkpoint
@@ -174,6 +197,8 @@ def export_safetensors(ckpt: str | os.PathLike, dst: str | os.PathLike, *,
         raise ConvertError(f"component {component!r} holds no tensors")
     seen: dict[int, str] = {}
     for k, t in list(tensors.items()):
+        if torch_file:
+            break  # torch.save keeps shared storages shared
         key = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if key in seen:
             tensors[k] = t.clone()
@@ -184,7 +209,10 @@ def export_safetensors(ckpt: str | os.PathLike, dst: str | os.PathLike, *,
     if "step" in m.counters:
         meta["step"] = str(m.counters["step"])
     tmp = dst.with_name(dst.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    if torch_file:
+        torch.save(tensors, tmp)
+    else:
+        save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, dst)
     return {"component": component, "tensors": len(tensors),
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
@@ -202,5 +230,5 @@ def _collect(node: Any, prefix: str, out: dict, skipped: list) -> None:
         skipped.append(prefix)
 
 
-__all__ = ["convert", "read", "write", "export_safetensors", "ConvertResult", "ConvertError",
+__all__ = ["convert", "read", "write", "export_safetensors", "export_torch", "ConvertResult", "ConvertError",
            "Imported", "read_accelerate_state", "detect", "SOURCES"]

@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 
 from .manifest import CODEC_RAW, Manifest
-from .tree import ArrayRef, ObjectState, TensorRef, decode
+from .tree import ArrayRef, ObjectState, TensorRef, ViewRef, decode, refs
 
 # The parts a training run needs to resume exactly, in report order.
 TRAINING_PARTS = ("model", "optimizer", "scheduler", "rng", "data")
@@ -69,6 +69,23 @@ def rank_view(m: Manifest, rank: int) -> RankView:
     else:
         comps = [classify("state", tree)]
     return RankView(rank, comps, streams, aliases)
+
+
+def bad_views(m: Manifest, view: RankView) -> list[str]:
+    """The views of a rank's state that reach outside their storage record, or name none
+    (docs/FORMAT.md: $view); loads refuse them too."""
+    out = []
+    for c in view.components:
+        for ref in refs(c.state):
+            if type(ref) is not ViewRef:
+                continue
+            name = view.aliases.get(ref.name, ref.name)
+            e = m.tensors.get(name)
+            if e is None or e.kind != "torch" or len(e.shape) != 1 or ref.extent() > e.nbytes:
+                out.append(f"rank {view.rank}: view of {name!r} in '{c.key}' needs "
+                           f"{ref.extent()} bytes of a 1-D storage record; the manifest has "
+                           + ("none" if e is None else f"{e.kind} {e.dtype}{e.shape}"))
+    return out
 
 
 def classify(key: str, node: Any) -> Component:
@@ -162,7 +179,7 @@ def optimizer_steps(opt: Component, read_scalar) -> OptimizerSteps:
         return out
     for entry in per_param.values():
         step = entry.get("step") if isinstance(entry, dict) else None
-        if isinstance(step, TensorRef):
+        if type(step) is TensorRef:  # (a view is no step counter)
             try:
                 value = read_scalar(step.name)
             except Exception as e:  # reported, never fatal: the checksum group names damage

@@ -50,3 +50,24 @@ def aside_target(name: str) -> str | None:
 
 def is_committed(path: Path) -> bool:
     return (path / MANIFEST_NAME).is_file()
+
+
+def not_a_checkpoint(path: Path) -> str | None:
+    """Why `path` (which has no manifest) is not one checkpoint, with what to use instead:
+    a file (torch.save, safetensors) or a manager root. None if it is neither."""
+    if path.is_file():
+        return (f"{path} is a file, not a dckpt checkpoint (a checkpoint is a directory "
+                f"holding {MANIFEST_NAME}); to import a torch.save, safetensors or accelerate "
+                f"checkpoint run `dckpt convert {path} NEW_DIR` (dckpt.convert.convert)")
+    try:
+        names = [p.name for p in path.iterdir()]
+    except OSError:
+        return None
+    steps = sorted(s for n in names if (s := parse_step_dir(n)) is not None
+                   and is_committed(path / n))
+    if steps or LATEST_NAME in names:
+        newest = f" (newest: {path / step_dir(steps[-1])})" if steps else ""
+        return (f"{path} is a CheckpointManager root, not one checkpoint{newest}: restore with "
+                f"CheckpointManager({str(path)!r}).restore(state), load one step-* directory, "
+                "or pass --latest to the command line tools")
+    return None

@@ -26,7 +26,8 @@ except ImportError:  # the format without the built core: the same checks, in Py
     _native_whole_tensors = None
 
 FORMAT_NAME = "dckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this dckpt reads
+VIEWS_VERSION = 2  # written only by saves whose state tree holds $view nodes (docs/FORMAT.md)
 HASH_ALGORITHM = "xxh3_64"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 512 << 20
@@ -147,7 +148,7 @@ class Manifest:
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # library versions, options, provenance notes
     created: float = field(default_factory=time.time)
-    version: int = FORMAT_VERSION
+    version: int = 1  # save() writes VIEWS_VERSION where the trees hold views
     # device meshes of sharded tensors: {"shape": [...], "dim_names": [...] | None,
     # "ranks": [global ranks, row-major]}
     meshes: list[dict] = field(default_factory=list)

@@ -20,6 +20,25 @@ def read_manifest(ckpt: str | Path) -> Manifest:
     return parse(path.read_bytes(), str(path))
 
 
+def read_view(ckpt: str | Path, m: Manifest, node: dict) -> np.ndarray:
+    """A `$view` node of a state tree as raw bytes, shape (*shape, itemsize): the elements
+    it sees of its storage record (docs/FORMAT.md). Views of one record share its memory."""
+    from .dtypes import ITEMSIZE
+    name, dtype = node["$view"], node["dtype"]
+    offset, shape, stride = node["offset"], node["shape"], node["stride"]
+    t = m.tensors[name]
+    isz = ITEMSIZE[dtype]
+    record = read_tensor_bytes(ckpt, m, name).reshape(-1)
+    if len(t.shape) != 1 or len(shape) != len(stride):
+        raise ValueError(f"$view of {name}: not a 1-D record, or shape and stride differ")
+    if 0 not in shape:
+        end = (offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1) * isz
+        if min([offset, *shape, *stride]) < 0 or end > record.size:
+            raise ValueError(f"$view of {name} reaches outside its {record.size} bytes")
+    return np.lib.stride_tricks.as_strided(
+        record[offset * isz:], (*shape, isz), (*(s * isz for s in stride), 1), writeable=False)
+
+
 def unshuffle(data: bytes, width: int) -> bytes:
     n = len(data) // width
     body = np.frombuffer(data, np.uint8, n * width).reshape(width, n).T.reshape(-1)

@@ -9,6 +9,10 @@ dicts. Everything else is one tagged object `{"$tag": payload}` so decoding is e
                                          keys not in sorted order (kept in their order)
     {"$bytes": "<base64>"}               bytes
     {"$tensor": "name"}                  a torch tensor stored in the data files
+    {"$view": "name", "dtype": "float32", "offset": 2, "shape": [3], "stride": [1]}
+                                         a torch tensor that shares the storage record
+                                         "name" with other tensors (a view): element
+                                         offset, shape and strides into its bytes
     {"$ndarray": "name"}                 a numpy array stored in the data files
     {"$dtype": "float32"}                a torch.dtype (optimizers and AMP keep some)
     {"$object": "<type>", "state": ...}  an object restored via load_state_dict()
@@ -30,6 +34,30 @@ MAX_DEPTH = 200
 @dataclass(frozen=True)
 class TensorRef:
     name: str
+
+
+@dataclass(frozen=True)
+class ViewRef(TensorRef):
+    """A tensor that is a view into the storage record `name` (a 1-D tensor of the
+    manifest holding the bytes that several tensors of the state share): `dtype`, element
+    `offset`, `shape` and `stride` in elements of `dtype`, as torch's as_strided takes them.
+    Views reference records only, never other views, so they cannot form cycles."""
+    dtype: str = "uint8"
+    offset: int = 0
+    shape: tuple = ()
+    stride: tuple = ()
+
+    def extent(self) -> int:
+        """Bytes of the storage record the view needs: its last element's end."""
+        if any(s == 0 for s in self.shape):
+            return 0
+        last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        return (last + 1) * ITEMSIZE[self.dtype]
+
+
+# Limits for a $view node of a hostile manifest (torch allows 64 dims).
+MAX_VIEW_DIMS = 64
+MAX_VIEW_INT = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,9 @@ def encode(value: Any, path: str = "") -> Any:
         if math.isfinite(value):
             return float(value)
         return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, ViewRef):
+        return {"$view": value.name, "dtype": value.dtype, "offset": value.offset,
+                "shape": list(value.shape), "stride": list(value.stride)}
     if isinstance(value, TensorRef):
         return {"$tensor": value.name}
     if isinstance(value, ArrayRef):
@@ -125,6 +156,8 @@ def decode(node: Any, depth: int = 0) -> Any:
         if set(node) != {"$object", "state"} or not isinstance(payload, str):
             raise ManifestError("malformed $object node", field="tree")
         return ObjectState(payload, decode(node["state"], depth + 1))
+    if tag == "$view":
+        return _decode_view(node)
     if len(node) != 1:
         raise ManifestError(f"tagged node {tag} has extra keys", field="tree")
     if tag == "$float":
@@ -173,6 +206,28 @@ def decode(node: Any, depth: int = 0) -> Any:
         except (ValueError, UnicodeEncodeError):
             raise ManifestError("bad base64 in $bytes", field="tree") from None
     raise ManifestError(f"unknown tag {tag}", field="tree")
+
+
+def _decode_view(node: dict) -> ViewRef:
+    """A $view node, every field checked; its extent is checked against the storage record
+    where the manifest is at hand (state.restore)."""
+    if set(node) != {"$view", "dtype", "offset", "shape", "stride"}:
+        raise ManifestError("malformed $view node", field="tree")
+    name, dtype, offset, shape, stride = (node[k] for k in
+                                          ("$view", "dtype", "offset", "shape", "stride"))
+
+    def count(v) -> bool:
+        return type(v) is int and 0 <= v < MAX_VIEW_INT
+
+    if (not isinstance(name, str) or dtype not in ITEMSIZE or not count(offset)
+            or not isinstance(shape, list) or not isinstance(stride, list)
+            or len(shape) != len(stride) or len(shape) > MAX_VIEW_DIMS
+            or not all(count(v) for v in shape + stride)):
+        raise ManifestError(f"malformed $view node for {str(name)[:80]!r}", field="tree")
+    view = ViewRef(name, dtype, offset, tuple(shape), tuple(stride))
+    if view.extent() >= MAX_VIEW_INT:
+        raise ManifestError(f"$view of {name[:80]!r} reaches past any storage", field="tree")
+    return view
 
 
 def refs(node: Any) -> list:

@@ -97,6 +97,7 @@ class AsyncOptions:
 
     @property
     def writer_threads(self) -> int:
+        """Threads the background writer uses: `threads`, or a share of the cores."""
         if self.threads is not None:
             return self.threads
         cores = io.default_threads()
@@ -127,9 +128,11 @@ class SaveHandle:
             self._done.set()
 
     def done(self) -> bool:
+        """True once the save finished: committed, failed or skipped."""
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """True once finished, False on timeout; raises AsyncSaveError if it failed."""
         if not self._done.wait(timeout):
             return False
         if self._error is not None:
@@ -140,11 +143,13 @@ class SaveHandle:
         return True
 
     def result(self, timeout: float | None = None) -> SaveResult | None:
+        """The SaveResult (None when skipped); raises TimeoutError if still running."""
         if not self.wait(timeout):
             raise TimeoutError(f"save of step {self.step} is still running")
         return self._result
 
     def exception(self) -> BaseException | None:
+        """The error that failed the save, if it finished with one; else None."""
         return self._error if self.done() else None
 
     def __repr__(self) -> str:

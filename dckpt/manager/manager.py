@@ -37,6 +37,10 @@ LOCK_WAIT = 30.0
 
 @dataclass
 class ResumeReport:
+    """What CheckpointManager.restore() restored and where the run stands: `step`,
+    `epoch` and `step_in_epoch` (as passed to save()), `counters` (all of them, with
+    loss_history and your own), `metrics`, the restored components and RNG streams, and
+    `notes` (world-size change, components left out, RNG not restored)."""
     step: int
     path: Path
     epoch: int | None
@@ -51,6 +55,7 @@ class ResumeReport:
     notes: list[str] = field(default_factory=list)  # world-size change, RNG not restored
 
     def summary(self) -> str:
+        """One line for a log: step, epoch, what was restored, bytes, time and notes."""
         parts = [f"resumed step {self.step} from {self.path}"]
         if self.epoch is not None:
             parts.append(f"epoch {self.epoch}" + (f", step {self.step_in_epoch} in epoch"
@@ -79,6 +84,20 @@ def _hit(e: Exception | None) -> list | None:
 
 
 class CheckpointManager:
+    """Numbered checkpoints of one run under `root`, with retention and exact resume.
+
+        mgr = dckpt.CheckpointManager("runs/exp1", keep_last=3, keep_best=1, metric="loss")
+        if mgr.latest_step() is not None:
+            report = mgr.restore(state)     # report.step, report.epoch: where to go on
+        mgr.save(step, state, metrics={"loss": loss}, epoch=epoch)
+
+    Each save(step, ...) commits root/step-<step> atomically with this process's RNG
+    streams, then applies the retention policy (keep_last, keep_best by `metric` in
+    `mode`, keep_every) and moves `latest`. restore(state) puts the newest committed step
+    (or `step=`) back into the live objects in place. Collective under torch.distributed
+    (every rank calls save/restore). Options are described in __init__.
+    """
+
     @dist.collective
     def __init__(self, root: str | os.PathLike, *, retention: Retention | None = None,
                  keep_last: int | None = None, keep_best: int = 0, metric: str | None = None,
@@ -137,6 +156,7 @@ class CheckpointManager:
 
     # ---- what is there -------------------------------------------------------------------
     def path(self, step: int) -> Path:
+        """The directory of checkpoint `step` (committed or not)."""
         return self.root / step_dir(step)
 
     def steps(self) -> list[int]:
@@ -416,7 +436,7 @@ class CheckpointManager:
                                       f"rank 0 step {chosen}, others {differ}"])
         return [chosen] if chosen is not None else listed
 
-    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng):
+    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng, strict):
         """One restore attempt from `path`, on this rank: (manifest, this rank's entry, RNG
         setters, RestoreReport, None) or (..., the exception it raised)."""
         m = rank_entry = report = None
@@ -437,7 +457,7 @@ class CheckpointManager:
             # not pair this version's counters and RNG streams with another's tensors.
             report = checkpoint.load(
                 path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, group=self.group, manifest=m)
+                allow_missing=allow_missing, strict=strict, group=self.group, manifest=m)
             return m, rank_entry, rng_setters, report, None
         except Exception as e:
             return m, rank_entry, rng_setters, report, e
@@ -445,8 +465,15 @@ class CheckpointManager:
     @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
                 allow_missing: bool | list[str] = False, keys: list[str] | None = None,
-                restore_rng: bool = True) -> ResumeReport:
+                restore_rng: bool = True, strict: bool = True) -> ResumeReport:
         """Restore `state` in place from `step` (default: the newest committed one).
+
+        Every component of `state` must be in the checkpoint (allow_missing= names those
+        that may not be); components of the checkpoint left out of `state` (or `keys`) are
+        named in the report's notes. An optimizer or scheduler of another class than the
+        saved one is refused (StateMismatchError) unless strict=False. The training
+        position is in the report: `report.step`, `report.epoch`, `report.step_in_epoch`,
+        and the counters passed to save() in `report.counters`.
 
         Without `step`, a newest checkpoint found damaged (corrupt or missing data, damaged
         manifest) is skipped for the next older one, which is restored completely, and the
@@ -460,7 +487,7 @@ class CheckpointManager:
         for i, step in enumerate(candidates):
             path = self.path(step)
             m, rank_entry, rng_setters, report, failure = self._load_step(
-                state, path, allow_missing, keys, restore_rng)
+                state, path, allow_missing, keys, restore_rng, strict)
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).
             if dist.active(self.group):

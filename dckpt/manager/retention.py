@@ -28,6 +28,7 @@ class Retention:
 
     @property
     def keeps_all(self) -> bool:
+        """No policy set: every checkpoint is kept."""
         return not self.keep_last and not self.keep_best and not self.keep_every
 
     def best(self, metrics: dict[int, dict], k: int) -> list[int]:

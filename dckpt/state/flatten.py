@@ -4,6 +4,11 @@ Objects with state_dict() (models, optimizers, schedulers, scalers, loaders, use
 are replaced by their state dicts, tagged with their type so restore knows to call
 load_state_dict(). Tensors and arrays become named references; a tensor that is the very
 same view as an earlier one (tied weights) becomes a reference to the earlier name.
+
+Tensors that are different views of one storage (parameters as views of a flat buffer, as
+in ZeRO and Megatron; `t` and `t[2:5]`) are stored once: one storage record holds the bytes
+they span, and each becomes a view reference (offset, shape, strides) into it, so a load
+gives views of one storage again, as torch.load does.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 
 from ..errors import UnsupportedStateError
 from ..format.dtypes import numpy_itemsize
-from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
+from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
 from .tensors import TORCH_NAMES, dtype_name, view_key
 
 
@@ -27,6 +32,9 @@ class Leaf:
     global_shape: list[int]
     offsets: list[int]
     replicated: bool = False  # identical on every rank: written once in total
+    # a storage record made for views (see share_storages): a fresh tensor object whose
+    # version counter does not follow writes through the views
+    storage: bool = False
 
     @property
     def is_numpy(self) -> bool:
@@ -46,6 +54,7 @@ class Flat:
     tree: Any
     leaves: list[Leaf] = field(default_factory=list)
     components: dict[str, str] = field(default_factory=dict)  # top-level key -> type name
+    views: int = 0  # tensors stored as views of a shared storage record
 
 
 def has_state_dict(obj: Any) -> bool:
@@ -61,6 +70,7 @@ def type_name(obj: Any) -> str:
 def flatten(state: Any, tensor_hook=None) -> Flat:
     """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors."""
     flat = Flat(tree=None)
+    plain: list[int] = []  # leaves of plain tensors (not DTensor shards): may share storage
     seen: dict[tuple, str] = {}
     names: set[str] = set()
 
@@ -86,6 +96,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                     raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
                                                 "only dense tensors are stored", path)
                 leaf = Leaf(name, v.detach(), list(v.shape), [0] * v.dim())
+                plain.append(len(flat.leaves))
             flat.leaves.append(leaf)
             if key is not None:
                 seen[key] = name
@@ -118,6 +129,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         return v  # scalars; anything else is refused with its path by tree.encode
 
     flat.tree = walk(state, "")
+    share_storages(flat, plain, unique)
     if isinstance(state, dict):
         flat.components = {str(k): component_kind(v) for k, v in state.items()}
     return flat
@@ -152,6 +164,81 @@ def without_wrapper_prefixes(saved: dict, live_keys) -> dict:
                 saved = {k[len(prefix):]: v for k, v in saved.items()}
                 changed = True
     return saved
+
+
+# A group of views is stored as one record only when the bytes they span are at most this
+# many times their own: two small slices at the ends of a big buffer that is not part of
+# the state are stored apart (unaliased on load), not as the whole buffer.
+MAX_SPAN_RATIO = 2
+
+
+def share_storages(flat: Flat, plain: list[int], unique) -> None:
+    """Replace plain tensors that are different views of one storage by one storage record
+    and view references into it (see the module docstring)."""
+    groups: dict[tuple, list[int]] = {}
+    leaves = flat.leaves
+    for i in plain:
+        t = leaves[i].value
+        if t.is_meta or not t.numel():
+            continue
+        # The storage's address (cheaper than untyped_storage(), thousands of leaves a save)
+        base = t.data_ptr() - t.storage_offset() * t.element_size()
+        group = groups.get((base, t.get_device()))
+        if group is None:
+            groups[(base, t.get_device())] = [i]
+        else:
+            group.append(i)
+    views: dict[str, ViewRef] = {}  # member's name -> its view of the record
+    drop: set[int] = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        ts = [flat.leaves[i].value for i in members]
+        starts = [t.storage_offset() * t.element_size() for t in ts]
+        ends = [s + _extent(t) for s, t in zip(starts, ts)]
+        dtypes = {t.dtype for t in ts}
+        record = ts[0].dtype if len(dtypes) == 1 else torch.uint8
+        # Offsets must be whole elements of every view: with mixed dtypes the record starts
+        # on a 16-byte boundary (the largest element size), which is inside the storage.
+        lo = min(starts) if len(dtypes) == 1 else min(starts) // 16 * 16
+        isz = torch.empty(0, dtype=record).element_size()
+        n = -(-(max(ends) - lo) // isz)
+        if n * isz > MAX_SPAN_RATIO * sum(e - s for s, e in zip(starts, ends)):
+            continue
+        name = unique(f"{flat.leaves[members[0]].name}~storage")
+        for i, t, s in zip(members, ts, starts):
+            views[flat.leaves[i].name] = ViewRef(name, dtype_name(t.dtype),
+                                                 (s - lo) // t.element_size(),
+                                                 tuple(t.shape), tuple(t.stride()))
+        # A view of the live memory, not a copy: written like any other leaf.
+        base = torch.empty(0, dtype=record, device=ts[0].device).set_(
+            ts[0].untyped_storage(), lo // isz, (n,), (1,))
+        flat.leaves[members[0]] = Leaf(name, base, [n], [0], storage=True)
+        drop.update(members[1:])
+    if views:
+        flat.leaves = [x for i, x in enumerate(flat.leaves) if i not in drop]
+        flat.tree = _to_views(flat.tree, views)
+        flat.views = len(views)
+
+
+def _to_views(node: Any, views: dict[str, ViewRef]) -> Any:
+    if type(node) is TensorRef:
+        return views.get(node.name, node)
+    if isinstance(node, dict):
+        return {k: _to_views(v, views) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_to_views(v, views) for v in node]
+    if isinstance(node, tuple):
+        return tuple(_to_views(v, views) for v in node)
+    if isinstance(node, ObjectState):
+        return ObjectState(node.type_name, _to_views(node.state, views))
+    return node
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last."""
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def component_kind(v: Any) -> str:

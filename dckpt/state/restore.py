@@ -17,10 +17,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import DckptError, StateMismatchError
+from ..errors import DckptError, ManifestError, StateMismatchError
 from ..format.manifest import Manifest, TensorEntry
-from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
-from .flatten import component_kind, has_state_dict, unwrap, without_wrapper_prefixes
+from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
+from .flatten import component_kind, has_state_dict, type_name, unwrap, without_wrapper_prefixes
 from .reading import TensorReader
 from .tensors import dtype_name, numpy_dtype, torch_dtype
 
@@ -30,27 +30,37 @@ BlockOf = Callable[[torch.Tensor], "tuple[torch.Tensor, list[int], list[int]] | 
 
 @dataclass
 class RestoreReport:
+    """What dckpt.load(path, into=state) restored: components (key -> kind), tensors and
+    bytes read, components allowed to be missing, components of the checkpoint not
+    restored, and notes (world-size change, what was left out)."""
     components: dict[str, str] = field(default_factory=dict)  # key -> kind, restored
     missing_allowed: list[str] = field(default_factory=list)
     tensors: int = 0
     bytes: int = 0
     notes: list[str] = field(default_factory=list)  # e.g. a world-size change
+    # components the checkpoint holds that were not restored (not asked for): key -> type
+    not_restored: dict[str, str] = field(default_factory=dict)
 
 
 _ABSENT = object()
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_CLASS_CHECKED = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+# Saved type names of wrappers, which do not say the class of what they wrap.
+_WRAPPERS = ("dckpt.", "accelerate.")
 
 
 class _Walk:
     def __init__(self, m: Manifest, reader: TensorReader, block_of: BlockOf | None,
-                 tensor_names: dict[str, str] | None = None):
+                 tensor_names: dict[str, str] | None = None, strict: bool = True):
         self.m, self.reader, self.block_of = m, reader, block_of
+        self.strict = strict
         self.alias = tensor_names or {}  # tree name -> manifest name (per-rank naming)
         self.problems: list[str] = []
         self.updates: list[Callable[[], Any]] = []  # changes to live containers, made last
         self.loaders: list[Callable[[], Any]] = []
         self.made: dict[str, Any] = {}
         self.restored: list[TensorEntry] = []  # one per tensor read, for the report
+        self.copies: list[tuple] = []  # (live tensor, view of a read storage record)
         self.report = RestoreReport()
         self.touched = False
 
@@ -62,6 +72,8 @@ class _Walk:
         for update in self.updates:
             update()
         self.reader.run()
+        for live, view in self.copies:  # live views sharing memory get the same bytes
+            live.copy_(view)
         self.report.tensors = len(self.restored)
         self.report.bytes = sum(e.nbytes for e in self.restored)
 
@@ -113,6 +125,34 @@ class _Walk:
             self.made[name] = t
         return self.made[name]
 
+    def view(self, live: Any, ref: ViewRef, path: str) -> Any:
+        """A view into a storage record: a new tensor sharing the record's memory with the
+        other views of it (as torch.load gives them back), or, for a live tensor, its bytes
+        copied in after the read (the live tensors keep whatever aliasing they have)."""
+        name, e = self.entry(ref, path)
+        if e is None:
+            return live
+        if e.kind != "torch" or len(e.shape) != 1 or ref.extent() > e.nbytes:
+            # Hostile or broken: the view would reach outside the bytes stored for it.
+            raise ManifestError(f"{path}: view of {name!r} ({ref.dtype}, offset {ref.offset}, "
+                                f"shape {list(ref.shape)}, stride {list(ref.stride)}) needs "
+                                f"{ref.extent()} bytes of a 1-D storage record, the record "
+                                f"is {e.kind} {e.dtype}{e.shape} ({e.nbytes} bytes)",
+                                field="tree")
+        if isinstance(live, torch.Tensor) and (
+                list(live.shape) != list(ref.shape) or dtype_name(live.dtype) != ref.dtype
+                or (self.block_of and type(live) not in _PLAIN and self.block_of(live))):
+            self.problems.append(f"{path}: live {dtype_name(live.dtype)}{list(live.shape)} vs "
+                                 f"checkpoint {ref.dtype}{list(ref.shape)} (a view)")
+            return live
+        base = self.tensor(None, TensorRef(ref.name), path)  # read once, shared by its views
+        view = torch.empty(0, dtype=torch_dtype(ref.dtype)).set_(
+            base.untyped_storage(), ref.offset, ref.shape, ref.stride)
+        if isinstance(live, torch.Tensor):
+            self.copies.append((live, view))
+            return live
+        return view
+
     def array(self, live: Any, ref: ArrayRef, path: str) -> Any:
         name, e = self.entry(ref, path)
         if e is None:
@@ -133,6 +173,8 @@ class _Walk:
         return self.made[name]
 
     def walk(self, live: Any, node: Any, path: str) -> Any:
+        if isinstance(node, ViewRef):
+            return self.view(live, node, path)
         if isinstance(node, TensorRef):
             return self.tensor(live, node, path)
         if isinstance(node, ArrayRef):
@@ -143,6 +185,7 @@ class _Walk:
             if not has_state_dict(live):  # e.g. a plain state dict given as the live value
                 return self.walk(live, node.state, path)
             wrapper, live = live, unwrap(live)  # the wrapper stays where the caller has it
+            self.compare_class(node.type_name, live, path)
             live_sd = live.state_dict()
             module = isinstance(live, torch.nn.Module)
             saved = node.state
@@ -197,6 +240,29 @@ class _Walk:
                 self.problems.append(f"{path}/{k}: the checkpoint holds a "
                                      f"{type(saved[k]).__name__}, the module a tensor")
 
+    def compare_class(self, saved: str, live: Any, path: str) -> None:
+        """An optimizer or scheduler takes only the state of its own class: AdamW's moments
+        handed to SGD load without complaint and train with the wrong update rule. Saved
+        wrappers (accelerate's, dckpt's imported or ZeRO states) name no inner class: any
+        live class takes them; a live wrapper takes its inner class's state."""
+        chain, obj = [], live
+        while obj is not None and len(chain) < 4:
+            chain.append(obj)
+            obj = next((inner for a in ("optimizer", "scheduler", "optim")
+                        if has_state_dict(inner := getattr(obj, a, None))), None)
+        if (not any(isinstance(o, _CLASS_CHECKED) for o in chain)
+                or saved.startswith(_WRAPPERS) or saved in {type_name(o) for o in chain}):
+            return
+        live_name = type_name(chain[-1])
+        if self.strict:
+            self.problems.append(
+                f"{path}: the checkpoint holds the state of a {saved}, the live object is a "
+                f"{live_name}; restore it into a {saved.rpartition('.')[2]} object, or "
+                "pass strict=False to hand the state to its load_state_dict() anyway")
+        else:
+            self.report.notes.append(f"{path}: {saved} state loaded into a {live_name} "
+                                     "(strict=False)")
+
     def compare_keys(self, live_sd: dict, saved: dict, path: str) -> None:
         missing = [k for k in live_sd if k not in saved]
         extra = [k for k in saved if k not in live_sd]
@@ -228,8 +294,10 @@ def _loads_by_default(module: torch.nn.Module) -> bool:
 
 def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                  allow_missing: bool | list[str] = False, block_of: BlockOf | None = None,
-                 tensor_names: dict[str, str] | None = None) -> RestoreReport:
-    """Restore `tree` into the live state dict `live`; returns what was restored."""
+                 tensor_names: dict[str, str] | None = None,
+                 strict: bool = True) -> RestoreReport:
+    """Restore `tree` into the live state dict `live`; returns what was restored.
+    strict=False lets an optimizer or scheduler take the state of another class."""
     if not isinstance(live, dict):
         raise TypeError("restore needs the live state as a dict of components")
     if not isinstance(tree, dict):
@@ -241,7 +309,7 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
                 "the checkpoint; pass allow_missing=[...] to skip it" for k in missing
                 if k not in allowed]
     subtree = {k: v for k, v in tree.items() if k in live}
-    work = _Walk(m, reader, block_of, tensor_names)
+    work = _Walk(m, reader, block_of, tensor_names, strict)
     work.walk(live, subtree, "")
     work.problems[:0] = problems
     try:
@@ -254,6 +322,12 @@ def restore_into(live: dict, tree: Any, m: Manifest, reader: TensorReader,
         raise
     work.report.components = {k: component_kind(live[k]) for k in subtree}
     work.report.missing_allowed = allowed
+    left = {k: saved_kind(v) for k, v in tree.items() if k not in live}
+    if left:
+        work.report.not_restored = left
+        work.report.notes.append(
+            "in the checkpoint but not restored (not in the live state or keys): "
+            + ", ".join(f"{k} ({t})" for k, t in left.items()))
     return work.report
 
 
@@ -267,6 +341,15 @@ def partly_overwritten(e: DckptError) -> DckptError:
               "from an intact checkpoint before training on (CheckpointManager.restore() "
               "falls back to the newest intact one by itself).",)
     return e
+
+
+def saved_kind(node: Any) -> str:
+    """A short label of a saved component: its class name, or the kind of value."""
+    if isinstance(node, ObjectState):
+        return node.type_name.rpartition(".")[2]
+    if isinstance(node, (TensorRef, ArrayRef)):
+        return "tensor"
+    return type(node).__name__
 
 
 def _load_state_dict(path: str, obj: Any, value: Any) -> None:

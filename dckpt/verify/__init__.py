@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import gcpause
-from ..errors import CheckpointNotFoundError, DckptError
+from ..errors import CheckpointNotFoundError, DckptError, NotACheckpointError
 from ..format import anatomy
-from ..format.layout import LATEST_NAME, is_staging, parse_step_dir
+from ..format.layout import LATEST_NAME, is_staging, not_a_checkpoint, parse_step_dir
 from ..format.manifest import MANIFEST_NAME, Manifest
 from . import integrity, training
 from .report import (COMPLETE, ERROR, INCOMPLETE, PARTIAL, PASS, SCHEMA, WARNING, Check,
@@ -30,8 +30,8 @@ def classify_path(path: Path) -> str:
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
     if not path.is_dir():
-        raise CheckpointNotFoundError(f"{path} is not a directory (a checkpoint is a directory "
-                                      f"holding {MANIFEST_NAME})")
+        raise NotACheckpointError(not_a_checkpoint(path) or f"{path} is not a directory (a "
+                                  f"checkpoint is a directory holding {MANIFEST_NAME})", str(path))
     names = os.listdir(path)
     if (MANIFEST_NAME in names or f"{MANIFEST_NAME}.tmp" in names
             or any(n.startswith("rank-") and n.endswith(".dckpt") for n in names)
@@ -91,7 +91,8 @@ def verify_checkpoint(path: str | os.PathLike, **kwargs) -> CheckpointReport:
     """The report of one checkpoint directory (see verify)."""
     report = verify(path, **kwargs)
     if report.kind != "checkpoint":
-        raise CheckpointNotFoundError(f"{path} is a manager root, not a checkpoint")
+        raise NotACheckpointError(not_a_checkpoint(Path(path))
+                                  or f"{path} is a manager root, not a checkpoint", str(path))
     return report.checkpoints[0]
 
 
@@ -103,6 +104,8 @@ def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, th
     views = []
     try:
         views = [anatomy.rank_view(m, r) for r in range(m.world_size)]
+        for problem in (p for v in views for p in anatomy.bad_views(m, v)):
+            rep.add("structure", "structure.tree", ERROR, f"state tree: {problem}")
     except DckptError as e:
         rep.add("structure", "structure.tree", ERROR, f"state tree: {e}")
     training.check_metadata(ckpt, m, rep, views[0] if views else None)
