@@ -177,6 +177,7 @@ class _Links:
         self.base, self.m, self.tmp, self.rank = base, m, tmp, rank
         self.names: dict[int, str | None] = {}  # base file index -> link name, None: failed
         self.failure: str | None = None
+        self.damaged = 0  # base chunks found damaged and written again
 
     def get(self, index: int) -> str | None:
         if index not in self.names:
@@ -217,14 +218,22 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     fps = [fingerprint(leaf.value) if versions is not None else None for leaf in leaves]
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
-    prev: list[list[int] | None] = []
+    candidates: list[list[Chunk]] = []
     for i, (n, shard) in enumerate(zip(names, old)):
         if versions is not None and versions.lookup(n, fps[i], shard) and \
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
-        comparable = _comparable(shard, opts.chunk_size, links) if shard and i not in reused \
-            else []
-        prev.append([c.raw_hash for c in comparable] if comparable else None)
+        candidates.append(shard.chunks if i in reused else
+                          _comparable(shard, opts.chunk_size, links) if shard else [])
+    # The writer trusts the base's recorded hashes; the stored bytes may have rotted since.
+    # Every base chunk the new checkpoint could link is read and hashed first: a damaged one
+    # (and, the writer comparing by position, the rest of its tensor) is written again.
+    intact = _intact_prefixes(base.path, m, links, candidates, opts.threads)
+    prev: list[list[int] | None] = []
+    for i, (cands, n_ok) in enumerate(zip(candidates, intact)):
+        if n_ok < len(cands):
+            reused.pop(i, None)
+        prev.append([c.raw_hash for c in cands[:n_ok]] if n_ok and i not in reused else None)
 
     todo = [i for i in range(len(leaves)) if i not in reused]
     written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo], opts,
@@ -264,7 +273,35 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     files = [own] * wrote + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:
         stats["fallback"] = links.failure
+    if links.damaged:
+        stats["damaged_base_chunks"] = links.damaged
     return chunks, files, stats
+
+
+def _intact_prefixes(base: Path, m: Manifest, links: "_Links",
+                     candidates: list[list[Chunk]], threads: int) -> list[int]:
+    """Per leaf, how many leading candidate chunks hold stored bytes matching their stored
+    hash, read through the links just made (the very inodes the new checkpoint will hold)."""
+    from . import io
+    files = sorted({c.file for cands in candidates for c in cands})
+    if not files:
+        return [0] * len(candidates)
+    index = {j: k for k, j in enumerate(files)}
+    paths = [str(links.tmp / links.names[j]) for j in files]
+    flat = [c._replace(file=index[c.file]) for cands in candidates for c in cands]
+    bad = {f[0] for f in io.verify_chunks(paths, flat, [1] * len(flat), threads=threads)}
+    out, k = [], 0
+    for cands in candidates:
+        n_ok = next((n for n in range(len(cands)) if k + n in bad), len(cands))
+        if n_ok < len(cands):
+            c = cands[n_ok]
+            log.warning("dckpt: base %s: a chunk of %s at offset %d fails its stored hash; "
+                        "not shared, written again from memory (verify the base: it is "
+                        "damaged)", base, m.files[c.file].name, c.offset)
+            links.damaged += 1
+        out.append(n_ok)
+        k += len(cands)
+    return out
 
 
 def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]:
@@ -285,6 +322,9 @@ def summarize(base: Base, reports: list[dict]) -> dict:
             out[k] += int(stats.get(k, 0))
         if "fallback" in stats:
             out.setdefault("fallback", stats["fallback"])
+        if stats.get("damaged_base_chunks"):
+            out["damaged_base_chunks"] = (out.get("damaged_base_chunks", 0)
+                                          + int(stats["damaged_base_chunks"]))
     return out
 
 
