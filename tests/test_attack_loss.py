@@ -53,3 +53,110 @@ def test_rot_in_a_base_chunk_is_not_linked_into_later_steps(tmp_path, caplog, tr
     meta = dckpt.checkpoint.read_manifest(mgr.path(5)).meta["incremental"]
     assert meta["referenced_chunks"] > 0
     assert "fails its stored hash" in caplog.text
+
+
+# ---- the root lock ------------------------------------------------------------------------
+
+def run_cli(*args) -> int:
+    return cli([str(a) for a in args])
+
+
+def small_root(root: Path, steps=(1, 2, 3), **kw) -> CheckpointManager:
+    mgr = CheckpointManager(root, **kw)
+    for s in steps:
+        mgr.save(s, {"w": torch.full((100,), float(s))}, metrics={"loss": 1.0 / s})
+    return mgr
+
+
+def test_lock_symlink_to_a_file_outside_is_never_followed(tmp_path):
+    root, victim = tmp_path / "root", tmp_path / "victim.txt"
+    small_root(root)
+    victim.write_text("precious contents\n" * 100)
+    (root / ".lock").unlink(missing_ok=True)
+    (root / ".lock").symlink_to(victim)
+    CheckpointManager(root).restore({"w": torch.empty(100)})
+    assert run_cli("gc", root, "--dry-run") == 0
+    assert run_cli("gc", root) == 0
+    assert run_cli("repair", root) == 0
+    small_root(root, steps=(4,))
+    assert victim.read_text() == "precious contents\n" * 100
+    assert not (root / ".lock").is_symlink()  # replaced by a file of the root's own
+
+
+def test_lock_dangling_symlink_creates_nothing(tmp_path):
+    root, target = tmp_path / "root", tmp_path / "elsewhere" / "created"
+    (tmp_path / "elsewhere").mkdir()
+    small_root(root)
+    (root / ".lock").unlink(missing_ok=True)
+    (root / ".lock").symlink_to(target)
+    CheckpointManager(root)
+    assert run_cli("gc", root) == 0
+    small_root(root, steps=(4,))
+    assert not target.exists()
+
+
+def test_lock_fifo_does_not_hang(tmp_path):
+    root = tmp_path / "root"
+    small_root(root)
+    (root / ".lock").unlink(missing_ok=True)
+    os.mkfifo(root / ".lock")
+    code = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; from dckpt import CheckpointManager as M; "
+         "M(sys.argv[1]).save(9, {'w': torch.zeros(3)})", str(root)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60).returncode
+    assert code == 0
+
+
+def test_roots_copied_with_cp_al_do_not_block_each_other(tmp_path):
+    from dckpt.manager.lock import RootLock
+    a, b = tmp_path / "a", tmp_path / "b"
+    small_root(a)
+    subprocess.run(["cp", "-al", str(a), str(b)], check=True)
+    assert os.stat(a / ".lock").st_ino == os.stat(b / ".lock").st_ino
+    with RootLock(a):  # a save in progress on the original
+        small_root(b, steps=(4,))  # the copy's own job saves
+        CheckpointManager(b).gc()
+    assert CheckpointManager(b).steps() == [1, 2, 3, 4]
+
+
+FORK_HOLDER = r"""
+import os, sys, time
+from dckpt.manager.lock import RootLock
+lock = RootLock(sys.argv[1]).acquire()
+pid = os.fork()
+if pid == 0:
+    time.sleep(120)  # a data-loader worker, say, that outlives its parent
+    os._exit(0)
+open(sys.argv[2], "w").write(str(pid))
+time.sleep(120)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
+    from dckpt.errors import LockError
+    from dckpt.manager.lock import RootLock
+    root, pidfile = tmp_path / "root", tmp_path / "child.pid"
+    small_root(root)
+    parent = subprocess.Popen([sys.executable, "-c", FORK_HOLDER, str(root), str(pidfile)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        with pytest.raises(LockError):  # the parent holds it
+            RootLock(root).acquire()
+        parent.kill()
+        parent.wait(30)
+        os.kill(child, 0)  # the child is still alive
+        RootLock(root).acquire().release()
+        small_root(root, steps=(4,))
+    finally:
+        parent.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

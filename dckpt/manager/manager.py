@@ -297,7 +297,8 @@ class CheckpointManager:
     def gc(self, dry_run: bool = False) -> dict:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed."""
         self.wait()  # the async worker holds the root lock while it commits
-        with RootLock(self.root, wait=LOCK_WAIT):
+        # As "gc", not "save": a job's save meeting it waits instead of failing.
+        with RootLock(self.root, "gc", wait=LOCK_WAIT):
             staging = self._temporaries()
             doomed = [s for s, why in self.retention_plan().items() if not why]
             # Hard-linked data shared with kept checkpoints is not freed.
