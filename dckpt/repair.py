@@ -113,36 +113,66 @@ def repair(path: str | os.PathLike, *, backup: bool = True, dry_run: bool = Fals
            add_rng: bool = True, seed: int | None = None, threads: int = 0) -> RepairReport:
     """Repair a checkpoint directory or a manager root; see the module docstring."""
     from .manager.lock import RootLock
+    from .manager.manager import LOCK_WAIT
     from .verify import classify_path, step_dirs
     path = Path(path)
     kind = classify_path(path)
     report = RepairReport(str(path), kind, dry_run)
     saver = _Backup(path, backup, report)
-    lock = None if dry_run or kind == "checkpoint" else RootLock(path).acquire()
+    verified: dict[Path, tuple] = {}
+    # A checkpoint of a manager root is locked through its root: a job overwriting it must
+    # not have the old manifest written over its new checkpoint.
+    root = path if kind == "root" else path.parent if parse_step_dir(path.name) is not None \
+        else None
+    lock = None
+    if not dry_run and root is not None:
+        # The verification (reading checkpoints: long) runs first as a dry run without the
+        # lock, so a job's save waits only for the short changes, which verify again only
+        # what was replaced meanwhile.
+        scratch = RepairReport(str(path), kind, True)
+        _run(path, kind, scratch, _Backup(path, False, scratch), add_rng, seed, threads,
+             verified, step_dirs)
+        # As "repair", not "save": a job's save meeting it waits instead of failing.
+        lock = RootLock(root, "repair", wait=LOCK_WAIT).acquire()
     try:
-        ckpts = [path] if kind == "checkpoint" else step_dirs(path)
-        _temporaries(path, kind, ckpts, report, saver)
-        verified: dict[Path, str | None] = {}
-        if add_rng:
-            _add_rng(path, ckpts, report, saver, seed, threads, verified)
-        if kind == "root":
-            _latest(path, ckpts, report, saver, threads, verified)
+        _run(path, kind, report, saver, add_rng, seed, threads, verified, step_dirs)
     finally:
         if lock is not None:
             lock.release()
     return report
 
 
+def _run(path: Path, kind: str, report: RepairReport, saver: "_Backup", add_rng: bool,
+         seed: int | None, threads: int, verified: dict, step_dirs) -> None:
+    ckpts = [path] if kind == "checkpoint" else step_dirs(path)
+    _temporaries(path, kind, ckpts, report, saver)
+    if add_rng:
+        _add_rng(path, ckpts, report, saver, seed, threads, verified)
+    if kind == "root":
+        _latest(path, ckpts, report, saver, threads, verified)
+
+
 def _problem(ckpt: Path, threads: int, cache: dict) -> str | None:
     """None when the checkpoint passes structure, file and checksum checks; else the first
     error. (Consistency warnings do not block a repair: they are about training, not bytes.)"""
-    if ckpt not in cache:
+    sig = _signature(ckpt)
+    if ckpt not in cache or cache[ckpt][0] != sig:
         from .verify import verify
         rep = verify(ckpt, threads=threads).checkpoints[0]
         errors = [c for c in rep.checks if c.level == "error"
                   and c.group in ("structure", "files", "checksums")]
-        cache[ckpt] = errors[0].message if errors else None
-    return cache[ckpt]
+        cache[ckpt] = (sig, errors[0].message if errors else None)
+    return cache[ckpt][1]
+
+
+def _signature(ckpt: Path) -> tuple | None:
+    """Changes when the checkpoint is replaced (a commit renames a new directory in, with a
+    new manifest) or its manifest rewritten: a verification made before is then stale."""
+    try:
+        st = os.lstat(ckpt / MANIFEST_NAME)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _rel(base: Path, p: Path) -> str:

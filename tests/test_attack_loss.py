@@ -160,3 +160,75 @@ def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---- maintenance beside a running job -----------------------------------------------------
+
+def test_repair_of_one_checkpoint_respects_a_save_in_progress(tmp_path):
+    from dckpt.manager.lock import RootLock
+    root = tmp_path / "root"
+    small_root(root)
+    ckpt = root / "step-000000005"
+    dckpt.save({"w": torch.ones(10)}, ckpt)  # no RNG streams: repair would add them
+    before = (ckpt / MANIFEST_NAME).read_bytes()
+    with RootLock(root):  # a job's save (an overwrite of step 5, say) is in progress
+        assert run_cli("repair", ckpt, "--no-backup") == 2
+        assert (ckpt / MANIFEST_NAME).read_bytes() == before
+    assert run_cli("repair", ckpt, "--no-backup") == 0
+    assert (ckpt / MANIFEST_NAME).read_bytes() != before  # streams added once it is free
+
+
+JOB = r"""
+import json, sys, time, torch
+from dckpt import CheckpointManager
+root, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mgr = CheckpointManager(root, keep_last=3)
+failed = []
+for step in range(10, n + 10):
+    try:
+        mgr.save(step, {"w": torch.full((20_000,), float(step)), "k": torch.ones(50_000)})
+    except Exception as e:
+        failed.append(f"{step}: {type(e).__name__}: {e}")
+    time.sleep(0.005)
+json.dump({"saves": n, "failed": failed}, open(out, "w"))
+"""
+
+MAINTENANCE = r"""
+import json, os, sys
+from dckpt.cli import main as cli
+root, done, out = sys.argv[1], sys.argv[2], sys.argv[3]
+runs = {"gc": 0, "repair": 0, "repair-step": 0, "refused": 0}
+while not os.path.exists(done):
+    for what in ("gc", "repair", "repair-step"):
+        steps = sorted(n for n in os.listdir(root) if n.startswith("step-"))
+        args = {"gc": ["gc", root], "repair": ["repair", root, "--no-backup"],
+                "repair-step": ["repair", os.path.join(root, steps[-1]) if steps else root,
+                                "--no-backup"]}[what]
+        code = cli(args)
+        runs[what] += 1
+        runs["refused"] += code != 0
+json.dump(runs, open(out, "w"))
+"""
+
+
+def test_gc_and_repair_in_a_loop_never_fail_a_jobs_save(tmp_path):
+    root = tmp_path / "root"
+    small_root(root, keep_last=3)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    n = 400 if SLOW else 80
+    maint = subprocess.Popen([sys.executable, "-c", MAINTENANCE, str(root),
+                              str(tmp_path / "done"), str(tmp_path / "maint.json")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = subprocess.run([sys.executable, "-c", JOB, str(root), str(tmp_path / "job.json"),
+                              str(n)], env=env, timeout=600, capture_output=True, text=True)
+    finally:
+        (tmp_path / "done").touch()
+        maint.wait(120)
+    assert job.returncode == 0, job.stderr
+    result = json.loads((tmp_path / "job.json").read_text())
+    runs = json.loads((tmp_path / "maint.json").read_text())
+    print(f"{n} saves, {len(result['failed'])} failed; maintenance runs {runs}")
+    assert runs["gc"] >= 3 and runs["repair"] >= 3
+    assert result["failed"] == []
+    assert CheckpointManager(root).latest_step() == n + 9
