@@ -334,7 +334,11 @@ def exclusive_bytes(paths: list[Path]) -> int:
     """Bytes that deleting `paths` would free: files whose every hard link lies inside."""
     seen: dict[tuple[int, int], list] = {}
     for p in paths:
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        # Symbolic links are removed as links: what they point to is not freed.
+        if p.is_symlink():
+            continue
+        files = [p] if p.is_file() else [f for f in p.rglob("*")
+                                         if f.is_file() and not f.is_symlink()]
         for f in files:
             st = f.lstat()
             entry = seen.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])

@@ -232,3 +232,54 @@ def test_gc_and_repair_in_a_loop_never_fail_a_jobs_save(tmp_path):
     assert runs["gc"] >= 3 and runs["repair"] >= 3
     assert result["failed"] == []
     assert CheckpointManager(root).latest_step() == n + 9
+
+
+# ---- foreign and symlinked directories in the root ----------------------------------------
+
+def test_a_foreign_ten_digit_step_directory_does_not_break_saves(tmp_path):
+    import shutil
+    root = tmp_path / "root"
+    mgr = small_root(root, keep_last=2)
+    foreign = root / "step-0000000000"  # 10 digits: not the name step 0 is saved under
+    shutil.copytree(mgr.path(3), foreign)
+    for s in range(4, 8):
+        mgr.save(s, {"w": torch.full((100,), float(s))})  # each commits and returns
+        assert (root / "latest").read_text().strip() == f"step-{s:09d}"
+    assert mgr.steps() == [6, 7] and mgr.latest_step() == 7
+    assert (foreign / MANIFEST_NAME).is_file()  # not ours: left alone
+    assert run_cli("gc", root) == 0 and foreign.is_dir()
+
+
+def test_retention_survives_a_step_removed_behind_its_back(tmp_path, monkeypatch):
+    import shutil
+    root = tmp_path / "root"
+    mgr = small_root(root, keep_last=2)
+    real_plan = mgr.retention_plan
+
+    def plan_then_vanish():  # another process deletes step 2 after the plan was made
+        plan = real_plan()
+        shutil.rmtree(mgr.path(2), ignore_errors=True)
+        return plan
+    monkeypatch.setattr(mgr, "retention_plan", plan_then_vanish)
+    mgr.save(4, {"w": torch.full((100,), 4.0)})
+    assert mgr.steps() == [3, 4] and mgr.latest_step() == 4
+
+
+def test_a_symlinked_step_outside_the_root_is_never_followed(tmp_path, capsys):
+    import shutil
+    root, outside = tmp_path / "root", tmp_path / "archive"
+    mgr = small_root(root, keep_last=3)
+    outside.mkdir()
+    shutil.move(str(mgr.path(1)), outside / "step-000000001")
+    (root / "step-000000001").symlink_to(outside / "step-000000001")
+    before = sorted(p.name for p in (outside / "step-000000001").iterdir())
+    for _ in range(2):
+        capsys.readouterr()
+        assert run_cli("gc", root, "--keep-last", "2") == 0
+        out = capsys.readouterr().out
+        assert "removed step 1" not in out and "kept step 1" in out
+        assert "nothing to do" in out  # freed 0 B: nothing outside is counted
+    mgr.save(4, {"w": torch.full((100,), 4.0)})  # retention meets the link too
+    assert sorted(p.name for p in (outside / "step-000000001").iterdir()) == before
+    assert (root / "step-000000001").is_symlink()
+    assert not [p for p in root.iterdir() if p.name.startswith(".step")]

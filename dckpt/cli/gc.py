@@ -1,6 +1,7 @@
 """dckpt gc ROOT: apply retention, remove incomplete temporaries, report the bytes freed."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..format.layout import step_dir
     from ..manager import CheckpointManager, Retention
     root = Path(args.root)
     if not root.is_dir():
@@ -36,6 +38,7 @@ def run(args) -> int:
                          "source": source},
            "removed_steps": result["removed_steps"],
            "removed_temporaries": result["removed_temporaries"],
+           "kept_links": result["kept_links"],
            "freed_bytes": result["freed_bytes"]}
     if args.json:
         print_json(doc)
@@ -46,6 +49,10 @@ def run(args) -> int:
         print(f"{verb} step {s} (not kept by the retention policy)")
     for t in doc["removed_temporaries"]:
         print(f"{verb} incomplete temporary {t}")
+    for s in doc["kept_links"]:
+        print(f"kept step {s}: not kept by the retention policy, but a symbolic link "
+              f"({os.readlink(root / step_dir(s))}); not deleted through it, remove the "
+              "link by hand")
     if policy is None:
         print("retention: none recorded and none given: every committed checkpoint is kept")
     freed = size(doc["freed_bytes"])

@@ -23,8 +23,13 @@ def step_dir(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
+    """The step a directory name stands for; only the name step_dir(n) writes counts. A
+    foreign `step-0000000000` would otherwise be taken for step 0, whose path is another."""
     m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    n = int(m.group(1))
+    return n if step_dir(n) == name else None
 
 
 def staging_dir(target: Path) -> Path:

@@ -269,14 +269,32 @@ class CheckpointManager:
         read = self._metrics if self.retention.metric else (lambda s: {})
         return self.retention.reasons({s: read(s) for s in self.steps()})
 
-    def _apply_retention(self, dry_run: bool = False) -> list[int]:
+    def _doomed(self) -> tuple[list[int], list[int]]:
+        """(steps retention deletes, steps it would delete but that are symbolic links: the
+        data lies outside the root, so neither it nor the link is touched)."""
         doomed = [s for s, why in self.retention_plan().items() if not why]
+        links = [s for s in doomed if self.path(s).is_symlink()]
+        for s in links:
+            log.warning("dckpt: %s is a symbolic link to %s: retention does not delete "
+                        "through it; remove the link by hand to drop it", self.path(s),
+                        os.readlink(self.path(s)))
+        return [s for s in doomed if s not in links], links
+
+    def _apply_retention(self, dry_run: bool = False) -> list[int]:
+        doomed, _ = self._doomed()
         if not dry_run:
             for s in doomed:
                 # Rename first so a crash mid-delete leaves debris gc recognizes, not a
                 # half-deleted directory that still looks committed.
                 trash = self.root / f".{step_dir(s)}.tmp-deleting"
-                os.rename(self.path(s), trash)
+                try:
+                    os.rename(self.path(s), trash)
+                except OSError as e:
+                    # The new step is committed; a step another process removed (or one
+                    # that cannot be moved) must not make its save fail.
+                    log.warning("dckpt: retention could not delete %s: %s", self.path(s),
+                                e.strerror or e)
+                    continue
                 shutil.rmtree(trash, ignore_errors=True)
         return doomed
 
@@ -291,7 +309,11 @@ class CheckpointManager:
                         name)
         gone = self._temporaries()
         for p in gone:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            # A link is removed, never what it points to.
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         return gone
 
     def gc(self, dry_run: bool = False) -> dict:
@@ -300,7 +322,7 @@ class CheckpointManager:
         # As "gc", not "save": a job's save meeting it waits instead of failing.
         with RootLock(self.root, "gc", wait=LOCK_WAIT):
             staging = self._temporaries()
-            doomed = [s for s, why in self.retention_plan().items() if not why]
+            doomed, links = self._doomed()
             # Hard-linked data shared with kept checkpoints is not freed.
             freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
             if not dry_run:
@@ -310,7 +332,7 @@ class CheckpointManager:
                 if latest is not None and self._read_latest() != latest:
                     self._write_latest(latest)
         return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
-                "freed_bytes": freed, "dry_run": dry_run}
+                "kept_links": links, "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
     def restore(self, state: dict, step: int | None = None, *,
