@@ -33,6 +33,7 @@ class SaveResult:
     stored_bytes: int  # bytes in the data files
     seconds: float
     manifest: Manifest = field(repr=False)
+    notes: list[str] = field(default_factory=list)  # e.g. why an incremental save was full
 
 
 @dataclass

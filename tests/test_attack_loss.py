@@ -283,3 +283,52 @@ def test_a_symlinked_step_outside_the_root_is_never_followed(tmp_path, capsys):
     assert sorted(p.name for p in (outside / "step-000000001").iterdir()) == before
     assert (root / "step-000000001").is_symlink()
     assert not [p for p in root.iterdir() if p.name.startswith(".step")]
+
+
+# ---- a corrupt newest checkpoint ----------------------------------------------------------
+
+def test_a_corrupt_newest_manifest_does_not_fail_later_saves(tmp_path, caplog):
+    root = tmp_path / "root"
+    mgr = small_root(root, steps=(1, 2))
+    flip_bit(mgr.path(2) / MANIFEST_NAME, 40, 2)
+    for s in (3, 4):
+        result = mgr.save(s, {"w": torch.full((100,), float(s))})
+        out = {"w": torch.empty(100)}
+        dckpt.load(mgr.path(s), into=out)
+        assert torch.equal(out["w"], torch.full((100,), float(s)))
+    r3 = dckpt.checkpoint.read_manifest(mgr.path(3))
+    assert "incremental" not in r3.meta  # written in full
+    assert "unreadable" in caplog.text
+    # step 4 leans on step 3 again, incrementally
+    assert dckpt.checkpoint.read_manifest(mgr.path(4)).meta["incremental"]["base"] == \
+        "step-000000003"
+
+
+def test_the_full_save_says_why(tmp_path):
+    root = tmp_path / "root"
+    mgr = small_root(root, steps=(1, 2))
+    (mgr.path(2) / MANIFEST_NAME).write_bytes(b"{not json")
+    result = mgr.save(3, {"w": torch.full((100,), 3.0)})
+    assert any("written in full" in n and "step-000000002" in n for n in result.notes)
+
+
+def rank_save_past_a_corrupt_newest(rank, world, root):
+    import torch.distributed as tdist
+    mgr = CheckpointManager(root)
+    for s in (1, 2):
+        mgr.save(s, {"w": torch.full((64,), float(s + rank))})
+    tdist.barrier()
+    if rank == 0:
+        (Path(root) / "step-000000002" / MANIFEST_NAME).write_bytes(b"{not json")
+    tdist.barrier()
+    result = mgr.save(3, {"w": torch.full((64,), 3.0 + rank)})
+    out = {"w": torch.empty(64)}
+    mgr.restore(out, restore_rng=False)
+    return {"notes": result.notes, "w": out["w"][0].item()}
+
+
+def test_a_corrupt_newest_manifest_on_two_ranks(tmp_path):
+    from distributed import run_with_ranks
+    res = run_with_ranks(2, rank_save_past_a_corrupt_newest, str(tmp_path / "root"))
+    assert [r["w"] for r in res] == [3.0, 4.0]
+    assert any("written in full" in n for n in res[0]["notes"])

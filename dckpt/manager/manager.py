@@ -171,8 +171,9 @@ class CheckpointManager:
         ctr = {**ctr, "best": self._best_with(step, metrics)}
         lock = RootLock(self.root, wait=LOCK_WAIT).acquire() if self.is_writer else None
         try:
-            base = dist.broadcast_json(self._base_name(full) if self.is_writer else None, 0,
-                                       group)
+            # [base name or None, why the save is full although incremental, or None]
+            base, full_note = dist.broadcast_json(
+                list(self._base_name(full)) if self.is_writer else None, 0, group)
             try:
                 result = checkpoint.write(
                     snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
@@ -186,6 +187,8 @@ class CheckpointManager:
                 raise
             if self._versions is not None:
                 self._versions.commit()
+            if full_note:
+                result.notes.append(full_note)
             if self.is_writer:
                 self._apply_retention()
                 try:
@@ -229,18 +232,24 @@ class CheckpointManager:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _base_name(self, full: bool) -> str | None:
-        """The committed checkpoint the next save shares unchanged chunks with, if any."""
+    def _base_name(self, full: bool) -> tuple[str | None, str | None]:
+        """(the committed checkpoint the next save shares unchanged chunks with, if any;
+        why there is none although the save would be incremental)."""
         latest = self.latest_step() if self.incremental and not full else None
         if latest is None:
-            return None
-        if self.full_every:
-            try:
-                if Base(self.path(latest)).depth + 1 >= self.full_every:
-                    return None
-            except DckptError:
-                return None
-        return step_dir(latest)
+            return None, None
+        try:
+            depth = Base(self.path(latest)).depth  # parses the base's manifest
+        except DckptError as e:
+            # A damaged newest checkpoint must not fail every later save: this one is
+            # written in full, sharing nothing with it.
+            note = (f"written in full, not incrementally: the newest checkpoint "
+                    f"{self.path(latest)} is unreadable ({e}); verify or repair it")
+            log.warning("dckpt: step %s", note)
+            return None, note
+        if self.full_every and depth + 1 >= self.full_every:
+            return None, None
+        return step_dir(latest), None
 
     def _best_with(self, step: int, metrics: dict) -> dict | None:
         name = self.retention.metric
