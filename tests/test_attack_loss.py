@@ -332,3 +332,34 @@ def test_a_corrupt_newest_manifest_on_two_ranks(tmp_path):
     res = run_with_ranks(2, rank_save_past_a_corrupt_newest, str(tmp_path / "root"))
     assert [r["w"] for r in res] == [3.0, 4.0]
     assert any("written in full" in n for n in res[0]["notes"])
+
+
+# ---- gc flags ------------------------------------------------------------------------------
+
+def metric_root(root: Path, **kw) -> CheckpointManager:
+    mgr = CheckpointManager(root, **kw)
+    for s, loss in zip(range(1, 6), (0.9, 0.1, 0.5, 0.7, 0.8)):  # best: step 2
+        mgr.save(s, {"w": torch.full((100,), float(s))}, metrics={"loss": loss})
+    return mgr
+
+
+def test_gc_refuses_a_metric_no_checkpoint_has(tmp_path, capsys):
+    mgr = metric_root(tmp_path / "root")
+    assert run_cli("gc", mgr.root, "--keep-best", "2", "--metric", "val_loss") == 2
+    assert "val_loss" in capsys.readouterr().err
+    assert mgr.steps() == [1, 2, 3, 4, 5]
+    assert run_cli("gc", mgr.root, "--keep-best", "2", "--metric", "loss") == 0
+    assert mgr.steps() == [2, 3, 5]  # the best two and the newest
+
+
+def test_gc_flags_change_the_recorded_policy_rule_by_rule(tmp_path, capsys):
+    mgr = metric_root(tmp_path / "root", keep_last=4)
+    assert mgr.steps() == [2, 3, 4, 5]
+    capsys.readouterr()
+    assert run_cli("gc", mgr.root, "--keep-every", "2") == 0
+    out = capsys.readouterr().out
+    assert "keep_last=4" in out and "keep_every=2" in out  # the effective policy is shown
+    assert mgr.steps() == [2, 3, 4, 5]  # the recorded keep_last still holds
+    assert run_cli("gc", mgr.root, "--keep-last", "1", "--keep-every", "2") == 0
+    assert "removed step 3" in capsys.readouterr().out
+    assert mgr.steps() == [2, 4, 5]

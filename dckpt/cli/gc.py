@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import EXIT_OK, EXIT_USAGE
-from .ls import add_retention_arguments, retention_from, scan
+from .ls import add_retention_arguments, check_metric, describe_policy, retention_from, scan
 from .output import Style, add_output_arguments, print_json, size
 
 SCHEMA = "dckpt.gc/1"
@@ -27,7 +27,10 @@ def run(args) -> int:
         print(f"dckpt gc: {root} is not a directory", file=sys.stderr)
         return EXIT_USAGE
     try:
-        policy, source = retention_from(args, scan(root)["recorded"])
+        found = scan(root)
+        policy, source = retention_from(args, found["recorded"])
+        if args.keep_best is not None or args.metric is not None:
+            check_metric(policy, found["metrics"])
     except ValueError as e:
         print(f"dckpt gc: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -45,6 +48,8 @@ def run(args) -> int:
         return EXIT_OK
     style = Style(args.color)
     verb = "would remove" if args.dry_run else "removed"
+    if policy is not None:
+        print(f"retention ({source}): {describe_policy(doc['retention']['policy'])}")
     for s in doc["removed_steps"]:
         print(f"{verb} step {s} (not kept by the retention policy)")
     for t in doc["removed_temporaries"]:
