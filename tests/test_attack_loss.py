@@ -363,3 +363,40 @@ def test_gc_flags_change_the_recorded_policy_rule_by_rule(tmp_path, capsys):
     assert run_cli("gc", mgr.root, "--keep-last", "1", "--keep-every", "2") == 0
     assert "removed step 3" in capsys.readouterr().out
     assert mgr.steps() == [2, 4, 5]
+
+
+# ---- repair, latest and parked copies agree -----------------------------------------------
+
+def test_after_repair_resume_uses_the_step_latest_names(tmp_path):
+    root = tmp_path / "root"
+    mgr = small_root(root, keep_last=2)  # steps 2 and 3
+    m = dckpt.checkpoint.read_manifest(mgr.path(3))
+    c = m.tensors["w"].shards[0].chunks[0]
+    flip_bit(m.files[c.file].path(mgr.path(3)), c.offset + 5, 1)
+    assert run_cli("verify", root, "--latest") != 0
+    assert run_cli("repair", root) == 0
+    assert (root / "latest").read_text().strip() == "step-000000002"
+    fresh = CheckpointManager(root, keep_last=1)
+    assert fresh.latest_step() == 2
+    out = {"w": torch.empty(100)}
+    assert fresh.restore(out).step == 2 and torch.equal(out["w"], torch.full((100,), 2.0))
+    assert run_cli("verify", root, "--latest") == 0
+    fresh.gc()  # keep_last=1 keeps the damaged newest (kept as newest) and the resumable one
+    assert fresh.steps() == [2, 3]
+    fresh.save(4, {"w": torch.full((100,), 4.0)})  # a new save is newest again
+    assert fresh.latest_step() == 4 and fresh.steps() == [4]
+
+
+def test_repair_and_verify_see_a_parked_copy(tmp_path, capsys):
+    root = tmp_path / "root"
+    mgr = small_root(root)
+    parked = root / ".step-000000003.old-0123456789ab"
+    os.rename(mgr.path(3), parked)  # an overwrite killed between its two renames
+    capsys.readouterr()
+    run_cli("verify", root)
+    assert parked.name in capsys.readouterr().out
+    assert run_cli("repair", root) == 0
+    assert mgr.path(3).is_dir() and not parked.exists()
+    out = {"w": torch.empty(100)}
+    dckpt.load(mgr.path(3), into=out)
+    assert torch.equal(out["w"], torch.full((100,), 3.0))

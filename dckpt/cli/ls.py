@@ -140,7 +140,10 @@ def run(args) -> int:
         print(f"dckpt ls: {e}", file=sys.stderr)
         return EXIT_USAGE
     reasons = policy.reasons(found["metrics"]) if policy else {}
-    committed = [e["step"] for e in entries if e["status"] == "committed"]
+    from ..format.layout import is_set_aside
+    # The step a resume uses: repair may have set newer failing ones aside.
+    committed = [e["step"] for e in entries if e["status"] == "committed"
+                 and not is_set_aside(root / e["name"])]
     newest = max(committed, default=None)
     pointed = parse_step_dir(found["latest_text"] or "")
     for e in entries:

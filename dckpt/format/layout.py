@@ -11,6 +11,10 @@ LATEST_NAME = "latest"
 LOCK_NAME = ".lock"
 TMP_MARK = ".tmp-"
 ASIDE_MARK = ".old-"
+# Written by `dckpt repair` into a committed checkpoint that fails verification while an
+# older one passes: resume (latest_step, verify --latest) then skips it. The file says why;
+# a repair that finds the checkpoint passing again removes it.
+FAILED_MARK = ".dckpt-failed"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 
 
@@ -55,3 +59,8 @@ def aside_target(name: str) -> str | None:
 
 def is_committed(path: Path) -> bool:
     return (path / MANIFEST_NAME).is_file()
+
+
+def is_set_aside(path: Path) -> bool:
+    """Committed, but marked by repair as failing verification: not resumed from."""
+    return (path / FAILED_MARK).exists()

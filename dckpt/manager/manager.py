@@ -18,7 +18,8 @@ from .. import checkpoint, commit, dist
 from ..errors import (CheckpointNotFoundError, DckptError, LockError, StateMismatchError,
                       StorageError)
 from ..format import tree as treecodec
-from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
+from ..format.layout import (LATEST_NAME, is_committed, is_set_aside, is_staging,
+                             parse_step_dir, step_dir)
 from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
@@ -125,9 +126,10 @@ class CheckpointManager:
         return sorted(out)
 
     def latest_step(self) -> int | None:
-        """The newest committed step; the `latest` pointer is a hint checked against disk."""
+        """The newest committed step, skipping those `dckpt repair` set aside as failing
+        verification; the `latest` pointer is a hint checked against disk."""
         pointed = self._read_latest()
-        steps = self.steps()
+        steps = [s for s in self.steps() if not is_set_aside(self.path(s))]
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None
@@ -276,7 +278,13 @@ class CheckpointManager:
         # Manifests are read only when a metric decides: each save would otherwise parse
         # every kept one, a cost that grows with the run and dwarfs a small incremental save.
         read = self._metrics if self.retention.metric else (lambda s: {})
-        return self.retention.reasons({s: read(s) for s in self.steps()})
+        plan = self.retention.reasons({s: read(s) for s in self.steps()})
+        # The step a resume uses is never deleted, also when newer ones were set aside by
+        # repair as failing verification (the "newest" rule keeps those).
+        resume = self.latest_step()
+        if resume is not None and not plan.get(resume, ["kept"]):
+            plan[resume].append("newest resumable")
+        return plan
 
     def _doomed(self) -> tuple[list[int], list[int]]:
         """(steps retention deletes, steps it would delete but that are symbolic links: the
