@@ -83,11 +83,12 @@ class _Backup:
             while d.exists():
                 n += 1
                 d = self.base / BACKUP_DIR / f"{stamp}-{n}"
-            d.mkdir(parents=True)
+            # Explicit modes: Path.mkdir's default 0o777 is world-writable under umask 0.
+            commit.make_dirs(d)
             self.dir = d
             self.report.backup = str(d)
         dst = self.dir / src.relative_to(self.base)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        commit.make_dirs(dst.parent)
         return dst
 
     def copy(self, src: Path) -> None:

@@ -400,3 +400,24 @@ def test_repair_and_verify_see_a_parked_copy(tmp_path, capsys):
     out = {"w": torch.empty(100)}
     dckpt.load(mgr.path(3), into=out)
     assert torch.equal(out["w"], torch.full((100,), 3.0))
+
+
+# ---- umask 0 ------------------------------------------------------------------------------
+
+def test_repair_backup_directories_are_not_world_writable_under_umask_0(tmp_path):
+    root = tmp_path / "root"
+    mgr = small_root(root)
+    tmp = root / ".step-000000009.tmp-0123456789ab"  # a crashed save's debris
+    tmp.mkdir(mode=0o755)
+    (tmp / "rank-00000.dckpt").write_bytes(b"partial")
+    (mgr.path(3) / "manifest.json.tmp").write_bytes(b"half")  # nested: backup mirrors it
+    old = os.umask(0)
+    try:
+        assert run_cli("repair", root) == 0
+    finally:
+        os.umask(old)
+    backup = root / ".dckpt-backup"
+    dirs = [backup, *[p for p in backup.rglob("*") if p.is_dir()]]
+    assert len(dirs) >= 3
+    bad = [str(p) for p in dirs if p.stat().st_mode & stat.S_IWOTH]
+    assert bad == []
