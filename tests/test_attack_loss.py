@@ -421,3 +421,24 @@ def test_repair_backup_directories_are_not_world_writable_under_umask_0(tmp_path
     assert len(dirs) >= 3
     bad = [str(p) for p in dirs if p.stat().st_mode & stat.S_IWOTH]
     assert bad == []
+
+
+# ---- an async failure nobody waited for ---------------------------------------------------
+
+ASYNC_LAST_FAILS = r"""
+import sys, torch
+from dckpt import CheckpointManager
+mgr = CheckpointManager(sys.argv[1], async_save=True)
+mgr.save(1, {"w": torch.ones(1000)}).result()
+mgr.save(1, {"w": torch.zeros(1000)})  # fails on the worker: step 1 exists, no overwrite
+print("training finished", flush=True)  # and the script ends without wait() or close()
+"""
+
+
+def test_an_unreported_async_failure_fails_the_process(tmp_path):
+    p = subprocess.run([sys.executable, "-c", ASYNC_LAST_FAILS, str(tmp_path / "root")],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                       text=True, timeout=120)
+    assert "training finished" in p.stdout  # stdout flushed before the exit
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "step(s) [1] failed" in p.stderr and "exiting with status 1" in p.stderr
