@@ -218,26 +218,39 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     fps = [fingerprint(leaf.value) if versions is not None else None for leaf in leaves]
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
-    candidates: list[list[Chunk]] = []
+    prev: list[list[int] | None] = []
     for i, (n, shard) in enumerate(zip(names, old)):
         if versions is not None and versions.lookup(n, fps[i], shard) and \
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
-        candidates.append(shard.chunks if i in reused else
-                          _comparable(shard, opts.chunk_size, links) if shard else [])
-    # The writer trusts the base's recorded hashes; the stored bytes may have rotted since.
-    # Every base chunk the new checkpoint could link is read and hashed first: a damaged one
-    # (and, the writer comparing by position, the rest of its tensor) is written again.
-    intact = _intact_prefixes(base.path, m, links, candidates, opts.threads)
-    prev: list[list[int] | None] = []
-    for i, (cands, n_ok) in enumerate(zip(candidates, intact)):
-        if n_ok < len(cands):
-            reused.pop(i, None)
-        prev.append([c.raw_hash for c in cands[:n_ok]] if n_ok and i not in reused else None)
+        comparable = _comparable(shard, opts.chunk_size, links) if shard and i not in reused \
+            else []
+        prev.append([c.raw_hash for c in comparable] if comparable else None)
 
-    todo = [i for i in range(len(leaves)) if i not in reused]
-    written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo], opts,
-                            prev_hashes=[prev[i] for i in todo])
+    # The writer matches live data against the base's *recorded* hashes; the stored bytes
+    # may have rotted since. So every base chunk the new checkpoint is about to link is read
+    # and hashed (through the link: the very inode it will hold) before it is trusted: only
+    # those, so a save that shares nothing reads nothing. A damaged one is written again
+    # from memory, with the rest of its tensor (the writer compares by position), in a
+    # rewrite of this rank's file: rot is rare, its cost only matters then.
+    intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
+    while True:
+        todo = [i for i in range(len(leaves)) if i not in reused]
+        written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
+                                opts, prev_hashes=[prev[i] for i in todo])
+        shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
+                  for i, recs in zip(todo, written)}
+        shared.update({i: list(enumerate(recs)) for i, recs in reused.items()})
+        damaged = _first_damaged(base.path, m, links, shared, intact, opts.threads)
+        if not damaged:
+            break
+        for i, c in damaged.items():
+            if i in reused:  # hashed from now on, comparing only the chunks before c
+                del reused[i]
+                prev[i] = [x.raw_hash for x in _comparable(old[i], opts.chunk_size, links)]
+            prev[i] = prev[i][:c] or None
+        links.damaged += len(damaged)
+
     # (record, index of its base file or None when just written) per chunk of each leaf
     picked: list[list[tuple[Chunk, int | None]]] = [[] for _ in leaves]
     for i, recs in zip(todo, written):
@@ -278,30 +291,33 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     return chunks, files, stats
 
 
-def _intact_prefixes(base: Path, m: Manifest, links: "_Links",
-                     candidates: list[list[Chunk]], threads: int) -> list[int]:
-    """Per leaf, how many leading candidate chunks hold stored bytes matching their stored
-    hash, read through the links just made (the very inodes the new checkpoint will hold)."""
+def _first_damaged(base: Path, m: Manifest, links: "_Links",
+                   shared: dict[int, list[tuple[int, Chunk]]], intact: set,
+                   threads: int) -> dict[int, int]:
+    """leaf -> position of its first shared base chunk whose stored bytes do not match
+    their stored hash, read through the links made for them. Chunks found intact are added
+    to `intact` and not read again."""
     from . import io
-    files = sorted({c.file for cands in candidates for c in cands})
-    if not files:
-        return [0] * len(candidates)
+    todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
+            if (ch.file, ch.offset) not in intact]
+    if not todo:
+        return {}
+    files = sorted({ch.file for _, _, ch in todo})
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
-    flat = [c._replace(file=index[c.file]) for cands in candidates for c in cands]
-    bad = {f[0] for f in io.verify_chunks(paths, flat, [1] * len(flat), threads=threads)}
-    out, k = [], 0
-    for cands in candidates:
-        n_ok = next((n for n in range(len(cands)) if k + n in bad), len(cands))
-        if n_ok < len(cands):
-            c = cands[n_ok]
-            log.warning("dckpt: base %s: a chunk of %s at offset %d fails its stored hash; "
-                        "not shared, written again from memory (verify the base: it is "
-                        "damaged)", base, m.files[c.file].name, c.offset)
-            links.damaged += 1
-        out.append(n_ok)
-        k += len(cands)
-    return out
+    records = [ch._replace(file=index[ch.file]) for _, _, ch in todo]
+    bad = {f[0] for f in io.verify_chunks(paths, records, [1] * len(records),
+                                          threads=threads)}
+    damaged: dict[int, int] = {}
+    for k, (i, c, ch) in enumerate(todo):
+        if k not in bad:
+            intact.add((ch.file, ch.offset))
+        elif c < damaged.get(i, c + 1):
+            damaged[i] = c
+            log.warning("dckpt: base %s: chunk at offset %d of %s fails its stored hash; not "
+                        "shared, written again from memory (the base is damaged: verify it)",
+                        base, ch.offset, m.files[ch.file].name)
+    return damaged
 
 
 def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]:

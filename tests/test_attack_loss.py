@@ -45,6 +45,8 @@ def test_rot_in_a_base_chunk_is_not_linked_into_later_steps(tmp_path, caplog, tr
         state["moving"].fill_(float(step))
         mgr.save(step, state)  # acknowledged: memory was right every time
     assert mgr.steps() == [4, 5]
+    # step 2 found the damage and said so; later steps lean on step 2's fresh copy
+    assert "fails its stored hash" in caplog.text
     for step in (4, 5):
         out = {"frozen": torch.empty(300_000), "moving": torch.empty(1000)}
         dckpt.load(mgr.path(step), into=out)
