@@ -18,7 +18,7 @@ from dckpt import CheckpointManager
 from dckpt.cli import main as cli
 from dckpt.format.manifest import MANIFEST_NAME
 
-from attacks import SLOW, assert_same, flip_bit, manifest_obj
+from attacks import SLOW, assert_same, flip_bit
 
 REPO = Path(__file__).resolve().parent.parent
 
