@@ -38,6 +38,7 @@ class SaveResult:
     seconds: float
     manifest: Manifest = field(repr=False)
     rank_bytes: int = 0  # this rank's share of `bytes`: the shards it wrote
+    notes: list[str] = field(default_factory=list)  # e.g. why an incremental save was full
 
     @classmethod
     def of(cls, path: Path, m: Manifest, seconds: float, rank: int) -> "SaveResult":

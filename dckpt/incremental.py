@@ -177,6 +177,7 @@ class _Links:
         self.base, self.m, self.tmp, self.rank = base, m, tmp, rank
         self.names: dict[int, str | None] = {}  # base file index -> link name, None: failed
         self.failure: str | None = None
+        self.damaged = 0  # base chunks found damaged and written again
 
     def get(self, index: int) -> str | None:
         if index not in self.names:
@@ -229,9 +230,30 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
             else []
         prev.append([c.raw_hash for c in comparable] if comparable else None)
 
-    todo = [i for i in range(len(leaves)) if i not in reused]
-    written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo], opts,
-                            prev_hashes=[prev[i] for i in todo])
+    # The writer matches live data against the base's *recorded* hashes; the stored bytes
+    # may have rotted since. So every base chunk the new checkpoint is about to link is read
+    # and hashed (through the link: the very inode it will hold) before it is trusted: only
+    # those, so a save that shares nothing reads nothing. A damaged one is written again
+    # from memory, with the rest of its tensor (the writer compares by position), in a
+    # rewrite of this rank's file: rot is rare, its cost only matters then.
+    intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
+    while True:
+        todo = [i for i in range(len(leaves)) if i not in reused]
+        written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
+                                opts, prev_hashes=[prev[i] for i in todo])
+        shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
+                  for i, recs in zip(todo, written)}
+        shared.update({i: list(enumerate(recs)) for i, recs in reused.items()})
+        damaged = _first_damaged(base.path, m, links, shared, intact, opts.threads)
+        if not damaged:
+            break
+        for i, c in damaged.items():
+            if i in reused:  # hashed from now on, comparing only the chunks before c
+                del reused[i]
+                prev[i] = [x.raw_hash for x in _comparable(old[i], opts.chunk_size, links)]
+            prev[i] = prev[i][:c] or None
+        links.damaged += len(damaged)
+
     # (record, index of its base file or None when just written) per chunk of each leaf
     picked: list[list[tuple[Chunk, int | None]]] = [[] for _ in leaves]
     for i, recs in zip(todo, written):
@@ -267,7 +289,38 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     files = [own] * wrote + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:
         stats["fallback"] = links.failure
+    if links.damaged:
+        stats["damaged_base_chunks"] = links.damaged
     return chunks, files, stats
+
+
+def _first_damaged(base: Path, m: Manifest, links: "_Links",
+                   shared: dict[int, list[tuple[int, Chunk]]], intact: set,
+                   threads: int) -> dict[int, int]:
+    """leaf -> position of its first shared base chunk whose stored bytes do not match
+    their stored hash, read through the links made for them. Chunks found intact are added
+    to `intact` and not read again."""
+    from . import io
+    todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
+            if (ch.file, ch.offset) not in intact]
+    if not todo:
+        return {}
+    files = sorted({ch.file for _, _, ch in todo})
+    index = {j: k for k, j in enumerate(files)}
+    paths = [str(links.tmp / links.names[j]) for j in files]
+    records = [ch._replace(file=index[ch.file]) for _, _, ch in todo]
+    bad = {f[0] for f in io.verify_chunks(paths, records, [1] * len(records),
+                                          threads=threads)}
+    damaged: dict[int, int] = {}
+    for k, (i, c, ch) in enumerate(todo):
+        if k not in bad:
+            intact.add((ch.file, ch.offset))
+        elif c < damaged.get(i, c + 1):
+            damaged[i] = c
+            log.warning("dckpt: base %s: chunk at offset %d of %s fails its stored hash; not "
+                        "shared, written again from memory (the base is damaged: verify it)",
+                        base, ch.offset, m.files[ch.file].name)
+    return damaged
 
 
 def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]:
@@ -288,6 +341,9 @@ def summarize(base: Base, reports: list[dict]) -> dict:
             out[k] += int(stats.get(k, 0))
         if "fallback" in stats:
             out.setdefault("fallback", stats["fallback"])
+        if stats.get("damaged_base_chunks"):
+            out["damaged_base_chunks"] = (out.get("damaged_base_chunks", 0)
+                                          + int(stats["damaged_base_chunks"]))
     return out
 
 
@@ -297,7 +353,11 @@ def exclusive_bytes(paths: list[Path]) -> int:
     """Bytes that deleting `paths` would free: files whose every hard link lies inside."""
     seen: dict[tuple[int, int], list] = {}
     for p in paths:
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        # Symbolic links are removed as links: what they point to is not freed.
+        if p.is_symlink():
+            continue
+        files = [p] if p.is_file() else [f for f in p.rglob("*")
+                                         if f.is_file() and not f.is_symlink()]
         for f in files:
             st = f.lstat()
             entry = seen.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])

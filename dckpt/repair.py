@@ -1,7 +1,11 @@
 """Repair what can be repaired without guessing, keeping a backup of everything touched.
 
 - a damaged `latest` pointer (missing, unreadable, naming an absent or older step) is
-  rewritten to name the newest committed step that passes verification;
+  rewritten to name the newest committed step that passes verification; newer steps that
+  fail it are marked (FAILED_MARK in their directory, nothing deleted) so that a resume,
+  `latest_step()` and `verify --latest` use the same step the pointer names;
+- a copy parked as `.step-N.old-*` by an overwrite that crashed is put back (or, when the
+  overwrite finished, moved into the backup);
 - incomplete temporaries of interrupted saves (and stray `*.tmp` files) are moved into the
   backup (deleted with backup=False);
 - checkpoints that lack RNG streams (imported from formats that never saved them) get
@@ -25,7 +29,8 @@ from . import commit
 from .errors import ManifestError
 from .format import anatomy
 from .format import tree as treecodec
-from .format.layout import LATEST_NAME, is_staging, parse_step_dir
+from .format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
+                            parse_step_dir)
 from .format.manifest import MANIFEST_NAME, parse
 
 SCHEMA = "dckpt.repair/1"
@@ -34,7 +39,7 @@ BACKUP_DIR = ".dckpt-backup"
 
 @dataclass
 class Action:
-    kind: str  # "latest" | "temporary" | "rng"
+    kind: str  # "latest" | "temporary" | "rng" | "set-aside" | "parked"
     target: str  # relative to the repaired path
     detail: str
     done: bool = False
@@ -78,11 +83,12 @@ class _Backup:
             while d.exists():
                 n += 1
                 d = self.base / BACKUP_DIR / f"{stamp}-{n}"
-            d.mkdir(parents=True)
+            # Explicit modes: Path.mkdir's default 0o777 is world-writable under umask 0.
+            commit.make_dirs(d)
             self.dir = d
             self.report.backup = str(d)
         dst = self.dir / src.relative_to(self.base)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        commit.make_dirs(dst.parent)
         return dst
 
     def copy(self, src: Path) -> None:
@@ -113,36 +119,68 @@ def repair(path: str | os.PathLike, *, backup: bool = True, dry_run: bool = Fals
            add_rng: bool = True, seed: int | None = None, threads: int = 0) -> RepairReport:
     """Repair a checkpoint directory or a manager root; see the module docstring."""
     from .manager.lock import RootLock
+    from .manager.manager import LOCK_WAIT
     from .verify import classify_path, step_dirs
     path = Path(path)
     kind = classify_path(path)
     report = RepairReport(str(path), kind, dry_run)
     saver = _Backup(path, backup, report)
-    lock = None if dry_run or kind == "checkpoint" else RootLock(path).acquire()
+    verified: dict[Path, tuple] = {}
+    # A checkpoint of a manager root is locked through its root: a job overwriting it must
+    # not have the old manifest written over its new checkpoint.
+    root = path if kind == "root" else path.parent if parse_step_dir(path.name) is not None \
+        else None
+    lock = None
+    if not dry_run and root is not None:
+        # The verification (reading checkpoints: long) runs first as a dry run without the
+        # lock, so a job's save waits only for the short changes, which verify again only
+        # what was replaced meanwhile.
+        scratch = RepairReport(str(path), kind, True)
+        _run(path, kind, scratch, _Backup(path, False, scratch), add_rng, seed, threads,
+             verified, step_dirs)
+        # As "repair", not "save": a job's save meeting it waits instead of failing.
+        lock = RootLock(root, "repair", wait=LOCK_WAIT).acquire()
     try:
-        ckpts = [path] if kind == "checkpoint" else step_dirs(path)
-        _temporaries(path, kind, ckpts, report, saver)
-        verified: dict[Path, str | None] = {}
-        if add_rng:
-            _add_rng(path, ckpts, report, saver, seed, threads, verified)
-        if kind == "root":
-            _latest(path, ckpts, report, saver, threads, verified)
+        _run(path, kind, report, saver, add_rng, seed, threads, verified, step_dirs)
     finally:
         if lock is not None:
             lock.release()
     return report
 
 
+def _run(path: Path, kind: str, report: RepairReport, saver: "_Backup", add_rng: bool,
+         seed: int | None, threads: int, verified: dict, step_dirs) -> None:
+    if kind == "root":
+        _parked(path, report, saver)
+    ckpts = [path] if kind == "checkpoint" else step_dirs(path)
+    _temporaries(path, kind, ckpts, report, saver)
+    if add_rng:
+        _add_rng(path, ckpts, report, saver, seed, threads, verified)
+    if kind == "root":
+        _latest(path, ckpts, report, saver, threads, verified)
+
+
 def _problem(ckpt: Path, threads: int, cache: dict) -> str | None:
     """None when the checkpoint passes structure, file and checksum checks; else the first
     error. (Consistency warnings do not block a repair: they are about training, not bytes.)"""
-    if ckpt not in cache:
+    sig = _signature(ckpt)
+    if ckpt not in cache or cache[ckpt][0] != sig:
         from .verify import verify
         rep = verify(ckpt, threads=threads).checkpoints[0]
         errors = [c for c in rep.checks if c.level == "error"
                   and c.group in ("structure", "files", "checksums")]
-        cache[ckpt] = errors[0].message if errors else None
-    return cache[ckpt]
+        cache[ckpt] = (sig, errors[0].message if errors else None)
+    return cache[ckpt][1]
+
+
+def _signature(ckpt: Path) -> tuple | None:
+    """Changes when the checkpoint is replaced (a commit renames a new directory in, with a
+    new manifest) or its manifest rewritten: a verification made before is then stale."""
+    try:
+        st = os.lstat(ckpt / MANIFEST_NAME)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _rel(base: Path, p: Path) -> str:
@@ -244,22 +282,25 @@ def _latest(root: Path, ckpts: list[Path], report: RepairReport, saver: _Backup,
         if why is None:
             target = p
             break
-        failing.append(f"{p.name} ({why})")
+        failing.append((p, why))
+    if target is not None:
+        _set_aside(root, target, failing, report)
     if text is not None:
         if target is not None and text == target.name:
             return  # already right
         committed = parse_step_dir(text) is not None and (root / text / MANIFEST_NAME).is_file()
         state = f"names {text[:60]!r}" + ("" if committed else ", not a committed checkpoint")
+    shown = [f"{p.name} ({why})" for p, why in failing[:3]]
     if target is None:
         if failing or text is None:
             report.actions.append(Action(
                 "latest", LATEST_NAME, f"'{LATEST_NAME}' {state}",
                 refused="no committed checkpoint passes verification"
-                        + (f": {'; '.join(failing[:3])}" if failing else "")))
+                        + (f": {'; '.join(shown)}" if failing else "")))
         return
     detail = f"'{LATEST_NAME}' {state} -> {target.name} (newest verified step)"
     if failing:
-        detail += f"; newer but failing verification: {', '.join(failing[:3])}"
+        detail += f"; newer but failing verification: {', '.join(shown)}"
     a = Action("latest", LATEST_NAME, detail)
     report.actions.append(a)
     if report.dry_run:
@@ -268,6 +309,55 @@ def _latest(root: Path, ckpts: list[Path], report: RepairReport, saver: _Backup,
         saver.copy(pointer)
     commit.write_file_durably(pointer, f"{target.name}\n".encode())
     a.done = True
+
+
+def _set_aside(root: Path, target: Path, failing: list, report: RepairReport) -> None:
+    """Mark the newer checkpoints that fail verification, so that a resume (latest_step,
+    restore, verify --latest) uses `target` as `latest` now says; unmark `target` if an
+    earlier repair had marked it and it passes now. Nothing is deleted."""
+    for p, why in failing:
+        if is_set_aside(p):
+            continue
+        a = Action("set-aside", _rel(root, p / FAILED_MARK),
+                   f"{p.name} fails verification ({why}): marked, so resume uses "
+                   f"{target.name}; delete the mark to undo")
+        report.actions.append(a)
+        if not report.dry_run:
+            commit.write_file_durably(p / FAILED_MARK, f"dckpt repair: {why}\n".encode())
+            a.done = True
+    if is_set_aside(target):
+        a = Action("set-aside", _rel(root, target / FAILED_MARK),
+                   f"{target.name} passes verification now: mark removed")
+        report.actions.append(a)
+        if not report.dry_run:
+            (target / FAILED_MARK).unlink()
+            a.done = True
+
+
+def _parked(root: Path, report: RepairReport, saver: _Backup) -> None:
+    """Copies an overwrite parked as `.NAME.old-*` and did not finish (no RENAME_EXCHANGE):
+    put back where the step is missing, else moved into the backup (the overwrite did
+    finish). What a manager opening the root does (commit.recover), with a backup."""
+    for p in sorted(root.iterdir()):
+        name = aside_target(p.name)
+        if name is None:
+            continue
+        if (root / name).exists():
+            a = Action("parked", p.name, f"copy of {name} parked by an overwrite that "
+                       "completed: " + ("moved into the backup" if saver.enabled
+                                        else "deleted (--no-backup)"))
+        else:
+            a = Action("parked", p.name, f"copy of {name} parked by an overwrite that crashed "
+                       f"before its replacement arrived: put back as {name}")
+        report.actions.append(a)
+        if report.dry_run:
+            continue
+        if (root / name).exists():
+            saver.remove(p)
+        else:
+            os.rename(p, root / name)
+            commit.fsync_dir(root)
+        a.done = True
 
 
 __all__ = ["repair", "RepairReport", "Action", "BACKUP_DIR"]

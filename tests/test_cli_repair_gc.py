@@ -61,7 +61,9 @@ def test_missing_latest_points_to_newest_verified(root):
     assert key_paths(doc) == {"schema", "path", "kind", "dry_run", "ok", "backup", "actions",
                               *(f"actions[].{k}" for k in ("kind", "target", "detail", "done",
                                                            "refused"))}
-    (action,) = doc["actions"]
+    aside, action = doc["actions"]  # the failing newer step is marked, so resume agrees
+    assert aside["kind"] == "set-aside" and aside["done"]
+    assert aside["target"] == "step-000000006/.dckpt-failed"
     assert action["kind"] == "latest" and action["done"]
     assert "step-000000004 (newest verified step)" in action["detail"]
     assert "step-000000006" in action["detail"]  # the newer, failing one is named

@@ -32,18 +32,49 @@ def add_retention_arguments(p) -> None:
 
 
 def retention_from(args, recorded: dict | None):
-    """(Retention or None, where it came from). Flags win over the recorded policy."""
+    """(Retention or None, where it came from). Flags change the recorded policy rule by
+    rule (`--keep-best 0` drops a recorded rule); they never replace it wholesale, which
+    would silently drop the rules not repeated (a recorded keep_last under --keep-every)."""
+    from dataclasses import asdict
     from ..manager import Retention
     flags = {k: getattr(args, k) for k in ("keep_last", "keep_best", "metric", "mode",
                                            "keep_every") if getattr(args, k) is not None}
-    if flags:
-        return Retention(**flags), "command line"
+    base = None
     if isinstance(recorded, dict):
         try:
-            return Retention(**recorded), "recorded by the run's manager"
+            base = Retention(**recorded)
         except (TypeError, ValueError):
             pass
-    return None, "none recorded"
+    if not flags:
+        return (base, "recorded by the run's manager") if base else (None, "none recorded")
+    given = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+    if base is None:
+        return Retention(**flags), f"command line: {given}"
+    return (Retention(**{**asdict(base), **flags}),
+            f"recorded by the run's manager, changed by the command line: {given}")
+
+
+def check_metric(policy, metrics: dict[int, dict]) -> None:
+    """Refuse a policy naming a metric no committed checkpoint records: its best-K rule would
+    keep none of them, and everything else would be deleted as 'not best'."""
+    if policy is None or not policy.metric:
+        return
+    if policy.best(metrics, 1):
+        return
+    known = sorted({k for m in metrics.values() for k in (m or {})})
+    raise ValueError(f"no committed checkpoint records the metric {policy.metric!r} "
+                     f"(metrics found: {', '.join(known) or 'none'}); refusing a best-K rule "
+                     "that would keep none of them. Name a recorded metric, or drop the rule "
+                     "(--keep-best 0 --metric '')")
+
+
+def describe_policy(policy: dict | None) -> str:
+    if not policy:
+        return "keep all"
+    rules = ", ".join(f"{k}={v}" for k, v in policy.items()
+                      if v not in (None, 0) and k != "mode" or (k == "mode" and
+                                                               policy["metric"]))
+    return rules or "keep all"
 
 
 def scan(root: Path) -> dict:
@@ -109,7 +140,10 @@ def run(args) -> int:
         print(f"dckpt ls: {e}", file=sys.stderr)
         return EXIT_USAGE
     reasons = policy.reasons(found["metrics"]) if policy else {}
-    committed = [e["step"] for e in entries if e["status"] == "committed"]
+    from ..format.layout import is_set_aside
+    # The step a resume uses: repair may have set newer failing ones aside.
+    committed = [e["step"] for e in entries if e["status"] == "committed"
+                 and not is_set_aside(root / e["name"])]
     newest = max(committed, default=None)
     pointed = parse_step_dir(found["latest_text"] or "")
     for e in entries:
@@ -193,10 +227,7 @@ def render(doc: dict, style: Style) -> list[str]:
             out.append(f"  {e['name']}: {e['problem']}")
     pol = doc["retention"]
     if pol["policy"]:
-        rules = ", ".join(f"{k}={v}" for k, v in pol["policy"].items()
-                          if v not in (None, 0) and k != "mode" or (k == "mode" and
-                                                                   pol["policy"]["metric"]))
-        out.append(f"  retention ({pol['source']}): {rules or 'keep all'}")
+        out.append(f"  retention ({pol['source']}): {describe_policy(pol['policy'])}")
     else:
         out.append("  retention: none recorded (pass --keep-last etc. to see a policy's effect)")
     if doc["latest_pointer"] is None and doc["latest"] is not None:

@@ -11,6 +11,10 @@ LATEST_NAME = "latest"
 LOCK_NAME = ".lock"
 TMP_MARK = ".tmp-"
 ASIDE_MARK = ".old-"
+# Written by `dckpt repair` into a committed checkpoint that fails verification while an
+# older one passes: resume (latest_step, verify --latest) then skips it. The file says why;
+# a repair that finds the checkpoint passing again removes it.
+FAILED_MARK = ".dckpt-failed"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 
 
@@ -23,8 +27,13 @@ def step_dir(step: int) -> str:
 
 
 def parse_step_dir(name: str) -> int | None:
+    """The step a directory name stands for; only the name step_dir(n) writes counts. A
+    foreign `step-0000000000` would otherwise be taken for step 0, whose path is another."""
     m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
+    if not m:
+        return None
+    n = int(m.group(1))
+    return n if step_dir(n) == name else None
 
 
 def staging_dir(target: Path) -> Path:
@@ -71,3 +80,8 @@ def not_a_checkpoint(path: Path) -> str | None:
                 f"CheckpointManager({str(path)!r}).restore(state), load one step-* directory, "
                 "or pass --latest to the command line tools")
     return None
+
+
+def is_set_aside(path: Path) -> bool:
+    """Committed, but marked by repair as failing verification: not resumed from."""
+    return (path / FAILED_MARK).exists()

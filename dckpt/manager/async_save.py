@@ -15,7 +15,10 @@ the same commits).
 
 Errors: a failed save is never committed (the commit protocol aborts its staging
 directory) and its error is raised, as AsyncSaveError, by handle.wait()/result() or else by
-the next save(), wait() or close(); one still unreported at interpreter exit is logged.
+the next save(), wait() or close(); one still unreported at interpreter exit (or a save
+unfinished after exit_timeout) is logged at ERROR and the process ends with status
+EXIT_STATUS_ON_FAILURE (1; 143 after SIGTERM) through os._exit, after flushing logging and
+stdio: exit handlers registered before dckpt was imported are then skipped.
 
 Shutdown: wait() and close(); at interpreter exit every open saver finishes its pending
 saves (or reports them unfinished after AsyncOptions.exit_timeout). SIGTERM, where the
@@ -32,6 +35,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -415,10 +419,31 @@ def _on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+# The exit status of a process whose background saves failed (or were unfinished) without
+# the program ever being told (no wait(), close() or later save() raised it).
+EXIT_STATUS_ON_FAILURE = 1
+
+
 @atexit.register
 def _finish_at_exit() -> None:
+    failed = False
     for saver in list(_OPEN):
         try:
             saver.close(saver.options.exit_timeout)
         except AsyncSaveError as e:
             log.error("dckpt: at exit: %s", e)
+            failed = True
+    if failed:
+        # A log line alone let a job whose last checkpoint was never committed exit 0 and
+        # count as a success. An exit handler cannot change the status except by ending
+        # the process: flush what would be lost, then exit (SIGTERM keeps its 143).
+        status = 128 + signal.SIGTERM if _SIGTERM["exiting"] else EXIT_STATUS_ON_FAILURE
+        print(f"dckpt: a background save failed and was never reported to the program "
+              f"(see above); exiting with status {status}", file=sys.stderr)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(status)

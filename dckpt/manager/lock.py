@@ -1,59 +1,139 @@
-"""One writer per manager root: an advisory flock on ROOT/.lock, held for each save.
+"""One writer per manager root: an advisory flock on the root directory, held for each save.
 
-The lock file names its holder and why ("pid 123 save"). Short holders (a manager clearing
-temporaries as it opens, gc) must not make a concurrent save fail: a save meeting one waits
-up to `wait` seconds. A save meeting another save fails at once with LockError."""
+The lock is taken on the root directory itself, not on a file in it: a directory cannot be
+hard-linked, so roots copied with `cp -al` have locks of their own, and nothing is opened
+through a name that could be a symlink planted to point elsewhere. ROOT/.lock only names
+the holder and why ("pid 123 save") for contenders; it is replaced by rename, never written
+in place, so a `.lock` that is a symlink, a hard link or a FIFO is swapped for a fresh file
+and whatever it pointed at is not touched.
+
+Short holders (a manager clearing temporaries as it opens, gc, repair) must not make a
+concurrent save fail: a save meeting one waits up to `wait` seconds. A save meeting another
+save fails at once with LockError; so does maintenance meeting a save (it is the one to
+retry). The holder clears its name before it unlocks, so a contender never reads a
+previous holder's.
+
+The lock belongs to the process that took it: its descriptor is close-on-exec and a forked
+child closes its copy at once (os.register_at_fork), so a child that outlives its parent
+does not keep the root locked (flock locks belong to the open file description, which fork
+shares)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
+import uuid
+import weakref
 from pathlib import Path
 
 from ..errors import LockError, StorageError
-from ..format.layout import LOCK_NAME
+from ..format.layout import LOCK_NAME, TMP_MARK
 
 SAVE = "save"
+_HELD: "weakref.WeakSet[RootLock]" = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)  # the child's reference only; the parent keeps its lock
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RootLock:
     def __init__(self, root: Path, purpose: str = SAVE, wait: float = 0.0):
-        self.path = Path(root) / LOCK_NAME
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
         self.purpose, self.wait = purpose, wait
         self.fd: int | None = None
 
     def acquire(self) -> "RootLock":
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise StorageError(f"cannot open the lock file {self.path}: {e.strerror}",
-                               str(self.path)) from None
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                # An empty or partial name is a holder still writing it: not known to save.
-                if holder.endswith(f" {SAVE}") or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockError(f"{self.path.parent} is being written by another process "
-                                    f"({holder or 'unknown pid'}); one manager per root") from None
-                time.sleep(0.01)
-        try:  # the holder's name only informs contenders; a full disk must not stop us
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} {self.purpose}\n".encode(), 0)
-        except OSError:
-            pass
+            raise StorageError(f"cannot open the root {self.root} to lock it: {e.strerror}",
+                               str(self.root)) from None
         self.fd = fd
+        _HELD.add(self)  # before locking: a fork from another thread must not inherit it
+        deadline = time.monotonic() + self.wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = self.holder()
+                    # An empty name is a holder still writing it: not known to save.
+                    if holder.endswith(f" {SAVE}") or time.monotonic() >= deadline:
+                        raise LockError(f"{self.root} is being written by another process "
+                                        f"({holder or 'unknown pid'}); one manager per "
+                                        "root") from None
+                    time.sleep(0.01)
+                except OSError as e:
+                    raise StorageError(f"cannot lock {self.root}: {e.strerror}",
+                                       str(self.root)) from None
+        except BaseException:
+            self._close()
+            raise
+        self._publish(f"pid {os.getpid()} {self.purpose}\n")
         return self
+
+    def holder(self) -> str:
+        """The current holder's name as it published it ('' if none or unreadable)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return ""
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
+            return os.pread(fd, 64, 0).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
+    def _publish(self, text: str) -> None:
+        """Replace ROOT/.lock by a fresh file holding `text`. The name only informs
+        contenders: a full disk must not stop us. The temporary is a staging name, so a
+        crash leaves debris the manager's clean-up removes."""
+        tmp = self.root / f"{LOCK_NAME}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # drops the flock with the last reference
+            self.fd = None
+        _HELD.discard(self)
 
     def release(self) -> None:
         if self.fd is not None:
+            self._publish("")
             fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+            self._close()
 
     def __enter__(self) -> "RootLock":
         return self.acquire()

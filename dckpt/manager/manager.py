@@ -20,7 +20,8 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptErro
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
                       StepOrderError, StorageError)
 from ..format import tree as treecodec
-from ..format.layout import LATEST_NAME, is_committed, is_staging, parse_step_dir, step_dir
+from ..format.layout import (LATEST_NAME, is_committed, is_set_aside, is_staging,
+                             parse_step_dir, step_dir)
 from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
@@ -171,9 +172,10 @@ class CheckpointManager:
         return sorted(out)
 
     def latest_step(self) -> int | None:
-        """The newest committed step; the `latest` pointer is a hint checked against disk."""
+        """The newest committed step, skipping those `dckpt repair` set aside as failing
+        verification; the `latest` pointer is a hint checked against disk."""
         pointed = self._read_latest()
-        steps = self.steps()
+        steps = [s for s in self.steps() if not is_set_aside(self.path(s))]
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None
@@ -226,15 +228,16 @@ class CheckpointManager:
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
-                base, newest = self._base_name(full), self.latest_step()
+                base, newest = self._base_name(full), self.latest_step()  # base: (name, note)
                 best = self._best_with(step, metrics)
             except Exception as e:
                 failure = e
         try:
             # Rank 0 decides under the root lock (so a run sharing the root cannot slip a
             # newer step in between); every rank gets the decision and refuses alike.
-            base, best, newest = dist.exchange(
-                [base, best, newest] if self.is_writer and not failure else None, failure,
+            # full_note: why the save is full although incremental (an unreadable base).
+            base, full_note, best, newest = dist.exchange(
+                [*base, best, newest] if self.is_writer and not failure else None, failure,
                 group, f"save of step {step}: lock")[0]
             if newest is not None and step < newest:
                 raise StepOrderError(
@@ -258,6 +261,8 @@ class CheckpointManager:
                 raise
             if self._versions is not None:
                 self._versions.commit()
+            if full_note:
+                result.notes.append(full_note)
             failure = None
             if self.is_writer:
                 try:
@@ -300,18 +305,24 @@ class CheckpointManager:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _base_name(self, full: bool) -> str | None:
-        """The committed checkpoint the next save shares unchanged chunks with, if any."""
+    def _base_name(self, full: bool) -> tuple[str | None, str | None]:
+        """(the committed checkpoint the next save shares unchanged chunks with, if any;
+        why there is none although the save would be incremental)."""
         latest = self.latest_step() if self.incremental and not full else None
         if latest is None:
-            return None
-        if self.full_every:
-            try:
-                if Base(self.path(latest)).depth + 1 >= self.full_every:
-                    return None
-            except DckptError:
-                return None
-        return step_dir(latest)
+            return None, None
+        try:
+            depth = Base(self.path(latest)).depth  # parses the base's manifest
+        except DckptError as e:
+            # A damaged newest checkpoint must not fail every later save: this one is
+            # written in full, sharing nothing with it.
+            note = (f"written in full, not incrementally: the newest checkpoint "
+                    f"{self.path(latest)} is unreadable ({e}); verify or repair it")
+            log.warning("dckpt: step %s", note)
+            return None, note
+        if self.full_every and depth + 1 >= self.full_every:
+            return None, None
+        return step_dir(latest), None
 
     def _best_with(self, step: int, metrics: dict) -> dict | None:
         name = self.retention.metric
@@ -351,23 +362,43 @@ class CheckpointManager:
         # Manifests are read only when a metric decides: each save would otherwise parse
         # every kept one, a cost that grows with the run and dwarfs a small incremental save.
         read = self._metrics if self.retention.metric else (lambda s: {})
-        return self.retention.reasons({s: read(s) for s in self.steps()})
+        plan = self.retention.reasons({s: read(s) for s in self.steps()})
+        # The step a resume uses is never deleted, also when newer ones were set aside by
+        # repair as failing verification (the "newest" rule keeps those).
+        resume = self.latest_step()
+        if resume is not None and not plan.get(resume, ["kept"]):
+            plan[resume].append("newest resumable")
+        return plan
 
-    def _doomed(self, saved: int | None = None) -> list[int]:
-        """The steps retention deletes: never the step just saved nor the one `latest`
-        names, whatever the policy says (a save must not report success for a checkpoint
-        it then deletes, nor leave `latest` naming nothing)."""
+    def _doomed(self, saved: int | None = None) -> tuple[list[int], list[int]]:
+        """(steps retention deletes, steps it would delete but that are symbolic links: the
+        data lies outside the root, so neither it nor the link is touched). Never the step
+        just saved nor the one `latest` names, whatever the policy says: a save must not
+        report success for a checkpoint it then deletes, nor leave `latest` naming nothing."""
         keep = {saved, self._read_latest()}
-        return [s for s, why in self.retention_plan().items() if not why and s not in keep]
+        doomed = [s for s, why in self.retention_plan().items() if not why and s not in keep]
+        links = [s for s in doomed if self.path(s).is_symlink()]
+        for s in links:
+            log.warning("dckpt: %s is a symbolic link to %s: retention does not delete "
+                        "through it; remove the link by hand to drop it", self.path(s),
+                        os.readlink(self.path(s)))
+        return [s for s in doomed if s not in links], links
 
     def _apply_retention(self, dry_run: bool = False, saved: int | None = None) -> list[int]:
-        doomed = self._doomed(saved)
+        doomed, _ = self._doomed(saved)
         if not dry_run:
             for s in doomed:
                 # Rename first so a crash mid-delete leaves debris gc recognizes, not a
                 # half-deleted directory that still looks committed.
                 trash = self.root / f".{step_dir(s)}.tmp-deleting"
-                os.rename(self.path(s), trash)
+                try:
+                    os.rename(self.path(s), trash)
+                except OSError as e:
+                    # The new step is committed; a step another process removed (or one
+                    # that cannot be moved) must not make its save fail.
+                    log.warning("dckpt: retention could not delete %s: %s", self.path(s),
+                                e.strerror or e)
+                    continue
                 shutil.rmtree(trash, ignore_errors=True)
         return doomed
 
@@ -382,7 +413,11 @@ class CheckpointManager:
                         name)
         gone = self._temporaries()
         for p in gone:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            # A link is removed, never what it points to.
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
         return gone
 
     @dist.collective
@@ -399,11 +434,12 @@ class CheckpointManager:
         return dist.exchange(report, failure, self.group, f"gc of {self.root}")[0]
 
     def _gc(self, dry_run: bool) -> dict:
-        with RootLock(self.root, wait=LOCK_WAIT):
+        # As "gc", not "save": a job's save meeting it waits instead of failing.
+        with RootLock(self.root, "gc", wait=LOCK_WAIT):
             staging = self._temporaries()
             if not dry_run:
                 self._fix_latest()  # first: retention spares what `latest` names
-            doomed = self._doomed()
+            doomed, links = self._doomed()
             # Hard-linked data shared with kept checkpoints is not freed.
             freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
             if not dry_run:
@@ -411,7 +447,7 @@ class CheckpointManager:
                 self._apply_retention()
                 self._fix_latest()
         return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
-                "freed_bytes": freed, "dry_run": dry_run}
+                "kept_links": links, "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
     def _candidates(self, step: int | None) -> list[int]:

@@ -16,7 +16,8 @@ from typing import Callable
 from .. import gcpause
 from ..errors import CheckpointNotFoundError, DckptError, NotACheckpointError
 from ..format import anatomy
-from ..format.layout import LATEST_NAME, is_staging, not_a_checkpoint, parse_step_dir
+from ..format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside,
+                             is_staging, not_a_checkpoint, parse_step_dir)
 from ..format.manifest import MANIFEST_NAME, Manifest
 from . import integrity, training
 from .report import (COMPLETE, ERROR, INCOMPLETE, PARTIAL, PASS, SCHEMA, WARNING, Check,
@@ -124,12 +125,23 @@ def _check_root(root: Path, steps: list[Path], report: Report) -> None:
                                    Location(file=file) if file else None))
 
     committed = [p for p in steps if (p / MANIFEST_NAME).is_file()]
-    newest = parse_step_dir(committed[-1].name) if committed else None
+    # What a resume uses: the newest committed step that repair did not set aside.
+    resumable = [p for p in committed if not is_set_aside(p)]
+    newest = parse_step_dir(resumable[-1].name) if resumable else None
     report.latest = newest
     if not committed:
         add("root.steps", ERROR, f"no committed checkpoint under {root}")
     else:
         add("root.steps", PASS, f"{len(committed)} committed checkpoint(s), newest step {newest}")
+    for p in committed:
+        if is_set_aside(p):
+            add("root.steps", WARNING, f"{p.name} was set aside by `dckpt repair` (failed "
+                f"verification; {FAILED_MARK} says why): resume skips it", p.name)
+    parked = sorted(p.name for p in root.iterdir() if aside_target(p.name) is not None)
+    if parked:
+        add("root.parked", WARNING, f"checkpoint(s) parked by an interrupted overwrite: "
+            f"{', '.join(parked[:3])}; opening a CheckpointManager on the root or `dckpt "
+            "repair` puts them back")
     uncommitted = [p.name for p in steps if p not in committed]
     if uncommitted:
         add("root.steps", ERROR, f"step directories without a manifest: {', '.join(uncommitted)}")
