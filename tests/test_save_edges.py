@@ -85,8 +85,8 @@ def test_retention_spares_the_step_latest_names(tmp_path):
     mgr.save(3, state(3))
     # `latest` moved back by hand (or not moved, disk full): retention must not delete it.
     (tmp_path / "latest").write_text("step-000000002\n")
-    assert mgr._doomed() == []
-    assert mgr._doomed(saved=3) == []
+    assert mgr._doomed()[0] == []
+    assert mgr._doomed(saved=3)[0] == []
     mgr.gc()  # gc repairs the pointer first, then retention may delete step 2
     assert mgr.steps() == [3]
     assert (tmp_path / "latest").read_text().strip() == "step-000000003"
