@@ -20,7 +20,8 @@ from . import __version__, commit, dist, errors, gcpause, incremental, io, parti
 from .errors import CheckpointNotFoundError, DckptError, DistributedError, ManifestError
 from .format import tree as treecodec
 from .format.layout import rank_file
-from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
+from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, TensorEntry, parse,
+                              read_manifest_bytes)
 from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
 from .state.restore import RestoreReport, materialize, restore_into
@@ -248,7 +249,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     """Parse and validate the manifest of the checkpoint at `path`."""
     p = Path(path) / MANIFEST_NAME
     try:
-        data = p.read_bytes()
+        data = read_manifest_bytes(p)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path} is not a committed checkpoint (no {MANIFEST_NAME})")
     except OSError as e:

@@ -38,7 +38,8 @@ from . import commit
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                      IncompleteCheckpointError, ManifestError)
 from .format.layout import rank_file
-from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse
+from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
+                              read_manifest_bytes)
 
 log = logging.getLogger("dckpt")
 
@@ -50,7 +51,7 @@ _STATS = ("new_bytes", "referenced_bytes", "new_chunks", "referenced_chunks", "u
 def read_manifest(ckpt: Path) -> Manifest:
     path = Path(ckpt) / MANIFEST_NAME
     try:
-        data = path.read_bytes()
+        data = read_manifest_bytes(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{ckpt} is not a committed checkpoint") from None
     except OSError as e:

@@ -6,10 +6,12 @@ checks the usual tensor record (the same checks as _whole_tensor, held equal by 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,67 @@ _HEX16 = re.compile(r"[0-9a-f]{16}").fullmatch
 def is_safe_name(name: Any) -> bool:
     """A single path component: no separators, no '..', no hidden or absolute names."""
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open a file of a checkpoint for reading as the native reader opens data files
+    (csrc/fileio.cpp): O_NOFOLLOW, since a checkpoint holds only regular files and a link
+    could lead a loader (and an incremental save's hard link) outside it; O_NONBLOCK, so a
+    FIFO cannot hang the open; then fstat, regular files only. Returns the descriptor and
+    its stat. Raises OSError as os.open does (FileNotFoundError, ...), and ValueError
+    saying what the path is instead of a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError("is a symbolic link (refused: a checkpoint holds only regular "
+                             "files; replace the link with a copy of the file)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise ValueError(f"is {kind}, not a regular file (refused)")
+    return fd, st
+
+
+def read_manifest_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of the manifest at `path`, for every manifest reader. Opened by
+    open_regular (no FIFO can hang it, no link leads it to /dev/zero), its size checked
+    before reading, and never more than MAX_MANIFEST_BYTES + 1 bytes read (a file growing
+    meanwhile cannot make it read more). Raises ManifestError for a link, a non-regular or
+    an oversized file, OSError (FileNotFoundError, ...) where it cannot be opened."""
+    try:
+        fd, st = open_regular(path)
+    except ValueError as e:
+        raise ManifestError(f"{path} {e}", str(path)) from None
+    try:
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: size: {st.st_size} bytes exceeds the "
+                                f"{MAX_MANIFEST_BYTES} byte limit", str(path), "size")
+        parts, total, want = [], 0, st.st_size + 1
+        while total <= MAX_MANIFEST_BYTES:
+            part = os.read(fd, min(want, MAX_MANIFEST_BYTES + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+            want = 1 << 20
+        if total > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: size: it grew past the {MAX_MANIFEST_BYTES} byte "
+                                "limit while being read", str(path), "size")
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class Chunk(NamedTuple):

@@ -12,12 +12,20 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse
+from ..errors import ManifestError
+from .manifest import (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse,
+                       read_manifest_bytes)
 
 
 def read_manifest(ckpt: str | Path) -> Manifest:
     path = Path(ckpt) / MANIFEST_NAME
-    return parse(path.read_bytes(), str(path))
+    try:
+        data = read_manifest_bytes(path)
+    except FileNotFoundError:
+        raise  # callers say "not a committed checkpoint"
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
+    return parse(data, str(path))
 
 
 def unshuffle(data: bytes, width: int) -> bytes:

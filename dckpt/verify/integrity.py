@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
 from ..format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME,
-                               Chunk, Manifest, parse)
+                               Chunk, Manifest, parse, read_manifest_bytes)
 from ..units import human_size as _size
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
@@ -29,7 +29,7 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
     """Group 1: the manifest is there, parses, validates, and its version is supported."""
     g = "structure"
     mpath = ckpt / MANIFEST_NAME
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         staged = [p.name for p in ckpt.glob(MANIFEST_NAME + ".tmp")]
         why = (" (a manifest.json.tmp lies beside it: the save crashed while committing)"
                if staged else " (the save never committed, or the manifest was deleted)")
@@ -37,10 +37,13 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
                 f"checkpoint{why}", Location(file=MANIFEST_NAME))
         return None
     try:
-        data = mpath.read_bytes()
+        data = read_manifest_bytes(mpath)
     except OSError as e:
         rep.add(g, "structure.manifest", ERROR, f"cannot read {MANIFEST_NAME}: {e.strerror}",
                 Location(file=MANIFEST_NAME))
+        return None
+    except ManifestError as e:  # a link, a FIFO, a device, oversized: refused unread
+        rep.add(g, "structure.manifest", ERROR, str(e), Location(file=MANIFEST_NAME))
         return None
     if not data:
         rep.add(g, "structure.manifest", ERROR, f"{MANIFEST_NAME} is empty (0 bytes)",
