@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 import dckpt
-from dckpt.format.manifest import MANIFEST_NAME
+from dckpt.format.manifest import MANIFEST_NAME, _canonical
 
-from attacks import model_state
+import xxhash
+
+from attacks import manifest_obj, model_state, tree_child, tree_set
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -86,6 +88,7 @@ for name in sys.argv[4].split(","):
         print(name, "UNTYPED", type(e).__name__, str(e)[:300].replace("\n", " "))
     finally:
         signal.alarm(0)
+print("maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, "MiB")
 """
 
 ENTRY_POINTS = ["load", "restore", "inspect", "ls", "diff", "consolidate", "verify"]
@@ -180,3 +183,45 @@ def test_sparse_gigabyte_manifest(root):
             assert results[name].startswith("EXIT 0"), results
             continue
         assert refused(results[name], "exceeds the"), (name, results[name])
+
+
+# ---- 3. what a parsed manifest may allocate is bounded -----------------------------------------
+
+def splice(ckpt: Path, obj: dict, marker: bytes, text: bytes) -> None:
+    """Write obj with `marker` (a JSON string in it) replaced by `text`, sealed: so a huge
+    manifest is made without building it as Python objects."""
+    body = {k: v for k, v in obj.items() if k != "self_hash"}
+    digest = xxhash.xxh3_64_intdigest(_canonical(body).replace(marker, text, 1))
+    body["self_hash"] = f"{digest:016x}"
+    (ckpt / MANIFEST_NAME).write_bytes(_canonical(body).replace(marker, text, 1) + b"\n")
+
+
+def test_manifest_of_empty_lists(root):
+    """20M empty lists in a 60 MB manifest (sealed): parsed, they take about 1.3 GB (26x).
+    Refused by counting before parsing, in a process that could not map 512 MiB more."""
+    ckpt = root / "step-000000002"
+    obj = manifest_obj(ckpt)
+    tree_set(tree_child(obj["ranks"][0]["tree"], "extra"), "lists", "LISTS")
+    n = 20_000_000
+    splice(ckpt, obj, b'"LISTS"', b"[" + b"[]," * (n - 1) + b"[]]")
+    results = attack(root, ["load", "inspect", "verify"], memory_mib=512)
+    for name in ("load", "inspect", "verify"):
+        assert refused(results[name], "JSON values exceed the limit"), (name, results[name])
+    print("empty lists: peak RSS", results["maxrss"])
+
+
+def test_manifest_of_empty_tensor_records(root):
+    """600,000 empty tensor records (valid ones: shape [0]) in a 60 MB manifest: parsed and
+    checked, they took about 1 GB and 15 s in inspect. Refused by their count."""
+    ckpt = root / "step-000000002"
+    obj = manifest_obj(ckpt)
+    obj["tensors"]["!marker"] = "RECORDS"
+    record = (b'{"dtype":"float32","kind":"torch","shape":[0],"shards":[{"chunks":[],'
+              b'"offsets":[0],"rank":0,"shape":[0]}]}')
+    n = 600_000  # names sort before every real one, so the bytes stay canonical
+    text = b",".join(b'"!%07d":' % i + record for i in range(n))
+    splice(ckpt, obj, b'"!marker":"RECORDS"', text)
+    results = attack(root, ["load", "inspect"])
+    for name in ("load", "inspect"):
+        assert refused(results[name], "tensor records exceed the limit"), (name, results[name])
+    print("empty tensor records: peak RSS", results["maxrss"])

@@ -32,6 +32,24 @@ FORMAT_VERSION = 1
 HASH_ALGORITHM = "xxh3_64"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 512 << 20
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A limit a user may raise (or lower) by environment variable; bad values are ignored."""
+    try:
+        value = int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+# Parsed JSON takes up to ~30x its text (`[],` is 3 bytes, an empty list 64), so the byte
+# limit alone let a 300 MB manifest of empty lists take > 4 GB. Values (counted as commas
+# plus brackets plus braces, an upper bound found before parsing) and tensor records are
+# bounded too: a 70B-parameter model with AdamW on 64 ranks, 4 MB chunks, writes about 5M
+# values and 2k tensors. At the value limit a parse takes at most about 1 GB.
+MAX_MANIFEST_VALUES = _env_limit("DCKPT_MAX_MANIFEST_VALUES", 1 << 24)
+MAX_MANIFEST_TENSORS = _env_limit("DCKPT_MAX_MANIFEST_TENSORS", 1 << 19)
 MAX_CHUNK_BYTES = 1 << 30
 MAX_INT = (1 << 63) - 1
 # A zstd block of up to 128 KiB costs at least 4 stored bytes (an RLE block), so no frame
@@ -393,8 +411,23 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     c = _Check(path)
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
+    # Before parsing: what the parse would allocate. memchr-speed, ~1 ms per 3 MB.
+    values = data.count(b",") + data.count(b"[") + data.count(b"{")
+    if values > MAX_MANIFEST_VALUES:
+        c.fail("size", f"about {values} JSON values exceed the limit of {MAX_MANIFEST_VALUES} "
+                       "(set DCKPT_MAX_MANIFEST_VALUES to read a manifest this large)")
+    # Every tensor record has a "shards" key: in the canonical form each writer produces,
+    # this bounds the records before parsing (a record takes ~1.7 KB parsed and ~25 us).
+    if data.count(b'"shards":') > MAX_MANIFEST_TENSORS:
+        c.fail("tensors", f"more than {MAX_MANIFEST_TENSORS} tensor records exceed the limit "
+                          "(set DCKPT_MAX_MANIFEST_TENSORS to read them)")
     obj, parts, hash_ok = _decode(data, path)
     c.type_(obj, dict, "top level")
+    # Other spellings of the same are caught here, before the self hash and the records.
+    tensors_obj = obj.get("tensors")
+    if isinstance(tensors_obj, dict) and len(tensors_obj) > MAX_MANIFEST_TENSORS:
+        c.fail("tensors", f"{len(tensors_obj)} tensor records exceed the limit of "
+                          f"{MAX_MANIFEST_TENSORS} (set DCKPT_MAX_MANIFEST_TENSORS to read them)")
     if obj.get("format") != FORMAT_NAME:
         c.fail("format", f"not a dckpt manifest (format={obj.get('format')!r:.40})")
     version = obj.get("version")
