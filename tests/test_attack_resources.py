@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
 import dckpt
 from dckpt.format.manifest import MANIFEST_NAME, _canonical
 
 import xxhash
 
-from attacks import manifest_obj, model_state, tree_child, tree_set
+from attacks import SLOW, manifest_obj, model_state, rewrite_manifest, tree_child, tree_set
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
@@ -74,6 +75,7 @@ attempts = {
     "diff": lambda: run_cli("diff", base, ckpt),
     "consolidate": lambda: dckpt.incremental.consolidate(ckpt, f"{root}/../consolidated"),
     "verify": lambda: run_cli("verify", ckpt),
+    "verify_deep": lambda: run_cli("verify", "--deep", "--threads", "1", ckpt),
 }
 for name in sys.argv[4].split(","):
     signal.alarm(20)
@@ -225,3 +227,99 @@ def test_manifest_of_empty_tensor_records(root):
     for name in ("load", "inspect"):
         assert refused(results[name], "tensor records exceed the limit"), (name, results[name])
     print("empty tensor records: peak RSS", results["maxrss"])
+
+
+# ---- 4. allocation and decompression bombs ----------------------------------------------------
+
+GIB = 1 << 30
+
+
+def add_tensor(ckpt: Path, name: str, file: str, size: int, chunks: list, numel: int) -> None:
+    """Declare a uint8 tensor `name` of `numel` elements in `chunks` of data file `file`
+    (`size` bytes), and put it in the tree at extra/<name>; re-sealed."""
+    obj = manifest_obj(ckpt)
+    obj["files"].append({"name": file, "size": size, "rank": 0})
+    index = len(obj["files"]) - 1
+    obj["tensors"][name] = {"kind": "torch", "dtype": "uint8", "shape": [numel], "shards": [
+        {"offsets": [0], "shape": [numel], "rank": 0,
+         "chunks": [[index, *c] for c in chunks]}]}
+    tree_set(tree_child(obj["ranks"][0]["tree"], "extra"), name, {"$tensor": name})
+    rewrite_manifest(ckpt, obj)
+
+
+@pytest.fixture(scope="module")
+def gib_frame():
+    """A valid zstd frame of 1 GiB of zeros (about 32 KB), and the hash of those zeros."""
+    zeros = bytes(1 << 20)
+    comp = zstandard.ZstdCompressor(level=1).compressobj(size=GIB)
+    frame = b"".join(comp.compress(zeros) for _ in range(GIB >> 20)) + comp.flush()
+    h = xxhash.xxh3_64()
+    for _ in range(GIB >> 20):
+        h.update(zeros)
+    return frame, h.intdigest()
+
+
+def zstd_bomb(ckpt: Path, frame: bytes, raw_hash: int) -> None:
+    """Two valid 1 GiB zstd frames of zeros: a 66 KB checkpoint holding 2 GiB, which
+    passes every check (it is a real, if very compressible, tensor)."""
+    (ckpt / "bomb.dckpt").write_bytes(frame + frame)
+    stored = f"{xxhash.xxh3_64_intdigest(frame):016x}"
+    chunks = [[i * len(frame), len(frame), GIB, 1, f"{raw_hash:016x}", stored] for i in (0, 1)]
+    add_tensor(ckpt, "bomb", "bomb.dckpt", 2 * len(frame), chunks, 2 * GIB)
+
+
+def test_zstd_bomb_over_the_ceiling(root, gib_frame):
+    """With DCKPT_MAX_LOAD_BYTES=1 GiB, loading the 2 GiB bomb is refused before anything
+    is allocated for it, naming the tensor and its file (the process could not map
+    512 MiB more: an allocation first would be an untyped allocator error)."""
+    zstd_bomb(root / "step-000000002", *gib_frame)
+    results = run_job(ATTEMPTS, "as=512", str(root), "2", "1", "load,restore",
+                      env={"DCKPT_MAX_LOAD_BYTES": str(GIB)})
+    for name in ("load", "restore"):
+        r = results[name]
+        assert r.startswith("TYPED ResourceLimitError") and "'bomb'" in r \
+            and "bomb.dckpt" in r and "over the limit" in r, (name, r)
+
+
+def test_allocation_failure_is_typed(root, gib_frame):
+    """Under the default ceiling (the machine's memory) the bomb may be loaded, but this
+    process cannot map 512 MiB more: torch's allocator fails, and that is a typed error
+    naming the tensor; `verify --deep` cannot allocate its 1 GiB decode buffer, and reports
+    the chunk instead of failing with an untyped ChunkError."""
+    zstd_bomb(root / "step-000000002", *gib_frame)
+    results = run_job(ATTEMPTS, "as=512", str(root), "2", "1", "load,restore,verify_deep",
+                      env={"DCKPT_MAX_LOAD_BYTES": ""})
+    for name in ("load", "restore"):
+        r = results[name]
+        assert r.startswith("TYPED ResourceLimitError") and "'bomb'" in r \
+            and "cannot allocate" in r, (name, r)
+    r = results["verify_deep"]
+    assert r.startswith("EXIT 1") and "cannot allocate a 1073741824-byte buffer" in r, r
+
+
+def test_terabyte_over_sparse_file(root):
+    """2^40 uint8 elements declared over a 32 MiB sparse file: 1,024 chunks of 1 GiB, each
+    stored in 32 KiB (the zstd bound lets that through), so the file-size check passes.
+    Refused by the ceiling before torch is asked for a terabyte."""
+    ckpt = root / "step-000000002"
+    stored = (GIB >> 15)
+    with open(ckpt / "sparse.dckpt", "wb") as f:
+        f.truncate(1024 * stored)
+    chunks = [[i * stored, stored, GIB, 1, "0" * 16, "0" * 16] for i in range(1024)]
+    add_tensor(ckpt, "tera", "sparse.dckpt", 1024 * stored, chunks, 1 << 40)
+    results = run_job(ATTEMPTS, "as=512", str(root), "2", "1", "load,restore",
+                      env={"DCKPT_MAX_LOAD_BYTES": ""})
+    for name in ("load", "restore"):
+        r = results[name]
+        assert r.startswith("TYPED ResourceLimitError") and "'tera'" in r \
+            and "over the limit" in r, (name, r)
+
+
+@pytest.mark.skipif(not SLOW, reason="allocates 2 GiB (DCKPT_SLOW=1)")
+def test_zstd_bomb_loads_where_it_fits(root, gib_frame):
+    """Highly compressible is not hostile: under the default ceiling the bomb is a valid
+    tensor of 2 GiB of zeros, and loads as one."""
+    zstd_bomb(root / "step-000000002", *gib_frame)
+    state = dckpt.load(root / "step-000000002")
+    bomb = state["extra"]["bomb"]
+    assert bomb.numel() == 2 * GIB and not bomb.any()
