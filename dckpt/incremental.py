@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError
                      IncompleteCheckpointError, ManifestError)
 from .format.layout import rank_file
 from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
-                              read_manifest_bytes)
+                              open_regular, read_manifest_bytes)
 
 log = logging.getLogger("dckpt")
 
@@ -187,9 +188,14 @@ class _Links:
     def _link(self, f: FileEntry) -> str | None:
         src, name = f.path(self.base), _link_name(self.base, f, self.rank)
         try:
-            if os.stat(src).st_size != f.size:  # a damaged base is not shared further
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode):  # a link would share a file outside the base
+                raise OSError(errno.EINVAL, "not a regular file (a symbolic link?)")
+            if st.st_size != f.size:  # a damaged base is not shared further
                 raise OSError(errno.EINVAL, f"size differs from its manifest ({f.size})")
-            os.link(src, self.tmp / name)
+            # Never through a link swapped in meanwhile: the link itself would be linked,
+            # and loads refuse it.
+            os.link(src, self.tmp / name, follow_symlinks=False)
         except FileExistsError:
             if not os.path.samefile(src, self.tmp / name):
                 raise
@@ -352,12 +358,21 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
                     counters=m.counters, metrics=m.metrics, meta=meta, created=m.created)
 
 
+def _open_data(path: Path, tensor: str, ci: int) -> int:
+    """A data file opened as loads open them: no symbolic link, no FIFO."""
+    try:
+        return open_regular(path)[0]
+    except ValueError as e:
+        raise IncompleteCheckpointError(f"tensor '{tensor}' chunk {ci}: {path} {e}", str(path),
+                                        tensor, ci) from None
+
+
 def _read_stored(src: Path, m: Manifest, c: Chunk, handles: dict, tensor: str,
                  ci: int) -> bytes:
     path = m.files[c.file].path(src)
     try:
         if c.file not in handles:
-            handles[c.file] = open(path, "rb")
+            handles[c.file] = os.fdopen(_open_data(path, tensor, ci), "rb")
         fh = handles[c.file]
         fh.seek(c.offset)
         data = fh.read(c.stored)

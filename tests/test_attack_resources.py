@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import zstandard
 
 import dckpt
 from dckpt.format.manifest import MANIFEST_NAME, _canonical
+from dckpt.verify import verify
 
 import xxhash
 
@@ -323,3 +325,64 @@ def test_zstd_bomb_loads_where_it_fits(root, gib_frame):
     state = dckpt.load(root / "step-000000002")
     bomb = state["extra"]["bomb"]
     assert bomb.numel() == 2 * GIB and not bomb.any()
+
+
+# ---- 6. symbolic links inside a checkpoint ----------------------------------------------------
+
+def link_out(ckpt: Path, outside: Path) -> Path:
+    """Move the checkpoint's data file outside and leave a symbolic link to it: the bytes
+    are exactly the saved ones, so only the link itself can be objected to."""
+    data = ckpt / "rank-00000.dckpt"
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(data, outside)
+    data.symlink_to(outside)
+    return data
+
+
+def test_load_and_verify_refuse_a_linked_data_file(root, tmp_path):
+    """A data file that is a link outside the root: load, restore and verify refuse it,
+    naming it (they followed it and loaded the outside file); the native reader on its
+    own refuses it too (O_NOFOLLOW), so a link swapped in after the check is caught."""
+    ckpt = root / "step-000000002"
+    data = link_out(ckpt, tmp_path / "elsewhere" / "outside.dckpt")
+    for load in (lambda: dckpt.load(ckpt),
+                 lambda: dckpt.CheckpointManager(root).restore(model_state(0), step=2)):
+        with pytest.raises(dckpt.errors.IncompleteCheckpointError, match="symbolic link") as e:
+            load()
+        assert e.value.path == str(data)
+    report = verify(ckpt)
+    assert not report.ok
+    assert any("rank-00000.dckpt (rank 0) is a symbolic link" in c.message
+               for c in report.all_checks()), [c.message for c in report.all_checks()]
+    m = dckpt.read_manifest(ckpt)
+    name, t = next((n, t) for n, t in m.tensors.items() if t.shards[0].chunks)
+    dest = torch.empty(t.nbytes, dtype=torch.uint8)
+    with pytest.raises(dckpt.errors.StorageError, match="symbolic link"):
+        dckpt.io.read_into([str(data)], [dest], [t.itemsize], [t.shards[0].chunks], [name])
+    with pytest.raises(dckpt.errors.IncompleteCheckpointError, match="symbolic link"):
+        dckpt.incremental.consolidate(ckpt, tmp_path / "consolidated")
+
+
+def test_incremental_save_does_not_link_an_outside_file(tmp_path):
+    """The base's data file is a link to a file outside the root: an incremental save
+    hard-linked the link into the new checkpoint, which then depended on the outside file
+    too. Now it writes the chunks again: no file of the new checkpoint is a link or the
+    outside inode, and it loads bitwise."""
+    root = tmp_path / "root"
+    mgr = dckpt.CheckpointManager(root, chunk_size=4096)
+    state = {"frozen": torch.randn(4096), "step": torch.zeros(1)}
+    mgr.save(1, state)
+    outside = tmp_path / "elsewhere" / "outside.dckpt"
+    link_out(mgr.path(1), outside)
+    state["step"] += 1
+    r = mgr.save(2, state)
+    new = mgr.path(2)
+    inode = outside.stat().st_ino
+    files = list(new.iterdir())
+    assert not any(p.is_symlink() for p in files)
+    assert all(p.stat().st_ino != inode for p in files), [p.name for p in files]
+    assert outside.stat().st_nlink == 1
+    meta = dckpt.read_manifest(new).meta["incremental"]
+    assert "not a regular file" in meta["fallback"] and meta["referenced_chunks"] == 0, meta
+    back = dckpt.load(new)
+    assert all(torch.equal(back[k], v) for k, v in state.items())

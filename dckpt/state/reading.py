@@ -95,13 +95,17 @@ class TensorReader:
     def _admit_file(self, index: int, tensor: str) -> None:
         path, want = self.paths[index], self.m.files[index].size
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # a link could lead outside the checkpoint: refused below
         except FileNotFoundError:
             raise IncompleteCheckpointError(f"tensor '{tensor}': data file {path} is missing",
                                             path, tensor) from None
         except OSError as e:
             raise StorageError(f"tensor '{tensor}': cannot stat {path}: {e.strerror}",
                                path) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise IncompleteCheckpointError(
+                f"tensor '{tensor}': {path} is a symbolic link (refused: a checkpoint holds "
+                "only regular files; replace the link with a copy of the file)", path, tensor)
         if not stat.S_ISREG(st.st_mode):
             raise IncompleteCheckpointError(f"tensor '{tensor}': {path} is not a regular file",
                                             path, tensor)

@@ -7,6 +7,7 @@ bar moving without idling the reader threads for long.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +83,21 @@ def check_files(ckpt: Path, m: Manifest, rep: CheckpointReport) -> set[int]:
         shown = f"{f.dir}/{f.name}" if f.dir else f.name
         loc = Location(file=shown, rank=f.rank)
         try:
-            size = p.stat().st_size
+            st = p.lstat()
+            size = st.st_size
         except FileNotFoundError:
             rep.add(g, "files.present", ERROR, f"{shown} (rank {f.rank}) is missing: "
                     f"{_tensors_in(m, i)} lost", loc)
             continue
         except OSError as e:
             rep.add(g, "files.present", ERROR, f"{shown}: {e.strerror}", loc)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            what = ("a symbolic link (refused: a checkpoint holds only regular files; "
+                    "replace the link with a copy of the file)" if stat.S_ISLNK(st.st_mode)
+                    else "not a regular file")
+            rep.add(g, "files.present", ERROR, f"{shown} (rank {f.rank}) is {what}: "
+                    f"{_tensors_in(m, i)} unreadable", loc)
             continue
         if size == 0 and f.size > 0:
             rep.add(g, "files.empty", ERROR, f"{shown} (rank {f.rank}) is empty; the manifest "
