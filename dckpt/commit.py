@@ -44,7 +44,16 @@ def make_dirs(path: Path) -> None:
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
+        try:
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        except OSError as e:
+            raise _storage_error(f"creating the directory {d}", d, e) from None
+
+
+# ENOSPC from a mkdir or an open(O_CREAT) is most often the file system out of inodes.
+def _storage_error(what: str, path: Path, e: OSError) -> StorageError:
+    hint = " (no space, or no free inodes: see `df -i`)" if e.errno == errno.ENOSPC else ""
+    return StorageError(f"{what} failed: {e.strerror or e}{hint}", str(path))
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,7 +110,10 @@ def begin(target: Path, overwrite: bool = False) -> Path:
         raise CheckpointExistsError(f"{target} already exists; pass overwrite=True to replace it")
     make_dirs(target.parent)
     tmp = staging_dir(target)
-    tmp.mkdir(mode=DIR_MODE)
+    try:
+        tmp.mkdir(mode=DIR_MODE)
+    except OSError as e:
+        raise _storage_error(f"creating the staging directory {tmp}", tmp, e) from None
     return tmp
 
 

@@ -386,3 +386,68 @@ def test_incremental_save_does_not_link_an_outside_file(tmp_path):
     assert "not a regular file" in meta["fallback"] and meta["referenced_chunks"] == 0, meta
     back = dckpt.load(new)
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+# ---- 5. inode exhaustion ----------------------------------------------------------------------
+
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A real tmpfs with 64 inodes (plenty of space): it runs out of inodes, not bytes."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,nr_inodes=64,mode=0755",
+                          "tmpfs", str(mnt)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip() or out.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def use_inodes(mnt: Path, leave: int) -> None:
+    """Create empty files until exactly `leave` inodes stay free."""
+    fill = mnt / "fill"
+    shutil.rmtree(fill, ignore_errors=True)
+    fill.mkdir()
+    i = 0
+    while os.statvfs(mnt).f_favail > leave:
+        (fill / str(i)).touch()
+        i += 1
+
+
+def test_out_of_inodes(few_inodes):
+    """With 0, 1, 2, ... inodes left, a save either commits or raises StorageError naming
+    the path (a bare OSError(ENOSPC) came from creating the staging directory), and the
+    previous step stays the latest, intact, with nothing left behind. A manager whose root
+    cannot be created raises StorageError too."""
+    from dckpt.errors import StorageError
+    from attacks import assert_same, known_state
+    root = few_inodes / "root"
+    mgr = dckpt.CheckpointManager(root, chunk_size=16384)
+    mgr.save(1, known_state(1, scale=4))
+    outcomes = {}
+    for leave in range(6):
+        use_inodes(few_inodes, leave)
+        try:
+            dckpt.CheckpointManager(root, chunk_size=16384).save(2, known_state(2, scale=4))
+        except StorageError as e:
+            # Phase 1 failures are re-raised on every rank from their type and message:
+            # the staging directory is named in the message only.
+            path = e.path or str(e).split("staging directory ")[1].split(" failed")[0]
+            assert "No space left on device" in str(e) and str(root) in path, e
+            what = Path(path).name.split(".tmp")[0].lstrip(".").split(".")[0]
+            outcomes[f"StorageError at {what}"] = outcomes.get(f"StorageError at {what}", 0) + 1
+            assert sorted(p.name for p in root.iterdir()) == [".lock", "latest",
+                                                              "step-000000001"]
+        else:
+            outcomes["saved"] = outcomes.get("saved", 0) + 1
+            assert_same(dckpt.load(mgr.path(2)), known_state(2, scale=4))
+            shutil.rmtree(mgr.path(2))
+        assert mgr.latest_step() == 1
+        assert_same(dckpt.load(mgr.path(1)), known_state(1, scale=4))
+    print(f"\nout of inodes: {outcomes}")
+    assert outcomes.get("StorageError at step-000000002") and outcomes.get("saved"), outcomes
+    use_inodes(few_inodes, 0)
+    with pytest.raises(StorageError, match="no free inodes"):
+        dckpt.CheckpointManager(few_inodes / "new-root")
