@@ -138,7 +138,7 @@ def test_fifo_manifest_hangs_no_reader(root):
     path.unlink()
     os.mkfifo(path)
     results = attack(root)
-    assert sorted(results) == sorted(ENTRY_POINTS), results
+    assert set(ENTRY_POINTS) <= set(results), results
     for name in ENTRY_POINTS:
         if name == "ls":  # lists the step as "bad manifest", naming the problem
             assert results[name].startswith("EXIT 0") or refused(results[name], "FIFO"), results

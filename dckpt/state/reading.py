@@ -70,7 +70,8 @@ class TensorReader:
         try:
             return make()
         except (RuntimeError, MemoryError) as e:  # torch's allocator raises RuntimeError
-            if isinstance(e, RuntimeError) and "alloc" not in str(e):
+            if isinstance(e, RuntimeError) and not any(
+                    w in str(e) for w in ("alloc", "out of memory")):
                 raise
             raise self._limit_error(name, nbytes, f"cannot allocate {nbytes} bytes to load it "
                                     f"({type(e).__name__}: {str(e)[:200]})") from None
