@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -98,6 +99,13 @@ Status hash_mismatch(Kind kind, const Where& where, uint64_t expected, uint64_t 
 Status io_failure(const Where& where, const std::string& what, int err) {
   // A file that ends before a chunk it was checked to contain was truncated meanwhile.
   return fail(err == kUnexpectedEof ? Kind::OutOfBounds : Kind::Io, where, what, error_text(err));
+}
+
+// A decode buffer the allocator refused (a chunk may declare up to 1 GiB raw): a failure of
+// this chunk, named, not an anonymous "out of memory" for the whole call.
+Status out_of_memory(const Where& where, int64_t raw_len) {
+  return fail(Kind::Io, where, "out of memory",
+              "cannot allocate a " + std::to_string(raw_len) + "-byte buffer to decode the chunk");
 }
 
 Status open_failure(const Where& where, int err) {
@@ -567,8 +575,12 @@ Status read_chunks(const std::vector<std::string>& paths, const std::vector<Read
     const ChunkRecord& r = (*target.chunks)[task.chunk];
     Where where{&paths[r.file_index], static_cast<int64_t>(task.target),
                 static_cast<int64_t>(task.chunk), r.offset};
-    return load_chunk(files.file(r.file_index), r, target.data + task.pos, target.elem_size, verify,
-                      workers[w], where);
+    try {
+      return load_chunk(files.file(r.file_index), r, target.data + task.pos, target.elem_size,
+                        verify, workers[w], where);
+    } catch (const std::bad_alloc&) {
+      return out_of_memory(where, r.raw_len);
+    }
   });
 }
 
@@ -595,11 +607,15 @@ Status verify_chunks(const std::vector<std::string>& paths,
     Where where{&paths[r.file_index], -1, static_cast<int64_t>(i), r.offset};
     const File& file = files.file(r.file_index);
     // Raw chunks have stored_hash == raw_hash, so only compressed ones need decoding.
-    if (deep && r.codec != kRaw)
-      results[i] = load_chunk(file, r, workers[w].raw.get(static_cast<size_t>(r.raw_len)),
-                              elem_sizes[i], /*verify=*/true, workers[w], where);
-    else
-      results[i] = check_stored(file, r, workers[w], where);
+    try {
+      if (deep && r.codec != kRaw)
+        results[i] = load_chunk(file, r, workers[w].raw.get(static_cast<size_t>(r.raw_len)),
+                                elem_sizes[i], /*verify=*/true, workers[w], where);
+      else
+        results[i] = check_stored(file, r, workers[w], where);
+    } catch (const std::bad_alloc&) {
+      results[i] = out_of_memory(where, r.raw_len);
+    }
     return Status();
   });
   if (!st.ok()) return st;

@@ -21,6 +21,9 @@ std::string error_text(int err) {
   switch (err) {
     case kUnexpectedEof: return "unexpected end of file";
     case kNotRegularFile: return "not a regular file";
+    case kSymlink:
+      return "a symbolic link (refused: a checkpoint holds only regular files; replace the "
+             "link with a copy of the file)";
     default: return std::strerror(err);
   }
 }
@@ -45,10 +48,11 @@ File& File::operator=(File&& other) noexcept {
 int File::open_read(const std::string& path) {
   int fd;
   // O_NONBLOCK keeps open() from waiting for a writer on a FIFO; regular files ignore it.
+  // O_NOFOLLOW: a data file that is a link could lead the reader outside the checkpoint.
   do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
   } while (fd < 0 && errno == EINTR);
-  if (fd < 0) return errno;
+  if (fd < 0) return errno == ELOOP ? kSymlink : errno;
   File opened;
   opened.fd_ = fd;
   struct stat st;

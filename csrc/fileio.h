@@ -11,6 +11,7 @@ namespace dckpt {
 // Error codes are errno values, 0 for success, or one of these.
 constexpr int kUnexpectedEof = -1;
 constexpr int kNotRegularFile = -2;
+constexpr int kSymlink = -3;
 
 // Alignment of O_DIRECT buffers, offsets and lengths: the page size, which is a multiple
 // of every logical block size Linux filesystems use.

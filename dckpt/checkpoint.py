@@ -22,7 +22,7 @@ from .errors import (CheckpointNotFoundError, DckptError, DistributedError, Mani
 from .format import tree as treecodec
 from .format.layout import not_a_checkpoint, rank_file
 from .format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
-                              TensorEntry, parse)
+                              TensorEntry, parse, read_manifest_bytes)
 from .state.flatten import Flat, Leaf, component_kind, flatten
 from .state.reading import TensorReader
 from .state.restore import RestoreReport, materialize, restore_into
@@ -331,7 +331,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     """Parse and validate the manifest of the checkpoint at `path`."""
     p = Path(path) / MANIFEST_NAME
     try:
-        data = p.read_bytes()
+        data = read_manifest_bytes(p)
     except OSError as e:
         why = not_a_checkpoint(Path(path))  # a torch.save file, a manager root
         if why:

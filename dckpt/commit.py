@@ -48,14 +48,20 @@ def make_dirs(path: Path) -> None:
 
 
 def _mkdir(d: Path, exist_ok: bool = False) -> None:
-    """mkdir with DIR_MODE; a failure (read-only, permissions, a file in the way) is a
-    StorageError that says what to do."""
+    """mkdir with DIR_MODE; a failure (read-only, permissions, a file in the way, no free
+    inodes) is a StorageError that says what to do."""
     try:
         d.mkdir(mode=DIR_MODE, exist_ok=exist_ok)
     except OSError as e:
-        raise StorageError(f"cannot create directory {d}: {e.strerror or e}; save where this "
-                           "process may write (a writable, mounted directory with free space)",
-                           str(d)) from None
+        raise _storage_error(f"cannot create directory {d}", d, e) from None
+
+
+def _storage_error(what: str, path: Path, e: OSError) -> StorageError:
+    # ENOSPC from a mkdir or an open(O_CREAT) is most often the file system out of inodes.
+    hint = (" (no space, or no free inodes: see `df -i`)" if e.errno == errno.ENOSPC else
+            "; save where this process may write (a writable, mounted directory with free "
+            "space)")
+    return StorageError(f"{what}: {e.strerror or e}{hint}", str(path))
 
 
 def fsync_dir(path: Path) -> None:

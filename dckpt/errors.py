@@ -107,6 +107,19 @@ class StorageError(DckptError):
         self.path = path
 
 
+class ResourceLimitError(DckptError):
+    """A load would allocate more than it may (DCKPT_MAX_LOAD_BYTES, by default the
+    machine's physical memory), or the allocation failed. Raised before anything of the
+    tensor is read; names the tensor and the file it lies in."""
+
+    def __init__(self, message: str, path: str | None = None, tensor: str | None = None,
+                 nbytes: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.tensor = tensor
+        self.nbytes = nbytes
+
+
 class AsyncSaveError(DckptError):
     """A background save failed (nothing of it was committed) or did not finish.
 

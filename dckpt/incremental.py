@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ from . import commit
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                      IncompleteCheckpointError, ManifestError)
 from .format.layout import rank_file
-from .format.manifest import MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse
+from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
+                              open_regular, read_manifest_bytes)
 
 log = logging.getLogger("dckpt")
 
@@ -50,7 +52,7 @@ _STATS = ("new_bytes", "referenced_bytes", "new_chunks", "referenced_chunks", "u
 def read_manifest(ckpt: Path) -> Manifest:
     path = Path(ckpt) / MANIFEST_NAME
     try:
-        data = path.read_bytes()
+        data = read_manifest_bytes(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{ckpt} is not a committed checkpoint") from None
     except OSError as e:
@@ -187,9 +189,14 @@ class _Links:
     def _link(self, f: FileEntry) -> str | None:
         src, name = f.path(self.base), _link_name(self.base, f, self.rank)
         try:
-            if os.stat(src).st_size != f.size:  # a damaged base is not shared further
+            st = os.lstat(src)
+            if not stat.S_ISREG(st.st_mode):  # a link would share a file outside the base
+                raise OSError(errno.EINVAL, "not a regular file (a symbolic link?)")
+            if st.st_size != f.size:  # a damaged base is not shared further
                 raise OSError(errno.EINVAL, f"size differs from its manifest ({f.size})")
-            os.link(src, self.tmp / name)
+            # Never through a link swapped in meanwhile: the link itself would be linked,
+            # and loads refuse it.
+            os.link(src, self.tmp / name, follow_symlinks=False)
         except FileExistsError:
             if not os.path.samefile(src, self.tmp / name):
                 raise
@@ -415,12 +422,21 @@ def _copy_chunks(src: Path, m: Manifest, tmp: Path, fsync: bool) -> Manifest:
                     version=m.version)
 
 
+def _open_data(path: Path, tensor: str, ci: int) -> int:
+    """A data file opened as loads open them: no symbolic link, no FIFO."""
+    try:
+        return open_regular(path)[0]
+    except ValueError as e:
+        raise IncompleteCheckpointError(f"tensor '{tensor}' chunk {ci}: {path} {e}", str(path),
+                                        tensor, ci) from None
+
+
 def _read_stored(src: Path, m: Manifest, c: Chunk, handles: dict, tensor: str,
                  ci: int) -> bytes:
     path = m.files[c.file].path(src)
     try:
         if c.file not in handles:
-            handles[c.file] = open(path, "rb")
+            handles[c.file] = os.fdopen(_open_data(path, tensor, ci), "rb")
         fh = handles[c.file]
         fh.seek(c.offset)
         data = fh.read(c.stored)

@@ -245,8 +245,10 @@ def _memory(dest: torch.Tensor | np.ndarray):
 def verify_chunks(paths: list[str], chunks: list[Chunk], elem_sizes: list[int],
                   deep: bool = False, threads: int = 0) -> list[tuple]:
     """Failures as (chunk_index, kind, expected, actual, message); empty when all good."""
-    return _native.verify_chunks(paths, chunks, elem_sizes,
-                                 deep=deep, threads=threads)
+    try:
+        return _native.verify_chunks(paths, chunks, elem_sizes, deep=deep, threads=threads)
+    except _native.ChunkError as e:  # the call itself failed, not a chunk: typed too
+        raise _map_error(e, [], [chunks]) from None
 
 
 def hash64(data) -> int:

@@ -31,7 +31,7 @@ from .format import anatomy
 from .format import tree as treecodec
 from .format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
                             parse_step_dir)
-from .format.manifest import MANIFEST_NAME, parse
+from .format.manifest import MANIFEST_NAME, parse, read_manifest_bytes
 
 SCHEMA = "dckpt.repair/1"
 BACKUP_DIR = ".dckpt-backup"
@@ -210,7 +210,7 @@ def _add_rng(base: Path, ckpts: list[Path], report: RepairReport, saver: _Backup
     for ckpt in ckpts:
         mpath = ckpt / MANIFEST_NAME
         try:
-            m = parse(mpath.read_bytes(), str(mpath))
+            m = parse(read_manifest_bytes(mpath), str(mpath))
         except Exception:
             continue  # unreadable manifests are reported by the latest check and by verify
         lacking = {r: [s for s in anatomy.BASE_STREAMS if s not in _streams(e)]

@@ -223,7 +223,7 @@ class ScalarReader:
         fd = self._fds.get(ch.file)
         if fd is None:
             fd = os.open(m.files[ch.file].path(self.ckpt),
-                         os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                         os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
             self._fds[ch.file] = fd
         data = os.pread(fd, ch.stored, ch.offset)
         if len(data) != ch.stored or xxhash.xxh3_64_intdigest(data) != ch.raw_hash:

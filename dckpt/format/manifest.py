@@ -6,10 +6,12 @@ checks the usual tensor record (the same checks as _whole_tensor, held equal by 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,24 @@ VIEWS_VERSION = 2  # written only by saves whose state tree holds $view nodes (d
 HASH_ALGORITHM = "xxh3_64"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 512 << 20
+
+
+def _env_limit(name: str, default: int) -> int:
+    """A limit a user may raise (or lower) by environment variable; bad values are ignored."""
+    try:
+        value = int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+# Parsed JSON takes up to ~30x its text (`[],` is 3 bytes, an empty list 64), so the byte
+# limit alone let a 300 MB manifest of empty lists take > 4 GB. Values (counted as commas
+# plus brackets plus braces, an upper bound found before parsing) and tensor records are
+# bounded too: a 70B-parameter model with AdamW on 64 ranks, 4 MB chunks, writes about 5M
+# values and 2k tensors. At the value limit a parse takes at most about 1 GB.
+MAX_MANIFEST_VALUES = _env_limit("DCKPT_MAX_MANIFEST_VALUES", 1 << 24)
+MAX_MANIFEST_TENSORS = _env_limit("DCKPT_MAX_MANIFEST_TENSORS", 1 << 19)
 MAX_CHUNK_BYTES = 1 << 30
 MAX_INT = (1 << 63) - 1
 # A zstd block of up to 128 KiB costs at least 4 stored bytes (an RLE block), so no frame
@@ -49,6 +69,67 @@ _HEX16 = re.compile(r"[0-9a-f]{16}").fullmatch
 def is_safe_name(name: Any) -> bool:
     """A single path component: no separators, no '..', no hidden or absolute names."""
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """Open a file of a checkpoint for reading as the native reader opens data files
+    (csrc/fileio.cpp): O_NOFOLLOW, since a checkpoint holds only regular files and a link
+    could lead a loader (and an incremental save's hard link) outside it; O_NONBLOCK, so a
+    FIFO cannot hang the open; then fstat, regular files only. Returns the descriptor and
+    its stat. Raises OSError as os.open does (FileNotFoundError, ...), and ValueError
+    saying what the path is instead of a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError("is a symbolic link (refused: a checkpoint holds only regular "
+                             "files; replace the link with a copy of the file)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise ValueError(f"is {kind}, not a regular file (refused)")
+    return fd, st
+
+
+def read_manifest_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of the manifest at `path`, for every manifest reader. Opened by
+    open_regular (no FIFO can hang it, no link leads it to /dev/zero), its size checked
+    before reading, and never more than MAX_MANIFEST_BYTES + 1 bytes read (a file growing
+    meanwhile cannot make it read more). Raises ManifestError for a link, a non-regular or
+    an oversized file, OSError (FileNotFoundError, ...) where it cannot be opened."""
+    try:
+        fd, st = open_regular(path)
+    except ValueError as e:
+        raise ManifestError(f"{path} {e}", str(path)) from None
+    try:
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: size: {st.st_size} bytes exceeds the "
+                                f"{MAX_MANIFEST_BYTES} byte limit", str(path), "size")
+        parts, total, want = [], 0, st.st_size + 1
+        while total <= MAX_MANIFEST_BYTES:
+            part = os.read(fd, min(want, MAX_MANIFEST_BYTES + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+            want = 1 << 20
+        if total > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: size: it grew past the {MAX_MANIFEST_BYTES} byte "
+                                "limit while being read", str(path), "size")
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class Chunk(NamedTuple):
@@ -368,8 +449,23 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     c = _Check(path)
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
+    # Before parsing: what the parse would allocate. memchr-speed, ~1 ms per 3 MB.
+    values = data.count(b",") + data.count(b"[") + data.count(b"{")
+    if values > MAX_MANIFEST_VALUES:
+        c.fail("size", f"about {values} JSON values exceed the limit of {MAX_MANIFEST_VALUES} "
+                       "(set DCKPT_MAX_MANIFEST_VALUES to read a manifest this large)")
+    # Every tensor record has a "shards" key: in the canonical form each writer produces,
+    # this bounds the records before parsing (a record takes ~1.7 KB parsed and ~25 us).
+    if data.count(b'"shards":') > MAX_MANIFEST_TENSORS:
+        c.fail("tensors", f"more than {MAX_MANIFEST_TENSORS} tensor records exceed the limit "
+                          "(set DCKPT_MAX_MANIFEST_TENSORS to read them)")
     obj, parts, hash_ok = _decode(data, path)
     c.type_(obj, dict, "top level")
+    # Other spellings of the same are caught here, before the self hash and the records.
+    tensors_obj = obj.get("tensors")
+    if isinstance(tensors_obj, dict) and len(tensors_obj) > MAX_MANIFEST_TENSORS:
+        c.fail("tensors", f"{len(tensors_obj)} tensor records exceed the limit of "
+                          f"{MAX_MANIFEST_TENSORS} (set DCKPT_MAX_MANIFEST_TENSORS to read them)")
     if obj.get("format") != FORMAT_NAME:
         c.fail("format", f"not a dckpt manifest (format={obj.get('format')!r:.40})")
     version = obj.get("version")

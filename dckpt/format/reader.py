@@ -6,18 +6,27 @@ the native core: simple and slow on purpose.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import xxhash
 import zstandard
 
-from .manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse
+from ..errors import ManifestError
+from .manifest import (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse,
+                       open_regular, read_manifest_bytes)
 
 
 def read_manifest(ckpt: str | Path) -> Manifest:
     path = Path(ckpt) / MANIFEST_NAME
-    return parse(path.read_bytes(), str(path))
+    try:
+        data = read_manifest_bytes(path)
+    except FileNotFoundError:
+        raise  # callers say "not a committed checkpoint"
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
+    return parse(data, str(path))
 
 
 def read_view(ckpt: str | Path, m: Manifest, node: dict) -> np.ndarray:
@@ -52,7 +61,12 @@ def read_tensor_bytes(ckpt: str | Path, m: Manifest, name: str) -> np.ndarray:
     for shard in t.shards:
         raw = bytearray()
         for ch in shard.chunks:
-            with open(m.files[ch.file].path(ckpt), "rb") as fh:
+            path = m.files[ch.file].path(ckpt)
+            try:
+                fd = open_regular(path)[0]  # no link out of the checkpoint, no FIFO
+            except ValueError as e:
+                raise ValueError(f"{name}: {path} {e}") from None
+            with os.fdopen(fd, "rb") as fh:
                 fh.seek(ch.offset)
                 stored = fh.read(ch.stored)
             if xxhash.xxh3_64_intdigest(stored) != ch.stored_hash:

@@ -17,9 +17,28 @@ import numpy as np
 import torch
 
 from .. import io
-from ..errors import IncompleteCheckpointError, StateMismatchError, StorageError
+from ..errors import (IncompleteCheckpointError, ResourceLimitError, StateMismatchError,
+                      StorageError)
 from ..format.manifest import Manifest, Shard, TensorEntry
 from .tensors import dtype_name, torch_dtype
+
+
+def max_load_bytes() -> int:
+    """What one load may allocate for tensors it creates: DCKPT_MAX_LOAD_BYTES, else the
+    machine's physical memory. The manifest bounds raw bytes by stored bytes only up to
+    zstd's 32,768x, so a 66 KB checkpoint may declare 2 GiB and a 32 MiB sparse file 1 TiB;
+    a load needing more than the machine has cannot succeed, and failing in the allocator
+    gives an untyped error after other tensors were read."""
+    text = os.environ.get("DCKPT_MAX_LOAD_BYTES", "")
+    if text:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62
 
 
 class TensorReader:
@@ -33,6 +52,34 @@ class TensorReader:
         self._names: list[str] = []
         self._after: list = []  # copies from staging into destinations, run after the reads
         self._admitted: set[int] = set()
+        self._allocated = 0  # bytes allocated for this load (new tensors, staging)
+        self._ceiling = max_load_bytes()
+
+    def allocate(self, name: str, nbytes: int, make):
+        """make() a new destination or buffer of `nbytes` for tensor `name`, after checking
+        the tensor's files (admit) and the load's ceiling; an allocator failure becomes a
+        typed error too. Nothing of the tensor has been read yet."""
+        self.admit(name)
+        self._allocated += nbytes
+        if self._allocated > self._ceiling:
+            raise self._limit_error(
+                name, nbytes, f"loading it needs {nbytes} bytes, {self._allocated} in all for "
+                f"this load, over the limit of {self._ceiling} (DCKPT_MAX_LOAD_BYTES, by default "
+                "the machine's memory): a hostile or damaged manifest, or a checkpoint too "
+                "large for this machine (raise DCKPT_MAX_LOAD_BYTES if it is real)")
+        try:
+            return make()
+        except (RuntimeError, MemoryError) as e:  # torch's allocator raises RuntimeError
+            if isinstance(e, RuntimeError) and not any(
+                    w in str(e) for w in ("alloc", "out of memory")):
+                raise
+            raise self._limit_error(name, nbytes, f"cannot allocate {nbytes} bytes to load it "
+                                    f"({type(e).__name__}: {str(e)[:200]})") from None
+
+    def _limit_error(self, name: str, nbytes: int, why: str) -> ResourceLimitError:
+        chunks = [c for s in self.m.tensors[name].shards for c in s.chunks]
+        path = self.paths[chunks[0].file] if chunks else None
+        return ResourceLimitError(f"tensor '{name}' (in {path}): {why}", path, name, nbytes)
 
     def admit(self, name: str) -> None:
         """Check that the files behind tensor `name` exist and hold the bytes the manifest
@@ -49,13 +96,17 @@ class TensorReader:
     def _admit_file(self, index: int, tensor: str) -> None:
         path, want = self.paths[index], self.m.files[index].size
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # a link could lead outside the checkpoint: refused below
         except FileNotFoundError:
             raise IncompleteCheckpointError(f"tensor '{tensor}': data file {path} is missing",
                                             path, tensor) from None
         except OSError as e:
             raise StorageError(f"tensor '{tensor}': cannot stat {path}: {e.strerror}",
                                path) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise IncompleteCheckpointError(
+                f"tensor '{tensor}': {path} is a symbolic link (refused: a checkpoint holds "
+                "only regular files; replace the link with a copy of the file)", path, tensor)
         if not stat.S_ISREG(st.st_mode):
             raise IncompleteCheckpointError(f"tensor '{tensor}': {path} is not a regular file",
                                             path, tensor)
@@ -85,7 +136,8 @@ class TensorReader:
         offsets = offsets or [0] * len(entry.shape)
         target = dest
         if not dest.is_cpu or not dest.is_contiguous():
-            target = torch.empty(dest.shape, dtype=dest.dtype, pin_memory=dest.is_cuda)
+            target = self.allocate(name, dest.nbytes, lambda: torch.empty(
+                dest.shape, dtype=dest.dtype, pin_memory=dest.is_cuda))
             self._after.append(lambda d=dest, t=target: d.copy_(t, non_blocking=d.is_cuda))
         self._plan_block(name, entry, target, offsets)
 
@@ -134,7 +186,8 @@ class TensorReader:
                 picked.append(ch)
                 stop = end
             start = end
-        buf = torch.empty(shard.raw_bytes, dtype=torch.uint8)
+        buf = self.allocate(name, shard.raw_bytes,
+                            lambda: torch.empty(shard.raw_bytes, dtype=torch.uint8))
         self._add(name, buf[begin:stop], entry.itemsize, picked)
         dtype = torch_dtype(entry.dtype)
         src = buf.view(dtype).reshape(shard.shape)[

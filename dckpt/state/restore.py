@@ -118,8 +118,9 @@ class _Walk:
             self.restored.append(e)
             return live
         if name not in self.made:
-            self.reader.admit(name)  # before allocating what the manifest declares
-            t = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
+            # After checking its files and the load's ceiling: what the manifest declares.
+            t = self.reader.allocate(name, e.nbytes,
+                                     lambda: torch.empty(e.shape, dtype=torch_dtype(e.dtype)))
             self.reader.request(name, t)
             self.restored.append(e)
             self.made[name] = t
@@ -165,8 +166,8 @@ class _Walk:
                     and live.dtype.str == e.dtype and list(live.shape) == e.shape):
                 a = live
             else:
-                self.reader.admit(name)
-                a = np.empty(e.shape, dtype=numpy_dtype(e.dtype))
+                a = self.reader.allocate(name, e.nbytes,
+                                         lambda: np.empty(e.shape, dtype=numpy_dtype(e.dtype)))
             self.reader.request(name, a)
             self.restored.append(e)
             self.made[name] = a

@@ -7,13 +7,14 @@ bar moving without idling the reader threads for long.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
 from ..format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME,
-                               Chunk, Manifest, parse)
+                               Chunk, Manifest, parse, read_manifest_bytes)
 from ..units import human_size as _size
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
@@ -29,7 +30,7 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
     """Group 1: the manifest is there, parses, validates, and its version is supported."""
     g = "structure"
     mpath = ckpt / MANIFEST_NAME
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         staged = [p.name for p in ckpt.glob(MANIFEST_NAME + ".tmp")]
         why = (" (a manifest.json.tmp lies beside it: the save crashed while committing)"
                if staged else " (the save never committed, or the manifest was deleted)")
@@ -37,10 +38,13 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
                 f"checkpoint{why}", Location(file=MANIFEST_NAME))
         return None
     try:
-        data = mpath.read_bytes()
+        data = read_manifest_bytes(mpath)
     except OSError as e:
         rep.add(g, "structure.manifest", ERROR, f"cannot read {MANIFEST_NAME}: {e.strerror}",
                 Location(file=MANIFEST_NAME))
+        return None
+    except ManifestError as e:  # a link, a FIFO, a device, oversized: refused unread
+        rep.add(g, "structure.manifest", ERROR, str(e), Location(file=MANIFEST_NAME))
         return None
     if not data:
         rep.add(g, "structure.manifest", ERROR, f"{MANIFEST_NAME} is empty (0 bytes)",
@@ -79,13 +83,21 @@ def check_files(ckpt: Path, m: Manifest, rep: CheckpointReport) -> set[int]:
         shown = f"{f.dir}/{f.name}" if f.dir else f.name
         loc = Location(file=shown, rank=f.rank)
         try:
-            size = p.stat().st_size
+            st = p.lstat()
+            size = st.st_size
         except FileNotFoundError:
             rep.add(g, "files.present", ERROR, f"{shown} (rank {f.rank}) is missing: "
                     f"{_tensors_in(m, i)} lost", loc)
             continue
         except OSError as e:
             rep.add(g, "files.present", ERROR, f"{shown}: {e.strerror}", loc)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            what = ("a symbolic link (refused: a checkpoint holds only regular files; "
+                    "replace the link with a copy of the file)" if stat.S_ISLNK(st.st_mode)
+                    else "not a regular file")
+            rep.add(g, "files.present", ERROR, f"{shown} (rank {f.rank}) is {what}: "
+                    f"{_tensors_in(m, i)} unreadable", loc)
             continue
         if size == 0 and f.size > 0:
             rep.add(g, "files.empty", ERROR, f"{shown} (rank {f.rank}) is empty; the manifest "
