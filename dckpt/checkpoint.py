@@ -147,7 +147,7 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
     gathered = _exchange([begun, offers], failure, "plan", staged, target, group)
     tmp_name, error = gathered[0][0]
     if error:
-        raise getattr(errors, error[0], DckptError)(error[1])
+        raise _rebuilt(*error)
     tmp, offers = Path(tmp_name), [g[1] for g in gathered]
     late = sharding.undecided(offers)
     if late:  # large plain tensors on every rank: hash only these, to find the replicas
@@ -230,12 +230,20 @@ def plain_json(v: Any, where: str) -> Any:
 
 
 def _begin(target: Path, overwrite: bool) -> list:
-    """Rank 0: [staging directory, None], or [None, [error type, message]] that every rank
-    raises (the target exists, say)."""
+    """Rank 0: [staging directory, None], or [None, [error type, message, path]] that every
+    rank raises (the target exists, say)."""
     try:
         return [str(commit.begin(target, overwrite)), None]
     except DckptError as e:
-        return [None, [type(e).__name__, str(e)]]
+        return [None, [type(e).__name__, str(e), getattr(e, "path", None)]]
+
+
+def _rebuilt(name: str, message: str, path: str | None) -> DckptError:
+    """Rank 0's begin error, of its type and with its path, on every rank."""
+    cls = getattr(errors, name, DckptError)
+    if path is not None and issubclass(cls, (errors.StorageError, errors.ManifestError)):
+        return cls(message, path)
+    return cls(message)
 
 
 def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, target: Path,
