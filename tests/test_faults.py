@@ -111,5 +111,46 @@ def test_a_dead_rank_is_named_by_every_survivor_within_seconds(tmp_path, world, 
         # A dead rank 0 takes the store with it; any other is missed by its heartbeat.
         cause = "store failed" if victim == 0 else "stopped responding"
         check_raised_together(res["outcome"], r, victim, f"death at {op} call {call}", cause)
+        print(f"death of rank {victim} at {op} call {call}: rank {r} raised after "
+              f"{res['outcome']['seconds']:.1f} s")
         assert res["previous_exact"], r
         assert not res["intact"], res["intact"]
+
+
+def _restore_from_own_root(rank, world, base):
+    """Each rank's manager sees its own copy of the root, as nodes with node-local roots
+    do; rank 1's copy lacks the newest step (it was saved while rank 1's node was away)."""
+    import shutil
+
+    import torch
+
+    from dckpt import CheckpointManager
+    from dckpt.format.layout import step_dir
+    from dckpt import dist
+    root = Path(base) / f"node-{rank}"
+    if rank == 0:
+        shutil.copytree(Path(base) / "shared", Path(base) / "node-0")
+        shutil.copytree(Path(base) / "shared", Path(base) / "node-1")
+        shutil.rmtree(Path(base) / "node-1" / step_dir(2))
+    dist.barrier()
+    state = {"w": torch.zeros(4)}
+    report = CheckpointManager(root).restore(state)
+    return [report.step, state["w"].tolist()]
+
+
+def _save_two_steps(rank, world, base):
+    import torch
+
+    from dckpt import CheckpointManager
+    mgr = CheckpointManager(Path(base) / "shared", keep_last=5)
+    for step in (1, 2):
+        mgr.save(step, {"w": torch.full((4,), float(step))})
+    return True
+
+
+def test_ranks_restore_the_step_rank_0_picks(tmp_path):
+    from distributed import run_with_ranks
+    run_with_ranks(2, _save_two_steps, str(tmp_path), timeout=120)
+    results = run_with_ranks(2, _restore_from_own_root, str(tmp_path), timeout=120)
+    assert results[0][0] == results[1][0], results  # never two different steps
+    assert results[0] == results[1]
