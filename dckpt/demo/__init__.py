@@ -32,9 +32,66 @@ def add_arguments(parser) -> None:
     parser.add_argument("--every", type=int,
                         help="checkpoint every K steps (default 10; 4 with CI)")
     parser.add_argument("--kill-at", type=int, help="step at which the run is killed")
+    parser.add_argument("--readme", metavar="PATH",
+                        help="write this run's output into PATH's demo section (README.md)")
 
 
 def run(args) -> int:
+    if not args.readme:
+        return _run(args)
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    load_before = os.getloadavg()
+    try:
+        code = _run(args)
+    finally:
+        sys.stdout = tee.out
+    _write_readme(Path(args.readme), tee.text(), load_before)
+    return code
+
+
+class _Tee:
+    """stdout, remembered: the README excerpt is this run's own output."""
+
+    def __init__(self, out):
+        self.out, self.parts = out, []
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        return self.out.write(s)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+BEGIN, END = "<!-- dckpt demo --readme: begin -->", "<!-- dckpt demo --readme: end -->"
+
+
+def _write_readme(path: Path, output: str, load_before: tuple) -> None:
+    """Replace what lies between BEGIN and END in `path` with this run's output from step
+    [2/6] on (work-directory paths shortened) and the machine, date and load it ran under."""
+    body = output[output.index("[2/6]"):] if "[2/6]" in output else output
+    if "work directory: " in output:
+        work = output.split("work directory: ", 1)[1].split("\n", 1)[0]
+        body = body.replace(work + "/", "").replace(work, ".")
+    lines = [ln for ln in body.splitlines() if not ln.startswith("loss curve plot")]
+    load = os.getloadavg()
+    head = (f"`dckpt demo --readme README.md` on {time.strftime('%Y-%m-%d %H:%M')} UTC, "
+            f"{os.cpu_count()} cores, load average {load_before[0]:.1f} before and "
+            f"{load[0]:.1f} after the run:")
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"dckpt demo: {path} has no {BEGIN} ... {END} section to write")
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    path.write_text(f"{before}{BEGIN}\n{head}\n\n```\n" + "\n".join(lines).rstrip()
+                    + f"\n```\n{END}{after}")
+
+
+def _run(args) -> int:
     ci = bool(os.environ.get("CI"))
     steps = args.steps or (16 if ci else 60)
     every = args.every or (4 if ci else 10)
