@@ -1,7 +1,8 @@
 """Native I/O core against its plain-Python peers, on the same bytes in the same run.
 
-    python benchmarks/bench_native.py                 # 1 GiB, 5 rounds, updates docs/BENCHMARKS.md
-    python benchmarks/bench_native.py --quick         # 128 MiB, 3 rounds, prints only
+    python benchmarks/bench_native.py                 # 1 GiB, 5 rounds
+    python benchmarks/bench_native.py --quick         # 128 MiB, 3 rounds
+    python benchmarks/bench_native.py --record benchmarks/results/native.json   # for the docs
 
 Systems run interleaved (one round = every system once) so that the machine's swings in
 disk and CPU speed hit all of them alike; the table shows medians over rounds and each
@@ -9,9 +10,7 @@ native figure's ratio to its peer. Throughput is raw (uncompressed) bytes per se
 except verify, which reads the stored bytes.
 """
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -26,9 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from dckpt import _native  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402
+from dckpt.bench.record import recording  # noqa: E402
 
 CHUNK = 4 << 20
-SECTION = "## Native core"
 
 
 def weights_like(nbytes):
@@ -72,30 +71,6 @@ def py_verify(path, scratch):
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(view):
             xxhash.xxh3_64_intdigest(view[:n])
-
-
-def describe_machine(directory):
-    mem_kib = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    device, fstype, best = "?", "?", ""
-    with open("/proc/mounts") as f:
-        for line in f:
-            dev, mount, fs = line.split()[:3]
-            if directory.startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
-                device, fstype, best = dev, fs, mount
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{len(os.sched_getaffinity(0))} usable cores ({cpu}), "
-            f"{mem_kib / (1 << 20):.0f} GiB memory; files in {directory} "
-            f"({fstype} on {device} mounted at {best or '?'}); load average at start "
-            f"{os.getloadavg()[0]:.1f}")
 
 
 def run(args):
@@ -220,44 +195,25 @@ def report(gbps, cpu_per_gb, z_ratio, args, load):
     return lines, targets, notes
 
 
-def update_doc(path, body):
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default="/var/tmp",
                         help="directory for the files (a disk, not tmpfs, to include fsync)")
-    parser.add_argument("--quick", action="store_true", help="128 MiB, 3 rounds, no doc update")
-    parser.add_argument("--no-doc", action="store_true", help="do not update docs/BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true", help="128 MiB, 3 rounds")
+    parser.add_argument("--record", default=None,
+                        help="also write a record for the docs generator (dckpt/bench/docs.py)")
     args = parser.parse_args()
     if args.quick:
-        args.size_mb, args.repeats, args.no_doc = min(args.size_mb, 128), 3, True
+        args.size_mb, args.repeats = min(args.size_mb, 128), 3
     args.dir = os.path.abspath(args.dir)
-
-    machine = describe_machine(args.dir)
-    load = os.getloadavg()[0]
-    gbps, cpu_per_gb, z_ratio = run(args)
-    load = max(load, os.getloadavg()[0])
-    lines, targets, notes = report(gbps, cpu_per_gb, z_ratio, args, load)
-    print("\n".join([machine, ""] + lines + [""] + targets + notes[-1:]))
-    if not args.no_doc:
-        date = datetime.date.today().isoformat()
-        body = "\n".join(
-            [SECTION, "", f"`benchmarks/bench_native.py`, {date}. Machine: {machine}.", ""]
-            + notes + [""] + lines + ["", "Targets:", ""] + targets) + "\n"
-        update_doc(os.path.join(REPO, "docs", "BENCHMARKS.md"), body)
-        print("updated docs/BENCHMARKS.md")
+    with recording(args.record, kind="markdown", directory=args.dir):
+        load = os.getloadavg()[0]
+        gbps, cpu_per_gb, z_ratio = run(args)
+        load = max(load, os.getloadavg()[0])
+        lines, targets, notes = report(gbps, cpu_per_gb, z_ratio, args, load)
+        print("\n".join(notes + [""] + lines + ["", "Targets:", ""] + targets))
 
 
 if __name__ == "__main__":
