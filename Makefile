@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow asan bench bench-quick clean
+.PHONY: setup demo test test-slow asan bench bench-quick bench-docs bench-docs-quick clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,6 +26,17 @@ bench: setup
 
 bench-quick: setup
 	@$(PY) -m dckpt bench --quick
+
+# docs/BENCHMARKS.md from committed commands: runs every section's benchmark (hours on a
+# 2-core machine; run it on a quiet one), records each into benchmarks/results/, then
+# rebuilds the file from the records and benchmarks/notes/ (dckpt/bench/docs.py).
+bench-docs: setup
+	@$(PY) -m dckpt.bench.docs --run
+
+# The same pipeline with tiny sizes, into bench-results/docs/: checks that it works.
+bench-docs-quick: setup
+	@$(PY) -m dckpt.bench.docs --run --quick --results bench-results/docs \
+		--doc bench-results/docs/BENCHMARKS.md
 
 clean:
 	rm -rf build *.egg-info dckpt/*.so .venv .cache

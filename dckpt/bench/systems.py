@@ -83,6 +83,7 @@ class DckptManager(System):
         self.name = MANAGER_CHANGED if changed else MANAGER_FIRST
         self.loads = not changed  # the same restore path either way: measured once
         self._mgr = None
+        self.last = None  # the timed save's SaveResult
 
     def before_save(self, w: Workload, path: Path) -> None:
         from dckpt import CheckpointManager
@@ -96,7 +97,7 @@ class DckptManager(System):
                 w.perturb()  # every bit flipped back: the saved state again
 
     def save(self, w: Workload, path: Path) -> None:
-        self._mgr.save(2 if self.changed else 1, w.state())
+        self.last = self._mgr.save(2 if self.changed else 1, w.state())
 
     def load(self, w: Workload, path: Path) -> None:
         self._mgr.restore(w.state())  # the newest checkpoint, as a resume does
