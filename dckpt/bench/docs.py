@@ -91,7 +91,7 @@ def notes_of(slug: str, notes: Path = NOTES) -> str:
 
 
 def _load_text(t) -> str:
-    return " ".join(str(x) for x in t) if isinstance(t, list) else str(t)
+    return ("/".join(str(x) for x in t) + " (1/5/15 min)") if isinstance(t, list) else str(t)
 
 
 def machine_line(r: dict) -> str:
@@ -108,7 +108,8 @@ def render_record(section: Section, record: dict, notes: str, doc_dir: Path) -> 
         from . import report
         chart = doc_dir / "bench_save_load.png"
         report.chart(record["result"], chart)
-        return report.markdown(record["result"], chart.name, record["command"], notes).rstrip()
+        result = dict(record["result"], commit=record.get("commit"))
+        return report.markdown(result, chart.name, record["command"], notes).rstrip()
     parts = [f"## {section.title}", "",
              f"Produced by `{record['command']}` (commit {record.get('commit', '?')}) on "
              f"{record.get('started', '?')}, {record.get('seconds', '?')} s. Machine: "
@@ -128,7 +129,9 @@ def render_legacy(section: Section, legacy: str) -> str:
     cmd = "python " + " ".join(section.command)
     where = f" on a machine with {section.needs}" if section.needs else ""
     banner = (f"*Not regenerated yet: the figures in this section were taken before the "
-              f"generator existed and copied from the output of the command they name. "
+              f"generator existed, with the committed command they name, and written here "
+              f"by hand or by that command; notes that rested only on probes that were never "
+              f"committed are removed. "
               f"`make bench-docs` (or `{cmd}` with `--record benchmarks/results/"
               f"{section.slug}.json`{where}, then `python -m dckpt.bench.docs`) replaces it.*")
     return "\n".join([f"## {section.title}", "", banner, "", legacy.strip()])

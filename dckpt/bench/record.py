@@ -50,6 +50,9 @@ def commit() -> str:
 def command_line(argv: list[str] | None = None) -> str:
     """The command as a reader would retype it from the repository root."""
     argv = list(sys.argv if argv is None else argv)
+    if "--record" in argv[:-1]:  # where the record goes is not part of the recipe
+        i = argv.index("--record")
+        argv = argv[:i] + argv[i + 2:]
     script = Path(argv[0])
     if script.is_file():
         try:

@@ -331,7 +331,8 @@ def machine_markdown(result: dict) -> str:
             f"{'measured (page cache dropped before each)' if o['cold'] else 'not measured'}; "
             f"load average {result['load_average_start']} at start, "
             f"{result.get('load_average_end')} at end; run took {result.get('seconds')} s "
-            f"on {result['started']}.")
+            f"on {result['started']}"
+            + (f", commit {result['commit']}." if result.get("commit") else "."))
 
 
 def markdown(result: dict, chart_name: str | None = None, command: str = "",
