@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow asan bench bench-quick bench-docs bench-docs-quick clean
+.PHONY: setup demo test test-slow test-attacks asan bench bench-quick bench-docs bench-docs-quick clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,14 @@ test: setup
 # Long attacks: 200 crash trials, 5,000 bit flips (docs/RELIABILITY.md).
 test-slow: setup
 	@DCKPT_SLOW=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+# A reduced but meaningful slice of the long attacks, for CI (about 1.5 minutes on 2 cores):
+# 40 SIGKILLs at random moments per mode, 1,000 bit flips per codec, and a tmpfs filled
+# page by page so the space runs out in the data file and in the manifest.
+test-attacks: setup
+	@DCKPT_ATTACKS=medium $(PY) -m pytest -q -p no:cacheprovider \
+		tests/test_attack_crash.py tests/test_attack_bitflip.py tests/test_attack_diskfull.py \
+		-k "random_moments or flip or full_tmpfs"
 
 # The hostile-input tests and the native fuzz attacks against an AddressSanitizer build.
 asan: setup
