@@ -63,7 +63,7 @@ def _check_section(text: str, title: str, script: str, sentinel: str, slug: str)
 
 def test_quick_run_records_and_renders_sections_and_keeps_their_notes(tmp_path):
     notes = _notes(tmp_path, "NOTE-KEPT")
-    proc = _run(tmp_path, notes, "verify,incremental,native")
+    proc = _run(tmp_path, notes, "save-load,verify,incremental,native")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "BENCHMARKS.md").read_text()
     _check_section(text, "Verify", "benchmarks/bench_verify.py", "NOTE-KEPT", "verify")
@@ -72,6 +72,12 @@ def test_quick_run_records_and_renders_sections_and_keeps_their_notes(tmp_path):
     _check_section(text, "Native core", "benchmarks/bench_native.py", "NOTE-KEPT", "native")
     assert "| sha256sum |" in text and "| dckpt verify |" in text
     assert "| python write+fsync, one write() call |" in text
+    save_load = text.split("## Save and load\n", 1)[1].split("\n## ", 1)[0]
+    assert "A quick run (tiny sizes)" in save_load and "Reproduce: `python -m dckpt bench" in save_load
+    assert "load average" in save_load and "commit " in save_load
+    assert (ROOT / "benchmarks" / "notes" / "save-load.md").read_text().strip() in save_load
+    assert "dckpt manager, first save GB/s" in save_load
+    assert (tmp_path / "bench_save_load.png").read_bytes()[:4] == b"\x89PNG"
     rec = json.loads((tmp_path / "results" / "verify.json").read_text())
     assert rec["quick"] is True and rec["machine"]["cores"] >= 1
     # sections not run keep their earlier figures, under the banner

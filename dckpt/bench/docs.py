@@ -32,6 +32,9 @@ NOTES = REPO / "benchmarks" / "notes"
 DOC = REPO / "docs" / "BENCHMARKS.md"
 
 
+QUICK = "**A quick run (tiny sizes): it shows the pipeline works, not how fast anything is.**"
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -109,15 +112,15 @@ def render_record(section: Section, record: dict, notes: str, doc_dir: Path) -> 
         chart = doc_dir / "bench_save_load.png"
         report.chart(record["result"], chart)
         result = dict(record["result"], commit=record.get("commit"))
-        return report.markdown(result, chart.name, record["command"], notes).rstrip()
+        text = report.markdown(result, chart.name, record["command"], notes).rstrip()
+        return text.replace("\n\n", "\n\n" + QUICK + "\n\n", 1) if record.get("quick") else text
     parts = [f"## {section.title}", "",
              f"Produced by `{record['command']}` (commit {record.get('commit', '?')}) on "
              f"{record.get('started', '?')}, {record.get('seconds', '?')} s. Machine: "
              f"{machine_line(record)}. Load average {_load_text(record.get('load_average_start'))} "
              f"at start, {_load_text(record.get('load_average_end'))} at end.", ""]
     if record.get("quick"):
-        parts += ["**A quick run (tiny sizes): it shows the pipeline works, not how fast "
-                  "anything is.**", ""]
+        parts += [QUICK, ""]
     out = record.get("output", "").strip("\n")
     parts += [out if record.get("kind") == "markdown" else f"```text\n{out}\n```", ""]
     if notes.strip():
