@@ -106,11 +106,13 @@ def machine_line(r: dict) -> str:
             f"Python {m.get('python', '?')}" + (f"; files in {fs}" if fs else ""))
 
 
-def render_record(section: Section, record: dict, notes: str, doc_dir: Path) -> str:
+def render_record(section: Section, record: dict, notes: str, doc_dir: Path,
+                  charts: bool = True) -> str:
     if record.get("kind") == "save_load":
         from . import report
         chart = doc_dir / "bench_save_load.png"
-        report.chart(record["result"], chart)
+        if charts:
+            report.chart(record["result"], chart)
         result = dict(record["result"], commit=record.get("commit"))
         text = report.markdown(result, chart.name, record["command"], notes).rstrip()
         return text.replace("\n\n", "\n\n" + QUICK + "\n\n", 1) if record.get("quick") else text
@@ -140,12 +142,15 @@ def render_legacy(section: Section, legacy: str) -> str:
     return "\n".join([f"## {section.title}", "", banner, "", legacy.strip()])
 
 
-def render(results: Path = RESULTS, notes: Path = NOTES, doc_dir: Path = DOC.parent) -> str:
+def render(results: Path = RESULTS, notes: Path = NOTES, doc_dir: Path = DOC.parent,
+           charts: bool = True) -> str:
+    """The doc's text; charts=False leaves the chart files alone (--check writes nothing)."""
     parts = [(notes / "intro.md").read_text().strip()]
     for s in SECTIONS:
         rec_path, text = results / f"{s.slug}.json", notes_of(s.slug, notes)
         if rec_path.exists():
-            parts.append(render_record(s, json.loads(rec_path.read_text()), text, doc_dir))
+            parts.append(render_record(s, json.loads(rec_path.read_text()), text, doc_dir,
+                                       charts))
         elif (notes / f"{s.slug}.legacy.md").exists():
             parts.append(render_legacy(s, (notes / f"{s.slug}.legacy.md").read_text()))
     return "\n\n".join(parts) + "\n"
@@ -198,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{[s.slug for s in SECTIONS]}", file=sys.stderr)
             return 2
         for s in SECTIONS:
+            runnable = s.available() and (s.quick if args.quick else s.command)
             if (only is None or s.slug in only) and not run_section(s, args.results, args.quick):
-                if s.available():
+                if runnable:  # skipped sections keep their record; failed ones are named
                     failed.append(s.slug)
-    text = render(args.results, args.notes, args.doc.parent)
+    text = render(args.results, args.notes, args.doc.parent, charts=not args.check)
     if args.check:
         same = args.doc.exists() and args.doc.read_text() == text
         print(f"{args.doc}: {'up to date' if same else 'differs from the records; run python -m dckpt.bench.docs'}")
