@@ -13,8 +13,13 @@ One run, on one model + AdamW state (parameters --gb, plus two moments: ~3x that
     steps taken until the save is committed), and with no save in flight (steps right
     before and after each of those saves);
   - with --compare, the same async saves with the writer buffered and unpaced (as before
-    O_DIRECT and pacing), in the same rounds.
-Systems are interleaved and repeated `--rounds` times; medians are reported. The step
+    O_DIRECT and pacing), in the same rounds;
+  - DCP's async_save at its best (unless --no-dcp): a reused background DefaultStager,
+    FileSystemWriter(thread_count=cores, sync_files=True), the upload in a thread and in
+    DCP's checkpoint process (AsyncCheckpointerType.PROCESS).
+Every system saves once untimed first (imports, DCP's checkpoint process, first pages).
+Systems are interleaved in a balanced order and repeated `--rounds` times; medians are
+reported with their min-max. The step
 slowdown is judged per save, against that save's neighbouring steps: the load of a shared
 machine moves more between rounds than a background save moves a step.
 Targets (issue 7): blocked <= 10% of the durable torch.save (stretch, deferred: <= 2%),

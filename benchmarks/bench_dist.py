@@ -10,12 +10,16 @@ which goes first:
 
 Aggregate throughput = state bytes of all ranks / wall time from a common start barrier to
 the slowest rank's finish; per-rank = that rank's own bytes / its own time. Save CPU = the
-CPU seconds (user + system, all threads) the ranks spent in one save, summed. Both systems
-fsync their files. Loads read what the save just wrote (warm page cache for both).
+CPU seconds (user and system apart, all threads) the ranks spent in one save, summed: the
+CPU breakdown of where a save's time goes. Both systems fsync their files; DCP writes with
+as many threads as there are cores. Loads read what the save just wrote (warm page cache
+for both). One untimed save and load by each system comes first; the repeats run in a
+balanced order and every figure is a median with its min-max.
 
     python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 3 repeats
     python benchmarks/bench_dist.py --mb 64 --repeats 1 --worlds 1 2
     python benchmarks/bench_dist.py --dir /var/tmp       # disk instead of memory
+    python benchmarks/bench_dist.py --record benchmarks/results/distributed.json  # for the docs
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ the same run, interleaved, on a cold page cache (each file's pages dropped with
 posix_fadvise(DONTNEED) before every pass; the files were fsync'd, so the pages are clean
 and really go) and on a warm one. The baseline reads every data file front to back with
 8 MiB readinto() calls into one reused buffer: what `cat file > /dev/null` does.
+sha256sum of the same files is the integrity check a user runs without dckpt (what
+Megatron's integrity manifest records): a verify peer, timed the same way.
 Also shown: --deep on a zstd-compressed checkpoint of the same state (decodes every chunk).
 """
 from __future__ import annotations
