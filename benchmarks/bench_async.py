@@ -260,9 +260,13 @@ def run(a, work: Path) -> int:
                   f"{key}_ratio": []})
     n = 1
     for rnd in range(a.rounds):
-        r["torch"].append(torch_save_durable(state, work / "torch.pt"))
-        r["sync"].append(sync_save(sync, n, state))
-        for key in balanced(list(modes), rnd):
+        for key in balanced(["torch", "sync", *modes], rnd):
+            if key == "torch":
+                r["torch"].append(torch_save_durable(state, work / "torch.pt"))
+                continue
+            if key == "sync":
+                r["sync"].append(sync_save(sync, n, state))
+                continue
             opts = modes[key]
             if key in dcps:
                 around = timed_steps(state, x, a.steps)
