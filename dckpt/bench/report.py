@@ -284,7 +284,8 @@ def headline(result: dict) -> str:
     hdr = (["regime", "operation", "dckpt GB/s"] + [f"{m} GB/s" for m in managers]
            + ["plain write / read"] + peers)
     lines = [f"{name} ({next(w for w in result['workloads'] if w['name'] == name)['tensors']} "
-             "tensors): GB/s (dckpt x that). The manager columns are CheckpointManager.save, "
+             "tensors): GB/s, median (min-max) for dckpt, (dckpt x that) for the others, whose "
+             "spreads are in the figures below. The manager columns are CheckpointManager.save, "
              "what a training loop calls (the first save into an empty root; a save where "
              "every tensor changed since the previous checkpoint), and its restore. Verify "
              "peers: torch.save's zip CRC check and sha256sum of the files here; each peer's "
@@ -297,10 +298,10 @@ def headline(result: dict) -> str:
             if mine is None:
                 continue
             limit = "plain write" if op == "save" else "plain read"
-            cells = [REGIME_TITLES.get(regime, regime), OP_TITLES[op], f"{mine:.2f}"]
+            cells = [REGIME_TITLES.get(regime, regime), OP_TITLES[op],
+                     _fmt_rate(rows[DCKPT].get(op))]
             for m in managers:
-                theirs = _median(rows.get(m), op)
-                cells.append(f"{theirs:.2f}" if theirs else "-")
+                cells.append(_fmt_rate((rows.get(m) or {}).get(op)))
             for n in [limit] + peers:
                 theirs = _median(rows.get(n), op)
                 cells.append(f"{theirs:.2f} ({mine / theirs:.2f}x)" if theirs else "-")

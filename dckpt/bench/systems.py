@@ -8,6 +8,7 @@ that do not sync themselves are synced by fsync_tree, inside the timed region).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -261,10 +262,12 @@ class Accelerate(System):
 def catalogue() -> list[System]:
     """Every single-process system of a run, dckpt's configurations first."""
     # "dckpt unchecked" loads without checksums: what checking every byte costs, same run.
+    # DCP writes with one thread (its default) and with one per core (its best).
     return [Dckpt(None, "dckpt"), Dckpt(None, "dckpt unchecked", verify=False),
             DckptManager(False), DckptManager(True),
             Dckpt(1, "dckpt zstd-1"), Dckpt(3, "dckpt zstd-3"),
-            TorchSave(), Safetensors(), Dcp(1), Dcp(2), Accelerate()]
+            TorchSave(), Safetensors(), Dcp(1), Dcp(max(2, len(os.sched_getaffinity(0)))),
+            Accelerate()]
 
 
 __all__ = ["System", "Dckpt", "DckptManager", "MANAGER_FIRST", "MANAGER_CHANGED", "TorchSave", "Safetensors", "Dcp", "Accelerate", "catalogue",
