@@ -10,18 +10,21 @@ which goes first:
 
 Aggregate throughput = state bytes of all ranks / wall time from a common start barrier to
 the slowest rank's finish; per-rank = that rank's own bytes / its own time. Save CPU = the
-CPU seconds (user + system, all threads) the ranks spent in one save, summed. Both systems
-fsync their files. Loads read what the save just wrote (warm page cache for both).
+CPU seconds (user and system apart, all threads) the ranks spent in one save, summed: the
+CPU breakdown of where a save's time goes. Both systems fsync their files; DCP writes with
+as many threads as there are cores. Loads read what the save just wrote (warm page cache
+for both). One untimed save and load by each system comes first; the repeats run in a
+balanced order and every figure is a median with its min-max.
 
     python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 3 repeats
     python benchmarks/bench_dist.py --mb 64 --repeats 1 --worlds 1 2
     python benchmarks/bench_dist.py --dir /var/tmp       # disk instead of memory
+    python benchmarks/bench_dist.py --record benchmarks/results/distributed.json  # for the docs
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -33,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from distributed import run_with_ranks  # noqa: E402  (the test suite's N-rank launcher)
 from dckpt.bench.order import balanced  # noqa: E402
+from dckpt.bench.record import recording  # noqa: E402
 
 SYSTEMS = ("dckpt", "dcp")
 
@@ -61,13 +65,13 @@ def build(rank: int, world: int, mb: int):
     return {"model": model, "optim": opt}, local * 3
 
 
-def cpu_seconds() -> float:
-    """CPU time of this rank's process, all its threads, user + system."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this rank's process, all its threads: (user, system)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime, r.ru_stime
 
 
-def save_load(system: str, state, path: str) -> tuple[float, float, float]:
+def save_load(system: str, state, path: str) -> tuple[float, float, tuple[float, float]]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import dckpt
@@ -83,7 +87,8 @@ def save_load(system: str, state, path: str) -> tuple[float, float, float]:
         writer = dcp.FileSystemWriter(path, thread_count=len(os.sched_getaffinity(0)),
                                       sync_files=True)
         dcp.save({"model": msd, "optim": osd}, storage_writer=writer)
-    saved, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    c1 = cpu_seconds()
+    saved, cpu = time.perf_counter() - t0, (c1[0] - c0[0], c1[1] - c0[1])
     dist.barrier()
     t1 = time.perf_counter()
     if system == "dckpt":
@@ -101,14 +106,23 @@ def save_load(system: str, state, path: str) -> tuple[float, float, float]:
 def rank_main(rank: int, world: int, mb: int, root: str, repeats: int) -> dict:
     import torch.distributed as tdist
     state, nbytes = build(rank, world, mb)
-    out = {s: {"save": [], "load": [], "save_cpu": []} for s in SYSTEMS}
+    out = {s: {"save": [], "load": [], "save_user": [], "save_sys": []} for s in SYSTEMS}
+    # One untimed save and load by each system first: imports, DCP's planner set-up and
+    # the allocator's growth fall outside the timed repeats, for both alike.
+    for system in SYSTEMS:
+        path = os.path.join(root, f"{system}-warm-up")
+        save_load(system, state, path)
+        tdist.barrier()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
     for rep in range(repeats):
         for system in balanced(SYSTEMS, rep):
             path = os.path.join(root, f"{system}-{rep}")
             saved, loaded, cpu = save_load(system, state, path)
             out[system]["save"].append(saved)
             out[system]["load"].append(loaded)
-            out[system]["save_cpu"].append(cpu)
+            out[system]["save_user"].append(cpu[0])
+            out[system]["save_sys"].append(cpu[1])
             tdist.barrier()
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
@@ -121,9 +135,22 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--record", default=None,
+                    help="also write a record for the docs generator (dckpt/bench/docs.py)")
     a = ap.parse_args()
-    print(f"# bench_dist: {os.cpu_count()} cores, {platform.machine()}, "
-          f"{time.strftime('%Y-%m-%d')}, --mb {a.mb}, dir {a.dir}, repeats {a.repeats}")
+    with recording(a.record, kind="markdown", directory=a.dir):
+        run(a)
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return (f"{fmt.format(statistics.median(values))} "
+            f"({fmt.format(min(values))}-{fmt.format(max(values))})")
+
+
+def run(a) -> None:
+    print(f"--mb {a.mb}, dir {a.dir}, {a.repeats} repeats after one untimed warm-up save and "
+          f"load per system, in a balanced order; DCP with FileSystemWriter(thread_count="
+          f"{len(os.sched_getaffinity(0))}, sync_files=True). GB/s: median (min-max).")
     rows = []
     for world in a.worlds:
         root = tempfile.mkdtemp(prefix="bench-dist-", dir=a.dir)
@@ -133,35 +160,47 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
         total = sum(r["bytes"] for r in res)
         for system in SYSTEMS:
+            t = [r["times"][system] for r in res]
+            reps = range(a.repeats)
             # per repeat: the slowest rank's time is the aggregate's wall time
-            agg_save = statistics.median(max(r["times"][system]["save"][i] for r in res)
-                                         for i in range(a.repeats))
-            agg_load = statistics.median(max(r["times"][system]["load"][i] for r in res)
-                                         for i in range(a.repeats))
-            per_save = statistics.median(r["bytes"] / statistics.median(r["times"][system]["save"])
-                                         for r in res)
-            per_load = statistics.median(r["bytes"] / statistics.median(r["times"][system]["load"])
-                                         for r in res)
+            agg_save = [total / max(x["save"][i] for x in t) / 1e9 for i in reps]
+            agg_load = [total / max(x["load"][i] for x in t) / 1e9 for i in reps]
+            per_save = [r["bytes"] / statistics.median(x["save"]) / 1e9 for r, x in zip(res, t)]
             # CPU seconds of one save, all ranks together: what the save costs the machine,
             # which other jobs' load changes much less than it changes wall time.
-            save_cpu = statistics.median(sum(r["times"][system]["save_cpu"][i] for r in res)
-                                         for i in range(a.repeats))
-            rows.append((world, system, total, per_save, total / agg_save, per_load,
-                         total / agg_load, save_cpu))
-    print("\n| ranks | system | state GB | save GB/s per rank | save GB/s aggregate | "
-          "load GB/s per rank | load GB/s aggregate | save CPU s (all ranks) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for w, s, total, ps, ags, pl, agl, cpu in rows:
-        print(f"| {w} | {s} | {total / 1e9:.2f} | {ps / 1e9:.2f} | {ags / 1e9:.2f} | "
-              f"{pl / 1e9:.2f} | {agl / 1e9:.2f} | {cpu:.3f} |")
+            user = [sum(x["save_user"][i] for x in t) for i in reps]
+            system_cpu = [sum(x["save_sys"][i] for x in t) for i in reps]
+            wall = [max(x["save"][i] for x in t) for i in reps]
+            rows.append(dict(world=world, system=system, total=total, agg_save=agg_save,
+                             agg_load=agg_load, per_save=per_save, user=user, sys=system_cpu,
+                             wall=wall))
+    print("\n| ranks | system | state GB | save GB/s aggregate | save GB/s per rank (median "
+          "of ranks) | load GB/s aggregate |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['world']} | {r['system']} | {r['total'] / 1e9:.2f} | "
+              f"{spread(r['agg_save'])} | {statistics.median(r['per_save']):.2f} | "
+              f"{spread(r['agg_load'])} |")
+    print("\nWhere a save's time goes: wall time, and the CPU seconds of all ranks together "
+          "(user, system), median (min-max) over the repeats.\n")
+    print("| ranks | system | save wall ms | user CPU ms | system CPU ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        ms = [[v * 1e3 for v in r[k]] for k in ("wall", "user", "sys")]
+        print(f"| {r['world']} | {r['system']} | " + " | ".join(spread(v, "{:.0f}") for v in ms)
+              + " |")
     print("\n| ranks | dckpt / dcp save (aggregate) | dckpt / dcp load (aggregate) | "
           "dcp / dckpt save CPU |")
     print("|---|---|---|---|")
     for w in a.worlds:
-        d = next(r for r in rows if r[0] == w and r[1] == "dckpt")
-        c = next(r for r in rows if r[0] == w and r[1] == "dcp")
-        print(f"| {w} | {d[4] / c[4]:.2f}x | {d[6] / c[6]:.2f}x | {c[7] / d[7]:.2f}x |")
-
+        d = next(r for r in rows if r["world"] == w and r["system"] == "dckpt")
+        c = next(r for r in rows if r["world"] == w and r["system"] == "dcp")
+        med = statistics.median
+        cpu = (med([u + s for u, s in zip(c["user"], c["sys"])])
+               / med([u + s for u, s in zip(d["user"], d["sys"])]))
+        print(f"| {w} | {med(d['agg_save']) / med(c['agg_save']):.2f}x | "
+              f"{med(d['agg_load']) / med(c['agg_load']):.2f}x | {cpu:.2f}x |")
+    print("\nTarget: dckpt save >= 2x DCP's aggregate at every world size.")
 
 if __name__ == "__main__":
     main()

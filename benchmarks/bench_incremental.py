@@ -16,8 +16,6 @@ counted. Modes run interleaved, repeated, and the median is reported:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -28,6 +26,7 @@ import torch
 
 from dckpt import CheckpointManager
 from dckpt.bench.order import balanced
+from dckpt.bench.record import recording
 
 MODES = {"full": {"incremental": False}, "incremental": {},
          "trusted": {"trust_versions": True}}
@@ -82,7 +81,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--record", default=None,
+                    help="also write a record for the docs generator (dckpt/bench/docs.py)")
     args = ap.parse_args()
+    with recording(args.record, kind="markdown", directory=args.dir or tempfile.gettempdir()):
+        run(args)
+
+
+def run(args) -> None:
 
     state = build(args.base_mb, args.width, args.rank)
     params = list(state["model"].parameters())
@@ -92,7 +98,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dckpt-bench-incr-", dir=args.dir))
     print(f"state: {total / 1e6:.1f} M parameters, {100 * frozen / total:.2f}% frozen; "
           f"{sum(p.numel() * 4 for p in params) / 2**20:.0f} MiB of parameters; dir {work}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"\ntorch {torch.__version__}")
     results: dict[str, list] = {m: [] for m in MODES}
     try:
         one_run(work / "warm", "full", state)  # first writes into fresh pages are slower
@@ -102,20 +108,23 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def median(mode: str, save: int, field: int) -> float:
-        return statistics.median(r[save][field] for r in results[mode])
+    def values(mode: str, save: int, field: int) -> list:
+        return [r[save][field] for r in results[mode]]
 
-    print(f"\n{'mode':<12} {'save':>5} {'seconds':>9} {'new MiB':>9} {'x smaller':>10} "
-          f"{'x faster':>9}")
+    def spread(v: list, fmt: str = "{:.3f}") -> str:
+        return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+    print(f"\n| mode | save | seconds: median (min-max) | new MiB | x smaller | x faster |")
+    print("|---|---|---|---|---|---|")
     for mode in MODES:
         for save in (0, 1):
-            t, b = median(mode, save, 0), median(mode, save, 1)
-            full_t, full_b = median("full", save, 0), median("full", save, 1)
-            print(f"{mode:<12} {save + 2:>5} {t:>9.3f} {b / 2**20:>9.2f} "
-                  f"{full_b / max(b, 1):>10.1f} {full_t / t:>9.1f}")
-    print(f"\n(medians of {args.repeats} interleaved runs; ratios against the full save of "
-          "the same number)")
-
+            t, b = values(mode, save, 0), values(mode, save, 1)
+            full_t, full_b = values("full", save, 0), values("full", save, 1)
+            print(f"| {mode} | {save + 2} | {spread(t)} | {statistics.median(b) / 2**20:.2f} | "
+                  f"{statistics.median(full_b) / max(statistics.median(b), 1):.1f} | "
+                  f"{statistics.median(full_t) / statistics.median(t):.1f} |")
+    print(f"\n(medians of {args.repeats} interleaved runs in a balanced order; ratios against "
+          "the full save of the same number. Targets: >= 5x smaller, >= 3x faster.)")
 
 if __name__ == "__main__":
     main()

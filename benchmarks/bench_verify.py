@@ -8,6 +8,8 @@ the same run, interleaved, on a cold page cache (each file's pages dropped with
 posix_fadvise(DONTNEED) before every pass; the files were fsync'd, so the pages are clean
 and really go) and on a warm one. The baseline reads every data file front to back with
 8 MiB readinto() calls into one reused buffer: what `cat file > /dev/null` does.
+sha256sum of the same files is the integrity check a user runs without dckpt (what
+Megatron's integrity manifest records): a verify peer, timed the same way.
 Also shown: --deep on a zstd-compressed checkpoint of the same state (decodes every chunk).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dckpt  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402
 from dckpt.verify import verify  # noqa: E402
+from dckpt.bench.record import recording  # noqa: E402
 
 
 def make_state(gb: float) -> dict:
@@ -69,6 +73,10 @@ def sequential_read(files: list[Path]) -> int:
     return total
 
 
+def sha256sum(files: list[Path]) -> None:
+    subprocess.run(["sha256sum", *map(str, files)], check=True, stdout=subprocess.DEVNULL)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -87,7 +95,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp)")
     ap.add_argument("--no-deep", action="store_true", help="skip the --deep measurement")
+    ap.add_argument("--record", default=None,
+                    help="also write a record for the docs generator (dckpt/bench/docs.py)")
     args = ap.parse_args()
+    with recording(args.record, kind="markdown", directory=args.dir or tempfile.gettempdir()):
+        run(args)
+
+
+def run(args) -> None:
 
     base = Path(tempfile.mkdtemp(prefix="dckpt-bench-verify-", dir=args.dir))
     state = make_state(args.gb)
@@ -101,7 +116,13 @@ def main() -> None:
           f"{len(raw.manifest.tensors)} tensors; {os.cpu_count()} cores; {base}")
 
     results: dict[str, list[float]] = {}
-    ops = [("read", lambda: sequential_read(files)), ("verify", lambda: run_verify(raw.path))]
+    # sha256sum of the files: the integrity check a user runs without dckpt (what
+    # Megatron's integrity manifest records), over the very same bytes.
+    ops = [("sequential read", lambda: sequential_read(files)),
+           ("dckpt verify", lambda: run_verify(raw.path)),
+           ("sha256sum", lambda: sha256sum(files))]
+    for _, fn in ops:  # untimed: first imports and set-up of every system
+        fn()
     for rep in range(args.repeat):
         for cache in ("cold", "warm"):
             for name, fn in balanced(ops, rep):
@@ -110,13 +131,22 @@ def main() -> None:
                 else:
                     sequential_read(files)  # make sure every page is resident
                 results.setdefault(f"{name}/{cache}", []).append(nbytes / timed(fn) / 1e9)
-    print(f"\n{'':18}{'median GB/s':>12}{'min':>8}{'max':>8}")
-    for key, v in results.items():
-        print(f"{key:18}{statistics.median(v):12.2f}{min(v):8.2f}{max(v):8.2f}")
-    for cache in ("cold", "warm"):
-        ratios = [v / r for v, r in zip(results[f"verify/{cache}"], results[f"read/{cache}"])]
-        print(f"verify / sequential read, {cache} cache: median {statistics.median(ratios):.2f} "
-              f"(per-pair min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 0.90)")
+    print(f"\n| GB/s, median of {args.repeat} (min-max) | cold cache | warm cache |")
+    print("|---|---|---|")
+    for name, _ in ops:
+        cells = [f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+                 for v in (results[f"{name}/cold"], results[f"{name}/warm"])]
+        print(f"| {name} | {' | '.join(cells)} |")
+    print("\n| dckpt verify / peer, per interleaved pair: median (min-max) | cold | warm |")
+    print("|---|---|---|")
+    for peer in ("sequential read", "sha256sum"):
+        cells = []
+        for cache in ("cold", "warm"):
+            r = [v / p for v, p in zip(results[f"dckpt verify/{cache}"],
+                                       results[f"{peer}/{cache}"])]
+            cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+        print(f"| {peer} | {' | '.join(cells)} |")
+    print("\nTargets: verify >= 0.90x the sequential read; faster than sha256sum (ratio > 1).")
 
     if zst is not None:
         zfiles = data_files(zst.path)
@@ -125,7 +155,7 @@ def main() -> None:
         deep = [timed(lambda: run_verify(zst.path, deep=True))
                 for _ in range(max(1, args.repeat // 2))]
         t = statistics.median(deep)
-        print(f"\n--deep on zstd ({zbytes / 1e9:.2f} GB stored, ratio {nbytes / zbytes:.2f}), "
+        print(f"\n`--deep` on zstd ({zbytes / 1e9:.2f} GB stored, ratio {nbytes / zbytes:.2f}), "
               f"warm: {zst.bytes / t / 1e9:.2f} GB/s of raw data decoded and hashed")
     import shutil
     shutil.rmtree(base, ignore_errors=True)

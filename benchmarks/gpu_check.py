@@ -1,6 +1,6 @@
 """The CUDA paths of async saves, checked on a GPU machine in under two minutes.
 
-    python benchmarks/gpu_check.py [--gb 1.0] [--dir /tmp]
+    python benchmarks/gpu_check.py [--gb 1.0] [--dir /tmp] [--record benchmarks/results/gpu.json]
 
 Prints one PASS/FAIL line per check and the timings, exits non-zero on any FAIL:
   pinned staging   the staging arena is page-locked (cudaHostRegister, or the fallback)
@@ -34,6 +34,7 @@ from dckpt import checkpoint, io  # noqa: E402
 from dckpt.format import reader  # noqa: E402
 from dckpt.manager.async_save import AsyncOptions  # noqa: E402
 from dckpt.state.staging import Arena  # noqa: E402
+from dckpt.bench.record import recording  # noqa: E402
 
 WIDTH = 4096
 FAILED: list[str] = []
@@ -170,7 +171,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0, help="state gigabytes on the GPU")
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--record", default=None,
+                    help="also write a record for the docs generator (dckpt/bench/docs.py); "
+                         "only when every check passes")
     a = ap.parse_args()
+    with recording(a.record, kind="text", directory=a.dir):
+        rc = run(a)
+        if rc:
+            raise SystemExit(rc)  # no record of a failed check
+    return 0
+
+
+def run(a) -> int:
     if not torch.cuda.is_available():
         print("FAIL cuda: no CUDA device visible")
         return 1

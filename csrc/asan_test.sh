@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs tests/test_native_hostile.py, tests/test_native_direct.py (O_DIRECT writes),
-# tests/test_native_records.py (manifest records checked natively) and the
-# native fuzz attacks (tests/test_attack_native.py, DCKPT_SLOW=1 for the long run) against
-# an AddressSanitizer + UBSan build of the native core. The build happens in a temporary copy of the sources, so the normal
+# tests/test_native_records.py (manifest records checked natively), tests/test_native.py
+# (threads, fork, shuffle widths, previous hashes) and the native fuzz attacks
+# (tests/test_attack_native.py, DCKPT_SLOW=1 for the long run) against an AddressSanitizer
+# + UBSan build of the native core; then the torch-level hostile loads
+# (tests/test_attack_hostile.py: hostile manifests and fuzzed fields, bytes and chunk
+# records through dckpt.load and restore) with the whole package on the same build. The build happens in a temporary copy of the sources, so the normal
 # in-place build stays as it is. Fails on any sanitizer report.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +26,8 @@ cp "$repo/dckpt/errors.py" "$work/dckpt/"
 cp -r "$repo/dckpt/format" "$work/dckpt/format"
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
-  "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" "$work/tests/"
+  "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \
+  "$repo/tests/test_native.py" "$work/tests/"
 
 echo "== building the ASan core in $work"
 (cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {
@@ -50,9 +54,37 @@ echo "== running the hostile-input and native fuzz tests under ASan"
 status=0
 # --capture=sys: sanitizer reports go to fd 2, which must reach the log when ASan aborts.
 "$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native_hostile.py \
-  tests/test_native_direct.py tests/test_native_records.py tests/test_attack_native.py 2>&1 | tee "$work/test.log" ||
+  tests/test_native_direct.py tests/test_native_records.py tests/test_attack_native.py \
+  tests/test_native.py 2>&1 | tee "$work/test.log" ||
   status=$?
 if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test.log"; then
+  echo "== sanitizer report above" >&2
+  exit 1
+fi
+[ "$status" = 0 ] || exit $status
+
+# The whole package (torch and all) on the ASan core: torch loads fine with libasan
+# preloaded. Left out: the test that caps the address space (RLIMIT_AS) to prove a 1 GiB
+# claim fails before allocating; ASan reserves terabytes of shadow address space at
+# start-up, so no process under it can run with that cap.
+full="$work/full"
+mkdir -p "$full/tests"
+cp -r "$repo/dckpt" "$full/dckpt"
+rm -f "$full"/dckpt/_native*.so
+find "$full/dckpt" -name __pycache__ -prune -exec rm -rf {} +
+cp "$work"/dckpt/_native*.so "$full/dckpt/"
+cp "$repo/tests/test_attack_hostile.py" "$repo/tests/attacks.py" "$full/tests/"
+export PYTHONPATH=$full
+cd "$full"
+loaded=$("$py" -c 'import dckpt, torch, dckpt._native as n; print(n.__file__)')
+case $loaded in
+  "$full"/*) ;;
+  *) echo "picked up $loaded instead of the ASan build" >&2; exit 1 ;;
+esac
+echo "== running the torch-level hostile loads under ASan"
+"$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_attack_hostile.py \
+  -k "not enormous_declared_size" 2>&1 | tee "$work/test-torch.log" || status=$?
+if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test-torch.log"; then
   echo "== sanitizer report above" >&2
   exit 1
 fi

@@ -1,7 +1,8 @@
 """Shared tools of the attack suite (tests/test_attack_*.py): states whose bytes are known,
 manifest surgery that re-seals the self hash, bit flips, and the trial counts of both modes.
 
-DCKPT_SLOW=1 turns on the long runs (docs/RELIABILITY.md); the counts below are per mode.
+DCKPT_SLOW=1 turns on the long runs (docs/RELIABILITY.md); DCKPT_ATTACKS=medium a reduced
+but meaningful slice of them, what CI runs (.ci/run); the counts below are per mode.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ import xxhash
 from dckpt.format.manifest import MANIFEST_NAME, _canonical
 
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
+MEDIUM = not SLOW and os.environ.get("DCKPT_ATTACKS") == "medium"
 
 
-def trials(normal: int, slow: int) -> int:
-    return slow if SLOW else normal
+def trials(normal: int, slow: int, medium: int | None = None) -> int:
+    if SLOW:
+        return slow
+    return medium if MEDIUM and medium is not None else normal
 
 
 def known_state(step: int, scale: int = 1) -> dict:

@@ -18,7 +18,7 @@ from dckpt.format.manifest import MANIFEST_NAME
 
 from attacks import assert_same, flip_bit, known_state, model_state, trials
 
-TRIALS = trials(100, 5000)
+TRIALS = trials(100, 5000, medium=1000)
 
 
 @pytest.fixture(scope="module", params=[None, "zstd"])

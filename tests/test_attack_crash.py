@@ -147,7 +147,7 @@ def save_loop(root: Path, async_save: bool) -> None:
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_sigkill_at_random_moments(tmp_path, async_save):
-    n = trials(10, 200)
+    n = trials(10, 200, medium=40)
     root = tmp_path / "root"
     rng = random.Random(1234 + async_save)
     phases: dict[str, int] = {}

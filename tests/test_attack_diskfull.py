@@ -17,7 +17,7 @@ from dckpt import CheckpointManager
 from dckpt.errors import StorageError
 from dckpt.format.layout import LATEST_NAME, LOCK_NAME, parse_step_dir
 
-from attacks import SLOW, assert_same, known_state
+from attacks import MEDIUM, SLOW, assert_same, known_state
 
 PAGE = 4096
 
@@ -73,7 +73,7 @@ def test_save_into_a_full_tmpfs(small_fs, compression):
     mgr.save(1, known_state(1, scale=4), counters={"v": 1})
     need = sum(p.stat().st_size for p in mgr.path(1).iterdir()) + 2 * PAGE
     outcomes = {"failed cleanly": 0, "saved": 0}
-    step = PAGE if SLOW else 3 * PAGE
+    step = PAGE if SLOW or MEDIUM else 3 * PAGE
     for leave in range(0, need + 4 * PAGE, step):
         fill(small_fs, leave)
         try:
@@ -94,7 +94,7 @@ def test_save_into_a_full_tmpfs(small_fs, compression):
         assert_same(dckpt.load(mgr.path(1)), known_state(1, scale=4))
     print(f"\nfull tmpfs ({compression}): {outcomes}")
     assert outcomes["failed cleanly"] >= 3 and outcomes["saved"] >= 1
-    if SLOW:  # page by page, the space runs out in the data and in the manifest
+    if SLOW or MEDIUM:  # page by page, the space runs out in the data and in the manifest
         assert outcomes.get("failed writing manifest") and outcomes.get("failed writing rank-00000")
 
 

@@ -3,13 +3,14 @@ machine's plain write/read limits, on the project's disk (fsync) and in /dev/shm
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from . import measure, report
+from . import measure, record, report
 from .runner import Options, run as run_bench
 
 
@@ -33,8 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cold.add_argument("--no-cold", dest="cold", action="store_false")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where results.json, chart.png and report.md go")
+    p.add_argument("--record", type=Path, default=None,
+                   help="write the run's record (results, command, machine, date, load) for "
+                        "the docs generator (dckpt/bench/docs.py) to this JSON file")
     p.add_argument("--docs", type=Path, default=None,
-                   help="rewrite the '## Save and load' section of this markdown file")
+                   help="rewrite the '## Save and load' section of this markdown file, with "
+                        "the notes of benchmarks/notes/save-load.md (make bench-docs "
+                        "regenerates the whole file)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +65,13 @@ def run(args: argparse.Namespace) -> int:
                    ranks=not args.no_ranks,
                    workloads=args.workloads.split(",") if args.workloads else None,
                    systems=args.systems.split(",") if args.systems else None)
-    command = "python -m dckpt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if sys.argv[1:2] == ["bench"] else "python -m dckpt bench"
+    argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else []
+    for flag in ("--record", "--out"):  # where the output goes is not part of the recipe
+        if flag in argv[:-1]:
+            i = argv.index(flag)
+            argv = argv[:i] + argv[i + 2:]
+    command = "python -m dckpt bench " + " ".join(shlex.quote(a) for a in argv)
+    started_header = record.header(next(iter(dirs.values()), None))
     try:
         result = run_bench(opts)
     finally:
@@ -72,10 +83,24 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(report.goals_markdown(result["goals"]))
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    if args.record:
+        write_record(args.record, result, started_header)
     if args.docs:
-        report.update_docs(args.docs, result, paths["chart"], command.strip())
+        from .docs import notes_of
+        report.update_docs(args.docs, result, paths["chart"], command.strip(),
+                           notes_of("save-load"))
         print(f"updated {args.docs}")
     return 0
 
 
-__all__ = ["add_arguments", "run"]
+def write_record(path: Path, result: dict, header: dict) -> None:
+    """The docs generator's record of a run: the whole result, rendered by report.markdown."""
+    rec = dict(header, kind="save_load", command=result["command"], result=result,
+               load_average_end=result.get("load_average_end"), seconds=result.get("seconds"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1) + "\n")
+    print(f"recorded {path}")
+
+
+__all__ = ["add_arguments", "run", "write_record"]

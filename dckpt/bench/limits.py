@@ -3,11 +3,13 @@
 plain write: Python writes each tensor's bytes to one file (then fsync), the simplest
 durable save there is. plain read: reads the file back sequentially into the same
 (preallocated) tensors, which get their own bytes back. memcpy: one thread copies the same
-bytes into a reused scratch buffer larger than any cache.
+bytes into a reused scratch buffer larger than any cache. sha256sum: the coreutils tool
+over the plain write's file, a verify peer.
 """
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +54,11 @@ class Limits:
                 view = _bytes(t)
                 if f.readinto(view) != view.nbytes:
                     raise EOFError(f"{path} is shorter than the state")
+
+    def sha256sum(self, path: Path) -> None:
+        """The integrity check a user runs without a checkpoint library: sha256sum of the
+        files (what Megatron's integrity manifest records), here over the state's bytes."""
+        subprocess.run(["sha256sum", str(path)], check=True, stdout=subprocess.DEVNULL)
 
     def memcpy(self) -> None:
         pos = 0

@@ -180,6 +180,9 @@ def _measure_limits(limits: Limits, path: Path, s: Samples, cold: bool) -> None:
     t0 = time.perf_counter()
     limits.read(path)
     s.add("load", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    limits.sha256sum(path)
+    s.add("sha256sum", time.perf_counter() - t0)
     if cold:
         measure.drop_caches()
         t0 = time.perf_counter()
@@ -189,13 +192,14 @@ def _measure_limits(limits: Limits, path: Path, s: Samples, cold: bool) -> None:
 
 def _measure_system(system: System, w: Workload, reference: list[int], path: Path,
                     s: Samples, cold: bool) -> None:
+    system.before_save(w, path)
     gc.collect()
     with PeakRss() as peak:
         t0 = time.perf_counter()
         system.save(w, path)
         s.add("save", time.perf_counter() - t0)
     s.peak_rss.setdefault("save", []).append(peak.extra)
-    s.size_bytes = measure.disk_usage(path)
+    s.size_bytes = system.size(path)
     # Warm passes first: they read the page cache as the save left it, as the plain read
     # does; after a cold pass, readahead has refilled it in smaller pieces (verify measured
     # 13-15 ms as written against 16-20 ms refilled, on the 250 MB bf16 state).
