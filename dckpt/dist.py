@@ -103,7 +103,7 @@ def operation(group=None):
         yield
     except BaseException as e:
         if outer:
-            _post_abort(gkey, e)
+            _post_abort(group, gkey, e)
         raise
     finally:
         _depth[gkey] -= 1
@@ -129,14 +129,18 @@ def _op_key(gkey: str) -> str:
     return f"dckpt/{gkey}/{_operations.get(gkey, 0)}"
 
 
-def _post_abort(gkey: str, e: BaseException) -> None:
-    if isinstance(e, DistributedError):
-        return  # a peer's failure, already known to every rank, or a dead peer's
+def _post_abort(group, gkey: str, e: BaseException) -> None:
+    """Post the first failure of this operation: the rank that failed (for a dead or silent
+    peer this rank found, that peer), which rank saw it, and the error. Survivors of a death
+    then learn it from the first one to notice, before that one may exit and take the store
+    (rank 0) with it."""
+    me = rank(group)
+    failed = e.rank if isinstance(e, DistributedError) and e.rank is not None else me
     try:
-        # add() makes the first poster win; the message says which rank and why.
         key = f"{_op_key(gkey)}/abort"
-        if _store().add(f"{key}/n", 1) == 1:
-            _store().set(key, json.dumps([rank(), f"{type(e).__name__}: {e}"]))
+        if _store().add(f"{key}/n", 1) == 1:  # the first poster wins
+            _store().set(key, json.dumps({"rank": failed, "by": me,
+                                          "error": f"{type(e).__name__}: {e}"}))
     except Exception:
         pass  # the store is gone: the peers learn it from their own store calls
 
@@ -208,8 +212,11 @@ def _wait(store, keys: list[str], group, what: str) -> None:
     while not store.check(keys):
         now = time.monotonic()
         if store.check([abort_key]):
-            failed, error = json.loads(store.get(abort_key))
-            raise DistributedError(f"dckpt {what}: rank {failed} failed: {error}", failed)
+            post = json.loads(store.get(abort_key))
+            failed, by = post["rank"], post["by"]
+            seen = "" if by == failed else f" (as rank {by} found)"
+            raise DistributedError(f"dckpt {what}: rank {failed} failed{seen}: {post['error']}",
+                                   failed)
         if now >= next_look:
             next_look = now + BEAT_SECONDS
             missing = [r for r, k in enumerate(keys) if not store.check([k])]

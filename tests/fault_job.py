@@ -218,6 +218,14 @@ def main() -> None:
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     (out / f"rank-{rank}.json").write_text(json.dumps(result))
+    if rank == 0 and mode == "die":
+        # Rank 0 hosts the store: leaving before the other survivors have seen the death
+        # would show them a store failure instead (the dead rank never writes a result).
+        others = [r for r in range(1, tdist.get_world_size()) if r != victim]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                (out / f"rank-{r}.json").exists() for r in others):
+            time.sleep(0.05)
     sys.stdout.flush()
     os._exit(0)  # no destroy_process_group: it would wait for a dead peer
 

@@ -59,7 +59,9 @@ def launch(world: int, args: list[str], tmp: Path, timeout: float) -> list[dict 
     for r in range(world):
         f = out / f"rank-{r}.json"
         res = json.loads(f.read_text()) if f.exists() else None
-        assert res is None or "error" not in res, f"rank {r}: {res['error']}\n{logs[r]}"
+        assert res is None or "error" not in res, (f"rank {r}: {res['error']}\n"
+                                                   + "\n".join(f"== rank {i}\n{log}"
+                                                               for i, log in enumerate(logs)))
         results.append(res)
     return results
 
