@@ -22,7 +22,7 @@ _LAZY = {
     "SaveResult": "checkpoint", "RestoreReport": "checkpoint",
     "CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "manager",
     "AsyncOptions": "manager", "SaveHandle": "manager", "Preemption": "manager",
-    "seed_everything": "rng",
+    "seed_everything": "rng", "export": "tools.export",
 }
 _MODULES = {"rng": "rng", "data": "data"}
 # Every error class of dckpt.errors, under its own name (dckpt.StateMismatchError, ...).
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers (the package shi
     from .manager import (AsyncOptions, CheckpointManager, Preemption, ResumeReport, Retention,
                           SaveHandle)
     from .rng import seed_everything
+    from .tools.export import export
 
 
 def __getattr__(name: str):
