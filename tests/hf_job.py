@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,6 +34,7 @@ p.add_argument("--plain", action="store_true")
 p.add_argument("--stop-at", type=int)
 p.add_argument("--resume", action="store_true")
 p.add_argument("--epochs", type=int, default=2)
+p.add_argument("--signal-at", type=int)  # save_on=SIGUSR1; the job signals itself at this step
 a = p.parse_args()
 torch.set_num_threads(1)
 
@@ -69,6 +71,10 @@ def model_init():
 
 
 class Stop(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == a.signal_at:  # the signal arrives during this step
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     def on_save(self, args, state, control, **kw):
         if state.global_step == a.stop_at:
             os._exit(0)  # killed right after the checkpoint: nothing else is written
@@ -130,7 +136,8 @@ args = TrainingArguments(
     logging_steps=1, report_to=[], use_cpu=True, dataloader_num_workers=0,
     disable_tqdm=True)
 trainer = Timed(model_init=model_init, args=args, train_dataset=Sentences(48, 1),
-                eval_dataset=Sentences(16, 2), callbacks=[Stop()])
+                eval_dataset=Sentences(16, 2), callbacks=[Stop()],
+                **({"save_on": signal.SIGUSR1} if a.signal_at is not None else {}))
 trainer.train(resume_from_checkpoint=True if a.resume else None)
 with open(f"{a.result}.rank{trainer.args.process_index}", "w") as f:
     json.dump(seen, f)

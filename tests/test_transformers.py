@@ -25,14 +25,14 @@ ENV = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "HF_HUB_O
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 
 
-def job(out, result, *args, procs=1):
+def job(out, result, *args, procs=1, code=0):
     launch = [sys.executable]
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(procs)]
     r = subprocess.run([*launch, str(HERE / "hf_job.py"), str(out), str(result), *args],
                        env=ENV, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert r.returncode == code, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads(Path(result).read_text()) if Path(result).exists() else None
 
 
@@ -56,6 +56,17 @@ def test_resume_mid_epoch_is_bitwise_one_process(tmp_path, reference):
     assert got["skip"]["batches"] == 8  # Trainer's skipping ran: 4 steps x 2 accumulation
     assert got["weights"] == ref["weights"], "resumed weights differ from the uninterrupted run"
     assert got["losses"] == ref["losses"]
+
+
+def test_save_on_signal_saves_the_step_in_progress_and_exits(tmp_path, reference):
+    """DckptTrainer(save_on=SIGUSR1): the signal arrives during step 6; checkpoint-6 is
+    committed, the process exits with 128 + 10, and the resumed run is bitwise exact."""
+    _, ref = reference
+    out = tmp_path / "out"
+    job(out, tmp_path / "stopped.json", "--signal-at", "5", code=138)
+    assert (out / "checkpoint-6" / "dckpt" / "manifest.json").is_file()
+    got = job(out, tmp_path / "resumed.json", "--resume")
+    assert got["weights"] == ref["weights"]
 
 
 def test_checkpoint_folders_keep_trainer_conventions(reference):

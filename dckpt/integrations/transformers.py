@@ -33,7 +33,7 @@ import os
 import re
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import checkpoint, dist, rng
@@ -62,13 +62,33 @@ def _is_dckpt(folder) -> bool:
     return folder is not None and (Path(folder) / DCKPT_DIR / MANIFEST_NAME).is_file()
 
 
+class _SaveOnSignal(TrainerCallback):
+    """save_on=: at the optimizer step every rank agreed on (dckpt/manager/preemption.py),
+    Trainer saves a checkpoint and stops; DckptTrainer.train then exits."""
+
+    def __init__(self, preemption):
+        self.preemption = preemption
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.preemption.due(state.global_step):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class DckptTrainer(Trainer):
     """transformers.Trainer whose checkpoints are dckpt checkpoints (see the module
     docstring). dckpt_options: keyword arguments for dckpt.save (compression, threads)."""
 
-    def __init__(self, *args, dckpt_options: dict | None = None, **kwargs):
+    def __init__(self, *args, dckpt_options: dict | None = None, save_on=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dckpt_options = dict(dckpt_options or {})
+        self.preemption = None
+        if save_on is not None:
+            from ..manager.preemption import Preemption
+            self.preemption = Preemption.of(save_on)
+            self.preemption.install()
+            self.add_callback(_SaveOnSignal(self.preemption))
 
     # ---- what is saved ----------------------------------------------------------------
     def _components(self) -> dict:
@@ -127,8 +147,13 @@ class DckptTrainer(Trainer):
                     f"{MANIFEST_NAME}) under {self.args.output_dir}: start without "
                     "resume_from_checkpoint, or pass the folder of a Trainer checkpoint")
             resume_from_checkpoint = str(found[-1])
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval)
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                            ignore_keys_for_eval=ignore_keys_for_eval)
+        if self.preemption is not None and self.preemption.target is not None:
+            log.warning("dckpt: preemption checkpoint of step %d committed; exiting with %d",
+                        self.preemption.target, self.preemption.code)
+            raise SystemExit(self.preemption.code)
+        return out
 
     # ---- loading -------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
