@@ -135,3 +135,26 @@ def test_bad_arguments_are_typed():
         Preemption("SIGTERM")
     with pytest.raises(dckpt.InvalidArgumentError):
         Preemption(signal.SIGTERM, margin=0)
+
+
+def test_accelerator_save_on(tmp_path):
+    """DckptAccelerator(save_on=...): save_state_if_preempted saves at the signalled step's
+    boundary and exits; load_state brings the state back."""
+    import torch
+    from dckpt.integrations.accelerate import DckptAccelerator
+    acc = DckptAccelerator(cpu=True, save_on=Preemption(signal.SIGUSR1))
+    try:
+        model = acc.prepare(torch.nn.Linear(3, 3))
+        assert not acc.save_state_if_preempted(0, tmp_path / "ck")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with torch.no_grad():
+            model.weight.fill_(2.0)
+        with pytest.raises(SystemExit) as e:
+            acc.save_state_if_preempted(1, tmp_path / "ck")
+        assert e.value.code == 128 + signal.SIGUSR1
+        with torch.no_grad():
+            model.weight.zero_()
+        acc.load_state(tmp_path / "ck")
+        assert torch.equal(model.weight, torch.full((3, 3), 2.0))
+    finally:
+        acc.preemption.uninstall()
