@@ -21,8 +21,8 @@ _LAZY = {
     "save": "checkpoint", "load": "checkpoint", "read_manifest": "checkpoint",
     "SaveResult": "checkpoint", "RestoreReport": "checkpoint",
     "CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "manager",
-    "AsyncOptions": "manager", "SaveHandle": "manager",
-    "seed_everything": "rng",
+    "AsyncOptions": "manager", "SaveHandle": "manager", "Preemption": "manager",
+    "seed_everything": "rng", "export": "tools.export",
 }
 _MODULES = {"rng": "rng", "data": "data"}
 # Every error class of dckpt.errors, under its own name (dckpt.StateMismatchError, ...).
@@ -35,8 +35,10 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers (the package shi
     from . import data, rng
     from .checkpoint import RestoreReport, SaveResult, load, read_manifest, save
     from .errors import *  # noqa: F401,F403
-    from .manager import AsyncOptions, CheckpointManager, ResumeReport, Retention, SaveHandle
+    from .manager import (AsyncOptions, CheckpointManager, Preemption, ResumeReport, Retention,
+                          SaveHandle)
     from .rng import seed_everything
+    from .tools.export import export
 
 
 def __getattr__(name: str):

@@ -154,3 +154,13 @@ class StepOrderError(DckptError):
 class InvalidArgumentError(DckptError, ValueError):
     """An argument of a save cannot be stored or is not understood (a metric that is not a
     number, an unknown compression); raised before anything is written."""
+
+
+class PreemptionError(DckptError):
+    """Ranks did not reach the preemption save at the same step (save_on=): one was already
+    past the step the others agreed to save. Raised on every rank."""
+
+    def __init__(self, message: str, target: int, step: int):
+        super().__init__(message)
+        self.target = target
+        self.step = step

