@@ -38,7 +38,7 @@ import xxhash
 from . import commit
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                      IncompleteCheckpointError, ManifestError)
-from .format.layout import rank_file
+from .format.layout import parse_step_dir, rank_file
 from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
                               open_regular, read_manifest_bytes)
 
@@ -164,7 +164,11 @@ def _link_name(base: Path, f: FileEntry, rank: int) -> str:
     """Names keep the file's origin, are unique per origin, and per rank, so that ranks
     never race on the same directory entry."""
     m = _LINK.match(f.name)
-    origin = m.group(1) if m else f"{(f.dir or base.name)}-{f.name}"
+    # A checkpoint directory's own name is unique under a manager root (step-N), but not in
+    # layouts like Trainer's checkpoint-N/dckpt: there the parent tells the origins apart.
+    where = f.dir or (base.name if parse_step_dir(base.name) is not None
+                      else f"{base.parent.name}-{base.name}")
+    origin = m.group(1) if m else f"{where}-{f.name}"
     name = f"ref-r{rank}-{origin}"
     if not is_safe_name(name) or len(name) > 200:
         name = f"ref-r{rank}-{xxhash.xxh3_64_hexdigest(origin)}.dckpt"

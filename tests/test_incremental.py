@@ -480,3 +480,17 @@ def test_each_rank_deduplicates_its_own_shards(tmp_path):
     # A load on one process (resharding 2 -> 1) gives what the full save holds.
     inc, full = dckpt.load(root / "step-000000003"), dckpt.load(tmp_path / "run-full")
     assert {k: as_bytes(v) for k, v in inc.items()} == {k: as_bytes(v) for k, v in full.items()}
+
+
+def test_bases_with_the_same_directory_name_chain(tmp_path):
+    """Trainer's layout keeps each checkpoint in checkpoint-N/dckpt: every base directory is
+    called `dckpt`, and a chain of incremental saves must still name its links apart."""
+    frozen = torch.randn(4 * CHUNK // 4)
+    prev = None
+    for step in range(1, 5):
+        state = {"frozen": frozen, "moving": torch.full((CHUNK // 4,), float(step))}
+        path = tmp_path / f"checkpoint-{step}" / "dckpt"
+        dckpt.save(state, path, chunk_size=CHUNK, base=prev)
+        out = dckpt.load(path)
+        assert torch.equal(out["frozen"], frozen) and torch.equal(out["moving"], state["moving"])
+        prev = path
