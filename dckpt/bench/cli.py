@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     cold.add_argument("--no-cold", dest="cold", action="store_false")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where results.json, chart.png and report.md go")
+    p.add_argument("--variance", action="store_true",
+                   help="instead: the spread of saves and loads back to back, interleaved and "
+                        "after a training step (dckpt/bench/variance.py: 12 repeats of "
+                        "transformer-800MB-fp32, --quick 3 of 48 MB, --workloads names one); "
+                        "writes variance.json and variance.md under --out")
     p.add_argument("--docs", type=Path, default=None,
                    help="rewrite the '## Save and load' section of this markdown file")
 
@@ -61,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
                    systems=args.systems.split(",") if args.systems else None)
     command = "python -m dckpt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if sys.argv[1:2] == ["bench"] else "python -m dckpt bench"
+    if args.variance:
+        from . import variance
+        try:
+            variance.main(dirs, args.out, quick=args.quick, repeats=args.repeats,
+                          workload=args.workloads, command=command.strip())
+        finally:
+            for d in made:
+                measure.remove(d)
+        return 0
     try:
         result = run_bench(opts)
     finally:
