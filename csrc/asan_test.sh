@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs tests/test_native_hostile.py, tests/test_native_direct.py (O_DIRECT writes),
-# tests/test_native_records.py (manifest records checked natively) and the
+# tests/test_native_spread.py (writes over several files), tests/test_native_records.py (manifest records checked natively) and the
 # native fuzz attacks (tests/test_attack_native.py, DCKPT_SLOW=1 for the long run) against
 # an AddressSanitizer + UBSan build of the native core. The build happens in a temporary copy of the sources, so the normal
 # in-place build stays as it is. Fails on any sanitizer report.
@@ -23,7 +23,8 @@ cp "$repo/dckpt/errors.py" "$work/dckpt/"
 cp -r "$repo/dckpt/format" "$work/dckpt/format"
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
-  "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" "$work/tests/"
+  "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \
+  "$repo/tests/test_native_spread.py" "$repo/tests/test_native.py" "$work/tests/"
 
 echo "== building the ASan core in $work"
 (cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {
@@ -50,7 +51,7 @@ echo "== running the hostile-input and native fuzz tests under ASan"
 status=0
 # --capture=sys: sanitizer reports go to fd 2, which must reach the log when ASan aborts.
 "$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native_hostile.py \
-  tests/test_native_direct.py tests/test_native_records.py tests/test_attack_native.py 2>&1 | tee "$work/test.log" ||
+  tests/test_native_direct.py tests/test_native_spread.py tests/test_native_records.py tests/test_attack_native.py 2>&1 | tee "$work/test.log" ||
   status=$?
 if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test.log"; then
   echo "== sanitizer report above" >&2
