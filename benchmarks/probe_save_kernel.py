@@ -117,7 +117,9 @@ def saves(w, root: Path, repeats: int) -> None:
         for name in balanced(list(systems), rep):
             save, load = systems[name]
             path = root / "probe"
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
             static_split.gap = None
             v0, c0 = vmstat(), cg_pages(cg)
             r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -137,7 +139,7 @@ def saves(w, root: Path, repeats: int) -> None:
         print(f"  {name:27s} kernel {np.median(k):.3f} [{k.min():.3f}-{k.max():.3f}] "
               f"user {np.median(u):.3f} s/GB")
     shutil.rmtree(root / "probe", ignore_errors=True)
-    (root / "probe").unlink(missing_ok=True) if (root / "probe").is_file() else None
+    (root / "probe").unlink(missing_ok=True)
 
 
 def write_sizes(root: Path, nbytes: int, repeats: int) -> None:

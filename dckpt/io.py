@@ -126,8 +126,9 @@ def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
                         opts, write_mode(), file_index, prev_hashes)
 
 
-def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions, mode: Background,
-                 file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
+def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions,
+                 mode: Background, file_index: int = 0,
+                 prev_hashes: list | None = None) -> list[list[Chunk]]:
     try:
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,

@@ -21,7 +21,8 @@ def check_files(paths, buffers, records, elem_sizes, base=0):
     for buf, recs, width in zip(buffers, records, elem_sizes):
         raw = bytes(memoryview(buf).cast("B"))
         assert len(recs) == -(-len(raw) // CS)
-        for c, (file_index, offset, stored_len, raw_len, codec, raw_hash, stored_hash) in enumerate(recs):
+        for c, rec in enumerate(recs):
+            file_index, offset, stored_len, raw_len, codec, raw_hash, stored_hash = rec
             assert base <= file_index < base + len(paths)
             f = file_index - base
             piece = raw[c * CS:(c + 1) * CS]
