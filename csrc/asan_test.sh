@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs tests/test_native_hostile.py, tests/test_native_direct.py (O_DIRECT writes),
-# tests/test_native_records.py (manifest records checked natively), tests/test_native.py
+# tests/test_native_records.py (manifest records checked natively),
+# tests/test_native_spread.py (writes over several files), tests/test_native.py
 # (threads, fork, shuffle widths, previous hashes) and the native fuzz attacks
 # (tests/test_attack_native.py, DCKPT_SLOW=1 for the long run) against an AddressSanitizer
 # + UBSan build of the native core; then the torch-level hostile loads
@@ -27,7 +28,7 @@ cp -r "$repo/dckpt/format" "$work/dckpt/format"
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
   "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \
-  "$repo/tests/test_native.py" "$work/tests/"
+  "$repo/tests/test_native.py" "$repo/tests/test_native_spread.py" "$work/tests/"
 
 echo "== building the ASan core in $work"
 (cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {
@@ -55,7 +56,7 @@ status=0
 # --capture=sys: sanitizer reports go to fd 2, which must reach the log when ASan aborts.
 "$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_native_hostile.py \
   tests/test_native_direct.py tests/test_native_records.py tests/test_attack_native.py \
-  tests/test_native.py 2>&1 | tee "$work/test.log" ||
+  tests/test_native.py tests/test_native_spread.py 2>&1 | tee "$work/test.log" ||
   status=$?
 if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test.log"; then
   echo "== sanitizer report above" >&2

@@ -229,7 +229,10 @@ py::int_ hash64(py::handle obj) {
 py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
                       int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
                       int64_t file_index, py::handle prev_obj, bool direct, double duty) {
-  std::string path = to_path(path_obj, "path");
+  // One path, or a list of files that the writer threads share the chunks between.
+  bool several = py::isinstance<py::list>(path_obj) || py::isinstance<py::tuple>(path_obj);
+  std::vector<std::string> paths =
+      several ? to_paths(path_obj) : std::vector<std::string>{to_path(path_obj, "path")};
   py::sequence buffers = to_sequence(buffers_obj, "buffers");
   size_t n = py::len(buffers);
   std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, n);
@@ -265,7 +268,8 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
   Status st;
   {
     py::gil_scoped_release release;
-    st = dckpt::write_chunks(path, sources, options, &records);
+    st = several ? dckpt::write_chunks(paths, sources, options, &records)
+                 : dckpt::write_chunks(paths[0], sources, options, &records);
   }
   if (!st.ok()) raise(st);
 
@@ -358,6 +362,8 @@ PYBIND11_MODULE(_native, m) {
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
         py::arg("direct") = false, py::arg("duty") = 1.0,
         "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.\n"
+        "path may be a list of files: writer thread w appends the chunks it takes to file\n"
+        "w % len(path) (record file_index = file_index + that position); not with direct.\n"
         "direct: raw chunks bypass the page cache where the filesystem allows it; duty: the\n"
         "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest).");
   m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),

@@ -272,6 +272,7 @@ struct WriteJob {
   const std::string& path;
   const File& file;
   const WriteOptions& options;
+  int64_t file_index;
   std::atomic<uint64_t> end{0};  // stored chunks go back to back in completion order
 };
 
@@ -307,7 +308,7 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
   size_t begin = c * static_cast<size_t>(o.chunk_size);
   size_t len = std::min(static_cast<size_t>(o.chunk_size), src.size - begin);
   const uint8_t* raw = src.data + begin;
-  rec->file_index = o.file_index;
+  rec->file_index = job.file_index;
   rec->raw_len = static_cast<int64_t>(len);
   // Without previous hashes nothing depends on the hash before the bytes are written.
   if (o.codec == kRaw && src.prev_hashes == nullptr)
@@ -499,21 +500,51 @@ Status write_direct(const std::string& path, const File& file,
 
 }  // namespace
 
-Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
-                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
-  Status st = check_write_options(options);
-  if (!st.ok()) return st;
+namespace {
 
-  size_t chunk = static_cast<size_t>(options.chunk_size);
-  std::vector<std::pair<size_t, size_t>> tasks;  // (source, chunk)
+// (source, chunk) of every chunk, in order; sizes out to match.
+std::vector<std::pair<size_t, size_t>> chunk_tasks(const std::vector<WriteSource>& sources,
+                                                   size_t chunk,
+                                                   std::vector<std::vector<ChunkRecord>>* out) {
+  std::vector<std::pair<size_t, size_t>> tasks;
   out->assign(sources.size(), {});
   for (size_t b = 0; b < sources.size(); ++b) {
     size_t count = sources[b].size / chunk + (sources[b].size % chunk != 0);
     (*out)[b].resize(count);
     for (size_t c = 0; c < count; ++c) tasks.emplace_back(b, c);
   }
+  return tasks;
+}
 
-  File file;
+// fsync (when asked) and close every file, keeping the first failure. Several files are
+// synced at once, one thread each, as when each writer synced its own file.
+Status finish_files(const std::vector<std::string>& paths, std::vector<File>& files,
+                    bool fsync, Status st) {
+  if (st.ok() && fsync)
+    st = parallel_for(files.size(), static_cast<int>(files.size()), [&](size_t f, int) {
+      int err = files[f].sync();
+      if (err == 0) return Status();
+      return fail(Kind::Io, Where{&paths[f]}, "fsync failed", error_text(err));
+    });
+  for (size_t f = 0; f < files.size(); ++f) {
+    int err = files[f].close();
+    if (st.ok() && err != 0) st = fail(Kind::Io, Where{&paths[f]}, "close failed", error_text(err));
+  }
+  return st;
+}
+
+}  // namespace
+
+Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
+  Status st = check_write_options(options);
+  if (!st.ok()) return st;
+  std::vector<std::pair<size_t, size_t>> tasks =
+      chunk_tasks(sources, static_cast<size_t>(options.chunk_size), out);
+
+  std::vector<std::string> paths{path};
+  std::vector<File> files(1);
+  File& file = files[0];
   int err = file.create(path, options.direct && options.codec == kRaw);
   if (err != 0) return fail(Kind::Io, Where{&path}, "cannot create file", error_text(err));
   int threads = resolve_threads(options.threads, tasks.size());
@@ -521,7 +552,7 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
   if (file.direct()) {
     st = write_direct(path, file, sources, tasks, options, workers, out);
   } else {
-    WriteJob job{path, file, options};
+    WriteJob job{path, file, options, options.file_index};
     st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
       Clock::time_point start = Clock::now();
       auto [b, c] = tasks[t];
@@ -530,11 +561,44 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
       return s;
     });
   }
-  if (st.ok() && options.fsync && (err = file.sync()) != 0)
-    st = fail(Kind::Io, Where{&path}, "fsync failed", error_text(err));
-  err = file.close();
-  if (st.ok() && err != 0) st = fail(Kind::Io, Where{&path}, "close failed", error_text(err));
-  return st;
+  return finish_files(paths, files, options.fsync, st);
+}
+
+Status write_chunks(const std::vector<std::string>& paths, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
+  if (paths.size() == 1) return write_chunks(paths[0], sources, options, out);
+  Status st = check_write_options(options);
+  if (!st.ok()) return st;
+  if (paths.empty()) return Status::error(Kind::InvalidArgument, "no file to write to");
+  if (options.direct)
+    return Status::error(Kind::InvalidArgument, "direct writes go to one file per call");
+  std::vector<std::pair<size_t, size_t>> tasks =
+      chunk_tasks(sources, static_cast<size_t>(options.chunk_size), out);
+
+  // Every file is created, even one no thread gets to: the caller lists them all.
+  std::vector<File> files(paths.size());
+  for (size_t f = 0; f < paths.size(); ++f) {
+    if (int err = files[f].create(paths[f]); err != 0)
+      return fail(Kind::Io, Where{&paths[f]}, "cannot create file", error_text(err));
+  }
+  std::vector<std::unique_ptr<WriteJob>> jobs;
+  for (size_t f = 0; f < paths.size(); ++f)
+    jobs.emplace_back(
+        new WriteJob{paths[f], files[f], options, options.file_index + static_cast<int64_t>(f)});
+  // One writer per file at least: each file's writes then go on while the others' do.
+  int threads = std::max(resolve_threads(options.threads, tasks.size()),
+                         static_cast<int>(std::min(paths.size(), tasks.size())));
+  threads = std::min(threads, kMaxThreads);
+  std::vector<Worker> workers(threads);
+  st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+    Clock::time_point start = Clock::now();
+    auto [b, c] = tasks[t];
+    Status s = write_chunk(*jobs[static_cast<size_t>(w) % jobs.size()], sources[b], b, c,
+                           workers[w], &(*out)[b][c]);
+    pace(start, options.duty);
+    return s;
+  });
+  return finish_files(paths, files, options.fsync, st);
 }
 
 Status read_chunks(const std::vector<std::string>& paths, const std::vector<ReadTarget>& targets,

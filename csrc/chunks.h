@@ -56,6 +56,14 @@ struct WriteOptions {
 Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
                     const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out);
 
+// The same across several files written at once (buffered only: not with direct): writer
+// thread w appends each chunk it claims to file w % paths.size(), whose records get
+// file_index options.file_index + that file's position. Threads claim chunks from one
+// queue, so a thread slowed by anything else on the machine writes fewer of them instead
+// of finishing a fixed share late. Which file a chunk lands in varies from run to run.
+Status write_chunks(const std::vector<std::string>& paths, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out);
+
 struct ReadTarget {
   uint8_t* data;
   size_t size;

@@ -126,15 +126,17 @@ def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
                         opts, write_mode(), file_index, prev_hashes)
 
 
-def _write_views(path: str, views: list, sizes: list[int], opts: WriteOptions, mode: Background,
-                 file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
+def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions,
+                 mode: Background, file_index: int = 0,
+                 prev_hashes: list | None = None) -> list[list[Chunk]]:
     try:
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
             threads=opts.threads, fsync=opts.fsync, file_index=file_index,
             prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty)
     except _native.ChunkError as e:
-        raise StorageError(f"writing {path} failed: {e}", path) from None
+        where = getattr(e, "path", None) or (path if isinstance(path, str) else path[0])
+        raise StorageError(f"writing {where} failed: {e}", where) from None
     return [[Chunk(*r) for r in rs] for rs in records]
 
 
@@ -152,11 +154,20 @@ def part_count(nbytes: int, opts: WriteOptions) -> int:
 
 
 def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list[Chunk]]:
-    """Write contiguous CPU tensors/arrays across `paths`, one native writer per file, all
-    running at once. Values are cut on their chunk grid so the files get equal shares; each
-    value's records (file = index into paths) come back in order, as from one file."""
+    """Write contiguous CPU tensors/arrays across `paths`, one writer thread per file, all
+    running at once; each value's records (file = index into paths) come back in order, as
+    from one file. Buffered writes share the chunks out as the threads ask for them (which
+    file holds a chunk varies); direct writes cut the values on their chunk grid into equal
+    shares, one O_DIRECT file per share."""
     if len(paths) == 1:
         return write_file(paths[0], values, opts)
+    mode = write_mode()
+    if not mode.direct:
+        # One native call whose writer threads take chunks from one queue, each appending
+        # to its own file: a thread slowed by other work on the machine writes fewer chunks
+        # instead of finishing a fixed half late (issue 27; docs/ARCHITECTURE.md).
+        return _write_views(list(paths), [byte_view(v) for v in values],
+                            [elem_size(v) for v in values], opts, mode)
     views = [byte_view(v).reshape(-1) for v in values]
     sizes = [elem_size(v) for v in values]
     plan = _split([v.nbytes for v in views], len(paths), opts.chunk_size)
@@ -164,7 +175,7 @@ def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list
                         max(1, (opts.threads or default_threads()) // len(paths)), opts.fsync)
     results: list = [None] * len(paths)
     errors: list[BaseException] = []
-    mode = write_mode()  # the helper threads write as this one does
+    # The helper threads write as this one does (direct: each O_DIRECT file in its own call).
 
     def write(i: int) -> None:
         try:

@@ -54,8 +54,10 @@ def test_split_save_round_trips_and_reads_with_the_reference_reader(tmp_path, co
                      chunk_size=1 << 20)
     names = sorted(f.name for f in res.manifest.files)
     assert names == ["rank-00000-1.dckpt", "rank-00000.dckpt"]
+    # Two writer threads take chunks from one queue, each into its own file: which file
+    # holds a chunk depends on the threads' progress (on a busy machine one may write all).
     assert {c.file for t in res.manifest.tensors.values() for s in t.shards
-            for c in s.chunks} == {0, 1}
+            for c in s.chunks} <= {0, 1}
     out = dckpt.load(tmp_path / "c")
     for a, b in zip(state["w"], out["w"]):
         assert torch.equal(a, b)

@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", type=Path, default=None,
                    help="write the run's record (results, command, machine, date, load) for "
                         "the docs generator (dckpt/bench/docs.py) to this JSON file")
+    p.add_argument("--variance", action="store_true",
+                   help="instead: the spread of saves and loads back to back, interleaved and "
+                        "after a training step (dckpt/bench/variance.py: 12 repeats of "
+                        "transformer-800MB-fp32, --quick 3 of 48 MB, --workloads names one); "
+                        "writes variance.json and variance.md under --out")
     p.add_argument("--docs", type=Path, default=None,
                    help="rewrite the '## Save and load' section of this markdown file, with "
                         "the notes of benchmarks/notes/save-load.md (make bench-docs "
@@ -72,6 +77,17 @@ def run(args: argparse.Namespace) -> int:
             argv = argv[:i] + argv[i + 2:]
     command = "python -m dckpt bench " + " ".join(shlex.quote(a) for a in argv)
     started_header = record.header(next(iter(dirs.values()), None))
+    if args.variance:
+        from . import variance
+        try:
+            with record.recording(args.record, kind="markdown",
+                                  directory=next(iter(dirs.values()), None)):
+                variance.main(dirs, args.out, quick=args.quick, repeats=args.repeats,
+                              workload=args.workloads, command=command.strip())
+        finally:
+            for d in made:
+                measure.remove(d)
+        return 0
     try:
         result = run_bench(opts)
     finally:
