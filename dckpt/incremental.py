@@ -38,7 +38,7 @@ import xxhash
 from . import commit
 from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                      IncompleteCheckpointError, ManifestError)
-from .format.layout import parse_step_dir, rank_file
+from .format.layout import rank_file
 from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
                               open_regular, read_manifest_bytes)
 
@@ -164,14 +164,10 @@ def _link_name(base: Path, f: FileEntry, rank: int) -> str:
     """Names keep the file's origin, are unique per origin, and per rank, so that ranks
     never race on the same directory entry."""
     m = _LINK.match(f.name)
-    # A checkpoint directory's own name is unique under a manager root (step-N), but not in
-    # layouts like Trainer's checkpoint-N/dckpt: there the parent tells the origins apart.
-    where = f.dir or (base.name if parse_step_dir(base.name) is not None
-                      else f"{base.parent.name}-{base.name}")
-    origin = m.group(1) if m else f"{where}-{f.name}"
+    origin = m.group(1) if m else f"{(f.dir or base.name)}-{f.name}"
     name = f"ref-r{rank}-{origin}"
     if not is_safe_name(name) or len(name) > 200:
-        name = f"ref-r{rank}-{xxhash.xxh3_64_hexdigest(origin)}.dckpt"
+        name = f"ref-r{rank}-{xxhash.xxh3_64_hexdigest(origin.encode())}.dckpt"
     return name
 
 
@@ -200,10 +196,16 @@ class _Links:
                 raise OSError(errno.EINVAL, f"size differs from its manifest ({f.size})")
             # Never through a link swapped in meanwhile: the link itself would be linked,
             # and loads refuse it.
-            os.link(src, self.tmp / name, follow_symlinks=False)
-        except FileExistsError:
-            if not os.path.samefile(src, self.tmp / name):
-                raise
+            try:
+                os.link(src, self.tmp / name, follow_symlinks=False)
+            except FileExistsError:
+                if os.path.samefile(src, self.tmp / name):
+                    return name
+                # Two origins with one name: bases whose directories share a name, as in
+                # Trainer's checkpoint-N/dckpt. The source's path tells them apart.
+                where = xxhash.xxh3_64_hexdigest(str(src).encode())
+                name = f"ref-r{self.rank}-{where}-{f.name}"[:200]
+                os.link(src, self.tmp / name, follow_symlinks=False)
         except OSError as e:
             self.failure = f"cannot link {src}: {e.strerror or e}"
             log.warning("dckpt: %s; writing its unchanged chunks again", self.failure)
