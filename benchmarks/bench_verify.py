@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dckpt  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402
-from dckpt.verify import verify  # noqa: E402
+from dckpt.tools.verify import verify  # noqa: E402
 
 
 def make_state(gb: float) -> dict:

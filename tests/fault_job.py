@@ -27,10 +27,10 @@ import torch
 import torch.distributed as tdist
 
 import dckpt
-from dckpt import dist
+from dckpt.distributed import collective as dist
 from dckpt.errors import DckptError
 from dckpt.manager import AsyncOptions, CheckpointManager
-from dckpt.verify import verify
+from dckpt.tools.verify import verify
 
 OPS = ("open", "save", "restore", "gc", "async_wait", "async_close")
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import checkpoint, commit, io
-from dckpt.data import ResumableLoader
+from dckpt.engine import checkpoint, commit
+from dckpt.storage import local as io
+from dckpt.state.data import ResumableLoader
 from dckpt.errors import AsyncSaveError, CheckpointExistsError
 from dckpt.format import reader
 from dckpt.manager.async_save import AsyncOptions

@@ -4,7 +4,7 @@ import pytest
 
 from dckpt.errors import ManifestError
 from dckpt.format.manifest import Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
-from dckpt.sharding import LOCAL, OWNED, REPLICATED, SHARDED, assign
+from dckpt.distributed.sharding import LOCAL, OWNED, REPLICATED, SHARDED, assign
 
 MESH = {"shape": [2], "dim_names": None, "ranks": [0, 1]}
 

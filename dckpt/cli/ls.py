@@ -179,7 +179,7 @@ def _entry_json(e: dict) -> dict:
 
 
 def _verify_all(root: Path, entries: list[dict]) -> bool:
-    from ..verify import verify
+    from ..tools.verify import verify
     failed = False
     for e in entries:
         if e["status"] != "committed":

@@ -35,7 +35,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .. import checkpoint, commit, dist, rng
+from ..engine import checkpoint, commit
+from ..distributed import collective as dist
+from ..state import rng
 from ..errors import CheckpointNotFoundError, LockError, StateMismatchError
 from ..format import tree as treecodec
 from ..format.layout import TMP_MARK, is_staging, staging_dir

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import rng
+from ..state import rng
 
 _SUBCLASSES: dict[type, type] = {}
 # DataLoaderAdapter hides __class__ behind a read-only property; object's own setter swaps it.

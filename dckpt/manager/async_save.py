@@ -45,8 +45,10 @@ from typing import Any, Callable
 
 import torch.distributed as tdist
 
-from .. import checkpoint, dist, io
-from ..checkpoint import SaveResult, Snapshot
+from ..engine import checkpoint
+from ..distributed import collective as dist
+from ..storage import local as io
+from ..engine.checkpoint import SaveResult, Snapshot
 from ..errors import AsyncSaveError, DckptError
 from ..state.staging import Staged, StagingPool, layout, on_cuda
 from .deferred import StepGate, optimizers_in, owned_storages, storage_key

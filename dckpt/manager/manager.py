@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, commit, dist, io
+from ..engine import checkpoint, commit
+from ..distributed import collective as dist
+from ..storage import local as io
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                       DistributedError, FormatVersionError, IncompleteCheckpointError,
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
@@ -22,8 +24,8 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptErro
 from ..format import tree as treecodec
 from ..format.layout import (LATEST_NAME, is_committed, is_set_aside, is_staging,
                              parse_step_dir, step_dir)
-from .. import rng
-from ..incremental import Base, VersionCache, exclusive_bytes
+from ..state import rng
+from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from ..state.restore import partly_overwritten

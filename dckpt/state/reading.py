@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
+from ..storage import local as io
 from ..errors import (IncompleteCheckpointError, ResourceLimitError, StateMismatchError,
                       StorageError)
 from ..format.manifest import Manifest, Shard, TensorEntry

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
-from ..format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME,
-                               Chunk, Manifest, parse, read_manifest_bytes)
-from ..units import human_size as _size
+from ...errors import CorruptCheckpointError, FormatVersionError, ManifestError
+from ...format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Chunk,
+                                Manifest, parse, read_manifest_bytes)
+from ...format.units import human_size as _size
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
 BATCH_BYTES = 256 << 20
@@ -153,7 +153,7 @@ def total_stored(m: Manifest) -> int:
 def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointReport,
                     deep: bool = False, threads: int = 0, progress=None) -> None:
     """Group 3: stored-bytes hash of every chunk (deep: also decode and check raw hashes)."""
-    from .. import io  # the native core; everything above works without it
+    from ...storage import local as io  # the native core; everything above works without it
 
     g = "checksums"
     items = chunk_items(m, usable)

@@ -51,6 +51,8 @@ class ResumableLoader:
     of the epoch and now. A DistributedSampler's set_epoch() is called for you.
     """
 
+    __module__ = "dckpt.data"  # the type name checkpoints record: stable across moves (and the public path)
+
     def __init__(self, loader: torch.utils.data.DataLoader):
         if getattr(loader, "num_workers", 0) and loader.persistent_workers:
             raise ValueError("persistent workers keep their own state; use workers that "
@@ -140,6 +142,8 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     resume position. Inside a ResumableLoader the position counts the batches training
     received, so worker prefetching does not move it.
     """
+
+    __module__ = "dckpt.data"  # the type name checkpoints record: stable across moves (and the public path)
 
     def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False):

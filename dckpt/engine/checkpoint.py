@@ -16,16 +16,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, commit, dist, errors, gcpause, incremental, io, partitioned, sharding
-from .errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
-                     NotACheckpointError)
-from .format import tree as treecodec
-from .format.layout import not_a_checkpoint, rank_file
-from .format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
-                              TensorEntry, parse, read_manifest_bytes)
-from .state.flatten import Flat, Leaf, component_kind, flatten
-from .state.reading import TensorReader
-from .state.restore import RestoreReport, materialize, restore_into
+from .. import __version__, errors
+from . import commit, gcpause, incremental
+from ..distributed import collective as dist, partitioned, sharding
+from ..storage import local as io
+from ..errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
+                      NotACheckpointError)
+from ..format import tree as treecodec
+from ..format.layout import not_a_checkpoint, rank_file
+from ..format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
+                               TensorEntry, parse, read_manifest_bytes)
+from ..state.flatten import Flat, Leaf, component_kind, flatten
+from ..state.reading import TensorReader
+from ..state.restore import RestoreReport, materialize, restore_into
 
 
 @dataclass

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import io
-from .errors import UnsupportedStateError
-from .state.flatten import Flat, Leaf
-from .state.tensors import TORCH_NAMES
+from ..storage import local as io
+from ..errors import UnsupportedStateError
+from ..state.flatten import Flat, Leaf
+from ..state.tensors import TORCH_NAMES
 
 SHARDED, REPLICATED, OWNED, LOCAL = "sharded", "replicated", "owned", "local"
 

@@ -36,11 +36,11 @@ from typing import Callable
 import xxhash
 
 from . import commit
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
-                     IncompleteCheckpointError, ManifestError)
-from .format.layout import rank_file
-from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
-                              open_regular, read_manifest_bytes)
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
+                      IncompleteCheckpointError, ManifestError)
+from ..format.layout import rank_file
+from ..format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name,
+                               parse, open_regular, read_manifest_bytes)
 
 log = logging.getLogger("dckpt")
 
@@ -217,7 +217,7 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
 
     Returns each leaf's chunk records (file indices into the returned file list: 0 is
     fname, then the links), the file list and the statistics for the manifest."""
-    from . import io  # torch and the native core: only the write path needs them
+    from ..storage import local as io  # torch and the native core: only the write path needs them
     m = base.manifest
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
@@ -307,7 +307,7 @@ def _first_damaged(base: Path, m: Manifest, links: "_Links",
     """leaf -> position of its first shared base chunk whose stored bytes do not match
     their stored hash, read through the links made for them. Chunks found intact are added
     to `intact` and not read again."""
-    from . import io
+    from ..storage import local as io
     todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
             if (ch.file, ch.offset) not in intact]
     if not todo:

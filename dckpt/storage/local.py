@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _native
-from .errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
-                     InvalidArgumentError, ManifestError, StorageError)
-from .format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
+from .. import _native
+from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
+                      InvalidArgumentError, ManifestError, StorageError)
+from ..format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 

@@ -1,0 +1,5 @@
+"""Read-side and repair tools over finished checkpoints: verify, repair, diff, convert.
+
+Each returns a report object that the cli renders. May import manager, engine, distributed,
+state, storage, format and errors; never integrations or cli.
+"""
