@@ -19,13 +19,11 @@ import torch
 from .. import __version__, errors
 from . import commit, gcpause, incremental
 from ..distributed import collective as dist, partitioned, sharding
-from ..storage import local as io
-from ..errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
-                      NotACheckpointError)
+from ..storage import local as io, records
+from ..errors import DckptError, DistributedError, ManifestError
 from ..format import tree as treecodec
-from ..format.layout import not_a_checkpoint, rank_file
-from ..format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
-                               TensorEntry, parse, read_manifest_bytes)
+from ..format.layout import rank_file
+from ..format.manifest import VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard, TensorEntry
 from ..state.flatten import Flat, Leaf, component_kind, flatten
 from ..state.reading import TensorReader
 from ..state.restore import RestoreReport, materialize, restore_into
@@ -339,19 +337,9 @@ def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Parse and validate the manifest of the checkpoint at `path`."""
-    p = Path(path) / MANIFEST_NAME
-    try:
-        data = read_manifest_bytes(p)
-    except OSError as e:
-        why = not_a_checkpoint(Path(path))  # a torch.save file, a manager root
-        if why:
-            raise NotACheckpointError(why, str(path)) from None
-        if isinstance(e, FileNotFoundError):
-            raise CheckpointNotFoundError(
-                f"{path} is not a committed checkpoint (no {MANIFEST_NAME})") from None
-        raise ManifestError(f"cannot read {p}: {e.strerror}", str(p)) from None
-    return parse(data, str(p))
+    """Parse and validate the manifest of the checkpoint at `path` (the one reader,
+    dckpt.format.manifest.read_manifest, with the native record check)."""
+    return records.read_manifest(path)
 
 
 @gcpause.during

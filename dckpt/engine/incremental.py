@@ -36,11 +36,10 @@ from typing import Callable
 import xxhash
 
 from . import commit
-from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
-                      IncompleteCheckpointError, ManifestError)
+from ..storage import records
+from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
 from ..format.layout import rank_file
-from ..format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name,
-                               parse, open_regular, read_manifest_bytes)
+from ..format.manifest import Chunk, FileEntry, Manifest, Shard, is_safe_name, open_regular
 
 log = logging.getLogger("dckpt")
 
@@ -49,15 +48,7 @@ _LINK = re.compile(r"^ref-r\d+-(.+)$")
 _STATS = ("new_bytes", "referenced_bytes", "new_chunks", "referenced_chunks", "unhashed_bytes")
 
 
-def read_manifest(ckpt: Path) -> Manifest:
-    path = Path(ckpt) / MANIFEST_NAME
-    try:
-        data = read_manifest_bytes(path)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{ckpt} is not a committed checkpoint") from None
-    except OSError as e:
-        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
-    return parse(data, str(path))
+read_manifest = records.read_manifest
 
 
 # ---- the cheap path: tensors whose version counter did not move ------------------------

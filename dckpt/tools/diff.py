@@ -88,7 +88,7 @@ def _finite(v: float | None):
 
 def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0,
          threads: int = 0) -> DiffReport:
-    from ..engine.checkpoint import read_manifest
+    from ..storage.records import read_manifest
     ma, mb = read_manifest(a), read_manifest(b)
     report = DiffReport(str(a), str(b), atol)
     _diff_tensors(Path(a), ma, Path(b), mb, report, threads)

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import commit
+from ..storage import records
 from ..errors import ManifestError
 from ..format import anatomy
 from ..format import tree as treecodec
 from ..format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
                              parse_step_dir)
-from ..format.manifest import MANIFEST_NAME, parse, read_manifest_bytes
+from ..format.manifest import MANIFEST_NAME
 
 SCHEMA = "dckpt.repair/1"
 BACKUP_DIR = ".dckpt-backup"
@@ -210,7 +211,7 @@ def _add_rng(base: Path, ckpts: list[Path], report: RepairReport, saver: _Backup
     for ckpt in ckpts:
         mpath = ckpt / MANIFEST_NAME
         try:
-            m = parse(read_manifest_bytes(mpath), str(mpath))
+            m = records.read_manifest(ckpt)
         except Exception:
             continue  # unreadable manifests are reported by the latest check and by verify
         lacking = {r: [s for s in anatomy.BASE_STREAMS if s not in _streams(e)]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ...errors import CorruptCheckpointError, FormatVersionError, ManifestError
 from ...format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Chunk,
-                                Manifest, parse, read_manifest_bytes)
+                                Manifest, read_manifest_bytes)
 from ...format.units import human_size as _size
+from ...storage.records import parse  # with the native record check
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
 BATCH_BYTES = 256 << 20

@@ -1,0 +1,47 @@
+"""The package's layers (docs/ARCHITECTURE.md) hold: import-linter's contracts of
+pyproject.toml pass, only dckpt.storage imports the native core, and nothing but the public
+entry points sits at the top of the package."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "dckpt"
+
+
+def test_import_linter_contracts_are_kept():
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    if not os.path.exists(exe):
+        pytest.fail("lint-imports is missing: install the test extras (pip install -e .[test])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([exe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "0 broken" in r.stdout
+
+
+def _imports_native(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if "_native" in (node.module or "").split(".") or \
+                    any(a.name == "_native" for a in node.names):
+                return True
+        elif isinstance(node, ast.Import) and any("_native" in a.name for a in node.names):
+            return True
+    return False
+
+
+def test_only_storage_imports_the_native_core():
+    # import-linter does not see compiled modules, so this one is checked here.
+    users = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py")
+                   if p.parts[len(PKG.parts)] != "storage" and _imports_native(p))
+    assert users == []
+
+
+def test_only_entry_points_at_the_top():
+    top = sorted(p.name for p in PKG.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "errors.py"]
