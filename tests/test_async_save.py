@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import dckpt
-from dckpt.engine import checkpoint, commit
+from dckpt.engine import checkpoint
+from dckpt.storage import commit
 from dckpt.storage import local as io
 from dckpt.state.data import ResumableLoader
 from dckpt.errors import AsyncSaveError, CheckpointExistsError

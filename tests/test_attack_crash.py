@@ -19,7 +19,7 @@ import pytest
 import dckpt
 from dckpt import CheckpointManager
 from dckpt.cli import main as cli
-from dckpt.engine import commit
+from dckpt.storage import commit
 from dckpt.format.layout import LATEST_NAME, LOCK_NAME, aside_target, is_staging, parse_step_dir
 from dckpt.format.manifest import MANIFEST_NAME
 from dckpt.manager import AsyncOptions

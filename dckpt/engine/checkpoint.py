@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .. import __version__, errors
-from . import commit, gcpause, incremental
+from ..storage import commit
+from . import gcpause, incremental
 from ..distributed import collective as dist, partitioned, sharding
 from ..storage import local as io, records
 from ..errors import DckptError, DistributedError, ManifestError

@@ -35,7 +35,7 @@ from typing import Callable
 
 import xxhash
 
-from . import commit
+from ..storage import commit
 from ..storage import records
 from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
 from ..format.layout import rank_file

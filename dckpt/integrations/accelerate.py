@@ -35,7 +35,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from ..engine import checkpoint, commit
+from ..engine import checkpoint
+from ..storage import commit
 from ..distributed import collective as dist
 from ..state import rng
 from ..errors import CheckpointNotFoundError, LockError, StateMismatchError

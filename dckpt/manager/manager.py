@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine import checkpoint, commit
+from ..engine import checkpoint
+from ..storage import commit
 from ..distributed import collective as dist
 from ..storage import local as io
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,

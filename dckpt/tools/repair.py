@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import commit
+from ..storage import commit
 from ..storage import records
 from ..errors import ManifestError
 from ..format import anatomy

@@ -120,7 +120,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, source: str = "au
 
 def write(imp: Imported, dst: str | os.PathLike, *, overwrite: bool = False,
           compression: str | int | None = None, fsync: bool = True) -> ConvertResult:
-    from ...engine import checkpoint, commit
+    from ...engine import checkpoint
+    from ...storage import commit
     from ...format import tree as treecodec
     from ...state.flatten import flatten
     state: dict[str, Any] = {}
