@@ -202,6 +202,13 @@ def add_digests(offers: list[list[dict]], names: list[str], digests: list[list[s
                 it["digest"] = found[it["name"]]
 
 
+def write_order(nbytes: int, name: str) -> tuple:
+    """Where a block goes in its writer's file: largest first, then by name. assign() sorts
+    by it and the async staging layout (manager.async_save.storage_order) too, so that
+    the O_DIRECT write sends large tensors straight from the staging arena."""
+    return (-nbytes, name)
+
+
 def assign(offers: list[list[dict]], me: int) -> RankPlan:
     """Decide every rank's writes from all ranks' offers (same result on every rank).
     Raises ValueError when the ranks' states cannot form one checkpoint."""
@@ -240,7 +247,7 @@ def assign(offers: list[list[dict]], me: int) -> RankPlan:
     load = [sum(offers[r][i]["nbytes"] for _, i in writes[r]) for r in range(world)]
     # Single-holder blocks first (they are fixed), then shared ones largest first, each to
     # the least-loaded holder: the greedy longest-processing-time rule.
-    blocks.sort(key=lambda b: (len(b[3]) > 1, -b[0], b[1], b[2]))
+    blocks.sort(key=lambda b: (len(b[3]) > 1, *write_order(b[0], b[1]), b[2]))
     for nbytes, name, _, who in blocks:
         r, i = min(who, key=lambda h: (load[h[0]], h[0]))
         writes[r].append((name, i))

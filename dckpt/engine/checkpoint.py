@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .. import __version__, errors
-from ..storage import commit
 from . import gcpause, incremental
 from ..distributed import collective as dist, partitioned, sharding
+from .. import storage
 from ..storage import local as io, records
 from ..errors import DckptError, DistributedError, ManifestError
 from ..format import tree as treecodec
@@ -99,25 +99,29 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
           overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
           meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
-          group=None) -> SaveResult:
+          group=None, mode: io.Background = io.FOREGROUND) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
-    phase so that its failure aborts every rank); collective over `group` like save()."""
+    phase so that its failure aborts every rank); collective over `group` like save().
+    mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
     staged: list[Path] = []  # rank 0's staging directory, once it exists
+    store = storage.for_path(path)
     try:
-        return _write(snap, path, staged, compression=compression, shuffle=shuffle,
+        return _write(snap, path, staged, store, compression=compression, shuffle=shuffle,
                       chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
-                      counters=counters, metrics=metrics, meta=meta, base=base, group=group)
+                      counters=counters, metrics=metrics, meta=meta, base=base, group=group,
+                      mode=mode)
     except BaseException:
         # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
         # staging directory on the errors they exchange, this on everything else, so no
         # interrupted save leaves its bytes behind. After a commit it no longer exists.
         for tmp in staged:
-            commit.abort(tmp)
+            store.abort(tmp)
         raise
 
 
-def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, threads, fsync,
-           overwrite, counters, metrics, meta, base, group) -> SaveResult:
+def _write(snap, path, staged: list, store: storage.Storage, *, compression, shuffle,
+           chunk_size, threads, fsync, overwrite, counters, metrics, meta, base, group,
+           mode) -> SaveResult:
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
     target = Path(path)
@@ -137,7 +141,7 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
         counters = plain_json(counters or {}, "counters")
         meta = plain_json(meta or {}, "meta")
         if r == 0:
-            begun = _begin(target, overwrite)
+            begun = _begin(store, target, overwrite)
             if begun[0]:
                 staged.append(Path(begun[0]))
         if begun is None or begun[0]:
@@ -146,7 +150,7 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
     except Exception as e:
         failure = e
     staged = Path(begun[0]) if begun and begun[0] else None
-    gathered = _exchange([begun, offers], failure, "plan", staged, target, group)
+    gathered = _exchange([begun, offers], failure, "plan", store, staged, target, group)
     tmp_name, error = gathered[0][0]
     if error:
         raise _rebuilt(*error)
@@ -157,17 +161,17 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
             digests, failure = sharding.late_digests(snap.flat, late), None
         except Exception as e:
             digests, failure = None, e
-        sharding.add_digests(offers, late, _exchange(digests, failure, "replicas", tmp,
+        sharding.add_digests(offers, late, _exchange(digests, failure, "replicas", store, tmp,
                                                      target, group))
     try:
         plan = sharding.assign(offers, r)
-        report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None
+        report, failure = _write_rank(store, tmp, snap.flat, plan, opts, mode, r, base), None
         report["tree"] = snap.tree
         report["extra"] = snap.rank_state
         report["views"] = snap.flat.views
     except Exception as e:
         report, failure = None, e
-    reports = _exchange(report, failure, "write", tmp, target, group)
+    reports = _exchange(report, failure, "write", store, tmp, target, group)
 
     if base is not None:
         meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, reports)}
@@ -175,9 +179,9 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
     outcome = None
     if r == 0:
         try:
-            commit.finish(tmp, target, m, fsync)
+            store.finish(tmp, target, m, fsync)
         except Exception as e:
-            commit.abort(tmp)
+            store.abort(tmp)
             if not dist.active(group):
                 raise
             outcome = f"{type(e).__name__}: {e}"
@@ -231,11 +235,11 @@ def plain_json(v: Any, where: str) -> Any:
         "values, 0-d tensors and numpy scalars can); nothing was written")
 
 
-def _begin(target: Path, overwrite: bool) -> list:
+def _begin(store: storage.Storage, target: Path, overwrite: bool) -> list:
     """Rank 0: [staging directory, None], or [None, [error type, message, path]] that every
     rank raises (the target exists, say)."""
     try:
-        return [str(commit.begin(target, overwrite)), None]
+        return [str(store.begin(target, overwrite)), None]
     except DckptError as e:
         return [None, [type(e).__name__, str(e), getattr(e, "path", None)]]
 
@@ -248,8 +252,8 @@ def _rebuilt(name: str, message: str, path: str | None) -> DckptError:
     return cls(message)
 
 
-def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, target: Path,
-              group) -> list:
+def _exchange(value, failure: Exception | None, phase: str, store: storage.Storage,
+              tmp: Path | None, target: Path, group) -> list:
     """All ranks' `value`s; if any rank failed (or one never arrives), rank 0 removes the
     staging directory (if it made one) and every rank raises: its own error, or one naming
     the failed rank."""
@@ -261,13 +265,13 @@ def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, ta
         gathered = dist.all_gather_json(msg, group, what=f"save {phase} of {target}")
     except DistributedError:
         if r == 0 and tmp is not None:
-            commit.abort(tmp)
+            store.abort(tmp)
         raise
     failed = [g for g in gathered if "error" in g]
     if not failed:
         return [g["value"] for g in gathered]
     if r == 0 and tmp is not None:
-        commit.abort(tmp)
+        store.abort(tmp)
     dist.barrier(group, what=f"save abort of {target}")
     if failure is not None:
         raise failure
@@ -275,8 +279,9 @@ def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, ta
                            f"({phase}): {failed[0]['error']}", failed[0]["rank"])
 
 
-def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOptions,
-                r: int, base: incremental.Base | None) -> dict:
+def _write_rank(store: storage.Storage, tmp: Path, flat: Flat, plan: sharding.RankPlan,
+                opts: io.WriteOptions, mode: io.Background, r: int,
+                base: incremental.Base | None) -> dict:
     """Write the tensors the plan gives this rank into its data file(s); returns its part of
     the manifest."""
     leaves = [flat.leaves[i] for _, i in plan.writes]
@@ -285,12 +290,12 @@ def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOp
     files, chunks, stats = [], [], None
     if leaves and base is not None:
         chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
-                                                      sharding.contiguous_cpu)
+                                                      sharding.contiguous_cpu, store, mode)
     elif leaves:
         values = [sharding.contiguous_cpu(x.value) for x in leaves]
         parts = io.part_count(sum(v.nbytes for v in values), opts)
         fnames = [rank_file(r, p) for p in range(parts)]
-        chunks = io.write_files([str(tmp / n) for n in fnames], values, opts)
+        chunks = store.write_files([str(tmp / n) for n in fnames], values, opts, mode)
         files = [FileEntry(n, (tmp / n).stat().st_size, r) for n in fnames]
     tensors = {}
     for leaf, name, cs in zip(leaves, names, chunks):

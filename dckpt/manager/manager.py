@@ -216,13 +216,15 @@ class CheckpointManager:
             return self._saver.submit(
                 step, state, rank_state,
                 lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
-                                           self._commit_group, self._saver.options.writer_threads))
+                                           self._commit_group, self._saver.options.writer_threads,
+                                           self._saver.options.mode))
         return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
                              metrics, overwrite, full, self.group, self.threads)
 
     @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
-                 group, threads: int) -> checkpoint.SaveResult:
+                 group, threads: int,
+                 mode: io.Background = io.FOREGROUND) -> checkpoint.SaveResult:
         """Write and commit `snap` (see checkpoint.write), apply retention, then move
         `latest`. Collective over `group`: the training group, or the async worker's own.
         What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
@@ -257,7 +259,7 @@ class CheckpointManager:
                     group=group, base=Base(self.root / base, self._versions) if base else None,
                     # Recorded so `dckpt ls` / `dckpt gc` apply the policy the run used.
                     meta={"retention": asdict(self.retention)},
-                    **{**self.save_options, "threads": threads})
+                    mode=mode, **{**self.save_options, "threads": threads})
             except BaseException:
                 if self._versions is not None:
                     self._versions.discard()

@@ -154,7 +154,8 @@ def total_stored(m: Manifest) -> int:
 def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointReport,
                     deep: bool = False, threads: int = 0, progress=None) -> None:
     """Group 3: stored-bytes hash of every chunk (deep: also decode and check raw hashes)."""
-    from ...storage import local as io  # the native core; everything above works without it
+    from ... import storage  # the native core (torch too); everything above works without it
+    store = storage.for_path(ckpt)
 
     g = "checksums"
     items = chunk_items(m, usable)
@@ -164,7 +165,7 @@ def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointRe
     bad = 0
     checked_bytes = 0
     for batch in _batches(items):
-        failures = io.verify_chunks(paths, [it.record for it in batch],
+        failures = store.verify_chunks(paths, [it.record for it in batch],
                                     [it.elem_size for it in batch], deep=deep, threads=threads)
         for index, kind, expected, actual, message in failures:
             it = batch[index]
