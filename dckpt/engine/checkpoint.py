@@ -69,6 +69,7 @@ def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
     return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
 
 
+@gcpause.during
 @dist.collective
 def save(state: Any, path: str | os.PathLike, *, compression: str | int | None = None,
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
@@ -86,10 +87,11 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     Distributed (see dckpt/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
-    return write(lambda: snapshot(state, rank_state), path, compression=compression,
-                 shuffle=shuffle, chunk_size=chunk_size, threads=threads, fsync=fsync,
-                 overwrite=overwrite, counters=counters, metrics=metrics, meta=meta, base=base,
-                 group=group)
+    # write() undecorated: one pause and one collective scope for the call, not two.
+    return _commit_snapshot(lambda: snapshot(state, rank_state), path, compression=compression,
+                            shuffle=shuffle, chunk_size=chunk_size, threads=threads,
+                            fsync=fsync, overwrite=overwrite, counters=counters,
+                            metrics=metrics, meta=meta, base=base, group=group)
 
 
 @gcpause.during
@@ -103,6 +105,32 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save().
     mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
+    return _commit_snapshot(snap, path, compression=compression, shuffle=shuffle,
+                            chunk_size=chunk_size, threads=threads, fsync=fsync,
+                            overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
+                            base=base, group=group, mode=mode)
+
+
+def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
+                     overwrite, counters, metrics, meta, base, group,
+                     mode: io.Background = io.FOREGROUND) -> SaveResult:
+    """The save protocol: the home of its collective exchanges, in this order on every rank
+    (each an all-gather through _exchange that also carries a failure, so a rank that
+    raises makes every rank abort and none hangs; rank 0 then removes the staging
+    directory):
+
+    1. "plan": rank 0 has begun (storage.begin: the staging location, or the error every
+       rank raises); every rank sends its sharding.Offer list. All ranks then know the
+       staging location and every rank's offers.
+    2. "replicas", only when sharding.undecided(offers) is not empty (the same on every
+       rank): each rank's digests of those tensors, added to the offers. Then every rank
+       computes the same sharding.assign(offers): its WritePlan.
+    3. "write": each rank writes its plan through storage.write_files and sends its
+       WriteReport; every rank builds the same manifest from them.
+    4. "save commit": rank 0 commits (storage.finish) and broadcasts the outcome.
+
+    The typed objects (Offer, WritePlan, WriteReport) are made once and passed down; they
+    become JSON only inside _exchange."""
     staged: list[Path] = []  # rank 0's staging directory, once it exists
     store = storage.for_path(path)
     try:
@@ -154,24 +182,25 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     tmp_name, error = gathered[0][0]
     if error:
         raise _rebuilt(*error)
-    tmp, offers = Path(tmp_name), [g[1] for g in gathered]
+    tmp = Path(tmp_name)
+    offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g[1]]
+              for g in gathered]
     late = sharding.undecided(offers)
     if late:  # large plain tensors on every rank: hash only these, to find the replicas
         try:
             digests, failure = sharding.late_digests(snap.flat, late), None
         except Exception as e:
             digests, failure = None, e
-        sharding.add_digests(offers, late, _exchange(digests, failure, "replicas", store, tmp,
-                                                     target, group))
+        offers = sharding.add_digests(offers, late, _exchange(digests, failure, "replicas",
+                                                              store, tmp, target, group))
     try:
         plan = sharding.assign(offers, r)
-        report, failure = _write_rank(store, tmp, snap.flat, plan, opts, mode, r, base), None
-        report["tree"] = snap.tree
-        report["extra"] = snap.rank_state
-        report["views"] = snap.flat.views
+        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base)
+        failure = None
     except Exception as e:
         report, failure = None, e
-    reports = _exchange(report, failure, "write", store, tmp, target, group)
+    reports = [WriteReport.of(x) for x in
+               _exchange(report, failure, "write", store, tmp, target, group)]
 
     if base is not None:
         meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, reports)}
@@ -258,7 +287,7 @@ def _exchange(value, failure: Exception | None, phase: str, store: storage.Stora
     staging directory (if it made one) and every rank raises: its own error, or one naming
     the failed rank."""
     r = dist.rank(group)
-    msg = {"rank": r, "value": value}
+    msg = {"rank": r, "value": _wire(value)}
     if failure is not None:
         msg = {"rank": r, "error": f"{type(failure).__name__}: {failure}"}
     try:
@@ -279,11 +308,47 @@ def _exchange(value, failure: Exception | None, phase: str, store: storage.Stora
                            f"({phase}): {failed[0]['error']}", failed[0]["rank"])
 
 
-def _write_rank(store: storage.Storage, tmp: Path, flat: Flat, plan: sharding.RankPlan,
+def _wire(value):
+    """The one place the typed plan objects become JSON (for the exchanges)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, (list, tuple)):
+        return [_wire(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What one rank wrote, for the manifest: its files (FileEntry JSON), its tensors'
+    records (manifest JSON, chunk file indices into its own files), tree aliases, the
+    incremental statistics, its state tree, per-rank extras and its count of views."""
+    files: list[dict]
+    tensors: dict[str, dict]
+    aliases: dict[str, str]
+    stats: dict | None
+    tree: Any
+    extra: Any
+    views: int
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "tensors": self.tensors, "aliases": self.aliases,
+                incremental.META_KEY: self.stats, "tree": self.tree, "extra": self.extra,
+                "views": self.views}
+
+    @classmethod
+    def of(cls, v: "WriteReport | dict") -> "WriteReport":
+        if isinstance(v, WriteReport):
+            return v
+        return cls(v["files"], v["tensors"], v["aliases"], v[incremental.META_KEY], v["tree"],
+                   v["extra"], v["views"])
+
+
+def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
                 opts: io.WriteOptions, mode: io.Background, r: int,
-                base: incremental.Base | None) -> dict:
+                base: incremental.Base | None) -> WriteReport:
     """Write the tensors the plan gives this rank into its data file(s); returns its part of
     the manifest."""
+    flat = snap.flat
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
     fname = rank_file(r)
@@ -304,16 +369,17 @@ def _write_rank(store: storage.Storage, tmp: Path, flat: Flat, plan: sharding.Ra
             "shape": leaf.global_shape, "placement": plan.placements.get(name),
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
                         "chunks": [tuple(c) for c in cs]}]}
-    return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": plan.aliases,
-            incremental.META_KEY: stats}
+    return WriteReport([f.to_json() for f in files], tensors, plan.aliases, stats, snap.tree,
+                       snap.rank_state, snap.flat.views)
 
 
-def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, opts) -> Manifest:
+def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, meta,
+                    opts) -> Manifest:
     files, tensors, ranks, meshes = [], {}, [], []
     for rep in reports:
         first = len(files)  # a rank's chunks index its own file list
-        files.extend(FileEntry(**f) for f in rep["files"])
-        for name, t in rep["tensors"].items():
+        files.extend(FileEntry(**f) for f in rep.files)
+        for name, t in rep.tensors.items():
             shards = [Shard(s["offsets"], s["shape"], s["rank"],
                             [Chunk(first + c[0], *c[1:]) for c in s["chunks"]])
                       for s in t["shards"]]
@@ -322,12 +388,12 @@ def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, op
             else:
                 tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
                                             _index_mesh(t["placement"], meshes))
-        ranks.append({"tree": rep["tree"], "aliases": rep["aliases"], **rep["extra"]})
+        ranks.append({"tree": rep.tree, "aliases": rep.aliases, **rep.extra})
     info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
     # Version 2 only where a tree holds $view nodes, which version-1 readers do not know.
-    version = VIEWS_VERSION if any(rep.get("views") for rep in reports) else 1
+    version = VIEWS_VERSION if any(rep.views for rep in reports) else 1
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
                     meta={"library": info, **(meta or {})}, meshes=meshes, version=version)

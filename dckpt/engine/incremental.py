@@ -329,11 +329,11 @@ def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]
     return old, old.file
 
 
-def summarize(base: Base, reports: list[dict]) -> dict:
+def summarize(base: Base, reports: list) -> dict:
     """The manifest's meta entry: what this save wrote and what it shares, over all ranks."""
     out: dict = {"base": base.path.name, "depth": base.depth + 1, **dict.fromkeys(_STATS, 0)}
     for rep in reports:
-        stats = rep.get(META_KEY) or {}
+        stats = rep.stats or {}  # engine.checkpoint.WriteReport
         for k in _STATS:
             out[k] += int(stats.get(k, 0))
         if "fallback" in stats:
