@@ -1,4 +1,4 @@
-"""dckpt.gcpause: the cyclic collector is paused for a main-thread save or load and only then."""
+"""dckpt.engine.gcpause: the cyclic collector is paused for a main-thread save or load and only then."""
 import gc
 import threading
 

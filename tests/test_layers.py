@@ -45,3 +45,46 @@ def test_only_storage_imports_the_native_core():
 def test_only_entry_points_at_the_top():
     top = sorted(p.name for p in PKG.glob("*.py"))
     assert top == ["__init__.py", "__main__.py", "errors.py"]
+
+
+def _files_on_stack() -> list[str]:
+    """dckpt's files on the Python stack, outermost first, consecutive repeats merged."""
+    import traceback
+    out: list[str] = []
+    for frame in traceback.extract_stack()[:-2]:
+        f = Path(frame.filename)
+        if PKG in f.parents:
+            name = str(f.relative_to(PKG))
+            if not out or out[-1] != name:
+                out.append(name)
+    return out
+
+
+def test_save_and_load_stacks_are_short(tmp_path, monkeypatch):
+    """From dckpt.save to the native pwrite, and from dckpt.load to the native pread, the
+    call passes through at most 6 of dckpt's files and never back into one it left
+    (docs/ARCHITECTURE.md, "One save, file by file")."""
+    import torch
+
+    import dckpt
+    from dckpt import _native
+    stacks = {}
+
+    def spy(what, fn):
+        def call(*args, **kwargs):
+            stacks[what] = _files_on_stack()
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(_native, "write_chunks", spy("save", _native.write_chunks))
+    monkeypatch.setattr(_native, "read_chunks", spy("load", _native.read_chunks))
+    dckpt.save({"w": torch.arange(4.0)}, tmp_path / "c")
+    live = {"w": torch.zeros(4)}
+    dckpt.load(tmp_path / "c", into=live)
+    assert torch.equal(live["w"], torch.arange(4.0))
+    assert stacks["save"] == ["engine/gcpause.py", "distributed/collective.py",
+                              "engine/checkpoint.py", "storage/local.py"]
+    assert stacks["load"] == ["engine/gcpause.py", "engine/checkpoint.py", "state/restore.py",
+                              "state/reading.py", "storage/local.py"]
+    for files in stacks.values():
+        assert len(files) <= 6 and len(set(files)) == len(files)

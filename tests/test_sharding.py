@@ -1,4 +1,4 @@
-"""Who writes what (dckpt.sharding.assign) from the ranks' offers, and the manifest's record
+"""Who writes what (dckpt.distributed.sharding.assign) from the ranks' offers, and the manifest's record
 of it. Pure planning: no process group needed; test_distributed.py runs the real thing."""
 import pytest
 

@@ -82,9 +82,9 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     compression: None (raw), "zstd" (level 1) or a zstd level; shuffle applies a byte shuffle
     by element size before zstd. rank_state: extra per-rank values (RNG streams) stored in
     the manifest beside the tree. base: a committed checkpoint; chunks unchanged since it
-    are not written again but shared with it by hard link (see dckpt/incremental.py).
+    are not written again but shared with it by hard link (see dckpt/engine/incremental.py).
 
-    Distributed (see dckpt/sharding.py): DTensor shards are written by their owners with
+    Distributed (see dckpt/distributed/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
     # write() undecorated: one pause and one collective scope for the call, not two.

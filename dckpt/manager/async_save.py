@@ -78,7 +78,7 @@ class AsyncOptions:
     handle_sigterm: install the SIGTERM handler described above (main thread only, and only
         where SIGTERM still has its default action).
     exit_timeout: seconds to wait for pending saves at exit (None: as long as they take).
-    A commit collective waits for the other ranks at most dckpt.dist.collective_timeout().
+    A commit collective waits for the other ranks at most dckpt.distributed.collective.collective_timeout().
     """
     max_in_flight: int = 1
     when_busy: str = "wait"
@@ -377,7 +377,7 @@ def _describe(e: BaseException | None) -> str:
 
 def commit_group(group=None):
     """A gloo group over the ranks of `group` for the worker's commit collectives: dckpt's
-    collectives keep a sequence per group (dckpt.dist), so the worker's never interleave with
+    collectives keep a sequence per group (dckpt.distributed.collective), so the worker's never interleave with
     those the training thread runs on `group`, and nothing of it touches the training's own
     backend (NCCL, say) from a second thread.
 

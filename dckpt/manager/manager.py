@@ -112,7 +112,7 @@ class CheckpointManager:
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
                  async_save: bool | AsyncOptions = False):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
-        them again (dckpt/incremental.py); full_every: every K-th save is written in full;
+        them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
         since this manager saved them (unsafe if the state is written through `.data`; no
         effect with async saves, which write from staging copies);
