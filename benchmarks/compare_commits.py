@@ -54,9 +54,10 @@ def main() -> int:
     p.add_argument("new")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--so", type=Path, default=None, help="compiled core to copy into both")
-    p.add_argument("bench", nargs=argparse.REMAINDER, help="-- then `dckpt bench` arguments")
-    a = p.parse_args()
-    bench = [x for x in a.bench if x != "--"] or ["--quick"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    bench = argv[cut + 1:] or ["--quick"]  # after "--": the `dckpt bench` arguments
     work = Path(tempfile.mkdtemp(prefix="dckpt-compare-"))
     try:
         trees = {}
