@@ -73,6 +73,69 @@ class ResumeReport:
         return "; ".join(parts)
 
 
+# ---- Resuming one checkpoint: CheckpointManager.restore and the accelerate integration's
+# load_state both go through load_step() and resumed().
+@dataclass
+class Attempt:
+    """One try at restoring a checkpoint on this rank: what it got, and what it raised."""
+    path: Path
+    manifest: Any = None  # the Manifest, read once
+    rank_entry: dict | None = None  # this rank's entry (None: a rank the save did not have)
+    rng_setters: list = field(default_factory=list)  # (stream, set it) once all went well
+    report: Any = None  # the RestoreReport of checkpoint.load
+    failure: Exception | None = None
+
+
+def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
+              allow_missing: bool | list[str] = False, keys: list[str] | None = None,
+              strict: bool = True, verify: bool = True, threads: int = 0, group=None,
+              manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
+                                              "without them") -> Attempt:
+    """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
+    is read once (or `manifest` used): an overwrite in between must not pair one version's
+    counters and RNG streams with another's tensors. This rank's RNG streams are checked
+    before any tensor is read (a malformed one leaves the state untouched) but set only by
+    resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
+    the caller to share with the other ranks (fall back, or raise)."""
+    a = Attempt(Path(path))
+    try:
+        a.manifest = m = manifest or checkpoint.read_manifest(path)
+        a.rank_entry = m.ranks[rank] if rank < m.world_size else None
+        rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
+        wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
+        if wants_rng and not rng_state and a.rank_entry is not None:
+            raise StateMismatchError([f"{path}: no RNG streams for rank {rank}{rng_hint}"])
+        a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
+        a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
+                                   allow_missing=allow_missing, strict=strict, group=group,
+                                   manifest=m)
+    except Exception as e:
+        a.failure = e
+    return a
+
+
+def resumed(a: Attempt, step: int, *, rank: int, restore_rng: bool = True,
+            epoch: int | None = None, step_in_epoch: int | None = None,
+            notes: list[str] | None = None) -> ResumeReport:
+    """Set the RNG streams of a successful Attempt and describe where the run stands."""
+    for _, set_stream in a.rng_setters:
+        set_stream()
+    notes = [*(notes or []), *a.report.notes]
+    if restore_rng and a.rank_entry is None:
+        # A new rank has no streams of its own; copying another rank's would make two
+        # ranks draw the same numbers. It keeps the streams this process seeded.
+        notes.append(f"rank {rank} did not exist in the {a.manifest.world_size}-rank "
+                     "checkpoint: its RNG streams were NOT restored (left as this process "
+                     "seeded them)")
+        log.warning("dckpt: %s", notes[-1])
+    c = a.manifest.counters
+    return ResumeReport(step=step, path=a.path, epoch=epoch, step_in_epoch=step_in_epoch,
+                        metrics=a.manifest.metrics, counters=c, components=a.report.components,
+                        rng_streams=[name for name, _ in a.rng_setters],
+                        missing_allowed=a.report.missing_allowed, bytes=a.report.bytes,
+                        notes=notes)
+
+
 def _damaged(e: Exception) -> bool:
     """A failure an older checkpoint may not have: its data or manifest is damaged (not a
     newer format, a mismatching state or an I/O error, which an older one shares)."""
@@ -477,32 +540,6 @@ class CheckpointManager:
                                       f"rank 0 step {chosen}, others {differ}"])
         return [chosen] if chosen is not None else listed
 
-    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng, strict):
-        """One restore attempt from `path`, on this rank: (manifest, this rank's entry, RNG
-        setters, RestoreReport, None) or (..., the exception it raised)."""
-        m = rank_entry = report = None
-        rng_setters = []
-        r = dist.rank(self.group)
-        try:
-            m = checkpoint.read_manifest(path)
-            rank_entry = m.ranks[r] if r < m.world_size else None
-            rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
-            wants_rng = restore_rng and not (allow_missing is True
-                                             or "rng" in (allow_missing or []))
-            if wants_rng and not rng_state and rank_entry is not None:
-                raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
-                                          "allow_missing=['rng'] to resume without them"])
-            # RNG streams are checked before any read: a malformed one leaves state untouched.
-            rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
-            # The manifest parsed above, not a second read: an overwrite in between must
-            # not pair this version's counters and RNG streams with another's tensors.
-            report = checkpoint.load(
-                path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, strict=strict, group=self.group, manifest=m)
-            return m, rank_entry, rng_setters, report, None
-        except Exception as e:
-            return m, rank_entry, rng_setters, report, e
-
     @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
                 allow_missing: bool | list[str] = False, keys: list[str] | None = None,
@@ -527,8 +564,10 @@ class CheckpointManager:
         skipped, changed = [], False
         for i, step in enumerate(candidates):
             path = self.path(step)
-            m, rank_entry, rng_setters, report, failure = self._load_step(
-                state, path, allow_missing, keys, restore_rng, strict)
+            attempt = load_step(state, path, rank=r, restore_rng=restore_rng,
+                                allow_missing=allow_missing, keys=keys, strict=strict,
+                                verify=self.verify, threads=self.threads, group=self.group)
+            failure = attempt.failure
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).
             if dist.active(self.group):
@@ -551,25 +590,14 @@ class CheckpointManager:
             if skipped and changed and not getattr(failure, "live_state_changed", False):
                 partly_overwritten(failure)  # by an attempt before this one
             raise failure
-        for _, set_stream in rng_setters:
-            set_stream()
-        streams = [name for name, _ in rng_setters]
-        notes = list(report.notes)
+        notes = []
         if skipped:
-            notes.insert(0, f"fell back to step {step}, the newest intact checkpoint: "
-                            + "; ".join(skipped) + f". Everything restored comes from step "
-                            f"{step}, including what the failed attempt had overwritten")
-        if restore_rng and rank_entry is None:
-            # A new rank has no streams of its own; copying another rank's would make two
-            # ranks draw the same numbers. It keeps the streams this process seeded.
-            notes.append(f"rank {r} did not exist in the {m.world_size}-rank checkpoint: its "
-                         "RNG streams were NOT restored (left as this process seeded them)")
-            log.warning("dckpt: %s", notes[-1])
-        c = m.counters
-        out = ResumeReport(step=step, path=path, epoch=c.get("epoch"),
-                           step_in_epoch=c.get("step_in_epoch"), metrics=m.metrics, counters=c,
-                           components=report.components, rng_streams=streams,
-                           missing_allowed=report.missing_allowed, bytes=report.bytes,
-                           seconds=time.perf_counter() - t0, notes=notes)
+            notes.append(f"fell back to step {step}, the newest intact checkpoint: "
+                         + "; ".join(skipped) + f". Everything restored comes from step "
+                         f"{step}, including what the failed attempt had overwritten")
+        c = attempt.manifest.counters
+        out = resumed(attempt, step, rank=r, restore_rng=restore_rng, epoch=c.get("epoch"),
+                      step_in_epoch=c.get("step_in_epoch"), notes=notes)
+        out.seconds = time.perf_counter() - t0
         log.info("dckpt: %s", out.summary())
         return out
