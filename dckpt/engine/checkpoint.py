@@ -287,7 +287,8 @@ def _exchange(value, failure: Exception | None, phase: str, store: storage.Stora
     staging directory (if it made one) and every rank raises: its own error, or one naming
     the failed rank."""
     r = dist.rank(group)
-    msg = {"rank": r, "value": _wire(value)}
+    # JSON only where it travels: a single process keeps the typed objects as they are.
+    msg = {"rank": r, "value": _wire(value) if dist.active(group) else value}
     if failure is not None:
         msg = {"rank": r, "error": f"{type(failure).__name__}: {failure}"}
     try:
