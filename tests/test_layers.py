@@ -88,3 +88,19 @@ def test_save_and_load_stacks_are_short(tmp_path, monkeypatch):
                               "state/reading.py", "storage/local.py"]
     for files in stacks.values():
         assert len(files) <= 6 and len(set(files)) == len(files)
+
+
+def test_local_backend_provides_every_storage_call():
+    """The local backend has each call of the Storage contract, with its parameters."""
+    import inspect
+
+    from dckpt import storage
+    from dckpt.storage.local import LOCAL
+    assert storage.for_path("/tmp") is LOCAL
+    calls = [n for n, v in vars(storage.Storage).items()
+             if callable(v) and not n.startswith("_")]
+    assert sorted(calls) == ["abort", "begin", "finish", "read_into", "verify_chunks",
+                             "write_file", "write_files"]
+    for name in calls:
+        want = list(inspect.signature(getattr(storage.Storage, name)).parameters)[1:]
+        assert list(inspect.signature(getattr(LOCAL, name)).parameters) == want, name
