@@ -4,6 +4,7 @@ libzstd is linked dynamically: Debian's libzstd.a is not position-independent an
 cannot go into a shared object. xxHash is used header-only (XXH_INLINE_ALL).
 """
 import os
+import re
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
@@ -15,6 +16,10 @@ SOURCES = sorted(
 DEPENDS = sorted(
     os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".h", ".inc"))
 )
+
+# The version is written once, in dckpt/__init__.py (pyproject.toml reads it there too).
+with open(os.path.join("dckpt", "__init__.py")) as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 extra_compile = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra"]
 extra_link = []
@@ -28,7 +33,7 @@ native = Pybind11Extension(
     SOURCES,
     depends=DEPENDS,
     cxx_std=17,
-    define_macros=[("XXH_INLINE_ALL", "1")],
+    define_macros=[("XXH_INLINE_ALL", "1"), ("DCKPT_VERSION", f'"{VERSION}"')],
     libraries=["zstd", "pthread"],
     extra_compile_args=extra_compile,
     extra_link_args=extra_link,

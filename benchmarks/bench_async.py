@@ -68,7 +68,7 @@ def step(state, x) -> None:
 
 
 def state_bytes(state) -> int:
-    return sum(leaf.nbytes for leaf in dckpt.checkpoint.snapshot(state).leaves)
+    return sum(leaf.nbytes for leaf in dckpt.engine.checkpoint.snapshot(state).leaves)
 
 
 def timed_steps(state, x, n: int) -> list[float]:

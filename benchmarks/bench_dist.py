@@ -45,7 +45,7 @@ def build(rank: int, world: int, mb: int):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from dckpt.partitioned import init_state
+    from dckpt.distributed.partitioned import init_state
     width = 1024
     layers = max(1, mb * 2**20 // (width * width * 4))
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def save_load(system: str, state, path: str) -> tuple[float, float, tuple[float,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     import dckpt
-    from dckpt import dist
+    from dckpt.distributed import collective as dist
     dist.barrier()
     t0, c0 = time.perf_counter(), cpu_seconds()
     if system == "dckpt":

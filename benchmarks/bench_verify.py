@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dckpt  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402
-from dckpt.verify import verify  # noqa: E402
+from dckpt.tools.verify import verify  # noqa: E402
 from dckpt.bench.record import recording  # noqa: E402
 
 

@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dckpt  # noqa: E402
-from dckpt import checkpoint, io  # noqa: E402
+from dckpt.engine import checkpoint  # noqa: E402
+from dckpt.storage import local as io  # noqa: E402
 from dckpt.format import reader  # noqa: E402
 from dckpt.manager.async_save import AsyncOptions  # noqa: E402
 from dckpt.state.staging import Arena  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dckpt  # noqa: E402
-from dckpt import io  # noqa: E402
+from dckpt.storage import local as io  # noqa: E402
 from dckpt.bench import workloads  # noqa: E402
 from dckpt.bench.limits import Limits  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402

@@ -15,16 +15,18 @@ py=${PY:-$repo/.venv/bin/python}
 work=$(mktemp -d "${TMPDIR:-/tmp}/dckpt-asan.XXXXXX")
 trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 
-# Only the core, the format (pure Python) and an otherwise empty package: the hostile
-# tests import nothing else, and the rest of dckpt (torch) would only slow the
-# instrumented run down.
+# Only the core, the format (pure Python), the manifest reader with the native record
+# check (storage/records.py, no torch) and the package's lazy __init__ (it holds the
+# version setup.py reads): the hostile tests import nothing else, and the rest of dckpt
+# (torch) would only slow the instrumented run down.
 cp "$repo/setup.py" "$repo/pyproject.toml" "$work/"
 [ -f "$repo/README.md" ] && cp "$repo/README.md" "$work/"
 cp -r "$repo/csrc" "$work/csrc"
 mkdir -p "$work/dckpt" "$work/tests"
-: > "$work/dckpt/__init__.py"
-cp "$repo/dckpt/errors.py" "$work/dckpt/"
+cp "$repo/dckpt/__init__.py" "$repo/dckpt/errors.py" "$work/dckpt/"
 cp -r "$repo/dckpt/format" "$work/dckpt/format"
+mkdir -p "$work/dckpt/storage"
+cp "$repo/dckpt/storage/__init__.py" "$repo/dckpt/storage/records.py" "$work/dckpt/storage/"
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
   "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \

@@ -10,7 +10,11 @@
 
 namespace dckpt {
 
-constexpr const char* kNativeVersion = "0.1.0";
+// setup.py passes dckpt/__init__.py's __version__, the one place the version is written.
+#ifndef DCKPT_VERSION
+#define DCKPT_VERSION "unknown"
+#endif
+constexpr const char* kNativeVersion = DCKPT_VERSION;
 // Largest raw chunk a record may describe; bounds per-worker scratch memory.
 constexpr int64_t kMaxChunkSize = int64_t{1} << 30;
 

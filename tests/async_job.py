@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 import dckpt
-from dckpt import checkpoint, io
+from dckpt.engine import checkpoint
+from dckpt.storage import local as io
 from dckpt.manager.async_save import AsyncOptions
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import dckpt
 from dckpt.cli import main
-from dckpt.data import ResumableLoader
+from dckpt.state.data import ResumableLoader
 
 
 def build_state(seed: int = 0) -> dict:

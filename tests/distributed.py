@@ -23,7 +23,7 @@ from pathlib import Path
 # Imported once by the forkserver (torch._dynamo alone takes seconds, and FSDP2 pulls it in).
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp",
             "torch.distributed.tensor", "torch.nn.parallel", "torch.distributed.optim",
-            "dckpt.checkpoint", "dckpt.manager", "distributed"]
+            "dckpt.engine.checkpoint", "dckpt.manager", "distributed"]
 _ctx = None
 
 

@@ -3,7 +3,7 @@ RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as srun or mpirun start ranks: no 
 agent tears the job down, so a rank that hangs would hang for real.
 
 Faults are injected at dckpt's collective steps: every exchange goes through
-dckpt.dist.all_gather_json, which this script wraps to count calls and, at the chosen call
+dckpt.distributed.collective.all_gather_json, which this script wraps to count calls and, at the chosen call
 on the chosen rank, raise (as a failing local step would) or die by SIGKILL (as the OOM
 killer does). The calls of each operation are counted on a clean run first.
 
@@ -27,10 +27,10 @@ import torch
 import torch.distributed as tdist
 
 import dckpt
-from dckpt import dist
+from dckpt.distributed import collective as dist
 from dckpt.errors import DckptError
 from dckpt.manager import AsyncOptions, CheckpointManager
-from dckpt.verify import verify
+from dckpt.tools.verify import verify
 
 OPS = ("open", "save", "restore", "gc", "async_wait", "async_close")
 

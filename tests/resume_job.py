@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dckpt
-from dckpt.data import ResumableLoader
+from dckpt.state.data import ResumableLoader
 from tiny_lm import TinyLM  # beside this script: sys.path[0]
 
 VOCAB, SEQ, BATCH = 50, 12, 4

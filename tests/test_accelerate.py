@@ -16,8 +16,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-from dckpt import rng
-from dckpt.convert import convert
+from dckpt.state import rng
+from dckpt.tools.convert import convert
 from dckpt.errors import LockError, UnsafePickleError
 from dckpt.integrations.accelerate import DckptAccelerator, install
 from dckpt.integrations.loader_position import LoaderState

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import checkpoint
+from dckpt.engine import checkpoint
 from dckpt.manager.async_save import AsyncOptions, storage_order
 from dckpt.state.staging import CONGRUENT_MIN, DIRECT_ALIGN, layout
 

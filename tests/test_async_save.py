@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import checkpoint, commit, io
-from dckpt.data import ResumableLoader
+from dckpt.engine import checkpoint
+from dckpt.storage import commit
+from dckpt.storage import local as io
+from dckpt.state.data import ResumableLoader
 from dckpt.errors import AsyncSaveError, CheckpointExistsError
 from dckpt.format import reader
 from dckpt.manager.async_save import AsyncOptions

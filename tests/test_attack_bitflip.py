@@ -10,10 +10,10 @@ import time
 import pytest
 
 import dckpt
-from dckpt import io
+from dckpt.storage import local as io
 from dckpt.cli import main as cli
 from dckpt.errors import CorruptCheckpointError, DckptError
-from dckpt.verify import verify_checkpoint
+from dckpt.tools.verify import verify_checkpoint
 from dckpt.format.manifest import MANIFEST_NAME
 
 from attacks import assert_same, flip_bit, known_state, model_state, trials

@@ -16,7 +16,7 @@ from dckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, Dckpt
                           IncompleteCheckpointError, LockError)
 from dckpt.format.layout import is_staging
 from dckpt.manager import AsyncOptions
-from dckpt.verify import verify_checkpoint
+from dckpt.tools.verify import verify_checkpoint
 
 from attacks import SLOW, assert_same, known_state
 

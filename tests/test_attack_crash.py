@@ -19,11 +19,11 @@ import pytest
 import dckpt
 from dckpt import CheckpointManager
 from dckpt.cli import main as cli
-from dckpt import commit
+from dckpt.storage import commit
 from dckpt.format.layout import LATEST_NAME, LOCK_NAME, aside_target, is_staging, parse_step_dir
 from dckpt.format.manifest import MANIFEST_NAME
 from dckpt.manager import AsyncOptions
-from dckpt.verify import verify_checkpoint
+from dckpt.tools.verify import verify_checkpoint
 
 from attacks import assert_same, killed_at, known_state, trials
 

@@ -10,7 +10,7 @@ import dckpt
 from dckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                           FormatVersionError, IncompleteCheckpointError, ManifestError)
 from dckpt.format.manifest import MANIFEST_NAME
-from dckpt.verify import verify_checkpoint
+from dckpt.tools.verify import verify_checkpoint
 
 from attacks import (SLOW, assert_same, json_paths, manifest_obj, model_state, rewrite_manifest,
                      substituted)

@@ -38,7 +38,7 @@ def test_rot_in_a_base_chunk_is_not_linked_into_later_steps(tmp_path, caplog, tr
                             trust_versions=trust_versions)
     state = frozen_state(1)  # one live state: the version cache sees 'frozen' unchanged
     mgr.save(1, state)
-    m = dckpt.checkpoint.read_manifest(mgr.path(1))
+    m = dckpt.read_manifest(mgr.path(1))
     c = m.tensors["frozen"].shards[0].chunks[1]
     flip_bit(m.files[c.file].path(mgr.path(1)), c.offset + c.stored // 2, 3)
     for step in range(2, 6):
@@ -52,7 +52,7 @@ def test_rot_in_a_base_chunk_is_not_linked_into_later_steps(tmp_path, caplog, tr
         dckpt.load(mgr.path(step), into=out)
         assert_same(out, frozen_state(step))
     # Still incremental: the intact chunks of 'frozen' are shared, not rewritten.
-    meta = dckpt.checkpoint.read_manifest(mgr.path(5)).meta["incremental"]
+    meta = dckpt.read_manifest(mgr.path(5)).meta["incremental"]
     assert meta["referenced_chunks"] > 0
     assert "fails its stored hash" in caplog.text
 
@@ -298,11 +298,11 @@ def test_a_corrupt_newest_manifest_does_not_fail_later_saves(tmp_path, caplog):
         out = {"w": torch.empty(100)}
         dckpt.load(mgr.path(s), into=out)
         assert torch.equal(out["w"], torch.full((100,), float(s)))
-    r3 = dckpt.checkpoint.read_manifest(mgr.path(3))
+    r3 = dckpt.read_manifest(mgr.path(3))
     assert "incremental" not in r3.meta  # written in full
     assert "unreadable" in caplog.text
     # step 4 leans on step 3 again, incrementally
-    assert dckpt.checkpoint.read_manifest(mgr.path(4)).meta["incremental"]["base"] == \
+    assert dckpt.read_manifest(mgr.path(4)).meta["incremental"]["base"] == \
         "step-000000003"
 
 
@@ -372,7 +372,7 @@ def test_gc_flags_change_the_recorded_policy_rule_by_rule(tmp_path, capsys):
 def test_after_repair_resume_uses_the_step_latest_names(tmp_path):
     root = tmp_path / "root"
     mgr = small_root(root, keep_last=2)  # steps 2 and 3
-    m = dckpt.checkpoint.read_manifest(mgr.path(3))
+    m = dckpt.read_manifest(mgr.path(3))
     c = m.tensors["w"].shards[0].chunks[0]
     flip_bit(m.files[c.file].path(mgr.path(3)), c.offset + 5, 1)
     assert run_cli("verify", root, "--latest") != 0

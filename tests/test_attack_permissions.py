@@ -9,7 +9,7 @@ import pytest
 
 import dckpt
 from dckpt import CheckpointManager
-from dckpt.incremental import consolidate
+from dckpt.engine.incremental import consolidate
 from dckpt.manager import AsyncOptions
 
 from attacks import known_state

@@ -19,7 +19,7 @@ import zstandard
 
 import dckpt
 from dckpt.format.manifest import MANIFEST_NAME, _canonical
-from dckpt.verify import verify
+from dckpt.tools.verify import verify
 
 import xxhash
 
@@ -358,7 +358,7 @@ def test_load_and_verify_refuse_a_linked_data_file(root, tmp_path):
     name, t = next((n, t) for n, t in m.tensors.items() if t.shards[0].chunks)
     dest = torch.empty(t.nbytes, dtype=torch.uint8)
     with pytest.raises(dckpt.errors.StorageError, match="symbolic link"):
-        dckpt.io.read_into([str(data)], [dest], [t.itemsize], [t.shards[0].chunks], [name])
+        dckpt.storage.local.read_into([str(data)], [dest], [t.itemsize], [t.shards[0].chunks], [name])
     with pytest.raises(dckpt.errors.IncompleteCheckpointError, match="symbolic link"):
         dckpt.incremental.consolidate(ckpt, tmp_path / "consolidated")
 

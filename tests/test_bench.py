@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dckpt import io
+from dckpt.storage import local as io
 from dckpt.bench import report
 from dckpt.bench.measure import PeakRss
 from dckpt.bench.ranks import SYSTEMS as RANK_SYSTEMS

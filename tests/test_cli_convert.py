@@ -120,7 +120,7 @@ def test_hf_trainer_folder_with_per_process_rng(trained, tmp_path):
     assert m.counters == {"step": 5, "steps_per_epoch": 4, "epoch": 1, "step_in_epoch": 1,
                           "loss_history": [0.9, 0.7]}
     assert m.metrics == {"eval_loss": 0.8}
-    from dckpt import rng
+    from dckpt.state import rng
     from dckpt.format import tree
     for r in range(2):  # each process keeps its own stream
         rng.restore(tree.decode(m.ranks[r]["rng"]), ("python",))

@@ -11,7 +11,7 @@ from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, ru
                           run_json, snapshot)
 from dckpt.format import tree
 from dckpt.format.reader import read_manifest
-from dckpt.repair import BACKUP_DIR
+from dckpt.tools.repair import BACKUP_DIR
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_adds_rng_streams_marked_as_seeded_now(tmp_path):
     expected = torch.rand(3)
     mgr_state = build_state()
     dckpt.load(ckpt, into={k: mgr_state[k] for k in ("model", "optimizer", "scheduler")})
-    from dckpt import rng
+    from dckpt.state import rng
     rng.restore(tree.decode(m.ranks[0]["rng"]))
     assert torch.equal(torch.rand(3), expected)
     code, doc = run_json("verify", ckpt)

@@ -12,7 +12,7 @@ import dckpt
 from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, run_cli, run_json,
                           sharded_root)
 from dckpt.format.reader import read_manifest
-from dckpt.verify import verify
+from dckpt.tools.verify import verify
 
 
 @pytest.fixture(scope="module")

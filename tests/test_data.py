@@ -2,7 +2,7 @@
 import torch
 
 import dckpt
-from dckpt.data import ResumableLoader, deterministic_split
+from dckpt.state.data import ResumableLoader, deterministic_split
 
 
 def batches(loader, n=None):

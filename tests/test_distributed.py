@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import dckpt
-from dckpt import dist
+from dckpt.distributed import collective as dist
 from dckpt.cli.inspect import describe, render
 from dckpt.cli.output import Style
-from dckpt.data import ResumableDistributedSampler, ResumableLoader
+from dckpt.state.data import ResumableDistributedSampler, ResumableLoader
 from dckpt.format.layout import is_staging
-from dckpt.sharding import local_block
+from dckpt.distributed.sharding import local_block
 from dckpt.state.reading import TensorReader
 from dckpt.state.tensors import torch_dtype
 from distributed import run_with_ranks
@@ -192,7 +192,8 @@ def test_zero_partitions_reshard_4_to_2(tmp_path):
 
 # ---- replica detection: equal plain tensors once, unequal ones per rank ---------------------
 def rank_replicas(rank, world, path):
-    from dckpt import io, sharding
+    from dckpt.storage import local as io
+    from dckpt.distributed import sharding
     hashed = []  # bytes each digest covered: owned tensors must not be hashed at all
     real = io.hash64
     io.hash64 = lambda view: hashed.append(view.nbytes) or real(view)
@@ -386,7 +387,7 @@ def test_resharding_2_to_4_to_2_to_1(tmp_path):
 
 # ---- a rank failing mid-save ---------------------------------------------------------------
 def rank_fail_mid_save(rank, world, root, how):
-    import dckpt.checkpoint as ck
+    import dckpt.engine.checkpoint as ck
     state = ddp_state(rank, world)
     mgr = dckpt.CheckpointManager(root)
     train(state, 1, [])

@@ -49,7 +49,7 @@ def test_load_of_a_manager_root_names_restore_and_latest(root):
     msg = str(e.value)
     assert "CheckpointManager root" in msg and ".restore(state)" in msg and "--latest" in msg
     assert "step-000000006" in msg  # the newest, to load directly
-    from dckpt.verify import verify_checkpoint
+    from dckpt.tools.verify import verify_checkpoint
     with pytest.raises(dckpt.NotACheckpointError, match="--latest"):
         verify_checkpoint(root)
 

@@ -128,7 +128,7 @@ def _restore_from_own_root(rank, world, base):
 
     from dckpt import CheckpointManager
     from dckpt.format.layout import step_dir
-    from dckpt import dist
+    from dckpt.distributed import collective as dist
     root = Path(base) / f"node-{rank}"
     if rank == 0:
         shutil.copytree(Path(base) / "shared", Path(base) / "node-0")

@@ -1,4 +1,4 @@
-"""dckpt.gcpause: the cyclic collector is paused for a main-thread save or load and only then."""
+"""dckpt.engine.gcpause: the cyclic collector is paused for a main-thread save or load and only then."""
 import gc
 import threading
 
@@ -6,7 +6,7 @@ import torch
 
 import dckpt
 import dckpt.verify
-from dckpt import checkpoint, gcpause
+from dckpt.engine import checkpoint, gcpause
 
 
 def collector_states(monkeypatch, module, name: str) -> list:
@@ -59,7 +59,7 @@ def test_nested_pauses_and_errors_restore():
 
 
 def test_load_and_verify_pause_collector_and_restore_it(tmp_path, monkeypatch):
-    from dckpt.verify import integrity
+    from dckpt.tools.verify import integrity
     dckpt.save({"w": torch.ones(3)}, tmp_path / "a")
     loading = collector_states(monkeypatch, checkpoint, "restore_into")
     verifying = collector_states(monkeypatch, integrity, "check_structure")

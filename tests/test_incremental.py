@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import CheckpointManager, io
+from dckpt import CheckpointManager
+from dckpt.storage import local as io
 from dckpt.cli import main
 from dckpt.errors import CorruptCheckpointError
 from dckpt.format.reader import read_manifest, read_tensor_bytes
-from dckpt.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
+from dckpt.engine.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
 from attacks import killed_at
 from distributed import run_with_ranks
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import io
+from dckpt.storage import local as io
 from dckpt.format.reader import read_manifest, read_tensor_bytes
 
 CHUNK = 4096

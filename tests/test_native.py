@@ -10,6 +10,7 @@ import pytest
 import xxhash
 import zstandard
 
+import dckpt
 from dckpt import _native as native
 
 CS = 4096  # small chunk size so that modest buffers span many chunks
@@ -79,7 +80,7 @@ def roundtrip(tmp_path, buffers, elem_sizes, chunk_size=CS, **kw):
 
 
 def test_versions():
-    assert native.version()
+    assert native.version() == dckpt.__version__  # one version, from dckpt/__init__.py
     assert native.zstd_version().count(".") == 2
 
 
@@ -94,6 +95,7 @@ def test_hash64_matches_xxhash(size):
 
 _ISA_CHECK = """
 import sys, numpy as np, xxhash
+import dckpt
 from dckpt import _native as native
 sizes = [0, 1, 3, 16, 17, 128, 129, 240, 241, 1000, 1024, 4095, 65_537, 1 << 20]
 for n in sizes:  # one-shot: every length class of XXH3 (0-16, 17-128, 129-240, long)

@@ -22,7 +22,7 @@ def test_py_typed_is_installed_with_the_package(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "dckpt" / "py.typed").is_file()
-    assert (tmp_path / "dckpt" / "checkpoint.py").is_file()
+    assert (tmp_path / "dckpt" / "engine" / "checkpoint.py").is_file()
 
 
 def test_license_file_matches_the_declared_license():

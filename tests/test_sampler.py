@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dckpt.data import ResumableDistributedSampler, ResumableLoader
+from dckpt.state.data import ResumableDistributedSampler, ResumableLoader
 
 N = 60
 

@@ -1,24 +1,27 @@
-"""Who writes what (dckpt.sharding.assign) from the ranks' offers, and the manifest's record
+"""Who writes what (dckpt.distributed.sharding.assign) from the ranks' offers, and the manifest's record
 of it. Pure planning: no process group needed; test_distributed.py runs the real thing."""
 import pytest
 
 from dckpt.errors import ManifestError
 from dckpt.format.manifest import Chunk, FileEntry, Manifest, Shard, TensorEntry, parse
-from dckpt.sharding import LOCAL, OWNED, REPLICATED, SHARDED, assign
+from dckpt.distributed.sharding import LOCAL, OWNED, REPLICATED, SHARDED, Offer, assign
 
 MESH = {"shape": [2], "dim_names": None, "ranks": [0, 1]}
 
 
 def plain(name, nbytes, digest, shape=None):
     shape = shape or [nbytes // 4]
-    return {"name": name, "dtype": "float32", "kind": "torch", "shape": shape, "global": shape,
-            "offsets": [0] * len(shape), "nbytes": nbytes, "placement": None, "digest": digest}
+    return Offer.from_json({"name": name, "dtype": "float32", "kind": "torch", "shape": shape,
+                            "global": shape, "offsets": [0] * len(shape), "nbytes": nbytes,
+                            "placement": None, "digest": digest})
 
 
 def shard(name, rows, offset, total, cols=4, mesh=MESH, placements=("Shard(dim=0)",)):
-    return {"name": name, "dtype": "float32", "kind": "torch", "shape": [rows, cols],
-            "global": [total, cols], "offsets": [offset, 0], "nbytes": rows * cols * 4,
-            "placement": {"mesh": mesh, "placements": list(placements)}, "digest": None}
+    return Offer.from_json({"name": name, "dtype": "float32", "kind": "torch",
+                            "shape": [rows, cols], "global": [total, cols],
+                            "offsets": [offset, 0], "nbytes": rows * cols * 4,
+                            "placement": {"mesh": mesh, "placements": list(placements)},
+                            "digest": None})
 
 
 def plans(offers):

@@ -189,7 +189,7 @@ def test_hostile_views_are_refused_before_any_read(tmp_path, fields):
     with pytest.raises((dckpt.ManifestError, dckpt.StateMismatchError)):
         dckpt.load(ck, into=live)
     assert not live["t"].any() and not live["s"].any()  # nothing was read into it
-    from dckpt.verify import verify
+    from dckpt.tools.verify import verify
     report = verify(ck)
     assert not report.ok
     assert any(c.id == "structure.tree" and c.level == "error" for c in report.all_checks())

@@ -245,7 +245,7 @@ def _measure_ranks(pair: RankPair, name: str, path: Path, s: Samples, cold: bool
 
 def fingerprint(w: Workload) -> list[int]:
     """XXH3 of every tensor's bytes: a load must restore exactly these."""
-    from dckpt import io
+    from dckpt.storage import local as io
     return [io.hash64(io.byte_view(t.contiguous())) for t in w.tensors()]
 
 

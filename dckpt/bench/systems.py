@@ -118,7 +118,7 @@ MANAGER_CHANGED = "dckpt manager, every tensor changed"
 
 def verify_dckpt(path: Path) -> None:
     """What `dckpt verify` does: every stored chunk's hash, without loading tensors."""
-    from dckpt.verify import verify
+    from dckpt.tools.verify import verify
     report = verify(path)
     if not report.ok:
         raise RuntimeError(f"{path}: verification failed ({report.status})")

@@ -69,7 +69,7 @@ class Workload:
         """Flip every bit of every live tensor, 0-d ones (AdamW's `step`) included, so each
         element differs from the saved one and a load has to really restore all of them
         (zeroing would leave zero-initialised moments and biases already "restored")."""
-        from dckpt import io
+        from dckpt.storage import local as io
         for t in self.tensors():
             view = io.byte_view(t)
             np.bitwise_not(view, out=view)

@@ -11,7 +11,7 @@ from .output import Style, add_output_arguments, plural, print_json, size
 
 
 def add_arguments(p) -> None:
-    from ..convert import SOURCES
+    from ..tools.convert import SOURCES
     p.add_argument("src", help="source: a .pt/.pth/.bin file, a .safetensors file, an "
                                "accelerate save_state folder, an HF Trainer checkpoint-N "
                                "folder, or a dckpt checkpoint (to export)")
@@ -31,7 +31,7 @@ def _standalone(src: Path, dst: Path, args) -> int:
     """A dckpt checkpoint (incremental or not) copied into a self-contained directory that
     holds only the chunks its manifest uses (dckpt.incremental.consolidate)."""
     from ..errors import CheckpointExistsError, DckptError
-    from ..incremental import consolidate
+    from ..engine.incremental import consolidate
     try:
         m = consolidate(src, dst, overwrite=args.overwrite)
     except CheckpointExistsError as e:
@@ -52,9 +52,9 @@ def _standalone(src: Path, dst: Path, args) -> int:
 
 
 def run(args) -> int:
-    from ..convert import (EXPORT_SUFFIXES, ConvertError, convert, export_safetensors,
-                           export_torch)
-    from ..convert.sources import detect
+    from ..tools.convert import (EXPORT_SUFFIXES, ConvertError, convert, export_safetensors,
+                                 export_torch)
+    from ..tools.convert.sources import detect
     src, dst = Path(args.src), Path(args.dst)
     style = Style(args.color)
     try:
@@ -84,7 +84,7 @@ def run(args) -> int:
         return EXIT_USAGE
     status = None
     if not args.no_verify:
-        from ..verify import verify
+        from ..tools.verify import verify
         report = verify(dst)
         status = report.status
         ok = report.ok

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..diff import diff
+    from ..tools.diff import diff
     from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ManifestError
     from .inspect import resolve
     a, b = (resolve(Path(x)) or Path(x) for x in (args.a, args.b))  # roots: newest step

@@ -27,7 +27,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..errors import DckptError
-    from ..format.reader import read_manifest
+    from ..errors import CheckpointNotFoundError
+    from ..storage.records import read_manifest
     path = resolve(Path(args.path))
     if path is None:
         from ..format.layout import not_a_checkpoint
@@ -37,7 +38,7 @@ def run(args) -> int:
         return EXIT_USAGE
     try:
         m = read_manifest(path)
-    except FileNotFoundError:
+    except CheckpointNotFoundError:  # no manifest.json
         print(f"dckpt inspect: {path} has no manifest.json (not a committed checkpoint)",
               file=sys.stderr)
         return EXIT_USAGE

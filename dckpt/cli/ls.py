@@ -81,7 +81,8 @@ def scan(root: Path) -> dict:
     """Every checkpoint-like entry under root, described from manifests only."""
     from ..errors import DckptError
     from ..format.layout import LATEST_NAME, TMP_MARK, is_staging, parse_step_dir
-    from ..format.reader import read_manifest
+    from ..errors import CheckpointNotFoundError
+    from ..storage.records import read_manifest
     entries, metrics, recorded = [], {}, None
     for p in sorted(root.iterdir(), key=lambda p: p.name.lstrip(".")):
         step = parse_step_dir(p.name)
@@ -93,7 +94,7 @@ def scan(root: Path) -> dict:
             entry = {"step": step, "name": p.name, "status": "committed"}
             try:
                 m = read_manifest(p)
-            except FileNotFoundError:
+            except CheckpointNotFoundError:  # no manifest.json
                 entry["status"] = "no manifest"
             except DckptError as e:
                 entry["status"] = "bad manifest"
@@ -179,7 +180,7 @@ def _entry_json(e: dict) -> dict:
 
 
 def _verify_all(root: Path, entries: list[dict]) -> bool:
-    from ..verify import verify
+    from ..tools.verify import verify
     failed = False
     for e in entries:
         if e["status"] != "committed":

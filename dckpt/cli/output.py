@@ -9,7 +9,7 @@ import time
 from datetime import datetime
 
 from ..format.manifest import encode_nonfinite
-from ..units import human_size as size  # noqa: F401 (re-exported for the commands)
+from ..format.units import human_size as size  # noqa: F401 (re-exported for the commands)
 
 _CODES = {"green": "32", "yellow": "33", "red": "31", "bold": "1", "dim": "2", "cyan": "36"}
 

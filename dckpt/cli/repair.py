@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..errors import CheckpointNotFoundError, LockError
-    from ..repair import repair
+    from ..tools.repair import repair
     try:
         report = repair(args.path, backup=not args.no_backup, dry_run=args.dry_run,
                         add_rng=not args.no_rng, seed=args.seed, threads=args.threads)

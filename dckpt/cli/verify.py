@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..errors import CheckpointNotFoundError
-    from ..verify import verify
+    from ..tools.verify import verify
     progress = Progress("verifying", enabled=not args.no_progress)
     try:
         report = verify(Path(args.path), deep=args.deep, strict=args.strict,
@@ -47,7 +47,7 @@ def run(args) -> int:
 
 
 def render(report, style: Style, verbose: bool = False) -> list[str]:
-    from ..verify.report import GROUPS, summarize
+    from ..tools.verify.report import GROUPS, summarize
     mode = "stored and raw hashes (--deep)" if report.deep else "stored hashes"
     what = (f"manager root, {len(report.checkpoints)} checkpoint(s)"
             if report.kind == "root" else "checkpoint")

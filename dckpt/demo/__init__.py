@@ -215,8 +215,8 @@ def _verify(path: Path) -> bool:
 
 def _verify_chunks(path: Path) -> bool:
     """Check every chunk's stored and raw hashes (decompressing) against the manifest."""
-    from .. import io
-    from ..checkpoint import read_manifest
+    from ..storage import local as io
+    from ..engine.checkpoint import read_manifest
     t0 = time.perf_counter()
     m = read_manifest(path)
     paths = [str(path / f.name) for f in m.files]

@@ -19,13 +19,15 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError,
+                      ManifestError, NotACheckpointError)
 from .dtypes import ITEMSIZE, numpy_itemsize
 
-try:
-    from .._native import whole_tensors as _native_whole_tensors
-except ImportError:  # the format without the built core: the same checks, in Python
-    _native_whole_tensors = None
+# The fast check of whole-tensor records: the native core's `whole_tensors`, handed in by
+# the storage layer (dckpt.storage.records), which alone imports the core. Without it (the
+# format used without the built core, as `dckpt inspect` may be) every record is checked
+# field by field in Python: the same rules, slower.
+RecordCheck = Any  # (tensors, file_sizes, world, ITEMSIZE, (Chunk, Shard, TensorEntry)) -> list
 
 FORMAT_NAME = "dckpt"
 FORMAT_VERSION = 2  # the newest this dckpt reads
@@ -444,8 +446,31 @@ class _Check:
         return int(v, 16)
 
 
-def parse(data: bytes, path: str | None = None) -> Manifest:
-    """Validate and parse manifest bytes. Raises ManifestError / FormatVersionError."""
+def read_manifest(ckpt: str | os.PathLike, records: RecordCheck | None = None) -> Manifest:
+    """The manifest of the checkpoint directory `ckpt`, read (read_manifest_bytes) and
+    validated (parse): the one reader that load, incremental saves, repair and the
+    reference reader use. `records`: the native record check (dckpt.storage.records).
+    Raises NotACheckpointError (a file, a manager root: says what to use instead),
+    CheckpointNotFoundError (no manifest), ManifestError (unreadable, a link, a FIFO, too
+    large, invalid), FormatVersionError, CorruptCheckpointError (self-hash mismatch)."""
+    path = Path(ckpt) / MANIFEST_NAME
+    try:
+        data = read_manifest_bytes(path)
+    except OSError as e:
+        from .layout import not_a_checkpoint  # layout imports this module
+        why = not_a_checkpoint(Path(ckpt))
+        if why:
+            raise NotACheckpointError(why, str(ckpt)) from None
+        if isinstance(e, FileNotFoundError):
+            raise CheckpointNotFoundError(
+                f"{ckpt} is not a committed checkpoint (no {MANIFEST_NAME})") from None
+        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
+    return parse(data, str(path), records)
+
+
+def parse(data: bytes, path: str | None = None, records: RecordCheck | None = None) -> Manifest:
+    """Validate and parse manifest bytes. Raises ManifestError / FormatVersionError.
+    `records`: the native record check (see RecordCheck); None checks them in Python."""
     c = _Check(path)
     if len(data) > MAX_MANIFEST_BYTES:
         c.fail("size", f"{len(data)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
@@ -486,7 +511,7 @@ def parse(data: bytes, path: str | None = None) -> Manifest:
     meshes = [_parse_mesh(c, x, f"meshes[{i}]")
               for i, x in enumerate(c.type_(obj.get("meshes", []), list, "meshes"))]
     tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
-    tensors = _parse_tensors(c, tensors_obj, files, world, meshes)
+    tensors = _parse_tensors(c, tensors_obj, files, world, meshes, records)
     _check_regions(c, files, tensors)
     ranks = c.type_(obj.get("ranks"), list, "ranks")
     if len(ranks) != world:
@@ -562,12 +587,12 @@ def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> Tens
 
 
 def _parse_tensors(c: _Check, tensors: dict, files: list[FileEntry], world: int,
-                   meshes: list[dict]) -> dict[str, TensorEntry]:
-    if _native_whole_tensors is None:
+                   meshes: list[dict], records: RecordCheck | None) -> dict[str, TensorEntry]:
+    if records is None:
         return {name: _parse_tensor(c, name, t, files, world, meshes)
                 for name, t in tensors.items()}
-    fast = _native_whole_tensors(tensors, [f.size for f in files], world, ITEMSIZE,
-                                 (Chunk, Shard, TensorEntry))
+    fast = records(tensors, [f.size for f in files], world, ITEMSIZE,
+                   (Chunk, Shard, TensorEntry))
     return {name: e or _parse_tensor(c, name, t, files, world, meshes)
             for (name, t), e in zip(tensors.items(), fast)}
 

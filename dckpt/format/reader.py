@@ -13,20 +13,13 @@ import numpy as np
 import xxhash
 import zstandard
 
-from ..errors import ManifestError
-from .manifest import (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, MANIFEST_NAME, Manifest, parse,
-                       open_regular, read_manifest_bytes)
+from .manifest import read_manifest as _read_manifest
+from .manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Manifest, open_regular
 
 
 def read_manifest(ckpt: str | Path) -> Manifest:
-    path = Path(ckpt) / MANIFEST_NAME
-    try:
-        data = read_manifest_bytes(path)
-    except FileNotFoundError:
-        raise  # callers say "not a committed checkpoint"
-    except OSError as e:
-        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
-    return parse(data, str(path))
+    """The manifest, checked in Python only (the reference reader needs no native core)."""
+    return _read_manifest(ckpt)
 
 
 def read_view(ckpt: str | Path, m: Manifest, node: dict) -> np.ndarray:

@@ -35,12 +35,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .. import checkpoint, commit, dist, rng
-from ..errors import CheckpointNotFoundError, LockError, StateMismatchError
+from ..engine import checkpoint
+from ..storage import commit
+from ..distributed import collective as dist
+from ..state import rng
+from ..errors import CheckpointNotFoundError, LockError
 from ..format import tree as treecodec
 from ..format.layout import TMP_MARK, is_staging, staging_dir
 from ..format.manifest import MANIFEST_NAME
 from ..manager import ResumeReport
+from ..manager.manager import load_step, resumed
 from . import accelerate_folder
 from .loader_position import LoaderState, track_position
 
@@ -388,9 +392,6 @@ def _load_dckpt(accelerator: Accelerator, path: Path, models: list,
     own = m.ranks[r] if r < m.world_size else None
     saved = treecodec.decode((own or m.ranks[0])["tree"])
     _check_custom_count(path, saved, len(accelerator._custom_objects))
-    rng_state = treecodec.decode(own["rng"]) if own and own.get("rng") else None
-    if own is not None and not rng_state:
-        raise StateMismatchError([f"{path}: no RNG streams for process {r}"])
     state = components(accelerator, models, load_kwargs=load_model_func_kwargs)
     # accelerate restores no data position (nor fails without one), and a checkpoint made by
     # `dckpt convert` from accelerate's folder has none: such loaders start their epoch anew.
@@ -399,29 +400,17 @@ def _load_dckpt(accelerator: Accelerator, path: Path, models: list,
     for k in lenient:
         log.warning("dckpt: %s has no %s; %s", path, k, "it starts its epoch from the beginning"
                     if k != "accelerator" else "accelerator.step taken from its counters")
-    try:  # collective, as the manager's restore: one process failing fails them all
-        report, failure = checkpoint.load(
-            path, into=state, verify=options(accelerator).get("verify", True),
-            threads=options(accelerator).get("threads", 0), allow_missing=lenient,
-            manifest=m), None
-    except Exception as e:
-        failure = e
-    dist.raise_if_any_failed(failure, None, f"load_state of {path}")
-    streams = rng.restore(rng_state) if rng_state else []
+    # The manager's resume (load_step, resumed): RNG streams checked before any read and set
+    # after; collective, as the manager's restore: one process failing fails them all.
+    attempt = load_step(state, path, rank=r, allow_missing=lenient, rng_hint="",
+                        verify=options(accelerator).get("verify", True),
+                        threads=options(accelerator).get("threads", 0), manifest=m)
+    dist.raise_if_any_failed(attempt.failure, None, f"load_state of {path}")
     if "accelerator" in lenient and isinstance(m.counters.get("accelerate_step"), int):
         accelerator.step = m.counters["accelerate_step"]
-    notes = list(report.notes)
-    if own is None:
-        # A process the checkpoint did not have: copying another's streams would make two
-        # processes draw the same numbers, so it keeps its own.
-        notes.append(f"process {r} did not exist in the {m.world_size}-process checkpoint: "
-                     "its RNG streams were not restored")
-        log.warning("dckpt: %s", notes[-1])
     c = m.counters
     step = c.get("step", c.get("iteration", 0))  # checkpoints of older versions: the iteration
-    return ResumeReport(step=int(step), path=path, epoch=None, step_in_epoch=None,
-                        metrics=m.metrics, counters=c, components=report.components,
-                        rng_streams=streams, bytes=report.bytes, notes=notes)
+    return resumed(attempt, int(step), rank=r)
 
 
 def _input_path(accelerator: Accelerator, input_dir, found: dict[int, str]) -> Path:

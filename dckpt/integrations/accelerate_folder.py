@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .. import rng
-from ..convert.sources import read_accelerate_state
-from ..convert.torchfiles import PickleRequired, rng_from_legacy
-from ..convert.torchfiles import load as load_weights_only
+from ..state import rng
+from ..tools.convert.sources import read_accelerate_state
+from ..tools.convert.torchfiles import PickleRequired, rng_from_legacy
+from ..tools.convert.torchfiles import load as load_weights_only
 from ..errors import IncompleteCheckpointError, UnsafePickleError
 from ..manager import ResumeReport
 from ..state.flatten import component_kind

@@ -33,7 +33,8 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from .. import checkpoint, rng
+from ..engine import checkpoint
+from ..state import rng
 from ..format import tree as treecodec
 
 log = logging.getLogger("dckpt")

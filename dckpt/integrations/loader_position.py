@@ -18,15 +18,12 @@ from typing import Any
 
 import torch
 
-from .. import rng
+from ..state import rng
+from ..state.data import generator_states, set_generator_states
 
 _SUBCLASSES: dict[type, type] = {}
 # DataLoaderAdapter hides __class__ behind a read-only property; object's own setter swaps it.
 _SET_CLASS = object.__dict__["__class__"].__set__
-
-
-def _as_tensor(b: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def _index_sampler(loader):
@@ -61,7 +58,7 @@ def _generators(loader) -> dict[str, torch.Generator]:
 
 
 def _private_states(loader) -> dict[str, bytes]:
-    return {k: g.get_state().numpy().tobytes() for k, g in _generators(loader).items()}
+    return generator_states(_generators(loader))
 
 
 def _set_private(loader, states: dict[str, bytes]) -> None:
@@ -72,9 +69,7 @@ def _set_private(loader, states: dict[str, bytes]) -> None:
         sampler = _index_sampler(loader)
         if sampler is not None and hasattr(sampler, "generator"):
             sampler.generator = gens["sampler"] = torch.Generator()
-    for k, g in gens.items():
-        if k in states:
-            g.set_state(_as_tensor(states[k]))
+    set_generator_states(gens, states)
 
 
 class _BaseHook:

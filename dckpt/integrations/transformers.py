@@ -36,7 +36,9 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import checkpoint, dist, rng
+from ..distributed import collective as dist
+from ..engine import checkpoint
+from ..state import rng
 from ..errors import CheckpointNotFoundError
 from ..format import tree as treecodec
 from ..format.manifest import MANIFEST_NAME

@@ -1,4 +1,6 @@
-"""Numbered checkpoints under a root: commit, retention, resume.
+"""Numbered checkpoints under a root (CheckpointManager): steps, retention, the root lock,
+the async save service and resume. May import engine, distributed, state, storage, format
+and errors; never tools, integrations or cli.
 
 Imports are lazy so `Retention` (used by `dckpt ls`) loads without torch."""
 from importlib import import_module

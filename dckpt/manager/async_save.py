@@ -40,13 +40,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch.distributed as tdist
 
-from .. import checkpoint, dist, io
-from ..checkpoint import SaveResult, Snapshot
+from ..engine import checkpoint
+from ..distributed import collective as dist, sharding
+from ..storage import local as io
+from ..engine.checkpoint import SaveResult, Snapshot
 from ..errors import AsyncSaveError, DckptError
 from ..state.staging import Staged, StagingPool, layout, on_cuda
 from .deferred import StepGate, optimizers_in, owned_storages, storage_key
@@ -72,11 +74,11 @@ class AsyncOptions:
         of dirty pages competing with training for memory bandwidth. Files stay fsync'd.
     duty: share of the time the writer spends writing, in (0, 1]; it sleeps the rest
         between chunks, so a save takes about 1/duty times its plain write time and the
-        training step keeps most of the memory bandwidth (dckpt.io.Background).
+        training step keeps most of the memory bandwidth (dckpt.storage.local.Background).
     handle_sigterm: install the SIGTERM handler described above (main thread only, and only
         where SIGTERM still has its default action).
     exit_timeout: seconds to wait for pending saves at exit (None: as long as they take).
-    A commit collective waits for the other ranks at most dckpt.dist.collective_timeout().
+    A commit collective waits for the other ranks at most dckpt.distributed.collective.collective_timeout().
     """
     max_in_flight: int = 1
     when_busy: str = "wait"
@@ -97,7 +99,12 @@ class AsyncOptions:
             raise ValueError(f"snapshot must be 'immediate' or 'deferred', not {self.snapshot!r}")
         if (self.threads is not None and self.threads < 0) or self.nice < 0:
             raise ValueError("threads and nice must be >= 0")
-        io.Background(self.direct, self.duty)  # validates duty
+        self.mode  # validates duty
+
+    @property
+    def mode(self) -> io.Background:
+        """How the worker's saves write (passed down to the storage writes)."""
+        return io.Background(self.direct, self.duty)
 
     @property
     def writer_threads(self) -> int:
@@ -214,7 +221,9 @@ class AsyncSaver:
                 self._in_flight.remove(handle)
                 self._cond.notify_all()
             raise
-        snap.flat.leaves = staged.leaves
+        # The worker writes the staged copies, not the live tensors: a new snapshot (the
+        # one taken is left as it was).
+        snap = replace(snap, flat=replace(snap.flat, leaves=staged.leaves))
         handle.staging_bytes = self.pool.nbytes
         handle.blocked_seconds = time.perf_counter() - t0
         with self._cond:
@@ -335,8 +344,7 @@ class AsyncSaver:
         result = error = None
         try:
             job.staged.wait_copied()
-            with io.background_writes(io.Background(self.options.direct, self.options.duty)):
-                result = job.write(job.snap)
+            result = job.write(job.snap)
         except BaseException as e:  # kept for the caller: never lost, never committed
             error = e
             log.error("dckpt: background save of step %d failed: %s", job.handle.step,
@@ -355,11 +363,12 @@ class AsyncSaver:
 
 
 def storage_order(leaves: list) -> list[int]:
-    """The order one rank that writes all its leaves stores them in its data file: largest
-    first, then by name (dckpt.sharding.assign). The staging layout follows it so that the
-    O_DIRECT write sends large tensors straight from the arena; if it differs (several
-    ranks sharing replicated tensors), only the speed does."""
-    return sorted(range(len(leaves)), key=lambda i: (-leaves[i].nbytes, leaves[i].name))
+    """The order one rank that writes all its leaves stores them in its data file: the
+    order sharding.assign gives them (sharding.write_order). The staging layout follows it
+    so that the O_DIRECT write sends large tensors straight from the arena; where the plan
+    differs (several ranks sharing replicated tensors), only the speed does."""
+    return sorted(range(len(leaves)),
+                  key=lambda i: sharding.write_order(leaves[i].nbytes, leaves[i].name))
 
 
 def _describe(e: BaseException | None) -> str:
@@ -368,7 +377,7 @@ def _describe(e: BaseException | None) -> str:
 
 def commit_group(group=None):
     """A gloo group over the ranks of `group` for the worker's commit collectives: dckpt's
-    collectives keep a sequence per group (dckpt.dist), so the worker's never interleave with
+    collectives keep a sequence per group (dckpt.distributed.collective), so the worker's never interleave with
     those the training thread runs on `group`, and nothing of it touches the training's own
     backend (NCCL, say) from a second thread.
 

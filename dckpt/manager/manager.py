@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, commit, dist, io
+from ..engine import checkpoint
+from ..storage import commit
+from ..distributed import collective as dist
+from ..storage import local as io
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                       DistributedError, FormatVersionError, IncompleteCheckpointError,
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
@@ -22,8 +25,8 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptErro
 from ..format import tree as treecodec
 from ..format.layout import (LATEST_NAME, is_committed, is_set_aside, is_staging,
                              parse_step_dir, step_dir)
-from .. import rng
-from ..incremental import Base, VersionCache, exclusive_bytes
+from ..state import rng
+from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from .preemption import Preemption
@@ -71,6 +74,69 @@ class ResumeReport:
         return "; ".join(parts)
 
 
+# ---- Resuming one checkpoint: CheckpointManager.restore and the accelerate integration's
+# load_state both go through load_step() and resumed().
+@dataclass
+class Attempt:
+    """One try at restoring a checkpoint on this rank: what it got, and what it raised."""
+    path: Path
+    manifest: Any = None  # the Manifest, read once
+    rank_entry: dict | None = None  # this rank's entry (None: a rank the save did not have)
+    rng_setters: list = field(default_factory=list)  # (stream, set it) once all went well
+    report: Any = None  # the RestoreReport of checkpoint.load
+    failure: Exception | None = None
+
+
+def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
+              allow_missing: bool | list[str] = False, keys: list[str] | None = None,
+              strict: bool = True, verify: bool = True, threads: int = 0, group=None,
+              manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
+                                              "without them") -> Attempt:
+    """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
+    is read once (or `manifest` used): an overwrite in between must not pair one version's
+    counters and RNG streams with another's tensors. This rank's RNG streams are checked
+    before any tensor is read (a malformed one leaves the state untouched) but set only by
+    resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
+    the caller to share with the other ranks (fall back, or raise)."""
+    a = Attempt(Path(path))
+    try:
+        a.manifest = m = manifest or checkpoint.read_manifest(path)
+        a.rank_entry = m.ranks[rank] if rank < m.world_size else None
+        rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
+        wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
+        if wants_rng and not rng_state and a.rank_entry is not None:
+            raise StateMismatchError([f"{path}: no RNG streams for rank {rank}{rng_hint}"])
+        a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
+        a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
+                                   allow_missing=allow_missing, strict=strict, group=group,
+                                   manifest=m)
+    except Exception as e:
+        a.failure = e
+    return a
+
+
+def resumed(a: Attempt, step: int, *, rank: int, restore_rng: bool = True,
+            epoch: int | None = None, step_in_epoch: int | None = None,
+            notes: list[str] | None = None) -> ResumeReport:
+    """Set the RNG streams of a successful Attempt and describe where the run stands."""
+    for _, set_stream in a.rng_setters:
+        set_stream()
+    notes = [*(notes or []), *a.report.notes]
+    if restore_rng and a.rank_entry is None:
+        # A new rank has no streams of its own; copying another rank's would make two
+        # ranks draw the same numbers. It keeps the streams this process seeded.
+        notes.append(f"rank {rank} did not exist in the {a.manifest.world_size}-rank "
+                     "checkpoint: its RNG streams were NOT restored (left as this process "
+                     "seeded them)")
+        log.warning("dckpt: %s", notes[-1])
+    c = a.manifest.counters
+    return ResumeReport(step=step, path=a.path, epoch=epoch, step_in_epoch=step_in_epoch,
+                        metrics=a.manifest.metrics, counters=c, components=a.report.components,
+                        rng_streams=[name for name, _ in a.rng_setters],
+                        missing_allowed=a.report.missing_allowed, bytes=a.report.bytes,
+                        notes=notes)
+
+
 def _damaged(e: Exception) -> bool:
     """A failure an older checkpoint may not have: its data or manifest is damaged (not a
     newer format, a mismatching state or an I/O error, which an older one shares)."""
@@ -110,7 +176,7 @@ class CheckpointManager:
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
                  async_save: bool | AsyncOptions = False, save_on=None):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
-        them again (dckpt/incremental.py); full_every: every K-th save is written in full;
+        them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
         since this manager saved them (unsafe if the state is written through `.data`; no
         effect with async saves, which write from staging copies);
@@ -226,13 +292,14 @@ class CheckpointManager:
                 step, state, rank_state,
                 lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
                                            self._commit_group, self._saver.options.writer_threads,
-                                           started))
+                                           started, self._saver.options.mode))
         return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
                              metrics, overwrite, full, self.group, self.threads, started)
 
     @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
-                 group, threads: int, started: float | None = None) -> checkpoint.SaveResult:
+                 group, threads: int, started: float | None = None,
+                 mode: io.Background = io.FOREGROUND) -> checkpoint.SaveResult:
         """Write and commit `snap` (see checkpoint.write), apply retention, then move
         `latest`. Collective over `group`: the training group, or the async worker's own.
         What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
@@ -269,7 +336,7 @@ class CheckpointManager:
                     # save_started: with the manifest's `created`, how long a save takes
                     # (save_on='s grace-period warning at the next start).
                     meta={"retention": asdict(self.retention), "save_started": started},
-                    **{**self.save_options, "threads": threads})
+                    mode=mode, **{**self.save_options, "threads": threads})
             except BaseException:
                 if self._versions is not None:
                     self._versions.discard()
@@ -524,32 +591,6 @@ class CheckpointManager:
                                       f"rank 0 step {chosen}, others {differ}"])
         return [chosen] if chosen is not None else listed
 
-    def _load_step(self, state: dict, path: Path, allow_missing, keys, restore_rng, strict):
-        """One restore attempt from `path`, on this rank: (manifest, this rank's entry, RNG
-        setters, RestoreReport, None) or (..., the exception it raised)."""
-        m = rank_entry = report = None
-        rng_setters = []
-        r = dist.rank(self.group)
-        try:
-            m = checkpoint.read_manifest(path)
-            rank_entry = m.ranks[r] if r < m.world_size else None
-            rng_state = treecodec.decode(rank_entry.get("rng")) if rank_entry else None
-            wants_rng = restore_rng and not (allow_missing is True
-                                             or "rng" in (allow_missing or []))
-            if wants_rng and not rng_state and rank_entry is not None:
-                raise StateMismatchError([f"{path}: no RNG streams for rank {r}; pass "
-                                          "allow_missing=['rng'] to resume without them"])
-            # RNG streams are checked before any read: a malformed one leaves state untouched.
-            rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
-            # The manifest parsed above, not a second read: an overwrite in between must
-            # not pair this version's counters and RNG streams with another's tensors.
-            report = checkpoint.load(
-                path, into=state, keys=keys, verify=self.verify, threads=self.threads,
-                allow_missing=allow_missing, strict=strict, group=self.group, manifest=m)
-            return m, rank_entry, rng_setters, report, None
-        except Exception as e:
-            return m, rank_entry, rng_setters, report, e
-
     @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
                 allow_missing: bool | list[str] = False, keys: list[str] | None = None,
@@ -574,8 +615,10 @@ class CheckpointManager:
         skipped, changed = [], False
         for i, step in enumerate(candidates):
             path = self.path(step)
-            m, rank_entry, rng_setters, report, failure = self._load_step(
-                state, path, allow_missing, keys, restore_rng, strict)
+            attempt = load_step(state, path, rank=r, restore_rng=restore_rng,
+                                allow_missing=allow_missing, keys=keys, strict=strict,
+                                verify=self.verify, threads=self.threads, group=self.group)
+            failure = attempt.failure
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).
             if dist.active(self.group):
@@ -598,25 +641,14 @@ class CheckpointManager:
             if skipped and changed and not getattr(failure, "live_state_changed", False):
                 partly_overwritten(failure)  # by an attempt before this one
             raise failure
-        for _, set_stream in rng_setters:
-            set_stream()
-        streams = [name for name, _ in rng_setters]
-        notes = list(report.notes)
+        notes = []
         if skipped:
-            notes.insert(0, f"fell back to step {step}, the newest intact checkpoint: "
-                            + "; ".join(skipped) + f". Everything restored comes from step "
-                            f"{step}, including what the failed attempt had overwritten")
-        if restore_rng and rank_entry is None:
-            # A new rank has no streams of its own; copying another rank's would make two
-            # ranks draw the same numbers. It keeps the streams this process seeded.
-            notes.append(f"rank {r} did not exist in the {m.world_size}-rank checkpoint: its "
-                         "RNG streams were NOT restored (left as this process seeded them)")
-            log.warning("dckpt: %s", notes[-1])
-        c = m.counters
-        out = ResumeReport(step=step, path=path, epoch=c.get("epoch"),
-                           step_in_epoch=c.get("step_in_epoch"), metrics=m.metrics, counters=c,
-                           components=report.components, rng_streams=streams,
-                           missing_allowed=report.missing_allowed, bytes=report.bytes,
-                           seconds=time.perf_counter() - t0, notes=notes)
+            notes.append(f"fell back to step {step}, the newest intact checkpoint: "
+                         + "; ".join(skipped) + f". Everything restored comes from step "
+                         f"{step}, including what the failed attempt had overwritten")
+        c = attempt.manifest.counters
+        out = resumed(attempt, step, rank=r, restore_rng=restore_rng, epoch=c.get("epoch"),
+                      step_in_epoch=c.get("step_in_epoch"), notes=notes)
+        out.seconds = time.perf_counter() - t0
         log.info("dckpt: %s", out.summary())
         return out

@@ -31,7 +31,7 @@ import signal
 import threading
 from typing import Iterable
 
-from .. import dist
+from ..distributed import collective as dist
 from ..errors import InvalidArgumentError, PreemptionError
 
 log = logging.getLogger("dckpt")

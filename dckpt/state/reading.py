@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import io
+from .. import storage
 from ..errors import (IncompleteCheckpointError, ResourceLimitError, StateMismatchError,
                       StorageError)
 from ..format.manifest import Manifest, Shard, TensorEntry
@@ -202,8 +202,9 @@ class TensorReader:
 
     def run(self) -> None:
         # Every path goes along: the native reader opens only the files a chunk refers to.
-        io.read_into(self.paths, self._dests, self._sizes, self._chunks, self._names,
-                     verify=self.verify, threads=self.threads)
+        storage.for_path(self.ckpt).read_into(self.paths, self._dests, self._sizes, self._chunks,
+                                              self._names, verify=self.verify,
+                                              threads=self.threads)
         for fn in self._after:
             fn()
         self._dests, self._sizes, self._chunks, self._names, self._after = [], [], [], [], []

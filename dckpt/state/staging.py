@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .. import io
+from ..storage import local as io
 from .flatten import Leaf
 
 log = logging.getLogger("dckpt")

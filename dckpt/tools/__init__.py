@@ -1,1 +1,6 @@
-"""Tools that turn a checkpoint into something else (export to the Hub layout)."""
+"""Read-side and repair tools over finished checkpoints: verify, repair, diff, convert, and
+export to the Hugging Face Hub layout.
+
+Each returns a report object that the cli renders. May import manager, engine, distributed,
+state, storage, format and errors; never integrations or cli.
+"""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint
+from ..engine import checkpoint
 from ..errors import CheckpointExistsError, InvalidArgumentError
 from ..format.anatomy import rank_view
 from ..format.dtypes import ITEMSIZE

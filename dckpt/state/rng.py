@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import DckptError, ManifestError, StateMismatchError
+from ..errors import DckptError, ManifestError, StateMismatchError
 
 STREAMS = ("python", "numpy", "torch", "cuda")
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from . import io
-from .errors import UnsupportedStateError
-from .state.flatten import Flat, Leaf
-from .state.tensors import TORCH_NAMES
+from ..storage import local as io
+from ..errors import UnsupportedStateError
+from ..state.flatten import Flat, Leaf
+from ..state.tensors import TORCH_NAMES
 
 SHARDED, REPLICATED, OWNED, LOCAL = "sharded", "replicated", "owned", "local"
 
@@ -42,10 +42,36 @@ class DTensorLeaf(Leaf):
     placement: dict = field(default_factory=dict)
 
 
-@dataclass
-class RankPlan:
-    """What one rank writes: (manifest name, leaf index) pairs, tree-name aliases, and the
-    manifest placement record of every tensor it writes."""
+@dataclass(frozen=True)
+class Offer:
+    """What a rank holds of one tensor: the unit of the plan exchange. Made once by
+    offer(), its digest filled in (a new Offer) by add_digests(); JSON only on the wire."""
+    name: str
+    dtype: str
+    kind: str  # "torch" | "numpy"
+    shape: list[int]  # of the local block
+    global_shape: list[int]
+    offsets: list[int]
+    nbytes: int
+    placement: dict | None = None  # a DTensor's mesh and placements
+    digest: str | None = None  # hash of the bytes, to recognize replicas
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "kind": self.kind, "shape": self.shape,
+                "global": self.global_shape, "offsets": self.offsets, "nbytes": self.nbytes,
+                "placement": self.placement, "digest": self.digest}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Offer":
+        return cls(d["name"], d["dtype"], d["kind"], d["shape"], d["global"], d["offsets"],
+                   d["nbytes"], d["placement"], d["digest"])
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What one rank writes, agreed by all (assign): (manifest name, leaf index) pairs in
+    file order, tree-name aliases, and the manifest placement record of every tensor it
+    writes."""
     writes: list[tuple[str, int]]
     aliases: dict[str, str]
     placements: dict[str, dict]
@@ -145,21 +171,20 @@ def contiguous_cpu(v):
 EAGER_DIGEST_BYTES = 1 << 16
 
 
-def offer(flat: Flat, world: int) -> list[dict]:
+def offer(flat: Flat, world: int) -> list[Offer]:
     """What this rank holds, for the all-gather that decides who writes what. Small plain
     tensors carry a hash of their bytes when distributed, so replicas can be recognized;
     larger ones get theirs only if every rank turns out to hold them (late_digests)."""
     out = []
     for leaf in flat.leaves:
-        item = {"name": leaf.name, "dtype": leaf.dtype,
-                "kind": "numpy" if leaf.is_numpy else "torch",
-                "shape": list(leaf.value.shape), "global": leaf.global_shape,
-                "offsets": leaf.offsets, "nbytes": leaf.nbytes, "placement": None, "digest": None}
+        placement = digest = None
         if isinstance(leaf, DTensorLeaf):
-            item["placement"] = leaf.placement
+            placement = leaf.placement
         elif world > 1 and leaf.nbytes <= EAGER_DIGEST_BYTES:
-            item["digest"] = _digest(leaf)
-        out.append(item)
+            digest = _digest(leaf)
+        out.append(Offer(leaf.name, leaf.dtype, "numpy" if leaf.is_numpy else "torch",
+                         list(leaf.value.shape), leaf.global_shape, leaf.offsets, leaf.nbytes,
+                         placement, digest))
     return out
 
 
@@ -171,20 +196,21 @@ def _digest(leaf: Leaf) -> str:
     return f"{io.hash64(io.byte_view(host)):016x}"
 
 
-def undecided(offers: list[list[dict]]) -> list[str]:
+def undecided(offers: list[list[Offer]]) -> list[str]:
     """Names that may be replicas but carry no digest yet: plain tensors that every rank
     holds with the same kind, dtype and shape. The same list on every rank."""
     world = len(offers)
     if world < 2:
         return []
-    seen: dict[str, list[dict]] = {}
+    seen: dict[str, list[Offer]] = {}
     for items in offers:
         for it in items:
-            seen.setdefault(it["name"], []).append(it)
+            seen.setdefault(it.name, []).append(it)
     return [name for name, its in seen.items()
-            if len(its) == world and its[0]["digest"] is None
-            and not any(it["placement"] for it in its)
-            and all(it[f] == its[0][f] for it in its for f in ("kind", "dtype", "shape"))]
+            if len(its) == world and its[0].digest is None
+            and not any(it.placement for it in its)
+            and all((it.kind, it.dtype, it.shape) == (its[0].kind, its[0].dtype, its[0].shape)
+                    for it in its)]
 
 
 def late_digests(flat: Flat, names: list[str]) -> list[str]:
@@ -193,23 +219,32 @@ def late_digests(flat: Flat, names: list[str]) -> list[str]:
     return [_digest(leaves[n]) for n in names]
 
 
-def add_digests(offers: list[list[dict]], names: list[str], digests: list[list[str]]) -> None:
-    """Fill in the late digests (digests[rank][k] for names[k]) before assign()."""
+def add_digests(offers: list[list[Offer]], names: list[str],
+                digests: list[list[str]]) -> list[list[Offer]]:
+    """The offers with the late digests (digests[rank][k] for names[k]) filled in."""
+    out = []
     for items, mine in zip(offers, digests):
         found = dict(zip(names, mine))
-        for it in items:
-            if it["name"] in found:
-                it["digest"] = found[it["name"]]
+        out.append([replace(it, digest=found[it.name]) if it.name in found else it
+                    for it in items])
+    return out
 
 
-def assign(offers: list[list[dict]], me: int) -> RankPlan:
+def write_order(nbytes: int, name: str) -> tuple:
+    """Where a block goes in its writer's file: largest first, then by name. assign() sorts
+    by it and the async staging layout (manager.async_save.storage_order) too, so that
+    the O_DIRECT write sends large tensors straight from the staging arena."""
+    return (-nbytes, name)
+
+
+def assign(offers: list[list[Offer]], me: int) -> WritePlan:
     """Decide every rank's writes from all ranks' offers (same result on every rank).
     Raises ValueError when the ranks' states cannot form one checkpoint."""
     world = len(offers)
-    holders: dict[str, list[tuple[int, int, dict]]] = {}
+    holders: dict[str, list[tuple[int, int, Offer]]] = {}
     for r, items in enumerate(offers):
         for i, it in enumerate(items):
-            holders.setdefault(it["name"], []).append((r, i, it))
+            holders.setdefault(it.name, []).append((r, i, it))
 
     writes: list[list[tuple[str, int]]] = [[] for _ in range(world)]
     aliases: list[dict[str, str]] = [{} for _ in range(world)]
@@ -218,18 +253,18 @@ def assign(offers: list[list[dict]], me: int) -> RankPlan:
     blocks: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
     for name, hs in holders.items():
         first = hs[0][2]
-        if any(h[2]["placement"] for h in hs):
+        if any(h[2].placement for h in hs):
             _check_sharded(name, hs)
-            placements[name] = {"kind": SHARDED, **first["placement"]}
+            placements[name] = {"kind": SHARDED, **first.placement}
             for key, who in _distinct_blocks(hs).items():
                 blocks.append((who[0][2], name, key, [(r, i) for r, i, _ in who]))
         elif len(hs) == world and _same(hs, ("kind", "dtype", "shape", "digest")):
             if world > 1:
                 placements[name] = {"kind": REPLICATED}
-            blocks.append((first["nbytes"], name, (), [(r, i) for r, i, _ in hs]))
+            blocks.append((first.nbytes, name, (), [(r, i) for r, i, _ in hs]))
         elif len(hs) == 1:
             placements[name] = {"kind": OWNED}
-            blocks.append((first["nbytes"], name, (), [(hs[0][0], hs[0][1])]))
+            blocks.append((first.nbytes, name, (), [(hs[0][0], hs[0][1])]))
         else:
             for r, i, it in hs:
                 local = f"{name}@r{r}"
@@ -237,28 +272,28 @@ def assign(offers: list[list[dict]], me: int) -> RankPlan:
                 aliases[r][name] = local
                 placements[local] = {"kind": LOCAL}
 
-    load = [sum(offers[r][i]["nbytes"] for _, i in writes[r]) for r in range(world)]
+    load = [sum(offers[r][i].nbytes for _, i in writes[r]) for r in range(world)]
     # Single-holder blocks first (they are fixed), then shared ones largest first, each to
     # the least-loaded holder: the greedy longest-processing-time rule.
-    blocks.sort(key=lambda b: (len(b[3]) > 1, -b[0], b[1], b[2]))
+    blocks.sort(key=lambda b: (len(b[3]) > 1, *write_order(b[0], b[1]), b[2]))
     for nbytes, name, _, who in blocks:
         r, i = min(who, key=lambda h: (load[h[0]], h[0]))
         writes[r].append((name, i))
         load[r] += nbytes
     mine = {n for n, _ in writes[me]}
-    return RankPlan(writes[me], aliases[me], {n: p for n, p in placements.items() if n in mine},
-                    load)
+    return WritePlan(writes[me], aliases[me], {n: p for n, p in placements.items() if n in mine},
+                     load)
 
 
 def _same(hs, fields) -> bool:
-    return all(h[2][f] == hs[0][2][f] for h in hs for f in fields)
+    return all(getattr(h[2], f) == getattr(hs[0][2], f) for h in hs for f in fields)
 
 
 def _check_sharded(name: str, hs) -> None:
-    if not all(h[2]["placement"] for h in hs):
+    if not all(h[2].placement for h in hs):
         raise ValueError(f"tensor '{name}' is a DTensor on some ranks and a plain tensor "
                          "on others")
-    if not _same(hs, ("kind", "dtype", "global")):
+    if not _same(hs, ("kind", "dtype", "global_shape")):
         raise ValueError(f"DTensor '{name}' has different dtypes or global shapes on "
                          "different ranks")
 
@@ -266,17 +301,17 @@ def _check_sharded(name: str, hs) -> None:
 def _distinct_blocks(hs) -> dict[tuple, list[tuple[int, int, int]]]:
     """(offsets, shape) -> [(rank, leaf index, nbytes)]: each block once, with its holders.
     Empty local shards are dropped unless the whole tensor is empty."""
-    gshape = hs[0][2]["global"]
+    gshape = hs[0][2].global_shape
     total = math.prod(gshape)
     out: dict[tuple, list] = {}
     for r, i, it in hs:
-        if math.prod(it["shape"]) == 0 and total > 0:
+        if math.prod(it.shape) == 0 and total > 0:
             continue
-        out.setdefault((tuple(it["offsets"]), tuple(it["shape"])), []).append((r, i, it["nbytes"]))
+        out.setdefault((tuple(it.offsets), tuple(it.shape)), []).append((r, i, it.nbytes))
     if total == 0:
         out = dict(list(out.items())[:1])
     covered = sum(math.prod(shape) for _, shape in out)
     if covered != total:
-        raise ValueError(f"DTensor '{hs[0][2]['name']}': the ranks' shards hold {covered} of "
+        raise ValueError(f"DTensor '{hs[0][2].name}': the ranks' shards hold {covered} of "
                          f"its {total} elements (overlapping or missing shards)")
     return {k: [(r, i, n) for r, i, n in v] for k, v in out.items()}

@@ -28,20 +28,33 @@ def _generators(loader) -> dict[str, torch.Generator]:
     return gens
 
 
+# The generator-state helpers of every data-position tracker (ResumableLoader here, the
+# accelerate loaders' in integrations/loader_position.py): each finds its own generators.
+def generator_states(gens: dict[str, torch.Generator]) -> dict[str, bytes]:
+    """Each named generator's state, as bytes (what the safe tree stores)."""
+    return {k: g.get_state().numpy().tobytes() for k, g in gens.items()}
+
+
+def set_generator_states(gens: dict[str, torch.Generator], states: dict[str, bytes]) -> None:
+    """Put back the saved states of the named generators that have one."""
+    for k, g in gens.items():
+        if k in states:
+            g.set_state(state_tensor(states[k]))
+
+
+def state_tensor(b: bytes) -> torch.Tensor:
+    """A generator state (bytes) as the uint8 tensor torch takes."""
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
 def _get_states(loader) -> dict[str, bytes]:
-    states = {"global": torch.get_rng_state().numpy().tobytes()}
-    for k, g in _generators(loader).items():
-        states[k] = g.get_state().numpy().tobytes()
-    return states
+    return {"global": torch.get_rng_state().numpy().tobytes(),
+            **generator_states(_generators(loader))}
 
 
 def _set_states(loader, states: dict[str, bytes]) -> None:
-    def as_tensor(b: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(b), dtype=torch.uint8)
-    torch.set_rng_state(as_tensor(states["global"]))
-    for k, g in _generators(loader).items():
-        if k in states:
-            g.set_state(as_tensor(states[k]))
+    torch.set_rng_state(state_tensor(states["global"]))
+    set_generator_states(_generators(loader), states)
 
 
 class ResumableLoader:
@@ -50,6 +63,8 @@ class ResumableLoader:
     state_dict(): epoch, batches consumed in the current epoch, generator states at the start
     of the epoch and now. A DistributedSampler's set_epoch() is called for you.
     """
+
+    __module__ = "dckpt.data"  # the type name checkpoints record: stable across moves (and the public path)
 
     def __init__(self, loader: torch.utils.data.DataLoader):
         if getattr(loader, "num_workers", 0) and loader.persistent_workers:
@@ -140,6 +155,8 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     resume position. Inside a ResumableLoader the position counts the batches training
     received, so worker prefetching does not move it.
     """
+
+    __module__ = "dckpt.data"  # the type name checkpoints record: stable across moves (and the public path)
 
     def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False):

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .format import tree as treecodec
-from .format.manifest import Manifest, TensorEntry
-from .format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
+from ..format import tree as treecodec
+from ..format.manifest import Manifest, TensorEntry
+from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef
 
 SCHEMA = "dckpt.diff/1"
 BLOCK = 1 << 22  # elements compared at a time
@@ -88,7 +88,7 @@ def _finite(v: float | None):
 
 def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0,
          threads: int = 0) -> DiffReport:
-    from .checkpoint import read_manifest
+    from ..storage.records import read_manifest
     ma, mb = read_manifest(a), read_manifest(b)
     report = DiffReport(str(a), str(b), atol)
     _diff_tensors(Path(a), ma, Path(b), mb, report, threads)
@@ -138,8 +138,8 @@ def _read(path: Path, m: Manifest, names: list[str], threads: int) -> list:
     import numpy as np
     import torch
 
-    from .state.reading import TensorReader
-    from .state.tensors import torch_dtype
+    from ..state.reading import TensorReader
+    from ..state.tensors import torch_dtype
     reader = TensorReader(path, m, verify=True, threads=threads)
     out = []
     for n in names:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as tdist
 
-from .errors import DistributedError
+from ..errors import DistributedError
 
 TIMEOUT_ENV = "DCKPT_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0  # like torch's own default: a slow rank may be writing gigabytes

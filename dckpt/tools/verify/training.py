@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..format import anatomy
-from ..format.anatomy import Component, RankView, as_float, as_int
-from ..format.layout import parse_step_dir
-from ..format.manifest import Manifest
+from ...format import anatomy
+from ...format.anatomy import Component, RankView, as_float, as_int
+from ...format.layout import parse_step_dir
+from ...format.manifest import Manifest
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location, RankCompleteness
 
 # Gradient accumulation factors tried when the optimizer has stepped fewer times than the

@@ -19,9 +19,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointExistsError, StorageError
-from .format.layout import aside_dir, aside_target, staging_dir
-from .format.manifest import MANIFEST_NAME, Manifest
+from ..errors import CheckpointExistsError, StorageError
+from ..format.layout import aside_dir, aside_target, staging_dir
+from ..format.manifest import MANIFEST_NAME, Manifest
 
 
 # Modes everything a save creates asks for; the umask applies on top. Never world-writable,

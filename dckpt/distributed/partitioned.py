@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .format.tree import ObjectState
+from ..format.tree import ObjectState
 from .sharding import is_dtensor
-from .state.flatten import type_name
+from ..state.flatten import type_name
 
 
 def _is_zero(obj: Any) -> bool:
@@ -28,6 +28,8 @@ def _is_zero(obj: Any) -> bool:
 
 class ZeroState:
     """A ZeroRedundancyOptimizer seen as a partitioned state (see the module docstring)."""
+
+    __module__ = "dckpt.partitioned"  # the type name checkpoints record: stable across moves
 
     def __init__(self, zero):
         self.zero = zero

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .. import gcpause
-from ..errors import CheckpointNotFoundError, DckptError, NotACheckpointError
-from ..format import anatomy
-from ..format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside,
-                             is_staging, not_a_checkpoint, parse_step_dir)
-from ..format.manifest import MANIFEST_NAME, Manifest
+from ...engine import gcpause
+from ...errors import CheckpointNotFoundError, DckptError, NotACheckpointError
+from ...format import anatomy
+from ...format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
+                              not_a_checkpoint, parse_step_dir)
+from ...format.manifest import MANIFEST_NAME, Manifest
 from . import integrity, training
 from .report import (COMPLETE, ERROR, INCOMPLETE, PARTIAL, PASS, SCHEMA, WARNING, Check,
                      CheckpointReport, Location, Report)

@@ -16,16 +16,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import __version__, commit, dist, errors, gcpause, incremental, io, partitioned, sharding
-from .errors import (CheckpointNotFoundError, DckptError, DistributedError, ManifestError,
-                     NotACheckpointError)
-from .format import tree as treecodec
-from .format.layout import not_a_checkpoint, rank_file
-from .format.manifest import (MANIFEST_NAME, VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard,
-                              TensorEntry, parse, read_manifest_bytes)
-from .state.flatten import Flat, Leaf, component_kind, flatten
-from .state.reading import TensorReader
-from .state.restore import RestoreReport, materialize, restore_into
+from .. import __version__, errors
+from . import gcpause, incremental
+from ..distributed import collective as dist, partitioned, sharding
+from .. import storage
+from ..storage import local as io, records
+from ..errors import DckptError, DistributedError, ManifestError
+from ..format import tree as treecodec
+from ..format.layout import rank_file
+from ..format.manifest import VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard, TensorEntry
+from ..state.flatten import Flat, Leaf, component_kind, flatten
+from ..state.reading import TensorReader
+from ..state.restore import RestoreReport, materialize, restore_into
 
 
 @dataclass
@@ -67,6 +69,7 @@ def snapshot(state: Any, rank_state: dict | None = None) -> Snapshot:
     return Snapshot(flat, treecodec.encode(flat.tree), treecodec.encode(rank_state or {}))
 
 
+@gcpause.during
 @dist.collective
 def save(state: Any, path: str | os.PathLike, *, compression: str | int | None = None,
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
@@ -79,15 +82,16 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     compression: None (raw), "zstd" (level 1) or a zstd level; shuffle applies a byte shuffle
     by element size before zstd. rank_state: extra per-rank values (RNG streams) stored in
     the manifest beside the tree. base: a committed checkpoint; chunks unchanged since it
-    are not written again but shared with it by hard link (see dckpt/incremental.py).
+    are not written again but shared with it by hard link (see dckpt/engine/incremental.py).
 
-    Distributed (see dckpt/sharding.py): DTensor shards are written by their owners with
+    Distributed (see dckpt/distributed/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
     """
-    return write(lambda: snapshot(state, rank_state), path, compression=compression,
-                 shuffle=shuffle, chunk_size=chunk_size, threads=threads, fsync=fsync,
-                 overwrite=overwrite, counters=counters, metrics=metrics, meta=meta, base=base,
-                 group=group)
+    # write() undecorated: one pause and one collective scope for the call, not two.
+    return _commit_snapshot(lambda: snapshot(state, rank_state), path, compression=compression,
+                            shuffle=shuffle, chunk_size=chunk_size, threads=threads,
+                            fsync=fsync, overwrite=overwrite, counters=counters,
+                            metrics=metrics, meta=meta, base=base, group=group)
 
 
 @gcpause.during
@@ -97,25 +101,55 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
           overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
           meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
-          group=None) -> SaveResult:
+          group=None, mode: io.Background = io.FOREGROUND) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
-    phase so that its failure aborts every rank); collective over `group` like save()."""
+    phase so that its failure aborts every rank); collective over `group` like save().
+    mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
+    return _commit_snapshot(snap, path, compression=compression, shuffle=shuffle,
+                            chunk_size=chunk_size, threads=threads, fsync=fsync,
+                            overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
+                            base=base, group=group, mode=mode)
+
+
+def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
+                     overwrite, counters, metrics, meta, base, group,
+                     mode: io.Background = io.FOREGROUND) -> SaveResult:
+    """The save protocol: the home of its collective exchanges, in this order on every rank
+    (each an all-gather through _exchange that also carries a failure, so a rank that
+    raises makes every rank abort and none hangs; rank 0 then removes the staging
+    directory):
+
+    1. "plan": rank 0 has begun (storage.begin: the staging location, or the error every
+       rank raises); every rank sends its sharding.Offer list. All ranks then know the
+       staging location and every rank's offers.
+    2. "replicas", only when sharding.undecided(offers) is not empty (the same on every
+       rank): each rank's digests of those tensors, added to the offers. Then every rank
+       computes the same sharding.assign(offers): its WritePlan.
+    3. "write": each rank writes its plan through storage.write_files and sends its
+       WriteReport; every rank builds the same manifest from them.
+    4. "save commit": rank 0 commits (storage.finish) and broadcasts the outcome.
+
+    The typed objects (Offer, WritePlan, WriteReport) are made once and passed down; they
+    become JSON only inside _exchange."""
     staged: list[Path] = []  # rank 0's staging directory, once it exists
+    store = storage.for_path(path)
     try:
-        return _write(snap, path, staged, compression=compression, shuffle=shuffle,
+        return _write(snap, path, staged, store, compression=compression, shuffle=shuffle,
                       chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
-                      counters=counters, metrics=metrics, meta=meta, base=base, group=group)
+                      counters=counters, metrics=metrics, meta=meta, base=base, group=group,
+                      mode=mode)
     except BaseException:
         # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
         # staging directory on the errors they exchange, this on everything else, so no
         # interrupted save leaves its bytes behind. After a commit it no longer exists.
         for tmp in staged:
-            commit.abort(tmp)
+            store.abort(tmp)
         raise
 
 
-def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, threads, fsync,
-           overwrite, counters, metrics, meta, base, group) -> SaveResult:
+def _write(snap, path, staged: list, store: storage.Storage, *, compression, shuffle,
+           chunk_size, threads, fsync, overwrite, counters, metrics, meta, base, group,
+           mode) -> SaveResult:
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
     target = Path(path)
@@ -135,7 +169,7 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
         counters = plain_json(counters or {}, "counters")
         meta = plain_json(meta or {}, "meta")
         if r == 0:
-            begun = _begin(target, overwrite)
+            begun = _begin(store, target, overwrite)
             if begun[0]:
                 staged.append(Path(begun[0]))
         if begun is None or begun[0]:
@@ -144,28 +178,29 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
     except Exception as e:
         failure = e
     staged = Path(begun[0]) if begun and begun[0] else None
-    gathered = _exchange([begun, offers], failure, "plan", staged, target, group)
+    gathered = _exchange([begun, offers], failure, "plan", store, staged, target, group)
     tmp_name, error = gathered[0][0]
     if error:
         raise _rebuilt(*error)
-    tmp, offers = Path(tmp_name), [g[1] for g in gathered]
+    tmp = Path(tmp_name)
+    offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g[1]]
+              for g in gathered]
     late = sharding.undecided(offers)
     if late:  # large plain tensors on every rank: hash only these, to find the replicas
         try:
             digests, failure = sharding.late_digests(snap.flat, late), None
         except Exception as e:
             digests, failure = None, e
-        sharding.add_digests(offers, late, _exchange(digests, failure, "replicas", tmp,
-                                                     target, group))
+        offers = sharding.add_digests(offers, late, _exchange(digests, failure, "replicas",
+                                                              store, tmp, target, group))
     try:
         plan = sharding.assign(offers, r)
-        report, failure = _write_rank(tmp, snap.flat, plan, opts, r, base), None
-        report["tree"] = snap.tree
-        report["extra"] = snap.rank_state
-        report["views"] = snap.flat.views
+        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base)
+        failure = None
     except Exception as e:
         report, failure = None, e
-    reports = _exchange(report, failure, "write", tmp, target, group)
+    reports = [WriteReport.of(x) for x in
+               _exchange(report, failure, "write", store, tmp, target, group)]
 
     if base is not None:
         meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, reports)}
@@ -173,9 +208,9 @@ def _write(snap, path, staged: list, *, compression, shuffle, chunk_size, thread
     outcome = None
     if r == 0:
         try:
-            commit.finish(tmp, target, m, fsync)
+            store.finish(tmp, target, m, fsync)
         except Exception as e:
-            commit.abort(tmp)
+            store.abort(tmp)
             if not dist.active(group):
                 raise
             outcome = f"{type(e).__name__}: {e}"
@@ -229,11 +264,11 @@ def plain_json(v: Any, where: str) -> Any:
         "values, 0-d tensors and numpy scalars can); nothing was written")
 
 
-def _begin(target: Path, overwrite: bool) -> list:
+def _begin(store: storage.Storage, target: Path, overwrite: bool) -> list:
     """Rank 0: [staging directory, None], or [None, [error type, message, path]] that every
     rank raises (the target exists, say)."""
     try:
-        return [str(commit.begin(target, overwrite)), None]
+        return [str(store.begin(target, overwrite)), None]
     except DckptError as e:
         return [None, [type(e).__name__, str(e), getattr(e, "path", None)]]
 
@@ -246,26 +281,27 @@ def _rebuilt(name: str, message: str, path: str | None) -> DckptError:
     return cls(message)
 
 
-def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, target: Path,
-              group) -> list:
+def _exchange(value, failure: Exception | None, phase: str, store: storage.Storage,
+              tmp: Path | None, target: Path, group) -> list:
     """All ranks' `value`s; if any rank failed (or one never arrives), rank 0 removes the
     staging directory (if it made one) and every rank raises: its own error, or one naming
     the failed rank."""
     r = dist.rank(group)
-    msg = {"rank": r, "value": value}
+    # JSON only where it travels: a single process keeps the typed objects as they are.
+    msg = {"rank": r, "value": _wire(value) if dist.active(group) else value}
     if failure is not None:
         msg = {"rank": r, "error": f"{type(failure).__name__}: {failure}"}
     try:
         gathered = dist.all_gather_json(msg, group, what=f"save {phase} of {target}")
     except DistributedError:
         if r == 0 and tmp is not None:
-            commit.abort(tmp)
+            store.abort(tmp)
         raise
     failed = [g for g in gathered if "error" in g]
     if not failed:
         return [g["value"] for g in gathered]
     if r == 0 and tmp is not None:
-        commit.abort(tmp)
+        store.abort(tmp)
     dist.barrier(group, what=f"save abort of {target}")
     if failure is not None:
         raise failure
@@ -273,22 +309,59 @@ def _exchange(value, failure: Exception | None, phase: str, tmp: Path | None, ta
                            f"({phase}): {failed[0]['error']}", failed[0]["rank"])
 
 
-def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOptions,
-                r: int, base: incremental.Base | None) -> dict:
+def _wire(value):
+    """The one place the typed plan objects become JSON (for the exchanges)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, (list, tuple)):
+        return [_wire(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """What one rank wrote, for the manifest: its files (FileEntry JSON), its tensors'
+    records (manifest JSON, chunk file indices into its own files), tree aliases, the
+    incremental statistics, its state tree, per-rank extras and its count of views."""
+    files: list[dict]
+    tensors: dict[str, dict]
+    aliases: dict[str, str]
+    stats: dict | None
+    tree: Any
+    extra: Any
+    views: int
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "tensors": self.tensors, "aliases": self.aliases,
+                incremental.META_KEY: self.stats, "tree": self.tree, "extra": self.extra,
+                "views": self.views}
+
+    @classmethod
+    def of(cls, v: "WriteReport | dict") -> "WriteReport":
+        if isinstance(v, WriteReport):
+            return v
+        return cls(v["files"], v["tensors"], v["aliases"], v[incremental.META_KEY], v["tree"],
+                   v["extra"], v["views"])
+
+
+def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
+                opts: io.WriteOptions, mode: io.Background, r: int,
+                base: incremental.Base | None) -> WriteReport:
     """Write the tensors the plan gives this rank into its data file(s); returns its part of
     the manifest."""
+    flat = snap.flat
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
     fname = rank_file(r)
     files, chunks, stats = [], [], None
     if leaves and base is not None:
         chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
-                                                      sharding.contiguous_cpu)
+                                                      sharding.contiguous_cpu, store, mode)
     elif leaves:
         values = [sharding.contiguous_cpu(x.value) for x in leaves]
         parts = io.part_count(sum(v.nbytes for v in values), opts)
         fnames = [rank_file(r, p) for p in range(parts)]
-        chunks = io.write_files([str(tmp / n) for n in fnames], values, opts)
+        chunks = store.write_files([str(tmp / n) for n in fnames], values, opts, mode)
         files = [FileEntry(n, (tmp / n).stat().st_size, r) for n in fnames]
     tensors = {}
     for leaf, name, cs in zip(leaves, names, chunks):
@@ -297,16 +370,17 @@ def _write_rank(tmp: Path, flat: Flat, plan: sharding.RankPlan, opts: io.WriteOp
             "shape": leaf.global_shape, "placement": plan.placements.get(name),
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
                         "chunks": [tuple(c) for c in cs]}]}
-    return {"files": [f.to_json() for f in files], "tensors": tensors, "aliases": plan.aliases,
-            incremental.META_KEY: stats}
+    return WriteReport([f.to_json() for f in files], tensors, plan.aliases, stats, snap.tree,
+                       snap.rank_state, snap.flat.views)
 
 
-def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, opts) -> Manifest:
+def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, meta,
+                    opts) -> Manifest:
     files, tensors, ranks, meshes = [], {}, [], []
     for rep in reports:
         first = len(files)  # a rank's chunks index its own file list
-        files.extend(FileEntry(**f) for f in rep["files"])
-        for name, t in rep["tensors"].items():
+        files.extend(FileEntry(**f) for f in rep.files)
+        for name, t in rep.tensors.items():
             shards = [Shard(s["offsets"], s["shape"], s["rank"],
                             [Chunk(first + c[0], *c[1:]) for c in s["chunks"]])
                       for s in t["shards"]]
@@ -315,12 +389,12 @@ def _build_manifest(reports: list[dict], world: int, counters, metrics, meta, op
             else:
                 tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
                                             _index_mesh(t["placement"], meshes))
-        ranks.append({"tree": rep["tree"], "aliases": rep["aliases"], **rep["extra"]})
+        ranks.append({"tree": rep.tree, "aliases": rep.aliases, **rep.extra})
     info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
     # Version 2 only where a tree holds $view nodes, which version-1 readers do not know.
-    version = VIEWS_VERSION if any(rep.get("views") for rep in reports) else 1
+    version = VIEWS_VERSION if any(rep.views for rep in reports) else 1
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
                     meta={"library": info, **(meta or {})}, meshes=meshes, version=version)
@@ -336,19 +410,9 @@ def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Parse and validate the manifest of the checkpoint at `path`."""
-    p = Path(path) / MANIFEST_NAME
-    try:
-        data = read_manifest_bytes(p)
-    except OSError as e:
-        why = not_a_checkpoint(Path(path))  # a torch.save file, a manager root
-        if why:
-            raise NotACheckpointError(why, str(path)) from None
-        if isinstance(e, FileNotFoundError):
-            raise CheckpointNotFoundError(
-                f"{path} is not a committed checkpoint (no {MANIFEST_NAME})") from None
-        raise ManifestError(f"cannot read {p}: {e.strerror}", str(p)) from None
-    return parse(data, str(p))
+    """Parse and validate the manifest of the checkpoint at `path` (the one reader,
+    dckpt.format.manifest.read_manifest, with the native record check)."""
+    return records.read_manifest(path)
 
 
 @gcpause.during

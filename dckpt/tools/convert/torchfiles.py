@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import DckptError
+from ...errors import DckptError
 
 
 class ConvertError(DckptError):

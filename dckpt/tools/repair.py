@@ -25,13 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import commit
-from .errors import ManifestError
-from .format import anatomy
-from .format import tree as treecodec
-from .format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
-                            parse_step_dir)
-from .format.manifest import MANIFEST_NAME, parse, read_manifest_bytes
+from ..storage import commit
+from ..storage import records
+from ..errors import ManifestError
+from ..format import anatomy
+from ..format import tree as treecodec
+from ..format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
+                             parse_step_dir)
+from ..format.manifest import MANIFEST_NAME
 
 SCHEMA = "dckpt.repair/1"
 BACKUP_DIR = ".dckpt-backup"
@@ -118,8 +119,8 @@ def _fsync_file(path: Path) -> None:
 def repair(path: str | os.PathLike, *, backup: bool = True, dry_run: bool = False,
            add_rng: bool = True, seed: int | None = None, threads: int = 0) -> RepairReport:
     """Repair a checkpoint directory or a manager root; see the module docstring."""
-    from .manager.lock import RootLock
-    from .manager.manager import LOCK_WAIT
+    from ..manager.lock import RootLock
+    from ..manager.manager import LOCK_WAIT
     from .verify import classify_path, step_dirs
     path = Path(path)
     kind = classify_path(path)
@@ -210,7 +211,7 @@ def _add_rng(base: Path, ckpts: list[Path], report: RepairReport, saver: _Backup
     for ckpt in ckpts:
         mpath = ckpt / MANIFEST_NAME
         try:
-            m = parse(read_manifest_bytes(mpath), str(mpath))
+            m = records.read_manifest(ckpt)
         except Exception:
             continue  # unreadable manifests are reported by the latest check and by verify
         lacking = {r: [s for s in anatomy.BASE_STREAMS if s not in _streams(e)]
@@ -258,7 +259,7 @@ def _streams(entry: dict) -> set[str]:
 
 def _seeded_streams(seed: int) -> dict:
     """RNG states from `seed`, leaving this process's own generators as they were."""
-    from . import rng
+    from ..state import rng
     saved = rng.capture()
     try:
         rng.seed_everything(seed)

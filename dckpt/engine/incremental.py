@@ -35,12 +35,11 @@ from typing import Callable
 
 import xxhash
 
-from . import commit
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
-                     IncompleteCheckpointError, ManifestError)
-from .format.layout import rank_file
-from .format.manifest import (MANIFEST_NAME, Chunk, FileEntry, Manifest, Shard, is_safe_name, parse,
-                              open_regular, read_manifest_bytes)
+from ..storage import commit
+from ..storage import records
+from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
+from ..format.layout import rank_file
+from ..format.manifest import Chunk, FileEntry, Manifest, Shard, is_safe_name, open_regular
 
 log = logging.getLogger("dckpt")
 
@@ -49,15 +48,7 @@ _LINK = re.compile(r"^ref-r\d+-(.+)$")
 _STATS = ("new_bytes", "referenced_bytes", "new_chunks", "referenced_chunks", "unhashed_bytes")
 
 
-def read_manifest(ckpt: Path) -> Manifest:
-    path = Path(ckpt) / MANIFEST_NAME
-    try:
-        data = read_manifest_bytes(path)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{ckpt} is not a committed checkpoint") from None
-    except OSError as e:
-        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
-    return parse(data, str(path))
+read_manifest = records.read_manifest
 
 
 # ---- the cheap path: tensors whose version counter did not move ------------------------
@@ -218,12 +209,12 @@ class _Links:
 
 
 def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names: list[str],
-               opts, to_cpu: Callable) -> tuple[list[list[Chunk]], list[FileEntry], dict]:
+               opts, to_cpu: Callable, store, mode) -> tuple[list[list[Chunk]], list[FileEntry],
+                                                              dict]:
     """Write this rank's leaves into tmp/fname, referencing unchanged chunks of `base`.
 
     Returns each leaf's chunk records (file indices into the returned file list: 0 is
     fname, then the links), the file list and the statistics for the manifest."""
-    from . import io  # torch and the native core: only the write path needs them
     m = base.manifest
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
@@ -252,12 +243,12 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
     while True:
         todo = [i for i in range(len(leaves)) if i not in reused]
-        written = io.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
-                                opts, prev_hashes=[prev[i] for i in todo])
+        written = store.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
+                                   opts, mode, prev_hashes=[prev[i] for i in todo])
         shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
                   for i, recs in zip(todo, written)}
         shared.update({i: list(enumerate(recs)) for i, recs in reused.items()})
-        damaged = _first_damaged(base.path, m, links, shared, intact, opts.threads)
+        damaged = _first_damaged(store, base.path, m, links, shared, intact, opts.threads)
         if not damaged:
             break
         for i, c in damaged.items():
@@ -307,13 +298,12 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     return chunks, files, stats
 
 
-def _first_damaged(base: Path, m: Manifest, links: "_Links",
+def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
                    shared: dict[int, list[tuple[int, Chunk]]], intact: set,
                    threads: int) -> dict[int, int]:
     """leaf -> position of its first shared base chunk whose stored bytes do not match
     their stored hash, read through the links made for them. Chunks found intact are added
     to `intact` and not read again."""
-    from . import io
     todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
             if (ch.file, ch.offset) not in intact]
     if not todo:
@@ -322,8 +312,8 @@ def _first_damaged(base: Path, m: Manifest, links: "_Links",
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
     records = [ch._replace(file=index[ch.file]) for _, _, ch in todo]
-    bad = {f[0] for f in io.verify_chunks(paths, records, [1] * len(records),
-                                          threads=threads)}
+    bad = {f[0] for f in store.verify_chunks(paths, records, [1] * len(records),
+                                             threads=threads)}
     damaged: dict[int, int] = {}
     for k, (i, c, ch) in enumerate(todo):
         if k not in bad:
@@ -345,11 +335,11 @@ def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]
     return old, old.file
 
 
-def summarize(base: Base, reports: list[dict]) -> dict:
+def summarize(base: Base, reports: list) -> dict:
     """The manifest's meta entry: what this save wrote and what it shares, over all ranks."""
     out: dict = {"base": base.path.name, "depth": base.depth + 1, **dict.fromkeys(_STATS, 0)}
     for rep in reports:
-        stats = rep.get(META_KEY) or {}
+        stats = rep.stats or {}  # engine.checkpoint.WriteReport
         for k in _STATS:
             out[k] += int(stats.get(k, 0))
         if "fallback" in stats:

@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CorruptCheckpointError, FormatVersionError, ManifestError
-from ..format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME,
-                               Chunk, Manifest, parse, read_manifest_bytes)
-from ..units import human_size as _size
+from ...errors import CorruptCheckpointError, FormatVersionError, ManifestError
+from ...format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Chunk,
+                                Manifest, read_manifest_bytes)
+from ...format.units import human_size as _size
+from ...storage.records import parse  # with the native record check
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
 BATCH_BYTES = 256 << 20
@@ -153,7 +154,8 @@ def total_stored(m: Manifest) -> int:
 def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointReport,
                     deep: bool = False, threads: int = 0, progress=None) -> None:
     """Group 3: stored-bytes hash of every chunk (deep: also decode and check raw hashes)."""
-    from .. import io  # the native core; everything above works without it
+    from ... import storage  # the native core (torch too); everything above works without it
+    store = storage.for_path(ckpt)
 
     g = "checksums"
     items = chunk_items(m, usable)
@@ -163,7 +165,7 @@ def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointRe
     bad = 0
     checked_bytes = 0
     for batch in _batches(items):
-        failures = io.verify_chunks(paths, [it.record for it in batch],
+        failures = store.verify_chunks(paths, [it.record for it in batch],
                                     [it.elem_size for it in batch], deep=deep, threads=threads)
         for index, kind, expected, actual, message in failures:
             it = batch[index]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnsupportedStateError
+from ...errors import UnsupportedStateError
 from .sources import READERS, Imported, detect, read_accelerate_state
 from .torchfiles import ConvertError
 
@@ -29,6 +29,8 @@ EXPORT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 class _ImportedState:
     """Carries an imported state dict through flatten(), which records it as an object."""
+
+    __module__ = "dckpt.convert"  # the type name checkpoints record: stable across moves
 
     def __init__(self, state: dict):
         self._state = state
@@ -118,9 +120,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, source: str = "au
 
 def write(imp: Imported, dst: str | os.PathLike, *, overwrite: bool = False,
           compression: str | int | None = None, fsync: bool = True) -> ConvertResult:
-    from .. import checkpoint, commit
-    from ..format import tree as treecodec
-    from ..state.flatten import flatten
+    from ...engine import checkpoint
+    from ...storage import commit
+    from ...format import tree as treecodec
+    from ...state.flatten import flatten
     state: dict[str, Any] = {}
     notes = list(imp.notes)
     kinds = {}
@@ -175,8 +178,8 @@ def _export(ckpt, dst, component: str | None, overwrite: bool, torch_file: bool)
     import torch
     from safetensors.torch import save_file
 
-    from .. import checkpoint
-    from ..format import anatomy
+    from ...engine import checkpoint
+    from ...format import anatomy
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} exists; pass overwrite to replace it", str(dst))

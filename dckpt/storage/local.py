@@ -1,4 +1,5 @@
-"""Chunked tensor I/O through the native core. The only module that imports dckpt._native.
+"""The local POSIX backend (see dckpt/storage/__init__.py for the contract): chunked
+tensor I/O through the native core, and the atomic rename commit of storage/commit.py.
 
 It turns tensors into byte views (no copies), calls the native write/read/verify, and maps
 native errors onto the typed error tree, naming the tensor each failing chunk belongs to.
@@ -7,16 +8,16 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import _native
-from .errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
-                     InvalidArgumentError, ManifestError, StorageError)
-from .format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
+from .. import _native
+from . import commit
+from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
+                      InvalidArgumentError, ManifestError, StorageError)
+from ..format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 
@@ -67,7 +68,7 @@ class WriteOptions:
 
 @dataclass(frozen=True)
 class Background:
-    """How a save that runs beside training writes (the async saver sets it per thread).
+    """How a save that runs beside training writes (the async saver passes it down).
 
     direct: raw chunks bypass the page cache (O_DIRECT where the filesystem allows it,
         else buffered): no kernel copy into the cache and no later writeback of dirty
@@ -83,23 +84,7 @@ class Background:
             raise ValueError(f"duty must lie in (0, 1], not {self.duty!r}")
 
 
-_FOREGROUND = Background()
-_mode = threading.local()
-
-
-@contextmanager
-def background_writes(mode: Background):
-    """Writes started on this thread inside the block use `mode`."""
-    before = getattr(_mode, "value", _FOREGROUND)
-    _mode.value = mode
-    try:
-        yield
-    finally:
-        _mode.value = before
-
-
-def write_mode() -> Background:
-    return getattr(_mode, "value", _FOREGROUND)
+FOREGROUND = Background()  # a save the caller waits for: buffered, at full speed
 
 
 def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -119,11 +104,11 @@ def elem_size(value: torch.Tensor | np.ndarray) -> int:
     return value.itemsize if isinstance(value, np.ndarray) else value.element_size()
 
 
-def write_file(path: str, values: list, opts: WriteOptions, file_index: int = 0,
-               prev_hashes: list | None = None) -> list[list[Chunk]]:
+def write_file(path: str, values: list, opts: WriteOptions, mode: Background = FOREGROUND,
+               file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
     """Write contiguous CPU tensors/arrays to one file; returns their chunk records."""
     return _write_views(path, [byte_view(v) for v in values], [elem_size(v) for v in values],
-                        opts, write_mode(), file_index, prev_hashes)
+                        opts, mode, file_index, prev_hashes)
 
 
 def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions,
@@ -153,15 +138,15 @@ def part_count(nbytes: int, opts: WriteOptions) -> int:
     return int(max(1, min(threads, nbytes // MIN_PART_BYTES)))
 
 
-def write_files(paths: list[str], values: list, opts: WriteOptions) -> list[list[Chunk]]:
+def write_files(paths: list[str], values: list, opts: WriteOptions,
+                mode: Background = FOREGROUND) -> list[list[Chunk]]:
     """Write contiguous CPU tensors/arrays across `paths`, one writer thread per file, all
     running at once; each value's records (file = index into paths) come back in order, as
     from one file. Buffered writes share the chunks out as the threads ask for them (which
     file holds a chunk varies); direct writes cut the values on their chunk grid into equal
     shares, one O_DIRECT file per share."""
     if len(paths) == 1:
-        return write_file(paths[0], values, opts)
-    mode = write_mode()
+        return write_file(paths[0], values, opts, mode)
     if not mode.direct:
         # One native call whose writer threads take chunks from one queue, each appending
         # to its own file: a thread slowed by other work on the machine writes fewer chunks
@@ -284,6 +269,34 @@ def _map_error(e, names: list[str], chunks: list[list[Chunk]]) -> DckptError:
     return StorageError(msg, path)
 
 
-__all__ = ["WriteOptions", "Background", "background_writes", "write_mode", "write_file",
-           "write_files", "part_count", "read_into", "verify_chunks", "hash64",
-           "byte_view", "elem_size", "default_threads", "CODEC_ZSTD"]
+class LocalStorage:
+    """The local POSIX backend as a Storage (dckpt/storage/__init__.py): the functions of
+    this module and the rename commit of storage/commit.py, looked up at each call."""
+
+    def begin(self, target, overwrite=False):
+        return commit.begin(target, overwrite)
+
+    def finish(self, tmp, target, manifest, fsync=True):
+        return commit.finish(tmp, target, manifest, fsync)
+
+    def abort(self, tmp):
+        return commit.abort(tmp)
+
+    def write_files(self, paths, values, opts, mode=FOREGROUND):
+        return write_files(paths, values, opts, mode)
+
+    def write_file(self, path, values, opts, mode=FOREGROUND, file_index=0, prev_hashes=None):
+        return write_file(path, values, opts, mode, file_index, prev_hashes)
+
+    def read_into(self, paths, dests, elem_sizes, chunks, names, verify=True, threads=0):
+        return read_into(paths, dests, elem_sizes, chunks, names, verify, threads)
+
+    def verify_chunks(self, paths, chunks, elem_sizes, deep=False, threads=0):
+        return verify_chunks(paths, chunks, elem_sizes, deep, threads)
+
+
+LOCAL = LocalStorage()
+
+__all__ = ["WriteOptions", "Background", "FOREGROUND", "write_file", "write_files",
+           "part_count", "read_into", "verify_chunks", "hash64", "byte_view", "elem_size",
+           "default_threads", "CODEC_ZSTD", "LocalStorage", "LOCAL"]

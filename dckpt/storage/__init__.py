@@ -1,0 +1,65 @@
+"""Where bytes live. Every byte of a checkpoint is written, read and committed through a
+`Storage`; the local POSIX backend (local, over the native core, with commit) is the one
+there is today. The only package that imports dckpt._native; may import format and errors.
+
+The contract, written for the backends to come (object stores, a peer's memory):
+
+- begin(target, overwrite) -> staging: rank 0, once per save, before any write. Fails
+  (CheckpointExistsError) if `target` is committed and not `overwrite`.
+- write_files(paths, values, opts, mode) -> chunk records: every rank, at the same time,
+  each to its own file names inside the staging location; a call may write its files in
+  parallel. `values` are contiguous CPU tensors/arrays read in place (no copy) until the
+  call returns; with opts.fsync the bytes are durable when it returns. `mode` (Background)
+  says how a save beside training writes: direct (bypass caches) and a duty cycle.
+- write_file(path, values, opts, mode, file_index, prev_hashes): one file, for the
+  incremental writer, which links unchanged chunks of a base (a local-backend feature).
+- finish(staging, target, manifest, fsync): rank 0, after every rank's write returned. The
+  commit point: afterwards a reader finds the whole checkpoint, before it none. Locally the
+  manifest is written last into the staging directory, then the directory is renamed onto
+  `target` (an exchange when overwriting). Where there is no rename (an object store),
+  the manifest object is written last and *is* the commit: data objects live under a
+  prefix only that manifest names, readers look for the manifest only, and an overwrite
+  is a new manifest whose old data is removed after.
+- abort(staging): any time after begin, idempotent; removes what the save wrote.
+- read_into(paths, dests, elem_sizes, chunks, names, verify, threads) and
+  verify_chunks(paths, chunks, elem_sizes, deep, threads): any number at once, from any
+  rank; committed files never change. Reads land straight in destination memory; each
+  chunk is checked against its hash as it arrives. Errors are typed (CorruptCheckpointError,
+  IncompleteCheckpointError, StorageError) and name the file, tensor and chunk.
+
+The local backend releases the GIL for all byte work (pwrite/pread straight from tensor
+memory on the core's thread pool). `records` (the manifest reader with the native record
+check) imports no torch, so this package's __init__ imports nothing heavy either.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..format.manifest import Chunk, Manifest
+    from .local import Background, WriteOptions
+
+
+class Storage(Protocol):
+    """The calls every backend provides (see the module docstring for the contract)."""
+
+    def begin(self, target: Path, overwrite: bool = False) -> Path: ...
+    def write_files(self, paths: list[str], values: list, opts: WriteOptions,
+                    mode: Background = ...) -> list[list[Chunk]]: ...
+    def write_file(self, path: str, values: list, opts: WriteOptions, mode: Background = ...,
+                   file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]: ...
+    def finish(self, tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> None: ...
+    def abort(self, tmp: Path) -> None: ...
+    def read_into(self, paths: list[str], dests: list, elem_sizes: list[int],
+                  chunks: list[list[Chunk]], names: list[str], verify: bool = True,
+                  threads: int = 0) -> None: ...
+    def verify_chunks(self, paths: list[str], chunks: list[Chunk], elem_sizes: list[int],
+                      deep: bool = False, threads: int = 0) -> list[tuple]: ...
+
+
+def for_path(path) -> Storage:
+    """The backend that holds `path`: the local file system (the only one so far)."""
+    from .local import LOCAL
+    return LOCAL

@@ -1,0 +1,27 @@
+"""The manifest reader with the native record check: what every reader above format uses.
+
+format.manifest validates manifests in pure Python; the native core checks the common case
+(whole tensors, thousands per manifest) in one pass. This module hands that check to
+format, so that format never imports the core. It imports no torch, so `dckpt inspect`
+and `dckpt ls` use it too; without a built core it reads with the Python checks.
+"""
+from __future__ import annotations
+
+import os
+
+from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manifest as _read
+
+try:
+    from .._native import whole_tensors as check
+except ImportError:  # format without the built core: the same rules, checked in Python
+    check: RecordCheck | None = None
+
+
+def read_manifest(ckpt: str | os.PathLike) -> Manifest:
+    """format.manifest.read_manifest with the native record check (same errors)."""
+    return _read(ckpt, check)
+
+
+def parse(data: bytes, path: str | None = None) -> Manifest:
+    """format.manifest.parse with the native record check (same errors)."""
+    return _parse(data, path, check)
