@@ -44,6 +44,7 @@ import dckpt  # noqa: E402
 from dckpt.manager.async_save import AsyncOptions  # noqa: E402
 from dckpt.bench.order import balanced  # noqa: E402
 from dckpt.bench.record import recording  # noqa: E402
+from dckpt.storage.commit import fsync_dir  # noqa: E402
 
 WIDTH = 4096
 
@@ -167,14 +168,6 @@ def dcp_async_under_training(dcp_async: DcpAsync, path: Path, state, x,
     fsync_dir(path.parent)
     return {"blocked": blocked, "inside": inside, "steps": steps,
             "total": time.perf_counter() - t0, "staging": 0}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def init_one_rank_group() -> None:
