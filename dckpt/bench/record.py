@@ -47,6 +47,14 @@ def commit() -> str:
     return (head or "unknown") + ("+changes" if dirty else "")
 
 
+def _recipe(args: list[str]) -> list[str]:
+    """`dckpt bench` arguments without where its outputs go (--out)."""
+    if "--out" in args[:-1]:
+        i = args.index("--out")
+        args = args[:i] + args[i + 2:]
+    return args
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command as a reader would retype it from the repository root."""
     argv = list(sys.argv if argv is None else argv)
@@ -54,6 +62,8 @@ def command_line(argv: list[str] | None = None) -> str:
         i = argv.index("--record")
         argv = argv[:i] + argv[i + 2:]
     script = Path(argv[0])
+    if script.name == "__main__.py" and script.parent.name == "dckpt":
+        return "python -m dckpt " + " ".join(shlex.quote(a) for a in _recipe(argv[1:]))
     if script.is_file():
         try:
             argv[0] = str(script.resolve().relative_to(REPO))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,11 @@ def train_step(w: Workload, tokens: int = 64) -> None:
     w.optimizer.zero_grad(set_to_none=True)
 
 
-def run(opts: Options, log=print) -> dict:
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # stdout is the section's text
+
+
+def run(opts: Options, log=_progress) -> dict:
     w = opts.spec.build()
     systems = _systems(w)
     out = {"workload": opts.spec.name, "bytes": w.nbytes, "tensors": w.count,
@@ -210,18 +215,19 @@ def goals(result: dict) -> list[dict]:
     return out
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, standalone: bool = True) -> str:
     """The '## Save and load spread' section: per regime and situation a table of every
-    system, then the goals as ratios. Starts with its heading, ends with a newline."""
+    system, then the goals as ratios; ends with a newline. standalone: with its heading and
+    the command and load line (the docs generator writes those from its record)."""
     n = result["bytes"]
-    lines = ["## Save and load spread", "",
+    lines = (["## Save and load spread", ""] if standalone else []) + [
              f"{result['workload']} ({n / 1e9:.2f} GB, {result['tensors']} tensors), "
              f"{result['repeats']} saves per system and situation; wall seconds p10/p50/p90, "
              "CPU seconds per GB (median; user and kernel, all threads). Situations: back to "
              "back (each system's saves in a row), interleaved (balanced order, each save "
              "followed by its load, proven bit-exact), after training (one training step "
              "before each save). Disk saves are fsync'd.", ""]
-    if result.get("command"):
+    if standalone and result.get("command"):
         lines += [f"Produced by `{result['command']}`; load average before/after: "
                   f"{result['load_average']['before']} / {result['load_average']['after']}.",
                   ""]
@@ -274,8 +280,10 @@ def main(dirs: dict[str, Path], out: Path, *, quick: bool = False, repeats: int 
     result = run(opts)
     result["command"] = command
     paths = write_outputs(result, out)
-    print(markdown(result))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    # stdout is the body of the docs section (dckpt/bench/docs.py gives it its heading and
+    # the record's command, machine and load line); the file keeps both.
+    print(markdown(result, standalone=False))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return result
 
 
