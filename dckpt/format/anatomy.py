@@ -50,6 +50,20 @@ class RankView:
     def of_kind(self, kind: str) -> list[Component]:
         return [c for c in self.components if c.kind == kind]
 
+    def model_key(self, component: str | None) -> str:
+        """`component`, checked to be here, or the first model's key; ValueError saying
+        which components there are (callers raise their own error type with it)."""
+        keys = [c.key for c in self.components]
+        if component is None:
+            models = self.of_kind("model")
+            if not models:
+                raise ValueError(f"holds no model component (components: {', '.join(keys)}): "
+                                 "name one")
+            return models[0].key
+        if component not in keys:
+            raise ValueError(f"has no component {component!r} (it has {', '.join(keys)})")
+        return component
+
     def missing(self) -> list[str]:
         have = {c.kind for c in self.components}
         if self.rng_streams:

@@ -148,17 +148,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, format: str = "hf
         raise CheckpointExistsError(f"{out} exists: pass overwrite=True (--overwrite) to "
                                     "replace it, or export to a new folder")
     m = checkpoint.read_manifest(ckpt)
-    view = rank_view(m, 0)
-    keys = [c.key for c in view.components]
-    if component is None:
-        models = view.of_kind("model")
-        if not models:
-            raise InvalidArgumentError(f"{ckpt} holds no model component (components: "
-                                       f"{', '.join(keys)}): name one with component=")
-        component = models[0].key
-    elif component not in keys:
-        raise InvalidArgumentError(f"{ckpt} has no component {component!r} (it has "
-                                   f"{', '.join(keys)})")
+    try:
+        component = rank_view(m, 0).model_key(component)
+    except ValueError as e:
+        raise InvalidArgumentError(f"{ckpt} {e} (component=, --component)") from None
     tree = decode(m.ranks[0]["tree"])
     refs = _weights(tree[component] if isinstance(tree, dict) and component in tree else tree)
     if not refs:

@@ -184,15 +184,10 @@ def _export(ckpt, dst, component: str | None, overwrite: bool, torch_file: bool)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} exists; pass overwrite to replace it", str(dst))
     m = checkpoint.read_manifest(ckpt)
-    view = anatomy.rank_view(m, 0)
-    if component is None:
-        models = view.of_kind("model")
-        if not models:
-            raise ConvertError(f"{ckpt} holds no model component (components: "
-                               f"{', '.join(c.key for c in view.components)}); name one")
-        component = models[0].key
-    elif component not in {c.key for c in view.components}:
-        raise ConvertError(f"{ckpt} has no component {component!r}")
+    try:
+        component = anatomy.rank_view(m, 0).model_key(component)
+    except ValueError as e:
+        raise ConvertError(f"{ckpt} {e}") from None
     loaded = checkpoint.load(ckpt, keys=[component])[component]
     tensors, skipped = {}, []
     _collect(loaded, "", tensors, skipped)
