@@ -195,8 +195,15 @@ class ObjectStore:
         self.fs = fs
         self.protocol = proto
         self._options = dict(options or {})
-        self.tries = max(1, int(_env_number("DCKPT_REMOTE_RETRIES", 5)))
-        self.backoff = _env_number("DCKPT_REMOTE_BACKOFF", 0.2)
+
+    @property
+    def tries(self) -> int:
+        """Tries per request in all (read at each request: a job may change it)."""
+        return max(1, int(_env_number("DCKPT_REMOTE_RETRIES", 5)))
+
+    @property
+    def backoff(self) -> float:
+        return max(0.0, _env_number("DCKPT_REMOTE_BACKOFF", 0.2))
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -216,8 +223,8 @@ class ObjectStore:
     def _call(self, op: str, url: str, fn, *args, **kwargs):
         """fn(*args, **kwargs), retried with backoff while its errors are worth retrying.
         FileNotFoundError passes through untouched (callers decide what absent means)."""
-        delay = self.backoff
-        for attempt in range(1, self.tries + 1):
+        delay, tries = self.backoff, self.tries
+        for attempt in range(1, tries + 1):
             try:
                 return fn(*args, **kwargs)
             except FileNotFoundError:
@@ -225,11 +232,11 @@ class ObjectStore:
             except IncompleteCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified just below
-                if attempt == self.tries or not retryable(e):
+                if attempt == tries or not retryable(e):
                     raise self._error(op, url, e, attempt) from None
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", op, redact(url),
                             redact(f"{type(e).__name__}: {e}", self._options)[:300],
-                            attempt, self.tries - 1, delay)
+                            attempt, tries - 1, delay)
                 self._forget(url)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
