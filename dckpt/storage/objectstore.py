@@ -17,7 +17,7 @@ API (stable; later work extends it, never renames):
     connect(url, storage_options=None) -> ObjectStore   (cached per protocol + options)
 
     ObjectStore (URLs are full "scheme://bucket/key" strings; keys never end in "/"):
-      put_file(local_path, url, part_size=..., concurrency=..., check=True) -> ObjectInfo
+      put_file(local_path, url, part_size=0, concurrency=0, check=True) -> ObjectInfo
           multipart, streamed from the file (at most concurrency x part_size in memory),
           then checked: size always, ETag against the local MD5 when check and the server
           gives an MD5-shaped one; a mismatch removes the object and raises.
@@ -32,6 +32,7 @@ API (stable; later work extends it, never renames):
       delete(urls) -> None                   absent objects are not an error
       copy(src_url, dst_url) -> None         server-side copy (same store)
 
+Parts are DCKPT_REMOTE_PART_BYTES (default 16 MiB, at least 5 MiB) when part_size is 0.
 Retries: DCKPT_REMOTE_RETRIES tries in all (default 5), the wait doubling from
 DCKPT_REMOTE_BACKOFF seconds (default 0.2, at most 10 s between tries). Only errors that
 may pass are retried; a missing object, a refused permission or a bad request fail at once.
@@ -323,9 +324,10 @@ class ObjectStore:
                              check)
         return info
 
-    def put_file(self, local: str | os.PathLike, url: str, part_size: int = PART_SIZE,
+    def put_file(self, local: str | os.PathLike, url: str, part_size: int = 0,
                  concurrency: int = 0, check: bool = True) -> ObjectInfo:
         size = os.path.getsize(local)
+        part_size = part_size or default_part_size()
         concurrency = concurrency or max(1, UPLOAD_MEMORY // part_size)
         kwargs = {}
         if self.protocol in ("s3", "s3a") and _is_s3fs(self.fs):
@@ -375,6 +377,14 @@ class ObjectStore:
         self._forget(dst)
 
 
+def default_part_size() -> int:
+    """DCKPT_REMOTE_PART_BYTES (at least S3's 5 MiB), else PART_SIZE."""
+    try:
+        return max(5 << 20, int(os.environ.get("DCKPT_REMOTE_PART_BYTES", "") or PART_SIZE))
+    except ValueError:
+        return PART_SIZE
+
+
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}(-[0-9]+)?")
 
 
@@ -401,7 +411,7 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
     part = -(-size // parts)
     # Any part size giving N parts is the same cut only for the smallest one that does;
     # clients use a round size: try the common ones first.
-    for p in (PART_SIZE, 5 << 20, 8 << 20, 10 << 20, 50 << 20, part):
+    for p in (default_part_size(), PART_SIZE, 5 << 20, 8 << 20, 10 << 20, 50 << 20, part):
         if -(-size // p) == parts:
             part = p
             break
@@ -452,4 +462,4 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
 
 
 __all__ = ["ObjectStore", "ObjectInfo", "connect", "is_url", "local_path", "join", "split",
-           "protocol", "redact", "retryable", "PART_SIZE", "UPLOAD_MEMORY"]
+           "protocol", "redact", "retryable", "PART_SIZE", "UPLOAD_MEMORY", "default_part_size"]
