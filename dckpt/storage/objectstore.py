@@ -31,6 +31,7 @@ API (stable; later work extends it, never renames):
       list(prefix_url) -> list[ObjectInfo]   every object under prefix/ (recursive), sorted
       delete(urls) -> None                   absent objects are not an error
       copy(src_url, dst_url) -> None         server-side copy (same store)
+    configure(storage_options)            defaults for connect() calls given none (CLI)
 
 Parts are DCKPT_REMOTE_PART_BYTES (default 16 MiB, at least 5 MiB) when part_size is 0.
 Retries: DCKPT_REMOTE_RETRIES tries in all (default 5), the wait doubling from
@@ -100,6 +101,19 @@ class ObjectInfo:
     url: str
     size: int
     etag: str | None = None
+    modified: float | None = None  # seconds since the epoch, where the server says
+
+
+def _modified(d: dict) -> float | None:
+    v = d.get("LastModified") or d.get("last_modified") or d.get("mtime")
+    if v is None:
+        return None
+    if hasattr(v, "timestamp"):
+        return float(v.timestamp())
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 # -- credentials never leave this module in text ------------------------------------------
@@ -259,7 +273,8 @@ class ObjectStore:
         if d.get("type") == "directory":
             return None
         etag = d.get("ETag") or d.get("e_tag") or d.get("etag")
-        return ObjectInfo(url, int(d.get("size") or 0), etag.strip('"') if etag else None)
+        return ObjectInfo(url, int(d.get("size") or 0), etag.strip('"') if etag else None,
+                          _modified(d))
 
     def exists(self, url: str) -> bool:
         return self.info(url) is not None
@@ -313,7 +328,7 @@ class ObjectStore:
                 continue
             etag = d.get("ETag") or d.get("e_tag")
             out.append(ObjectInfo(self._url(name), int(d.get("size") or 0),
-                                  etag.strip('"') if etag else None))
+                                  etag.strip('"') if etag else None, _modified(d)))
         return sorted(out, key=lambda o: o.url)
 
     # -- writes --------------------------------------------------------------------------
@@ -426,6 +441,13 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
 
 _STORES: dict = {}
 _STORES_LOCK = threading.Lock()
+_DEFAULT_OPTIONS: dict = {}
+
+
+def configure(storage_options: dict | None) -> None:
+    """Options every connect() without its own uses (the command line's --storage-option)."""
+    _DEFAULT_OPTIONS.clear()
+    _DEFAULT_OPTIONS.update(storage_options or {})
 
 
 def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
@@ -434,7 +456,7 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
     client_kwargs, ...); credentials and endpoint otherwise come from the standard chain
     (AWS_* variables, config files). fsspec is imported here, on first use."""
     proto = protocol(url)
-    options = dict(storage_options or {})
+    options = dict(storage_options if storage_options is not None else _DEFAULT_OPTIONS)
     cache_key = (proto, repr(sorted(options.items(), key=lambda kv: kv[0])), os.getpid())
     with _STORES_LOCK:
         store = _STORES.get(cache_key)
@@ -462,4 +484,4 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
 
 
 __all__ = ["ObjectStore", "ObjectInfo", "connect", "is_url", "local_path", "join", "split",
-           "protocol", "redact", "retryable", "PART_SIZE", "UPLOAD_MEMORY", "default_part_size"]
+           "protocol", "redact", "retryable", "configure", "PART_SIZE", "UPLOAD_MEMORY", "default_part_size"]
