@@ -55,7 +55,7 @@ from ..errors import IncompleteCheckpointError, RemoteStorageError
 log = logging.getLogger("dckpt.storage")
 
 PART_SIZE = 16 << 20  # multipart part size: S3 needs >= 5 MiB; 16 MiB keeps memory small
-UPLOAD_MEMORY = 128 << 20  # parts in flight at once, over all uploads of one call
+UPLOAD_MEMORY = 64 << 20  # parts in flight at once, over all uploads of one call
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
