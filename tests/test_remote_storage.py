@@ -287,3 +287,38 @@ def test_hostile_manifest_objects_are_refused_before_allocating(s3_endpoint, s3_
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 16 << 20
+
+
+def test_upload_checkpoint_commits_a_local_one_manifest_last(s3_bucket, tmp_path):
+    """A committed local checkpoint copied by the save's protocol: loads bitwise, the
+    manifest bytes are the local ones; a local one with a missing file is refused before
+    the manifest goes up, and what was uploaded is removed."""
+    st = state(4)
+    dckpt.save(st, tmp_path / "ck", chunk_size=64 << 10)
+    (tmp_path / "ck" / "records-r0.json").write_text("{}")  # any other file travels too
+    backend = remote.for_url(f"s3://{s3_bucket}")
+    url = f"s3://{s3_bucket}/up/ck"
+    names = backend.upload_checkpoint(tmp_path / "ck", url)
+    assert names == ["rank-00000.dckpt", "records-r0.json"]
+    assert_bitwise(dckpt.load(url), st)
+    assert backend.store.get_bytes(f"{url}/manifest.json", 1 << 20) == \
+        (tmp_path / "ck" / "manifest.json").read_bytes()
+    with pytest.raises(CheckpointExistsError):
+        backend.upload_checkpoint(tmp_path / "ck", url)
+    (tmp_path / "ck" / "rank-00000.dckpt").unlink()
+    with pytest.raises(IncompleteCheckpointError):
+        backend.upload_checkpoint(tmp_path / "ck", f"s3://{s3_bucket}/up/broken")
+    assert backend.store.list(f"s3://{s3_bucket}/up/broken") == []
+
+
+def test_local_use_imports_no_object_store_client(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys, torch, dckpt; dckpt.save({'a': torch.zeros(3)}, sys.argv[1]); "
+            "dckpt.load(sys.argv[1]); dckpt.read_manifest('file://' + sys.argv[1]); "
+            "print(sorted(m for m in ('fsspec', 's3fs', 'obstore', 'botocore') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "[]"

@@ -21,6 +21,8 @@ Commit without rename (docs/STORAGE.md). A checkpoint is the prefix `target/`; t
    listed and their sizes compared, then the manifest is PUT (one request: whole or
    absent) and checked.
 4. abort: every object under the prefix is deleted.
+upload_checkpoint(local_dir, url) copies a committed local checkpoint by the same steps
+(its manifest's exact bytes last), for a tier that drains a local root to a bucket.
 Readers (load, read_manifest, ls, latest) look for the manifest only: a prefix without one
 is absent, whatever else it holds. Two saves to one prefix at once are not supported (as
 two processes renaming onto one local directory are not).
@@ -83,6 +85,11 @@ class RemoteStorage:
         self.store.delete([o.url for o in self.store.list(prefix)])
 
     def finish(self, tmp: str, target: str, manifest: Manifest, fsync: bool = True) -> None:
+        self._check_files(target, manifest)
+        self.store.put_bytes(objectstore.join(target, MANIFEST_NAME), manifest.to_bytes())
+
+    def _check_files(self, target: str, manifest: Manifest) -> None:
+        """Every file the manifest names is there with its recorded size (one listing)."""
         present = {o.url: o.size for o in self.store.list(target)}
         for f in manifest.files:
             url = self.file_url(target, f)
@@ -95,13 +102,43 @@ class RemoteStorage:
                 raise IncompleteCheckpointError(
                     f"commit of {redact(target)} refused: {redact(url)} {what}, the manifest "
                     f"records {f.size}", redact(url))
-        self.store.put_bytes(objectstore.join(target, MANIFEST_NAME), manifest.to_bytes())
 
     def abort(self, tmp: str) -> None:
         try:
             self._clear(tmp)
         except DckptError:
             pass  # abort runs on a failure already being raised; the prefix stays absent
+
+    def upload_checkpoint(self, local_dir, target: str, overwrite: bool = False,
+                          threads: int = 4) -> list[str]:
+        """Copy a committed local checkpoint directory to `target` by the same protocol as a
+        save: begin (overwrite rules), every file but the manifest uploaded and checked (in
+        parallel, `threads` at once), the manifest's files compared, then the manifest's
+        exact bytes PUT last: the commit. Any failure removes what was uploaded. Returns the
+        names uploaded. A checkpoint whose manifest names files in sibling directories
+        (FileEntry.dir) cannot be copied alone: StorageError before anything is written."""
+        from . import records
+        src = os.fspath(local_dir)
+        m = records.read_manifest(src)  # validated, so its bytes are a committed manifest
+        if any(f.dir for f in m.files):
+            raise StorageError(f"{src} names data files in other checkpoint directories; "
+                               "upload those first or consolidate it", src)
+        data = open(os.path.join(src, MANIFEST_NAME), "rb").read()
+        names = sorted(e.name for e in os.scandir(src)
+                       if e.is_file(follow_symlinks=False) and e.name != MANIFEST_NAME
+                       and not e.name.endswith(".tmp"))
+        self.begin(target, overwrite)
+        try:
+            _run_all(lambda n: self.store.put_file(
+                os.path.join(src, n), objectstore.join(target, n),
+                concurrency=max(1, objectstore.UPLOAD_MEMORY // objectstore.default_part_size()
+                                // max(1, threads))), names, threads)
+            self._check_files(target, m)
+            self.store.put_bytes(objectstore.join(target, MANIFEST_NAME), data)  # the commit
+        except BaseException:
+            self.abort(target)
+            raise
+        return names
 
     @staticmethod
     def file_url(ckpt: str, f) -> str:
