@@ -19,7 +19,7 @@ import attacks
 import s3server
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError,
                           CorruptCheckpointError, IncompleteCheckpointError, ManifestError,
-                          RemoteStorageError)
+                          RemoteStorageError, StorageError)
 from dckpt.storage import objectstore, remote
 
 # No retries inside the client: dckpt's own retry loop is what these tests watch.
@@ -322,3 +322,15 @@ def test_local_use_imports_no_object_store_client(tmp_path):
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
     assert out.strip() == "[]"
+
+
+def test_a_save_never_deletes_what_is_not_a_checkpoint(s3_bucket):
+    """A save onto a prefix holding deeper objects (a root of steps) or onto a bucket is
+    refused, with or without overwrite, and deletes nothing."""
+    dckpt.save(state(1), f"s3://{s3_bucket}/root/step-000000001")
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointExistsError, match="other objects"):
+            dckpt.save(state(2), f"s3://{s3_bucket}/root", overwrite=overwrite)
+    with pytest.raises(StorageError, match="bucket"):
+        dckpt.save(state(2), f"s3://{s3_bucket}/", overwrite=True)
+    assert_bitwise(dckpt.load(f"s3://{s3_bucket}/root/step-000000001"), state(1))

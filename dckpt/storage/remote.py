@@ -72,17 +72,31 @@ class RemoteStorage:
     # -- commit --------------------------------------------------------------------------
 
     def begin(self, target: str, overwrite: bool = False) -> str:
+        bucket_path = target.split("://", 1)[1].strip("/")
+        if "/" not in bucket_path:
+            raise StorageError(f"{redact(target)} is a bucket, not a checkpoint prefix: save "
+                               "to s3://bucket/some/name", redact(target))
+        objects = self.store.list(target)
+        nested = [o.url for o in objects if "/" in o.url[len(target) + 1:]]
+        if nested:
+            # A checkpoint is flat: objects further down are something else (a manager
+            # root's steps, another run), which a save must never delete.
+            raise CheckpointExistsError(
+                f"{redact(target)} holds other objects below it ({redact(nested[0])}, ...): "
+                "not a checkpoint prefix (a manager root?); save to a new prefix")
         manifest = objectstore.join(target, MANIFEST_NAME)
-        if self.store.exists(manifest):
+        if any(o.url == manifest for o in objects):
             if not overwrite:
                 raise CheckpointExistsError(f"{redact(target)} already exists; pass "
                                             "overwrite=True to replace it")
             self.store.delete([manifest])  # the old checkpoint is absent from here on
-        self._clear(target)
+        self.store.delete([o.url for o in objects if o.url != manifest])
         return target
 
     def _clear(self, prefix: str) -> None:
-        self.store.delete([o.url for o in self.store.list(prefix)])
+        """Delete the objects directly under `prefix` (a checkpoint is flat)."""
+        self.store.delete([o.url for o in self.store.list(prefix)
+                           if "/" not in o.url[len(prefix) + 1:]])
 
     def finish(self, tmp: str, target: str, manifest: Manifest, fsync: bool = True) -> None:
         self._check_files(target, manifest)
