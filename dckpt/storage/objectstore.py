@@ -525,4 +525,5 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
 
 
 __all__ = ["ObjectStore", "ObjectInfo", "connect", "is_url", "local_path", "join", "split",
-           "protocol", "redact", "retryable", "configure", "PART_SIZE", "UPLOAD_MEMORY", "default_part_size"]
+           "protocol", "redact", "retryable", "configure", "PART_SIZE", "UPLOAD_MEMORY",
+           "default_part_size", "DEFAULT_CLIENT"]
