@@ -411,7 +411,7 @@ def _is_s3fs(fs) -> bool:
 
 def _md5_etag_of_bytes(data: bytes, parts: int) -> str | None:
     if parts == 0:
-        return hashlib.md5(data).hexdigest()
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
     return None  # put_bytes never uploads in parts
 
 
@@ -420,7 +420,7 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
     MD5 of the parts' MD5s then "-N". Part boundaries are the client's: only equal parts
     (what s3fs and most clients send) can be rebuilt, so None where N does not fit."""
     if parts == 0:
-        h = hashlib.md5()
+        h = hashlib.md5(usedforsecurity=False)
         with open(path, "rb") as f:
             while block := f.read(8 << 20):
                 h.update(block)
@@ -437,8 +437,8 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
     digests = b""
     with open(path, "rb") as f:
         while block := f.read(part):
-            digests += hashlib.md5(block).digest()
-    return f"{hashlib.md5(digests).hexdigest()}-{parts}"
+            digests += hashlib.md5(block, usedforsecurity=False).digest()
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{parts}"
 
 
 # Which client serves s3:// (docs/STORAGE.md has the measurement behind the choice):
