@@ -143,6 +143,12 @@ def test_connection_refused_is_retried_then_typed(monkeypatch):
     with pytest.raises(RemoteStorageError, match="after 2 tries") as e:
         st.put_bytes("s3://nobucket/x/m", b"{}")
     assert e.value.path == "s3://nobucket/x/m"
+    # Through dckpt.save and dckpt.load: the same typed error, nothing left behind.
+    opts = {**QUICK, "key": "k1", "secret": "s1"}
+    with pytest.raises(RemoteStorageError, match="s3://nobucket/ck"):
+        dckpt.save(state(), "s3://nobucket/ck", storage_options=opts)
+    with pytest.raises(RemoteStorageError):
+        dckpt.load("s3://nobucket/ck", storage_options=opts)
 
 
 def test_a_missing_bucket_is_not_retried(s3_endpoint, monkeypatch):
