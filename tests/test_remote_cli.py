@@ -63,6 +63,9 @@ def test_ls_inspect_verify_diff(root, capsys, s3_endpoint):
     bad = [c for ck in doc["checkpoints"] for c in ck["checks"] if c["level"] == "error"]
     assert len(bad) == 1 and bad[0]["location"]["tensor"] == "model/w"
     assert bad[0]["location"]["chunk"] == 1
+    code, doc = _json(capsys, "ls", root, "--verify")
+    assert code == 1
+    assert [e["status"] for e in doc["checkpoints"]] == ["verified", "corrupt", "incomplete"]
 
 
 def test_gc_applies_retention_and_removes_old_debris(root, capsys):
