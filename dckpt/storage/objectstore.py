@@ -508,6 +508,10 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
             try:
                 if client == "obstore" and proto in ("s3", "s3a"):
                     fs = _obstore_fs(proto, options)
+                elif proto in ("s3", "s3a"):
+                    # Other processes (ranks, a manager's uploader, gc) change the prefixes
+                    # this one reads: s3fs's cache of listings would show them stale.
+                    fs, _ = url_to_fs(url, **{"use_listings_cache": False, **options})
                 else:
                     fs, _ = url_to_fs(url, **options)
             except ImportError as e:
