@@ -11,7 +11,9 @@ objectstore.UPLOAD_MEMORY, whatever the state size.
 
 Commit without rename (docs/STORAGE.md). A checkpoint is the prefix `target/`; the object
 `target/manifest.json` *is* the commit:
-1. begin: if a manifest is there and overwrite is not asked, CheckpointExistsError. Else
+1. begin: a prefix with objects further down (a manager root, another run) or a bucket
+   root is refused, overwrite or not: a checkpoint is flat and a save deletes nothing
+   else. If a manifest is there and overwrite is not asked, CheckpointExistsError. Else
    the old manifest is deleted first (from that instant the old checkpoint is absent,
    never half-replaced), then every other object under the prefix (an old checkpoint's
    data, debris of an interrupted save). The staging location is the target itself.
@@ -20,9 +22,11 @@ Commit without rename (docs/STORAGE.md). A checkpoint is the prefix `target/`; t
 3. finish (rank 0, after every rank reported success): the files the manifest names are
    listed and their sizes compared, then the manifest is PUT (one request: whole or
    absent) and checked.
-4. abort: every object under the prefix is deleted.
+4. abort: every object directly under the prefix is deleted.
+
 upload_checkpoint(local_dir, url) copies a committed local checkpoint by the same steps
 (its manifest's exact bytes last), for a tier that drains a local root to a bucket.
+
 Readers (load, read_manifest, ls, latest) look for the manifest only: a prefix without one
 is absent, whatever else it holds. Two saves to one prefix at once are not supported (as
 two processes renaming onto one local directory are not).
