@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from .preemption import Preemption
+from .remote_tier import LOCAL, REMOTE, RemoteTier
 from ..state.restore import partly_overwritten
 from .retention import Retention
 
@@ -174,7 +175,9 @@ class CheckpointManager:
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
-                 async_save: bool | AsyncOptions = False, save_on=None):
+                 async_save: bool | AsyncOptions = False, save_on=None,
+                 remote: str | None = None, storage_options: dict | None = None,
+                 keep_last_remote: int | None = None):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -185,7 +188,10 @@ class CheckpointManager:
         SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
         save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
         each step boundary then saves at a step all ranks agree on and exits
-        (dckpt/manager/preemption.py, docs/preemption.md)."""
+        (dckpt/manager/preemption.py, docs/preemption.md);
+        remote: a URL ("s3://bucket/exp1") each committed step is uploaded to in the
+        background (dckpt/manager/remote_tier.py, docs/STORAGE.md), with storage_options for
+        its file system and keep_last_remote (default: keep_last) for its retention."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -206,6 +212,12 @@ class CheckpointManager:
             except Exception as e:
                 failure = e
         dist.raise_if_any_failed(failure, group, f"opening {self.root}")
+        self._remote = None
+        if remote is not None:
+            kept = (self.retention if keep_last_remote is None
+                    else replace(self.retention, keep_last=keep_last_remote))
+            self._remote = RemoteTier(self.root, str(remote), storage_options=storage_options,
+                                      retention=kept, group=group)
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -354,6 +366,8 @@ class CheckpointManager:
                 except Exception as e:
                     failure = e
             dist.raise_if_any_failed(failure, group, f"save of step {step}: retention")
+            if self._remote is not None:
+                self._remote.submit(step)  # in the background: training does not wait
         finally:
             if lock:
                 lock.release()
@@ -383,7 +397,7 @@ class CheckpointManager:
         if not self.should_save(step):
             return False
         self.save(step, state, **save_kwargs)
-        self.wait()
+        self._wait_saves()
         log.warning("dckpt: preemption checkpoint of step %d committed under %s", step,
                     self.root)
         if exit:
@@ -400,14 +414,43 @@ class CheckpointManager:
 
     # ---- async service -------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for pending async saves (True when none is left); raises their failures."""
-        return self._saver.wait(timeout) if self._saver is not None else True
+        """Wait for pending async saves, then for uploads to the remote tier (True when
+        none is left); raises their failures (AsyncSaveError, UploadError)."""
+        start = time.monotonic()
+        done = self._saver.wait(timeout) if self._saver is not None else True
+        if self._remote is not None:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            done = self._remote.wait(left) and done
+        return done
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish pending async saves and stop the worker; raises failures and, after
-        `timeout`, unfinished saves (AsyncSaveError)."""
+        """Finish pending async saves and uploads and stop the workers; raises failures
+        and, after `timeout`, unfinished saves (AsyncSaveError) or uploads (UploadError)."""
+        try:
+            if self._saver is not None:
+                self._saver.close(timeout)
+        finally:
+            if self._remote is not None:
+                self._remote.close(timeout)
+
+    def _wait_saves(self) -> None:
+        """Wait for the async saves only (their commits hold the root lock); uploads go on
+        (a preemption's grace period is for the local commit)."""
         if self._saver is not None:
-            self._saver.close(timeout)
+            self._saver.wait()
+
+    def tiers(self) -> dict[int, set[str]]:
+        """Committed steps -> where they are: {"local"}, {"remote"} or both. Without
+        remote= every step is {"local"}."""
+        out = {s: {LOCAL} for s in self.steps()}
+        for s in self._remote.steps() if self._remote is not None else ():
+            out.setdefault(s, set()).add(REMOTE)
+        return dict(sorted(out.items()))
+
+    def upload_report(self, step: int):
+        """What the upload of `step` by this rank moved (remote_tier.UploadReport: bytes
+        sent, bytes copied server-side, objects), or None."""
+        return self._remote.reports.get(step) if self._remote is not None else None
 
     def prepare(self, state: Any) -> int:
         """Allocate the async staging buffers for `state` now; returns their bytes."""
@@ -494,7 +537,7 @@ class CheckpointManager:
         data lies outside the root, so neither it nor the link is touched). Never the step
         just saved nor the one `latest` names, whatever the policy says: a save must not
         report success for a checkpoint it then deletes, nor leave `latest` naming nothing."""
-        keep = {saved, self._read_latest()}
+        keep = {saved, self._read_latest(), *(self._remote.pending() if self._remote else ())}
         doomed = [s for s, why in self.retention_plan().items() if not why and s not in keep]
         links = [s for s in doomed if self.path(s).is_symlink()]
         for s in links:
@@ -543,7 +586,7 @@ class CheckpointManager:
     def gc(self, dry_run: bool = False) -> dict:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed.
         Collective: rank 0 does it, every rank gets its report or its error."""
-        self.wait()  # the async worker holds the root lock while it commits
+        self._wait_saves()  # the async worker holds the root lock while it commits
         report = failure = None
         if self.is_writer:
             try:
@@ -609,7 +652,7 @@ class CheckpointManager:
         report's notes say so: a failed read may have overwritten part of the live state
         already, and this puts all of it back from one checkpoint."""
         t0 = time.perf_counter()
-        self.wait()
+        self._wait_saves()
         candidates = self._candidates(step)
         r = dist.rank(self.group)
         skipped, changed = [], False
