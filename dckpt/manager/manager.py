@@ -18,6 +18,7 @@ from ..engine import checkpoint
 from ..storage import commit
 from ..distributed import collective as dist
 from ..storage import local as io
+from ..storage import objectstore
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                       DistributedError, FormatVersionError, IncompleteCheckpointError,
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
@@ -48,7 +49,7 @@ class ResumeReport:
     loss_history and your own), `metrics`, the restored components and RNG streams, and
     `notes` (world-size change, components left out, RNG not restored)."""
     step: int
-    path: Path
+    path: Path | str  # a URL for the remote tier
     epoch: int | None
     step_in_epoch: int | None
     metrics: dict
@@ -80,7 +81,7 @@ class ResumeReport:
 @dataclass
 class Attempt:
     """One try at restoring a checkpoint on this rank: what it got, and what it raised."""
-    path: Path
+    path: Path | str  # a URL for the remote tier
     manifest: Any = None  # the Manifest, read once
     rank_entry: dict | None = None  # this rank's entry (None: a rank the save did not have)
     rng_setters: list = field(default_factory=list)  # (stream, set it) once all went well
@@ -99,7 +100,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
     before any tensor is read (a malformed one leaves the state untouched) but set only by
     resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
     the caller to share with the other ranks (fall back, or raise)."""
-    a = Attempt(Path(path))
+    a = Attempt(path if objectstore.is_url(path) else Path(path))
     try:
         a.manifest = m = manifest or checkpoint.read_manifest(path)
         a.rank_entry = m.ranks[rank] if rank < m.world_size else None
@@ -612,17 +613,20 @@ class CheckpointManager:
                 "kept_links": links, "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
-    def _candidates(self, step: int | None) -> list[int]:
-        """The steps every rank tries, in order: the one asked for, or rank 0's committed
-        steps newest first (ranks that each listed the root could pick different steps while
-        a save commits, or where nodes see different roots). Ranks asking for different
-        steps are an error."""
+    def _candidates(self, step: int | None) -> list[list]:
+        """The [step, tier] every rank tries, in order: the step asked for, or rank 0's
+        committed steps newest first (ranks that each listed the root could pick different
+        steps while a save commits, or where nodes see different roots); of each, the local
+        copy first, then the remote one. Ranks asking for different steps are an error."""
         failure = listed = None
         try:
-            if step is None and self.is_writer:
-                listed = self.steps()[::-1]
-                if not listed:
-                    raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+            if self.is_writer and (step is None or self._remote is not None):
+                listed = [[s, t] for s, where in reversed(self._reachable().items())
+                          for t in (LOCAL, REMOTE) if t in where and step in (None, s)]
+                if not listed and step is None:
+                    raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}"
+                                                  + (f" nor under {self._remote.url}"
+                                                     if self._remote is not None else ""))
         except Exception as e:
             failure = e
         asked = dist.exchange([step, listed], failure, self.group,
@@ -632,7 +636,19 @@ class CheckpointManager:
         if differ:
             raise StateMismatchError([f"ranks asked to restore different steps of {self.root}: "
                                       f"rank 0 step {chosen}, others {differ}"])
-        return [chosen] if chosen is not None else listed
+        return listed or [[chosen, LOCAL]]
+
+    def _reachable(self) -> dict[int, set[str]]:
+        """tiers() for a restore: a remote that cannot be listed leaves the local steps."""
+        try:
+            return self.tiers()
+        except DckptError as e:
+            log.warning("dckpt: the remote tier %s cannot be listed (%s); restoring from the "
+                        "local steps only", self._remote.url, e)
+            return {s: {LOCAL} for s in self.steps()}
+
+    def _location(self, step: int, tier: str) -> Path | str:
+        return self.path(step) if tier == LOCAL else self._remote.step_url(step)
 
     @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
@@ -656,8 +672,8 @@ class CheckpointManager:
         candidates = self._candidates(step)
         r = dist.rank(self.group)
         skipped, changed = [], False
-        for i, step in enumerate(candidates):
-            path = self.path(step)
+        for i, (step, tier) in enumerate(candidates):
+            path = self._location(step, tier)
             attempt = load_step(state, path, rank=r, restore_rng=restore_rng,
                                 allow_missing=allow_missing, keys=keys, strict=strict,
                                 verify=self.verify, threads=self.threads, group=self.group)
@@ -673,10 +689,10 @@ class CheckpointManager:
                 break
             changed = changed or any(h[2] for _, h in bad)
             if i + 1 < len(candidates) and all(h[1] for _, h in bad):
-                skipped.append(f"step {step} could not be restored (rank {bad[0][0]}: "
-                               f"{bad[0][1][0].splitlines()[0]})")
-                log.warning("dckpt: %s; falling back to step %d", skipped[-1],
-                            candidates[i + 1])
+                skipped.append(f"step {step} ({tier}) could not be restored (rank "
+                               f"{bad[0][0]}: {bad[0][1][0].splitlines()[0]})")
+                log.warning("dckpt: %s; falling back to step %d (%s)", skipped[-1],
+                            *candidates[i + 1])
                 continue
             if failure is None:
                 failure = DistributedError(f"restore of {path}: rank {bad[0][0]} failed: "
@@ -686,7 +702,7 @@ class CheckpointManager:
             raise failure
         notes = []
         if skipped:
-            notes.append(f"fell back to step {step}, the newest intact checkpoint: "
+            notes.append(f"fell back to step {step} ({tier}), the newest intact checkpoint: "
                          + "; ".join(skipped) + f". Everything restored comes from step "
                          f"{step}, including what the failed attempt had overwritten")
         c = attempt.manifest.counters
