@@ -23,13 +23,14 @@ from dckpt import CheckpointManager
 from dckpt.errors import UploadError
 from dckpt.format.layout import step_dir
 
-BASE_NUMEL = 2 << 20  # 8 MiB of fp32: the frozen base
+BASE_NUMEL = 2 << 20  # 8 MiB of fp32: the frozen base, in two tensors
 LORA_NUMEL = 16 << 10  # 64 KiB: what training changes
 
 
 def lora_state(seed: int = 0, rank: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"model": {"base": torch.randn(BASE_NUMEL, generator=g),
+    return {"model": {"base.0": torch.randn(BASE_NUMEL // 2, generator=g),
+                      "base.1": torch.randn(BASE_NUMEL // 2, generator=g),
                       "lora": torch.randn(LORA_NUMEL, generator=g) + rank}}
 
 
@@ -299,8 +300,9 @@ def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_e
         assert sorted(names + [manifest]) == local
         assert keys(s3_endpoint, s3_bucket, f"two/{step_dir(step)}/") == \
             [f"two/{step_dir(step)}/{n}" for n in local]
-    # Both ranks wrote base bytes at step 1 and linked them at step 2: copied, not sent.
-    assert all(r["copied"][1] > 0 and r["sent"][1] * 5 < r["sent"][0] for r in res)
+    # Each rank wrote one base tensor at step 1 and linked it at step 2: copied, not sent.
+    assert all(r["copied"][1] >= BASE_NUMEL * 2 and r["sent"][1] * 5 < r["sent"][0]
+               for r in res), res
     assert res[0]["tiers"] == res[1]["tiers"] == {"1": ["local", "remote"],
                                                   "2": ["local", "remote"]}
 

@@ -93,7 +93,8 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
               allow_missing: bool | list[str] = False, keys: list[str] | None = None,
               strict: bool = True, verify: bool = True, threads: int = 0, group=None,
               manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
-                                              "without them") -> Attempt:
+                                              "without them",
+              storage_options: dict | None = None) -> Attempt:
     """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
     is read once (or `manifest` used): an overwrite in between must not pair one version's
     counters and RNG streams with another's tensors. This rank's RNG streams are checked
@@ -102,7 +103,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
     the caller to share with the other ranks (fall back, or raise)."""
     a = Attempt(path if objectstore.is_url(path) else Path(path))
     try:
-        a.manifest = m = manifest or checkpoint.read_manifest(path)
+        a.manifest = m = manifest or checkpoint.read_manifest(path, storage_options)
         a.rank_entry = m.ranks[rank] if rank < m.world_size else None
         rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
         wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
@@ -111,7 +112,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
         a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
         a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
                                    allow_missing=allow_missing, strict=strict, group=group,
-                                   manifest=m)
+                                   manifest=m, storage_options=storage_options)
     except Exception as e:
         a.failure = e
     return a
@@ -676,7 +677,9 @@ class CheckpointManager:
             path = self._location(step, tier)
             attempt = load_step(state, path, rank=r, restore_rng=restore_rng,
                                 allow_missing=allow_missing, keys=keys, strict=strict,
-                                verify=self.verify, threads=self.threads, group=self.group)
+                                verify=self.verify, threads=self.threads, group=self.group,
+                                storage_options=(self._remote.storage_options
+                                                 if tier == REMOTE else None))
             failure = attempt.failure
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).

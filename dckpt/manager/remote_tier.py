@@ -94,6 +94,7 @@ class RemoteTier:
                  retention: Retention, group=None):
         self.root = Path(root)
         self.url = url.rstrip("/")
+        self.storage_options = storage_options
         self.store = objectstore.connect(self.url, storage_options)
         self.retention = retention
         self.group = group
