@@ -10,6 +10,8 @@ and a bit flipped in a remote object (detected, fallback).
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +120,57 @@ def test_incremental_step_uploads_only_its_changed_bytes(tmp_path, s3_endpoint, 
     mgr.restore(fresh, step=3)
     assert same_bits(fresh, state)
     mgr.close()
+
+
+def test_async_saves_upload_after_their_commit_and_a_reopened_manager_shares(
+        tmp_path, s3_endpoint, s3_bucket):
+    root, url = tmp_path / "run", f"s3://{s3_bucket}/async"
+    state = lora_state()
+    with CheckpointManager(root, remote=url, async_save=True) as mgr:
+        mgr.save(1, state)
+        train(state)
+        mgr.save(2, state)
+        mgr.wait()  # the async commits, then their uploads
+        assert mgr.tiers() == {1: {"local", "remote"}, 2: {"local", "remote"}}
+        assert mgr.upload_report(2).copied >= BASE_NUMEL * 4
+    # A resumed run (a new process, the same root): its first incremental step copies the
+    # shared base server-side too, matched through step 2's identical remote manifest.
+    mgr = CheckpointManager(root, remote=url)
+    fresh = blank(state)
+    mgr.restore(fresh)
+    train(fresh)
+    mgr._remote._uploaded.clear()  # what a new process starts with
+    mgr.save(3, fresh)
+    mgr.wait()
+    report = mgr.upload_report(3)
+    assert report.copied >= BASE_NUMEL * 4 and report.sent < BASE_NUMEL
+    mgr.close()
+
+
+def test_overwritten_step_is_retracted_then_replaced(tmp_path, s3_endpoint, s3_bucket):
+    url = f"s3://{s3_bucket}/ow"
+    state = lora_state()
+    with CheckpointManager(tmp_path / "run", remote=url) as mgr:
+        mgr.save(1, state)
+        mgr.wait()
+        train(state)
+        mgr.save(1, state, overwrite=True)
+        mgr.wait()
+    mgr = CheckpointManager(tmp_path / "elsewhere", remote=url)
+    fresh = blank(state)
+    assert mgr.restore(fresh).step == 1 and same_bits(fresh, state)
+    mgr.close()
+
+
+def test_uploads_pending_at_exit_are_finished(tmp_path, s3_endpoint, s3_bucket):
+    url = f"s3://{s3_bucket}/exit"
+    code = (f"import torch, dckpt\n"
+            f"m = dckpt.CheckpointManager({str(tmp_path / 'run')!r}, remote={url!r})\n"
+            f"m.save(7, {{'w': torch.arange(1000.0)}})\n")  # no wait(), no close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert keys(s3_endpoint, s3_bucket, f"exit/{step_dir(7)}/manifest.json")
 
 
 def test_remote_retention_keeps_what_remaining_steps_need(tmp_path, s3_endpoint, s3_bucket):

@@ -31,12 +31,14 @@ retention keeps a step until its upload finished (succeeded or failed).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from ..errors import DckptError, DistributedError, UploadError
 from ..format.layout import parse_step_dir, step_dir
 from ..format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from ..storage import objectstore, records
+from .async_save import _OPEN as _SAVERS
 from .retention import Retention
 
 log = logging.getLogger("dckpt")
@@ -106,6 +109,7 @@ class RemoteTier:
         # link to it in a later step is copied server-side from there. The mtime tells a
         # reused inode number (a deleted file's) from the same file.
         self._uploaded: dict[tuple, str] = {}
+        self._seeded = False
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._jobs: list[_Job] = []  # submitted and not reported
@@ -113,6 +117,7 @@ class RemoteTier:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dckpt-upload", daemon=True)
         self._thread.start()
+        _OPEN.add(self)
 
     # ---- the training side ---------------------------------------------------------------
     def submit(self, step: int) -> None:
@@ -215,6 +220,9 @@ class RemoteTier:
         keys = _Keys(self.token, job.seq, self.world)
         report = self.reports[step] = UploadReport(step)
         failure = None
+        if not self._seeded:
+            self._seeded = True
+            self._seed()
         try:
             if self.rank == 0:
                 self._begin(step, keys)
@@ -244,6 +252,33 @@ class RemoteTier:
             raise UploadError(f"upload of step {step} to {self.url}: {e}", step) from e
         if outcome:
             raise UploadError(outcome["message"], step, outcome.get("object"))
+
+    def _seed(self, newest: int = 2) -> None:
+        """A manager reopened on a root whose steps are uploaded already (a resumed run):
+        its files' inodes are mapped to their objects, so the next incremental step copies
+        its shared data server-side instead of sending it. Only for the `newest` steps
+        both tiers hold whose remote manifest is byte for byte the local one (it records
+        the hash of every chunk, so equal manifests mean equal data files)."""
+        try:
+            listing = self.listing()
+            both = [s for s in committed_steps(listing)
+                    if (self.root / step_dir(s) / MANIFEST_NAME).is_file()][-newest:]
+            present = set(listing)
+            for s in both:
+                name = step_dir(s)
+                local = (self.root / name / MANIFEST_NAME).read_bytes()
+                url = objectstore.join(self.step_url(s), MANIFEST_NAME)
+                if self.store.get_bytes(url, MAX_MANIFEST_BYTES) != local:
+                    continue
+                for f in records.parse(local, str(self.root / name)).files:
+                    if f.rank == self.rank and f.dir is None and f"{name}/{f.name}" in present:
+                        st = os.stat(self.root / name / f.name)
+                        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                        self._uploaded[ident] = objectstore.join(self.step_url(s), f.name)
+        except Exception as e:  # only an optimisation: the bytes travel instead
+            log.info("dckpt: the remote tier %s could not be matched with the local steps "
+                     "(%s: %s); shared data will be uploaded again", self.url,
+                     type(e).__name__, e)
 
     def _file_url(self, step: int, f) -> str:
         # A file of a sibling directory (`dir`) lies under that step's prefix remotely too.
@@ -361,6 +396,42 @@ class RemoteTier:
                                if k.startswith(name + "/") and k != f"{name}/{MANIFEST_NAME}"])
             log.info("dckpt: remote retention deleted %s", self.step_url(s))
         return doomed
+
+
+# ---- interpreter exit: uploads submitted and not waited for are finished (and logged) ----
+_OPEN: "weakref.WeakSet[RemoteTier]" = weakref.WeakSet()
+
+
+def _drain_at_exit() -> None:
+    # Runs before async_save's exit handler: the background saves are waited for here
+    # (their commits submit uploads), then the uploads.
+    for saver in list(_SAVERS):
+        try:
+            saver.wait()
+        except Exception:  # noqa: BLE001 - reported by async_save's own exit handler
+            pass
+    for tier in list(_OPEN):
+        if tier._closed:
+            continue
+        pending = sorted(tier.pending())
+        if pending:
+            log.warning("dckpt: at exit: finishing the upload(s) of step(s) %s to %s",
+                        pending, tier.url)
+        try:
+            tier.close()
+        except UploadError as e:
+            log.error("dckpt: at exit: %s; the local checkpoint is complete", e)
+
+
+# The object store client runs requests through concurrent.futures, which refuses new work
+# once the interpreter's threading shutdown began: the uploads must finish before that.
+# threading._register_atexit callbacks run at that point, newest first, so this one runs
+# before concurrent.futures' own (imported here first).
+if hasattr(threading, "_register_atexit"):
+    import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours
+    threading._register_atexit(_drain_at_exit)
+else:  # pragma: no cover - other interpreters
+    atexit.register(_drain_at_exit)
 
 
 class _Keys:
