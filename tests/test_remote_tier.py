@@ -216,6 +216,8 @@ def test_server_killed_during_upload(tmp_path, fast_retries, caplog, monkeypatch
         t0 = time.perf_counter()
         with caplog.at_level(logging.ERROR, logger="dckpt"):
             mgr.save(2, state, full=True)  # 8 MiB to send
+            # save() returned with the step committed locally and its upload not done.
+            assert mgr.wait(timeout=0) is False and mgr.steps() == [1, 2]
             saved = time.perf_counter() - t0
             while mgr.upload_report(2) is None:  # the upload is under way...
                 time.sleep(0.001)
@@ -310,7 +312,7 @@ def test_corrupt_local_copy_falls_back_to_the_remote_copy_of_the_same_step(
 
 # ---- two gloo ranks -------------------------------------------------------------------
 
-def rank_upload(rank, world, root, url, env):
+def rank_upload(rank, world, root, url, env, dead):
     os.environ.update(env)  # the forkserver may predate the test's AWS_* variables
     state = lora_state(rank=rank)  # base replicated (written once), lora per rank
     mgr = CheckpointManager(root, remote=url)
@@ -321,9 +323,20 @@ def rank_upload(rank, world, root, url, env):
     reports = [mgr.upload_report(s) for s in (1, 2)]
     tiers = {str(k): sorted(v) for k, v in mgr.tiers().items()}
     mgr.close()
+    # Rank 1 cannot reach the store: rank 0 must not commit (no manifest), and both ranks'
+    # wait() raise, naming the step.
+    options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}}} \
+        if rank == 1 else None
+    mgr = CheckpointManager(root + "-2", remote=url + "-2", storage_options=options)
+    mgr.save(5, state)
+    try:
+        mgr.wait()
+        failed = None
+    except UploadError as e:
+        failed = {"step": e.step, "message": str(e)}
     return {"sent": [r.sent for r in reports], "copied": [r.copied for r in reports],
             "objects": [[o.rsplit("/", 1)[1] for o in r.objects] for r in reports],
-            "tiers": tiers, "lora": state["model"]["lora"].tolist()[:4]}
+            "tiers": tiers, "failed": failed}
 
 
 def rank_restore(rank, world, root, url, env):
@@ -340,8 +353,10 @@ def rank_restore(rank, world, root, url, env):
 def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_endpoint,
                                                                   s3_bucket):
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env.update(DCKPT_REMOTE_RETRIES="2", DCKPT_REMOTE_BACKOFF="0.05")
     root, url = str(tmp_path / "run"), f"s3://{s3_bucket}/two"
-    res = run_with_ranks(2, rank_upload, root, url, env, timeout=120)
+    dead = f"http://127.0.0.1:{s3server._free_port()}"
+    res = run_with_ranks(2, rank_upload, root, url, env, dead, timeout=120)
     manifest = "manifest.json"
     # Rank 0 alone uploads the manifest, last; each rank its own data files.
     assert [o[-1] for o in res[0]["objects"]] == [manifest, manifest]
@@ -358,6 +373,12 @@ def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_e
                for r in res), res
     assert res[0]["tiers"] == res[1]["tiers"] == {"1": ["local", "remote"],
                                                   "2": ["local", "remote"]}
+
+    # The failed upload: typed on both ranks, nothing committed remotely.
+    assert all(r["failed"]["step"] == 5 for r in res)
+    assert "rank 1" in res[0]["failed"]["message"]
+    assert step_dir(5) in res[0]["failed"]["message"]
+    assert not [k for k in keys(s3_endpoint, s3_bucket, "two-2/") if "manifest" in k]
 
     shutil.rmtree(root)
     back = run_with_ranks(2, rank_restore, root, url, env, timeout=120)
