@@ -147,15 +147,24 @@ def test_async_saves_upload_after_their_commit_and_a_reopened_manager_shares(
     mgr.close()
 
 
-def test_overwritten_step_is_retracted_then_replaced(tmp_path, s3_endpoint, s3_bucket):
+def test_overwritten_step_is_replaced_and_debris_removed(tmp_path, s3_endpoint, s3_bucket):
     url = f"s3://{s3_bucket}/ow"
+    # What a failed upload of step 0 left: data without a manifest.
+    s3(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"ow/{step_dir(0)}/rank-00000.dckpt",
+                               Body=b"x" * 100)
     state = lora_state()
     with CheckpointManager(tmp_path / "run", remote=url) as mgr:
         mgr.save(1, state)
         mgr.wait()
+        assert keys(s3_endpoint, s3_bucket, f"ow/{step_dir(0)}/") == []
         train(state)
+        # Shares the base with the step it replaces: copied from that step's object before
+        # the new upload replaces it.
         mgr.save(1, state, overwrite=True)
         mgr.wait()
+        assert mgr.upload_report(1).copied >= BASE_NUMEL * 4
+        local = sorted(p.name for p in (tmp_path / "run" / step_dir(1)).iterdir())
+    assert keys(s3_endpoint, s3_bucket, "ow/") == [f"ow/{step_dir(1)}/{n}" for n in local]
     mgr = CheckpointManager(tmp_path / "elsewhere", remote=url)
     fresh = blank(state)
     assert mgr.restore(fresh).step == 1 and same_bits(fresh, state)

@@ -230,9 +230,14 @@ class RemoteTier:
                 keys.await_value(keys.began, self._peer_wait(),
                                  f"upload of step {step}: begin", self.group)
             m = records.read_manifest(path)
-            for f in m.files:
-                if f.rank == self.rank:
-                    self._put_file(step, f.path(path), self._file_url(step, f), report)
+            mine = [(f.path(path), self._file_url(step, f)) for f in m.files
+                    if f.rank == self.rank]
+            # Server-side copies first: a copy's source may be an object of this very
+            # prefix (an overwritten step linking its predecessor's files) that an upload
+            # of this step is about to replace.
+            mine.sort(key=lambda lf: self._source(lf[0]) is None)
+            for local, url in mine:
+                self._put_file(step, local, url, report)
         except UploadError as e:
             failure = e
         except Exception as e:
@@ -272,9 +277,8 @@ class RemoteTier:
                     continue
                 for f in records.parse(local, str(self.root / name)).files:
                     if f.rank == self.rank and f.dir is None and f"{name}/{f.name}" in present:
-                        st = os.stat(self.root / name / f.name)
-                        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                        self._uploaded[ident] = objectstore.join(self.step_url(s), f.name)
+                        self._uploaded_to(_ident(os.stat(self.root / name / f.name)),
+                                          objectstore.join(self.step_url(s), f.name))
         except Exception as e:  # only an optimisation: the bytes travel instead
             log.info("dckpt: the remote tier %s could not be matched with the local steps "
                      "(%s: %s); shared data will be uploaded again", self.url,
@@ -299,13 +303,26 @@ class RemoteTier:
             # Posted also when this failed: the others upload and learn the outcome.
             keys.post_began()
 
+    def _source(self, local: Path) -> str | None:
+        """The object this process uploaded `local`'s inode to, if any."""
+        try:
+            return self._uploaded.get(_ident(os.stat(local)))
+        except OSError:
+            return None
+
+    def _uploaded_to(self, ident: tuple, url: str) -> None:
+        # `url` now holds this file: an entry of another file naming it is stale.
+        for k in [k for k, v in self._uploaded.items() if v == url and k != ident]:
+            del self._uploaded[k]
+        self._uploaded[ident] = url
+
     def _put_file(self, step: int, local: Path, url: str, report: UploadReport) -> None:
         try:
             st = os.stat(local)
         except OSError as e:
             raise UploadError(f"upload of step {step}: cannot read {local}: "
                               f"{e.strerror or e}", step, url) from e
-        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        ident = _ident(st)
         src = self._uploaded.get(ident)
         if src is not None and src != url:
             try:
@@ -316,7 +333,7 @@ class RemoteTier:
                                   f"not {st.st_size}")
                 report.copied += st.st_size
                 report.objects.append(url)
-                self._uploaded[ident] = url  # the newer object outlives the older
+                self._uploaded_to(ident, url)  # the newer object outlives the older
                 return
             except Exception as e:  # gone (remote retention), or refused: the bytes travel
                 log.info("dckpt: server-side copy of %s failed (%s); uploading the file",
@@ -328,7 +345,7 @@ class RemoteTier:
                               f"{type(e).__name__}: {e}", step, url) from e
         report.sent += st.st_size
         report.objects.append(url)
-        self._uploaded[ident] = url
+        self._uploaded_to(ident, url)
 
     def _commit(self, step: int, keys: "_Keys", failure: UploadError | None,
                 report: UploadReport) -> None:
@@ -395,7 +412,30 @@ class RemoteTier:
             self.store.delete([objectstore.join(self.url, k) for k in listing
                                if k.startswith(name + "/") and k != f"{name}/{MANIFEST_NAME}"])
             log.info("dckpt: remote retention deleted %s", self.step_url(s))
+        if saved is not None:
+            self._remove_debris(listing, saved)
         return doomed
+
+    def _remove_debris(self, listing: list[str], saved: int) -> None:
+        """Objects no committed step names: the data of failed uploads of steps before
+        `saved` (every rank finished those: uploads run in order, and `saved` committed
+        after all of them), and objects of an earlier version of `saved` its new manifest
+        does not name."""
+        committed = set(committed_steps(listing))
+        named = {f"{step_dir(saved)}/{MANIFEST_NAME}"}
+        named |= {f"{step_dir(saved)}/{f.name}" for f in
+                  records.read_manifest(self.root / step_dir(saved)).files if f.dir is None}
+        debris = []
+        for k in listing:
+            s = parse_step_dir(k.partition("/")[0])
+            if s is None:
+                continue
+            if (s < saved and s not in committed) or (s == saved and k not in named):
+                debris.append(objectstore.join(self.url, k))
+        if debris:
+            self.store.delete(debris)
+            log.info("dckpt: removed %d object(s) of unfinished uploads under %s",
+                     len(debris), self.url)
 
 
 # ---- interpreter exit: uploads submitted and not waited for are finished (and logged) ----
@@ -509,6 +549,12 @@ class _Keys:
                                        f"{limit:.0f} s", peer)
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _ident(st: os.stat_result) -> tuple:
+    """A file's identity across hard links: the mtime tells a reused inode number (of a
+    deleted file) from the same file."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _wire(failure: UploadError | None) -> dict | None:
