@@ -246,15 +246,17 @@ class RemoteTier:
         if self.rank == 0:
             self._commit(step, keys, failure, report)
             return
-        keys.post(self.rank, failure)
-        if failure is not None:
-            raise failure
         try:
+            keys.post(self.rank, failure)
+            # Read also after a failure of its own: the last reader removes the keys.
             outcome = keys.await_value(keys.outcome, self._peer_wait(),
                                        f"upload of step {step}: commit", self.group)
             keys.done_reading()
         except DistributedError as e:
-            raise UploadError(f"upload of step {step} to {self.url}: {e}", step) from e
+            raise failure or UploadError(f"upload of step {step} to {self.url}: {e}",
+                                         step) from e
+        if failure is not None:
+            raise failure
         if outcome:
             raise UploadError(outcome["message"], step, outcome.get("object"))
 
@@ -369,7 +371,11 @@ class RemoteTier:
             except Exception as e:
                 failure = UploadError(f"upload of step {step}: manifest object {url} failed: "
                                       f"{type(e).__name__}: {e}", step, url)
-        keys.publish_outcome(failure)
+        try:
+            keys.publish_outcome(failure)
+        except Exception as e:  # the others then fail on the store themselves
+            log.warning("dckpt: the outcome of the upload of step %d could not be posted "
+                        "for the other ranks: %s", step, e)
         if failure is not None:
             raise failure
         log.info("dckpt: step %d uploaded to %s (%.1f MB sent, %.1f MB copied server-side)",
@@ -381,7 +387,10 @@ class RemoteTier:
                         type(e).__name__, e)
 
     def _peer_wait(self) -> float:
-        return dist.collective_timeout()
+        # An upload of gigabytes may take longer than any collective deadline: a peer is
+        # waited for as long as its heartbeat goes on (a dead one fails within
+        # DCKPT_PEER_TIMEOUT seconds).
+        return float("inf")
 
     # ---- retention -----------------------------------------------------------------------
     def plan(self, listing: list[str] | None = None) -> dict[int, list[str]]:
@@ -496,7 +505,10 @@ class _Keys:
             self._store().set(self.began, "null")
 
     def post(self, r: int, failure: UploadError | None) -> None:
-        self._store().set(self.rank_key(r), json.dumps(_wire(failure)))
+        try:
+            self._store().set(self.rank_key(r), json.dumps(_wire(failure)))
+        except Exception as e:  # the store went away with rank 0
+            raise DistributedError(f"the process group's store failed ({e})", 0) from None
 
     def gather(self, limit: float, what: str, group) -> list:
         """Rank 0: every other rank's posted outcome (index 0: None)."""
@@ -546,7 +558,7 @@ class _Keys:
                                        0) from None
             if time.monotonic() - start >= limit:
                 raise DistributedError(f"{what}: rank {peer} did not report within "
-                                       f"{limit:.0f} s", peer)
+                                       f"{limit:.0f} s", peer)  # never with the default
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
