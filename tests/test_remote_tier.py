@@ -332,6 +332,17 @@ def rank_upload(rank, world, root, url, env, dead):
     reports = [mgr.upload_report(s) for s in (1, 2)]
     tiers = {str(k): sorted(v) for k, v in mgr.tiers().items()}
     mgr.close()
+    # The local root is lost (kept aside for the test to compare): restore from the remote.
+    import torch.distributed as tdist
+    tdist.barrier()
+    if rank == 0:
+        os.rename(root, root + "-gone")
+    tdist.barrier()
+    fresh = blank(state)
+    mgr = CheckpointManager(root, remote=url)
+    rep = mgr.restore(fresh)
+    mgr.close()
+    restored = {"step": rep.step, "path": str(rep.path), "same": same_bits(fresh, state)}
     # Rank 1 cannot reach the store: rank 0 must not commit (no manifest), and both ranks'
     # wait() raise, naming the step.
     options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}}} \
@@ -345,21 +356,10 @@ def rank_upload(rank, world, root, url, env, dead):
         failed = {"step": e.step, "message": str(e)}
     return {"sent": [r.sent for r in reports], "copied": [r.copied for r in reports],
             "objects": [[o.rsplit("/", 1)[1] for o in r.objects] for r in reports],
-            "tiers": tiers, "failed": failed}
+            "tiers": tiers, "failed": failed, "restored": restored}
 
 
-def rank_restore(rank, world, root, url, env):
-    os.environ.update(env)
-    state = lora_state(rank=rank)
-    train(state)
-    fresh = blank(state)
-    mgr = CheckpointManager(root, remote=url)
-    rep = mgr.restore(fresh)
-    mgr.close()
-    return {"step": rep.step, "path": str(rep.path), "same": same_bits(fresh, state)}
-
-
-def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_endpoint,
+def test_two_ranks_upload_their_own_files_restore_from_remote_and_fail_together(tmp_path, s3_endpoint,
                                                                   s3_bucket):
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env.update(DCKPT_REMOTE_RETRIES="2", DCKPT_REMOTE_BACKOFF="0.05")
@@ -373,7 +373,7 @@ def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_e
     for step in (1, 2):
         names = [n for r in res for n in r["objects"][step - 1] if n != manifest]
         assert len(names) == len(set(names))  # no file uploaded twice
-        local = sorted(p.name for p in (tmp_path / "run" / step_dir(step)).iterdir())
+        local = sorted(p.name for p in (tmp_path / "run-gone" / step_dir(step)).iterdir())
         assert sorted(names + [manifest]) == local
         assert keys(s3_endpoint, s3_bucket, f"two/{step_dir(step)}/") == \
             [f"two/{step_dir(step)}/{n}" for n in local]
@@ -389,7 +389,6 @@ def test_two_ranks_upload_their_own_files_and_restore_from_remote(tmp_path, s3_e
     assert step_dir(5) in res[0]["failed"]["message"]
     assert not [k for k in keys(s3_endpoint, s3_bucket, "two-2/") if "manifest" in k]
 
-    shutil.rmtree(root)
-    back = run_with_ranks(2, rank_restore, root, url, env, timeout=120)
+    back = [r["restored"] for r in res]
     assert [b["step"] for b in back] == [2, 2] and all(b["same"] for b in back)
     assert all(b["path"] == f"{url}/{step_dir(2)}" for b in back)
