@@ -90,6 +90,7 @@ def test_upload_order_and_tiers_then_restore_from_remote_alone(tmp_path, s3_endp
     shutil.rmtree(root)  # the machine is gone: only the remote is left
     mgr = CheckpointManager(root, remote=url)
     assert mgr.tiers() == {1: {"remote"}, 2: {"remote"}} and mgr.steps() == []
+    assert mgr.latest_step() == 2  # what a resume asks before restore()
     fresh = blank(state)
     rep = mgr.restore(fresh)
     assert rep.step == 2 and str(rep.path) == f"{url}/{step_dir(2)}"
