@@ -17,7 +17,7 @@ API (stable; later work extends it, never renames):
     connect(url, storage_options=None) -> ObjectStore   (cached per protocol + options)
 
     ObjectStore (URLs are full "scheme://bucket/key" strings; keys never end in "/"):
-      put_file(local_path, url, part_size=..., concurrency=..., check=True) -> ObjectInfo
+      put_file(local_path, url, part_size=0, concurrency=0, check=True) -> ObjectInfo
           multipart, streamed from the file (at most concurrency x part_size in memory),
           then checked: size always, ETag against the local MD5 when check and the server
           gives an MD5-shaped one; a mismatch removes the object and raises.
@@ -31,7 +31,9 @@ API (stable; later work extends it, never renames):
       list(prefix_url) -> list[ObjectInfo]   every object under prefix/ (recursive), sorted
       delete(urls) -> None                   absent objects are not an error
       copy(src_url, dst_url) -> None         server-side copy (same store)
+    configure(storage_options)            defaults for connect() calls given none (CLI)
 
+Parts are DCKPT_REMOTE_PART_BYTES (default 16 MiB, at least 5 MiB) when part_size is 0.
 Retries: DCKPT_REMOTE_RETRIES tries in all (default 5), the wait doubling from
 DCKPT_REMOTE_BACKOFF seconds (default 0.2, at most 10 s between tries). Only errors that
 may pass are retried; a missing object, a refused permission or a bad request fail at once.
@@ -99,6 +101,19 @@ class ObjectInfo:
     url: str
     size: int
     etag: str | None = None
+    modified: float | None = None  # seconds since the epoch, where the server says
+
+
+def _modified(d: dict) -> float | None:
+    v = d.get("LastModified") or d.get("last_modified") or d.get("mtime")
+    if v is None:
+        return None
+    if hasattr(v, "timestamp"):
+        return float(v.timestamp())
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 # -- credentials never leave this module in text ------------------------------------------
@@ -195,8 +210,15 @@ class ObjectStore:
         self.fs = fs
         self.protocol = proto
         self._options = dict(options or {})
-        self.tries = max(1, int(_env_number("DCKPT_REMOTE_RETRIES", 5)))
-        self.backoff = _env_number("DCKPT_REMOTE_BACKOFF", 0.2)
+
+    @property
+    def tries(self) -> int:
+        """Tries per request in all (read at each request: a job may change it)."""
+        return max(1, int(_env_number("DCKPT_REMOTE_RETRIES", 5)))
+
+    @property
+    def backoff(self) -> float:
+        return max(0.0, _env_number("DCKPT_REMOTE_BACKOFF", 0.2))
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -216,8 +238,8 @@ class ObjectStore:
     def _call(self, op: str, url: str, fn, *args, **kwargs):
         """fn(*args, **kwargs), retried with backoff while its errors are worth retrying.
         FileNotFoundError passes through untouched (callers decide what absent means)."""
-        delay = self.backoff
-        for attempt in range(1, self.tries + 1):
+        delay, tries = self.backoff, self.tries
+        for attempt in range(1, tries + 1):
             try:
                 return fn(*args, **kwargs)
             except FileNotFoundError:
@@ -225,11 +247,11 @@ class ObjectStore:
             except IncompleteCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified just below
-                if attempt == self.tries or not retryable(e):
+                if attempt == tries or not retryable(e):
                     raise self._error(op, url, e, attempt) from None
                 log.warning("%s %s: %s; retry %d of %d in %.1f s", op, redact(url),
                             redact(f"{type(e).__name__}: {e}", self._options)[:300],
-                            attempt, self.tries - 1, delay)
+                            attempt, tries - 1, delay)
                 self._forget(url)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -251,7 +273,8 @@ class ObjectStore:
         if d.get("type") == "directory":
             return None
         etag = d.get("ETag") or d.get("e_tag") or d.get("etag")
-        return ObjectInfo(url, int(d.get("size") or 0), etag.strip('"') if etag else None)
+        return ObjectInfo(url, int(d.get("size") or 0), etag.strip('"') if etag else None,
+                          _modified(d))
 
     def exists(self, url: str) -> bool:
         return self.info(url) is not None
@@ -305,7 +328,7 @@ class ObjectStore:
                 continue
             etag = d.get("ETag") or d.get("e_tag")
             out.append(ObjectInfo(self._url(name), int(d.get("size") or 0),
-                                  etag.strip('"') if etag else None))
+                                  etag.strip('"') if etag else None, _modified(d)))
         return sorted(out, key=lambda o: o.url)
 
     # -- writes --------------------------------------------------------------------------
@@ -316,9 +339,10 @@ class ObjectStore:
                              check)
         return info
 
-    def put_file(self, local: str | os.PathLike, url: str, part_size: int = PART_SIZE,
+    def put_file(self, local: str | os.PathLike, url: str, part_size: int = 0,
                  concurrency: int = 0, check: bool = True) -> ObjectInfo:
         size = os.path.getsize(local)
+        part_size = part_size or default_part_size()
         concurrency = concurrency or max(1, UPLOAD_MEMORY // part_size)
         kwargs = {}
         if self.protocol in ("s3", "s3a") and _is_s3fs(self.fs):
@@ -368,6 +392,14 @@ class ObjectStore:
         self._forget(dst)
 
 
+def default_part_size() -> int:
+    """DCKPT_REMOTE_PART_BYTES (at least S3's 5 MiB), else PART_SIZE."""
+    try:
+        return max(5 << 20, int(os.environ.get("DCKPT_REMOTE_PART_BYTES", "") or PART_SIZE))
+    except ValueError:
+        return PART_SIZE
+
+
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}(-[0-9]+)?")
 
 
@@ -394,7 +426,7 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
     part = -(-size // parts)
     # Any part size giving N parts is the same cut only for the smallest one that does;
     # clients use a round size: try the common ones first.
-    for p in (PART_SIZE, 5 << 20, 8 << 20, 10 << 20, 50 << 20, part):
+    for p in (default_part_size(), PART_SIZE, 5 << 20, 8 << 20, 10 << 20, 50 << 20, part):
         if -(-size // p) == parts:
             part = p
             break
@@ -409,6 +441,13 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
 
 _STORES: dict = {}
 _STORES_LOCK = threading.Lock()
+_DEFAULT_OPTIONS: dict = {}
+
+
+def configure(storage_options: dict | None) -> None:
+    """Options every connect() without its own uses (the command line's --storage-option)."""
+    _DEFAULT_OPTIONS.clear()
+    _DEFAULT_OPTIONS.update(storage_options or {})
 
 
 def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
@@ -417,7 +456,7 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
     client_kwargs, ...); credentials and endpoint otherwise come from the standard chain
     (AWS_* variables, config files). fsspec is imported here, on first use."""
     proto = protocol(url)
-    options = dict(storage_options or {})
+    options = dict(storage_options if storage_options is not None else _DEFAULT_OPTIONS)
     cache_key = (proto, repr(sorted(options.items(), key=lambda kv: kv[0])), os.getpid())
     with _STORES_LOCK:
         store = _STORES.get(cache_key)
@@ -445,4 +484,4 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
 
 
 __all__ = ["ObjectStore", "ObjectInfo", "connect", "is_url", "local_path", "join", "split",
-           "protocol", "redact", "retryable", "PART_SIZE", "UPLOAD_MEMORY"]
+           "protocol", "redact", "retryable", "configure", "PART_SIZE", "UPLOAD_MEMORY", "default_part_size"]

@@ -138,7 +138,7 @@ class RemoteStorage:
         try:
             local = [os.path.join(spool, objectstore.split(u)[1]) for u in urls]
             records = write(local)
-            each = max(1, objectstore.UPLOAD_MEMORY // objectstore.PART_SIZE // len(urls))
+            each = max(1, objectstore.UPLOAD_MEMORY // objectstore.default_part_size() // len(urls))
 
             def upload(i: int) -> None:
                 info = self.store.put_file(local[i], urls[i], concurrency=each)
