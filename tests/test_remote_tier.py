@@ -208,51 +208,55 @@ def test_remote_retention_keeps_what_remaining_steps_need(tmp_path, s3_endpoint,
         mgr.close()
 
 
-def test_server_killed_during_upload(tmp_path, fast_retries, caplog, monkeypatch):
+def test_server_killed_during_upload(tmp_path, caplog, monkeypatch):
     endpoint, proc = s3server.start()  # a server of this test's own, to kill
     for k, v in s3server.client_env(endpoint).items():
         monkeypatch.setenv(k, v)
+    # A failing request is retried once, half a second later: the window in which step
+    # 2's upload is known to be still pending.
+    monkeypatch.setenv("DCKPT_REMOTE_RETRIES", "2")
+    monkeypatch.setenv("DCKPT_REMOTE_BACKOFF", "0.5")
     try:
         bucket = s3server.new_bucket(endpoint)
         options = {"endpoint_url": endpoint,
                    "config_kwargs": {"connect_timeout": 1, "read_timeout": 2,
                                      "retries": {"max_attempts": 1}}}
         root = tmp_path / "run"
-        mgr = CheckpointManager(root, remote=f"s3://{bucket}/x", storage_options=options)
+        mgr = CheckpointManager(root, remote=f"s3://{bucket}/x", storage_options=options,
+                                keep_last=1)
         state = lora_state()
         mgr.save(1, state)
         mgr.wait()
         train(state)
-        t0 = time.perf_counter()
         with caplog.at_level(logging.ERROR, logger="dckpt"):
             mgr.save(2, state, full=True)  # 8 MiB to send
             # save() returned with the step committed locally and its upload not done.
-            assert mgr.wait(timeout=0) is False and mgr.steps() == [1, 2]
-            saved = time.perf_counter() - t0
+            assert mgr.wait(timeout=0) is False and mgr.steps() == [2]
             while mgr.upload_report(2) is None:  # the upload is under way...
                 time.sleep(0.001)
             proc.kill()  # ...when the server dies
             proc.wait()
-            assert mgr.steps() == [1, 2]
+            train(state)
+            mgr.save(3, state)  # not held by the failing upload
+            # keep_last=1, but step 2's upload is still retrying: kept locally till it ends.
+            assert mgr.steps() == [2, 3]
             with pytest.raises(UploadError) as err:
                 mgr.wait()
-            failed_after = time.perf_counter() - t0
         assert err.value.step == 2
         assert err.value.object is None or step_dir(2) in err.value.object
-        assert "step 2" in str(err.value)
-        # A log line at once, naming the step.
-        assert any("step 2" in r.getMessage() for r in caplog.records
-                   if r.levelno >= logging.ERROR)
-        # The save returned while the upload was still retrying.
-        assert saved < failed_after
-        # The local tier is complete: step 2 restores bitwise from it.
+        assert "step 2" in str(err.value) and "step 3" in str(err.value)  # both failed
+        # A log line at once for each, naming the step.
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("step 2" in m for m in logged) and any("step 3" in m for m in logged)
+        # The local tier is complete: step 3 restores bitwise from it.
         fresh = blank(state)
-        assert mgr.restore(fresh).step == 2 and same_bits(fresh, state)
-        # The failure was reported once; the manager goes on saving locally.
-        mgr.save(3, state)
-        assert 3 in mgr.steps()
-        with pytest.raises(UploadError):
+        assert mgr.restore(fresh).step == 3 and same_bits(fresh, state)
+        # Reported once; with no upload pending, local retention applies again.
+        mgr.save(4, state)
+        assert mgr.steps() == [4] and mgr.wait(timeout=0) is False
+        with pytest.raises(UploadError) as err:
             mgr.close()
+        assert err.value.step == 4
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -172,6 +172,11 @@ class RemoteTier:
             for j in failed:
                 j.reported = True
             self._jobs = [j for j in self._jobs if not j.done.is_set()]
+        if len(failed) > 1:  # one error for all of them, typed as the first
+            first = failed[0].error
+            e = UploadError(f"{len(failed)} uploads failed: " + "; ".join(
+                str(j.error) for j in failed), first.step, first.object)
+            raise e from first
         if failed:
             raise failed[0].error
 
