@@ -110,6 +110,10 @@ def test_incremental_step_uploads_only_its_changed_bytes(tmp_path, s3_endpoint, 
         mgr.wait()
         first, second, full = (mgr.upload_report(s) for s in (1, 2, 3))
     base_bytes = BASE_NUMEL * 4
+    mgr.save(4, state)  # after close(): the worker starts again
+    mgr.wait()
+    assert mgr.tiers()[4] == {"local", "remote"} and mgr.upload_report(4).sent < base_bytes
+    mgr.close()
     assert first.sent > base_bytes and full.sent > base_bytes
     # Step 2's shared file crossed no link: copied server-side from step 1's object.
     assert second.copied >= base_bytes

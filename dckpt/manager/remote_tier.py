@@ -54,7 +54,7 @@ from .retention import Retention
 log = logging.getLogger("dckpt")
 
 LOCAL, REMOTE = "local", "remote"
-
+REPORTS_KEPT = 64  # upload reports kept for upload_report(): the newest steps'
 
 
 @dataclass
@@ -114,10 +114,19 @@ class RemoteTier:
         self._queue: deque[_Job] = deque()
         self._jobs: list[_Job] = []  # submitted and not reported
         self._seq = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="dckpt-upload", daemon=True)
-        self._thread.start()
+        self._closed = True
+        self._serving = False  # a worker thread takes jobs (set and cleared under _cond)
+        with self._cond:
+            self._start()
         _OPEN.add(self)
+
+    def _start(self) -> None:
+        """(Re)start the worker, under _cond: at construction, and at a save after close()
+        (a worker still finishing the queue of a close() that timed out goes on)."""
+        self._closed = False
+        if not self._serving:
+            self._serving = True
+            threading.Thread(target=self._run, name="dckpt-upload", daemon=True).start()
 
     # ---- the training side ---------------------------------------------------------------
     def submit(self, step: int) -> None:
@@ -125,7 +134,7 @@ class RemoteTier:
         for every step, in the same order (at the end of a save)."""
         with self._cond:
             if self._closed:
-                raise DckptError("this manager's remote tier is closed")
+                self._start()
             self._seq += 1
             job = _Job(self._seq, step)
             self._queue.append(job)
@@ -204,6 +213,7 @@ class RemoteTier:
             with self._cond:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
+                    self._serving = False
                     return
                 job = self._queue.popleft()
             try:
@@ -224,6 +234,8 @@ class RemoteTier:
         path = self.root / step_dir(step)
         keys = _Keys(self.token, job.seq, self.world)
         report = self.reports[step] = UploadReport(step)
+        for old in sorted(self.reports)[:-REPORTS_KEPT]:
+            del self.reports[old]
         failure = None
         if not self._seeded:
             self._seeded = True
