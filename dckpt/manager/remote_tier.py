@@ -382,9 +382,12 @@ class RemoteTier:
             local = self.root / step_dir(step) / MANIFEST_NAME
             url = objectstore.join(self.step_url(step), MANIFEST_NAME)
             try:
+                self._check_objects(step)
                 self.store.put_file(local, url)
                 report.sent += local.stat().st_size
                 report.objects.append(url)
+            except UploadError as e:
+                failure = e
             except Exception as e:
                 failure = UploadError(f"upload of step {step}: manifest object {url} failed: "
                                       f"{type(e).__name__}: {e}", step, url)
@@ -402,6 +405,18 @@ class RemoteTier:
         except Exception as e:  # the upload is committed: retention failing does not undo it
             log.warning("dckpt: remote retention under %s failed: %s: %s", self.url,
                         type(e).__name__, e)
+
+    def _check_objects(self, step: int) -> None:
+        """Rank 0, before the commit: every data object the manifest names is there with
+        its size (one listing; each upload was checked already, this checks them all)."""
+        name = step_dir(step)
+        sizes = {o.url: o.size for o in self.store.list(self.step_url(step))}
+        for f in records.read_manifest(self.root / name).files:
+            url = self._file_url(step, f)
+            if f.dir is None and sizes.get(url) != f.size:
+                got = "absent" if url not in sizes else f"{sizes[url]} bytes"
+                raise UploadError(f"upload of step {step}: object {url} is {got}, its "
+                                  f"manifest says {f.size} bytes; not committed", step, url)
 
     def _peer_wait(self) -> float:
         # An upload of gigabytes may take longer than any collective deadline: a peer is
