@@ -356,13 +356,16 @@ def rank_upload(rank, world, root, url, env, dead):
     # wait() raise, naming the step.
     options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}}} \
         if rank == 1 else None
-    mgr = CheckpointManager(root + "-2", remote=url + "-2", storage_options=options)
+    mgr = CheckpointManager(root + "-2", remote=url + "-2", storage_options=options,
+                            async_save=True)  # the upload follows the async commit
     mgr.save(5, state)
     try:
         mgr.wait()
         failed = None
     except UploadError as e:
         failed = {"step": e.step, "message": str(e)}
+    failed["committed_locally"] = mgr.steps() == [5]
+    mgr.close()
     return {"sent": [r.sent for r in reports], "copied": [r.copied for r in reports],
             "objects": [[o.rsplit("/", 1)[1] for o in r.objects] for r in reports],
             "tiers": tiers, "failed": failed, "restored": restored}
@@ -393,7 +396,7 @@ def test_two_ranks_upload_their_own_files_restore_from_remote_and_fail_together(
                                                   "2": ["local", "remote"]}
 
     # The failed upload: typed on both ranks, nothing committed remotely.
-    assert all(r["failed"]["step"] == 5 for r in res)
+    assert all(r["failed"]["step"] == 5 and r["failed"]["committed_locally"] for r in res)
     assert "rank 1" in res[0]["failed"]["message"]
     assert step_dir(5) in res[0]["failed"]["message"]
     assert not [k for k in keys(s3_endpoint, s3_bucket, "two-2/") if "manifest" in k]
