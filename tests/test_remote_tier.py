@@ -90,7 +90,8 @@ def test_upload_order_and_tiers_then_restore_from_remote_alone(tmp_path, s3_endp
     shutil.rmtree(root)  # the machine is gone: only the remote is left
     mgr = CheckpointManager(root, remote=url)
     assert mgr.tiers() == {1: {"remote"}, 2: {"remote"}} and mgr.steps() == []
-    assert mgr.latest_step() == 2  # what a resume asks before restore()
+    # latest_step() keeps to the local root; newest_step() is what restore() takes.
+    assert mgr.latest_step() is None and mgr.newest_step() == 2
     fresh = blank(state)
     rep = mgr.restore(fresh)
     assert rep.step == 2 and str(rep.path) == f"{url}/{step_dir(2)}"
@@ -349,9 +350,11 @@ def rank_upload(rank, world, root, url, env, dead):
     tdist.barrier()
     fresh = blank(state)
     mgr = CheckpointManager(root, remote=url)
+    newest = mgr.newest_step()
     rep = mgr.restore(fresh)
     mgr.close()
-    restored = {"step": rep.step, "path": str(rep.path), "same": same_bits(fresh, state)}
+    restored = {"step": rep.step, "path": str(rep.path), "same": same_bits(fresh, state),
+                "newest": newest}
     # Rank 1 cannot reach the store: rank 0 must not commit (no manifest), and both ranks'
     # wait() raise, naming the step.
     options = {"endpoint_url": dead, "config_kwargs": {"retries": {"max_attempts": 1}}} \
@@ -403,4 +406,5 @@ def test_two_ranks_upload_their_own_files_restore_from_remote_and_fail_together(
 
     back = [r["restored"] for r in res]
     assert [b["step"] for b in back] == [2, 2] and all(b["same"] for b in back)
+    assert [b["newest"] for b in back] == [2, 2]
     assert all(b["path"] == f"{url}/{step_dir(2)}" for b in back)

@@ -229,7 +229,7 @@ class CheckpointManager:
         if save_on is not None:
             self.preemption = Preemption.of(save_on)
             self.preemption.install(group)
-            newest = self._local_latest()
+            newest = self.latest_step()
             if newest is not None:
                 self.preemption.check_grace(self._save_seconds(newest), f"the save of {newest}")
 
@@ -264,22 +264,30 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step, skipping those `dckpt repair` set aside as failing
-        verification; the `latest` pointer is a hint checked against disk. With remote=,
-        the newest of either tier (what restore() takes; one listing of the remote, whose
-        failure leaves the local answer)."""
-        local = self._local_latest()
-        if self._remote is None:
-            return local
-        remote = [s for s, where in self._reachable().items() if REMOTE in where]
-        return max([s for s in (local, *remote[-1:]) if s is not None], default=None)
-
-    def _local_latest(self) -> int | None:
-        """latest_step() of the local root: what saves share data with and `latest` names."""
+        verification; the `latest` pointer is a hint checked against disk."""
         pointed = self._read_latest()
         steps = [s for s in self.steps() if not is_set_aside(self.path(s))]
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None
+
+    @dist.collective
+    def newest_step(self) -> int | None:
+        """latest_step(), or a newer step of the remote tier: whether restore() has
+        something to start from (a machine whose local root is empty resumes from the
+        remote). Collective with remote= (rank 0 lists the remote, every rank gets its
+        answer); a remote that cannot be listed leaves latest_step()."""
+        if self._remote is None:
+            return self.latest_step()
+        failure = found = None
+        if self.is_writer:
+            try:
+                remote = [s for s, where in self._reachable().items() if REMOTE in where]
+                found = max([s for s in (self.latest_step(), *remote) if s is not None],
+                            default=None)
+            except Exception as e:
+                failure = e
+        return dist.exchange(found, failure, self.group, "newest step")[0]
 
     def _read_latest(self) -> int | None:
         try:
@@ -332,7 +340,7 @@ class CheckpointManager:
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
-                base, newest = self._base_name(full), self._local_latest()  # base: (name, note)
+                base, newest = self._base_name(full), self.latest_step()  # base: (name, note)
                 best = self._best_with(step, metrics)
             except Exception as e:
                 failure = e
@@ -482,7 +490,7 @@ class CheckpointManager:
     def _base_name(self, full: bool) -> tuple[str | None, str | None]:
         """(the committed checkpoint the next save shares unchanged chunks with, if any;
         why there is none although the save would be incremental)."""
-        latest = self._local_latest() if self.incremental and not full else None
+        latest = self.latest_step() if self.incremental and not full else None
         if latest is None:
             return None, None
         try:
@@ -527,7 +535,7 @@ class CheckpointManager:
                                   self.save_options["fsync"])
 
     def _fix_latest(self) -> None:
-        latest = self._local_latest()
+        latest = self.latest_step()
         if latest is not None and self._read_latest() != latest:
             self._write_latest(latest)
 
@@ -539,7 +547,7 @@ class CheckpointManager:
         plan = self.retention.reasons({s: read(s) for s in self.steps()})
         # The step a resume uses is never deleted, also when newer ones were set aside by
         # repair as failing verification (the "newest" rule keeps those).
-        resume = self._local_latest()
+        resume = self.latest_step()
         if resume is not None and not plan.get(resume, ["kept"]):
             plan[resume].append("newest resumable")
         return plan
