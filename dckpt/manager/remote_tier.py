@@ -190,10 +190,14 @@ class RemoteTier:
             raise failed[0].error
 
     # ---- what the remote holds -----------------------------------------------------------
-    def listing(self) -> list[str]:
-        """Every object name below the remote root, relative to it."""
-        cut = len(self.url) + 1
-        return [o.url[cut:] for o in self.store.list(self.url)]
+    def listing(self, below: str = "") -> list[str]:
+        """Every object name below the remote root (or its sub-prefix `below`), relative to
+        the root. Compared as the file system's keys: a listing may spell the protocol
+        part of its URLs otherwise than they were given (memory:///x for memory://x)."""
+        root = self.store._key(self.url).rstrip("/") + "/"
+        prefix = objectstore.join(self.url, below) if below else self.url
+        return [k[len(root):] for o in self.store.list(prefix)
+                if (k := self.store._key(o.url)).startswith(root)]
 
     def steps(self) -> list[int]:
         """Committed remote steps (manifest present), oldest first."""
@@ -410,11 +414,13 @@ class RemoteTier:
         """Rank 0, before the commit: every data object the manifest names is there with
         its size (one listing; each upload was checked already, this checks them all)."""
         name = step_dir(step)
-        sizes = {o.url: o.size for o in self.store.list(self.step_url(step))}
+        root = self.store._key(self.url).rstrip("/") + "/"
+        sizes = {self.store._key(o.url)[len(root):]: o.size
+                 for o in self.store.list(self.step_url(step))}
         for f in records.read_manifest(self.root / name).files:
-            url = self._file_url(step, f)
-            if f.dir is None and sizes.get(url) != f.size:
-                got = "absent" if url not in sizes else f"{sizes[url]} bytes"
+            url, key = self._file_url(step, f), f"{name}/{f.name}"
+            if f.dir is None and sizes.get(key) != f.size:
+                got = "absent" if key not in sizes else f"{sizes[key]} bytes"
                 raise UploadError(f"upload of step {step}: object {url} is {got}, its "
                                   f"manifest says {f.size} bytes; not committed", step, url)
 
