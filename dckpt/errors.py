@@ -109,8 +109,9 @@ class StorageError(DckptError):
 
 class RemoteStorageError(StorageError):
     """An object store request failed for good (after its retries): names the operation,
-    the URL and the object; never a credential. `retried` says how many tries were made;
-    `__cause__` is the client's last error (its text redacted into the message)."""
+    the URL and the object; never a credential. `retried` says how many tries were made.
+    The client's exception is not chained (it may carry request details): its text,
+    redacted, is in the message."""
 
     def __init__(self, message: str, path: str | None = None, operation: str | None = None,
                  retried: int = 0):

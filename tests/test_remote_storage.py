@@ -139,7 +139,7 @@ def test_connection_refused_is_retried_then_typed(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("DCKPT_REMOTE_RETRIES", "2")
     monkeypatch.setenv("DCKPT_REMOTE_BACKOFF", "0.01")
-    st = objectstore.connect("s3://nobucket/x", {**QUICK, "anon": False})
+    st = objectstore.connect("s3://nobucket/x", {**QUICK, "key": "k1", "secret": "s1"})
     with pytest.raises(RemoteStorageError, match="after 2 tries") as e:
         st.put_bytes("s3://nobucket/x/m", b"{}")
     assert e.value.path == "s3://nobucket/x/m"

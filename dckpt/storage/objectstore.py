@@ -47,6 +47,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path, PurePath
 
 from ..errors import IncompleteCheckpointError, RemoteStorageError
@@ -54,7 +55,7 @@ from ..errors import IncompleteCheckpointError, RemoteStorageError
 log = logging.getLogger("dckpt.storage")
 
 PART_SIZE = 16 << 20  # multipart part size: S3 needs >= 5 MiB; 16 MiB keeps memory small
-UPLOAD_MEMORY = 128 << 20  # parts in flight at once, over all uploads of one call
+UPLOAD_MEMORY = 64 << 20  # parts in flight at once, over all uploads of one call
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -224,7 +225,8 @@ class ObjectStore:
 
     def _key(self, url: str) -> str:
         """The path the fsspec file system takes ("bucket/key")."""
-        return self.fs._strip_protocol(url)
+        m = _URL.match(url)
+        return url[m.end():] if m else url
 
     def _url(self, key: str) -> str:
         return f"{self.protocol}://{key}"
@@ -439,6 +441,40 @@ def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
     return f"{hashlib.md5(digests).hexdigest()}-{parts}"
 
 
+# Which client serves s3:// (docs/STORAGE.md has the measurement behind the choice):
+# "s3fs" or "obstore" (its fsspec-compatible FsspecStore over the Rust object_store
+# crate); storage_options={"client": ...} or DCKPT_S3_CLIENT choose per use.
+DEFAULT_CLIENT = "s3fs"
+
+
+def _obstore_fs(proto: str, options: dict):
+    """obstore's FsspecStore for s3://, taking the s3fs-style options dckpt documents
+    (endpoint_url, key, secret, token, client_kwargs.region_name); other options are
+    obstore's S3 config keys. Plain-http endpoints (a loopback server) are allowed."""
+    from obstore.fsspec import FsspecStore
+    opts = dict(options)
+    config = dict(opts.pop("config", {}) or {})
+    names = {"endpoint_url": "endpoint", "key": "access_key_id",
+             "secret": "secret_access_key", "token": "session_token"}
+    for k, v in list(opts.items()):
+        if k in names:
+            config[names[k]] = opts.pop(k)
+    region = (opts.pop("client_kwargs", None) or {}).get("region_name")
+    if region:
+        config["region"] = region
+    # botocore's options; of them, the retry count has an obstore equivalent.
+    attempts = ((opts.pop("config_kwargs", None) or {}).get("retries") or {}).get("max_attempts")
+    if attempts and "retry_config" not in opts:
+        opts["retry_config"] = {"max_retries": max(0, int(attempts) - 1),
+                                "retry_timeout": timedelta(seconds=30)}
+    endpoint = config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    client_options = dict(opts.pop("client_options", {}) or {})
+    if endpoint.startswith("http://"):
+        client_options.setdefault("allow_http", True)
+    return FsspecStore(proto, config=config or None, client_options=client_options or None,
+                       **opts)
+
+
 _STORES: dict = {}
 _STORES_LOCK = threading.Lock()
 _DEFAULT_OPTIONS: dict = {}
@@ -457,7 +493,9 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
     (AWS_* variables, config files). fsspec is imported here, on first use."""
     proto = protocol(url)
     options = dict(storage_options if storage_options is not None else _DEFAULT_OPTIONS)
-    cache_key = (proto, repr(sorted(options.items(), key=lambda kv: kv[0])), os.getpid())
+    client = options.pop("client", None) or os.environ.get("DCKPT_S3_CLIENT") or DEFAULT_CLIENT
+    cache_key = (proto, client, repr(sorted(options.items(), key=lambda kv: kv[0])),
+                 os.getpid())
     with _STORES_LOCK:
         store = _STORES.get(cache_key)
         if store is None:
@@ -468,7 +506,10 @@ def connect(url: str, storage_options: dict | None = None) -> ObjectStore:
                     f"{redact(url)}: object storage needs fsspec and the client for "
                     f"{proto}:// (pip install 'dckpt[s3]')", redact(url), "connect") from None
             try:
-                fs, _ = url_to_fs(url, **options)
+                if client == "obstore" and proto in ("s3", "s3a"):
+                    fs = _obstore_fs(proto, options)
+                else:
+                    fs, _ = url_to_fs(url, **options)
             except ImportError as e:
                 raise RemoteStorageError(
                     f"{redact(url)}: no fsspec client for {proto}:// is installed "
