@@ -409,18 +409,3 @@ def test_two_ranks_upload_their_own_files_restore_from_remote_and_fail_together(
     assert [b["newest"] for b in back] == [2, 2]
     assert all(b["path"] == f"{url}/{step_dir(2)}" for b in back)
 
-
-def test_any_fsspec_url_is_a_remote(tmp_path):
-    """The tier speaks fsspec: its in-memory file system works as well (no server)."""
-    url = f"memory://tier-{tmp_path.name}/exp"
-    state = {"model": {"w": torch.arange(1000.0)}}
-    with CheckpointManager(tmp_path / "run", remote=url) as mgr:
-        mgr.save(1, state)
-        mgr.save(2, state)
-        mgr.wait()
-        assert mgr.upload_report(2).copied > 0
-    shutil.rmtree(tmp_path / "run")
-    mgr = CheckpointManager(tmp_path / "run", remote=url)
-    fresh = {"model": {"w": torch.zeros(1000)}}
-    assert mgr.restore(fresh).step == 2 and torch.equal(fresh["model"]["w"], state["model"]["w"])
-    mgr.close()
