@@ -177,3 +177,14 @@ class PreemptionError(DckptError):
         super().__init__(message)
         self.target = target
         self.step = step
+
+
+class UploadError(DckptError):
+    """A committed local checkpoint could not be copied to the remote tier (after retries).
+    The local checkpoint is complete; the remote one was not committed. `step` names the
+    checkpoint, `object` the object that failed (None when no single object did)."""
+
+    def __init__(self, message: str, step: int, object: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.object = object

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..engine import checkpoint
 from ..storage import commit
 from ..distributed import collective as dist
 from ..storage import local as io
+from ..storage import objectstore
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptError,
                       DistributedError, FormatVersionError, IncompleteCheckpointError,
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
@@ -30,6 +31,7 @@ from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from .preemption import Preemption
+from .remote_tier import LOCAL, REMOTE, RemoteTier
 from ..state.restore import partly_overwritten
 from .retention import Retention
 
@@ -47,7 +49,7 @@ class ResumeReport:
     loss_history and your own), `metrics`, the restored components and RNG streams, and
     `notes` (world-size change, components left out, RNG not restored)."""
     step: int
-    path: Path
+    path: Path | str  # a URL for the remote tier
     epoch: int | None
     step_in_epoch: int | None
     metrics: dict
@@ -79,7 +81,7 @@ class ResumeReport:
 @dataclass
 class Attempt:
     """One try at restoring a checkpoint on this rank: what it got, and what it raised."""
-    path: Path
+    path: Path | str  # a URL for the remote tier
     manifest: Any = None  # the Manifest, read once
     rank_entry: dict | None = None  # this rank's entry (None: a rank the save did not have)
     rng_setters: list = field(default_factory=list)  # (stream, set it) once all went well
@@ -91,16 +93,17 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
               allow_missing: bool | list[str] = False, keys: list[str] | None = None,
               strict: bool = True, verify: bool = True, threads: int = 0, group=None,
               manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
-                                              "without them") -> Attempt:
+                                              "without them",
+              storage_options: dict | None = None) -> Attempt:
     """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
     is read once (or `manifest` used): an overwrite in between must not pair one version's
     counters and RNG streams with another's tensors. This rank's RNG streams are checked
     before any tensor is read (a malformed one leaves the state untouched) but set only by
     resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
     the caller to share with the other ranks (fall back, or raise)."""
-    a = Attempt(Path(path))
+    a = Attempt(path if objectstore.is_url(path) else Path(path))
     try:
-        a.manifest = m = manifest or checkpoint.read_manifest(path)
+        a.manifest = m = manifest or checkpoint.read_manifest(path, storage_options)
         a.rank_entry = m.ranks[rank] if rank < m.world_size else None
         rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
         wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
@@ -109,7 +112,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
         a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
         a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
                                    allow_missing=allow_missing, strict=strict, group=group,
-                                   manifest=m)
+                                   manifest=m, storage_options=storage_options)
     except Exception as e:
         a.failure = e
     return a
@@ -174,7 +177,9 @@ class CheckpointManager:
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
-                 async_save: bool | AsyncOptions = False, save_on=None):
+                 async_save: bool | AsyncOptions = False, save_on=None,
+                 remote: str | None = None, storage_options: dict | None = None,
+                 keep_last_remote: int | None = None):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -185,7 +190,10 @@ class CheckpointManager:
         SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
         save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
         each step boundary then saves at a step all ranks agree on and exits
-        (dckpt/manager/preemption.py, docs/preemption.md)."""
+        (dckpt/manager/preemption.py, docs/preemption.md);
+        remote: a URL ("s3://bucket/exp1") each committed step is uploaded to in the
+        background (dckpt/manager/remote_tier.py, docs/STORAGE.md), with storage_options for
+        its file system and keep_last_remote (default: keep_last) for its retention."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -206,6 +214,12 @@ class CheckpointManager:
             except Exception as e:
                 failure = e
         dist.raise_if_any_failed(failure, group, f"opening {self.root}")
+        self._remote = None
+        if remote is not None:
+            kept = (self.retention if keep_last_remote is None
+                    else replace(self.retention, keep_last=keep_last_remote))
+            self._remote = RemoteTier(self.root, str(remote), storage_options=storage_options,
+                                      retention=kept, group=group)
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -256,6 +270,24 @@ class CheckpointManager:
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None
+
+    @dist.collective
+    def newest_step(self) -> int | None:
+        """latest_step(), or a newer step of the remote tier: whether restore() has
+        something to start from (a machine whose local root is empty resumes from the
+        remote). Collective with remote= (rank 0 lists the remote, every rank gets its
+        answer); a remote that cannot be listed leaves latest_step()."""
+        if self._remote is None:
+            return self.latest_step()
+        failure = found = None
+        if self.is_writer:
+            try:
+                remote = [s for s, where in self._reachable().items() if REMOTE in where]
+                found = max([s for s in (self.latest_step(), *remote) if s is not None],
+                            default=None)
+            except Exception as e:
+                failure = e
+        return dist.exchange(found, failure, self.group, "newest step")[0]
 
     def _read_latest(self) -> int | None:
         try:
@@ -354,6 +386,8 @@ class CheckpointManager:
                 except Exception as e:
                     failure = e
             dist.raise_if_any_failed(failure, group, f"save of step {step}: retention")
+            if self._remote is not None:
+                self._remote.submit(step)  # in the background: training does not wait
         finally:
             if lock:
                 lock.release()
@@ -383,7 +417,7 @@ class CheckpointManager:
         if not self.should_save(step):
             return False
         self.save(step, state, **save_kwargs)
-        self.wait()
+        self._wait_saves()
         log.warning("dckpt: preemption checkpoint of step %d committed under %s", step,
                     self.root)
         if exit:
@@ -400,14 +434,43 @@ class CheckpointManager:
 
     # ---- async service -------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for pending async saves (True when none is left); raises their failures."""
-        return self._saver.wait(timeout) if self._saver is not None else True
+        """Wait for pending async saves, then for uploads to the remote tier (True when
+        none is left); raises their failures (AsyncSaveError, UploadError)."""
+        start = time.monotonic()
+        done = self._saver.wait(timeout) if self._saver is not None else True
+        if self._remote is not None:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            done = self._remote.wait(left) and done
+        return done
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish pending async saves and stop the worker; raises failures and, after
-        `timeout`, unfinished saves (AsyncSaveError)."""
+        """Finish pending async saves and uploads and stop the workers; raises failures
+        and, after `timeout`, unfinished saves (AsyncSaveError) or uploads (UploadError)."""
+        try:
+            if self._saver is not None:
+                self._saver.close(timeout)
+        finally:
+            if self._remote is not None:
+                self._remote.close(timeout)
+
+    def _wait_saves(self) -> None:
+        """Wait for the async saves only (their commits hold the root lock); uploads go on
+        (a preemption's grace period is for the local commit)."""
         if self._saver is not None:
-            self._saver.close(timeout)
+            self._saver.wait()
+
+    def tiers(self) -> dict[int, set[str]]:
+        """Committed steps -> where they are: {"local"}, {"remote"} or both. Without
+        remote= every step is {"local"}."""
+        out = {s: {LOCAL} for s in self.steps()}
+        for s in self._remote.steps() if self._remote is not None else ():
+            out.setdefault(s, set()).add(REMOTE)
+        return dict(sorted(out.items()))
+
+    def upload_report(self, step: int):
+        """What the upload of `step` by this rank moved (remote_tier.UploadReport: bytes
+        sent, bytes copied server-side, objects), or None."""
+        return self._remote.reports.get(step) if self._remote is not None else None
 
     def prepare(self, state: Any) -> int:
         """Allocate the async staging buffers for `state` now; returns their bytes."""
@@ -494,7 +557,7 @@ class CheckpointManager:
         data lies outside the root, so neither it nor the link is touched). Never the step
         just saved nor the one `latest` names, whatever the policy says: a save must not
         report success for a checkpoint it then deletes, nor leave `latest` naming nothing."""
-        keep = {saved, self._read_latest()}
+        keep = {saved, self._read_latest(), *(self._remote.pending() if self._remote else ())}
         doomed = [s for s, why in self.retention_plan().items() if not why and s not in keep]
         links = [s for s in doomed if self.path(s).is_symlink()]
         for s in links:
@@ -543,7 +606,7 @@ class CheckpointManager:
     def gc(self, dry_run: bool = False) -> dict:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed.
         Collective: rank 0 does it, every rank gets its report or its error."""
-        self.wait()  # the async worker holds the root lock while it commits
+        self._wait_saves()  # the async worker holds the root lock while it commits
         report = failure = None
         if self.is_writer:
             try:
@@ -569,17 +632,20 @@ class CheckpointManager:
                 "kept_links": links, "freed_bytes": freed, "dry_run": dry_run}
 
     # ---- restore -------------------------------------------------------------------------
-    def _candidates(self, step: int | None) -> list[int]:
-        """The steps every rank tries, in order: the one asked for, or rank 0's committed
-        steps newest first (ranks that each listed the root could pick different steps while
-        a save commits, or where nodes see different roots). Ranks asking for different
-        steps are an error."""
+    def _candidates(self, step: int | None) -> list[list]:
+        """The [step, tier] every rank tries, in order: the step asked for, or rank 0's
+        committed steps newest first (ranks that each listed the root could pick different
+        steps while a save commits, or where nodes see different roots); of each, the local
+        copy first, then the remote one. Ranks asking for different steps are an error."""
         failure = listed = None
         try:
-            if step is None and self.is_writer:
-                listed = self.steps()[::-1]
-                if not listed:
-                    raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}")
+            if self.is_writer and (step is None or self._remote is not None):
+                listed = [[s, t] for s, where in reversed(self._reachable().items())
+                          for t in (LOCAL, REMOTE) if t in where and step in (None, s)]
+                if not listed and step is None:
+                    raise CheckpointNotFoundError(f"no committed checkpoint under {self.root}"
+                                                  + (f" nor under {self._remote.url}"
+                                                     if self._remote is not None else ""))
         except Exception as e:
             failure = e
         asked = dist.exchange([step, listed], failure, self.group,
@@ -589,7 +655,19 @@ class CheckpointManager:
         if differ:
             raise StateMismatchError([f"ranks asked to restore different steps of {self.root}: "
                                       f"rank 0 step {chosen}, others {differ}"])
-        return [chosen] if chosen is not None else listed
+        return listed or [[chosen, LOCAL]]
+
+    def _reachable(self) -> dict[int, set[str]]:
+        """tiers() for a restore: a remote that cannot be listed leaves the local steps."""
+        try:
+            return self.tiers()
+        except DckptError as e:
+            log.warning("dckpt: the remote tier %s cannot be listed (%s); restoring from the "
+                        "local steps only", self._remote.url, e)
+            return {s: {LOCAL} for s in self.steps()}
+
+    def _location(self, step: int, tier: str) -> Path | str:
+        return self.path(step) if tier == LOCAL else self._remote.step_url(step)
 
     @dist.collective
     def restore(self, state: dict, step: int | None = None, *,
@@ -609,15 +687,17 @@ class CheckpointManager:
         report's notes say so: a failed read may have overwritten part of the live state
         already, and this puts all of it back from one checkpoint."""
         t0 = time.perf_counter()
-        self.wait()
+        self._wait_saves()
         candidates = self._candidates(step)
         r = dist.rank(self.group)
         skipped, changed = [], False
-        for i, step in enumerate(candidates):
-            path = self.path(step)
+        for i, (step, tier) in enumerate(candidates):
+            path = self._location(step, tier)
             attempt = load_step(state, path, rank=r, restore_rng=restore_rng,
                                 allow_missing=allow_missing, keys=keys, strict=strict,
-                                verify=self.verify, threads=self.threads, group=self.group)
+                                verify=self.verify, threads=self.threads, group=self.group,
+                                storage_options=(self._remote.storage_options
+                                                 if tier == REMOTE else None))
             failure = attempt.failure
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).
@@ -630,10 +710,10 @@ class CheckpointManager:
                 break
             changed = changed or any(h[2] for _, h in bad)
             if i + 1 < len(candidates) and all(h[1] for _, h in bad):
-                skipped.append(f"step {step} could not be restored (rank {bad[0][0]}: "
-                               f"{bad[0][1][0].splitlines()[0]})")
-                log.warning("dckpt: %s; falling back to step %d", skipped[-1],
-                            candidates[i + 1])
+                skipped.append(f"step {step} ({tier}) could not be restored (rank "
+                               f"{bad[0][0]}: {bad[0][1][0].splitlines()[0]})")
+                log.warning("dckpt: %s; falling back to step %d (%s)", skipped[-1],
+                            *candidates[i + 1])
                 continue
             if failure is None:
                 failure = DistributedError(f"restore of {path}: rank {bad[0][0]} failed: "
@@ -643,7 +723,7 @@ class CheckpointManager:
             raise failure
         notes = []
         if skipped:
-            notes.append(f"fell back to step {step}, the newest intact checkpoint: "
+            notes.append(f"fell back to step {step} ({tier}), the newest intact checkpoint: "
                          + "; ".join(skipped) + f". Everything restored comes from step "
                          f"{step}, including what the failed attempt had overwritten")
         c = attempt.manifest.counters
