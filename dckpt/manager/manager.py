@@ -29,6 +29,7 @@ from ..state import rng
 from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
+from .memory_tier import MemoryTier
 from .preemption import Preemption
 from ..state.restore import partly_overwritten
 from .retention import Retention
@@ -58,6 +59,9 @@ class ResumeReport:
     bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # world-size change, RNG not restored
+    # With a memory tier: rank -> where its bytes came from ("tier": memory | replica |
+    # durable, "from", "seconds", "bytes"), the same on every rank.
+    sources: dict[int, dict] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for a log: step, epoch, what was restored, bytes, time and notes."""
@@ -91,7 +95,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
               allow_missing: bool | list[str] = False, keys: list[str] | None = None,
               strict: bool = True, verify: bool = True, threads: int = 0, group=None,
               manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
-                                              "without them") -> Attempt:
+                                              "without them", local_shards: bool = False) -> Attempt:
     """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
     is read once (or `manifest` used): an overwrite in between must not pair one version's
     counters and RNG streams with another's tensors. This rank's RNG streams are checked
@@ -109,7 +113,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
         a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
         a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
                                    allow_missing=allow_missing, strict=strict, group=group,
-                                   manifest=m)
+                                   manifest=m, local_shards=local_shards)
     except Exception as e:
         a.failure = e
     return a
@@ -174,7 +178,9 @@ class CheckpointManager:
                  chunk_size: int | None = None, threads: int = 0, fsync: bool = True,
                  verify: bool = True, incremental: bool = True, full_every: int | None = None,
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
-                 async_save: bool | AsyncOptions = False, save_on=None):
+                 async_save: bool | AsyncOptions = False, save_on=None,
+                 memory: str | os.PathLike | None = None, replicas: int = 1,
+                 durable_every: int = 10, node: str | None = None, memory_keep: int = 2):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -185,7 +191,11 @@ class CheckpointManager:
         SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
         save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
         each step boundary then saves at a step all ranks agree on and exits
-        (dckpt/manager/preemption.py, docs/preemption.md)."""
+        (dckpt/manager/preemption.py, docs/preemption.md);
+        memory: a node-local (tmpfs) path, `{node}` standing for the node: every save is
+        committed there and copied to `replicas` partner ranks on other nodes, every
+        `durable_every`-th save also under `root`; `memory_keep` steps stay in memory; `node`
+        overrides the node id (dckpt/manager/memory_tier.py, docs/RECOVERY.md)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -206,6 +216,9 @@ class CheckpointManager:
             except Exception as e:
                 failure = e
         dist.raise_if_any_failed(failure, group, f"opening {self.root}")
+        self._tier = None if memory is None else MemoryTier(
+            memory, replicas=replicas, durable_every=durable_every, node=node,
+            keep=memory_keep, group=group)
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -270,9 +283,12 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
              loss_history: list[float] | None = None, counters: dict | None = None,
-             overwrite: bool = False, full: bool = False) -> checkpoint.SaveResult | SaveHandle:
+             overwrite: bool = False, full: bool = False,
+             durable: bool | None = None) -> checkpoint.SaveResult | SaveHandle:
         """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention.
-        full: write every chunk even when the manager saves incrementally.
+        full: write every chunk even when the manager saves incrementally. durable: with a
+        memory tier, whether this save also goes under `root` (default: every
+        durable_every-th save).
 
         Synchronous: returns the SaveResult once committed. Async: returns a SaveHandle once
         the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
@@ -287,14 +303,28 @@ class CheckpointManager:
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
+        to_root = self._tier is None or self._tier.durable_due(durable)
         if self._saver is not None:
             return self._saver.submit(
                 step, state, rank_state,
-                lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
-                                           self._commit_group, self._saver.options.writer_threads,
-                                           started, self._saver.options.mode))
-        return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
-                             metrics, overwrite, full, self.group, self.threads, started)
+                lambda snap: self._commit(step, snap, ctr, metrics, overwrite, full,
+                                          self._commit_group, self._saver.options.writer_threads,
+                                          started, self._saver.options.mode, to_root))
+        return self._commit(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
+                            metrics, overwrite, full, self.group, self.threads, started,
+                            durable=to_root)
+
+    @dist.collective
+    def _commit(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
+                group, threads: int, started: float | None = None,
+                mode: io.Background = io.FOREGROUND, durable: bool = True):
+        """The memory tier first (when there is one), then `root` when `durable`."""
+        if self._tier is not None:
+            snap, result = self._tier.save(step, snap, ctr, metrics, group, threads, mode)
+            if not durable:
+                return result
+        return self._persist(step, snap, ctr, metrics, overwrite, full, group, threads,
+                             started, mode)
 
     @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
@@ -382,7 +412,7 @@ class CheckpointManager:
         the Preemption's exit code (exit=False: return True instead)."""
         if not self.should_save(step):
             return False
-        self.save(step, state, **save_kwargs)
+        self.save(step, state, **{"durable": True, **save_kwargs})  # the node may not come back
         self.wait()
         log.warning("dckpt: preemption checkpoint of step %d committed under %s", step,
                     self.root)
@@ -610,6 +640,9 @@ class CheckpointManager:
         already, and this puts all of it back from one checkpoint."""
         t0 = time.perf_counter()
         self.wait()
+        if self._tier is not None:
+            return self._tier.restore(self, state, step, allow_missing=allow_missing, keys=keys,
+                                      restore_rng=restore_rng, strict=strict, t0=t0)
         candidates = self._candidates(step)
         r = dist.rank(self.group)
         skipped, changed = [], False

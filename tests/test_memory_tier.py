@@ -1,0 +1,177 @@
+"""The memory tier (dckpt/manager/memory_tier.py): 4 gloo ranks as 2 nodes ("a": ranks 0-1,
+"b": ranks 2-3), each node's memory under its own directory through `{node}`. A restart is
+a new set of processes; losing a node is removing its memory directory."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed import run_with_ranks  # noqa: E402
+
+import dckpt  # noqa: E402
+from dckpt.manager.memory_tier import part_name  # noqa: E402
+
+
+def node_of(rank: int) -> str:
+    return "a" if rank < 2 else "b"
+
+
+def make(rank: int, step: int) -> dict:
+    """A rank's state at `step`: a replicated weight, rank-own moments, a small record."""
+    shared = torch.Generator().manual_seed(step)
+    own = torch.Generator().manual_seed(1000 * step + rank)
+    return {"weights": torch.randn(64, 32, generator=shared),
+            "moments": torch.randn(3000, generator=own),
+            "record": torch.tensor([rank, step])}
+
+
+def manager(rank: int, root: str, mem: str, durable_every: int, **kw):
+    return dckpt.CheckpointManager(root, memory=mem + "/{node}", node=node_of(rank),
+                                   durable_every=durable_every, **kw)
+
+
+def _save(rank, world, root, mem, steps, durable_every, async_save=False):
+    mgr = manager(rank, root, mem, durable_every, async_save=async_save)
+    for s in steps:
+        mgr.save(s, make(rank, s))
+    mgr.close()
+    return mgr._tier.partners[rank]
+
+
+def _restore(rank, world, root, mem, durable_every, step=None):
+    mgr = manager(rank, root, mem, durable_every)
+    state = make(rank, 0)
+    rep = mgr.restore(state, step)
+    want = make(rank, rep.step)
+    same = all(torch.equal(state[k], want[k]) for k in want)
+    return {"step": rep.step, "same": same, "notes": rep.notes,
+            "sources": {str(q): v for q, v in rep.sources.items()}}
+
+
+def tiers(res: dict) -> list[str]:
+    return [res["sources"][str(q)]["tier"] for q in range(4)]
+
+
+def committed(root: str) -> list[str]:
+    return sorted(n for n in os.listdir(root) if n.startswith("step-"))
+
+
+def test_lost_node_comes_back_from_partner_replicas_then_durable(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    partners = run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)
+    assert partners == [[2], [3], [0], [1]]  # the same local rank on the other node
+    # Every save in memory on both nodes, each part also as a replica on the other node;
+    # only the 2nd save (step 2) on disk.
+    assert committed(root) == ["step-000000002"]
+    for r in range(4):
+        node, other = node_of(r), node_of((r + 2) % 4)
+        assert (Path(mem, node, "step-000000003", part_name(r, 4), "manifest.json")).is_file()
+        assert (Path(mem, other, "replicas", "step-000000003", part_name(r, 4),
+                     "manifest.json")).is_file()
+    # Retention keeps the newest two steps in memory.
+    assert sorted(os.listdir(Path(mem, "a"))) == ["replicas", "step-000000002", "step-000000003"]
+
+    shutil.rmtree(Path(mem, "b"))  # node b replaced: its memory is gone
+    res = run_with_ranks(4, _restore, root, mem, 2)
+    assert {r["step"] for r in res} == {3} and all(r["same"] for r in res)
+    assert all(r["sources"] == res[0]["sources"] for r in res)  # every rank's report agrees
+    assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
+    assert "rank 0" in res[0]["sources"]["2"]["from"] and res[0]["sources"]["2"]["bytes"] > 0
+    # The replica fetched is kept as node b's own part again.
+    assert Path(mem, "b", "step-000000003", part_name(2, 4), "manifest.json").is_file()
+
+    shutil.rmtree(Path(mem, "a"))
+    shutil.rmtree(Path(mem, "b"))  # both nodes lost: the newest durable step
+    res = run_with_ranks(4, _restore, root, mem, 2)
+    assert {r["step"] for r in res} == {2} and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["durable"] * 4
+
+
+def test_flipped_bit_in_a_replica_is_detected_and_the_next_source_used(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3], 3)  # step 3 also durable
+    shutil.rmtree(Path(mem, "b"))
+    data = Path(mem, "a", "replicas", "step-000000003", part_name(2, 4), "rank-00000.dckpt")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    res = run_with_ranks(4, _restore, root, mem, 3)
+    assert {r["step"] for r in res} == {3} and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["memory", "memory", "durable", "replica"]
+    flagged = [n for n in res[2]["notes"] if n.startswith("rank 2:")]
+    assert flagged and "CorruptCheckpointError" in flagged[0], res[2]["notes"]
+    # The corrupt copy was not kept as node b's part.
+    assert not Path(mem, "b", "step-000000003", part_name(2, 4)).exists()
+
+
+def test_flipped_bits_everywhere_fall_back_to_an_older_step(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2], 10)  # nothing durable
+    for node in ("a", "b"):
+        for d in Path(mem, node).rglob("step-000000002/*/rank-00000.dckpt"):
+            raw = bytearray(d.read_bytes())
+            raw[-7] ^= 1
+            d.write_bytes(bytes(raw))
+    res = run_with_ranks(4, _restore, root, mem, 10)
+    assert {r["step"] for r in res} == {1} and all(r["same"] for r in res)
+    assert any("fell back to step 1" in n for n in res[0]["notes"])
+
+
+def _save_and_die(rank, world, root, mem, victim):
+    os.environ["DCKPT_PEER_TIMEOUT"] = "3"
+    from dckpt.distributed import replicate
+    mgr = manager(rank, root, mem, 10)
+    mgr.save(1, make(rank, 1))
+    mgr.save(2, make(rank, 2))
+    if rank == victim:  # dies once the file lists are exchanged, before sending bytes
+        replicate._read = lambda *a: os._exit(9)
+    try:
+        mgr.save(3, make(rank, 3))
+    except dckpt.errors.DistributedError as e:
+        return [type(e).__name__, e.rank]
+    return None
+
+
+def test_process_killed_mid_replication_leaves_previous_step_usable(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    out = run_with_ranks(4, _save_and_die, root, mem, 3, may_die=(3,))
+    assert out[3] is None
+    assert all(o == ["DistributedError", 3] for o in out[:3]), out
+    shutil.rmtree(Path(mem, "b"))  # and rank 3's node is lost with it
+    res = run_with_ranks(4, _restore, root, mem, 10)
+    assert {r["step"] for r in res} == {2} and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
+
+
+def test_async_saves_go_through_the_memory_tier(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3, 4], 2, True)
+    shutil.rmtree(Path(mem, "a"))
+    res = run_with_ranks(4, _restore, root, mem, 2)
+    assert {r["step"] for r in res} == {4} and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["replica", "replica", "memory", "memory"]
+    assert committed(root) == ["step-000000002", "step-000000004"]
+
+
+def test_one_node_is_not_replicated_and_says_so(tmp_path):
+    mgr = dckpt.CheckpointManager(tmp_path / "root", memory=str(tmp_path / "shm/{node}"),
+                                  node="solo", durable_every=2)
+    for s in (1, 2, 3):
+        mgr.save(s, make(0, s))
+    state = make(0, 0)
+    rep = mgr.restore(state)
+    assert rep.step == 3 and torch.equal(state["moments"], make(0, 3)["moments"])
+    assert rep.sources[0]["tier"] == "memory"
+    assert any("not replicated" in n for n in rep.notes)
+    shutil.rmtree(tmp_path / "shm")
+    state = make(0, 0)
+    rep = dckpt.CheckpointManager(tmp_path / "root", memory=str(tmp_path / "shm/{node}"),
+                                  node="solo").restore(state)
+    assert rep.step == 2 and rep.sources[0]["tier"] == "durable"
+    assert torch.equal(state["moments"], make(0, 2)["moments"])
