@@ -175,3 +175,35 @@ def test_one_node_is_not_replicated_and_says_so(tmp_path):
                                   node="solo").restore(state)
     assert rep.step == 2 and rep.sources[0]["tier"] == "durable"
     assert torch.equal(state["moments"], make(0, 2)["moments"])
+
+
+def _train_save(rank, world, root, mem, kind):
+    from test_distributed import ddp_state, digests, fsdp_state, train
+    state = fsdp_state(rank, world) if kind == "fsdp" else ddp_state(rank, world, zero=True)
+    mgr = manager(rank, root, mem, 10)
+    losses = train(state, 2, [])
+    mgr.save(1, state)
+    train(state, 2, losses)
+    mgr.save(2, state)
+    return digests(state)
+
+
+def _restore_sharded(rank, world, root, mem, kind):
+    from test_distributed import ddp_state, digests, fsdp_state
+    state = (fsdp_state(rank, world, init_seed=1) if kind == "fsdp"
+             else ddp_state(rank, world, init_seed=1, zero=True))
+    rep = manager(rank, root, mem, 10).restore(state)
+    return {"step": rep.step, "digests": digests(state),
+            "sources": {str(q): v for q, v in rep.sources.items()}}
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "zero"])
+def test_sharded_states_replicate_each_ranks_shard(tmp_path, kind):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    saved = run_with_ranks(4, _train_save, root, mem, kind, timeout=120)
+    assert saved[0] != saved[2]  # the ranks' shards (partitions) differ
+    shutil.rmtree(Path(mem, "b"))
+    res = run_with_ranks(4, _restore_sharded, root, mem, kind, timeout=120)
+    assert [r["step"] for r in res] == [2] * 4
+    assert [r["digests"] for r in res] == saved  # bitwise, every rank's own shard
+    assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
