@@ -46,6 +46,7 @@ def _save(rank, world, root, mem, steps, durable_every, async_save=False):
 
 def _restore(rank, world, root, mem, durable_every, step=None):
     mgr = manager(rank, root, mem, durable_every)
+    assert mgr.newest_step() is not None  # what a training script asks before restore()
     state = make(rank, 0)
     rep = mgr.restore(state, step)
     want = make(rank, rep.step)
@@ -130,7 +131,9 @@ def _save_and_die(rank, world, root, mem, victim):
     mgr.save(1, make(rank, 1))
     mgr.save(2, make(rank, 2))
     if rank == victim:  # dies once the file lists are exchanged, before sending bytes
-        replicate._read = lambda *a: os._exit(9)
+        mapped = replicate._mapped
+        replicate._mapped = lambda path, size, maps, write: (
+            mapped(path, size, maps, write) if write else os._exit(9))
     try:
         mgr.save(3, make(rank, 3))
     except dckpt.errors.DistributedError as e:
@@ -207,3 +210,20 @@ def test_sharded_states_replicate_each_ranks_shard(tmp_path, kind):
     assert [r["step"] for r in res] == [2] * 4
     assert [r["digests"] for r in res] == saved  # bitwise, every rank's own shard
     assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
+
+
+def test_other_world_size_restores_from_the_durable_tier(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)  # memory: 2, 3; durable: 2
+    res = run_with_ranks(2, _restore_resized, root, mem)
+    assert [r["step"] for r in res] == [2, 2] and all(r["same"] for r in res)
+    assert all(r["tiers"] == ["durable", "durable"] for r in res)
+
+
+def _restore_resized(rank, world, root, mem):
+    mgr = manager(rank, root, mem, 2)
+    state = make(rank, 0)
+    rep = mgr.restore(state)  # ranks 0-1 of 4 saved: their per-rank tensors are there
+    want = make(rank, rep.step)
+    return {"step": rep.step, "same": all(torch.equal(state[k], want[k]) for k in want),
+            "tiers": [rep.sources[q]["tier"] for q in range(world)]}

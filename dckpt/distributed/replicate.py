@@ -15,14 +15,13 @@ directory whose manifest and chunk hashes the normal verified read checks.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -82,20 +81,6 @@ def solo_group(group=None):
     return tdist.new_group(ranks=[me], backend="gloo", use_local_synchronization=True)
 
 
-@dataclass(frozen=True)
-class Received:
-    """Files one rank sent this one: their names and sizes, and the bytes back to back."""
-    files: list[tuple[str, int]]
-    data: torch.Tensor  # uint8
-
-    def items(self):
-        at = 0
-        view = self.data.numpy()
-        for name, size in self.files:
-            yield name, view[at:at + size]
-            at += size
-
-
 def files_of(directory: Path) -> list[tuple[str, int]]:
     """The regular files of a checkpoint directory, manifest last (name, size)."""
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
@@ -118,13 +103,18 @@ def _valid(src: int, offer) -> list[tuple[str, int]]:
     return out
 
 
-def transfer(outgoing: dict[int, Path | str], group, p2p, what: str,
-             failure: BaseException | None = None) -> dict[int, Received | str]:
+def transfer(outgoing: dict[int, Path | str], into, group, p2p, what: str,
+             failure: BaseException | None = None) -> dict[int, Path | str]:
     """Send the files of directory outgoing[dst] to each rank dst (a string instead: why
-    this rank has nothing to send it); returns, per rank that sent this one something, the
-    files received (or its reason why not). Collective over `group` (its exchange and
-    watch), with the bytes moving over the gloo group `p2p` of the same ranks. `failure`:
-    this rank's error so far, which makes every rank raise here."""
+    this rank has nothing to send it). What rank src sends this one lands in the new
+    directory into(src) (made here; the caller renames or removes it). Returns, per rank
+    that sent this one something, that directory (or its reason for sending nothing).
+    Collective over `group` (its exchange and watch), with the bytes moving over the gloo
+    group `p2p` of the same ranks. `failure`: this rank's error so far, which makes every
+    rank raise here.
+
+    The bytes go from the sender's file pages to the receiver's (both memory-mapped): the
+    socket copy is the only one."""
     me = dist.rank(group)
     offers: dict[str, object] = {}
     try:
@@ -139,25 +129,59 @@ def transfer(outgoing: dict[int, Path | str], group, p2p, what: str,
         if src != me and str(me) in theirs:
             o = theirs[str(me)]
             incoming[src] = o if isinstance(o, str) else _valid(src, o)
-    works, peers = [], set()
-    received: dict[int, Received | str] = {}
-    for src, files in incoming.items():  # receives first: every send finds its match
-        if isinstance(files, str):
-            received[src] = files
-            continue
-        buf = torch.empty(sum(s for _, s in files), dtype=torch.uint8)
-        received[src] = Received(files, buf)
-        works += [(src, w) for w in _pieces(tdist.irecv, buf, src, p2p)]
-        peers.add(src)
-    for dst, d in outgoing.items():
-        if isinstance(d, str) or dst == me:
-            continue
-        files = [(n, s) for n, s in (tuple(x) for x in offers[str(dst)])]
-        works += [(dst, w) for w in _pieces(tdist.isend, _read(Path(d), files), dst, p2p)]
-        peers.add(dst)
-    if works:
-        _wait_all(works, peers, group, f"{what}: bytes")
+    works, peers, maps, bufs = [], set(), [], []
+    received: dict[int, Path | str] = {}
+    try:
+        for src, files in incoming.items():  # receives first: every send finds its match
+            if isinstance(files, str):
+                received[src] = files
+                continue
+            d = received[src] = Path(into(src))
+            d.mkdir(parents=True)
+            for name, size in files:
+                bufs.append(_mapped(d / name, size, maps, write=True))
+                works += [(src, w) for w in _pieces(tdist.irecv, bufs[-1], src, p2p)]
+            peers.add(src)
+        for dst, d in outgoing.items():
+            if isinstance(d, str) or dst == me:
+                continue
+            for name, size in (tuple(x) for x in offers[str(dst)]):
+                bufs.append(_mapped(Path(d) / name, size, maps, write=False))
+                works += [(dst, w) for w in _pieces(tdist.isend, bufs[-1], dst, p2p)]
+            peers.add(dst)
+        if works:
+            _wait_all(works, peers, group, f"{what}: bytes")
+    finally:
+        works.clear()
+        bufs.clear()  # the tensors over the mappings first, then the mappings
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:  # a tensor still views it (a transfer left behind)
+                pass
     return received
+
+
+def _mapped(path: Path, size: int, maps: list, write: bool) -> torch.Tensor | None:
+    """The bytes of `path` as a uint8 tensor over a mapping of the file (None when empty):
+    for a receive, a new file of `size` bytes; for a send, the file as it is, which must
+    still have the size announced."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if write else os.O_RDONLY
+    fd = os.open(path, flags, 0o644)
+    try:
+        if write:
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            raise DistributedError(f"{path} changed size while being sent "
+                                   f"({os.fstat(fd).st_size}, announced {size} bytes)")
+        if size == 0:
+            return None
+        # A private mapping of a file being sent: writable for torch, never written.
+        m = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    maps.append(m)
+    return torch.frombuffer(m, dtype=torch.uint8)
 
 
 def _wait_all(works: list[tuple[int, Any]], peers: set[int], group, what: str) -> None:
@@ -184,19 +208,8 @@ def _wait_all(works: list[tuple[int, Any]], peers: set[int], group, what: str) -
                                f"probably died): {e}", peer) from e
 
 
-def _read(directory: Path, files: list[tuple[str, int]]) -> torch.Tensor:
-    buf = np.empty(sum(s for _, s in files), dtype=np.uint8)
-    at = 0
-    for name, size in files:
-        with open(directory / name, "rb") as f:
-            got = f.readinto(memoryview(buf)[at:at + size])
-        if got != size:
-            raise DistributedError(f"{directory / name} changed size while being sent "
-                                   f"({got} of {size} bytes)")
-        at += size
-    return torch.from_numpy(buf)
-
-
-def _pieces(op, buf: torch.Tensor, peer: int, p2p) -> list:
+def _pieces(op, buf: torch.Tensor | None, peer: int, p2p) -> list:
+    if buf is None:
+        return []
     g = tdist.get_global_rank(p2p, peer) if p2p is not None else peer
     return [op(buf[at:at + PIECE], g, group=p2p) for at in range(0, buf.numel(), PIECE)]

@@ -74,6 +74,9 @@ class ResumeReport:
         if self.missing_allowed:
             parts.append(f"NOT restored (allowed): {', '.join(self.missing_allowed)}")
         parts.append(f"{self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s")
+        if self.sources:  # with a memory tier: where each rank's bytes came from
+            parts.append("ranks' bytes from: " + ", ".join(
+                f"{q} {v['tier']} ({v['seconds']:.2f} s)" for q, v in self.sources.items()))
         parts += [f"NOTE: {n}" for n in self.notes]
         return "; ".join(parts)
 
@@ -269,6 +272,21 @@ class CheckpointManager:
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None
+
+    @dist.collective
+    def newest_step(self) -> int | None:
+        """latest_step(), or a newer step some rank holds in the memory tier: whether
+        restore() has something to start from. Collective with a memory tier (a rank on a
+        replaced node holds nothing, its partners do), so every rank gets the same answer."""
+        if self._tier is None:
+            return self.latest_step()
+        failure = found = None
+        try:
+            found = [x for x in (self.latest_step(), self._tier.newest()) if x is not None]
+        except Exception as e:
+            failure = e
+        found = [x for f in dist.exchange(found, failure, self.group, "newest step") for x in f]
+        return max(found) if found else None
 
     def _read_latest(self) -> int | None:
         try:

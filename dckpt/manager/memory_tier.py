@@ -153,37 +153,25 @@ class MemoryTier:
         except Exception as e:
             failure = e
         what = f"memory tier save of step {step}"
-        received = replicate.transfer({p: own for p in self.partners[self.rank]}, group,
+        received = replicate.transfer({p: own for p in self.partners[self.rank]},
+                                      lambda src: staging_dir(self.replica(step, src)), group,
                                       self.p2p, f"{what}: replication", failure)
         failure = None
         try:
             for src, got in received.items():
                 if isinstance(got, str):
                     raise CheckpointNotFoundError(f"rank {src} sent no part: {got}")
-                self._keep(got, self.replica(step, src))
+                _commit_dir(got, self.replica(step, src))
         except Exception as e:
             failure = e
+            for got in received.values():
+                if isinstance(got, Path):
+                    shutil.rmtree(got, ignore_errors=True)
         dist.raise_if_any_failed(failure, group, f"{what}: replicas")
         # Only now: until every replica of `step` is in, the older steps are the ones a
         # lost node can come back from.
         self._retain()
         return snap, result
-
-    def _keep(self, got: replicate.Received, target: Path) -> None:
-        """Write received files as the directory `target`: staged, then renamed (the
-        manifest is among them, so a crash leaves a staging directory, never a part)."""
-        tmp = staging_dir(target)
-        tmp.mkdir(parents=True)
-        try:
-            for name, data in got.items():
-                with open(tmp / name, "wb") as f:
-                    f.write(memoryview(data))
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _retain(self) -> None:
         """Keep the newest `keep` steps of this rank's part and of the replicas it holds.
@@ -308,8 +296,8 @@ class MemoryTier:
                     if h == r:
                         p = self.replica(s, q)
                         outgoing[q] = p if is_committed(p) else f"{p} is gone"
-                received = replicate.transfer(outgoing, group, self.p2p,
-                                              f"restore of step {s}: replicas")
+                received = replicate.transfer(outgoing, lambda src: staging_dir(self.part(s)),
+                                              group, self.p2p, f"restore of step {s}: replicas")
                 got = received.get(fetch.get(r, -1))
             hit = None
             if r in tries:
@@ -354,37 +342,31 @@ class MemoryTier:
                                local_shards=True, **kw)
         # A replica: the holder's bytes, staged beside this node's parts and read verified;
         # kept as this node's part of the step once intact (the node is whole again).
-        if not isinstance(got, replicate.Received):
+        if not isinstance(got, Path):
             a = m.Attempt(self.part(s))
             a.failure = CheckpointNotFoundError(
                 f"replica of rank {self.rank}'s part of step {s} on rank {src.holder}: "
                 f"{got or 'nothing was sent'}")
             return a
-        target = self.part(s)
-        tmp = staging_dir(target)
-        try:
-            tmp.mkdir(parents=True)
-            for name, data in got.items():
-                with open(tmp / name, "wb") as f:
-                    f.write(memoryview(data))
-        except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            a = m.Attempt(tmp)
-            a.failure = e
-            return a
-        a = m.load_step(state, tmp, rank=0, group=self.solo, local_shards=True, **kw)
+        a = m.load_step(state, got, rank=0, group=self.solo, local_shards=True, **kw)
         if a.failure is None:
             try:
-                if target.exists():
-                    _remove(target)
-                os.rename(tmp, target)
-                a.path = target
+                _commit_dir(got, self.part(s))
+                a.path = self.part(s)
                 return a
             except OSError as e:
                 log.warning("dckpt: restored step %d from a replica, but could not keep it "
-                            "as %s: %s", s, target, e)
-        shutil.rmtree(tmp, ignore_errors=True)
+                            "as %s: %s", s, self.part(s), e)
+        shutil.rmtree(got, ignore_errors=True)
         return a
+
+
+def _commit_dir(staged: Path, target: Path) -> None:
+    """Put a received part in place: renamed (the files, manifest among them, are complete
+    once the transfer returned); an older directory of that name is removed first."""
+    if target.exists():
+        _remove(target)
+    os.rename(staged, target)
 
 
 def _remove(path: Path) -> None:
