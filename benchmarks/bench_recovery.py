@@ -145,9 +145,13 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
     for _ in range(repeats):
         def send():
             with dist.operation():
-                replicate.transfer({p: part for p in tier.partners[rank]}, None, tier.p2p,
+                replicate.transfer({p: part for p in tier.partners[rank]},
+                                   lambda src: Path(shm, f"received-{src}"), None, tier.p2p,
                                    "bench transfer")
         out["replication"].append(timed(send))
+        for src in tier.sources:
+            shutil.rmtree(Path(shm, f"received-{src}"))
+        dist.barrier(what="bench next")
     out["bytes_per_rank"] = sent
     return out
 
