@@ -74,12 +74,19 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
     want = state["params"].clone()
     mem = shm + "/mem/{node}"
 
-    def timed(fn) -> float:
+    cpu: dict[str, list[float]] = {}
+
+    def timed(fn, key: str | None = None) -> float:
+        """Wall time to the slowest rank; the CPU seconds of all ranks' processes (every
+        thread: gloo's and the native pool's too) go to cpu[key]."""
         dist.barrier(what="bench start")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        mine = time.perf_counter() - t
-        return max(dist.all_gather_json(mine, what="bench time"))
+        mine = [time.perf_counter() - t, time.process_time() - c]
+        got = dist.all_gather_json(mine, what="bench time")
+        if key:
+            cpu.setdefault(key, []).append(sum(x[1] for x in got))
+        return max(x[0] for x in got)
 
     mgr = dckpt.CheckpointManager(root, memory=mem, node=node, durable_every=1, memory_keep=1)
     mgr.save(1, state)  # memory tier + replicas + durable
@@ -102,7 +109,7 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
             elif kind == "durable":
                 os.rename(nodes, aside / "mem")
                 _evict(Path(root))
-        out[kind].append(timed(lambda: restore(kind)))
+        out[kind].append(timed(lambda: restore(kind), kind))
         if rank == 0:
             if kind == "node-lost":  # restore() put node b's parts back from the replicas
                 shutil.rmtree(aside / "b-step")
@@ -148,11 +155,12 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
                 replicate.transfer({p: part for p in tier.partners[rank]},
                                    lambda src: Path(shm, f"received-{src}"), None, tier.p2p,
                                    "bench transfer")
-        out["replication"].append(timed(send))
+        out["replication"].append(timed(send, "replication"))
         for src in tier.sources:
             shutil.rmtree(Path(shm, f"received-{src}"))
         dist.barrier(what="bench next")
     out["bytes_per_rank"] = sent
+    out["cpu"] = cpu
     return out
 
 
@@ -182,11 +190,12 @@ def main() -> int:
     print(f"# recovery bench: {mb} MB job state, {WORLD} gloo ranks as 2 nodes, "
           f"{args.repeats} repeats, load average at start {load[0]:.1f}, "
           f"{time.time() - t0:.0f} s")
-    print("| restore from | time | GB/s (job) | where each rank's bytes came from |")
-    print("|---|---|---|---|")
+    print("| restore from | time | GB/s (job) | CPU s, all ranks | where each rank's bytes "
+          "came from |")
+    print("|---|---|---|---|---|")
     for k in KINDS:
         print(f"| {k} | {_fmt(res[k])} | {mb / 1024 / statistics.median(res[k]):.2f} | "
-              f"{', '.join(res['sources'][k])} |")
+              f"{statistics.median(res['cpu'][k]):.2f} | {', '.join(res['sources'][k])} |")
     med = {k: statistics.median(res[k]) for k in KINDS}
     print(f"\ndurable / memory = {med['durable'] / med['memory']:.1f}x, "
           f"durable / node-lost = {med['durable'] / med['node-lost']:.1f}x")
@@ -199,7 +208,10 @@ def main() -> int:
     rep = res["replication"]
     print(f"\nreplication: {per_rank / 1e6:.0f} MB per rank to its partner (all 4 at once) in "
           f"{_fmt(rep)}: {per_rank / 1e9 / statistics.median(rep):.2f} GB/s per rank, "
-          f"{WORLD * per_rank / 1e9 / statistics.median(rep):.2f} GB/s in all")
+          f"{WORLD * per_rank / 1e9 / statistics.median(rep):.2f} GB/s in all; "
+          f"{statistics.median(res['cpu']['replication']):.2f} CPU s in all ranks' processes "
+          f"({statistics.median(res['cpu']['replication']) / (WORLD * per_rank / 1e9):.2f} "
+          "CPU s per GB moved)")
     if args.json:
         args.json.write_text(json.dumps({"mb": mb, "repeats": args.repeats, "load": load,
                                          **res}, indent=1))
