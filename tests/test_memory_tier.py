@@ -227,3 +227,20 @@ def _restore_resized(rank, world, root, mem):
     want = make(rank, rep.step)
     return {"step": rep.step, "same": all(torch.equal(state[k], want[k]) for k in want),
             "tiers": [rep.sources[q]["tier"] for q in range(world)]}
+
+
+def test_partners_are_on_other_nodes_at_the_same_position(monkeypatch):
+    from dckpt.distributed.replicate import holders_of, node_id, partners
+    nodes = ["x", "x", "y", "y", "z", "z"]
+    assert partners(nodes, 1) == [[2], [3], [4], [5], [0], [1]]
+    assert partners(nodes, 2) == [[2, 4], [3, 5], [4, 0], [5, 1], [0, 2], [1, 3]]
+    assert partners(nodes, 5) == partners(nodes, 2)  # at most every other node once
+    assert holders_of(partners(nodes, 1), 0) == [4]  # rank 0 keeps rank 4's copies
+    assert partners(["x", "y", "y", "y"], 1) == [[1], [0], [0], [0]]  # uneven nodes
+    assert partners(["x"] * 3, 1) == [[], [], []]  # one node: nobody to copy to
+    monkeypatch.setenv("GROUP_RANK", "3")
+    assert node_id() == "node3" and node_id("b") == "b"
+    monkeypatch.delenv("GROUP_RANK")
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    import socket
+    assert node_id() == socket.gethostname()

@@ -98,13 +98,15 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
               allow_missing: bool | list[str] = False, keys: list[str] | None = None,
               strict: bool = True, verify: bool = True, threads: int = 0, group=None,
               manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
-                                              "without them", local_shards: bool = False) -> Attempt:
+                                              "without them",
+              local_shards: bool = False) -> Attempt:
     """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
     is read once (or `manifest` used): an overwrite in between must not pair one version's
     counters and RNG streams with another's tensors. This rank's RNG streams are checked
     before any tensor is read (a malformed one leaves the state untouched) but set only by
     resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
-    the caller to share with the other ranks (fall back, or raise)."""
+    the caller to share with the other ranks (fall back, or raise). local_shards: `path` is
+    this rank's own single-rank part (the memory tier; see checkpoint.load)."""
     a = Attempt(Path(path))
     try:
         a.manifest = m = manifest or checkpoint.read_manifest(path)

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..distributed import collective as dist, replicate
 from ..engine import checkpoint
@@ -47,7 +45,6 @@ from .async_save import commit_group
 log = logging.getLogger("dckpt")
 
 REPLICAS = "replicas"
-_PART = re.compile(r"rank-(\d{5,})-of-(\d{5,})")
 MEMORY, REPLICA, DURABLE = "memory", "replica", "durable"
 
 
@@ -277,6 +274,7 @@ class MemoryTier:
         from . import manager as m
         group, r = mgr.group, self.rank
         done = [False] * self.world
+        given_up: set[int] = set()  # a failure no other copy can cure (a mismatching state)
         records: dict[int, dict] = {}
         notes: list[str] = []
         last: dict[int, list] = {}
@@ -284,7 +282,7 @@ class MemoryTier:
         start = time.perf_counter()
         for i in range(max(len(x) for x in sources)):
             tries = {q: sources[q][i] for q in range(self.world)
-                     if not done[q] and i < len(sources[q])}
+                     if not done[q] and q not in given_up and i < len(sources[q])}
             if not tries:
                 break
             t = time.perf_counter()
@@ -321,8 +319,10 @@ class MemoryTier:
                     done[q], records[q] = True, h[4]
                 else:
                     last[q] = h
+                    if not h[2]:
+                        given_up.add(q)
                     notes.append(f"rank {q}: step {s} from {h[4]} failed "
-                                 f"({h[1].splitlines()[0]}); next source tried")
+                                 f"({h[1].splitlines()[0]})")
         bad = [(q, last[q]) for q in range(self.world) if not done[q]]
         return attempt, records, notes, bad
 
