@@ -109,6 +109,17 @@ def test_flipped_bit_in_a_replica_is_detected_and_the_next_source_used(tmp_path)
     assert flagged and "CorruptCheckpointError" in flagged[0], res[2]["notes"]
     # The corrupt copy was not kept as node b's part.
     assert not Path(mem, "b", "step-000000003", part_name(2, 4)).exists()
+    # A state that does not match is no damaged copy: every rank raises, no fallback.
+    assert run_with_ranks(4, _restore_mismatched, root, mem) == ["StateMismatchError"] * 4
+
+
+def _restore_mismatched(rank, world, root, mem):
+    state = make(rank, 0)
+    state["moments"] = torch.zeros(17)
+    try:
+        manager(rank, root, mem, 3).restore(state)
+    except dckpt.errors.DckptError as e:
+        return type(e).__name__
 
 
 def test_flipped_bits_everywhere_fall_back_to_an_older_step(tmp_path):
