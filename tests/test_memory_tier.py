@@ -255,3 +255,33 @@ def test_partners_are_on_other_nodes_at_the_same_position(monkeypatch):
     monkeypatch.delenv("NODE_RANK", raising=False)
     import socket
     assert node_id() == socket.gethostname()
+
+
+def _fail_once(rank, world, root, mem):
+    from dckpt.manager import memory_tier
+    mgr = manager(rank, root, mem, 10)
+    mgr.save(1, make(rank, 1))
+    real = memory_tier.checkpoint.write
+    if rank == 2:  # its part of step 2 cannot be written
+        def broken(*a, **k):
+            raise dckpt.errors.StorageError("no space left on device (injected)", "part")
+        memory_tier.checkpoint.write = broken
+    try:
+        mgr.save(2, make(rank, 2))
+        got = None
+    except dckpt.errors.DckptError as e:
+        got = [type(e).__name__, getattr(e, "rank", None)]
+    memory_tier.checkpoint.write = real
+    mgr.save(3, make(rank, 3))  # the same manager saves again
+    return got
+
+
+def test_one_ranks_failed_part_is_every_ranks_error_and_the_next_save_works(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    got = run_with_ranks(4, _fail_once, root, mem)
+    assert got[2][0] == "StorageError"
+    assert [g for i, g in enumerate(got) if i != 2] == [["DistributedError", 2]] * 3
+    shutil.rmtree(Path(mem, "a"))
+    res = run_with_ranks(4, _restore, root, mem, 10)
+    assert {r["step"] for r in res} == {3} and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["replica", "replica", "memory", "memory"]
