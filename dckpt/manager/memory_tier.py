@@ -92,7 +92,10 @@ class MemoryTier:
         # Every rank makes both groups in the same order (the p2p one is collective).
         self.p2p = commit_group(group)
         self.solo = replicate.solo_group(group)
-        self._remove_debris()
+        try:
+            self._remove_debris()
+        except OSError as e:  # after the last exchange: never this rank's error alone
+            log.warning("dckpt: could not clear staging debris under %s: %s", self.dir, e)
 
     # ---- where parts live ----------------------------------------------------------------
     def part(self, step: int, rank: int | None = None) -> Path:
