@@ -285,3 +285,24 @@ def test_one_ranks_failed_part_is_every_ranks_error_and_the_next_save_works(tmp_
     res = run_with_ranks(4, _restore, root, mem, 10)
     assert {r["step"] for r in res} == {3} and all(r["same"] for r in res)
     assert tiers(res[0]) == ["replica", "replica", "memory", "memory"]
+
+
+def _restore_holder_dies(rank, world, root, mem):
+    os.environ["DCKPT_PEER_TIMEOUT"] = "3"
+    from dckpt.distributed import replicate
+    mgr = manager(rank, root, mem, 10)
+    if rank == 1:  # the holder of rank 3's replica dies as it starts sending it
+        replicate._mapped = lambda *a, **k: os._exit(9)
+    try:
+        mgr.restore(make(rank, 0))
+    except dckpt.errors.DistributedError as e:
+        return e.rank
+    return None
+
+
+def test_a_holder_dying_while_sending_a_replica_fails_every_rank_without_a_hang(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1], 10)
+    shutil.rmtree(Path(mem, "b"))
+    got = run_with_ranks(4, _restore_holder_dies, root, mem, may_die=(1,), timeout=40)
+    assert got == [1, None, 1, 1]
