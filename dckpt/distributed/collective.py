@@ -204,12 +204,29 @@ def _wait(store, keys: list[str], group, what: str) -> None:
     live, silent peer (one still computing, or that never called dckpt) is waited for up to
     collective_timeout(). Polling with check() keeps the store's client free for the
     heartbeat thread (a blocking wait holds it)."""
+    _watch(store, lambda: store.check(keys),
+           lambda: [r for r, k in enumerate(keys) if not store.check([k])],
+           f"{keys[0].rsplit('/', 2)[0]}/abort", group, what)
+
+
+def wait_until(done, peers, group=None, what: str = "transfer") -> None:
+    """Inside an operation(): poll `done()` (a point-to-point transfer completing, say)
+    under the same watch as an exchange: a failure posted in this operation or a peer of
+    `peers()` (group ranks it still waits for) whose heartbeat stopped raises at once, and
+    after collective_timeout() the missing peers are named. A new kind of collective step
+    is then fail-fast like the exchanges."""
+    if not active(group):
+        return
+    _watch(_store(), done, peers, f"{_op_key(_group_key(group))}/abort", group, what)
+
+
+def _watch(store, done, missing_now, abort_key: str, group, what: str) -> None:
     limit, dead_after = collective_timeout(), peer_timeout()
     start = time.monotonic()
-    abort_key = f"{keys[0].rsplit('/', 2)[0]}/abort"
     beats: dict[int, tuple[int, float]] = {}  # missing rank -> (beat count, when it changed)
     pause, next_look = 0.0002, start + BEAT_SECONDS
-    while not store.check(keys):
+    missing: list[int] = []
+    while not done():
         now = time.monotonic()
         if store.check([abort_key]):
             post = json.loads(store.get(abort_key))
@@ -219,7 +236,7 @@ def _wait(store, keys: list[str], group, what: str) -> None:
                                    failed)
         if now >= next_look:
             next_look = now + BEAT_SECONDS
-            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            missing = list(missing_now())
             for r in missing:
                 count = store.add(_alive_key(_global_rank(group, r)), 0)
                 seen = beats.get(r)
@@ -233,7 +250,7 @@ def _wait(store, keys: list[str], group, what: str) -> None:
             if now - start >= limit:
                 raise DistributedError(
                     f"dckpt {what}: rank(s) {missing} did not arrive within {limit:.0f} s "
-                    "(they hang, or skipped the collective call)", missing[0])
+                    "(they hang, or skipped the collective call)", missing[0] if missing else None)
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
 

@@ -139,6 +139,23 @@ def block_of(t):
     return local_block(t) if is_dtensor(t) else None
 
 
+def local_block_of(t):
+    """restore's hook for a rank's own copy of its shards (a memory-tier part): a live
+    DTensor is read as its local tensor, stored by its local shape."""
+    if not is_dtensor(t):
+        return None
+    local = local_block(t)[0]
+    return local, list(local.shape), None
+
+
+def as_local(leaves: list[Leaf]) -> list[Leaf]:
+    """The leaves with every DTensor shard described as a plain tensor of its local shape:
+    what a rank's own single-rank copy of its state stores (local_block_of reads it back)."""
+    return [Leaf(x.name, x.value, list(x.value.shape), [0] * len(x.value.shape),
+                 x.replicated, x.storage) if isinstance(x, DTensorLeaf) else x
+            for x in leaves]
+
+
 def mesh_record(mesh) -> dict:
     if mesh not in _mesh_records:
         names = mesh.mesh_dim_names

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,6 +116,13 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
                             chunk_size=chunk_size, threads=threads, fsync=fsync,
                             overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
                             base=base, group=group, mode=mode, storage_options=storage_options)
+
+
+def local_snapshot(snap: Snapshot) -> Snapshot:
+    """`snap` with its DTensor shards stored as plain tensors of their local shape: a rank's
+    own single-rank checkpoint (load(..., local_shards=True) reads it back into the live
+    DTensors). Nothing is copied."""
+    return replace(snap, flat=replace(snap.flat, leaves=sharding.as_local(snap.flat.leaves)))
 
 
 def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
@@ -433,7 +440,7 @@ def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) 
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
          strict: bool = True, group=None, manifest: Manifest | None = None,
-         storage_options: dict | None = None):
+         storage_options: dict | None = None, local_shards: bool = False):
     """Load the checkpoint at `path`.
 
     Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
@@ -443,6 +450,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     keys: only these top-level components. manifest: the already parsed manifest of `path`.
     path may be an object store URL (storage_options as for save): chunks are read by
     parallel ranged requests straight into the live tensors, each checked by its hash.
+    local_shards: the checkpoint is one rank's own copy of its state (a memory-tier part,
+    written from local_snapshot()): live DTensors are read as their local tensors.
     Components the checkpoint holds that were not restored are named in RestoreReport.notes
     (and .not_restored). An optimizer or scheduler of another class than the one saved is
     refused (StateMismatchError) unless strict=False.
@@ -482,7 +491,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     if into is None:
         return materialize(tree, m, reader, aliases)
     partitioned.init_states(live)
-    report = restore_into(live, tree, m, reader, allow_missing, block_of=sharding.block_of,
+    block_of = sharding.local_block_of if local_shards else sharding.block_of
+    report = restore_into(live, tree, m, reader, allow_missing, block_of=block_of,
                           tensor_names=aliases, strict=strict)
     partitioned.write_back(into, live)
     report.components = {k: component_kind(into[k]) for k in report.components}

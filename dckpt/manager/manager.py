@@ -30,6 +30,7 @@ from ..state import rng
 from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
+from .memory_tier import MemoryTier
 from .preemption import Preemption
 from .remote_tier import LOCAL, REMOTE, RemoteTier
 from ..state.restore import partly_overwritten
@@ -60,6 +61,9 @@ class ResumeReport:
     bytes: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # world-size change, RNG not restored
+    # With a memory tier: rank -> where its bytes came from ("tier": memory | replica |
+    # durable, "from", "seconds", "bytes"), the same on every rank.
+    sources: dict[int, dict] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for a log: step, epoch, what was restored, bytes, time and notes."""
@@ -72,6 +76,9 @@ class ResumeReport:
         if self.missing_allowed:
             parts.append(f"NOT restored (allowed): {', '.join(self.missing_allowed)}")
         parts.append(f"{self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s")
+        if self.sources:  # with a memory tier: where each rank's bytes came from
+            parts.append("ranks' bytes from: " + ", ".join(
+                f"{q} {v['tier']} ({v['seconds']:.2f} s)" for q, v in self.sources.items()))
         parts += [f"NOTE: {n}" for n in self.notes]
         return "; ".join(parts)
 
@@ -94,13 +101,14 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
               strict: bool = True, verify: bool = True, threads: int = 0, group=None,
               manifest=None, rng_hint: str = "; pass allow_missing=['rng'] to resume "
                                               "without them",
-              storage_options: dict | None = None) -> Attempt:
+              storage_options: dict | None = None, local_shards: bool = False) -> Attempt:
     """Restore `state` in place from the checkpoint at `path`, on this rank. The manifest
     is read once (or `manifest` used): an overwrite in between must not pair one version's
     counters and RNG streams with another's tensors. This rank's RNG streams are checked
     before any tensor is read (a malformed one leaves the state untouched) but set only by
     resumed(), once every rank succeeded. Never raises: the failure is in the Attempt, for
-    the caller to share with the other ranks (fall back, or raise)."""
+    the caller to share with the other ranks (fall back, or raise). local_shards: `path` is
+    this rank's own single-rank part (the memory tier; see checkpoint.load)."""
     a = Attempt(path if objectstore.is_url(path) else Path(path))
     try:
         a.manifest = m = manifest or checkpoint.read_manifest(path, storage_options)
@@ -112,7 +120,8 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
         a.rng_setters = rng.prepare(rng_state) if (restore_rng and rng_state) else []
         a.report = checkpoint.load(path, into=state, keys=keys, verify=verify, threads=threads,
                                    allow_missing=allow_missing, strict=strict, group=group,
-                                   manifest=m, storage_options=storage_options)
+                                   manifest=m, storage_options=storage_options,
+                                   local_shards=local_shards)
     except Exception as e:
         a.failure = e
     return a
@@ -179,7 +188,9 @@ class CheckpointManager:
                  trust_versions: bool = False, group=None, remove_staging: bool = True,
                  async_save: bool | AsyncOptions = False, save_on=None,
                  remote: str | None = None, storage_options: dict | None = None,
-                 keep_last_remote: int | None = None):
+                 keep_last_remote: int | None = None,
+                 memory: str | os.PathLike | None = None, replicas: int = 1,
+                 durable_every: int = 10, node: str | None = None, memory_keep: int = 2):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -193,7 +204,11 @@ class CheckpointManager:
         (dckpt/manager/preemption.py, docs/preemption.md);
         remote: a URL ("s3://bucket/exp1") each committed step is uploaded to in the
         background (dckpt/manager/remote_tier.py, docs/STORAGE.md), with storage_options for
-        its file system and keep_last_remote (default: keep_last) for its retention."""
+        its file system and keep_last_remote (default: keep_last) for its retention.
+        memory: a node-local (tmpfs) path, `{node}` standing for the node: every save is
+        committed there and copied to `replicas` partner ranks on other nodes, every
+        `durable_every`-th save also under `root`; `memory_keep` steps stay in memory; `node`
+        overrides the node id (dckpt/manager/memory_tier.py, docs/RECOVERY.md)."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -220,6 +235,9 @@ class CheckpointManager:
                     else replace(self.retention, keep_last=keep_last_remote))
             self._remote = RemoteTier(self.root, str(remote), storage_options=storage_options,
                                       retention=kept, group=group)
+        self._tier = None if memory is None else MemoryTier(
+            memory, replicas=replicas, durable_every=durable_every, node=node,
+            keep=memory_keep, group=group)
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -273,21 +291,23 @@ class CheckpointManager:
 
     @dist.collective
     def newest_step(self) -> int | None:
-        """latest_step(), or a newer step of the remote tier: whether restore() has
-        something to start from (a machine whose local root is empty resumes from the
-        remote). Collective with remote= (rank 0 lists the remote, every rank gets its
-        answer); a remote that cannot be listed leaves latest_step()."""
-        if self._remote is None:
+        """latest_step(), or a newer step of the remote tier or of some rank's memory tier:
+        whether restore() has something to start from (a machine whose local root is empty
+        resumes from the remote; a rank on a replaced node holds nothing, its partners do).
+        Collective with remote= or memory=: every rank gets the same answer."""
+        if self._remote is None and self._tier is None:
             return self.latest_step()
-        failure = found = None
-        if self.is_writer:
-            try:
-                remote = [s for s, where in self._reachable().items() if REMOTE in where]
-                found = max([s for s in (self.latest_step(), *remote) if s is not None],
-                            default=None)
-            except Exception as e:
-                failure = e
-        return dist.exchange(found, failure, self.group, "newest step")[0]
+        failure, found = None, []
+        try:
+            found = [x for x in (self.latest_step(),) if x is not None]
+            if self._tier is not None:
+                found += [x for x in (self._tier.newest(),) if x is not None]
+            if self._remote is not None and self.is_writer:
+                found += [s for s, where in self._reachable().items() if REMOTE in where]
+        except Exception as e:
+            failure = e
+        found = [x for f in dist.exchange(found, failure, self.group, "newest step") for x in f]
+        return max(found) if found else None
 
     def _read_latest(self) -> int | None:
         try:
@@ -302,9 +322,12 @@ class CheckpointManager:
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
              loss_history: list[float] | None = None, counters: dict | None = None,
-             overwrite: bool = False, full: bool = False) -> checkpoint.SaveResult | SaveHandle:
+             overwrite: bool = False, full: bool = False,
+             durable: bool | None = None) -> checkpoint.SaveResult | SaveHandle:
         """Save `state` as checkpoint `step` with this rank's RNG streams; apply retention.
-        full: write every chunk even when the manager saves incrementally.
+        full: write every chunk even when the manager saves incrementally. durable: with a
+        memory tier, whether this save also goes under `root` (default: every
+        durable_every-th save).
 
         Synchronous: returns the SaveResult once committed. Async: returns a SaveHandle once
         the snapshot (tensors, state dicts, RNG streams, data position) is taken."""
@@ -319,14 +342,28 @@ class CheckpointManager:
         ctr = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                "loss_history": list(loss_history or []), **(counters or {})}
         rank_state = {"rng": rng.capture(own_device_only=dist.active(self.group))}
+        to_root = self._tier is None or self._tier.durable_due(durable)
         if self._saver is not None:
             return self._saver.submit(
                 step, state, rank_state,
-                lambda snap: self._persist(step, snap, ctr, metrics, overwrite, full,
-                                           self._commit_group, self._saver.options.writer_threads,
-                                           started, self._saver.options.mode))
-        return self._persist(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
-                             metrics, overwrite, full, self.group, self.threads, started)
+                lambda snap: self._commit(step, snap, ctr, metrics, overwrite, full,
+                                          self._commit_group, self._saver.options.writer_threads,
+                                          started, self._saver.options.mode, to_root))
+        return self._commit(step, lambda: checkpoint.snapshot(state, rank_state), ctr,
+                            metrics, overwrite, full, self.group, self.threads, started,
+                            durable=to_root)
+
+    @dist.collective
+    def _commit(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
+                group, threads: int, started: float | None = None,
+                mode: io.Background = io.FOREGROUND, durable: bool = True):
+        """The memory tier first (when there is one), then `root` when `durable`."""
+        if self._tier is not None:
+            snap, result = self._tier.save(step, snap, ctr, metrics, group, threads, mode)
+            if not durable:
+                return result
+        return self._persist(step, snap, ctr, metrics, overwrite, full, group, threads,
+                             started, mode)
 
     @dist.collective
     def _persist(self, step: int, snap, ctr: dict, metrics: dict, overwrite: bool, full: bool,
@@ -416,7 +453,7 @@ class CheckpointManager:
         the Preemption's exit code (exit=False: return True instead)."""
         if not self.should_save(step):
             return False
-        self.save(step, state, **save_kwargs)
+        self.save(step, state, **{"durable": True, **save_kwargs})  # the node may not come back
         self._wait_saves()
         log.warning("dckpt: preemption checkpoint of step %d committed under %s", step,
                     self.root)
@@ -688,6 +725,9 @@ class CheckpointManager:
         already, and this puts all of it back from one checkpoint."""
         t0 = time.perf_counter()
         self._wait_saves()
+        if self._tier is not None:
+            return self._tier.restore(self, state, step, allow_missing=allow_missing, keys=keys,
+                                      restore_rng=restore_rng, strict=strict, t0=t0)
         candidates = self._candidates(step)
         r = dist.rank(self.group)
         skipped, changed = [], False
