@@ -107,6 +107,18 @@ class StorageError(DckptError):
         self.path = path
 
 
+class RemoteStorageError(StorageError):
+    """An object store request failed for good (after its retries): names the operation,
+    the URL and the object; never a credential. `retried` says how many tries were made;
+    `__cause__` is the client's last error (its text redacted into the message)."""
+
+    def __init__(self, message: str, path: str | None = None, operation: str | None = None,
+                 retried: int = 0):
+        super().__init__(message, path)
+        self.operation = operation
+        self.retried = retried
+
+
 class ResourceLimitError(DckptError):
     """A load would allocate more than it may (DCKPT_MAX_LOAD_BYTES, by default the
     machine's physical memory), or the allocation failed. Raised before anything of the

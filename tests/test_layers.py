@@ -91,16 +91,21 @@ def test_save_and_load_stacks_are_short(tmp_path, monkeypatch):
 
 
 def test_local_backend_provides_every_storage_call():
-    """The local backend has each call of the Storage contract, with its parameters."""
+    """The local and the object store backends have each call of the Storage contract,
+    with its parameters."""
     import inspect
 
     from dckpt import storage
     from dckpt.storage.local import LOCAL
+    from dckpt.storage.remote import RemoteStorage
     assert storage.for_path("/tmp") is LOCAL
+    assert storage.for_path("file:///tmp") is LOCAL
     calls = [n for n, v in vars(storage.Storage).items()
              if callable(v) and not n.startswith("_")]
-    assert sorted(calls) == ["abort", "begin", "finish", "read_into", "verify_chunks",
-                             "write_file", "write_files"]
+    assert sorted(calls) == ["abort", "begin", "finish", "read_into", "size", "verify_chunks",
+                             "write_bytes", "write_file", "write_files"]
     for name in calls:
         want = list(inspect.signature(getattr(storage.Storage, name)).parameters)[1:]
         assert list(inspect.signature(getattr(LOCAL, name)).parameters) == want, name
+        remote = list(inspect.signature(getattr(RemoteStorage, name)).parameters)[1:]
+        assert remote == want, name

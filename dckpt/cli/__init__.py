@@ -80,7 +80,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if name == command:
             import_module(module).add_arguments(p)
+            if name in URL_COMMANDS:
+                p.add_argument("--storage-option", action="append", default=[],
+                               metavar="KEY=VALUE", dest="storage_option",
+                               help="an fsspec option for s3:// (any URL) paths, e.g. "
+                                    "endpoint_url=http://127.0.0.1:9000; a JSON value is "
+                                    "parsed (anon=true). Credentials: the AWS_* variables")
     return parser
+
+
+# Commands whose paths may be object store URLs (docs/STORAGE.md).
+URL_COMMANDS = ("verify", "inspect", "ls", "diff", "gc")
+
+
+def storage_options(pairs: list[str]) -> dict:
+    """--storage-option KEY=VALUE pairs as fsspec options (VALUE parsed as JSON if it is)."""
+    import json
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from ..errors import DckptError
+    if getattr(args, "storage_option", None):
+        from ..storage.objectstore import configure
+        try:
+            configure(storage_options(args.storage_option))
+        except ValueError as e:
+            print(f"dckpt {args.command}: {e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         code = int(import_module(COMMANDS[args.command][0]).run(args) or 0)
         sys.stdout.flush()  # a reader gone now must not turn the code into an exit error

@@ -25,7 +25,9 @@ def run(args) -> int:
     from ..tools.diff import diff
     from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ManifestError
     from .inspect import resolve
-    a, b = (resolve(Path(x)) or Path(x) for x in (args.a, args.b))  # roots: newest step
+    from ..storage.objectstore import is_url
+    a, b = (resolve(x if is_url(x) else Path(x)) or x for x in (args.a, args.b))  # roots:
+    # their newest step
     try:
         report = diff(a, b, atol=args.atol, threads=args.threads)
     except (CheckpointNotFoundError, ManifestError) as e:

@@ -29,10 +29,11 @@ def run(args) -> int:
     from ..errors import DckptError
     from ..errors import CheckpointNotFoundError
     from ..storage.records import read_manifest
-    path = resolve(Path(args.path))
+    from ..storage.objectstore import is_url
+    path = resolve(args.path if is_url(args.path) else Path(args.path))
     if path is None:
         from ..format.layout import not_a_checkpoint
-        why = not_a_checkpoint(Path(args.path))
+        why = None if is_url(args.path) else not_a_checkpoint(Path(args.path))
         print(f"dckpt inspect: {why or f'{args.path} is not a checkpoint or a manager root with one'}",
               file=sys.stderr)
         return EXIT_USAGE
@@ -65,9 +66,13 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def resolve(path: Path) -> Path | None:
-    """A checkpoint directory as given, or the newest committed step of a root."""
+def resolve(path: Path | str) -> Path | str | None:
+    """A checkpoint directory as given, or the newest committed step of a root. For an
+    object store URL: the prefix if it holds a manifest object, else its newest step
+    prefix that does (a step without one is absent)."""
     from ..format.layout import is_committed, parse_step_dir
+    if isinstance(path, str):
+        return _resolve_url(path)
     if not path.is_dir():
         return None
     if (path / "manifest.json").exists() or parse_step_dir(path.name) is not None:
@@ -75,6 +80,19 @@ def resolve(path: Path) -> Path | None:
     steps = sorted((s, p) for p in path.iterdir()
                    if (s := parse_step_dir(p.name)) is not None and is_committed(p))
     return steps[-1][1] if steps else None
+
+
+def _resolve_url(url: str) -> str | None:
+    from ..format.layout import parse_step_dir
+    from ..storage.objectstore import connect, join
+    url = url.rstrip("/")
+    names = {o.url[len(url) + 1:] for o in connect(url).list(url)}
+    if "manifest.json" in names:
+        return url
+    steps = sorted(s for n in names if n.endswith("/manifest.json") and n.count("/") == 1
+                   and (s := parse_step_dir(n.split("/")[0])) is not None)
+    from ..format.layout import step_dir
+    return join(url, step_dir(steps[-1])) if steps else None
 
 
 def _identical_ranks(ranks: list[dict]) -> list[tuple[list[int], dict]]:

@@ -116,6 +116,55 @@ def scan(root: Path) -> dict:
             "latest_text": text}
 
 
+def scan_url(root: str) -> dict:
+    """scan() for a root in object storage, from one listing: a step prefix is committed
+    when it holds a manifest object, else "incomplete" (an upload that never committed:
+    absent to every reader). Adds "set_aside" (steps repair marked) and "objects"."""
+    from ..errors import DckptError
+    from ..format.layout import FAILED_MARK, LATEST_NAME, parse_step_dir
+    from ..storage.objectstore import connect, join
+    from ..storage.records import read_manifest
+    root = root.rstrip("/")
+    store = connect(root)
+    objects = store.list(root)
+    steps: dict[str, list] = {}
+    for o in objects:
+        head, sep, _ = o.url[len(root) + 1:].partition("/")
+        if sep and parse_step_dir(head) is not None:
+            steps.setdefault(head, []).append(o)
+    entries, metrics, recorded, aside = [], {}, None, set()
+    for name in sorted(steps, key=parse_step_dir):
+        objs, step = steps[name], parse_step_dir(name)
+        names = {o.url.rpartition("/")[2] for o in objs}
+        entry = {"step": step, "name": name, "status": "committed",
+                 "disk_bytes": sum(o.size for o in objs),
+                 "modified": max((o.modified or 0) for o in objs)}
+        if "manifest.json" not in names:
+            entry["status"] = "incomplete"
+        else:
+            try:
+                m = read_manifest(join(root, name))
+            except DckptError as e:
+                entry["status"] = "bad manifest"
+                entry["problem"] = str(e)
+            else:
+                entry.update(created=m.created, metrics=m.metrics,
+                             epoch=m.counters.get("epoch"), bytes=m.total_bytes)
+                metrics[step] = m.metrics
+                recorded = m.meta.get("retention", recorded)
+            if FAILED_MARK in names:
+                aside.add(name)
+        entries.append(entry)
+    text = None
+    if any(o.url == join(root, LATEST_NAME) for o in objects):
+        try:
+            text = store.get_bytes(join(root, LATEST_NAME), 4096).decode().strip()
+        except (DckptError, UnicodeDecodeError):
+            text = None
+    return {"entries": entries, "metrics": metrics, "recorded": recorded,
+            "latest_text": text, "set_aside": aside, "objects": objects}
+
+
 def _du(path: Path) -> int:
     total = 0
     for dirpath, _, files in os.walk(path):
@@ -129,11 +178,13 @@ def _du(path: Path) -> int:
 
 def run(args) -> int:
     from ..format.layout import parse_step_dir
-    root = Path(args.root)
-    if not root.is_dir():
+    from ..storage.objectstore import is_url, join
+    remote = is_url(args.root)
+    root = args.root.rstrip("/") if remote else Path(args.root)
+    if not remote and not root.is_dir():
         print(f"dckpt ls: {root} is not a directory", file=sys.stderr)
         return EXIT_USAGE
-    found = scan(root)
+    found = scan_url(root) if remote else scan(root)
     entries = found["entries"]
     try:
         policy, source = retention_from(args, found["recorded"])
@@ -144,7 +195,8 @@ def run(args) -> int:
     from ..format.layout import is_set_aside
     # The step a resume uses: repair may have set newer failing ones aside.
     committed = [e["step"] for e in entries if e["status"] == "committed"
-                 and not is_set_aside(root / e["name"])]
+                 and not (e["name"] in found["set_aside"] if remote
+                          else is_set_aside(root / e["name"]))]
     newest = max(committed, default=None)
     pointed = parse_step_dir(found["latest_text"] or "")
     for e in entries:
@@ -179,13 +231,14 @@ def _entry_json(e: dict) -> dict:
     return {k: e.get(k) for k in keys}
 
 
-def _verify_all(root: Path, entries: list[dict]) -> bool:
+def _verify_all(root: Path | str, entries: list[dict]) -> bool:
     from ..tools.verify import verify
     failed = False
     for e in entries:
         if e["status"] != "committed":
             continue
-        rep = verify(root / e["name"]).checkpoints[0]
+        from ..storage.objectstore import is_url, join
+        rep = verify(join(root, e["name"]) if is_url(root) else root / e["name"]).checkpoints[0]
         errors = [c for c in rep.checks if c.level == "error"]
         if errors:
             e["status"] = "corrupt" if any(c.group in ("checksums", "files") for c in errors) \

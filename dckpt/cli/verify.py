@@ -31,7 +31,8 @@ def run(args) -> int:
     from ..tools.verify import verify
     progress = Progress("verifying", enabled=not args.no_progress)
     try:
-        report = verify(Path(args.path), deep=args.deep, strict=args.strict,
+        from ..storage.objectstore import is_url
+        report = verify(args.path if is_url(args.path) else Path(args.path), deep=args.deep, strict=args.strict,
                         threads=args.threads, latest_only=args.latest, progress=progress)
     except CheckpointNotFoundError as e:
         print(f"dckpt verify: {e}", file=sys.stderr)
@@ -59,7 +60,7 @@ def render(report, style: Style, verbose: bool = False) -> list[str]:
     brief = report.kind == "root" and not verbose
     for ck in report.checkpoints:
         s = summarize(ck.checks)
-        head = Path(ck.path).name if report.kind == "root" else "result"
+        head = ck.path.rstrip("/").rpartition("/")[2] if report.kind == "root" else "result"
         status = style(ck.status, STATUS_STYLE[ck.status], "bold")
         tally = counts(s)
         if brief:

@@ -34,7 +34,7 @@ from ..state.restore import RestoreReport, materialize, restore_into
 class SaveResult:
     """What save() committed: the checkpoint directory, its logical and stored sizes, the
     time taken and the manifest written."""
-    path: Path
+    path: Path | str  # a URL string for an object store
     bytes: int  # logical bytes of all tensors saved by every rank
     stored_bytes: int  # bytes in the data files
     seconds: float
@@ -43,7 +43,7 @@ class SaveResult:
     notes: list[str] = field(default_factory=list)  # e.g. why an incremental save was full
 
     @classmethod
-    def of(cls, path: Path, m: Manifest, seconds: float, rank: int) -> "SaveResult":
+    def of(cls, path: Path | str, m: Manifest, seconds: float, rank: int) -> "SaveResult":
         mine = sum(s.raw_bytes for t in m.tensors.values() for s in t.shards if s.rank == rank)
         return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine)
 
@@ -75,7 +75,8 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
          shuffle: bool = True, chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0,
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
          metrics: dict | None = None, meta: dict | None = None, rank_state: dict | None = None,
-         base: str | os.PathLike | incremental.Base | None = None, group=None) -> SaveResult:
+         base: str | os.PathLike | incremental.Base | None = None, group=None,
+         storage_options: dict | None = None) -> SaveResult:
     """Save `state` (a nested dict/list of tensors, arrays, values and objects with
     state_dict()) as a checkpoint directory at `path`.
 
@@ -83,6 +84,10 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     by element size before zstd. rank_state: extra per-rank values (RNG streams) stored in
     the manifest beside the tree. base: a committed checkpoint; chunks unchanged since it
     are not written again but shared with it by hard link (see dckpt/engine/incremental.py).
+    path may be an object store URL ("s3://bucket/run/ck", any fsspec URL): the files are
+    uploaded and the manifest object written last is the commit (docs/STORAGE.md);
+    storage_options go to the fsspec file system (credentials otherwise come from the
+    standard chain: AWS_* variables, config files).
 
     Distributed (see dckpt/distributed/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
@@ -91,7 +96,8 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
     return _commit_snapshot(lambda: snapshot(state, rank_state), path, compression=compression,
                             shuffle=shuffle, chunk_size=chunk_size, threads=threads,
                             fsync=fsync, overwrite=overwrite, counters=counters,
-                            metrics=metrics, meta=meta, base=base, group=group)
+                            metrics=metrics, meta=meta, base=base, group=group,
+                            storage_options=storage_options)
 
 
 @gcpause.during
@@ -101,19 +107,21 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           chunk_size: int = io.DEFAULT_CHUNK_SIZE, threads: int = 0, fsync: bool = True,
           overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
           meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
-          group=None, mode: io.Background = io.FOREGROUND) -> SaveResult:
+          group=None, mode: io.Background = io.FOREGROUND,
+          storage_options: dict | None = None) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save().
     mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
     return _commit_snapshot(snap, path, compression=compression, shuffle=shuffle,
                             chunk_size=chunk_size, threads=threads, fsync=fsync,
                             overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
-                            base=base, group=group, mode=mode)
+                            base=base, group=group, mode=mode, storage_options=storage_options)
 
 
 def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
                      overwrite, counters, metrics, meta, base, group,
-                     mode: io.Background = io.FOREGROUND) -> SaveResult:
+                     mode: io.Background = io.FOREGROUND,
+                     storage_options: dict | None = None) -> SaveResult:
     """The save protocol: the home of its collective exchanges, in this order on every rank
     (each an all-gather through _exchange that also carries a failure, so a rank that
     raises makes every rank abort and none hangs; rank 0 then removes the staging
@@ -131,8 +139,8 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
 
     The typed objects (Offer, WritePlan, WriteReport) are made once and passed down; they
     become JSON only inside _exchange."""
-    staged: list[Path] = []  # rank 0's staging directory, once it exists
-    store = storage.for_path(path)
+    staged: list = []  # rank 0's staging location, once it exists
+    store = storage.for_path(path, storage_options)
     try:
         return _write(snap, path, staged, store, compression=compression, shuffle=shuffle,
                       chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
@@ -152,7 +160,7 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
            mode) -> SaveResult:
     t0 = time.perf_counter()
     threads = dist.threads_per_rank(threads, io.default_threads())
-    target = Path(path)
+    target = storage.location(path)
     base = incremental.Base.of(base)
     r, world = dist.rank(group), dist.world_size(group)
 
@@ -168,21 +176,25 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
         metrics = plain_metrics(metrics)
         counters = plain_json(counters or {}, "counters")
         meta = plain_json(meta or {}, "meta")
+        if base is not None and storage.is_remote(target):
+            raise errors.InvalidArgumentError(
+                f"base= (an incremental save, which shares chunks by hard link) needs a local "
+                f"target, not {target}; nothing was written")
         if r == 0:
             begun = _begin(store, target, overwrite)
             if begun[0]:
-                staged.append(Path(begun[0]))
+                staged.append(storage.location(begun[0]))
         if begun is None or begun[0]:
             snap = snap() if callable(snap) else snap
             offers = sharding.offer(snap.flat, world)
     except Exception as e:
         failure = e
-    staged = Path(begun[0]) if begun and begun[0] else None
+    staged = storage.location(begun[0]) if begun and begun[0] else None
     gathered = _exchange([begun, offers], failure, "plan", store, staged, target, group)
     tmp_name, error = gathered[0][0]
     if error:
         raise _rebuilt(*error)
-    tmp = Path(tmp_name)
+    tmp = storage.location(tmp_name)
     offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g[1]]
               for g in gathered]
     late = sharding.undecided(offers)
@@ -361,8 +373,9 @@ def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: shardin
         values = [sharding.contiguous_cpu(x.value) for x in leaves]
         parts = io.part_count(sum(v.nbytes for v in values), opts)
         fnames = [rank_file(r, p) for p in range(parts)]
-        chunks = store.write_files([str(tmp / n) for n in fnames], values, opts, mode)
-        files = [FileEntry(n, (tmp / n).stat().st_size, r) for n in fnames]
+        paths = [str(storage.join(tmp, n)) for n in fnames]
+        chunks = store.write_files(paths, values, opts, mode)
+        files = [FileEntry(n, store.size(p), r) for n, p in zip(fnames, paths)]
     tensors = {}
     for leaf, name, cs in zip(leaves, names, chunks):
         tensors[name] = {
@@ -409,16 +422,18 @@ def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
     return {**placement, "mesh": meshes.index(placement["mesh"])}
 
 
-def read_manifest(path: str | os.PathLike) -> Manifest:
+def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> Manifest:
     """Parse and validate the manifest of the checkpoint at `path` (the one reader,
-    dckpt.format.manifest.read_manifest, with the native record check)."""
-    return records.read_manifest(path)
+    dckpt.format.manifest.read_manifest, with the native record check); `path` may be an
+    object store URL (storage_options as for save)."""
+    return records.read_manifest(path, storage_options)
 
 
 @gcpause.during
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
-         strict: bool = True, group=None, manifest: Manifest | None = None):
+         strict: bool = True, group=None, manifest: Manifest | None = None,
+         storage_options: dict | None = None):
     """Load the checkpoint at `path`.
 
     Without `into`: returns the state as plain values (tensors, arrays, state dicts); for a
@@ -426,6 +441,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     With `into` (the live state dict): restores in place, reading straight into existing
     tensor memory and calling load_state_dict() on objects; returns a RestoreReport.
     keys: only these top-level components. manifest: the already parsed manifest of `path`.
+    path may be an object store URL (storage_options as for save): chunks are read by
+    parallel ranged requests straight into the live tensors, each checked by its hash.
     Components the checkpoint holds that were not restored are named in RestoreReport.notes
     (and .not_restored). An optimizer or scheduler of another class than the one saved is
     refused (StateMismatchError) unless strict=False.
@@ -435,7 +452,7 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     per-rank state. A rank the checkpoint did not have takes rank 0's per-rank state, which
     RestoreReport.notes says. No collectives: ranks may load independently.
     """
-    m = manifest or read_manifest(path)
+    m = manifest or read_manifest(path, storage_options)
     r, world = dist.rank(group), dist.world_size(group)
     src = r if r < m.world_size else 0
     entry = m.ranks[src]
@@ -457,8 +474,11 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     if partitioned.has_parts(tree):
         tree = partitioned.merge_parts(tree, [treecodec.decode(e["tree"]) for e in m.ranks],
                                        live)
-    reader = TensorReader(Path(path), m, verify,
-                          dist.threads_per_rank(threads, io.default_threads()))
+    where = storage.location(path)
+    store = storage.for_path(where, storage_options)
+    reader = TensorReader(where, m, verify,
+                          dist.threads_per_rank(threads, io.default_threads()) if
+                          not storage.is_remote(where) else threads, store=store)
     if into is None:
         return materialize(tree, m, reader, aliases)
     partitioned.init_states(live)

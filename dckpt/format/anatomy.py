@@ -214,8 +214,11 @@ class ScalarReader:
     checkpoint, so each data file is opened once, not once per scalar); anything else
     through the pure-Python reference reader (verified). Use it as a context manager."""
 
-    def __init__(self, ckpt, m: Manifest, aliases: dict[str, str]):
+    def __init__(self, ckpt, m: Manifest, aliases: dict[str, str], read_bytes=None):
+        """read_bytes(name) -> bytes: how to read a tensor's raw bytes (checked) where they
+        are not local files (an object store); by default pread of the files."""
         self.ckpt, self.m, self.aliases = ckpt, m, aliases
+        self._read_bytes = read_bytes
         self._fds: dict[int, int] = {}  # file index -> open descriptor
 
     def __enter__(self) -> "ScalarReader":
@@ -230,6 +233,8 @@ class ScalarReader:
         from .reader import read_tensor_bytes
 
         m = self.m
+        if self._read_bytes is not None:
+            return self._read_bytes(name)
         chunks = [ch for shard in m.tensors[name].shards for ch in shard.chunks]
         if len(chunks) != 1 or chunks[0].codec != CODEC_RAW:
             return read_tensor_bytes(self.ckpt, m, name).tobytes()

@@ -42,9 +42,17 @@ def max_load_bytes() -> int:
 
 
 class TensorReader:
-    def __init__(self, ckpt: Path, manifest: Manifest, verify: bool = True, threads: int = 0):
-        self.ckpt, self.m = Path(ckpt), manifest
-        self.paths = [str(f.path(self.ckpt)) for f in manifest.files]
+    def __init__(self, ckpt: Path | str, manifest: Manifest, verify: bool = True,
+                 threads: int = 0, store: storage.Storage | None = None):
+        """ckpt: a checkpoint directory, or an object store URL (storage.location); store:
+        the backend that holds it (storage.for_path(ckpt) when not given)."""
+        self.ckpt, self.m = storage.location(ckpt), manifest
+        self.remote = storage.is_remote(self.ckpt)
+        self.store = store or storage.for_path(self.ckpt)
+        if self.remote:
+            self.paths = [self.store.file_url(self.ckpt, f) for f in manifest.files]
+        else:
+            self.paths = [str(f.path(self.ckpt)) for f in manifest.files]
         self.verify, self.threads = verify, threads
         self._dests: list = []
         self._sizes: list[int] = []
@@ -95,6 +103,16 @@ class TensorReader:
 
     def _admit_file(self, index: int, tensor: str) -> None:
         path, want = self.paths[index], self.m.files[index].size
+        if self.remote:  # an object: there and long enough (a HEAD), nothing more to check
+            size = self.store.size(path)
+            if size is None:
+                raise IncompleteCheckpointError(
+                    f"tensor '{tensor}': data object {path} is missing", path, tensor)
+            if size < want:
+                raise IncompleteCheckpointError(
+                    f"tensor '{tensor}': {path} has {size} bytes, the manifest promises "
+                    f"{want}: the object was truncated", path, tensor)
+            return
         try:
             st = os.lstat(path)  # a link could lead outside the checkpoint: refused below
         except FileNotFoundError:
@@ -202,7 +220,7 @@ class TensorReader:
 
     def run(self) -> None:
         # Every path goes along: the native reader opens only the files a chunk refers to.
-        storage.for_path(self.ckpt).read_into(self.paths, self._dests, self._sizes, self._chunks,
+        self.store.read_into(self.paths, self._dests, self._sizes, self._chunks,
                                               self._names, verify=self.verify,
                                               threads=self.threads)
         for fn in self._after:

@@ -20,12 +20,19 @@ The contract, written for the backends to come (object stores, a peer's memory):
   the manifest object is written last and *is* the commit: data objects live under a
   prefix only that manifest names, readers look for the manifest only, and an overwrite
   is a new manifest whose old data is removed after.
+- size(path) -> int | None: the size of a file just written (None: absent).
+- write_bytes(path, data): a small file of the checkpoint other than the manifest (per-rank
+  records, say), written durably; treated like the data files by every backend.
 - abort(staging): any time after begin, idempotent; removes what the save wrote.
 - read_into(paths, dests, elem_sizes, chunks, names, verify, threads) and
   verify_chunks(paths, chunks, elem_sizes, deep, threads): any number at once, from any
   rank; committed files never change. Reads land straight in destination memory; each
   chunk is checked against its hash as it arrives. Errors are typed (CorruptCheckpointError,
   IncompleteCheckpointError, StorageError) and name the file, tensor and chunk.
+
+Locations: a local checkpoint is a Path; a remote one (any "scheme://" URL but file://,
+see storage/remote.py for its commit without rename) a URL string. location() makes one
+from what a user passed, join() names a file inside either.
 
 The local backend releases the GIL for all byte work (pwrite/pread straight from tensor
 memory on the core's thread pool). `records` (the manifest reader with the native record
@@ -52,6 +59,8 @@ class Storage(Protocol):
                    file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]: ...
     def finish(self, tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> None: ...
     def abort(self, tmp: Path) -> None: ...
+    def size(self, path: str) -> int | None: ...
+    def write_bytes(self, path: str, data: bytes) -> None: ...
     def read_into(self, paths: list[str], dests: list, elem_sizes: list[int],
                   chunks: list[list[Chunk]], names: list[str], verify: bool = True,
                   threads: int = 0) -> None: ...
@@ -59,7 +68,38 @@ class Storage(Protocol):
                       deep: bool = False, threads: int = 0) -> list[tuple]: ...
 
 
-def for_path(path) -> Storage:
-    """The backend that holds `path`: the local file system (the only one so far)."""
+def is_remote(path) -> bool:
+    """True for an object store URL ("s3://...", any scheme but file://)."""
+    from .objectstore import is_url
+    return is_url(path)
+
+
+def location(path) -> "Path | str":
+    """Where a checkpoint lies: a Path for a local path or file:// URL, the URL (without a
+    trailing "/") for an object store."""
+    from pathlib import Path
+
+    from .objectstore import is_url, local_path
+    if is_url(path):
+        return str(path).rstrip("/")
+    return Path(local_path(path))
+
+
+def join(where, name: str) -> "Path | str":
+    """The file `name` inside a location."""
+    if isinstance(where, str) and is_remote(where):
+        from .objectstore import join as url_join
+        return url_join(where, name)
+    from pathlib import Path
+    return Path(where) / name
+
+
+def for_path(path, storage_options: dict | None = None) -> Storage:
+    """The backend that holds `path`: the local file system for a path or file:// URL, an
+    object store (storage/remote.py over fsspec; options as fsspec takes them) for any
+    other "scheme://" URL."""
+    if is_remote(path):
+        from .remote import for_url
+        return for_url(str(path), storage_options)
     from .local import LOCAL
     return LOCAL

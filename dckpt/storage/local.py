@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,6 +282,15 @@ class LocalStorage:
 
     def abort(self, tmp):
         return commit.abort(tmp)
+
+    def size(self, path):
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, path, data):
+        commit.write_file_durably(Path(path), data)
 
     def write_files(self, paths, values, opts, mode=FOREGROUND):
         return write_files(paths, values, opts, mode)

@@ -1,4 +1,5 @@
-"""The manifest reader with the native record check: what every reader above format uses.
+"""The manifest reader with the native record check: what every reader above format uses
+(local paths, file:// and object store URLs).
 
 format.manifest validates manifests in pure Python; the native core checks the common case
 (whole tensors, thousands per manifest) in one pass. This module hands that check to
@@ -17,9 +18,16 @@ except ImportError:  # format without the built core: the same rules, checked in
     check: RecordCheck | None = None
 
 
-def read_manifest(ckpt: str | os.PathLike) -> Manifest:
-    """format.manifest.read_manifest with the native record check (same errors)."""
-    return _read(ckpt, check)
+def read_manifest(ckpt: str | os.PathLike, storage_options: dict | None = None) -> Manifest:
+    """format.manifest.read_manifest with the native record check (same errors); for an
+    object store URL, the manifest object (its size checked before it is downloaded)."""
+    from .objectstore import connect, is_url, join, local_path
+    if is_url(ckpt):
+        from .remote import read_manifest_bytes
+        url = str(ckpt).rstrip("/")
+        return _parse(read_manifest_bytes(connect(url, storage_options), url),
+                      join(url, "manifest.json"), check)
+    return _read(local_path(ckpt), check)
 
 
 def parse(data: bytes, path: str | None = None) -> Manifest:

@@ -91,7 +91,8 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float = 0.0,
     from ..storage.records import read_manifest
     ma, mb = read_manifest(a), read_manifest(b)
     report = DiffReport(str(a), str(b), atol)
-    _diff_tensors(Path(a), ma, Path(b), mb, report, threads)
+    from ..storage import location
+    _diff_tensors(location(a), ma, location(b), mb, report, threads)
     _diff_state(ma, mb, report)
     return report
 

@@ -53,11 +53,18 @@ def step_dirs(root: Path) -> list[Path]:
 @gcpause.during
 def verify(path: str | os.PathLike, *, deep: bool = False, strict: bool = False,
            threads: int = 0, latest_only: bool = False, checksums: bool = True,
-           progress: Progress | None = None) -> Report:
+           progress: Progress | None = None, storage_options: dict | None = None) -> Report:
     """Verify a checkpoint directory or a manager root (every step; with latest_only, the
     one a resume would use). checksums=False skips the checksum pass (every other check
     still runs). Raises CheckpointNotFoundError when `path` is neither; every problem inside one
-    is a check in the report."""
+    is a check in the report. `path` may be an object store URL (tools/verify/remote.py;
+    storage_options as for dckpt.save)."""
+    from ...storage.objectstore import is_url
+    if is_url(path):
+        from .remote import verify_url
+        return verify_url(path, deep=deep, strict=strict, threads=threads,
+                          latest_only=latest_only, checksums=checksums, progress=progress,
+                          storage_options=storage_options)
     path = Path(path)
     kind = classify_path(path)
     report = Report(str(path), kind, deep, strict)
@@ -98,10 +105,15 @@ def verify_checkpoint(path: str | os.PathLike, **kwargs) -> CheckpointReport:
 
 
 def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, threads: int,
-                  checksums: bool, advance) -> None:
-    usable = integrity.check_files(ckpt, m, rep)
+                  checksums: bool, advance, store=None, paths: list[str] | None = None,
+                  usable: set[int] | None = None, read_bytes=None) -> None:
+    """The checks after the manifest parsed. For an object store (tools/verify/remote.py)
+    the caller passes its backend, the objects' URLs, the usable files it found in its
+    listing, and how to read a small tensor's bytes; `ckpt` is then only a name."""
+    if usable is None:
+        usable = integrity.check_files(ckpt, m, rep)
     if checksums:
-        integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance)
+        integrity.check_checksums(ckpt, m, usable, rep, deep, threads, advance, store, paths)
     views = []
     try:
         views = [anatomy.rank_view(m, r) for r in range(m.world_size)]
@@ -115,7 +127,7 @@ def _check_parsed(ckpt: Path, m: Manifest, rep: CheckpointReport, deep: bool, th
         damaged = {c.location.tensor for c in rep.checks if c.level == ERROR and c.location}
         damaged |= {n for n, t in m.tensors.items()
                     if any(c.file not in usable for s in t.shards for c in s.chunks)}
-        training.check_training(ckpt, m, rep, views[0], damaged)
+        training.check_training(ckpt, m, rep, views[0], damaged, read_bytes)
         training.check_completeness(m, views, rep)
 
 

@@ -152,15 +152,18 @@ def total_stored(m: Manifest) -> int:
 
 
 def check_checksums(ckpt: Path, m: Manifest, usable: set[int], rep: CheckpointReport,
-                    deep: bool = False, threads: int = 0, progress=None) -> None:
-    """Group 3: stored-bytes hash of every chunk (deep: also decode and check raw hashes)."""
+                    deep: bool = False, threads: int = 0, progress=None, store=None,
+                    paths: list[str] | None = None) -> None:
+    """Group 3: stored-bytes hash of every chunk (deep: also decode and check raw hashes).
+    store, paths: the backend and the files' locations (an object store's URLs); by
+    default the local files of `ckpt`."""
     from ... import storage  # the native core (torch too); everything above works without it
-    store = storage.for_path(ckpt)
+    store = store or storage.for_path(ckpt)
 
     g = "checksums"
     items = chunk_items(m, usable)
     skipped = sum(len(s.chunks) for t in m.tensors.values() for s in t.shards) - len(items)
-    paths = [str(file_path(ckpt, m, i)) for i in range(len(m.files))]
+    paths = paths or [str(file_path(ckpt, m, i)) for i in range(len(m.files))]
     t0 = time.perf_counter()
     bad = 0
     checked_bytes = 0

@@ -144,13 +144,14 @@ def _check_losses(history, rep: CheckpointReport) -> None:
 # ---- training-state consistency -----------------------------------------------------------
 
 def check_training(ckpt: Path, m: Manifest, rep: CheckpointReport, view: RankView,
-                   damaged: set[str] = frozenset()) -> None:
-    """`damaged`: tensors the integrity checks reported; their step counts are not read."""
+                   damaged: set[str] = frozenset(), read_bytes=None) -> None:
+    """`damaged`: tensors the integrity checks reported; their step counts are not read.
+    read_bytes(name): a tensor's raw bytes, where they are not in local files."""
     g = "training"
     c = m.counters
     step = as_int(c.get("step"))
     opts, scheds = view.of_kind("optimizer"), view.of_kind("scheduler")
-    with anatomy.ScalarReader(ckpt, m, view.aliases) as reader:
+    with anatomy.ScalarReader(ckpt, m, view.aliases, read_bytes) as reader:
         def read(name: str) -> float | None:
             return None if view.aliases.get(name, name) in damaged else reader(name)
 
