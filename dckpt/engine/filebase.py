@@ -44,7 +44,8 @@ class FileBase(Base):
     def __init__(self, folder: str | os.PathLike, pattern: str, chunk_size: int,
                  name_of: Callable[[str], str] = lambda n: n, fsync: bool = True):
         super().__init__(Path(folder))
-        self.pattern, self.chunk_size, self.name_of, self.fsync = pattern, chunk_size, name_of, fsync
+        self.pattern, self.chunk_size = pattern, chunk_size
+        self.name_of, self.fsync = name_of, fsync
 
     @property
     def label(self) -> str:
