@@ -2,7 +2,7 @@
 tests/test_lightning_preemption.py alone or under torchrun (Lightning's ddp on CPU).
 
     [torchrun --standalone --nproc_per_node 2] lightning_preempt_job.py ROOT OUT_DIR
-        [--async] [--signal-at STEP [--signal SIG] [--again]]
+        [--async] [--signal-at STEP [--signal SIG] [--again]] [--grace SECONDS]
 
 LightningModule: MLP with dropout, AdamW + a per-step StepLR, a shuffled StatefulDataLoader
 (Lightning saves its position: mid-epoch resume), 4 epochs of 8 steps, ModelCheckpoint
@@ -10,7 +10,8 @@ LightningModule: MLP with dropout, AdamW + a per-step StepLR, a shuffled Statefu
 that a signal lands mid-run. ROOT/progress-<rank>: the step reached and the pid.
 --signal-at STEP: the job sends itself the signal at that step (--again: a second one from
 inside the preemption save). OUT_DIR/final-<rank>.json: hex of the final weights and
-optimizer state; OUT_DIR/sigterm-<rank>: Lightning's trainer.received_sigterm at the end.
+optimizer state; ROOT/sigterm-<rank>: Lightning's trainer.received_sigterm when the
+preemption exit passes Lightning's exception path.
 """
 import argparse
 import json
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from dckpt import Preemption
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from dckpt.integrations.lightning import (AsyncDckptCheckpointIO, DckptCheckpointIO,
                                           PreemptionCheckpoint)
 
@@ -35,7 +38,7 @@ p.add_argument("--signal-at", type=int)
 p.add_argument("--signal", default="SIGTERM")
 p.add_argument("--again", action="store_true")
 p.add_argument("--sleep", type=float, default=0.04)
-p.add_argument("--plain-loader", action="store_true")
+p.add_argument("--grace", type=float)  # the grace-period warning (at start, after saves)
 a = p.parse_args()
 torch.set_num_threads(1)
 root = Path(a.root)
@@ -61,8 +64,13 @@ class Net(L.LightningModule):
     def train_dataloader(self):
         x = torch.randn(64 * world, 8, generator=torch.Generator().manual_seed(3))
         ds = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-        cls = torch.utils.data.DataLoader if a.plain_loader else StatefulDataLoader
-        return cls(ds, batch_size=8, shuffle=True)
+        if world == 1:
+            return StatefulDataLoader(ds, batch_size=8, shuffle=True)
+        # Several processes: a sampler that resumes (Lightning's own, a
+        # DistributedSamplerWrapper around a RandomSampler, draws each epoch's order from a
+        # generator no checkpoint holds), hence use_distributed_sampler=False below.
+        return StatefulDataLoader(ds, batch_size=8,
+                                  sampler=StatefulDistributedSampler(ds, seed=7))
 
 
 class Progress(L.Callback):
@@ -72,6 +80,10 @@ class Progress(L.Callback):
         if a.signal_at is not None and step == a.signal_at:
             os.kill(os.getpid(), sig)
         time.sleep(a.sleep)
+
+    def on_exception(self, trainer, module, exception):
+        # Lightning's own SIGTERM flag: it must not have seen the signal dckpt took.
+        (root / f"sigterm-{trainer.global_rank}").write_text(str(trainer.received_sigterm))
 
 
 class SignalDuringSave(DckptCheckpointIO):
@@ -87,9 +99,11 @@ L.seed_everything(11)
 io = AsyncDckptCheckpointIO() if a.async_ else SignalDuringSave()
 trainer = L.Trainer(
     max_epochs=4, accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
-    logger=False, enable_progress_bar=False, enable_model_summary=False,
+    use_distributed_sampler=False, logger=False, enable_progress_bar=False,
+    enable_model_summary=False,
     default_root_dir=str(root), plugins=[io],
-    callbacks=[Progress(), PreemptionCheckpoint(save_on=(signal.SIGTERM, signal.SIGUSR1)),
+    callbacks=[Progress(), PreemptionCheckpoint(
+        save_on=Preemption((signal.SIGTERM, signal.SIGUSR1), grace=a.grace)),
                L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"),
                                                    save_last=True)])
 model = Net()
@@ -102,4 +116,3 @@ final = {k: v.numpy().tobytes().hex() for k, v in model.state_dict().items()}
 final.update({f"{k}.{i}": s[k].numpy().tobytes().hex() for i, s in opt.items()
               for k in ("exp_avg", "exp_avg_sq")})
 (out / f"final-{r}.json").write_text(json.dumps(final))
-(out / f"sigterm-{r}").write_text(str(trainer.received_sigterm))
