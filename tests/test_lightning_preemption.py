@@ -135,7 +135,7 @@ def test_signal_on_one_rank_only_is_agreed_by_both(tmp_path, reference2):
     ["--signal-at", 5, "--signal", "SIGUSR1", "--again", "--grace", 0],
     pytest.param(["--signal-at", 8, "--async"], marks=pytest.mark.skipif(
         not SLOW, reason="DCKPT_SLOW=1: the async plugin, at an epoch's last step")),
-])
+], ids=["sigusr1-twice-grace", "async-epoch-end"])
 def test_one_process_exit_code_second_signal_and_grace(tmp_path, reference1, variant):
     """The job signals itself at a step (and again from inside the preemption save): the
     process exits with 128 + signal, the checkpoint of that step (the next one when the
