@@ -104,8 +104,8 @@ trainer = L.Trainer(
     default_root_dir=str(root), plugins=[io],
     callbacks=[Progress(), PreemptionCheckpoint(
         save_on=Preemption((signal.SIGTERM, signal.SIGUSR1), grace=a.grace)),
-               L.pytorch.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"),
-                                                   save_last=True)])
+               # Its directory is resolved in its setup: ROOT/checkpoints.
+               L.pytorch.callbacks.ModelCheckpoint(save_last=True)])
 model = Net()
 trainer.fit(model, ckpt_path="last")
 out = Path(a.out)

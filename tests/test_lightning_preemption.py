@@ -64,7 +64,7 @@ def committed(text):
 
 
 def check_checkpoint(root, step, procs):
-    last = Path(root) / "ckpt" / "last.ckpt"
+    last = Path(root) / "checkpoints" / "last.ckpt"
     m = dckpt.read_manifest(last)  # a committed dckpt checkpoint directory
     assert m.meta["save_started"] <= m.created
     state = dckpt.load(last, keys=["global_step"])

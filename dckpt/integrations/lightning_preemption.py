@@ -82,9 +82,9 @@ class PreemptionCheckpoint(Callback):
         self._io = inner
         inner.preemption, inner.defer_rng = self.preemption, True
         # Last among the callbacks, as Lightning orders its own checkpoint callbacks: the
-        # save must see what every other callback changed at the end of the batch.
-        trainer.callbacks.remove(self)
-        trainer.callbacks.append(self)
+        # save must see what every other callback changed at the end of the batch. A new
+        # list: Lightning is iterating the current one to call setup.
+        trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
 
     def path(self, trainer) -> Path:
         """Where the preemption checkpoint is written."""
