@@ -49,7 +49,10 @@ trainer = L.Trainer(
     default_root_dir=sys.argv[1], max_epochs=20, accelerator="cpu", devices=world,
     strategy="ddp" if world > 1 else "auto", use_distributed_sampler=False,
     plugins=[DckptCheckpointIO()],
-    callbacks=[L.pytorch.callbacks.ModelCheckpoint(save_last=True),
+    # A fixed directory: the default one moves with each run's logger version, and
+    # ckpt_path="last" looks in the current run's.
+    callbacks=[L.pytorch.callbacks.ModelCheckpoint(
+                   dirpath=os.path.join(sys.argv[1], "checkpoints"), save_last=True),
                # grace: warn when a save takes longer than torchrun's 30 s before SIGKILL
                PreemptionCheckpoint(save_on=dckpt.Preemption(
                    (signal.SIGTERM, signal.SIGUSR1), grace=30))])
