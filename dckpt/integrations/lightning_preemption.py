@@ -16,7 +16,9 @@ the process group's store, no collective; the rank that saw the signal posts "sa
 S + margin" there. At the agreed step every rank calls trainer.save_checkpoint (Lightning's
 own checkpoint dict, loops and callbacks included; rank 0 writes it through the dckpt
 plugin and commits), waits for an async plugin's commit, and raises SystemExit(128 +
-signal), through Lightning's exception path (on_exception hooks, teardown).
+signal), through Lightning's exception path (on_exception hooks, teardown). An agreed step
+that ends an epoch is saved one step later, inside the next epoch (why: on_train_batch_end);
+when training ends first, nothing is saved and fit returns.
 
 Where: `last.ckpt` in the first ModelCheckpoint's directory (the name it gives its last
 checkpoint), so that fit(ckpt_path="last"), which takes the newest last*.ckpt there, resumes
@@ -151,7 +153,8 @@ class PreemptionCheckpoint(Callback):
         self._save_and_exit(trainer, step)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._postponed:
+        if self._postponed or self.preemption.target is not None or \
+                self.preemption.signalled is not None:
             log.warning("dckpt: training ended at step %d, before the preemption checkpoint "
                         "was due: nothing to save", trainer.global_step)
         self._give_back()
