@@ -88,6 +88,17 @@ def test_checkpoint_folders_keep_trainer_conventions(reference):
         assert {"model", "optimizer", "scheduler"} <= set(m.counters.get("components", [])
                                                           or _components(m))
         assert m.counters["global_step"] == state["global_step"]
+        # The weights are stored once: dckpt/ holds a hard link of model.safetensors and
+        # every model tensor's chunks point into it.
+        weights = os.stat(folder / "model.safetensors").st_ino
+        linked = [i for i, f in enumerate(m.files)
+                  if os.stat(folder / "dckpt" / f.name).st_ino == weights]
+        assert len(linked) == 1, m.files
+        model_tensors = {k: t for k, t in m.tensors.items() if k.startswith("model/")}
+        assert model_tensors and all(c.file == linked[0] for t in model_tensors.values()
+                                     for s in t.shards for c in s.chunks)
+        assert m.meta["incremental"]["referenced_bytes"] == sum(
+            t.nbytes for t in model_tensors.values())
     # The folder loads with from_pretrained and holds exactly the dckpt checkpoint's weights.
     folder = out / "checkpoint-12"
     hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()

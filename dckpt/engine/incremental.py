@@ -122,6 +122,11 @@ class Base:
         return self._manifest
 
     @property
+    def label(self) -> str:
+        """What meta.incremental.base records (information only)."""
+        return self.path.name
+
+    @property
     def depth(self) -> int:
         """Incremental saves since the last full one, this base included."""
         d = self.manifest.meta.get(META_KEY)
@@ -337,7 +342,7 @@ def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]
 
 def summarize(base: Base, reports: list) -> dict:
     """The manifest's meta entry: what this save wrote and what it shares, over all ranks."""
-    out: dict = {"base": base.path.name, "depth": base.depth + 1, **dict.fromkeys(_STATS, 0)}
+    out: dict = {"base": base.label, "depth": base.depth + 1, **dict.fromkeys(_STATS, 0)}
     for rep in reports:
         stats = rep.stats or {}  # engine.checkpoint.WriteReport
         for k in _STATS:

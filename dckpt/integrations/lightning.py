@@ -22,11 +22,16 @@ rank 0's streams (a warning says so once per load).
 Lightning calls save_checkpoint on global rank 0 alone, so the save is not a collective:
 it runs over a process group of this rank only (dckpt's collectives then have no peer to
 wait for).
+
+Checkpoint on preemption is a Callback shipped with the plugin, PreemptionCheckpoint
+(dckpt/integrations/lightning_preemption.py): a CheckpointIO is called only when Lightning
+saves or loads, never at a step boundary, and has no handle on the Trainer.
 """
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from ..engine import checkpoint
+from ..errors import DckptError, InvalidArgumentError
 from ..state import rng
 from ..format import tree as treecodec
 
@@ -59,10 +65,20 @@ class DckptCheckpointIO(CheckpointIO):
     restore_rng: restore the saved RNG streams on load (default True)."""
 
     def __init__(self, restore_rng: bool = True, **save_options):
+        if "save_on" in save_options:
+            raise InvalidArgumentError(
+                "save_on= goes to the callback shipped with this plugin: "
+                "L.Trainer(plugins=[DckptCheckpointIO()], callbacks=[PreemptionCheckpoint("
+                "save_on=signal.SIGTERM)]); a CheckpointIO is not called at step boundaries")
         self.save_options = save_options
         self.restore_rng = restore_rng
         self._group = None
         self._group_made = False
+        # Set by PreemptionCheckpoint: its Preemption (grace-period warning after each save),
+        # and whether a mid-epoch checkpoint's RNG streams wait for the first batch.
+        self.preemption = None
+        self.defer_rng = False
+        self.pending_rng = None
 
     def _local(self):
         if not self._group_made:
@@ -73,10 +89,19 @@ class DckptCheckpointIO(CheckpointIO):
         if storage_options is not None:
             raise TypeError("DckptCheckpointIO takes no storage_options; pass dckpt.save "
                             "options to DckptCheckpointIO(...)")
+        started = time.time()
         state = dict(checkpoint_dict)
         streams = state.pop(_RNG_KEY, None) or rng.capture()
-        checkpoint.save(state, Path(path), overwrite=True, group=self._local(),
-                        rank_state={"rng": streams}, **self.save_options)
+        path = Path(path)
+        if path.is_symlink():  # ModelCheckpoint(save_last="link") made it: not ours to follow
+            path.unlink()
+        # save_started: with the manifest's `created`, how long the save took (the
+        # grace-period warning of PreemptionCheckpoint, at the next start too).
+        checkpoint.save(state, path, overwrite=True, group=self._local(),
+                        rank_state={"rng": streams}, meta={"save_started": started},
+                        **self.save_options)
+        if self.preemption is not None:
+            self.preemption.check_grace(time.time() - started, f"the save of {path.name}")
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         path = Path(path)
@@ -84,7 +109,14 @@ class DckptCheckpointIO(CheckpointIO):
         state = checkpoint.load(path, group=group)
         if self.restore_rng:
             m = checkpoint.read_manifest(path)
-            rng.restore(treecodec.decode(m.ranks[0]["rng"]))
+            streams = treecodec.decode(m.ranks[0]["rng"])
+            if self.defer_rng and mid_epoch(state):
+                # Saved between two batches of an epoch: the resumed run makes its data
+                # iterator (which draws from the global generator) before it continues, so
+                # the streams go back just before the next batch (PreemptionCheckpoint).
+                self.pending_rng = streams
+            else:
+                rng.restore(streams)
         if map_location is not None:
             state = _move(state, map_location if not callable(map_location) else None)
         return state
@@ -95,6 +127,25 @@ class DckptCheckpointIO(CheckpointIO):
             shutil.rmtree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
+
+
+def save_seconds(path) -> float | None:
+    """How long the save of the dckpt checkpoint at `path` took (None: unknown)."""
+    try:
+        m = checkpoint.read_manifest(path)
+        return m.created - float(m.meta["save_started"])
+    except (DckptError, KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def mid_epoch(state: dict) -> bool:
+    """Whether Lightning's checkpoint dict was saved between two training batches of an
+    epoch (not after its last batch), from the fit loop's progress."""
+    try:
+        progress = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        return not progress["is_last_batch"] and progress["current"]["processed"] > 0
+    except (KeyError, TypeError):
+        return False
 
 
 class AsyncDckptCheckpointIO(AsyncCheckpointIO):
@@ -126,3 +177,10 @@ def _move(obj, device):
     if isinstance(obj, list):
         return [_move(v, device) for v in obj]
     return obj
+
+
+# The preemption callback shipped with the plugin, importable from here too (it imports the
+# plugin, so it comes last).
+from .lightning_preemption import PreemptionCheckpoint  # noqa: E402
+
+__all__ = ["AsyncDckptCheckpointIO", "DckptCheckpointIO", "PreemptionCheckpoint"]

@@ -15,6 +15,9 @@ What a checkpoint folder holds, `output_dir/checkpoint-<global_step>/` as Traine
 - trainer_state.json, as Trainer writes it (global step, log history, best checkpoint);
 - dckpt/: a dckpt checkpoint of the model, optimizer, scheduler, grad scaler and every
   rank's RNG streams, written collectively by every rank and committed last. No pickle.
+  The model's tensors are not written a second time: dckpt/ hard-links model.safetensors
+  and its chunks point into it, after the header (an incremental save against that file,
+  dckpt/engine/filebase.py; every shared byte checked before the commit and on load).
 The dckpt/ manifest is the commit marker: resume_from_checkpoint=True takes the newest
 folder with a committed dckpt/, so a folder a crash left half written is never resumed
 from. save_total_limit rotation (with the best checkpoint kept under load_best_model_at_end)
@@ -38,10 +41,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..distributed import collective as dist
 from ..engine import checkpoint
+from ..engine.filebase import FileBase
 from ..state import rng
 from ..errors import CheckpointNotFoundError
 from ..format import tree as treecodec
 from ..format.manifest import MANIFEST_NAME
+from ..storage.local import DEFAULT_CHUNK_SIZE
 
 log = logging.getLogger("dckpt")
 
@@ -58,6 +63,18 @@ def committed_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = [(int(m.group(1)), p) for p in root.iterdir()
              if (m := _CHECKPOINT.match(p.name)) and (p / DCKPT_DIR / MANIFEST_NAME).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def _detach_weights(folder: Path) -> None:
+    """Before Trainer writes a checkpoint folder again (the same step saved twice): unlink
+    its weights files that a committed dckpt/ shares, so that save_model writes new files
+    instead of truncating the ones that checkpoint points into."""
+    for p in folder.glob("*.safetensors") if folder.is_dir() else ():
+        try:
+            if p.lstat().st_nlink > 1:
+                p.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _is_dckpt(folder) -> bool:
@@ -118,18 +135,26 @@ class DckptTrainer(Trainer):
         """Trainer's checkpoint (weights, config, trainer_state.json), then the dckpt
         checkpoint committed, then rotation: a failed save never costs an older one."""
         limit = self.args.save_total_limit
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            _detach_weights(folder)
         self.args.save_total_limit = None  # rotation waits for the commit below
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        options = dict(self.dckpt_options)
+        # The model's tensors are shared with the weights file(s) save_model just wrote
+        # (hard link), not written twice: see dckpt/engine/filebase.py.
+        base = FileBase(folder, "*.safetensors",
+                        options.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                        name_of=lambda n: f"model/{n}", fsync=options.get("fsync", True))
         checkpoint.save(self._components(), folder / DCKPT_DIR, overwrite=True,
                         rank_state={"rng": rng.capture(own_device_only=dist.active())},
                         counters={"global_step": self.state.global_step,
                                   "epoch": self.state.epoch},
-                        **self.dckpt_options)
+                        base=base, **options)
         if self.args.should_save and limit is not None:
             from transformers.trainer_utils import rotate_checkpoints
             rotate_checkpoints(output_dir=str(run_dir),
