@@ -5,7 +5,6 @@ really runs (tiny sizes), records machine, commit, date and load, and its notes 
 every rerun; a failing command keeps the old record; new sections plug in by registration.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -15,7 +15,6 @@ import dckpt
 from dckpt.format import reader as refreader
 from dckpt.format.manifest import MANIFEST_NAME
 from distributed import run_with_ranks
-from helpers import REPO
 
 N = 1 << 18  # elements of the flat buffer: 1 MiB of float32
 
