@@ -30,7 +30,8 @@ cp "$repo/dckpt/storage/__init__.py" "$repo/dckpt/storage/records.py" "$work/dck
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
   "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \
-  "$repo/tests/test_native.py" "$repo/tests/test_native_spread.py" "$work/tests/"
+  "$repo/tests/test_native.py" "$repo/tests/test_native_spread.py" "$repo/tests/helpers.py" \
+  "$work/tests/"
 
 echo "== building the ASan core in $work"
 (cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {

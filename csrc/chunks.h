@@ -1,4 +1,6 @@
-// Chunked write, verified read and checksum verification on plain memory.
+// Chunked write, verified read and checksum verification on plain memory: the core's
+// chunk API. Written by write.cpp (buffered) and direct_write.cpp (O_DIRECT), read and
+// verified by read.cpp; what they share is in chunk_work.h.
 #pragma once
 
 #include <cstddef>

@@ -140,14 +140,6 @@ def substituted(obj: dict, path: tuple, value) -> dict:
     return out
 
 
-def flip_bit(path: Path, offset: int, bit: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ (1 << bit)]))
-
-
 MUTATIONS = ("os.rename", "os.remove", "os.rmdir", "os.link", "os.mkdir", "os.truncate",
              "os.unlink")
 

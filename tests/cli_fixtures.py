@@ -110,14 +110,6 @@ def key_paths(obj, prefix: str = "") -> set[str]:
     return out
 
 
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
-
-
 def _rank_sharded_save(rank: int, world: int, root: str) -> int:
     """FSDP2 (fully_shard on a CPU mesh) model and AdamW, one step, saved by a manager."""
     from torch.distributed.device_mesh import init_device_mesh

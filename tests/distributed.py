@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+
+from helpers import free_port
 
 # Imported once by the forkserver (torch._dynamo alone takes seconds, and FSDP2 pulls it in).
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp",
@@ -37,12 +38,6 @@ def _context():
         _ctx = mp.get_context("forkserver")
         _ctx.set_forkserver_preload(_PRELOAD)
     return _ctx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, out: str, fn, args, timeout: float,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from helpers import free_port
+
 ENDPOINT_VAR = "DCKPT_TEST_S3_ENDPOINT"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _up(endpoint: str) -> bool:
@@ -36,7 +31,7 @@ def _up(endpoint: str) -> bool:
 def start() -> tuple[str, subprocess.Popen]:
     """Start moto_server on a free loopback port; return its endpoint and process."""
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -21,11 +21,10 @@ from dckpt.tools.convert import convert
 from dckpt.errors import LockError, UnsafePickleError
 from dckpt.integrations.accelerate import DckptAccelerator, install
 from dckpt.integrations.loader_position import LoaderState
+from helpers import env
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = str(Path(__file__).with_name("accel_job.py"))
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           OMP_NUM_THREADS="1")
+ENV = env(OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(autouse=True)

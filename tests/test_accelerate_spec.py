@@ -12,13 +12,13 @@ import subprocess
 import sys
 import tarfile
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO, TESTS
+
 VERSION = importlib.metadata.version("accelerate")
-ARCHIVE = ROOT / ".cache" / "accelerate" / f"accelerate-{VERSION}.tar.gz"
+ARCHIVE = REPO / ".cache" / "accelerate" / f"accelerate-{VERSION}.tar.gz"
 SPEC = f"accelerate-{VERSION}/tests/test_state_checkpointing.py"
 # The tests that need an accelerator device: skipped on a CPU-only machine, for that alone.
 NEEDS_DEVICE = {"test_map_location"}
@@ -32,7 +32,7 @@ def test_accelerates_checkpointing_tests_pass_with_dckpt(tmp_path):
         (tmp_path / "test_state_checkpointing.py").write_bytes(tar.extractfile(SPEC).read())
     # In every interpreter of the run: pytest's, and those `accelerate launch` starts.
     (tmp_path / "sitecustomize.py").write_text("import accelerate_spec_patch\n")
-    path = [str(tmp_path), str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    path = [str(tmp_path), str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     junit = tmp_path / "results.xml"
     res = subprocess.run(

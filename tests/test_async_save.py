@@ -23,6 +23,7 @@ from dckpt.state.data import ResumableLoader
 from dckpt.errors import AsyncSaveError, CheckpointExistsError
 from dckpt.format import reader
 from dckpt.manager.async_save import AsyncOptions
+from helpers import env
 
 JOB = str(Path(__file__).with_name("async_job.py"))
 
@@ -218,10 +219,8 @@ def test_worker_errors_are_raised_and_never_committed(tmp_path, monkeypatch):
 
 
 def job(*args):
-    repo = str(Path(__file__).parents[1])  # this tree's dckpt, whatever is installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, JOB, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env())
 
 
 def check_committed(path, expected_json):

@@ -18,9 +18,9 @@ from dckpt import CheckpointManager
 from dckpt.cli import main as cli
 from dckpt.format.manifest import MANIFEST_NAME
 
-from attacks import SLOW, assert_same, flip_bit
+from attacks import SLOW, assert_same
+from helpers import env, flip_bit
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def frozen_state(step: int) -> dict:
@@ -105,7 +105,7 @@ def test_lock_fifo_does_not_hang(tmp_path):
     code = subprocess.run(
         [sys.executable, "-c", "import sys, torch; from dckpt import CheckpointManager as M; "
          "M(sys.argv[1]).save(9, {'w': torch.zeros(3)})", str(root)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60).returncode
+        env=env(), timeout=60).returncode
     assert code == 0
 
 
@@ -140,7 +140,7 @@ def test_a_forked_child_does_not_keep_the_lock_of_a_killed_parent(tmp_path):
     root, pidfile = tmp_path / "root", tmp_path / "child.pid"
     small_root(root)
     parent = subprocess.Popen([sys.executable, "-c", FORK_HOLDER, str(root), str(pidfile)],
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env=env())
     child = None
     try:
         deadline = time.monotonic() + 60
@@ -216,14 +216,14 @@ json.dump(runs, open(out, "w"))
 def test_gc_and_repair_in_a_loop_never_fail_a_jobs_save(tmp_path):
     root = tmp_path / "root"
     small_root(root, keep_last=3)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    environ = env()
     n = 400 if SLOW else 80
     maint = subprocess.Popen([sys.executable, "-c", MAINTENANCE, str(root),
-                              str(tmp_path / "done"), str(tmp_path / "maint.json")], env=env,
+                              str(tmp_path / "done"), str(tmp_path / "maint.json")], env=environ,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         job = subprocess.run([sys.executable, "-c", JOB, str(root), str(tmp_path / "job.json"),
-                              str(n)], env=env, timeout=600, capture_output=True, text=True)
+                              str(n)], env=environ, timeout=600, capture_output=True, text=True)
     finally:
         (tmp_path / "done").touch()
         maint.wait(120)
@@ -439,7 +439,7 @@ print("training finished", flush=True)  # and the script ends without wait() or 
 
 def test_an_unreported_async_failure_fails_the_process(tmp_path):
     p = subprocess.run([sys.executable, "-c", ASYNC_LAST_FAILS, str(tmp_path / "root")],
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                       env=env(), capture_output=True,
                        text=True, timeout=120)
     assert "training finished" in p.stdout  # stdout flushed before the exit
     assert p.returncode == 1, p.stderr[-2000:]

@@ -23,15 +23,14 @@ from dckpt.tools.verify import verify
 
 import xxhash
 
+import helpers
 from attacks import SLOW, manifest_obj, model_state, rewrite_manifest, tree_child, tree_set
 
-REPO = str(Path(__file__).resolve().parent.parent)
 
 
 def run_job(script: str, *args: str, timeout: float = 300, env: dict | None = None) -> dict:
     """Run `script` in a fresh interpreter; it prints 'NAME RESULT ...' lines."""
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    environ["PYTHONPATH"] = REPO + os.pathsep + environ.get("PYTHONPATH", "")
+    environ = helpers.env(OMP_NUM_THREADS="1", **(env or {}))
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
                          text=True, timeout=timeout, env=environ)
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
@@ -153,7 +152,7 @@ def test_ls_names_the_fifo(root):
     os.mkfifo(path)
     out = subprocess.run([sys.executable, "-m", "dckpt", "ls", "--json", str(root)],
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": REPO})
+                         env=helpers.env())
     steps = {e["step"]: e for e in json.loads(out.stdout)["checkpoints"]}
     assert steps[1]["status"] == "committed"
     assert steps[2]["status"] == "bad manifest" and "FIFO" in steps[2]["problem"], steps[2]

@@ -17,8 +17,8 @@ from dckpt.bench import report
 from dckpt.bench.measure import PeakRss
 from dckpt.bench.ranks import SYSTEMS as RANK_SYSTEMS
 from dckpt.bench.systems import MANAGER_CHANGED, MANAGER_FIRST, DckptManager, catalogue
+from helpers import REPO, env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_bench_writes_json_chart_and_docs(tmp_path):
@@ -26,13 +26,12 @@ def test_quick_bench_writes_json_chart_and_docs(tmp_path):
     doc.write_text("# Benchmarks\n\n## Save and load\n\nold figures\n\n## Other\n\nkept\n")
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     shm_dir = Path(os.path.realpath(shm)) / f"dckpt-test-bench-{os.getpid()}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "dckpt", "bench", "--quick", "--repeats", "1", "--no-cold",
              "--out", str(out), "--disk-dir", str(tmp_path / "disk"), "--shm-dir", str(shm_dir),
              "--docs", str(doc)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     finally:
         subprocess.run(["rm", "-rf", str(shm_dir)])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -74,7 +73,7 @@ def test_quick_bench_writes_json_chart_and_docs(tmp_path):
     assert "### Goals" in text and "transformer-48MB-fp32" in text
     assert f"{MANAGER_FIRST} GB/s" in text and "| sha256sum |" in text
     # the section's notes come from benchmarks/notes/save-load.md: a rerun keeps them
-    notes = (ROOT / "benchmarks" / "notes" / "save-load.md").read_text().strip()
+    notes = (REPO / "benchmarks" / "notes" / "save-load.md").read_text().strip()
     assert notes in text
     assert (tmp_path / "bench_save_load.png").is_file()
     assert "dckpt x" in proc.stdout

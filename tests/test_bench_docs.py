@@ -5,7 +5,6 @@ really runs (tiny sizes), records machine, commit, date and load, and its notes 
 every rerun; a failing command keeps the old record; new sections plug in by registration.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from dckpt.bench import docs
+from helpers import REPO, env
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = env()
 
 
 def test_committed_doc_is_what_the_records_and_notes_give():
-    assert docs.render(charts=False) == (ROOT / "docs" / "BENCHMARKS.md").read_text(), \
+    assert docs.render(charts=False) == (REPO / "docs" / "BENCHMARKS.md").read_text(), \
         "docs/BENCHMARKS.md was edited by hand: edit benchmarks/notes/, then run " \
         "python -m dckpt.bench.docs"
 
@@ -29,14 +28,14 @@ def test_every_section_has_a_command_and_every_script_takes_record():
     for s in docs.SECTIONS:
         script = s.command[0]
         if script.endswith(".py"):
-            assert (ROOT / script).is_file(), s.slug
-            assert "--record" in (ROOT / script).read_text(), script
-        assert (ROOT / "benchmarks" / "notes" / f"{s.slug}.md").is_file(), s.slug
+            assert (REPO / script).is_file(), s.slug
+            assert "--record" in (REPO / script).read_text(), script
+        assert (REPO / "benchmarks" / "notes" / f"{s.slug}.md").is_file(), s.slug
 
 
 def _notes(tmp_path: Path, sentinel: str) -> Path:
     notes = tmp_path / "notes"
-    shutil.copytree(ROOT / "benchmarks" / "notes", notes)
+    shutil.copytree(REPO / "benchmarks" / "notes", notes)
     for slug in ("verify", "incremental", "native", "distributed", "async"):
         with open(notes / f"{slug}.md", "a") as f:
             f.write(f"\n{sentinel} {slug}\n")
@@ -75,7 +74,7 @@ def test_quick_run_records_and_renders_sections_and_keeps_their_notes(tmp_path):
     save_load = text.split("## Save and load\n", 1)[1].split("\n## ", 1)[0]
     assert "A quick run (tiny sizes)" in save_load and "Reproduce: `python -m dckpt bench" in save_load
     assert "load average" in save_load and "commit " in save_load
-    assert (ROOT / "benchmarks" / "notes" / "save-load.md").read_text().strip() in save_load
+    assert (REPO / "benchmarks" / "notes" / "save-load.md").read_text().strip() in save_load
     assert "dckpt manager, first save GB/s" in save_load
     assert (tmp_path / "bench_save_load.png").read_bytes()[:4] == b"\x89PNG"
     rec = json.loads((tmp_path / "results" / "verify.json").read_text())
@@ -114,7 +113,7 @@ def test_a_failing_command_keeps_the_old_record_and_a_registered_section_renders
         assert docs.run_section(ok, results, quick=False, log=lambda m: None)
         docs.register(bad)
         assert not docs.run_section(bad, results, quick=False, log=lambda m: None)
-        text = docs.render(results, ROOT / "benchmarks" / "notes", tmp_path)
+        text = docs.render(results, REPO / "benchmarks" / "notes", tmp_path)
     finally:
         docs.SECTIONS[:] = saved
     section = text.split("## Extra\n", 1)[1]
@@ -128,5 +127,5 @@ def test_a_section_that_needs_other_hardware_is_skipped_and_keeps_its_figures(tm
         pytest.skip("a GPU is visible here: the section would run")
     assert not docs.run_section(gpu, tmp_path, quick=True, log=lambda m: None)
     assert not (tmp_path / "gpu.json").exists()
-    text = docs.render(tmp_path, ROOT / "benchmarks" / "notes", tmp_path)
+    text = docs.render(tmp_path, REPO / "benchmarks" / "notes", tmp_path)
     assert "## GPU\n\n*Not regenerated yet" in text and "NVIDIA H200" in text

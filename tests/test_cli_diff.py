@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import copy, flip_byte, key_paths, make_root, run_cli, run_json
+from cli_fixtures import copy, key_paths, make_root, run_cli, run_json
+from helpers import flip_bit
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_atol_and_rewritten_equal_tensor(tmp_path):
 def test_corrupt_or_missing_input_exits_2(root, tmp_path):
     b = copy(root / "step-000000006", tmp_path / "b")
     m = dckpt.read_manifest(b)
-    flip_byte(b / "rank-00000.dckpt", m.tensors["model/0.weight"].shards[0].chunks[0].offset)
+    flip_bit(b / "rank-00000.dckpt", m.tensors["model/0.weight"].shards[0].chunks[0].offset, 6)
     # same hashes in the manifest, so only a changed manifest forces a read: use step 3
     code, _, err = run_cli("diff", root / "step-000000003", b)
     assert code == 2 and "corrupt" in err and "model/0.weight" in err

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_fixtures import copy, flip_byte, key_paths, make_root, run_cli, run_json
+from cli_fixtures import copy, key_paths, make_root, run_cli, run_json
 from dckpt.format.reader import read_manifest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import env, flip_bit
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +88,8 @@ def test_ls_shows_incomplete_and_corrupt(root, tmp_path):
     r = copy(root, tmp_path / "run")
     (r / ".step-000000016.tmp-0123456789ab").mkdir()
     m = read_manifest(r / "step-000000008")
-    flip_byte(r / "step-000000008" / "rank-00000.dckpt", m.tensors["model/0.bias"]
-              .shards[0].chunks[0].offset)
+    flip_bit(r / "step-000000008" / "rank-00000.dckpt", m.tensors["model/0.bias"]
+             .shards[0].chunks[0].offset, 6)
     code, doc = run_json("ls", r)
     assert code == 0
     status = {c["name"]: c["status"] for c in doc["checkpoints"]}
@@ -108,14 +107,13 @@ def test_inspect_and_ls_run_without_torch(root):
     """In a fresh process where `import torch` fails, through `python -m dckpt`."""
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['dckpt._native'] = None; "
             "sys.argv = ['dckpt'] + sys.argv[1:]; runpy.run_module('dckpt', run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     for argv in (["inspect", str(root)], ["ls", str(root)]):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                             text=True, env=env, timeout=120)
+                             text=True, env=env(), timeout=120)
         assert out.returncode == 0, out.stderr
         assert "step" in out.stdout
     out = subprocess.run([sys.executable, "-c", code, "verify", str(root)],
-                         capture_output=True, text=True, env=env, timeout=120)
+                         capture_output=True, text=True, env=env(), timeout=120)
     assert out.returncode != 0  # verify needs the native core for checksums
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, run_cli,
+from cli_fixtures import (build_state, copy, key_paths, make_root, run_cli,
                           run_json, snapshot)
+from helpers import flip_bit
 from dckpt.format import tree
 from dckpt.format.reader import read_manifest
 from dckpt.tools.repair import BACKUP_DIR
@@ -54,8 +55,8 @@ def test_rebuilds_damaged_latest_with_backup(root):
 def test_missing_latest_points_to_newest_verified(root):
     (root / "latest").unlink()
     m = read_manifest(root / "step-000000006")
-    flip_byte(root / "step-000000006" / "rank-00000.dckpt",
-              m.tensors["model/0.weight"].shards[0].chunks[0].offset)
+    flip_bit(root / "step-000000006" / "rank-00000.dckpt",
+             m.tensors["model/0.weight"].shards[0].chunks[0].offset, 6)
     code, doc = run_json("repair", root)
     assert code == 0 and doc["schema"] == "dckpt.repair/1"
     assert key_paths(doc) == {"schema", "path", "kind", "dry_run", "ok", "backup", "actions",
@@ -144,7 +145,7 @@ def test_adds_rng_streams_marked_as_seeded_now(tmp_path):
 def test_refuses_to_touch_an_unverifiable_checkpoint(tmp_path):
     ckpt = legacy(tmp_path)
     m = read_manifest(ckpt)
-    flip_byte(ckpt / "rank-00000.dckpt", m.tensors["model/0.bias"].shards[0].chunks[0].offset)
+    flip_bit(ckpt / "rank-00000.dckpt", m.tensors["model/0.bias"].shards[0].chunks[0].offset, 6)
     before = snapshot(ckpt)
     code, out, _ = run_cli("repair", ckpt)
     assert code == 1 and "refused" in out and "model/0.bias" in out

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import (build_state, copy, flip_byte, key_paths, make_root, run_cli, run_json,
+from cli_fixtures import (build_state, copy, key_paths, make_root, run_cli, run_json,
                           sharded_root)
+from helpers import flip_bit
 from dckpt.format.reader import read_manifest
 from dckpt.tools.verify import verify
 
@@ -91,7 +92,7 @@ def test_corrupted_chunk_names_file_tensor_chunk_and_offset(ckpt):
     m = read_manifest(ckpt)
     name = "model/0.weight"
     chunk = m.tensors[name].shards[0].chunks[0]
-    flip_byte(ckpt / "rank-00000.dckpt", chunk.offset + 7)
+    flip_bit(ckpt / "rank-00000.dckpt", chunk.offset + 7, 6)
     code, out, _ = run_cli("verify", ckpt)
     assert code == 1 and "VERIFICATION FAILED" in out
     assert f"tensor '{name}' chunk 0 in rank-00000.dckpt at offset {chunk.offset}" in out
@@ -110,7 +111,7 @@ def test_deep_decodes_compressed_chunks(tmp_path):
     assert doc["deep"] and not [c for c in doc["checkpoints"][0]["checks"]
                                 if c["level"] == "error"]
     chunk = res.manifest.tensors["model/w"].shards[0].chunks[2]
-    flip_byte(res.path / "rank-00000.dckpt", chunk.offset + chunk.stored // 2)
+    flip_bit(res.path / "rank-00000.dckpt", chunk.offset + chunk.stored // 2, 6)
     code, doc = run_json("verify", res.path, "--deep")
     loc = [c["location"] for c in doc["checkpoints"][0]["checks"] if c["level"] == "error"]
     assert code == 1 and loc == [{"file": "rank-00000.dckpt", "rank": 0, "tensor": "model/w",
@@ -134,7 +135,7 @@ def test_corrupt_shard_names_its_rank_and_shard(sharded, tmp_path):
     m = read_manifest(path)
     shard = m.tensors["model/0.weight"].shards[1]
     f = m.files[shard.chunks[0].file]
-    flip_byte(path / f.name, shard.chunks[0].offset)
+    flip_bit(path / f.name, shard.chunks[0].offset, 6)
     code, doc = run_json("verify", path)
     (bad,) = [c for c in doc["checkpoints"][0]["checks"] if c["level"] == "error"]
     assert code == 1 and bad["location"] == {"file": f.name, "rank": 1, "tensor": "model/0.weight",
@@ -291,7 +292,7 @@ def test_damaged_step_count_is_reported_when_checksums_are_skipped(tmp_path):
     m = read_manifest(res.path)
     name = next(n for n in m.tensors if n.endswith("/step"))
     ch = m.tensors[name].shards[0].chunks[0]
-    flip_byte(res.path / m.files[ch.file].name, ch.offset)
+    flip_bit(res.path / m.files[ch.file].name, ch.offset, 6)
     bad = verify(res.path, checksums=False).checkpoints[0]
     errors = [c for c in bad.checks if c.id == "training.optimizer_steps" and c.level == "error"]
     assert len(errors) == 1 and "cannot read step count" in errors[0].message

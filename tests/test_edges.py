@@ -13,17 +13,13 @@ from torch import nn
 
 import dckpt
 from cli_fixtures import build_state, make_root, run_cli
+from helpers import env
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return make_root(tmp_path_factory.mktemp("edges") / "run", saves=(3, 6))
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 # ---- not a checkpoint: a torch.save file, a manager root ----------------------------------
@@ -69,7 +65,7 @@ def _piped_exit_code(argv: list[str], read_bytes: int) -> int:
     """Run the CLI with stdout into a pipe whose reader closes after `read_bytes`, as
     `| head -c` does."""
     p = subprocess.Popen([sys.executable, "-m", "dckpt", *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=_env())
+                         stderr=subprocess.PIPE, env=env())
     p.stdout.read(read_bytes)
     p.stdout.close()  # the reader goes away; the writer's next write gets EPIPE
     err = p.stderr.read()

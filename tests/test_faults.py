@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +18,19 @@ from pathlib import Path
 
 import pytest
 
+import helpers
+
 JOB = Path(__file__).with_name("fault_job.py")
-REPO = Path(__file__).resolve().parents[1]
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 WITHIN = 20.0  # seconds from a fault to every survivor's error
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world: int, args: list[str], tmp: Path, timeout: float) -> list[dict | None]:
     """Start `world` ranks of fault_job.py directly; each rank's result (None if it died)."""
     out = tmp / "out"
     out.mkdir()
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()),
-           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = helpers.env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(helpers.free_port()),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     for k in ("DCKPT_COLLECTIVE_TIMEOUT", "DCKPT_PEER_TIMEOUT", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)  # defaults only
     procs = [subprocess.Popen([sys.executable, str(JOB), args[0], str(tmp / "root"), str(out),

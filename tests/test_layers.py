@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-PKG = ROOT / "dckpt"
+from helpers import REPO, env
+
+PKG = REPO / "dckpt"
 
 
 def test_import_linter_contracts_are_kept():
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     if not os.path.exists(exe):
         pytest.fail("lint-imports is missing: install the test extras (pip install -e .[test])")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([exe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([exe], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout
 

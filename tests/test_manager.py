@@ -99,3 +99,28 @@ def test_root_lock(tmp_path):
         with pytest.raises(LockError, match="another process"):
             RootLock(tmp_path).acquire()
     RootLock(tmp_path).acquire().release()
+
+
+def test_exchanged_messages_survive_the_wire():
+    """What ranks exchange (the manager's messages, the save's plan message) comes back from
+    its JSON as the same typed object: the wire is JSON between processes."""
+    import json
+
+    from dckpt.distributed.sharding import Offer
+    from dckpt.engine.checkpoint import Begun, PlanMessage
+    from dckpt.manager.messages import GcReport, RestoreHit, SaveDecision, StepRequest
+    offer = Offer("model/w", "float32", "torch", [2, 3], [4, 3], [2, 0], 24, None, "ab" * 8)
+    for msg in (SaveDecision("step-000000003", None, {"metric": "loss", "step": 3}, 3),
+                SaveDecision(None, "written in full", None, None),
+                StepRequest(None, [5, 4, 1]), StepRequest(7, None),
+                RestoreHit("CorruptCheckpointError: chunk 3", True, False),
+                PlanMessage(Begun("/r/.tmp-x", None), [offer]),
+                PlanMessage(Begun(None, ("CheckpointExistsError", "exists", "/r/x")), None),
+                PlanMessage(None, [])):
+        back = type(msg).of(json.loads(json.dumps(msg.to_json())))
+        assert back == msg and type(msg).of(msg) is msg
+    assert RestoreHit.of(None) is None
+    report = GcReport([1, 2], [".tmp-x"], [3], 4096, True)
+    assert json.loads(json.dumps(report.to_json())) == {
+        "removed_steps": [1, 2], "removed_temporaries": [".tmp-x"], "kept_links": [3],
+        "freed_bytes": 4096, "dry_run": True}

@@ -12,6 +12,7 @@ import zstandard
 
 import dckpt
 from dckpt import _native as native
+from helpers import flip_bit
 
 CS = 4096  # small chunk size so that modest buffers span many chunks
 
@@ -267,14 +268,6 @@ def test_prev_hash_raw_hash_is_set_on_skipped_chunks(tmp_path):
     assert os.path.getsize(tmp_path / "b") == 0
 
 
-def flip_bit(path, position):
-    with open(path, "r+b") as f:
-        f.seek(position)
-        byte = f.read(1)[0]
-        f.seek(position)
-        f.write(bytes([byte ^ 0x10]))
-
-
 @pytest.mark.parametrize("codec", [0, 1, 2])
 def test_flipped_bit_in_every_chunk_is_detected(tmp_path, codec):
     buffers = [weights(3 * CS + 100, seed=5), weights(2 * CS, seed=6)]
@@ -285,7 +278,7 @@ def test_flipped_bit_in_every_chunk_is_detected(tmp_path, codec):
     for index, (b, c, record) in enumerate(flat):
         expected_kind = "raw_hash" if record[4] == 0 else "stored_hash"
         position = record[1] + record[2] // 2
-        flip_bit(path, position)
+        flip_bit(path, position, 4)
         dests = [np.empty(len(buf), np.uint8) for buf in buffers]
         with pytest.raises(native.ChunkError) as e:
             native.read_chunks([path], dests, [4, 2], records, threads=2)
@@ -299,14 +292,14 @@ def test_flipped_bit_in_every_chunk_is_detected(tmp_path, codec):
             failures = native.verify_chunks([path], [r for _, _, r in flat], widths, deep=deep)
             assert [(f[0], f[1], f[2]) for f in failures] == [(index, "stored_hash", record[6])]
             assert failures[0][3] != record[6] and isinstance(failures[0][4], str)
-        flip_bit(path, position)
+        flip_bit(path, position, 4)
     native.read_chunks([path], [np.empty(len(b), np.uint8) for b in buffers], [4, 2], records)
 
 
 def test_read_without_verify_skips_hash_checks(tmp_path):
     data = weights(2 * CS)
     path, records = roundtrip(tmp_path, [data], [4])
-    flip_bit(path, 5)
+    flip_bit(path, 5, 4)
     dest = np.empty_like(data)
     native.read_chunks([path], [dest], [4], records, verify=False)
     assert (dest != data).sum() == 1

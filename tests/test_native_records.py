@@ -1,25 +1,74 @@
-"""The native check of manifest tensor records gives the Python check's answer, always.
+"""The native check of manifest tensor records gives the Python oracle's answer, always.
 
-dckpt/format/manifest.py checks the usual tensor record (a torch tensor stored whole by one
-rank) natively where the core is built, and _whole_tensor is the same check in Python. Both
-see thousands of mutated records here: each must accept exactly what the other accepts and
-build equal entries. Imports only dckpt.format and the core, so csrc/asan_test.sh runs it
-against the sanitizer build too.
+dckpt.storage.records hands the native core's whole_tensors to dckpt.format.manifest, which
+checks the usual tensor record (a torch tensor stored whole by one rank) with it and every
+other record field by field (_check_tensor). whole_tensor below is the same one-pass check
+written in Python: it runs only here, as the oracle. Both see thousands of valid and
+mutated records: each must accept exactly what the other accepts and build equal entries,
+and neither may accept what the field-by-field check rejects or read it differently.
+Imports only dckpt.format and the core, so csrc/asan_test.sh runs it against the sanitizer
+build too.
 """
 import copy
 import json
+import math
 import random
 
 import pytest
 
 from dckpt import _native as native
+from dckpt.errors import ManifestError
 from dckpt.format import manifest as mf
+from dckpt.format.dtypes import ITEMSIZE, numpy_itemsize
 from dckpt.storage import records as records_mod
 
 FILES = [mf.FileEntry("rank-00000-0.dckpt", 1 << 40, 0), mf.FileEntry("rank-00000-1.dckpt", 4096, 0)]
 SIZES = [f.size for f in FILES]
 TYPES = (mf.Chunk, mf.Shard, mf.TensorEntry)
 H = "0123456789abcdef"
+
+
+def whole_tensor(name: str, t, files: list, world: int):
+    """The oracle: a tensor stored whole by one rank, checked in one pass in Python, as an
+    entry equal to what the full parse builds; None for anything else, valid or not (numpy
+    arrays included, which the core leaves to the field-by-field check)."""
+    if type(t) is not dict or not 0 < len(name) <= 4096 or t.get("placement") is not None:
+        return None
+    kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
+    if type(dtype) is not str or type(shards) is not list or len(shards) != 1:
+        return None
+    itemsize = (ITEMSIZE.get(dtype) if kind == "torch" else
+                numpy_itemsize(dtype) if kind == "numpy" else None)
+    s = shards[0]
+    if itemsize is None or not mf._shape_ok(shape) or type(s) is not dict:
+        return None
+    offsets, sshape, rank, chunks = s.get("offsets"), s.get("shape"), s.get("rank"), s.get("chunks")
+    # Equal lists of equal length; the types too, as 1.0 == 1 == True.
+    if (type(sshape) is not list or sshape != shape or type(offsets) is not list
+            or len(offsets) != len(shape) or type(rank) is not int or not 0 <= rank < world
+            or type(chunks) is not list):
+        return None
+    for d, o in zip(sshape, offsets):
+        if type(d) is not int or type(o) is not int or o != 0:
+            return None
+    raw = 0
+    for ch in chunks:
+        if not mf._chunk_ok(ch, files):
+            return None
+        raw += ch[3]
+    if raw != math.prod(shape) * itemsize:
+        return None
+    return mf.TensorEntry(dtype, shape, [mf.Shard(offsets, sshape, rank, [
+        mf._chunk(ch) for ch in chunks])], kind)
+
+
+def full_check(name: str, t, files: list, world: int):
+    """What the parse makes of a record the fast check leaves to it: an entry, or None
+    where it raises ManifestError."""
+    try:
+        return mf._check_tensor(mf._Check(None), name, t, files, world, [])
+    except ManifestError:
+        return None
 
 
 def records() -> dict:
@@ -44,9 +93,14 @@ def records() -> dict:
 
 
 def both(tensors: dict, world: int = 2) -> tuple[list, list]:
-    """The native answers, and Python's less numpy arrays (which the core leaves to it)."""
+    """The native answers, and the oracle's less numpy arrays (which the core leaves to the
+    field-by-field check). Every record either accepts is one the full check accepts too,
+    as the same entry."""
     fast = native.whole_tensors(tensors, SIZES, world, mf.ITEMSIZE, TYPES)
-    slow = [mf._whole_tensor(n, t, FILES, world) for n, t in tensors.items()]
+    slow = [whole_tensor(n, t, FILES, world) for n, t in tensors.items()]
+    for (n, t), e, o in zip(tensors.items(), fast, slow):
+        if e is not None or o is not None:
+            assert full_check(n, t, FILES, world) == (e or o), n
     return fast, [None if e is not None and e.kind == "numpy" else e for e in slow]
 
 
@@ -54,7 +108,7 @@ def test_valid_records_build_the_same_entries():
     fast, slow = both(records())
     assert fast == slow
     assert [e is None for e in fast] == [False] * 4 + [True, False, True]  # wide: invalid; arr: numpy
-    assert mf._whole_tensor("arr", records()["arr"], FILES, 2) is not None
+    assert whole_tensor("arr", records()["arr"], FILES, 2) is not None
     w = fast[0]
     assert type(w) is mf.TensorEntry and type(w.shards[0]) is mf.Shard
     assert type(w.shards[0].chunks[1]) is mf.Chunk and w.shards[0].chunks[1].stored_hash == (1 << 64) - 1
@@ -138,6 +192,37 @@ def test_mutated_records_get_the_same_answer(seed):
     assert accepted > 1000 and rejected > 1000  # both answers were exercised
 
 
+def test_no_fast_check_accepts_what_the_full_check_rejects():
+    """Every value of a valid record replaced by each odd value in turn, or removed: the
+    core and the oracle give one answer, and accept only what the field-by-field check
+    accepts, read the same way."""
+    files = [mf.FileEntry("rank-00000.dckpt", 26, 0)]
+    base = mf.TensorEntry("float32", [2, 4], [mf.Shard([0, 0], [2, 4], 0, [
+        mf.Chunk(0, 0, 16, 16, 0, 0x1234, 0x1234), mf.Chunk(0, 16, 10, 16, 1, 7, 8)])]).to_json()
+    base = json.loads(json.dumps(base))
+    accepted = rejected = 0
+    for path, _ in list(leaves(base)):
+        for value in ODD + [KeyError]:
+            entry = copy.deepcopy(base)
+            parent = entry
+            for k in path[:-1]:
+                parent = parent[k]
+            if value is KeyError:
+                if not isinstance(parent, dict):
+                    continue
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = copy.deepcopy(value)
+            fast = native.whole_tensors({"model/w": entry}, [26], 1, mf.ITEMSIZE, TYPES)[0]
+            oracle = whole_tensor("model/w", entry, files, 1)
+            slow = full_check("model/w", entry, files, 1)
+            assert fast == oracle, (path, value)
+            assert fast is None or fast == slow, (path, value)
+            accepted += fast is not None
+            rejected += slow is None
+    assert accepted > 5 and rejected > 300  # both outcomes were exercised
+
+
 def test_non_json_values_get_the_same_answer():
     """Values JSON cannot produce (bool dims, subclasses of int and str) are refused too."""
     class Int(int):
@@ -171,9 +256,8 @@ def test_bad_arguments_are_type_errors():
 
 def test_parse_gives_the_same_manifest_with_and_without_the_core():
     m = mf.Manifest(world_size=2, files=FILES, ranks=[{"tree": {}}, {"tree": {}}],
-                    tensors={n: mf._whole_tensor(n, t, FILES, 2) or mf._check_tensor(
-                        mf._Check(None), n, t, FILES, 2, []) for n, t in records().items()
-                        if n not in ("huge0", "wide")})
+                    tensors={n: full_check(n, t, FILES, 2) for n, t in records().items()
+                             if n not in ("huge0", "wide")})
     data = m.to_bytes()
     with_core = mf.parse(data, records=native.whole_tensors)
     assert records_mod.parse(data) == with_core  # the parse every reader above format uses

@@ -9,11 +9,10 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import dckpt
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_py_typed_is_installed_with_the_package(tmp_path):

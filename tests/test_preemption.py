@@ -14,16 +14,15 @@ import pytest
 
 import dckpt
 from dckpt.manager import Preemption
+from helpers import TESTS, env
 
-HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
-       "DCKPT_PEER_TIMEOUT": "30"}
+ENV = env(TESTS, OMP_NUM_THREADS="1", DCKPT_PEER_TIMEOUT="30")
 STEPS = 60
 
 
 def torchrun(root, out, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "--max-restarts", "0", str(HERE / "preempt_job.py"), str(root), str(out),
+           "2", "--max-restarts", "0", str(TESTS / "preempt_job.py"), str(root), str(out),
            "--steps", str(STEPS)]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **popen)

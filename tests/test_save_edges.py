@@ -14,8 +14,8 @@ import dckpt
 from dckpt import CheckpointManager
 from dckpt.errors import StepOrderError
 from distributed import run_with_ranks
+from helpers import env
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def state(v: float = 0.0):
@@ -29,8 +29,7 @@ def listing(root: Path) -> list[str]:
 
 
 def run_child(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -133,9 +132,8 @@ INTERRUPTED_SAVE = """
 def test_ctrl_c_mid_save_removes_the_temporary(tmp_path, mode):
     import signal
     import time
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(INTERRUPTED_SAVE),
-                              str(tmp_path), mode], env=env, stdout=subprocess.PIPE,
+                              str(tmp_path), mode], env=env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
@@ -405,8 +403,7 @@ def test_save_to_a_read_only_directory_raises_storage_error(tmp_path):
                textwrap.dedent(READ_ONLY_SAVE), str(ro)]
     else:
         cmd = [sys.executable, "-c", textwrap.dedent(READ_ONLY_SAVE), str(ro)]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 3 and all("STORAGE" in x for x in lines), r.stdout + r.stderr

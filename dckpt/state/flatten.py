@@ -42,7 +42,12 @@ class Leaf:
 
     @property
     def dtype(self) -> str:
-        return self.value.dtype.str if self.is_numpy else dtype_name(self.value.dtype)
+        if self.is_numpy:
+            return self.value.dtype.str
+        # The table first: asked per leaf by the plan and the writer, and dtype_name (the
+        # same lookup, which raises naming an unknown dtype) would be one more call.
+        name = TORCH_NAMES.get(self.value.dtype)
+        return name if name is not None else dtype_name(self.value.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -1,10 +1,13 @@
 """The manifest reader with the native record check: what every reader above format uses
 (local paths, file:// and object store URLs).
 
-format.manifest validates manifests in pure Python; the native core checks the common case
-(whole tensors, thousands per manifest) in one pass. This module hands that check to
-format, so that format never imports the core. It imports no torch, so `dckpt inspect`
-and `dckpt ls` use it too; without a built core it reads with the Python checks.
+format.manifest validates manifests in pure Python; the native core checks and builds the
+common record (a torch tensor stored whole by one rank, thousands per manifest) in one
+pass, and format checks the rest field by field. This module hands that check to format,
+so that format never imports the core. It imports no torch, so `dckpt inspect` and
+`dckpt ls` use it too; in a process without the core (they run there) every record is
+checked field by field: the same rules, slower. There is no second copy of the fast check
+in Python at run time: its Python mirror is the oracle of tests/test_native_records.py.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manif
 
 try:
     from .._native import whole_tensors as check
-except ImportError:  # format without the built core: the same rules, checked in Python
+except ImportError:  # inspect/ls without the core: format's field-by-field checks only
     check: RecordCheck | None = None
 
 

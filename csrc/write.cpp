@@ -1,0 +1,229 @@
+// write_chunks (chunks.h), buffered: chunks are claimed from one queue by the pool's
+// threads, hashed, optionally shuffled and compressed, and pwritten back to back in
+// completion order; O_DIRECT writes of one file go to write_direct (direct_write.cpp).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "chunk_work.h"
+#include "chunks.h"
+#include "codec.h"
+#include "fileio.h"
+#include "thread_pool.h"
+
+namespace dckpt {
+namespace {
+
+Status check_write_options(const WriteOptions& o) {
+  Where none;
+  if (o.chunk_size < 1 || o.chunk_size > kMaxChunkSize)
+    return fail(Kind::InvalidArgument, none,
+                "chunk_size must be in [1, " + std::to_string(kMaxChunkSize) + "], got " +
+                    std::to_string(o.chunk_size));
+  if (o.codec < kRaw || o.codec > kZstdShuffle)
+    return fail(Kind::InvalidArgument, none, "unknown codec " + std::to_string(o.codec));
+  if (o.codec != kRaw && !valid_zstd_level(o.level))
+    return fail(Kind::InvalidArgument, none, "invalid zstd level " + std::to_string(o.level));
+  if (o.file_index < 0) return fail(Kind::InvalidArgument, none, "file_index must be >= 0");
+  if (!(o.duty > 0.0 && o.duty <= 1.0))
+    return fail(Kind::InvalidArgument, none, "duty must be in (0, 1]");
+  return Status();
+}
+
+struct WriteJob {
+  const std::string& path;
+  const File& file;
+  const WriteOptions& options;
+  int64_t file_index;
+  std::atomic<uint64_t> end{0};  // stored chunks go back to back in completion order
+};
+
+// A raw chunk is hashed and written a block at a time, so that the kernel copies each block
+// while it is still in cache instead of reading the chunk from memory a second time: about
+// 8% less CPU per byte written to tmpfs (a 256 KiB block fits in L2).
+constexpr size_t kFusedBlock = size_t{256} << 10;
+
+Status write_raw_fused(WriteJob& job, const uint8_t* raw, size_t len, size_t b, size_t c,
+                       ChunkRecord* rec) {
+  uint64_t offset = job.end.fetch_add(len, std::memory_order_relaxed);
+  StreamHash hash;
+  for (size_t done = 0; done < len;) {
+    size_t n = std::min(kFusedBlock, len - done);
+    hash.update(raw + done, n);
+    int err = job.file.pwrite_all(raw + done, n, offset + done);
+    if (err != 0)
+      return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
+                              static_cast<int64_t>(offset + done)},
+                        "write failed", err);
+    done += n;
+  }
+  rec->raw_hash = rec->stored_hash = hash.digest();
+  rec->offset = static_cast<int64_t>(offset);
+  rec->stored_len = static_cast<int64_t>(len);
+  rec->codec = kRaw;
+  return Status();
+}
+
+Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Worker& w,
+                   ChunkRecord* rec) {
+  const WriteOptions& o = job.options;
+  size_t begin = c * static_cast<size_t>(o.chunk_size);
+  size_t len = std::min(static_cast<size_t>(o.chunk_size), src.size - begin);
+  const uint8_t* raw = src.data + begin;
+  rec->file_index = job.file_index;
+  rec->raw_len = static_cast<int64_t>(len);
+  // Without previous hashes nothing depends on the hash before the bytes are written.
+  if (o.codec == kRaw && src.prev_hashes == nullptr)
+    return write_raw_fused(job, raw, len, b, c, rec);
+  rec->raw_hash = hash64(raw, len);
+  if (src.prev_hashes != nullptr && c < src.prev_hashes->size() &&
+      (*src.prev_hashes)[c] == rec->raw_hash) {
+    rec->offset = -1;
+    rec->stored_len = 0;
+    rec->codec = kRaw;
+    rec->stored_hash = 0;
+    return Status();
+  }
+
+  const uint8_t* stored = raw;
+  size_t stored_len = len;
+  int64_t codec = kRaw;
+  if (o.codec != kRaw) {
+    int64_t want = o.codec == kZstdShuffle && src.elem_size > 1 ? kZstdShuffle : kZstd;
+    const uint8_t* input = raw;
+    if (want == kZstdShuffle) {
+      uint8_t* s = w.shuffled.get(len);
+      shuffle(raw, s, len, src.elem_size);
+      input = s;
+    }
+    uint8_t* frame = w.frame.get(ZSTD_compressBound(len));
+    size_t frame_len = 0;
+    std::string problem = w.zstd.compress(input, len, frame, o.level, &frame_len);
+    if (!problem.empty())
+      return fail(Kind::Io, Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c)},
+                  problem);
+    // A frame that saves nothing would only cost decoding time: store those raw.
+    if (frame_len < len) {
+      stored = frame;
+      stored_len = frame_len;
+      codec = want;
+    }
+  }
+
+  uint64_t offset = job.end.fetch_add(stored_len, std::memory_order_relaxed);
+  int err = job.file.pwrite_all(stored, stored_len, offset);
+  if (err != 0)
+    return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
+                            static_cast<int64_t>(offset)},
+                      "write failed", err);
+  rec->offset = static_cast<int64_t>(offset);
+  rec->stored_len = static_cast<int64_t>(stored_len);
+  rec->codec = codec;
+  rec->stored_hash = codec == kRaw ? rec->raw_hash : hash64(stored, stored_len);
+  return Status();
+}
+
+// (source, chunk) of every chunk, in order; sizes out to match.
+std::vector<std::pair<size_t, size_t>> chunk_tasks(const std::vector<WriteSource>& sources,
+                                                   size_t chunk,
+                                                   std::vector<std::vector<ChunkRecord>>* out) {
+  std::vector<std::pair<size_t, size_t>> tasks;
+  out->assign(sources.size(), {});
+  for (size_t b = 0; b < sources.size(); ++b) {
+    size_t count = sources[b].size / chunk + (sources[b].size % chunk != 0);
+    (*out)[b].resize(count);
+    for (size_t c = 0; c < count; ++c) tasks.emplace_back(b, c);
+  }
+  return tasks;
+}
+
+// fsync (when asked) and close every file, keeping the first failure. Several files are
+// synced at once, one thread each, as when each writer synced its own file.
+Status finish_files(const std::vector<std::string>& paths, std::vector<File>& files,
+                    bool fsync, Status st) {
+  if (st.ok() && fsync)
+    st = parallel_for(files.size(), static_cast<int>(files.size()), [&](size_t f, int) {
+      int err = files[f].sync();
+      if (err == 0) return Status();
+      return fail(Kind::Io, Where{&paths[f]}, "fsync failed", error_text(err));
+    });
+  for (size_t f = 0; f < files.size(); ++f) {
+    int err = files[f].close();
+    if (st.ok() && err != 0) st = fail(Kind::Io, Where{&paths[f]}, "close failed", error_text(err));
+  }
+  return st;
+}
+
+}  // namespace
+
+Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
+  Status st = check_write_options(options);
+  if (!st.ok()) return st;
+  std::vector<std::pair<size_t, size_t>> tasks =
+      chunk_tasks(sources, static_cast<size_t>(options.chunk_size), out);
+
+  std::vector<std::string> paths{path};
+  std::vector<File> files(1);
+  File& file = files[0];
+  int err = file.create(path, options.direct && options.codec == kRaw);
+  if (err != 0) return fail(Kind::Io, Where{&path}, "cannot create file", error_text(err));
+  int threads = resolve_threads(options.threads, tasks.size());
+  std::vector<Worker> workers(threads);
+  if (file.direct()) {
+    st = write_direct(path, file, sources, tasks, options, workers, out);
+  } else {
+    WriteJob job{path, file, options, options.file_index};
+    st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+      Clock::time_point start = Clock::now();
+      auto [b, c] = tasks[t];
+      Status s = write_chunk(job, sources[b], b, c, workers[w], &(*out)[b][c]);
+      pace(start, options.duty);
+      return s;
+    });
+  }
+  return finish_files(paths, files, options.fsync, st);
+}
+
+Status write_chunks(const std::vector<std::string>& paths, const std::vector<WriteSource>& sources,
+                    const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out) {
+  if (paths.size() == 1) return write_chunks(paths[0], sources, options, out);
+  Status st = check_write_options(options);
+  if (!st.ok()) return st;
+  if (paths.empty()) return Status::error(Kind::InvalidArgument, "no file to write to");
+  if (options.direct)
+    return Status::error(Kind::InvalidArgument, "direct writes go to one file per call");
+  std::vector<std::pair<size_t, size_t>> tasks =
+      chunk_tasks(sources, static_cast<size_t>(options.chunk_size), out);
+
+  // Every file is created, even one no thread gets to: the caller lists them all.
+  std::vector<File> files(paths.size());
+  for (size_t f = 0; f < paths.size(); ++f) {
+    if (int err = files[f].create(paths[f]); err != 0)
+      return fail(Kind::Io, Where{&paths[f]}, "cannot create file", error_text(err));
+  }
+  std::vector<std::unique_ptr<WriteJob>> jobs;
+  for (size_t f = 0; f < paths.size(); ++f)
+    jobs.emplace_back(
+        new WriteJob{paths[f], files[f], options, options.file_index + static_cast<int64_t>(f)});
+  // One writer per file at least: each file's writes then go on while the others' do.
+  int threads = std::max(resolve_threads(options.threads, tasks.size()),
+                         static_cast<int>(std::min(paths.size(), tasks.size())));
+  threads = std::min(threads, kMaxThreads);
+  std::vector<Worker> workers(threads);
+  st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+    Clock::time_point start = Clock::now();
+    auto [b, c] = tasks[t];
+    Status s = write_chunk(*jobs[static_cast<size_t>(w) % jobs.size()], sources[b], b, c,
+                           workers[w], &(*out)[b][c]);
+    pace(start, options.duty);
+    return s;
+  });
+  return finish_files(paths, files, options.fsync, st);
+}
+
+}  // namespace dckpt
