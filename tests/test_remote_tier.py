@@ -21,6 +21,7 @@ import torch
 
 import s3server
 from distributed import run_with_ranks
+from helpers import free_port
 from dckpt import CheckpointManager
 from dckpt.errors import UploadError
 from dckpt.format.layout import step_dir
@@ -379,7 +380,7 @@ def test_two_ranks_upload_their_own_files_restore_from_remote_and_fail_together(
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env.update(DCKPT_REMOTE_RETRIES="2", DCKPT_REMOTE_BACKOFF="0.05")
     root, url = str(tmp_path / "run"), f"s3://{s3_bucket}/two"
-    dead = f"http://127.0.0.1:{s3server._free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     res = run_with_ranks(2, rank_upload, root, url, env, dead, timeout=120)
     manifest = "manifest.json"
     # Rank 0 alone uploads the manifest, last; each rank its own data files.
