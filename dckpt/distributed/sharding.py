@@ -20,6 +20,7 @@ from the same all-gathered offers, so no further communication is needed.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import weakref
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import xxhash
 
 from ..storage import local as io
 from ..errors import UnsupportedStateError
@@ -76,6 +78,8 @@ class WritePlan:
     aliases: dict[str, str]
     placements: dict[str, dict]
     bytes_per_rank: list[int]
+    replicated: tuple[str, ...] = ()  # every rank's replicated tensors, sorted (plan reuse)
+    owned: dict[str, int] = field(default_factory=dict)  # every owned tensor -> its writer
 
 
 # ---- DTensors ------------------------------------------------------------------------------
@@ -282,7 +286,50 @@ def assign(offers: list[list[Offer]], me: int) -> WritePlan:
         load[r] += nbytes
     mine = {n for n, _ in writes[me]}
     return WritePlan(writes[me], aliases[me], {n: p for n, p in placements.items() if n in mine},
-                     load)
+                     load, tuple(sorted(n for n, p in placements.items()
+                                        if p["kind"] == REPLICATED)),
+                     {n: w for w in range(world) for n, _ in writes[w]
+                      if placements.get(n, {}).get("kind") == OWNED})
+
+
+# ---- reusing a plan ------------------------------------------------------------------------
+# A training job saves the same layout (names, shapes, owners) again and again. Each rank
+# then sends a hash of its offers instead of the offers: the exchange is O(1) in the
+# number of tensors. The digests of the tensors the plan treats as replicas still change
+# with their values, so each rank also sends one hash over them: equal on every rank means
+# they are still replicas; otherwise the offers are exchanged again.
+def layout_hash(offers: list[Offer]) -> str:
+    """What the plan depends on of one rank's offers, except replica digests: a hash of
+    names, dtypes, shapes, offsets and placements in leaf order."""
+    h = xxhash.xxh3_64()
+    for o in offers:
+        h.update(json.dumps([o.name, o.dtype, o.kind, o.shape, o.global_shape, o.offsets,
+                             o.nbytes, o.placement], sort_keys=True,
+                            separators=(",", ":")).encode())
+    return f"{h.intdigest():016x}"
+
+
+@dataclass(frozen=True)
+class PlanCache:
+    """This rank's last agreed plan: its own layout hash, the hash of every rank's (the
+    plan's identity, equal on all ranks), and the plan."""
+    own: str
+    plan_id: str
+    plan: WritePlan
+
+
+def plan_id(layout_hashes: list[str]) -> str:
+    return f"{xxhash.xxh3_64_intdigest(','.join(layout_hashes).encode()):016x}"
+
+
+def replica_fingerprint(flat: Flat, offers: list[Offer], names: tuple[str, ...]) -> str:
+    """One hash over this rank's digests of `names` (the plan's replicas), in order."""
+    known = {o.name: o.digest for o in offers if o.digest is not None}
+    leaves = {leaf.name: leaf for leaf in flat.leaves} if len(known) < len(names) else {}
+    h = xxhash.xxh3_64()
+    for n in names:
+        h.update((known.get(n) or _digest(leaves[n])).encode())
+    return f"{h.intdigest():016x}"
 
 
 def _same(hs, fields) -> bool:

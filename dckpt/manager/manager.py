@@ -100,7 +100,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
     the caller to share with the other ranks (fall back, or raise)."""
     a = Attempt(Path(path))
     try:
-        a.manifest = m = manifest or checkpoint.read_manifest(path)
+        a.manifest = m = manifest or checkpoint.read_manifest(path, rank=rank)
         a.rank_entry = m.ranks[rank] if rank < m.world_size else None
         rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
         wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))

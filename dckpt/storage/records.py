@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manifest as _read
+from ..format.manifest import read_records as _read_records
+from ..format import lookup as _lookup
 
 try:
     from .._native import whole_tensors as check
@@ -17,11 +19,23 @@ except ImportError:  # format without the built core: the same rules, checked in
     check: RecordCheck | None = None
 
 
-def read_manifest(ckpt: str | os.PathLike) -> Manifest:
-    """format.manifest.read_manifest with the native record check (same errors)."""
-    return _read(ckpt, check)
+def read_manifest(ckpt: str | os.PathLike, ranks: list[int] | None = None) -> Manifest:
+    """format.manifest.read_manifest with the native record check (same errors). ranks:
+    of a split checkpoint, only these ranks' record files (None: all)."""
+    return _read(ckpt, check, ranks)
+
+
+def read_records(m: Manifest, ckpt: str | os.PathLike, ranks: list[int] | None = None) -> Manifest:
+    """format.manifest.read_records with the native record check."""
+    return _read_records(m, ckpt, ranks, check)
 
 
 def parse(data: bytes, path: str | None = None) -> Manifest:
     """format.manifest.parse with the native record check (same errors)."""
     return _parse(data, path, check)
+
+
+def lazily(m: Manifest, ckpt: str | os.PathLike) -> Manifest:
+    """format.lookup.lazily with the native record check: a partly read split manifest
+    whose tensors fetch their record files on demand."""
+    return _lookup.lazily(m, ckpt, check)
