@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ..format.split import compact_mesh, expand_ranks
 from ..storage import local as io
 from ..errors import UnsupportedStateError
 from ..state.flatten import Flat, Leaf
@@ -59,14 +60,20 @@ class Offer:
     digest: str | None = None  # hash of the bytes, to recognize replicas
 
     def to_json(self) -> dict:
+        p = self.placement
+        if p is not None and "mesh" in p:  # a mesh's rank list as a range where it is one
+            p = {**p, "mesh": compact_mesh(p["mesh"])}
         return {"name": self.name, "dtype": self.dtype, "kind": self.kind, "shape": self.shape,
                 "global": self.global_shape, "offsets": self.offsets, "nbytes": self.nbytes,
-                "placement": self.placement, "digest": self.digest}
+                "placement": p, "digest": self.digest}
 
     @classmethod
     def from_json(cls, d: dict) -> "Offer":
+        p = d["placement"]
+        if p is not None and "mesh" in p:
+            p = {**p, "mesh": {**p["mesh"], "ranks": expand_ranks(p["mesh"]["ranks"])}}
         return cls(d["name"], d["dtype"], d["kind"], d["shape"], d["global"], d["offsets"],
-                   d["nbytes"], d["placement"], d["digest"])
+                   d["nbytes"], p, d["digest"])
 
 
 @dataclass(frozen=True)
@@ -302,10 +309,16 @@ def layout_hash(offers: list[Offer]) -> str:
     """What the plan depends on of one rank's offers, except replica digests: a hash of
     names, dtypes, shapes, offsets and placements in leaf order."""
     h = xxhash.xxh3_64()
+    meshes: dict[int, str] = {}  # a mesh (every rank's number) is hashed once, not per offer
     for o in offers:
-        h.update(json.dumps([o.name, o.dtype, o.kind, o.shape, o.global_shape, o.offsets,
-                             o.nbytes, o.placement], sort_keys=True,
-                            separators=(",", ":")).encode())
+        p = o.placement
+        if p is not None:
+            mesh = p["mesh"]
+            if id(mesh) not in meshes:
+                meshes[id(mesh)] = f"{xxhash.xxh3_64_intdigest(json.dumps(mesh, sort_keys=True).encode()):x}"
+            p = [meshes[id(mesh)], p["placements"]]
+        h.update(f"{o.name}\0{o.dtype}\0{o.kind}\0{o.shape}{o.global_shape}{o.offsets}"
+                 f"{o.nbytes}{p}\n".encode())
     return f"{h.intdigest():016x}"
 
 

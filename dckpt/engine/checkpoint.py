@@ -373,7 +373,7 @@ def _build_index(summaries: list[dict], owned: tuple[str, ...], world: int, coun
                     counters=counters or {}, metrics=metrics or {},
                     meta={"library": info, "totals": totals, **(meta or {})},
                     version=splitfmt.SPLIT_VERSION,
-                    split=splitfmt.SplitIndex(refs, dict(sorted(owned.items()))))
+                    split=splitfmt.SplitIndex.of(refs, dict(sorted(owned.items()))))
 
 
 SINGLE, SPLIT = "single", "split"

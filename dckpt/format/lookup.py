@@ -66,7 +66,7 @@ def lazily(m: Manifest, ckpt: str | os.PathLike, records: RecordCheck | None = N
             return
         fetch(_by_span(m, splitfmt.FULL))
         if not dict.__contains__(m.tensors, name):
-            fetch([r for r in range(len(index.records)) if r not in index.loaded])
+            fetch([r for r in range(index.count) if r not in index.loaded])
 
     m.tensors = LazyTensors(m.tensors, fetch_name)
     m.fetch_records = fetch  # type: ignore[attr-defined]
@@ -74,9 +74,7 @@ def lazily(m: Manifest, ckpt: str | os.PathLike, records: RecordCheck | None = N
 
 
 def _by_span(m: Manifest, want: splitfmt.Span) -> list[int]:
-    index = m.split
-    return [ref.rank for ref in index.records
-            if ref.rank not in index.loaded and splitfmt.overlaps(ref.span, want)]
+    return m.split.overlapping(want)
 
 
 def covered(m: Manifest, name: str, offsets: list[int], shape: list[int]) -> bool:
@@ -84,6 +82,8 @@ def covered(m: Manifest, name: str, offsets: list[int], shape: list[int]) -> boo
     t = dict.get(m.tensors, name)
     if t is None:
         return False
+    if len(t.shards) == 1 and t.shards[0].offsets == offsets and t.shards[0].shape == shape:
+        return True  # the usual case: the rank's own block, as it saved it
     want = math.prod(shape)
     got = 0
     for s in t.shards:
@@ -113,4 +113,4 @@ def ensure_block(m: Manifest, name: str, offsets: list[int] | None,
         return
     fetch(_by_span(m, splitfmt.wanted_interval(offsets, shape, t.shape)))
     if not covered(m, name, offsets, shape):
-        fetch([r for r in range(len(index.records)) if r not in index.loaded])
+        fetch([r for r in range(index.count) if r not in index.loaded])

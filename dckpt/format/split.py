@@ -44,7 +44,7 @@ FULL: Span = ((0, 1), (1, 1))
 
 @dataclass
 class RecordRef:
-    """An index entry: one rank's record file."""
+    """One rank's record file, as the index describes it."""
     name: str
     size: int
     hash: int
@@ -61,17 +61,51 @@ class RecordRef:
         return cls(record_name(rank), len(data), xxhash.xxh3_64_intdigest(data), rank, span)
 
 
+NO_SPAN = (0, 0, 0, 0)
+
+
 @dataclass
 class SplitIndex:
-    """What the index says about the record files, and which of them a Manifest has read."""
-    records: list[RecordRef]
+    """What the index says about the record files, column by column (one entry per rank;
+    record r is named record_name(r)), and which of them a Manifest has read."""
+    sizes: list[int]
+    hashes: list[str]  # 16 hex digits each
+    spans: list[int]  # 4 per rank: lo_num, lo_den, hi_num, hi_den; NO_SPAN for none
     owned: dict[str, int]  # owned tensor -> rank whose record file holds it
     loaded: set[int] = field(default_factory=set)
     index_tensors: int = 0  # how many of Manifest.tensors came from the index itself
 
+    @classmethod
+    def of(cls, refs: list[RecordRef], owned: dict[str, int]) -> "SplitIndex":
+        spans: list[int] = []
+        for ref in refs:
+            spans.extend(NO_SPAN if ref.span is None else (*ref.span[0], *ref.span[1]))
+        return cls([r.size for r in refs], [f"{r.hash:016x}" for r in refs], spans, owned)
+
+    @property
+    def count(self) -> int:
+        return len(self.sizes)
+
     @property
     def complete(self) -> bool:
-        return len(self.loaded) == len(self.records)
+        return len(self.loaded) == len(self.sizes)
+
+    def span(self, r: int) -> Span | None:
+        a, b, c, d = self.spans[4 * r:4 * r + 4]
+        return None if b == 0 else ((a, b), (c, d))
+
+    def ref(self, r: int) -> RecordRef:
+        return RecordRef(record_name(r), self.sizes[r], int(self.hashes[r], 16), r, self.span(r))
+
+    def to_json(self) -> dict:
+        return {"sizes": self.sizes, "hashes": self.hashes, "spans": self.spans}
+
+    def overlapping(self, want: Span) -> list[int]:
+        """Unread records whose span overlaps `want`."""
+        sp = self.spans
+        return [r for r in range(self.count) if r not in self.loaded and sp[4 * r + 1]
+                and overlaps(((sp[4 * r], sp[4 * r + 1]), (sp[4 * r + 2], sp[4 * r + 3])),
+                             want)]
 
 
 # ---- spans ---------------------------------------------------------------------------------

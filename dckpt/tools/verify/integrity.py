@@ -71,7 +71,7 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
             rep.add(g, "structure.records", ERROR, str(e), Location(file=name))
             return None
         rep.add(g, "structure.records", PASS,
-                f"{len(m.split.records)} record file(s) match the index's {HASH_ALGORITHM} "
+                f"{m.split.count} record file(s) match the index's {HASH_ALGORITHM} "
                 "hashes and validate", Location(file=MANIFEST_NAME))
     rep.add(g, "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
