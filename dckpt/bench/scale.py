@@ -110,12 +110,11 @@ def report(job: Job, r: int) -> ck.WriteReport:
             "placement": placement, "shards": [{"offsets": [r * ROWS_PER_RANK, 0],
                                                 "shape": [ROWS_PER_RANK, COLS], "rank": r,
                                                 "chunks": [chunk(shard_bytes)]}]}
-    if r == 0:  # the replicated tensors: written once, by rank 0 here
-        for i in range(REPLICATED):
-            tensors[f"rep/r{i}"] = {"kind": "torch", "dtype": "float32", "shape": [COLS],
-                                    "placement": {"kind": sharding.REPLICATED},
-                                    "shards": [{"offsets": [0], "shape": [COLS], "rank": 0,
-                                                "chunks": [chunk(COLS * 4)]}]}
+    for i in range(r, REPLICATED, job.world):  # written once: assign() deals them out
+        tensors[f"rep/r{i}"] = {"kind": "torch", "dtype": "float32", "shape": [COLS],
+                                "placement": {"kind": sharding.REPLICATED},
+                                "shards": [{"offsets": [0], "shape": [COLS], "rank": r,
+                                            "chunks": [chunk(COLS * 4)]}]}
     aliases = {}
     for i in range(PER_RANK):
         local = f"mine/m{i}@r{r}"
@@ -186,9 +185,11 @@ def simulate(job: Job, workdir: Path) -> dict:
         summaries[r], cpu = _cpu(ck._write_records, ckpt, rep, r, False)
         cpu_records.append(cpu)
     rng = random.Random(world)
-    every = [summaries[r] if r in summaries else summary_for(summaries[1], job, r, rng)
+    # The template: a rank that wrote no replicated tensor (all are, past REPLICATED).
+    plain = summaries[world - 1]
+    every = [summaries[r] if r in summaries else summary_for(plain, job, r, rng)
              for r in range(world)]
-    templ = summary_for(summaries[1], job, mid, rng)
+    templ = summary_for(plain, job, mid, rng)
     assert templ["record"]["span"] == summaries[mid]["record"]["span"]
     out["record_bytes"] = summaries[mid]["record"]["size"]
     out["write_records_cpu_s"] = sum(cpu_records) / len(cpu_records)
@@ -297,3 +298,102 @@ def budget_ok(row: dict) -> dict:
 
 
 __all__ = ["Job", "simulate", "run", "GRID", "offers", "report", "state_names", "budget_ok"]
+
+
+# ---- real runs ----------------------------------------------------------------------------
+def real_run(world: int, tensors: int, timeout: float = 600.0) -> list[dict]:
+    """Save twice (the second reusing the plan) and restore the Job(world, tensors) state on
+    `world` real gloo processes; each rank's figures, in rank order."""
+    import multiprocessing as mp
+    import socket
+    ctx = mp.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="dckpt-scale-real-") as d:
+        q = ctx.Queue()
+        procs = [ctx.Process(target=_real_rank, args=(r, world, port, tensors, d, q))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(got) < world:
+                r, value = q.get(timeout=max(1.0, deadline - time.monotonic()))
+                got[r] = value
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    bad = {r: v for r, v in got.items() if "error" in v}
+    if bad:
+        raise RuntimeError(f"real run of {world} ranks failed: {bad}")
+    return [got[r] for r in range(world)]
+
+
+def _real_state(job: Job, r: int, fill: bool) -> dict:
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (job.world,))
+    g = torch.Generator().manual_seed(0)
+    model = {}
+    for n in job.names():
+        full = (torch.randn(job.rows, COLS, generator=g) if fill
+                else torch.zeros(job.rows, COLS)).to(torch.bfloat16)
+        model[n] = distribute_tensor(full, mesh, [Shard(0)])
+    return {"model": model,
+            "rep": {f"r{i}": torch.full((COLS,), float(i) if fill else 0.0)
+                    for i in range(REPLICATED)},
+            "mine": {f"m{i}": torch.full((COLS,), float(r * 100 + i) if fill else 0.0)
+                     for i in range(PER_RANK)}}
+
+
+def _real_rank(r: int, world: int, port: int, tensors: int, root: str, q) -> None:
+    import os
+    import torch
+    import torch.distributed as tdist
+    import dckpt
+    import dckpt.format.manifest as mf
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                      LOCAL_WORLD_SIZE=str(world))
+    try:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r,
+                                 world_size=world)
+        job = Job(world, tensors)
+        state = _real_state(job, r, True)
+        saves = []
+        for i in range(2):
+            res = dckpt.save(state, f"{root}/s{i}", threads=1)
+            saves.append({"reused": res.plan_reused, "sent": res.sent_bytes,
+                          "received": res.received_bytes, "record_bytes": res.metadata_bytes})
+        live = _real_state(job, r, False)
+        seen: list[int] = []
+        real = mf._read_record
+
+        def counted(path, ref):
+            seen.append(ref.size)
+            return real(path, ref)
+        mf._read_record = counted
+        path = Path(f"{root}/s1")
+        tdist.barrier()
+        t = time.process_time()
+        m = ck.read_manifest(path, rank=r)
+        meta_cpu = time.process_time() - t
+        t = time.process_time()
+        dckpt.load(path, into=live, manifest=m, threads=1)
+        load_cpu = time.process_time() - t
+        index_bytes = (path / "manifest.json").stat().st_size
+        ok = all(torch.equal(a.to_local(), b.to_local())
+                 for a, b in zip(live["model"].values(), state["model"].values()))
+        tdist.barrier()
+        q.put((r, {"saves": saves, "restore": {"bytes": index_bytes + sum(seen),
+                                               "records_read": len(seen),
+                                               "metadata_cpu_s": meta_cpu,
+                                               "load_cpu_s": load_cpu, "bitwise": ok}}))
+        tdist.destroy_process_group()
+    except BaseException as e:  # reported to the parent
+        q.put((r, {"error": f"{type(e).__name__}: {e}"}))

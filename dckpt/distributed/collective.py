@@ -211,24 +211,24 @@ def _exchange_json(obj: Any, group, what: str, root: int | None, src: int | None
         n, me = world_size(group), rank(group)
         keys = [f"{base}/{r}" for r in range(n)]
         try:
-            if src is None or me == src:
-                text = json.dumps(obj)
-                store.set(keys[me], text)
-                _traffic[0] += len(text)
-            if src is not None:  # a broadcast: all but src read src's key
+            text = json.dumps(obj if src is None or me == src else None)
+            store.set(keys[me], text)
+            _traffic[0] += len(text)
+            if src is not None:
+                # A broadcast: every rank posts (the others an empty value) and waits for
+                # all, so a rank failing here fails every rank, src included, as in any
+                # exchange; each reads src's value only. A live src may itself have been
+                # waiting out the deadline on a peer (gather_json): the others give it a
+                # little longer, so that they learn from its abort post which rank failed.
+                _wait(store, keys, group, what,
+                      grace=2 * BEAT_SECONDS + 0.25 * collective_timeout())
+                text = store.get(keys[src])
                 if me != src:
-                    # A live source may itself be waiting out the deadline on a peer
-                    # (gather_json): it is given a little longer, so that the others
-                    # learn from its abort post which rank failed, not time out on it.
-                    _wait(store, [keys[src]], group, what, [src],
-                          grace=2 * BEAT_SECONDS + 0.25 * collective_timeout())
-                    text = store.get(keys[src])
                     _traffic[1] += len(text)
-                    obj = json.loads(text)
-                    if store.add(f"{base}/read", 1) == n - 1:
-                        for k in [keys[src], f"{base}/read"]:
-                            store.delete_key(k)
-                return obj
+                if store.add(f"{base}/read", 1) == n:
+                    for k in [*keys, f"{base}/read"]:
+                        store.delete_key(k)
+                return json.loads(text)
             if root is not None and me != root:
                 return None
             _wait(store, keys, group, what)

@@ -688,16 +688,19 @@ def _merge_record(m: Manifest, c: _Check, r: int, data: bytes,
     fast = (records(tensors_obj, [f.size for f in files], world, ITEMSIZE,
                     (Chunk, Shard, TensorEntry)) if records is not None
             else [None] * len(tensors_obj))
+    # Each record numbers its own meshes; the manifest's list holds each distinct one once.
+    places = []
+    for mesh in meshes:
+        if mesh not in m.meshes:
+            m.meshes.append(mesh)
+        places.append(m.meshes.index(mesh))
+    renumber = places != list(range(len(meshes)))
     tensors = {}
     for (name, t), e in zip(tensors_obj.items(), fast):
         e = (e or _whole_tensor(name, t, files, world) or _block_tensor(name, t, files, world, meshes)
              or _check_tensor(c, name, t, files, world, meshes, tiles=False))
-        if e.placement is not None and e.placement.get("kind") == "sharded":
-            # The mesh by its place in the index's list, found by value (records hold their own).
-            mesh = meshes[e.placement["mesh"]]
-            if mesh not in m.meshes:
-                m.meshes.append(mesh)
-            e = e._replace(placement={**e.placement, "mesh": m.meshes.index(mesh)})
+        if renumber and e.placement is not None and e.placement.get("kind") == "sharded":
+            e = e._replace(placement={**e.placement, "mesh": places[e.placement["mesh"]]})
         tensors[name] = e
     entry = c.type_(obj.get("rank_state"), dict, "rank_state")
     if "tree" not in entry:
