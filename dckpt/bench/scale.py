@@ -154,7 +154,9 @@ def simulate(job: Job, workdir: Path) -> dict:
     sample ranks' record files."""
     world, out = job.world, {"world": job.world, "tensors": job.tensors}
     mid = world // 2
-    samples = sorted({0, 1, mid, world - 1})
+    # Made for real: the ranks restores read, and those that write a replicated tensor
+    # (their summaries carry its records into the index).
+    samples = sorted({0, 1, mid, world - 1, *range(min(REPLICATED, world))})
     opts = WriteOptions(None, True, 4 << 20, 1, False)
 
     # ---- plan ----------------------------------------------------------------------------
@@ -186,7 +188,7 @@ def simulate(job: Job, workdir: Path) -> dict:
         cpu_records.append(cpu)
     rng = random.Random(world)
     # The template: a rank that wrote no replicated tensor (all are, past REPLICATED).
-    plain = summaries[world - 1]
+    plain = summaries[world - 1]  # writes no replicated tensor when world > REPLICATED
     every = [summaries[r] if r in summaries else summary_for(plain, job, r, rng)
              for r in range(world)]
     templ = summary_for(plain, job, mid, rng)
