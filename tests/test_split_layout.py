@@ -215,3 +215,23 @@ def test_plan_reuse_sends_fewer_bytes(tmp_path):
     for r in range(1, 4):
         assert abs(many[r][2]["sent"] - few[r][2]["sent"]) < 32, (many[r], few[r])
         assert many[r][0]["sent"] > few[r][0]["sent"] + 40 * 100
+
+
+def rank_incremental(rank, world, root):
+    state = state_for(rank, world, True)
+    dckpt.save(state, f"{root}/full")
+    seen = counting_record_reads()
+    res = dckpt.save(state, f"{root}/incr", base=f"{root}/full")
+    live = state_for(rank, world, False)
+    dckpt.load(f"{root}/incr", into=live)
+    return {"records": seen, "reused": res.plan_reused, "bad": check_state(live, rank, world)}
+
+
+def test_incremental_save_reads_only_its_base_record(tmp_path):
+    got = run_with_ranks(2, rank_incremental, str(tmp_path))
+    for r, g in enumerate(got):
+        assert g["bad"] == [] and g["reused"], (r, g)
+        # its own record of the base (to link unchanged chunks), then of the new checkpoint
+        assert g["records"] == [f"records-{r:05d}.json"] * 2, (r, g)
+    meta = dckpt.read_manifest(tmp_path / "incr").meta["incremental"]
+    assert meta["new_bytes"] == 0 and meta["referenced_chunks"] > 0

@@ -609,11 +609,7 @@ def read_manifest(path: str | os.PathLike, rank: int | None = None) -> Manifest:
     the whole manifest."""
     if rank is None:
         return records.read_manifest(path)
-    m = records.read_manifest(path, ranks=[])
-    if m.split is not None:
-        records.read_records(m, path, [rank if rank < m.world_size else 0])
-        records.lazily(m, path)
-    return m
+    return records.read_for_rank(path, rank)
 
 
 @gcpause.during

@@ -39,3 +39,14 @@ def lazily(m: Manifest, ckpt: str | os.PathLike) -> Manifest:
     """format.lookup.lazily with the native record check: a partly read split manifest
     whose tensors fetch their record files on demand."""
     return _lookup.lazily(m, ckpt, check)
+
+
+def read_for_rank(ckpt: str | os.PathLike, rank: int) -> Manifest:
+    """What rank `rank` needs to restore from (or save incrementally against) `ckpt`: of a
+    split checkpoint the index and that rank's record file (rank 0's for a rank the save
+    did not have), other records fetched when a lookup needs them; a single manifest whole."""
+    m = read_manifest(ckpt, ranks=[])
+    if m.split is not None:
+        read_records(m, ckpt, [rank if rank < m.world_size else 0])
+        lazily(m, ckpt)
+    return m
