@@ -15,6 +15,8 @@ timed is the code a save and a restore run, in this process, as CPU time
 - commit: rank 0 decoding every rank's summary message, building the index, serializing it;
 - restore: a rank reading the index and its own record file (the real readers, from a
   directory), decoding its tree and looking up every tensor block it restores;
+  with the cyclic collector paused, as dckpt.load and dckpt.save run (engine/gcpause.py),
+  so that a pass over the simulation's own data is not counted;
 - reshard: a rank of half the world doing the same, reading the records it overlaps.
 
 Bytes are the JSON each rank sends and receives through the collectives (the messages as
@@ -32,7 +34,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..distributed import sharding
-from ..engine import checkpoint as ck
+from ..engine import checkpoint as ck, gcpause
 from ..format import lookup, split as splitfmt, tree as treecodec
 from ..format.layout import rank_file
 from ..format.manifest import Chunk
@@ -199,16 +201,12 @@ def simulate(job: Job, workdir: Path) -> dict:
 
     # ---- rank 0's commit -----------------------------------------------------------------
     texts = [_msg(r, s) for r, s in enumerate(every)]
-    t = time.process_time()
-    got = [json.loads(x)["value"] for x in texts]
-    owned = {}
-    index = ck._build_index(got, owned, world, {"step": 1000}, {"loss": 1.5}, {}, opts, None)
-    data = index.to_bytes()
+    data, cpu = _commit(texts, world, opts)
     (ckpt / "manifest.json").write_bytes(data)
-    out["commit"] = {"cpu_s": time.process_time() - t, "index_bytes": len(data),
+    out["commit"] = {"cpu_s": cpu, "index_bytes": len(data),
                      "received": sum(len(x) for x in texts)}
     out["write"] = {"sent": summary_msg, "received_rank0": out["commit"]["received"]}
-    outcome = len(json.dumps(index.meta["totals"]))
+    outcome = len(json.dumps(json.loads(data)["meta"]["totals"]))
     out["save_repeat"] = {"sent": key_msg + summary_msg,
                           "received": world * key_msg + outcome}
 
@@ -230,6 +228,16 @@ def simulate(job: Job, workdir: Path) -> dict:
     return out
 
 
+@gcpause.during  # rank 0 commits inside dckpt.save, which pauses the collector
+def _commit(texts: list[str], world: int, opts) -> tuple[bytes, float]:
+    """Rank 0's metadata work at commit: decode every summary, build and serialize the index."""
+    t = time.process_time()
+    got = [json.loads(x)["value"] for x in texts]
+    index = ck._build_index(got, {}, world, {"step": 1000}, {"loss": 1.5}, {}, opts, None)
+    data = index.to_bytes()
+    return data, time.process_time() - t
+
+
 _share_cache: dict[int, int] = {}
 
 
@@ -246,6 +254,7 @@ def _single_share(job: Job) -> int:
     return _share_cache[job.tensors]
 
 
+@gcpause.during  # as dckpt.load and dckpt.save run: no collector pass over the sim's data
 def _restore(ckpt: Path, job: Job, r: int, world: int, same: bool) -> dict:
     """A rank of `world` restoring from the checkpoint of job.world: read the index and its
     record file, decode its tree, look up every block it restores (real readers)."""
