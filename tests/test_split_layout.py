@@ -5,6 +5,7 @@ same-world-size resume and when resharding 4 -> 2 and 2 -> 4; a damaged record f
 by verify and by load; an old single-manifest checkpoint still loading; a repeated save of
 the same layout reusing the agreed plan and sending fewer bytes."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,68 @@ def test_incremental_save_reads_only_its_base_record(tmp_path):
         assert g["records"] == [f"records-{r:05d}.json"] * 2, (r, g)
     meta = dckpt.read_manifest(tmp_path / "incr").meta["incremental"]
     assert meta["new_bytes"] == 0 and meta["referenced_chunks"] > 0
+
+
+def _rewrite_index(path: Path, obj: dict) -> None:
+    import xxhash
+    obj = dict(obj)
+    obj.pop("self_hash", None)
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    obj["self_hash"] = f"{xxhash.xxh3_64_intdigest(body):016x}"
+    (path / MANIFEST_NAME).write_bytes(json.dumps(obj, sort_keys=True,
+                                                  separators=(",", ":")).encode())
+
+
+ODD = [-1, 0, 2**63, True, None, "x", [], {}, [0, 0, 0, 0], ["0" * 16], 1.5]
+
+
+def test_hostile_index_and_records_give_typed_errors(tmp_path):
+    """Every field of the index's records, and of a record file (its hash made to match),
+    replaced by odd values: reading gives a typed error or a valid manifest, nothing else."""
+    from dckpt.errors import DckptError
+    import xxhash
+    src = tmp_path / "src"
+    dckpt.save(state_for(0, 1, True), src, layout="split")
+    index = json.loads((src / MANIFEST_NAME).read_text())
+    record = json.loads((src / "records-00000.json").read_text())
+    cases = []
+    for key in ("sizes", "hashes", "spans"):
+        for i in range(len(index["records"][key])):
+            for v in ODD:
+                cases.append(("index", key, i, v))
+        for v in ODD:
+            cases.append(("index", key, None, v))
+    for key in ("format", "rank", "files", "tensors", "rank_state", "meshes"):
+        for v in ODD:
+            cases.append(("record", key, None, v))
+    name = "model/w1"
+    for key in ("dtype", "shape", "shards", "placement", "kind"):
+        for v in ODD:
+            cases.append(("tensor", key, None, v))
+    typed = 0
+    path = tmp_path / "c"
+    shutil.copytree(src, path)
+    for where, key, i, v in cases:
+        idx = json.loads(json.dumps(index))
+        (path / "records-00000.json").write_bytes((src / "records-00000.json").read_bytes())
+        if where == "index":
+            if i is None:
+                idx["records"][key] = v
+            else:
+                idx["records"][key][i] = v
+        else:
+            rec = json.loads(json.dumps(record))
+            if where == "record":
+                rec[key] = v
+            else:
+                rec["tensors"][name][key] = v
+            data = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+            (path / "records-00000.json").write_bytes(data)
+            idx["records"]["sizes"][0] = len(data)
+            idx["records"]["hashes"][0] = f"{xxhash.xxh3_64_intdigest(data):016x}"
+        _rewrite_index(path, idx)
+        try:
+            dckpt.read_manifest(path)
+        except DckptError:
+            typed += 1
+    assert typed > len(cases) * 0.8, (typed, len(cases))

@@ -816,7 +816,7 @@ def _block_tensor(name: str, t: Any, files: list[FileEntry], world: int,
         for x in pl:
             if type(x) is not str or len(x) >= 256:
                 return None
-    elif pk not in _SIMPLE_PLACEMENTS or len(p) != 1:
+    elif type(pk) is not str or pk not in _SIMPLE_PLACEMENTS or len(p) != 1:
         return None
     kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
     if type(dtype) is not str or type(shards) is not list or len(shards) != 1:
