@@ -612,6 +612,14 @@ def read_manifest(path: str | os.PathLike, rank: int | None = None) -> Manifest:
     return records.read_for_rank(path, rank)
 
 
+def read_index(path: str | os.PathLike) -> Manifest:
+    """The job-wide values of the checkpoint at `path` (counters, metrics, meta, world
+    size) without reading any rank's records: of a split checkpoint its index only (its
+    tensors are the replicated ones; see read_manifest for the rest); a single manifest
+    whole."""
+    return records.read_manifest(path, ranks=[])
+
+
 @gcpause.during
 def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] | None = None,
          verify: bool = True, threads: int = 0, allow_missing: bool | list[str] = False,
@@ -675,5 +683,5 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     return report
 
 
-__all__ = ["save", "load", "read_manifest", "snapshot", "write", "Snapshot", "SaveResult",
+__all__ = ["save", "load", "read_manifest", "read_index", "snapshot", "write", "Snapshot", "SaveResult",
            "RestoreReport", "Leaf"]

@@ -83,7 +83,7 @@ class DckptCheckpointIO(CheckpointIO):
         group = self._local()
         state = checkpoint.load(path, group=group)
         if self.restore_rng:
-            m = checkpoint.read_manifest(path)
+            m = checkpoint.read_manifest(path, rank=0)
             rng.restore(treecodec.decode(m.ranks[0]["rng"]))
         if map_location is not None:
             state = _move(state, map_location if not callable(map_location) else None)

@@ -393,7 +393,7 @@ class CheckpointManager:
     def _save_seconds(self, step: int) -> float | None:
         """How long the save of `step` took (None if it did not record its start)."""
         try:
-            m = checkpoint.read_manifest(self.path(step))
+            m = checkpoint.read_index(self.path(step))
             return m.created - float(m.meta["save_started"])
         except (DckptError, KeyError, TypeError, ValueError, OSError):
             return None
@@ -455,7 +455,7 @@ class CheckpointManager:
 
     def _metrics(self, step: int) -> dict:
         try:
-            return checkpoint.read_manifest(self.path(step)).metrics
+            return checkpoint.read_index(self.path(step)).metrics
         except DckptError:
             return {}
 
