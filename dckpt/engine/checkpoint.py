@@ -1,8 +1,9 @@
 """dckpt.save / dckpt.load: one checkpoint directory, written atomically, read verified.
 
 Collective when a process group is initialized: every rank writes its own data file, rank 0
-writes the manifest after every rank reported its records, and a failure on any rank aborts
-the commit on all ranks.
+writes the manifest after every rank reported (in the split layout, the default when
+distributed, each rank writes its own record file and rank 0 only the index; see
+docs/FORMAT.md and docs/SCALE.md), and a failure on any rank aborts the commit on all ranks.
 """
 from __future__ import annotations
 
@@ -140,22 +141,29 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
                      overwrite, counters, metrics, meta, base, group,
                      mode: io.Background = io.FOREGROUND, layout=None) -> SaveResult:
     """The save protocol: the home of its collective exchanges, in this order on every rank
-    (each an all-gather through _exchange that also carries a failure, so a rank that
-    raises makes every rank abort and none hangs; rank 0 then removes the staging
-    directory):
+    (each carries a failure too, so a rank that raises makes every rank abort and none
+    hangs; rank 0 then removes the staging directory):
 
-    1. "plan": rank 0 has begun (storage.begin: the staging location, or the error every
-       rank raises); every rank sends its sharding.Offer list. All ranks then know the
-       staging location and every rank's offers.
-    2. "replicas", only when sharding.undecided(offers) is not empty (the same on every
+    1. "plan" (all-gather): rank 0 has begun (storage.begin: the staging location, or the
+       error every rank raises); every rank sends its plan key: a hash of its offers
+       (sharding.layout_hash), the id of the plan it last agreed to if its layout is
+       unchanged, and a hash of its digests of that plan's replicas. When every rank's key
+       names the same plan and the replica hashes agree, that plan is reused (steps 2-3
+       are skipped): a few hundred bytes per rank, whatever the number of tensors.
+    2. "offers" (all-gather, only without reuse): every rank's sharding.Offer list.
+    3. "replicas", only when sharding.undecided(offers) is not empty (the same on every
        rank): each rank's digests of those tensors, added to the offers. Then every rank
-       computes the same sharding.assign(offers): its WritePlan.
-    3. "write": each rank writes its plan through storage.write_files and sends its
-       WriteReport; every rank builds the same manifest from them.
-    4. "save commit": rank 0 commits (storage.finish) and broadcasts the outcome.
+       computes the same sharding.assign(offers): its WritePlan, cached for step 1.
+    4. "write": each rank writes its plan through storage.write_files. Single layout
+       (all-gather): it sends its WriteReport and every rank builds the same manifest.
+       Split layout (gather_json to rank 0): it writes its own record file and sends rank 0
+       only a summary (_write_split).
+    5. "save commit" (broadcast): rank 0 commits (storage.finish: the manifest or index,
+       last) and broadcasts the outcome.
 
     The typed objects (Offer, WritePlan, WriteReport) are made once and passed down; they
-    become JSON only inside _exchange."""
+    become JSON only inside _exchange. SaveResult says what this rank's exchanges sent and
+    received."""
     staged: list[Path] = []  # rank 0's staging directory, once it exists
     store = storage.for_path(path)
     try:
