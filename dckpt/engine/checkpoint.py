@@ -651,8 +651,10 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     r, world = dist.rank(group), dist.world_size(group)
     m = manifest or read_manifest(path, rank=r)
     src = r if r < m.world_size else 0
-    if m.split is not None and m.ranks[src] is None:
-        records.read_records(m, path, [src])
+    if m.split is not None:
+        if m.ranks[src] is None:
+            records.read_records(m, path, [src])
+        records.lazily(m, path)  # other records on demand (a no-op once all are read)
     entry = m.ranks[src]
     tree = treecodec.decode(entry["tree"])
     aliases = entry.get("aliases", {})
