@@ -264,6 +264,8 @@ def _wait(store, keys: list[str], group, what: str, ranks: list[int] | None = No
     while not store.check(keys):
         now = time.monotonic()
         if store.check([abort_key]):
+            if store.check(keys):  # the exchange completed before the failure: no error here
+                break
             post = json.loads(store.get(abort_key))
             failed, by = post["rank"], post["by"]
             seen = "" if by == failed else f" (as rank {by} found)"
