@@ -138,3 +138,30 @@ def test_assign_lists_replicas_and_owners_for_every_rank():
     p0, p1 = plans(offers)
     assert p0.replicated == p1.replicated == ("rep",)
     assert p0.owned == p1.owned == {"only1": 1}
+
+
+def test_compact_plan_decides_what_the_full_plan_does():
+    """Every rank holding the same Shard-placed DTensors: the plan from their hash, the
+    bytes and the plain offers (what travels) equals assign's from every offer."""
+    from dckpt.distributed.sharding import assign_compact, compact_applies, compact_offers
+    world = 4
+    mesh = {"shape": [world], "dim_names": None, "ranks": list(range(world))}
+    offers = []
+    for r in range(world):
+        mine = [shard(f"w{k}", rows, r * rows, rows * world, mesh=mesh)
+                for k, rows in enumerate((3, 1, 2))]
+        mine += [plain("rep", 400, "aa"), plain("big", 4000, "bb"),
+                 plain("mine", 8, f"0{r}")] + ([plain("only2", 16, "cc")] if r == 2 else [])
+        offers.append(mine)
+    msgs = [compact_offers(o) for o in offers]
+    assert compact_applies(msgs)
+    for r in range(world):
+        full, fast = assign(offers, r), assign_compact(msgs, offers[r], r)
+        assert sorted(fast.writes) == sorted(full.writes), r
+        assert (fast.aliases, fast.placements, fast.bytes_per_rank, fast.replicated,
+                fast.owned) == (full.aliases, full.placements, full.bytes_per_rank,
+                                full.replicated, full.owned), r
+    # A replicated mesh dimension, or ranks holding different DTensors: every offer travels.
+    hsdp = [[shard("w", 2, 0, 2, placements=("Replicate()",))] for _ in range(2)]
+    assert not compact_applies([compact_offers(o) for o in hsdp])
+    assert not compact_applies([compact_offers(offers[0]), compact_offers(offers[1][1:])])

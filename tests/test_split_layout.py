@@ -211,11 +211,12 @@ def test_plan_reuse_sends_fewer_bytes(tmp_path):
             assert not changed["reused"]  # a new tensor: the offers travel again
             assert second["sent"] < first["sent"] and second["received"] < first["received"]
             assert changed["sent"] > second["sent"]
-    # With the plan reused, what a rank sends does not grow with its tensors: 44 tensors
-    # cost what 4 do, within the digits of sizes and hashes in the record summary.
+    # What a rank sends does not grow with its DTensors: 44 cost what 4 do, within the
+    # digits of sizes and hashes in the record summary; with the plan reused, and on the
+    # first save too (every rank holds the same Shard-placed DTensors: the compact plan).
     for r in range(1, 4):
         assert abs(many[r][2]["sent"] - few[r][2]["sent"]) < 32, (many[r], few[r])
-        assert many[r][0]["sent"] > few[r][0]["sent"] + 40 * 100
+        assert abs(many[r][0]["sent"] - few[r][0]["sent"]) < 32, (many[r], few[r])
 
 
 def rank_incremental(rank, world, root):

@@ -248,9 +248,11 @@ def write_order(nbytes: int, name: str) -> tuple:
     return (-nbytes, name)
 
 
-def assign(offers: list[list[Offer]], me: int) -> WritePlan:
+def assign(offers: list[list[Offer]], me: int, extra_load: list[int] | None = None) -> WritePlan:
     """Decide every rank's writes from all ranks' offers (same result on every rank).
-    Raises ValueError when the ranks' states cannot form one checkpoint."""
+    extra_load: bytes each rank writes besides these offers (assign_compact's DTensor
+    blocks), counted before the shared blocks are dealt out. Raises ValueError when the
+    ranks' states cannot form one checkpoint."""
     world = len(offers)
     holders: dict[str, list[tuple[int, int, Offer]]] = {}
     for r, items in enumerate(offers):
@@ -283,7 +285,8 @@ def assign(offers: list[list[Offer]], me: int) -> WritePlan:
                 aliases[r][name] = local
                 placements[local] = {"kind": LOCAL}
 
-    load = [sum(offers[r][i].nbytes for _, i in writes[r]) for r in range(world)]
+    load = [sum(offers[r][i].nbytes for _, i in writes[r]) + (extra_load[r] if extra_load else 0)
+            for r in range(world)]
     # Single-holder blocks first (they are fixed), then shared ones largest first, each to
     # the least-loaded holder: the greedy longest-processing-time rule.
     blocks.sort(key=lambda b: (len(b[3]) > 1, *write_order(b[0], b[1]), b[2]))
@@ -297,6 +300,60 @@ def assign(offers: list[list[Offer]], me: int) -> WritePlan:
                                         if p["kind"] == REPLICATED)),
                      {n: w for w in range(world) for n, _ in writes[w]
                       if placements.get(n, {}).get("kind") == OWNED})
+
+
+# ---- the first plan without every rank's DTensor offers -------------------------------------
+# FSDP2 holds every weight as a DTensor sharded over all ranks: the offers are ranks x
+# tensors, and exchanging them all is what makes a first save's plan O(ranks x tensors) per
+# rank. When every rank holds the same DTensors (names, dtypes, global shapes, meshes,
+# placements: one hash says so) and no placement replicates (only Shard), each block has
+# exactly one holder, who writes it: assign would decide the same without seeing them. So a
+# rank sends that hash, the bytes of its blocks, and only its plain offers in full.
+def dtensor_key(offers: list[Offer]) -> str | None:
+    """The hash of this rank's DTensor descriptors, or None where the compact plan does not
+    apply (a Replicate placement, an empty DTensor)."""
+    h = xxhash.xxh3_64()
+    meshes: dict[int, str] = {}
+    for o in offers:
+        p = o.placement
+        if p is None:
+            continue
+        if any(not x.startswith("Shard(") for x in p["placements"]) or \
+                math.prod(o.global_shape) == 0:
+            return None
+        mesh = p["mesh"]
+        if id(mesh) not in meshes:
+            meshes[id(mesh)] = f"{xxhash.xxh3_64_intdigest(json.dumps(mesh, sort_keys=True).encode()):x}"
+        h.update(f"{o.name}\0{o.dtype}\0{o.kind}\0{o.global_shape}{meshes[id(mesh)]}"
+                 f"{p['placements']}\n".encode())
+    return f"{h.intdigest():016x}"
+
+
+def compact_offers(offers: list[Offer]) -> dict:
+    """What a rank sends for the compact plan: see dtensor_key."""
+    return {"dt": dtensor_key(offers),
+            "dt_bytes": sum(o.nbytes for o in offers if o.placement is not None),
+            "plain": [o for o in offers if o.placement is None]}
+
+
+def compact_applies(msgs: list[dict]) -> bool:
+    return msgs[0]["dt"] is not None and all(m["dt"] == msgs[0]["dt"] for m in msgs)
+
+
+def assign_compact(msgs: list[dict], mine: list[Offer], me: int) -> WritePlan:
+    """assign() from every rank's compact_offers (compact_applies), this rank's own offers
+    in full: the same writes, DTensor blocks by their holders first."""
+    plain = [[o if isinstance(o, Offer) else Offer.from_json(o) for o in m["plain"]]
+             for m in msgs]
+    plan = assign(plain, me, [m["dt_bytes"] for m in msgs])
+    where = [i for i, o in enumerate(mine) if o.placement is None]
+    blocks = sorted(((o.name, i) for i, o in enumerate(mine)
+                     if o.placement is not None and math.prod(o.shape) > 0),
+                    key=lambda w: write_order(mine[w[1]].nbytes, w[0]))
+    placements = {**plan.placements, **{n: {"kind": SHARDED, **mine[i].placement}
+                                        for n, i in blocks}}
+    return WritePlan(blocks + [(n, where[i]) for n, i in plan.writes], plan.aliases, placements,
+                     plan.bytes_per_rank, plan.replicated, plan.owned)
 
 
 # ---- reusing a plan ------------------------------------------------------------------------

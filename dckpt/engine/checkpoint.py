@@ -234,7 +234,9 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     def agreed() -> sharding.WritePlan:  # inside the write phase: its error is exchanged
         if reused:
             return cache.plan
-        plan = sharding.assign(everyone, r)
+        how, agreed_offers = everyone
+        plan = (sharding.assign_compact(agreed_offers, offers, r) if how == "compact"
+                else sharding.assign(agreed_offers, r))
         _plans[cache_key] = sharding.PlanCache(keys[r]["layout"],
                                                sharding.plan_id([k["layout"] for k in keys]),
                                                plan)
@@ -400,11 +402,28 @@ def choose_layout(layout: str | None, world: int) -> str:
     return layout
 
 
-def _agree(snap, offers, store, tmp: Path, target: Path, group) -> list[list[sharding.Offer]]:
-    """The full plan exchange: every rank's offers (and, for possible replicas, digests),
-    from which every rank computes the same assignment."""
+def _agree(snap, offers, store, tmp: Path, target: Path, group):
+    """The plan exchange: every rank's offers (and, for possible replicas, digests), from
+    which every rank computes the same assignment. First in compact form (its DTensor
+    offers as one hash, sharding.compact_offers); only when the ranks' DTensors differ or
+    replicate, every offer. Returns ("compact", every rank's compact offers) or ("full",
+    every rank's offers)."""
     failure = None
-    gathered = _exchange(offers, failure, "offers", store, tmp, target, group)
+    compact = _exchange(sharding.compact_offers(offers), failure, "offers", store, tmp,
+                        target, group)
+    if sharding.compact_applies(compact):
+        plain = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o)
+                  for o in m["plain"]] for m in compact]
+        late = sharding.undecided(plain)
+        if late:
+            try:
+                digests, failure = sharding.late_digests(snap.flat, late), None
+            except Exception as e:
+                digests, failure = None, e
+            plain = sharding.add_digests(plain, late, _exchange(digests, failure, "replicas",
+                                                                store, tmp, target, group))
+        return "compact", [{**m, "plain": p} for m, p in zip(compact, plain)]
+    gathered = _exchange(offers, failure, "offers (all)", store, tmp, target, group)
     offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g]
               for g in gathered]
     late = sharding.undecided(offers)
@@ -415,7 +434,7 @@ def _agree(snap, offers, store, tmp: Path, target: Path, group) -> list[list[sha
             digests, failure = None, e
         offers = sharding.add_digests(offers, late, _exchange(digests, failure, "replicas",
                                                               store, tmp, target, group))
-    return offers
+    return "full", offers
 
 
 def as_number(v: Any) -> Any:
@@ -513,6 +532,8 @@ def _wire(value):
         return value.to_json()
     if isinstance(value, (list, tuple)):
         return [_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire(v) for k, v in value.items()}
     return value
 
 
