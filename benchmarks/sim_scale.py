@@ -31,12 +31,13 @@ def run(out: Path, quick: bool) -> None:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     rows = scale.run(grid, log)
     # The first save's assign: measured where it fits, extrapolated per offer beyond.
-    measured = [r for r in rows if "assign_cpu_s" in r["plan_first"]]
-    per_offer = max(r["plan_first"]["assign_cpu_s"] / r["plan_first"]["offers"]
-                    for r in measured if r["plan_first"]["offers"] >= 10_000)
+    measured = [r for r in rows if "assign_cpu_s" in r["plan_first_full"]]
+    per_offer = max(r["plan_first_full"]["assign_cpu_s"] / r["plan_first_full"]["offers"]
+                    for r in measured if r["plan_first_full"]["offers"] >= 10_000)
     for r in rows:
-        if "assign_cpu_s" not in r["plan_first"]:
-            r["plan_first"]["assign_cpu_s_estimated"] = per_offer * r["plan_first"]["offers"]
+        if "assign_cpu_s" not in r["plan_first_full"]:
+            r["plan_first_full"]["assign_cpu_s_estimated"] = \
+                per_offer * r["plan_first_full"]["offers"]
     real = []
     with tempfile.TemporaryDirectory() as d:
         for w in REAL_WORLDS:
@@ -100,18 +101,20 @@ def table(src: Path) -> None:
     doc = json.loads(src.read_text())
     print("| ranks | tensors/rank | restore: bytes read | restore CPU | record file | index |"
           " rank 0 commit CPU | repeated save: sent / received per rank | first save: "
-          "received per rank | first-save assign CPU | single manifest |")
+          "sent / received per rank, plan CPU | first save, every offer: received, assign CPU "
+          "| single manifest |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in doc["grid"]:
-        pf = r["plan_first"]
-        assign = (f"{pf['assign_cpu_s']:.2f} s" if "assign_cpu_s" in pf
-                  else f"~{pf['assign_cpu_s_estimated']:.0f} s (est.)")
+        pf, full = r["plan_first"], r["plan_first_full"]
+        assign = (f"{full['assign_cpu_s']:.2f} s" if "assign_cpu_s" in full
+                  else f"~{full['assign_cpu_s_estimated']:.0f} s (est.)")
         single = _size(r["single_manifest_bytes"]) + (" (est.)" if r["single_estimated"] else "")
         print(f"| {r['world']:,} | {r['tensors']:,} | {_size(r['restore']['bytes'])} | "
               f"{r['restore']['cpu_s'] * 1e3:.1f} ms | {_size(r['record_bytes'])} | "
               f"{_size(r['commit']['index_bytes'])} | {r['commit']['cpu_s'] * 1e3:.0f} ms | "
               f"{_size(r['save_repeat']['sent'])} / {_size(r['save_repeat']['received'])} | "
-              f"{_size(pf['received'])} | {assign} | {single} |")
+              f"{_size(pf['sent'])} / {_size(pf['received'])}, {pf['cpu_s'] * 1e3:.0f} ms | "
+              f"{_size(full['received'])}, {assign} | {single} |")
     print()
     print("| ranks | figure | real gloo run (rank min..max) | simulation |")
     print("|---:|---|---:|---:|")

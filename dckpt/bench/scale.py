@@ -10,8 +10,10 @@ that rank's name, span and hash: exactly what its _write_records would send). Wh
 timed is the code a save and a restore run, in this process, as CPU time
 (time.process_time: the machine is shared, wall time means little):
 
-- plan: a rank's layout hash and replica fingerprint (the repeated save's exchange), and,
-  up to ASSIGN_LIMIT offers, the first save's sharding.assign over every rank's offers;
+- plan: a rank's layout hash and replica fingerprint (the repeated save's exchange); the
+  first save's compact plan (sharding.compact_offers, assign_compact over every rank's
+  message); and, up to ASSIGN_LIMIT offers, the full sharding.assign over every rank's
+  offers that a job whose ranks hold different or replicated DTensors needs;
 - commit: rank 0 decoding every rank's summary message, building the index, serializing it;
 - restore: a rank reading the index and its own record file (the real readers, from a
   directory), decoding its tree and looking up every tensor block it restores;
@@ -94,6 +96,14 @@ def offers(job: Job, r: int) -> list[sharding.Offer]:
     return out
 
 
+def _plain_offers(r: int) -> list[sharding.Offer]:
+    """Rank r's plain offers (those of offers(job, r) without a placement)."""
+    return ([sharding.Offer(f"rep/r{i}", "float32", "torch", [COLS], [COLS], [0], COLS * 4,
+                            None, f"{i:016x}") for i in range(REPLICATED)]
+            + [sharding.Offer(f"mine/m{i}", "float32", "torch", [COLS], [COLS], [0], COLS * 4,
+                              None, f"{r * 100 + i:016x}") for i in range(PER_RANK)])
+
+
 def report(job: Job, r: int) -> ck.WriteReport:
     """Rank r's WriteReport (what _write_rank returns after writing its data file)."""
     rng = random.Random(r)
@@ -168,16 +178,34 @@ def simulate(job: Job, workdir: Path) -> dict:
                       tuple(f"rep/r{i}" for i in range(REPLICATED)))
     key = {"layout": own, "plan": "0123456789abcdef", "replicas": fp}
     key_msg = len(_msg(mid, ["/x/.step-000000001.tmp-0123456789ab", key]))
-    offers_msg = len(_msg(mid, [o.to_json() for o in mine]))
     out["plan_repeat"] = {"cpu_s": cpu_hash + cpu_fp, "sent": key_msg,
                           "received": world * key_msg}
-    out["plan_first"] = {"sent": key_msg + offers_msg,
-                         "received": world * (key_msg + offers_msg)}
+    # The first save: the compact plan (every rank holds the same Shard-placed DTensors).
+    # Every rank's message is made by compact_offers, but for speed from its plain offers
+    # and mid's DTensor hash: the DTensor descriptors are the same on every rank.
+    compact, cpu_compact = _cpu(sharding.compact_offers, mine)
+    compact_msg = len(_msg(mid, compact))
+    msgs = []
+    for r in range(world):
+        theirs = [o for o in offers(job, r) if o.placement is None] if r in (0, mid) or \
+            r < REPLICATED else _plain_offers(r)
+        msgs.append({"dt": compact["dt"], "dt_bytes": compact["dt_bytes"], "plain": theirs})
+    assert sharding.compact_applies(msgs)
+    plan, cpu_assign = _cpu(sharding.assign_compact, msgs, mine, mid)
+    assert len(plan.writes) == len(mine) - REPLICATED + len(range(mid, REPLICATED, world))
+    out["plan_first"] = {"sent": key_msg + compact_msg,
+                         "received": world * (key_msg + compact_msg),
+                         "cpu_s": cpu_compact + cpu_assign}
+    # When the ranks' DTensors differ or replicate, every offer travels (sharding.assign).
+    offers_msg = len(_msg(mid, [o.to_json() for o in mine]))
+    full = {"sent": key_msg + compact_msg + offers_msg,
+            "received": world * (key_msg + compact_msg + offers_msg)}
     n_offers = world * len(mine)
     if n_offers <= ASSIGN_LIMIT:
         everyone = [offers(job, r) for r in range(world)]
-        _, out["plan_first"]["assign_cpu_s"] = _cpu(sharding.assign, everyone, mid)
-    out["plan_first"]["offers"] = n_offers
+        _, full["assign_cpu_s"] = _cpu(sharding.assign, everyone, mid)
+    full["offers"] = n_offers
+    out["plan_first_full"] = full
 
     # ---- each rank's write: its record file and summary ------------------------------------
     ckpt = workdir / f"w{world}-t{job.tensors}"
