@@ -150,10 +150,12 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
        unchanged, and a hash of its digests of that plan's replicas. When every rank's key
        names the same plan and the replica hashes agree, that plan is reused (steps 2-3
        are skipped): a few hundred bytes per rank, whatever the number of tensors.
-    2. "offers" (all-gather, only without reuse): every rank's sharding.Offer list.
+    2. "offers" (all-gather, only without reuse): every rank's offers in compact form (a
+       hash of its DTensors, their bytes, its plain sharding.Offers); when the ranks'
+       DTensors differ or replicate, a second exchange, "offers (all)", of every Offer.
     3. "replicas", only when sharding.undecided(offers) is not empty (the same on every
        rank): each rank's digests of those tensors, added to the offers. Then every rank
-       computes the same sharding.assign(offers): its WritePlan, cached for step 1.
+       computes the same sharding.assign_compact / assign: its WritePlan, cached for step 1.
     4. "write": each rank writes its plan through storage.write_files. Single layout
        (all-gather): it sends its WriteReport and every rank builds the same manifest.
        Split layout (gather_json to rank 0): it writes its own record file and sends rank 0
