@@ -3,7 +3,7 @@ RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as srun or mpirun start ranks: no 
 agent tears the job down, so a rank that hangs would hang for real.
 
 Faults are injected at dckpt's collective steps: every exchange goes through
-dckpt.distributed.collective.all_gather_json, which this script wraps to count calls and, at the chosen call
+dckpt.distributed.collective._exchange_json, which this script wraps to count calls and, at the chosen call
 on the chosen rank, raise (as a failing local step would) or die by SIGKILL (as the OOM
 killer does). The calls of each operation are counted on a clean run first.
 
@@ -40,12 +40,13 @@ class InjectedFault(RuntimeError):
 
 
 class Injector:
-    """Wraps dist.all_gather_json: counts calls, and fails call `target` on the victim."""
+    """Wraps dist._exchange_json (under all_gather_json, gather_json and broadcast_json):
+    counts calls, and fails call `target` on the victim."""
 
     def __init__(self, victim: int):
         self.victim, self.calls, self.target, self.die = victim, 0, None, False
-        self.real = dist.all_gather_json
-        dist.all_gather_json = self
+        self.real = dist._exchange_json
+        dist._exchange_json = self
 
     def arm(self, target: int | None, die: bool = False) -> None:
         self.calls, self.target, self.die = 0, target, die

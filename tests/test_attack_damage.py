@@ -95,8 +95,8 @@ def test_missing_manifest_is_not_a_checkpoint(ckpt):
 
 def test_manifest_from_a_newer_version(ckpt):
     obj = manifest_obj(ckpt)
-    obj["version"] = 3  # this dckpt reads 1 and 2
-    obj["tensors"] = "laid out differently in version 3"
+    obj["version"] = 4  # this dckpt reads 1 to 3
+    obj["tensors"] = "laid out differently in version 4"
     rewrite_manifest(ckpt, obj)
     with pytest.raises(FormatVersionError, match="newer"):
         load_both(ckpt)

@@ -257,12 +257,12 @@ def test_future_version_is_a_clear_error(tmp_path):
     mpath = tmp_path / "c" / "manifest.json"
     obj = json.loads(mpath.read_text())
     obj.pop("self_hash")
-    obj["version"] = 3  # this dckpt reads 1 and 2 (views)
+    obj["version"] = 4  # this dckpt reads 1, 2 (views) and 3 (split layout)
     import xxhash
     body = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     obj["self_hash"] = f"{xxhash.xxh3_64_intdigest(body):016x}"
     mpath.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")))
-    with pytest.raises(FormatVersionError, match="version 3 is newer"):
+    with pytest.raises(FormatVersionError, match="version 4 is newer"):
         dckpt.load(tmp_path / "c")
 
 

@@ -205,3 +205,41 @@ def test_chunk_fast_check_agrees_with_the_field_checks():
             fits = ints_ok and ch[1] + ch[2] <= 26 and (ch[2] == ch[3] if ch[4] == 0
                                                          else ch[3] <= ch[2] << 15)
             assert _chunk_ok(ch, files) == (ints_ok and hashes_ok and fits), (i, value)
+
+
+def test_block_fast_check_agrees_with_the_full_check():
+    """The one-pass check of one rank's block of a tensor (_block_tensor, the split
+    layout's record files) never accepts what _check_tensor(tiles=False) rejects, nor reads
+    it differently; every value of a valid sharded block is varied as above."""
+    import copy
+
+    from dckpt.format.manifest import _Check, _block_tensor, _check_tensor
+    files = [FileEntry("rank-00001.dckpt", 64, 1)]
+    meshes = [{"shape": [2], "dim_names": None, "ranks": [0, 1]}]
+    base = {"kind": "torch", "dtype": "float32", "shape": [4, 2],
+            "placement": {"kind": "sharded", "mesh": 0, "placements": ["Shard(dim=0)"]},
+            "shards": [{"offsets": [2, 0], "shape": [2, 2], "rank": 1,
+                        "chunks": [[0, 0, 16, 16, 0, "0000000000001234", "0000000000005678"]]}]}
+    accepted = rejected = 0
+    for path in _paths(base):
+        for value in _ODD_VALUES + [KeyError]:
+            entry = copy.deepcopy(base)
+            parent = entry
+            for k in path[:-1]:
+                parent = parent[k]
+            if value is KeyError:
+                if not isinstance(parent, dict):
+                    continue
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = value
+            fast = _block_tensor("model/w", entry, files, 2, meshes)
+            try:
+                slow = _check_tensor(_Check(None), "model/w", entry, files, 2, meshes,
+                                     tiles=False)
+            except ManifestError:
+                slow = None
+            assert fast is None or fast == slow, (path, value)
+            accepted += fast is not None
+            rejected += slow is None
+    assert accepted > 5 and rejected > 300  # both outcomes were exercised

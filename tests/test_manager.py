@@ -102,21 +102,19 @@ def test_root_lock(tmp_path):
 
 
 def test_exchanged_messages_survive_the_wire():
-    """What ranks exchange (the manager's messages, the save's plan message) comes back from
-    its JSON as the same typed object: the wire is JSON between processes."""
+    """What ranks exchange (the manager's messages, rank 0's begin in the save's plan) comes
+    back from its JSON as the same typed object: the wire is JSON between processes."""
     import json
 
-    from dckpt.distributed.sharding import Offer
-    from dckpt.engine.checkpoint import Begun, PlanMessage
+    from dckpt.engine.checkpoint import Begun
     from dckpt.manager.messages import GcReport, RestoreHit, SaveDecision, StepRequest
-    offer = Offer("model/w", "float32", "torch", [2, 3], [4, 3], [2, 0], 24, None, "ab" * 8)
     for msg in (SaveDecision("step-000000003", None, {"metric": "loss", "step": 3}, 3),
                 SaveDecision(None, "written in full", None, None),
-                StepRequest(None, [5, 4, 1]), StepRequest(7, None),
+                StepRequest(None, [[5, "local"], [5, "remote"], [4, "local"]]),
+                StepRequest(7, None),
                 RestoreHit("CorruptCheckpointError: chunk 3", True, False),
-                PlanMessage(Begun("/r/.tmp-x", None), [offer]),
-                PlanMessage(Begun(None, ("CheckpointExistsError", "exists", "/r/x")), None),
-                PlanMessage(None, [])):
+                Begun("/r/.tmp-x", None), Begun("s3://b/r/x", None),
+                Begun(None, ("CheckpointExistsError", "exists", "/r/x"))):
         back = type(msg).of(json.loads(json.dumps(msg.to_json())))
         assert back == msg and type(msg).of(msg) is msg
     assert RestoreHit.of(None) is None

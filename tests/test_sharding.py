@@ -108,3 +108,60 @@ def test_manifest_keeps_placements_and_meshes():
 def test_hostile_placements_are_refused(placement, meshes, message):
     with pytest.raises(ManifestError, match=message):
         parse(manifest_with(placement, meshes))
+
+
+def test_offers_travel_with_compact_meshes_and_come_back_equal():
+    import json
+    big = {"shape": [4096], "dim_names": None, "ranks": list(range(4096))}
+    o = shard("w", 1, 7, 4096, mesh=big)
+    wire = json.dumps(o.to_json())
+    assert len(wire) < 400  # the 4,096 ranks travel as {"first": 0, "count": 4096}
+    assert Offer.from_json(json.loads(wire)) == o
+
+
+def test_layout_hash_sees_the_layout_not_the_values():
+    from dataclasses import replace
+    from dckpt.distributed.sharding import layout_hash, plan_id
+    offers = [shard("w", 3, 0, 5), plain("rep", 400, "aa")]
+    h = layout_hash(offers)
+    assert layout_hash([offers[0], replace(offers[1], digest="bb")]) == h  # values change
+    for changed in ([shard("w", 3, 0, 6), offers[1]], [shard("v", 3, 0, 5), offers[1]],
+                    [offers[1], offers[0]], [offers[0], plain("rep", 400, "aa", [10, 10])],
+                    [shard("w", 3, 0, 5, placements=("Replicate()",)), offers[1]]):
+        assert layout_hash(changed) != h, changed
+    assert plan_id([h, h]) != plan_id([h, layout_hash(offers[:1])])
+
+
+def test_assign_lists_replicas_and_owners_for_every_rank():
+    offers = [[plain("rep", 400, "aa"), plain("mine", 8, "01")],
+              [plain("rep", 400, "aa"), plain("only1", 16, "cc"), plain("mine", 8, "02")]]
+    p0, p1 = plans(offers)
+    assert p0.replicated == p1.replicated == ("rep",)
+    assert p0.owned == p1.owned == {"only1": 1}
+
+
+def test_compact_plan_decides_what_the_full_plan_does():
+    """Every rank holding the same Shard-placed DTensors: the plan from their hash, the
+    bytes and the plain offers (what travels) equals assign's from every offer."""
+    from dckpt.distributed.sharding import assign_compact, compact_applies, compact_offers
+    world = 4
+    mesh = {"shape": [world], "dim_names": None, "ranks": list(range(world))}
+    offers = []
+    for r in range(world):
+        mine = [shard(f"w{k}", rows, r * rows, rows * world, mesh=mesh)
+                for k, rows in enumerate((3, 1, 2))]
+        mine += [plain("rep", 400, "aa"), plain("big", 4000, "bb"),
+                 plain("mine", 8, f"0{r}")] + ([plain("only2", 16, "cc")] if r == 2 else [])
+        offers.append(mine)
+    msgs = [compact_offers(o) for o in offers]
+    assert compact_applies(msgs)
+    for r in range(world):
+        full, fast = assign(offers, r), assign_compact(msgs, offers[r], r)
+        assert sorted(fast.writes) == sorted(full.writes), r
+        assert (fast.aliases, fast.placements, fast.bytes_per_rank, fast.replicated,
+                fast.owned) == (full.aliases, full.placements, full.bytes_per_rank,
+                                full.replicated, full.owned), r
+    # A replicated mesh dimension, or ranks holding different DTensors: every offer travels.
+    hsdp = [[shard("w", 2, 0, 2, placements=("Replicate()",))] for _ in range(2)]
+    assert not compact_applies([compact_offers(o) for o in hsdp])
+    assert not compact_applies([compact_offers(offers[0]), compact_offers(offers[1][1:])])

@@ -93,7 +93,7 @@ def scan(root: Path) -> dict:
         elif step is not None and p.is_dir():
             entry = {"step": step, "name": p.name, "status": "committed"}
             try:
-                m = read_manifest(p)
+                m = read_manifest(p, ranks=[])  # a split checkpoint's index is enough
             except CheckpointNotFoundError:  # no manifest.json
                 entry["status"] = "no manifest"
             except DckptError as e:
@@ -101,7 +101,7 @@ def scan(root: Path) -> dict:
                 entry["problem"] = str(e)
             else:
                 entry.update(created=m.created, metrics=m.metrics,
-                             epoch=m.counters.get("epoch"), bytes=m.total_bytes)
+                             epoch=m.counters.get("epoch"), bytes=_total_bytes(m))
                 metrics[step] = m.metrics
                 recorded = m.meta.get("retention", recorded)
         else:
@@ -116,6 +116,13 @@ def scan(root: Path) -> dict:
             "latest_text": text}
 
 
+def _total_bytes(m) -> int | None:
+    """Logical bytes: a split checkpoint's index records them (meta.totals)."""
+    if m.split is None:
+        return m.total_bytes
+    totals = m.meta.get("totals")
+    value = totals.get("bytes") if isinstance(totals, dict) else None
+    return value if type(value) is int else None
 def scan_url(root: str) -> dict:
     """scan() for a root in object storage, from one listing: a step prefix is committed
     when it holds a manifest object, else "incomplete" (an upload that never committed:

@@ -76,6 +76,11 @@ def _group_key(group) -> str:
     return getattr(g, "group_name", None) or "default"
 
 
+def group_key(group=None) -> str:
+    """A name for `group`, the same on every rank (for per-group caches)."""
+    return _group_key(group)
+
+
 def _store():
     return tdist.distributed_c10d._get_default_store()
 
@@ -169,12 +174,34 @@ def _alive_key(global_rank: int) -> str:
     return f"dckpt/alive/{global_rank}"
 
 
+# Bytes of JSON this process has sent and received through the collectives below (values
+# only, not the store's framing), so a save can say what its exchanges cost (SaveResult).
+_traffic = [0, 0]
+
+
+def traffic() -> tuple[int, int]:
+    """(bytes sent, bytes received) by this process's collectives so far."""
+    return _traffic[0], _traffic[1]
+
+
 def all_gather_json(obj: Any, group=None, what: str = "exchange") -> list:
     """Every rank's `obj`, in rank order, on every rank. Raises DistributedError naming the
     first rank that failed or died, or that did not arrive within collective_timeout();
     `what` names the step."""
+    return _exchange_json(obj, group, what, None, None)
+
+
+def gather_json(obj: Any, root: int = 0, group=None, what: str = "gather") -> list | None:
+    """Every rank's `obj` in rank order on `root`, None elsewhere. Only `root` waits:
+    the others post theirs and go on (a later exchange, such as broadcast_json of the
+    outcome, tells them how it went). Each rank sends its own value and only `root`
+    receives: what lets rank 0 collect a small summary of each rank at scale."""
+    return _exchange_json(obj, group, what, root, None)
+
+
+def _exchange_json(obj: Any, group, what: str, root: int | None, src: int | None):
     if not active(group):
-        return [obj]
+        return [obj] if src is None else obj
     with operation(group):
         store = _store()
         gkey = _group_key(group)
@@ -184,10 +211,34 @@ def all_gather_json(obj: Any, group=None, what: str = "exchange") -> list:
         n, me = world_size(group), rank(group)
         keys = [f"{base}/{r}" for r in range(n)]
         try:
-            store.set(keys[me], json.dumps(obj))
+            text = json.dumps(obj if src is None or me == src else None)
+            store.set(keys[me], text)
+            _traffic[0] += len(text)
+            if src is not None:
+                # A broadcast: every rank posts (the others an empty value) and waits for
+                # all, so a rank failing here fails every rank, src included, as in any
+                # exchange; each reads src's value only. A live src may itself have been
+                # waiting out the deadline on a peer (gather_json): the others give it a
+                # little longer, so that they learn from its abort post which rank failed.
+                _wait(store, keys, group, what,
+                      grace=2 * BEAT_SECONDS + 0.25 * collective_timeout())
+                text = store.get(keys[src])
+                if me != src:
+                    _traffic[1] += len(text)
+                if store.add(f"{base}/read", 1) == n:
+                    for k in [*keys, f"{base}/read"]:
+                        store.delete_key(k)
+                return json.loads(text)
+            if root is not None and me != root:
+                return None
             _wait(store, keys, group, what)
-            values = [json.loads(v) for v in store.multi_get(keys)]
-            if store.add(f"{base}/read", 1) == n:  # the last reader cleans up
+            texts = store.multi_get(keys)
+            _traffic[1] += sum(len(t) for t in texts)
+            values = [json.loads(v) for v in texts]
+            if root is not None:
+                for k in keys:
+                    store.delete_key(k)
+            elif store.add(f"{base}/read", 1) == n:  # the last reader cleans up
                 for k in [*keys, f"{base}/read"]:
                     store.delete_key(k)
         except DistributedError:
@@ -198,15 +249,17 @@ def all_gather_json(obj: Any, group=None, what: str = "exchange") -> list:
         return values
 
 
-def _wait(store, keys: list[str], group, what: str) -> None:
+def _wait(store, keys: list[str], group, what: str, ranks: list[int] | None = None,
+          grace: float = 0.0) -> None:
     """Poll until every key is set. Each round also looks for a failure a peer posted in
     this operation and for peers whose heartbeat stopped: either raises at once. Only a
     live, silent peer (one still computing, or that never called dckpt) is waited for up to
     collective_timeout(). Polling with check() keeps the store's client free for the
     heartbeat thread (a blocking wait holds it)."""
     _watch(store, lambda: store.check(keys),
-           lambda: [r for r, k in enumerate(keys) if not store.check([k])],
-           f"{keys[0].rsplit('/', 2)[0]}/abort", group, what)
+           lambda: [ranks[i] if ranks else i for i, k in enumerate(keys)
+                    if not store.check([k])],
+           f"{keys[0].rsplit('/', 2)[0]}/abort", group, what, grace)
 
 
 def wait_until(done, peers, group=None, what: str = "transfer") -> None:
@@ -220,8 +273,9 @@ def wait_until(done, peers, group=None, what: str = "transfer") -> None:
     _watch(_store(), done, peers, f"{_op_key(_group_key(group))}/abort", group, what)
 
 
-def _watch(store, done, missing_now, abort_key: str, group, what: str) -> None:
-    limit, dead_after = collective_timeout(), peer_timeout()
+def _watch(store, done, missing_now, abort_key: str, group, what: str,
+           grace: float = 0.0) -> None:
+    limit, dead_after = collective_timeout() + grace, peer_timeout()
     start = time.monotonic()
     beats: dict[int, tuple[int, float]] = {}  # missing rank -> (beat count, when it changed)
     pause, next_look = 0.0002, start + BEAT_SECONDS
@@ -229,6 +283,8 @@ def _watch(store, done, missing_now, abort_key: str, group, what: str) -> None:
     while not done():
         now = time.monotonic()
         if store.check([abort_key]):
+            if done():  # the exchange completed before the failure: no error here
+                break
             post = json.loads(store.get(abort_key))
             failed, by = post["rank"], post["by"]
             seen = "" if by == failed else f" (as rank {by} found)"
@@ -263,9 +319,7 @@ def _global_rank(group, r: int) -> int:
 
 def broadcast_json(obj: Any, src: int = 0, group=None, what: str = "broadcast") -> Any:
     """`obj` of rank `src` on every rank."""
-    if not active(group):
-        return obj
-    return all_gather_json(obj if rank(group) == src else None, group, what)[src]
+    return _exchange_json(obj, group, what, None, src)
 
 
 def barrier(group=None, what: str = "barrier") -> None:

@@ -20,6 +20,7 @@ from the same all-gathered offers, so no further communication is needed.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import weakref
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import xxhash
 
+from ..format.split import compact_mesh, expand_ranks
 from ..storage import local as io
 from ..errors import UnsupportedStateError
 from ..state.flatten import Flat, Leaf
@@ -57,14 +60,20 @@ class Offer:
     digest: str | None = None  # hash of the bytes, to recognize replicas
 
     def to_json(self) -> dict:
+        p = self.placement
+        if p is not None and "mesh" in p:  # a mesh's rank list as a range where it is one
+            p = {**p, "mesh": compact_mesh(p["mesh"])}
         return {"name": self.name, "dtype": self.dtype, "kind": self.kind, "shape": self.shape,
                 "global": self.global_shape, "offsets": self.offsets, "nbytes": self.nbytes,
-                "placement": self.placement, "digest": self.digest}
+                "placement": p, "digest": self.digest}
 
     @classmethod
     def from_json(cls, d: dict) -> "Offer":
+        p = d["placement"]
+        if p is not None and "mesh" in p:
+            p = {**p, "mesh": {**p["mesh"], "ranks": expand_ranks(p["mesh"]["ranks"])}}
         return cls(d["name"], d["dtype"], d["kind"], d["shape"], d["global"], d["offsets"],
-                   d["nbytes"], d["placement"], d["digest"])
+                   d["nbytes"], p, d["digest"])
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class WritePlan:
     aliases: dict[str, str]
     placements: dict[str, dict]
     bytes_per_rank: list[int]
+    replicated: tuple[str, ...] = ()  # every rank's replicated tensors, sorted (plan reuse)
+    owned: dict[str, int] = field(default_factory=dict)  # every owned tensor -> its writer
 
 
 # ---- DTensors ------------------------------------------------------------------------------
@@ -254,9 +265,11 @@ def write_order(nbytes: int, name: str) -> tuple:
     return (-nbytes, name)
 
 
-def assign(offers: list[list[Offer]], me: int) -> WritePlan:
+def assign(offers: list[list[Offer]], me: int, extra_load: list[int] | None = None) -> WritePlan:
     """Decide every rank's writes from all ranks' offers (same result on every rank).
-    Raises ValueError when the ranks' states cannot form one checkpoint."""
+    extra_load: bytes each rank writes besides these offers (assign_compact's DTensor
+    blocks), counted before the shared blocks are dealt out. Raises ValueError when the
+    ranks' states cannot form one checkpoint."""
     world = len(offers)
     holders: dict[str, list[tuple[int, int, Offer]]] = {}
     for r, items in enumerate(offers):
@@ -289,7 +302,8 @@ def assign(offers: list[list[Offer]], me: int) -> WritePlan:
                 aliases[r][name] = local
                 placements[local] = {"kind": LOCAL}
 
-    load = [sum(offers[r][i].nbytes for _, i in writes[r]) for r in range(world)]
+    load = [sum(offers[r][i].nbytes for _, i in writes[r]) + (extra_load[r] if extra_load else 0)
+            for r in range(world)]
     # Single-holder blocks first (they are fixed), then shared ones largest first, each to
     # the least-loaded holder: the greedy longest-processing-time rule.
     blocks.sort(key=lambda b: (len(b[3]) > 1, *write_order(b[0], b[1]), b[2]))
@@ -299,7 +313,110 @@ def assign(offers: list[list[Offer]], me: int) -> WritePlan:
         load[r] += nbytes
     mine = {n for n, _ in writes[me]}
     return WritePlan(writes[me], aliases[me], {n: p for n, p in placements.items() if n in mine},
-                     load)
+                     load, tuple(sorted(n for n, p in placements.items()
+                                        if p["kind"] == REPLICATED)),
+                     {n: w for w in range(world) for n, _ in writes[w]
+                      if placements.get(n, {}).get("kind") == OWNED})
+
+
+# ---- the first plan without every rank's DTensor offers -------------------------------------
+# FSDP2 holds every weight as a DTensor sharded over all ranks: the offers are ranks x
+# tensors, and exchanging them all is what makes a first save's plan O(ranks x tensors) per
+# rank. When every rank holds the same DTensors (names, dtypes, global shapes, meshes,
+# placements: one hash says so) and no placement replicates (only Shard), each block has
+# exactly one holder, who writes it: assign would decide the same without seeing them. So a
+# rank sends that hash, the bytes of its blocks, and only its plain offers in full.
+def dtensor_key(offers: list[Offer]) -> str | None:
+    """The hash of this rank's DTensor descriptors, or None where the compact plan does not
+    apply (a Replicate placement, an empty DTensor)."""
+    h = xxhash.xxh3_64()
+    meshes: dict[int, str] = {}
+    for o in offers:
+        p = o.placement
+        if p is None:
+            continue
+        if any(not x.startswith("Shard(") for x in p["placements"]) or \
+                math.prod(o.global_shape) == 0:
+            return None
+        mesh = p["mesh"]
+        if id(mesh) not in meshes:
+            meshes[id(mesh)] = f"{xxhash.xxh3_64_intdigest(json.dumps(mesh, sort_keys=True).encode()):x}"
+        h.update(f"{o.name}\0{o.dtype}\0{o.kind}\0{o.global_shape}{meshes[id(mesh)]}"
+                 f"{p['placements']}\n".encode())
+    return f"{h.intdigest():016x}"
+
+
+def compact_offers(offers: list[Offer]) -> dict:
+    """What a rank sends for the compact plan: see dtensor_key."""
+    return {"dt": dtensor_key(offers),
+            "dt_bytes": sum(o.nbytes for o in offers if o.placement is not None),
+            "plain": [o for o in offers if o.placement is None]}
+
+
+def compact_applies(msgs: list[dict]) -> bool:
+    return msgs[0]["dt"] is not None and all(m["dt"] == msgs[0]["dt"] for m in msgs)
+
+
+def assign_compact(msgs: list[dict], mine: list[Offer], me: int) -> WritePlan:
+    """assign() from every rank's compact_offers (compact_applies), this rank's own offers
+    in full: the same writes, DTensor blocks by their holders first."""
+    plain = [[o if isinstance(o, Offer) else Offer.from_json(o) for o in m["plain"]]
+             for m in msgs]
+    plan = assign(plain, me, [m["dt_bytes"] for m in msgs])
+    where = [i for i, o in enumerate(mine) if o.placement is None]
+    blocks = sorted(((o.name, i) for i, o in enumerate(mine)
+                     if o.placement is not None and math.prod(o.shape) > 0),
+                    key=lambda w: write_order(mine[w[1]].nbytes, w[0]))
+    placements = {**plan.placements, **{n: {"kind": SHARDED, **mine[i].placement}
+                                        for n, i in blocks}}
+    return WritePlan(blocks + [(n, where[i]) for n, i in plan.writes], plan.aliases, placements,
+                     plan.bytes_per_rank, plan.replicated, plan.owned)
+
+
+# ---- reusing a plan ------------------------------------------------------------------------
+# A training job saves the same layout (names, shapes, owners) again and again. Each rank
+# then sends a hash of its offers instead of the offers: the exchange is O(1) in the
+# number of tensors. The digests of the tensors the plan treats as replicas still change
+# with their values, so each rank also sends one hash over them: equal on every rank means
+# they are still replicas; otherwise the offers are exchanged again.
+def layout_hash(offers: list[Offer]) -> str:
+    """What the plan depends on of one rank's offers, except replica digests: a hash of
+    names, dtypes, shapes, offsets and placements in leaf order."""
+    h = xxhash.xxh3_64()
+    meshes: dict[int, str] = {}  # a mesh (every rank's number) is hashed once, not per offer
+    for o in offers:
+        p = o.placement
+        if p is not None:
+            mesh = p["mesh"]
+            if id(mesh) not in meshes:
+                meshes[id(mesh)] = f"{xxhash.xxh3_64_intdigest(json.dumps(mesh, sort_keys=True).encode()):x}"
+            p = [meshes[id(mesh)], p["placements"]]
+        h.update(f"{o.name}\0{o.dtype}\0{o.kind}\0{o.shape}{o.global_shape}{o.offsets}"
+                 f"{o.nbytes}{p}\n".encode())
+    return f"{h.intdigest():016x}"
+
+
+@dataclass(frozen=True)
+class PlanCache:
+    """This rank's last agreed plan: its own layout hash, the hash of every rank's (the
+    plan's identity, equal on all ranks), and the plan."""
+    own: str
+    plan_id: str
+    plan: WritePlan
+
+
+def plan_id(layout_hashes: list[str]) -> str:
+    return f"{xxhash.xxh3_64_intdigest(','.join(layout_hashes).encode()):016x}"
+
+
+def replica_fingerprint(flat: Flat, offers: list[Offer], names: tuple[str, ...]) -> str:
+    """One hash over this rank's digests of `names` (the plan's replicas), in order."""
+    known = {o.name: o.digest for o in offers if o.digest is not None}
+    leaves = {leaf.name: leaf for leaf in flat.leaves} if len(known) < len(names) else {}
+    h = xxhash.xxh3_64()
+    for n in names:
+        h.update((known.get(n) or _digest(leaves[n])).encode())
+    return f"{h.intdigest():016x}"
 
 
 def _same(hs, fields) -> bool:

@@ -1,8 +1,9 @@
 """dckpt.save / dckpt.load: one checkpoint directory, written atomically, read verified.
 
 Collective when a process group is initialized: every rank writes its own data file, rank 0
-writes the manifest after every rank reported its records, and a failure on any rank aborts
-the commit on all ranks.
+writes the manifest after every rank reported (in the split layout, the default when
+distributed, each rank writes its own record file and rank 0 only the index; see
+docs/FORMAT.md and docs/SCALE.md), and a failure on any rank aborts the commit on all ranks.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +26,9 @@ from ..storage import local as io, records
 from ..errors import DckptError, DistributedError, ManifestError
 from ..format import tree as treecodec
 from ..format.layout import rank_file
+from ..format import split as splitfmt
 from ..format.manifest import VIEWS_VERSION, Chunk, FileEntry, Manifest, Shard, TensorEntry
+from ..storage import commit
 from ..state.flatten import Flat, Leaf, component_kind, flatten
 from ..state.reading import TensorReader
 from ..state.restore import RestoreReport, materialize, restore_into
@@ -33,19 +37,36 @@ from ..state.restore import RestoreReport, materialize, restore_into
 @dataclass
 class SaveResult:
     """What save() committed: the checkpoint directory, its logical and stored sizes, the
-    time taken and the manifest written."""
+    time taken and the manifest written (of a split checkpoint: read on first use, the
+    index and this rank's records), and what this rank's exchanges cost."""
     path: Path | str  # a URL string for an object store
     bytes: int  # logical bytes of all tensors saved by every rank
     stored_bytes: int  # bytes in the data files
     seconds: float
-    manifest: Manifest = field(repr=False)
+    _manifest: Manifest | None = field(repr=False)
     rank_bytes: int = 0  # this rank's share of `bytes`: the shards it wrote
     notes: list[str] = field(default_factory=list)  # e.g. why an incremental save was full
+    sent_bytes: int = 0  # JSON this rank sent through the save's collectives
+    received_bytes: int = 0  # and received
+    plan_reused: bool = False  # the layout was the last save's: only its hash was exchanged
+    rank: int = 0
+    metadata_bytes: int = 0  # this rank's record file (split layout), or the manifest
 
     @classmethod
     def of(cls, path: Path | str, m: Manifest, seconds: float, rank: int) -> "SaveResult":
         mine = sum(s.raw_bytes for t in m.tensors.values() for s in t.shards if s.rank == rank)
-        return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine)
+        return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine, rank=rank)
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.path, rank=self.rank)
+        return self._manifest
+
+    def traffic(self, sent0: int, received0: int, reused: bool) -> None:
+        sent, received = dist.traffic()
+        self.sent_bytes, self.received_bytes = sent - sent0, received - received0
+        self.plan_reused = reused
 
 
 @dataclass
@@ -76,7 +97,7 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
          fsync: bool = True, overwrite: bool = False, counters: dict | None = None,
          metrics: dict | None = None, meta: dict | None = None, rank_state: dict | None = None,
          base: str | os.PathLike | incremental.Base | None = None, group=None,
-         storage_options: dict | None = None) -> SaveResult:
+         storage_options: dict | None = None, layout: str | None = None) -> SaveResult:
     """Save `state` (a nested dict/list of tensors, arrays, values and objects with
     state_dict()) as a checkpoint directory at `path`.
 
@@ -91,13 +112,15 @@ def save(state: Any, path: str | os.PathLike, *, compression: str | int | None =
 
     Distributed (see dckpt/distributed/sharding.py): DTensor shards are written by their owners with
     global offsets, tensors replicated on every rank once in total, the rest per rank.
+    layout: "single" (one manifest) or "split" (an index and a record file per rank, the
+    default when distributed; docs/FORMAT.md); see choose_layout.
     """
     # write() undecorated: one pause and one collective scope for the call, not two.
     return _commit_snapshot(lambda: snapshot(state, rank_state), path, compression=compression,
                             shuffle=shuffle, chunk_size=chunk_size, threads=threads,
                             fsync=fsync, overwrite=overwrite, counters=counters,
                             metrics=metrics, meta=meta, base=base, group=group,
-                            storage_options=storage_options)
+                            storage_options=storage_options, layout=layout)
 
 
 @gcpause.during
@@ -108,14 +131,15 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
           meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
           group=None, mode: io.Background = io.FOREGROUND,
-          storage_options: dict | None = None) -> SaveResult:
+          storage_options: dict | None = None, layout: str | None = None) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save().
     mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
     return _commit_snapshot(snap, path, compression=compression, shuffle=shuffle,
                             chunk_size=chunk_size, threads=threads, fsync=fsync,
                             overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
-                            base=base, group=group, mode=mode, storage_options=storage_options)
+                            base=base, group=group, mode=mode, storage_options=storage_options,
+                            layout=layout)
 
 
 def local_snapshot(snap: Snapshot) -> Snapshot:
@@ -128,31 +152,40 @@ def local_snapshot(snap: Snapshot) -> Snapshot:
 def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
                      overwrite, counters, metrics, meta, base, group,
                      mode: io.Background = io.FOREGROUND,
-                     storage_options: dict | None = None) -> SaveResult:
+                     storage_options: dict | None = None, layout=None) -> SaveResult:
     """The save protocol: the home of its collective exchanges, in this order on every rank
-    (each an all-gather through _exchange that also carries a failure, so a rank that
-    raises makes every rank abort and none hangs; rank 0 then removes the staging
-    directory):
+    (each carries a failure too, so a rank that raises makes every rank abort and none
+    hangs; rank 0 then removes the staging directory):
 
-    1. "plan": rank 0 has begun (storage.begin: the staging location, or the error every
-       rank raises); every rank sends its sharding.Offer list. All ranks then know the
-       staging location and every rank's offers.
-    2. "replicas", only when sharding.undecided(offers) is not empty (the same on every
+    1. "plan" (all-gather): rank 0 has begun (storage.begin: the staging location, or the
+       error every rank raises); every rank sends its plan key: a hash of its offers
+       (sharding.layout_hash), the id of the plan it last agreed to if its layout is
+       unchanged, and a hash of its digests of that plan's replicas. When every rank's key
+       names the same plan and the replica hashes agree, that plan is reused (steps 2-3
+       are skipped): a few hundred bytes per rank, whatever the number of tensors.
+    2. "offers" (all-gather, only without reuse): every rank's offers in compact form (a
+       hash of its DTensors, their bytes, its plain sharding.Offers); when the ranks'
+       DTensors differ or replicate, a second exchange, "offers (all)", of every Offer.
+    3. "replicas", only when sharding.undecided(offers) is not empty (the same on every
        rank): each rank's digests of those tensors, added to the offers. Then every rank
-       computes the same sharding.assign(offers): its WritePlan.
-    3. "write": each rank writes its plan through storage.write_files and sends its
-       WriteReport; every rank builds the same manifest from them.
-    4. "save commit": rank 0 commits (storage.finish) and broadcasts the outcome.
+       computes the same sharding.assign_compact / assign: its WritePlan, cached for step 1.
+    4. "write": each rank writes its plan through storage.write_files. Single layout
+       (all-gather): it sends its WriteReport and every rank builds the same manifest.
+       Split layout (gather_json to rank 0): it writes its own record file and sends rank 0
+       only a summary (_write_split).
+    5. "save commit" (broadcast): rank 0 commits (storage.finish: the manifest or index,
+       last) and broadcasts the outcome.
 
-    The typed objects (PlanMessage with Begun and Offers, WritePlan, WriteReport) are made
-    once and passed down; they become JSON only inside _exchange."""
+    The typed objects (Begun, Offer, WritePlan, WriteReport) are made once and passed down;
+    they become JSON only inside _exchange. SaveResult says what this rank's exchanges sent
+    and received."""
     staged: list = []  # rank 0's staging location, once it exists
     store = storage.for_path(path, storage_options)
     try:
         return _write(snap, path, staged, store, compression=compression, shuffle=shuffle,
                       chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
                       counters=counters, metrics=metrics, meta=meta, base=base, group=group,
-                      mode=mode)
+                      mode=mode, layout=layout)
     except BaseException:
         # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
         # staging directory on the errors they exchange, this on everything else, so no
@@ -164,18 +197,21 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
 
 def _write(snap, path, staged: list, store: storage.Storage, *, compression, shuffle,
            chunk_size, threads, fsync, overwrite, counters, metrics, meta, base, group,
-           mode) -> SaveResult:
+           mode, layout=None) -> SaveResult:
     t0 = time.perf_counter()
+    sent0, received0 = dist.traffic()
     threads = dist.threads_per_rank(threads, io.default_threads())
     target = storage.location(path)
     base = incremental.Base.of(base)
     r, world = dist.rank(group), dist.world_size(group)
+    layout = choose_layout(layout, world)
 
     # Phase 1: rank 0 opens the staging directory while every rank flattens its state; the
-    # exchange tells all ranks its name and what each rank holds. Phase 2: write what the
-    # plan gives this rank and report its records. Each phase ends in an exchange that
-    # also carries failures, so a rank that raises makes every rank abort, none hangs.
-    begun = offers = failure = None
+    # exchange tells all ranks its name and, when the layout is the last save's, that the
+    # last plan holds (plan reuse: a few bytes per rank instead of every offer).
+    begun = offers = failure = key = None
+    cache_key = (dist.group_key(group), world, r)
+    cache = _plans.get(cache_key)
     try:
         # The whole call is checked before anything is created, and inside this phase, so
         # that a bad argument on any rank fails every rank (nothing fails at commit).
@@ -194,27 +230,43 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
         if begun is None or begun.staging:
             snap = snap() if callable(snap) else snap
             offers = sharding.offer(snap.flat, world)
+            own = sharding.layout_hash(offers)
+            same = cache is not None and cache.own == own
+            key = {"layout": own, "plan": cache.plan_id if same else None,
+                   "replicas": sharding.replica_fingerprint(snap.flat, offers,
+                                                           cache.plan.replicated)
+                   if same else None}
     except Exception as e:
         failure = e
     staged = storage.location(begun.staging) if begun and begun.staging else None
-    gathered = [PlanMessage.of(g) for g in _exchange(PlanMessage(begun, offers), failure,
-                                                     "plan", store, staged, target, group)]
-    begun = gathered[0].begun
+    gathered = _exchange([begun, key], failure, "plan", store, staged, target, group)
+    begun = Begun.of(gathered[0][0])
     if begun.error:
         raise _rebuilt(*begun.error)
     tmp = storage.location(begun.staging)
-    offers = [g.offers for g in gathered]
-    late = sharding.undecided(offers)
-    if late:  # large plain tensors on every rank: hash only these, to find the replicas
-        try:
-            digests, failure = sharding.late_digests(snap.flat, late), None
-        except Exception as e:
-            digests, failure = None, e
-        offers = sharding.add_digests(offers, late, _exchange(digests, failure, "replicas",
-                                                              store, tmp, target, group))
+    keys = [g[1] for g in gathered]
+    reused = (keys[0]["plan"] is not None
+              and all((k["plan"], k["replicas"]) == (keys[0]["plan"], keys[0]["replicas"])
+                      for k in keys))
+    everyone = None if reused else _agree(snap, offers, store, tmp, target, group)
+
+    def agreed() -> sharding.WritePlan:  # inside the write phase: its error is exchanged
+        if reused:
+            return cache.plan
+        how, agreed_offers = everyone
+        plan = (sharding.assign_compact(agreed_offers, offers, r) if how == "compact"
+                else sharding.assign(agreed_offers, r))
+        _plans[cache_key] = sharding.PlanCache(keys[r]["layout"],
+                                               sharding.plan_id([k["layout"] for k in keys]),
+                                               plan)
+        return plan
+
+    if layout == SPLIT:
+        return _write_split(snap, agreed, store, tmp, target, opts, mode, r, world, base,
+                            counters, metrics, meta, fsync, group, t0, (sent0, received0),
+                            reused)
     try:
-        plan = sharding.assign(offers, r)
-        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base)
+        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base)
         failure = None
     except Exception as e:
         report, failure = None, e
@@ -236,7 +288,176 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     outcome = dist.broadcast_json(outcome, 0, group, what="save commit")
     if outcome:
         raise DistributedError(f"commit of {target} failed on rank 0: {outcome}", 0)
-    return SaveResult.of(target, m, time.perf_counter() - t0, r)
+    result = SaveResult.of(target, m, time.perf_counter() - t0, r)
+    result.traffic(sent0, received0, reused)
+    return result
+
+
+def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, opts, mode,
+                 r: int, world: int, base, counters, metrics, meta, fsync: bool, group,
+                 t0: float, traffic0: tuple[int, int], reused: bool) -> SaveResult:
+    """The write and commit of the split layout (format/split.py): each rank writes its data
+    files and its own record file, then sends rank 0 a summary of a few hundred bytes (its
+    record file's name, size, hash and span, and the records of the replicated tensors it
+    wrote, which the index holds for every rank); rank 0 writes only the index, last, and
+    broadcasts the outcome. No rank holds another rank's records."""
+    summary = failure = None
+    try:
+        plan = agreed()
+        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base)
+        summary = _write_records(store, tmp, report, r, fsync)
+    except Exception as e:
+        failure = e
+    msg = ({"rank": r, "value": summary} if failure is None
+           else {"rank": r, "error": f"{type(failure).__name__}: {failure}"})
+    gathered = dist.gather_json(msg, 0, group, what=f"save write of {target}")
+    outcome = None
+    if r == 0:
+        failed = [g for g in gathered if "error" in g]
+        if failed:
+            store.abort(tmp)
+            outcome = {"rank": failed[0]["rank"], "error": f"rank {failed[0]['rank']} "
+                       f"failed (write): {failed[0]['error']}"}
+        else:
+            try:
+                summaries = [g["value"] for g in gathered]
+                index = _build_index(summaries, plan.owned, world, counters, metrics, meta,
+                                     opts, base)
+                store.finish(tmp, target, index, fsync)
+                outcome = index.meta["totals"]
+            except Exception as e:
+                store.abort(tmp)
+                if not dist.active(group):
+                    raise
+                outcome = {"rank": 0, "error": f"commit of {target} failed on rank 0: "
+                                               f"{type(e).__name__}: {e}"}
+    outcome = dist.broadcast_json(outcome, 0, group, what="save commit")
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        raise DistributedError(f"save to {target} aborted: {outcome['error']}", outcome["rank"])
+    result = SaveResult(target, outcome["bytes"], outcome["stored_bytes"],
+                        time.perf_counter() - t0, None, summary["bytes"], rank=r,
+                        metadata_bytes=summary["record"]["size"])
+    result.traffic(*traffic0, reused)
+    return result
+
+
+def _write_records(store: storage.Storage, tmp: Path | str, report: "WriteReport", r: int,
+                   fsync: bool) -> dict:
+    """Write this rank's record file (fsync'd) and return its summary for rank 0."""
+    own, index_tensors, meshes = {}, {}, []
+    raw = stored = 0
+    for name, t in report.tensors.items():
+        shards = []
+        for sh in t["shards"]:
+            chunks = [Chunk(*c) for c in sh["chunks"]]
+            raw += sum(c.raw for c in chunks)
+            stored += sum(c.stored for c in chunks)
+            shards.append({**sh, "chunks": [c.to_json() for c in chunks]})
+        rec = {"kind": t["kind"], "dtype": t["dtype"], "shape": t["shape"], "shards": shards}
+        placement = _index_mesh(t["placement"], meshes)
+        if placement is not None:
+            rec["placement"] = placement
+        if placement and placement.get("kind") == sharding.REPLICATED:
+            index_tensors[name] = rec  # every rank needs it: the index holds it
+        else:
+            own[name] = rec
+    entry = {"tree": report.tree, "aliases": report.aliases, **report.extra}
+    span = splitfmt.span_of(splitfmt.shard_blocks(own))
+    data = splitfmt.record_bytes(r, report.files, own, entry, meshes)
+    ref = splitfmt.RecordRef.of(r, data, span)
+    if storage.is_remote(tmp):
+        store.write_bytes(str(storage.join(tmp, ref.name)), data)
+    else:
+        commit.write_file_durably(tmp / ref.name, data, fsync)
+    return {"record": ref.to_json(), "files": report.files if index_tensors else [],
+            "tensors": index_tensors, "stats": report.stats, "views": report.views,
+            "bytes": raw, "stored_bytes": stored}
+
+
+def _build_index(summaries: list[dict], owned: tuple[str, ...], world: int, counters, metrics,
+                 meta, opts, base) -> Manifest:
+    """Rank 0: the index from every rank's summary. Its size: one record entry per rank,
+    the replicated tensors' records, one name per owned tensor."""
+    files, tensors, refs = [], {}, []
+    for r, sm in enumerate(summaries):
+        first = len(files)
+        files.extend(FileEntry(**f) for f in sm["files"])
+        for name, t in sm["tensors"].items():
+            shards = [Shard(x["offsets"], x["shape"], x["rank"],
+                            [Chunk(first + c[0], c[1], c[2], c[3], c[4], int(c[5], 16),
+                                   int(c[6], 16)) for c in x["chunks"]]) for x in t["shards"]]
+            tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
+                                        t.get("placement"))
+        ref = sm["record"]
+        span = ref["span"]
+        refs.append(splitfmt.RecordRef(ref["name"], ref["size"], int(ref["hash"], 16), r,
+                                       None if span is None else (tuple(span[0]), tuple(span[1]))))
+    if base is not None:
+        stats = [SimpleNamespace(stats=sm["stats"]) for sm in summaries]
+        meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, stats)}
+    info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "compression": str(opts.compression),
+            "chunk_size": opts.chunk_size}
+    totals = {"bytes": sum(sm["bytes"] for sm in summaries),
+              "stored_bytes": sum(sm["stored_bytes"] for sm in summaries)}
+    return Manifest(world_size=world, files=files, tensors=tensors, ranks=[],
+                    counters=counters or {}, metrics=metrics or {},
+                    meta={"library": info, "totals": totals, **(meta or {})},
+                    version=splitfmt.SPLIT_VERSION,
+                    split=splitfmt.SplitIndex.of(refs, dict(sorted(owned.items()))))
+
+
+SINGLE, SPLIT = "single", "split"
+LAYOUT_ENV = "DCKPT_LAYOUT"
+# This process's last agreed plan per (group, world size, rank): see sharding.PlanCache.
+_plans: dict[tuple, sharding.PlanCache] = {}
+
+
+def choose_layout(layout: str | None, world: int) -> str:
+    """The manifest layout of a save: "single" (one manifest.json, docs/FORMAT.md versions
+    1-2) or "split" (an index plus a record file per rank, version 3). By default
+    ($DCKPT_LAYOUT, else): split when distributed, single otherwise."""
+    layout = layout or os.environ.get(LAYOUT_ENV) or (SPLIT if world > 1 else SINGLE)
+    if layout not in (SINGLE, SPLIT):
+        raise errors.InvalidArgumentError(f"layout={layout!r}: expected 'single' or 'split'")
+    return layout
+
+
+def _agree(snap, offers, store, tmp: Path, target: Path, group):
+    """The plan exchange: every rank's offers (and, for possible replicas, digests), from
+    which every rank computes the same assignment. First in compact form (its DTensor
+    offers as one hash, sharding.compact_offers); only when the ranks' DTensors differ or
+    replicate, every offer. Returns ("compact", every rank's compact offers) or ("full",
+    every rank's offers)."""
+    failure = None
+    compact = _exchange(sharding.compact_offers(offers), failure, "offers", store, tmp,
+                        target, group)
+    if sharding.compact_applies(compact):
+        plain = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o)
+                  for o in m["plain"]] for m in compact]
+        late = sharding.undecided(plain)
+        if late:
+            try:
+                digests, failure = sharding.late_digests(snap.flat, late), None
+            except Exception as e:
+                digests, failure = None, e
+            plain = sharding.add_digests(plain, late, _exchange(digests, failure, "replicas",
+                                                                store, tmp, target, group))
+        return "compact", [{**m, "plain": p} for m, p in zip(compact, plain)]
+    gathered = _exchange(offers, failure, "offers (all)", store, tmp, target, group)
+    offers = [[o if isinstance(o, sharding.Offer) else sharding.Offer.from_json(o) for o in g]
+              for g in gathered]
+    late = sharding.undecided(offers)
+    if late:  # large plain tensors on every rank: hash only these, to find the replicas
+        try:
+            digests, failure = sharding.late_digests(snap.flat, late), None
+        except Exception as e:
+            digests, failure = None, e
+        offers = sharding.add_digests(offers, late, _exchange(digests, failure, "replicas",
+                                                              store, tmp, target, group))
+    return "full", offers
 
 
 def as_number(v: Any) -> Any:
@@ -334,6 +555,8 @@ def _wire(value):
         return value.to_json()
     if isinstance(value, (list, tuple)):
         return [_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire(v) for k, v in value.items()}
     return value
 
 
@@ -352,27 +575,6 @@ class Begun:
         if isinstance(v, Begun):
             return v
         return cls(v["staging"], None if v["error"] is None else tuple(v["error"]))
-
-
-@dataclass(frozen=True)
-class PlanMessage:
-    """What each rank sends in the "plan" exchange: rank 0's Begun (None on the others) and
-    its sharding.Offer list (None where it failed before offering, or rank 0 could not
-    begin)."""
-    begun: Begun | None
-    offers: list[sharding.Offer] | None
-
-    def to_json(self) -> dict:
-        return {"begun": None if self.begun is None else self.begun.to_json(),
-                "offers": None if self.offers is None else [o.to_json() for o in self.offers]}
-
-    @classmethod
-    def of(cls, v: "PlanMessage | dict") -> "PlanMessage":
-        if isinstance(v, PlanMessage):
-            return v
-        return cls(None if v["begun"] is None else Begun.of(v["begun"]),
-                   None if v["offers"] is None else [sharding.Offer.from_json(o)
-                                                     for o in v["offers"]])
 
 
 @dataclass(frozen=True)
@@ -467,11 +669,27 @@ def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:
     return {**placement, "mesh": meshes.index(placement["mesh"])}
 
 
-def read_manifest(path: str | os.PathLike, storage_options: dict | None = None) -> Manifest:
+def read_manifest(path: str | os.PathLike, storage_options: dict | None = None,
+                  rank: int | None = None) -> Manifest:
     """Parse and validate the manifest of the checkpoint at `path` (the one reader,
     dckpt.format.manifest.read_manifest, with the native record check); `path` may be an
-    object store URL (storage_options as for save)."""
-    return records.read_manifest(path, storage_options)
+    object store URL (storage_options as for save).
+
+    rank: read what rank `rank` needs to restore: of a split checkpoint (docs/FORMAT.md,
+    version 3) the index and that rank's record file (rank 0's for a rank the save did not
+    have); other records are read when a lookup needs them (dckpt/format/lookup.py). None:
+    the whole manifest."""
+    if rank is None:
+        return records.read_manifest(path, storage_options=storage_options)
+    return records.read_for_rank(path, rank, storage_options)
+
+
+def read_index(path: str | os.PathLike, storage_options: dict | None = None) -> Manifest:
+    """The job-wide values of the checkpoint at `path` (counters, metrics, meta, world
+    size) without reading any rank's records: of a split checkpoint its index only (its
+    tensors are the replicated ones; see read_manifest for the rest); a single manifest
+    whole."""
+    return records.read_manifest(path, ranks=[], storage_options=storage_options)
 
 
 @gcpause.during
@@ -499,9 +717,13 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     per-rank state. A rank the checkpoint did not have takes rank 0's per-rank state, which
     RestoreReport.notes says. No collectives: ranks may load independently.
     """
-    m = manifest or read_manifest(path, storage_options)
     r, world = dist.rank(group), dist.world_size(group)
+    m = manifest or read_manifest(path, storage_options, rank=r)
     src = r if r < m.world_size else 0
+    if m.split is not None:
+        if m.ranks[src] is None:
+            records.read_records(m, path, [src], storage_options)
+        records.lazily(m, path, storage_options)  # other records on demand (no-op once all read)
     entry = m.ranks[src]
     tree = treecodec.decode(entry["tree"])
     aliases = entry.get("aliases", {})
@@ -518,6 +740,8 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     if into is not None:
         live = partitioned.adapt({k: into[k] for k in (keys if keys is not None else into)
                                   if k in into})
+    if m.split is not None and (into is None or partitioned.has_parts(tree)):
+        records.read_records(m, path)  # the whole state, or every rank's partition trees
     if partitioned.has_parts(tree):
         tree = partitioned.merge_parts(tree, [treecodec.decode(e["tree"]) for e in m.ranks],
                                        live)
@@ -542,5 +766,5 @@ def load(path: str | os.PathLike, into: dict | None = None, *, keys: list[str] |
     return report
 
 
-__all__ = ["save", "load", "read_manifest", "snapshot", "write", "Snapshot", "SaveResult",
+__all__ = ["save", "load", "read_manifest", "read_index", "snapshot", "write", "Snapshot", "SaveResult",
            "RestoreReport", "Leaf"]

@@ -121,6 +121,13 @@ class Base:
             self._manifest = read_manifest(self.path)
         return self._manifest
 
+    def manifest_for(self, rank: int) -> Manifest:
+        """The base as rank `rank` compares against it: of a split checkpoint the index and
+        its own record file, other records read only where a lookup misses."""
+        if self._manifest is None:
+            self._manifest = records.read_for_rank(self.path, rank)
+        return self._manifest
+
     @property
     def label(self) -> str:
         """What meta.incremental.base records (information only)."""
@@ -220,7 +227,7 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
 
     Returns each leaf's chunk records (file indices into the returned file list: 0 is
     fname, then the links), the file list and the statistics for the manifest."""
-    m = base.manifest
+    m = base.manifest_for(rank)
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
     old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]

@@ -16,13 +16,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import xxhash
 
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError,
                       ManifestError, NotACheckpointError)
 from .dtypes import ITEMSIZE, numpy_itemsize
+from . import split as splitfmt
 
 # The fast check of whole-tensor records: the native core's `whole_tensors`, handed in by
 # the storage layer (dckpt.storage.records), which alone imports the core. It returns an
@@ -31,10 +32,13 @@ from .dtypes import ITEMSIZE, numpy_itemsize
 # core) every record is checked field by field: the same rules, slower. The Python mirror
 # of the native check is tests/test_native_records.py's oracle, not a second runtime path.
 RecordCheck = Any  # (tensors, file_sizes, world, ITEMSIZE, (Chunk, Shard, TensorEntry)) -> list
+# Reads a record file that is not in a local directory: (location, expected size) -> bytes.
+RecordFetch = Callable[[str, int], bytes]
 
 FORMAT_NAME = "dckpt"
-FORMAT_VERSION = 2  # the newest this dckpt reads
+FORMAT_VERSION = 3  # the newest this dckpt reads
 VIEWS_VERSION = 2  # written only by saves whose state tree holds $view nodes (docs/FORMAT.md)
+# 3: the split layout (format/split.py): an index plus one record file per rank
 HASH_ALGORITHM = "xxh3_64"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 512 << 20
@@ -238,11 +242,21 @@ class Manifest:
     # device meshes of sharded tensors: {"shape": [...], "dim_names": [...] | None,
     # "ranks": [global ranks, row-major]}
     meshes: list[dict] = field(default_factory=list)
+    # The split layout (format/split.py): the index's view of the record files and which
+    # were read. None for the single-file layout.
+    split: splitfmt.SplitIndex | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
+        if self.split is not None and not self.split.loaded:
+            return self._index_dict()
+        if self.split is not None and not self.split.complete:
+            raise ValueError("a split manifest with only some record files read cannot be "
+                             "written as one file")
         out = {
             "format": FORMAT_NAME,
-            "version": self.version,
+            # A split checkpoint read whole is written as one file: the version that may
+            # hold views, not the split layout's.
+            "version": min(self.version, VIEWS_VERSION),
             "hash_algorithm": HASH_ALGORITHM,
             "created": self.created,
             "world_size": self.world_size,
@@ -252,6 +266,22 @@ class Manifest:
             "counters": encode_nonfinite(self.counters),
             "metrics": encode_nonfinite(self.metrics),
             "meta": self.meta,
+        }
+        if self.meshes:
+            out["meshes"] = self.meshes
+        return out
+
+    def _index_dict(self) -> dict:
+        """The split layout's index: what every rank reads (docs/FORMAT.md)."""
+        out = {
+            "format": FORMAT_NAME, "version": splitfmt.SPLIT_VERSION,
+            "hash_algorithm": HASH_ALGORITHM, "created": self.created,
+            "world_size": self.world_size, "files": [f.to_json() for f in self.files],
+            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+            "records": self.split.to_json(),
+            "owned": self.split.owned,
+            "counters": encode_nonfinite(self.counters),
+            "metrics": encode_nonfinite(self.metrics), "meta": self.meta,
         }
         if self.meshes:
             out["meshes"] = self.meshes
@@ -449,13 +479,16 @@ class _Check:
         return int(v, 16)
 
 
-def read_manifest(ckpt: str | os.PathLike, records: RecordCheck | None = None) -> Manifest:
+def read_manifest(ckpt: str | os.PathLike, records: RecordCheck | None = None,
+                  ranks: list[int] | None = None) -> Manifest:
     """The manifest of the checkpoint directory `ckpt`, read (read_manifest_bytes) and
     validated (parse): the one reader that load, incremental saves, repair and the
     reference reader use. `records`: the native record check (dckpt.storage.records).
     Raises NotACheckpointError (a file, a manager root: says what to use instead),
     CheckpointNotFoundError (no manifest), ManifestError (unreadable, a link, a FIFO, too
-    large, invalid), FormatVersionError, CorruptCheckpointError (self-hash mismatch)."""
+    large, invalid), FormatVersionError, CorruptCheckpointError (self-hash mismatch).
+    ranks: of a split checkpoint (format/split.py), read only these ranks' record files
+    (more can be read later by read_records); None reads them all: the whole manifest."""
     path = Path(ckpt) / MANIFEST_NAME
     try:
         data = read_manifest_bytes(path)
@@ -468,7 +501,8 @@ def read_manifest(ckpt: str | os.PathLike, records: RecordCheck | None = None) -
             raise CheckpointNotFoundError(
                 f"{ckpt} is not a committed checkpoint (no {MANIFEST_NAME})") from None
         raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
-    return parse(data, str(path), records)
+    m = parse(data, str(path), records)
+    return read_records(m, ckpt, ranks, records) if m.split is not None else m
 
 
 def parse(data: bytes, path: str | None = None, records: RecordCheck | None = None) -> Manifest:
@@ -516,10 +550,20 @@ def parse(data: bytes, path: str | None = None, records: RecordCheck | None = No
     tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
     tensors = _parse_tensors(c, tensors_obj, files, world, meshes, records)
     _check_regions(c, files, tensors)
-    ranks = c.type_(obj.get("ranks"), list, "ranks")
-    if len(ranks) != world:
+    split = "records" in obj or version >= splitfmt.SPLIT_VERSION
+    if split:
+        if version < splitfmt.SPLIT_VERSION or "records" not in obj or "ranks" in obj:
+            c.fail("records", f"version {version} with{'' if 'records' in obj else 'out'} "
+                              "record files: the split layout is version 3 and has no ranks")
+        index = _parse_index(c, obj, world, tensors)
+        ranks: list = [None] * world
+    else:
+        ranks = c.type_(obj.get("ranks"), list, "ranks")
+    if split:
+        pass
+    elif len(ranks) != world:
         c.fail("ranks", f"{len(ranks)} rank entries for world_size {world}")
-    for r, entry in enumerate(ranks):
+    for r, entry in enumerate([] if split else ranks):
         c.type_(entry, dict, f"ranks[{r}]")
         if "tree" not in entry:
             c.fail(f"ranks[{r}]", "no tree")
@@ -531,14 +575,191 @@ def parse(data: bytes, path: str | None = None, records: RecordCheck | None = No
         world_size=world, files=files, tensors=tensors, ranks=ranks,
         counters=_values(c, obj, "counters"), metrics=_values(c, obj, "metrics"),
         meta=c.type_(obj.get("meta", {}), dict, "meta"),
-        created=float(created), version=version, meshes=meshes)
+        created=float(created), version=version, meshes=meshes,
+        split=index if split else None)
+
+
+_HEX16_LIST = re.compile(r"[0-9a-f]{16}(?:,[0-9a-f]{16})*").fullmatch
+
+
+def _parse_index(c: _Check, obj: dict, world: int, tensors: dict) -> splitfmt.SplitIndex:
+    """The split layout's "records" (columns of one entry per rank) and "owned" map. Tight
+    loops: at 16,384 ranks this is most of what a restoring rank parses."""
+    x = c.type_(obj.get("records"), dict, "records")
+    sizes, hashes, spans = x.get("sizes"), x.get("hashes"), x.get("spans")
+    for key, v, n in (("sizes", sizes, world), ("hashes", hashes, world),
+                      ("spans", spans, 4 * world)):
+        if type(v) is not list or len(v) != n:
+            c.fail(f"records.{key}", f"expected a list of {n} entries for world_size {world}")
+    if set(map(type, sizes)) != {int} or min(sizes) < 1 or max(sizes) > splitfmt.MAX_RECORD_BYTES:
+        c.fail("records.sizes", f"expected integers in [1, {splitfmt.MAX_RECORD_BYTES}]")
+    if set(map(type, hashes)) != {str} or not _HEX16_LIST(",".join(hashes)):
+        c.fail("records.hashes", "expected 16 lowercase hex digits each")
+    if set(map(type, spans)) != {int} or min(spans) < 0:
+        c.fail("records.spans", "expected non-negative integers")
+    for r, (a, b, d, e) in enumerate(zip(spans[0::4], spans[1::4], spans[2::4], spans[3::4])):
+        # lo = a/b <= hi = d/e <= 1, or all zero: the rank wrote no blocks
+        if not (b and e and a <= b and d <= e and a * e <= d * b) and (a, b, d, e) != (0, 0, 0, 0):
+            c.fail(f"records.spans[{r}]", f"expected 0 <= {a}/{b} <= {d}/{e} <= 1")
+    owned = c.type_(obj.get("owned", {}), dict, "owned")
+    for k, v in owned.items():
+        c.int_(v, f"owned[{k!r:.80}]", 0, world - 1)
+    return splitfmt.SplitIndex(sizes, hashes, spans, owned, index_tensors=len(tensors))
+
+
+def read_records(m: Manifest, ckpt: str | os.PathLike, ranks: list[int] | None = None,
+                 records: RecordCheck | None = None, fetch: RecordFetch | None = None) -> Manifest:
+    """Read the record files of `ranks` (all when None) of a split manifest into `m`: their
+    files, tensor blocks and rank entries. Each file's size is checked before it is read
+    and its XXH3 against the index before it is parsed; then every field as in a single
+    manifest. Once every record is read, the shards of every tensor must tile it, as in a
+    single manifest. Raises CorruptCheckpointError (hash mismatch), IncompleteCheckpointError
+    (a record file missing), ManifestError; each names the record file. fetch: how the
+    bytes of a record file are read where `ckpt` is not a local directory (an object store:
+    dckpt.storage.records), given its location and expected size."""
+    index = m.split
+    if index is None:
+        return m
+    todo = [r for r in (range(index.count) if ranks is None else ranks)
+            if r not in index.loaded]
+    touched: set[str] = set()
+    for r in todo:
+        ref = index.ref(r)
+        if fetch is None:
+            path = Path(ckpt) / ref.name
+            data = _read_record(path, ref)
+        else:
+            path = f"{str(ckpt).rstrip('/')}/{ref.name}"
+            data = _checked_record(path, ref, fetch(path, ref.size))
+        touched |= _merge_record(m, _Check(str(path)), r, data, records)
+        index.loaded.add(r)
+    c = _Check(f"{str(ckpt).rstrip('/')}/{MANIFEST_NAME}")
+    for name in touched:
+        _check_disjoint(c, f"tensors[{name!r:.80}].shards", dict.__getitem__(m.tensors, name).shards)
+    if index.complete and todo:
+        for name, t in m.tensors.items():
+            if sum(math.prod(s.shape) for s in t.shards) != math.prod(t.shape) or not t.shards:
+                c.fail(f"tensors[{name!r:.80}].shards",
+                       f"shards of all record files do not tile the global shape {t.shape}")
+        _check_regions(c, m.files, m.tensors)
+    return m
+
+
+def _read_record(path: Path, ref: splitfmt.RecordRef) -> bytes:
+    from ..errors import IncompleteCheckpointError
+    try:
+        fd, st = open_regular(path)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"record file {path} is missing (rank {ref.rank}'s "
+                                        "tensor records)", str(path)) from None
+    except ValueError as e:
+        raise ManifestError(f"{path} {e}", str(path)) from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {path}: {e.strerror}", str(path)) from None
+    try:
+        if st.st_size != ref.size:
+            raise CorruptCheckpointError(
+                f"{path}: record file has {st.st_size} bytes, the index records {ref.size}: "
+                "it was truncated or modified", path=str(path))
+        parts, total = [], 0
+        while total < ref.size:
+            part = os.read(fd, ref.size - total)
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+        data = b"".join(parts)
+    finally:
+        os.close(fd)
+    return _checked_record(path, ref, data)
+
+
+def _checked_record(path, ref: splitfmt.RecordRef, data: bytes) -> bytes:
+    """`data`, the bytes read of record file `path`, when its size and XXH3 are the index's."""
+    actual = xxhash.xxh3_64_intdigest(data)
+    if actual != ref.hash or len(data) != ref.size:
+        raise CorruptCheckpointError(
+            f"{path}: record file hash mismatch (expected {ref.hash:016x}, got {actual:016x}): "
+            "it was modified or damaged", path=str(path), expected=ref.hash, actual=actual)
+    return data
+
+
+def _merge_record(m: Manifest, c: _Check, r: int, data: bytes,
+                  records: RecordCheck | None) -> set[str]:
+    """Validate one record file and add it to `m`; returns the tensors it added shards to."""
+    try:
+        obj = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ManifestError, ValueError, RecursionError) as e:
+        c.fail("top level", f"not valid JSON ({e})")
+    c.type_(obj, dict, "top level")
+    if obj.get("format") != splitfmt.RECORDS_FORMAT or obj.get("rank") != r:
+        c.fail("format", f"not the record file of rank {r}")
+    files = [_parse_file(c, f, i) for i, f in enumerate(c.type_(obj.get("files"), list, "files"))]
+    meshes = [_parse_mesh(c, x, f"meshes[{i}]")
+              for i, x in enumerate(c.type_(obj.get("meshes", []), list, "meshes"))]
+    world = m.world_size
+    tensors_obj = c.type_(obj.get("tensors"), dict, "tensors")
+    if len(tensors_obj) > MAX_MANIFEST_TENSORS:
+        c.fail("tensors", f"{len(tensors_obj)} tensor records exceed the limit")
+    fast = (records(tensors_obj, [f.size for f in files], world, ITEMSIZE,
+                    (Chunk, Shard, TensorEntry)) if records is not None
+            else [None] * len(tensors_obj))
+    # Each record numbers its own meshes; the manifest's list holds each distinct one once.
+    places = []
+    for mesh in meshes:
+        if mesh not in m.meshes:
+            m.meshes.append(mesh)
+        places.append(m.meshes.index(mesh))
+    renumber = places != list(range(len(meshes)))
+    tensors = {}
+    for (name, t), e in zip(tensors_obj.items(), fast):
+        e = (e or _block_tensor(name, t, files, world, meshes)
+             or _check_tensor(c, name, t, files, world, meshes, tiles=False))
+        if renumber and e.placement is not None and e.placement.get("kind") == "sharded":
+            e = e._replace(placement={**e.placement, "mesh": places[e.placement["mesh"]]})
+        tensors[name] = e
+    entry = c.type_(obj.get("rank_state"), dict, "rank_state")
+    if "tree" not in entry:
+        c.fail("rank_state", "no tree")
+    # One list of files for the manifest: a file several records name (an incremental
+    # save's shared base file) is one entry, so overlapping claims on it are found.
+    where = {(f.name, f.dir): i for i, f in enumerate(m.files)}
+    remap = []
+    for f in files:
+        key = (f.name, f.dir)
+        if key in where:
+            if m.files[where[key]].size != f.size:
+                c.fail(f"files[{f.name}]", "size differs from another record's")
+        else:
+            where[key] = len(m.files)
+            m.files.append(f)
+        remap.append(where[key])
+    touched = set()
+    for name, t in tensors.items():
+        shards = [s._replace(chunks=[ch._replace(file=remap[ch.file]) for ch in s.chunks])
+                  for s in t.shards]
+        if any(s.rank != r for s in shards):
+            c.fail(f"tensors[{name!r:.80}]", f"a shard of another rank in rank {r}'s records")
+        old = dict.get(m.tensors, name)  # no lazy fetch (format/lookup.py) from here
+        if old is None:
+            dict.__setitem__(m.tensors, name, t._replace(shards=shards))
+            if len(shards) > 1:
+                touched.add(name)
+            continue
+        if (old.dtype, old.shape, old.kind) != (t.dtype, t.shape, t.kind):
+            c.fail(f"tensors[{name!r:.80}]", "dtype, shape or kind differ from another record's")
+        old.shards.extend(shards)
+        touched.add(name)
+    _check_aliases(c, entry.get("aliases", {}), "rank_state.aliases", m.tensors)
+    m.ranks[r] = entry
+    return touched
 
 
 def _check_aliases(c: _Check, aliases: Any, where: str, tensors: dict) -> None:
     """A rank's tree names -> manifest tensor names; every target must exist."""
     c.type_(aliases, dict, where)
     for k, v in aliases.items():
-        if not isinstance(v, str) or v not in tensors:
+        if not isinstance(v, str) or not dict.__contains__(tensors, v):
             c.fail(f"{where}[{k!r:.80}]", f"names no tensor of the manifest ({v!r:.80})")
 
 
@@ -554,6 +775,57 @@ def _parse_file(c: _Check, f: Any, i: int) -> FileEntry:
                      c.int_(f.get("rank"), f"{where}.rank"), d)
 
 
+_SIMPLE_PLACEMENTS = {"replicated", "owned", "local"}
+
+
+def _block_tensor(name: str, t: Any, files: list[FileEntry], world: int,
+                  meshes: list[dict]) -> TensorEntry | None:
+    """One block of a tensor with its placement, stored by one rank (a record file of the
+    split layout holds a thousand of these): every check of _check_tensor with tiles=False
+    in one pass. None for anything else, which _check_tensor then checks field by field."""
+    if type(t) is not dict or not 0 < len(name) <= 4096:
+        return None
+    p = t.get("placement")
+    if type(p) is not dict:
+        return None
+    pk = p.get("kind")
+    if pk == "sharded":
+        mesh, pl = p.get("mesh"), p.get("placements")
+        if (len(p) != 3 or type(mesh) is not int or not 0 <= mesh < len(meshes)
+                or type(pl) is not list or len(pl) != len(meshes[mesh]["shape"])):
+            return None
+        for x in pl:
+            if type(x) is not str or len(x) >= 256:
+                return None
+    elif type(pk) is not str or pk not in _SIMPLE_PLACEMENTS or len(p) != 1:
+        return None
+    kind, dtype, shape, shards = t.get("kind"), t.get("dtype"), t.get("shape"), t.get("shards")
+    if type(dtype) is not str or type(shards) is not list or len(shards) != 1:
+        return None
+    itemsize = (ITEMSIZE.get(dtype) if kind == "torch" else
+                numpy_itemsize(dtype) if kind == "numpy" else None)
+    s = shards[0]
+    if itemsize is None or not _shape_ok(shape) or type(s) is not dict:
+        return None
+    offsets, sshape, rank, chunks = s.get("offsets"), s.get("shape"), s.get("rank"), s.get("chunks")
+    if (not _shape_ok(sshape) or type(offsets) is not list or len(offsets) != len(shape)
+            or len(sshape) != len(shape) or type(rank) is not int or not 0 <= rank < world
+            or type(chunks) is not list):
+        return None
+    for o, n, g in zip(offsets, sshape, shape):
+        if type(o) is not int or not 0 <= o or o + n > g:
+            return None
+    raw = 0
+    for ch in chunks:
+        if not _chunk_ok(ch, files):
+            return None
+        raw += ch[3]
+    if raw != math.prod(sshape) * itemsize:
+        return None
+    return TensorEntry(dtype, shape, [Shard(offsets, sshape, rank, [
+        _chunk(ch) for ch in chunks])], kind, p)
+
+
 def _parse_tensors(c: _Check, tensors: dict, files: list[FileEntry], world: int,
                    meshes: list[dict], records: RecordCheck | None) -> dict[str, TensorEntry]:
     if records is None:
@@ -566,7 +838,9 @@ def _parse_tensors(c: _Check, tensors: dict, files: list[FileEntry], world: int,
 
 
 def _check_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: int,
-                  meshes: list[dict]) -> TensorEntry:
+                  meshes: list[dict], tiles: bool = True) -> TensorEntry:
+    """Every rule, field by field. tiles=False for one record file's blocks of a tensor
+    (the split layout), whose shards tile it only with every other record's."""
     where = f"tensors[{name!r:.80}]"
     if not name or len(name) > 4096:
         c.fail(where, "empty or over-long tensor name")
@@ -600,7 +874,7 @@ def _check_tensor(c: _Check, name: str, t: Any, files: list[FileEntry], world: i
         if got != want:
             c.fail(sw, f"chunks hold {got} bytes but shape {sshape} x {dtype} needs {want}")
         shards.append(Shard(offsets, sshape, rank, chunks))
-    if sum(math.prod(s.shape) for s in shards) != math.prod(shape) or not shards:
+    if not shards or tiles and sum(math.prod(s.shape) for s in shards) != math.prod(shape):
         c.fail(f"{where}.shards", f"shards do not tile the global shape {shape}")
     _check_disjoint(c, f"{where}.shards", shards)
     placement = t.get("placement")
@@ -615,7 +889,7 @@ PLACEMENT_KINDS = ("sharded", "replicated", "owned", "local")
 def _parse_mesh(c: _Check, x: Any, where: str) -> dict:
     c.type_(x, dict, where)
     shape = _parse_shape(c, x.get("shape"), f"{where}.shape")
-    ranks = c.type_(x.get("ranks"), list, f"{where}.ranks")
+    ranks = c.type_(splitfmt.expand_ranks(x.get("ranks")), list, f"{where}.ranks")
     if not shape or len(ranks) != math.prod(shape) or len(ranks) > 1 << 20:
         c.fail(where, f"{len(ranks)} ranks for mesh shape {shape}")
     for r in ranks:

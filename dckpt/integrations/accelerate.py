@@ -387,8 +387,8 @@ def load_state(accelerator: Accelerator, input_dir: str | os.PathLike | None = N
 
 def _load_dckpt(accelerator: Accelerator, path: Path, models: list,
                 load_model_func_kwargs: dict) -> ResumeReport:
-    m = checkpoint.read_manifest(path)
     r = dist.rank()
+    m = checkpoint.read_manifest(path, rank=r)  # the index and this rank's records
     own = m.ranks[r] if r < m.world_size else None
     saved = treecodec.decode((own or m.ranks[0])["tree"])
     _check_custom_count(path, saved, len(accelerator._custom_objects))

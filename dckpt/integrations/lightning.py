@@ -108,7 +108,7 @@ class DckptCheckpointIO(CheckpointIO):
         group = self._local()
         state = checkpoint.load(path, group=group)
         if self.restore_rng:
-            m = checkpoint.read_manifest(path)
+            m = checkpoint.read_manifest(path, rank=0)
             streams = treecodec.decode(m.ranks[0]["rng"])
             if self.defer_rng and mid_epoch(state):
                 # Saved between two batches of an epoch: the resumed run makes its data

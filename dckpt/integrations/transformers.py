@@ -206,8 +206,8 @@ class DckptTrainer(Trainer):
     def _load_rng_state(self, ckpt) -> None:
         if not _is_dckpt(ckpt):
             return super()._load_rng_state(ckpt)
-        m = checkpoint.read_manifest(Path(ckpt) / DCKPT_DIR)
         r = dist.rank()
+        m = checkpoint.read_manifest(Path(ckpt) / DCKPT_DIR, rank=r)
         if r >= m.world_size:
             log.warning("dckpt: rank %d did not exist in the %d-rank checkpoint %s: its RNG "
                         "streams were not restored", r, m.world_size, ckpt)

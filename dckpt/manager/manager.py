@@ -112,7 +112,7 @@ def load_step(state: dict, path: Path, *, rank: int, restore_rng: bool = True,
     this rank's own single-rank part (the memory tier; see checkpoint.load)."""
     a = Attempt(path if objectstore.is_url(path) else Path(path))
     try:
-        a.manifest = m = manifest or checkpoint.read_manifest(path, storage_options)
+        a.manifest = m = manifest or checkpoint.read_manifest(path, storage_options, rank=rank)
         a.rank_entry = m.ranks[rank] if rank < m.world_size else None
         rng_state = treecodec.decode(a.rank_entry.get("rng")) if a.rank_entry else None
         wants_rng = restore_rng and not (allow_missing is True or "rng" in (allow_missing or []))
@@ -466,7 +466,7 @@ class CheckpointManager:
     def _save_seconds(self, step: int) -> float | None:
         """How long the save of `step` took (None if it did not record its start)."""
         try:
-            m = checkpoint.read_manifest(self.path(step))
+            m = checkpoint.read_index(self.path(step))
             return m.created - float(m.meta["save_started"])
         except (DckptError, KeyError, TypeError, ValueError, OSError):
             return None
@@ -557,7 +557,7 @@ class CheckpointManager:
 
     def _metrics(self, step: int) -> dict:
         try:
-            return checkpoint.read_manifest(self.path(step)).metrics
+            return checkpoint.read_index(self.path(step)).metrics
         except DckptError:
             return {}
 

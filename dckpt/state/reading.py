@@ -19,6 +19,7 @@ import torch
 from .. import storage
 from ..errors import (IncompleteCheckpointError, ResourceLimitError, StateMismatchError,
                       StorageError)
+from ..format import lookup
 from ..format.manifest import Manifest, Shard, TensorEntry
 from .tensors import dtype_name, torch_dtype
 
@@ -63,6 +64,13 @@ class TensorReader:
         self._allocated = 0  # bytes allocated for this load (new tensors, staging)
         self._ceiling = max_load_bytes()
 
+    def _sync_paths(self) -> None:
+        """A split manifest (format/lookup.py) grows its files as record files are read."""
+        files = self.m.files
+        for f in files[len(self.paths):]:
+            self.paths.append(self.store.file_url(self.ckpt, f) if self.remote
+                              else str(f.path(self.ckpt)))
+
     def allocate(self, name: str, nbytes: int, make):
         """make() a new destination or buffer of `nbytes` for tensor `name`, after checking
         the tensor's files (admit) and the load's ceiling; an allocator failure becomes a
@@ -93,6 +101,7 @@ class TensorReader:
         """Check that the files behind tensor `name` exist and hold the bytes the manifest
         promises. Callers run this before allocating for the tensor: the manifest bounds raw
         bytes by stored bytes, so a huge declared tensor cannot outgrow its real files."""
+        self._sync_paths()
         if len(self._admitted) == len(self.paths):  # soon true: few files, many tensors
             return
         for shard in self.m.tensors[name].shards:
@@ -135,6 +144,9 @@ class TensorReader:
 
     def request(self, name: str, dest, offsets: list[int] | None = None) -> None:
         """Fill `dest` (tensor or ndarray) with the block of tensor `name` at `offsets`."""
+        if self.m.split is not None:  # read the record files holding the block, if unread
+            lookup.ensure_block(self.m, name, offsets, None if offsets is None
+                                else list(dest.shape))
         entry = self.m.tensors[name]
         self.admit(name)
         if isinstance(dest, np.ndarray):
@@ -220,6 +232,7 @@ class TensorReader:
 
     def run(self) -> None:
         # Every path goes along: the native reader opens only the files a chunk refers to.
+        self._sync_paths()
         self.store.read_into(self.paths, self._dests, self._sizes, self._chunks,
                                               self._names, verify=self.verify,
                                               threads=self.threads)

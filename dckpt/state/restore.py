@@ -91,6 +91,7 @@ class _Walk:
         name = self.alias.get(ref.name, ref.name)
         e = self.m.tensors.get(name)
         if (e is None or e.kind != "torch" or len(e.shards) != 1 or not live.is_cpu
+                or e.shards[0].shape != e.shape  # one block read so far of a split manifest
                 or e.dtype != dtype_name(live.dtype) or e.shape != list(live.shape)
                 or not live.is_contiguous()):
             return False

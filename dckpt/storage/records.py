@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manifest as _read
+from ..format.manifest import read_records as _read_records
+from ..format import lookup as _lookup
 
 try:
     from .._native import whole_tensors as check
@@ -21,18 +23,63 @@ except ImportError:  # inspect/ls without the core: format's field-by-field chec
     check: RecordCheck | None = None
 
 
-def read_manifest(ckpt: str | os.PathLike, storage_options: dict | None = None) -> Manifest:
-    """format.manifest.read_manifest with the native record check (same errors); for an
-    object store URL, the manifest object (its size checked before it is downloaded)."""
+def read_manifest(ckpt: str | os.PathLike, ranks: list[int] | None = None,
+                  storage_options: dict | None = None) -> Manifest:
+    """format.manifest.read_manifest with the native record check (same errors). ranks:
+    of a split checkpoint, only these ranks' record files (None: all). For an object store
+    URL, the manifest object (its size checked before it is downloaded) and the record
+    objects asked for."""
     from .objectstore import connect, is_url, join, local_path
     if is_url(ckpt):
         from .remote import read_manifest_bytes
         url = str(ckpt).rstrip("/")
-        return _parse(read_manifest_bytes(connect(url, storage_options), url),
-                      join(url, "manifest.json"), check)
-    return _read(local_path(ckpt), check)
+        m = _parse(read_manifest_bytes(connect(url, storage_options), url),
+                   join(url, "manifest.json"), check)
+        return read_records(m, url, ranks, storage_options) if m.split is not None else m
+    return _read(local_path(ckpt), check, ranks)
+
+
+def _fetch(ckpt, storage_options: dict | None):
+    """How record files are read: from the directory (None), or as objects."""
+    from .objectstore import connect, is_url
+    if not is_url(ckpt):
+        return None
+    store = connect(str(ckpt), storage_options)
+
+    def fetch(url: str, size: int) -> bytes:
+        from ..errors import IncompleteCheckpointError
+        try:  # a record larger than the index says is refused unread
+            return store.get_bytes(url, size)
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"record object {url} is missing", url) from None
+    return fetch
+
+
+def read_records(m: Manifest, ckpt: str | os.PathLike, ranks: list[int] | None = None,
+                 storage_options: dict | None = None) -> Manifest:
+    """format.manifest.read_records with the native record check."""
+    return _read_records(m, ckpt, ranks, check, _fetch(ckpt, storage_options))
 
 
 def parse(data: bytes, path: str | None = None) -> Manifest:
     """format.manifest.parse with the native record check (same errors)."""
     return _parse(data, path, check)
+
+
+def lazily(m: Manifest, ckpt: str | os.PathLike,
+           storage_options: dict | None = None) -> Manifest:
+    """format.lookup.lazily with the native record check: a partly read split manifest
+    whose tensors fetch their record files on demand."""
+    return _lookup.lazily(m, ckpt, check, _fetch(ckpt, storage_options))
+
+
+def read_for_rank(ckpt: str | os.PathLike, rank: int,
+                  storage_options: dict | None = None) -> Manifest:
+    """What rank `rank` needs to restore from (or save incrementally against) `ckpt`: of a
+    split checkpoint the index and that rank's record file (rank 0's for a rank the save
+    did not have), other records fetched when a lookup needs them; a single manifest whole."""
+    m = read_manifest(ckpt, ranks=[], storage_options=storage_options)
+    if m.split is not None:
+        read_records(m, ckpt, [rank if rank < m.world_size else 0], storage_options)
+        lazily(m, ckpt, storage_options)
+    return m

@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import CorruptCheckpointError, FormatVersionError, ManifestError
+from ...errors import (CorruptCheckpointError, FormatVersionError, IncompleteCheckpointError,
+                       ManifestError)
 from ...format.manifest import (CODEC_NAMES, FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Chunk,
                                 Manifest, read_manifest_bytes)
 from ...format.units import human_size as _size
-from ...storage.records import parse  # with the native record check
+from ...storage.records import parse, read_records  # with the native record check
 from .report import ERROR, PASS, WARNING, CheckpointReport, Location
 
 BATCH_BYTES = 256 << 20
@@ -62,6 +63,16 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
             hint = f" ({len(data)} bytes, it does not end where JSON must: truncated?)"
         rep.add(g, "structure.manifest", ERROR, f"{e}{hint}", Location(file=MANIFEST_NAME))
         return None
+    if m.split is not None:  # the split layout: every rank's record file, hash-checked
+        try:
+            read_records(m, ckpt)
+        except (ManifestError, CorruptCheckpointError, IncompleteCheckpointError) as e:
+            name = Path(e.path).name if getattr(e, "path", None) else MANIFEST_NAME
+            rep.add(g, "structure.records", ERROR, str(e), Location(file=name))
+            return None
+        rep.add(g, "structure.records", PASS,
+                f"{m.split.count} record file(s) match the index's {HASH_ALGORITHM} "
+                "hashes and validate", Location(file=MANIFEST_NAME))
     rep.add(g, "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
             f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
