@@ -15,7 +15,7 @@ import torch
 
 import dckpt
 from distributed import run_with_ranks
-from dckpt.errors import CheckpointNotFoundError, DistributedError
+from dckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
@@ -128,6 +128,24 @@ def test_two_ranks_upload_their_own_files_and_load_bitwise(s3_bucket):
     res = run_with_ranks(2, _rank_save, url, _env(), -1, timeout=120)
     assert all(r.get("equal") for r in res), res
     assert res[0]["files"] == ["rank-00000.dckpt", "rank-00001.dckpt"]
+    # Two ranks save the split layout: an index plus one record object per rank, each
+    # verified against the index's hash, remotely as locally.
+    from dckpt.storage import objectstore
+    from dckpt.tools.verify import verify
+    store = objectstore.connect(url)
+    names = sorted(o.url.rpartition("/")[2] for o in store.list(url))
+    assert names == ["manifest.json", "rank-00000.dckpt", "rank-00001.dckpt",
+                     "records-00000.json", "records-00001.json"], names
+    assert verify(url).ok
+    record = objectstore.join(url, "records-00001.json")
+    data = bytearray(store.get_bytes(record, 1 << 20))
+    data[len(data) // 2] ^= 1
+    store.put_bytes(record, bytes(data))
+    failed = [c for c in verify(url).all_checks() if c.level == "error"]
+    assert [c.id for c in failed] == ["structure.records"], failed
+    assert "records-00001.json" in failed[0].message
+    with pytest.raises(CorruptCheckpointError, match="records-00001.json"):
+        dckpt.load(url)
 
 
 def test_a_failing_rank_leaves_no_manifest_and_no_objects(s3_bucket):

@@ -253,6 +253,8 @@ class RemoteTier:
             m = records.read_manifest(path)
             mine = [(f.path(path), self._file_url(step, f)) for f in m.files
                     if f.rank == self.rank]
+            mine += [(path / name, objectstore.join(self.step_url(step), name))
+                     for name, _, r in _record_files(m) if r == self.rank]
             # Server-side copies first: a copy's source may be an object of this very
             # prefix (an overwritten step linking its predecessor's files) that an upload
             # of this step is about to replace.
@@ -417,12 +419,14 @@ class RemoteTier:
         root = self.store._key(self.url).rstrip("/") + "/"
         sizes = {self.store._key(o.url)[len(root):]: o.size
                  for o in self.store.list(self.step_url(step))}
-        for f in records.read_manifest(self.root / name).files:
-            url, key = self._file_url(step, f), f"{name}/{f.name}"
-            if f.dir is None and sizes.get(key) != f.size:
+        m = records.read_manifest(self.root / name)
+        for file, size in [(f.name, f.size) for f in m.files if f.dir is None] + [
+                (n, size) for n, size, _ in _record_files(m)]:
+            url, key = objectstore.join(self.step_url(step), file), f"{name}/{file}"
+            if sizes.get(key) != size:
                 got = "absent" if key not in sizes else f"{sizes[key]} bytes"
                 raise UploadError(f"upload of step {step}: object {url} is {got}, its "
-                                  f"manifest says {f.size} bytes; not committed", step, url)
+                                  f"manifest says {size} bytes; not committed", step, url)
 
     def _peer_wait(self) -> float:
         # An upload of gigabytes may take longer than any collective deadline: a peer is
@@ -470,8 +474,9 @@ class RemoteTier:
         does not name."""
         committed = set(committed_steps(listing))
         named = {f"{step_dir(saved)}/{MANIFEST_NAME}"}
-        named |= {f"{step_dir(saved)}/{f.name}" for f in
-                  records.read_manifest(self.root / step_dir(saved)).files if f.dir is None}
+        m = records.read_manifest(self.root / step_dir(saved))
+        named |= {f"{step_dir(saved)}/{f.name}" for f in m.files if f.dir is None}
+        named |= {f"{step_dir(saved)}/{n}" for n, _, _ in _record_files(m)}
         debris = []
         for k in listing:
             s = parse_step_dir(k.partition("/")[0])
@@ -599,6 +604,15 @@ class _Keys:
                                        f"{limit:.0f} s", peer)  # never with the default
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def _record_files(m) -> list[tuple[str, int, int]]:
+    """(name, size, rank) of the record files of a split checkpoint (docs/FORMAT.md,
+    version 3): objects of the step like its data files, each uploaded by its rank."""
+    if m.split is None:
+        return []
+    return [(ref.name, ref.size, r) for r, ref in
+            ((r, m.split.ref(r)) for r in range(m.split.count))]
 
 
 def _ident(st: os.stat_result) -> tuple:

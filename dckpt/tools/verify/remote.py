@@ -16,12 +16,12 @@ import numpy as np
 
 from ... import storage
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, DckptError, \
-    FormatVersionError, ManifestError
+    FormatVersionError, IncompleteCheckpointError, ManifestError
 from ...format.layout import parse_step_dir
 from ...format.manifest import FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Manifest
 from ...format.units import human_size as _size
 from ...storage import objectstore
-from ...storage.records import parse
+from ...storage.records import parse, read_records
 from ...storage.remote import read_manifest_bytes
 from . import integrity
 from .report import ERROR, PASS, WARNING, Check, CheckpointReport, Location, Report
@@ -79,7 +79,7 @@ def verify_url(url: str, *, deep: bool = False, strict: bool = False, threads: i
     for ckpt, objs in targets:
         name = objectstore.split(ckpt)[1]
         rep = CheckpointReport(objectstore.redact(ckpt), parse_step_dir(name))
-        parsed.append((ckpt, objs, rep, _structure(backend, ckpt, rep)))
+        parsed.append((ckpt, objs, rep, _structure(backend, ckpt, rep, storage_options)))
         report.checkpoints.append(rep)
     total = sum(integrity.total_stored(m) for *_, m in parsed if m is not None)
     done = 0
@@ -103,7 +103,8 @@ def verify_url(url: str, *, deep: bool = False, strict: bool = False, threads: i
     return report
 
 
-def _structure(backend, ckpt: str, rep: CheckpointReport) -> Manifest | None:
+def _structure(backend, ckpt: str, rep: CheckpointReport,
+               storage_options: dict | None = None) -> Manifest | None:
     g = "structure"
     try:
         data = read_manifest_bytes(backend.store, ckpt)
@@ -123,6 +124,16 @@ def _structure(backend, ckpt: str, rep: CheckpointReport) -> Manifest | None:
     except (ManifestError, CorruptCheckpointError) as e:
         rep.add(g, "structure.manifest", ERROR, str(e), Location(file=MANIFEST_NAME))
         return None
+    if m.split is not None:  # the split layout: every rank's record object, hash-checked
+        try:
+            read_records(m, ckpt, storage_options=storage_options)
+        except (ManifestError, CorruptCheckpointError, IncompleteCheckpointError) as e:
+            name = str(getattr(e, "path", None) or MANIFEST_NAME).rpartition("/")[2]
+            rep.add(g, "structure.records", ERROR, str(e), Location(file=name))
+            return None
+        rep.add(g, "structure.records", PASS,
+                f"{m.split.count} record object(s) match the index's {HASH_ALGORITHM} "
+                "hashes and validate", Location(file=MANIFEST_NAME))
     rep.add(g, "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
             f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
