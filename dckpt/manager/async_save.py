@@ -280,6 +280,12 @@ class AsyncSaver:
                 self.pool.release(a)
         return self.pool.nbytes
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for every admitted save, leaving failures unreported (the exit handler
+        reports them); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._in_flight, timeout)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for every admitted save; False on timeout. Raises unreported failures."""
         with self._cond:

@@ -497,11 +497,8 @@ _OPEN: "weakref.WeakSet[RemoteTier]" = weakref.WeakSet()
 def _drain_at_exit() -> None:
     # Runs before async_save's exit handler: the background saves are waited for here
     # (their commits submit uploads), then the uploads.
-    for saver in list(_SAVERS):
-        try:
-            saver.wait()
-        except Exception:  # noqa: BLE001 - reported by async_save's own exit handler
-            pass
+    for saver in list(_SAVERS):  # failures stay for async_save's exit handler to report
+        saver.settle(saver.options.exit_timeout)
     for tier in list(_OPEN):
         if tier._closed:
             continue
