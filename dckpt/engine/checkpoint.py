@@ -59,11 +59,15 @@ class SaveResult:
 
     @property
     def manifest(self) -> Manifest:
+        """The manifest written; of a split checkpoint, read on first use (its index and
+        this rank's records; other records are fetched when a lookup needs them)."""
         if self._manifest is None:
             self._manifest = read_manifest(self.path, rank=self.rank)
         return self._manifest
 
     def traffic(self, sent0: int, received0: int, reused: bool) -> None:
+        """Record what this rank's exchanges cost since dist.traffic() read (sent0,
+        received0) at the start of the save, and whether the plan was reused."""
         sent, received = dist.traffic()
         self.sent_bytes, self.received_bytes = sent - sent0, received - received0
         self.plan_reused = reused
