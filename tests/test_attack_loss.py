@@ -127,9 +127,12 @@ from dckpt.manager.lock import RootLock
 lock = RootLock(sys.argv[1]).acquire()
 pid = os.fork()
 if pid == 0:
+    # Written by the child: its fork handlers have run by then (written by the parent, a
+    # loaded machine could let the test kill the parent before the child ever ran).
+    with open(sys.argv[2], "w") as f:
+        f.write(str(os.getpid()))
     time.sleep(120)  # a data-loader worker, say, that outlives its parent
     os._exit(0)
-open(sys.argv[2], "w").write(str(pid))
 time.sleep(120)
 """
 

@@ -182,10 +182,17 @@ def test_format_imports_without_torch():
     assert out.stdout.strip() == "ok", out.stderr
 
 
-
 _ODD_VALUES = [-1, 0, 1, 2, 15, 16, 17, 26, 2**48, 2**63, 2**64, True, False, None, 0.0, 1.0,
                "x", "0000000000001234", "0000000000001234 ", [], [0], {}, [2, 4], [0, 0],
                "float8_e4m3fn", "numpy", "<f4", {"kind": "local"}]
+
+
+def _paths(node, prefix=()):
+    """The key path of every value inside a JSON value."""
+    for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+        yield prefix + (k,)
+        if isinstance(v, (dict, list)):
+            yield from _paths(v, prefix + (k,))
 
 
 def test_chunk_fast_check_agrees_with_the_field_checks():

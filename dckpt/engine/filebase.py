@@ -61,6 +61,9 @@ class FileBase(Base):
             self._manifest = self._build()
         return self._manifest
 
+    def manifest_for(self, rank: int) -> Manifest:
+        return self.manifest  # the files' own records: the same for every rank
+
     def _build(self) -> Manifest:
         m = Manifest()
         for name in sorted(p.name for p in self.path.glob(self.pattern) if p.is_file()):
