@@ -56,6 +56,8 @@ log = logging.getLogger("dckpt.storage")
 
 PART_SIZE = 16 << 20  # multipart part size: S3 needs >= 5 MiB; 16 MiB keeps memory small
 UPLOAD_MEMORY = 64 << 20  # parts in flight at once, over all uploads of one call
+STREAM_BYTES = 1 << 20  # one read of a streamed GET's body: what a request holds at once
+SCATTER_WINDOW = 8 << 20  # one GET of a client that cannot stream (all of it in memory)
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -300,6 +302,65 @@ class ObjectStore:
                 offset=offset)
         view[:] = data
 
+    def get_scatter(self, url: str, start: int, stop: int, targets: list) -> None:
+        """One ranged GET of bytes [start, stop), each byte landing in the target buffer
+        that covers it: `targets` are (object offset, writable buffer) by offset, disjoint,
+        inside the range; bytes between them are read and dropped. The response is
+        streamed (s3fs) in STREAM_BYTES pieces, so memory stays small whatever the range;
+        other clients fetch windows of at most SCATTER_WINDOW bytes. A failed try starts
+        the range again (every byte has one place: rewriting it is harmless).
+        IncompleteCheckpointError if the object is absent or ends before `stop`."""
+        if stop <= start:
+            return
+        views = [(off, memoryview(b).cast("B")) for off, b in targets]
+        sink = _Scatter(views)
+        try:
+            if _is_s3fs(self.fs):
+                from fsspec.asyn import sync
+                self._call("GET", url, lambda: sync(self.fs.loop, self._stream, url, start,
+                                                    stop, sink))
+            else:
+                sink.restart(start)
+                for a in range(start, stop, SCATTER_WINDOW):
+                    b = min(stop, a + SCATTER_WINDOW)
+                    data = self._call("GET", url, self.fs.cat_file, self._key(url), start=a,
+                                      end=b)
+                    sink.put(a, data)
+                    if len(data) != b - a:
+                        break
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"object {redact(url)} is missing",
+                                            redact(url)) from None
+        if sink.end != stop:  # offset: the first byte the object did not give
+            raise IncompleteCheckpointError(
+                f"object {redact(url)} ends before byte {stop} (got {sink.end - start} of "
+                f"{stop - start} bytes from offset {start}): the object was truncated",
+                redact(url), offset=sink.end)
+
+    async def _stream(self, url: str, start: int, stop: int, sink: "_Scatter") -> None:
+        bucket, key, version = self.fs.split_path(self._key(url))
+        kw = {"VersionId": version} if version else {}
+        sink.restart(start)
+        try:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                          Range=f"bytes={start}-{stop - 1}", **kw)
+        except OSError as e:
+            # A range starting past the end of a shorter object: the object is truncated.
+            if "InvalidRange" in f"{type(e).__name__}{e}" or _status(e) == 416:
+                return
+            raise
+        body = resp["Body"]
+        try:
+            at = start
+            while at < stop:
+                data = await body.read(min(STREAM_BYTES, stop - at))
+                if not data:
+                    break
+                sink.put(at, data)
+                at += len(data)
+        finally:
+            body.close()
+
     def get_bytes(self, url: str, max_bytes: int) -> bytes:
         """A whole small object; FileNotFoundError if absent, RemoteStorageError if larger
         than max_bytes (checked before the download)."""
@@ -392,6 +453,33 @@ class ObjectStore:
             raise IncompleteCheckpointError(f"object {redact(src)} is missing",
                                             redact(src)) from None
         self._forget(dst)
+
+
+class _Scatter:
+    """Copies bytes arriving in object order into the buffers that cover them; `end` is
+    the object offset after the last byte received."""
+
+    def __init__(self, views: list):
+        self.views = views
+        self.end = 0
+        self._next = 0  # views before this one are filled
+
+    def restart(self, at: int) -> None:
+        self.end, self._next = at, 0
+
+    def put(self, at: int, data) -> None:
+        n = len(data)
+        self.end = at + n
+        src = memoryview(data).cast("B")
+        views, i = self.views, self._next
+        while i < len(views) and views[i][0] + views[i][1].nbytes <= at:
+            i += 1
+        self._next = i
+        for off, v in views[i:]:
+            if off >= at + n:
+                break
+            lo, hi = max(at, off), min(at + n, off + v.nbytes)
+            v[lo - off:hi - off] = src[lo - at:hi - at]
 
 
 def default_part_size() -> int:

@@ -41,14 +41,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import objectstore
+from . import objectstore, ranges
 from .objectstore import ObjectStore, redact
 from ..errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       DckptError, IncompleteCheckpointError, ManifestError, RemoteStorageError,
                       StorageError)
 from ..format.manifest import (CODEC_RAW, MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest)
 
-RANGE_BYTES = 8 << 20  # the most one GET brings into memory at once
+RANGE_BYTES = 8 << 20  # the most one GET of a compressed chunk brings into memory at once
+SPAN_MIN = 8 << 20  # a coalesced GET of raw chunks: at least this (where the load has it)
+SPAN_MAX = 64 << 20  # and at most this (streamed: its size costs no memory)
+
+
+def span_max() -> int:
+    """The largest coalesced GET (DCKPT_REMOTE_RANGE_BYTES overrides SPAN_MAX)."""
+    try:
+        return max(1 << 20, int(os.environ.get("DCKPT_REMOTE_RANGE_BYTES", "") or SPAN_MAX))
+    except ValueError:
+        return SPAN_MAX
 
 
 def default_threads() -> int:
@@ -217,11 +227,14 @@ class RemoteStorage:
 
     def read_into(self, paths: list[str], dests: list, elem_sizes: list[int], chunks: list,
                   names: list[str], verify: bool = True, threads: int = 0) -> None:
-        """Fill each destination from its chunks (see the module docstring): raw chunks
-        land in the destination by ranged GETs and are hashed there; compressed ones are
-        decoded by the native reader from a per-thread spool file."""
+        """Fill each destination from its chunks (see the module docstring): raw chunks,
+        whichever tensor they belong to, are coalesced into large ranged GETs
+        (storage/ranges.py) whose bytes land straight in the destinations, each chunk then
+        hashed in place; compressed ones are decoded by the native reader from a per-thread
+        spool file."""
         from .local import byte_view
-        tasks = []
+        raw: list[tuple] = []  # (tensor, chunk index, chunk, destination bytes)
+        coded: list[tuple] = []
         for b, (dest, cs) in enumerate(zip(dests, chunks)):
             view = _bytes_of(dest, byte_view)
             if sum(c[3] for c in cs) != view.nbytes:
@@ -234,55 +247,59 @@ class RemoteStorage:
                 if not 0 <= c.file < len(paths):
                     raise ManifestError(f"tensor '{names[b]}' chunk {ci}: file index {c.file} "
                                         "out of range")
-                last = tasks[-1] if tasks else None
-                if (c.codec == CODEC_RAW and last and last[0] == b and last[1][-1][1].codec ==
-                        CODEC_RAW and last[1][-1][1].file == c.file and last[1][-1][1].offset +
-                        last[1][-1][1].stored == c.offset and at + c.raw - last[2] <=
-                        RANGE_BYTES):
-                    # Raw chunks adjacent in the object and in the destination: one GET
-                    # (fewer requests; each chunk is still checked by its own hash).
-                    last[1].append((ci, c))
-                    last[3] = at + c.raw
-                else:
-                    tasks.append([b, [(ci, c)], at, at + c.raw, view])
+                if c.codec == CODEC_RAW and c.stored != c.raw:
+                    raise ManifestError(f"tensor '{names[b]}' chunk {ci}: a raw chunk of "
+                                        f"{c.raw} bytes stores {c.stored}", paths[c.file])
+                (raw if c.codec == CODEC_RAW else coded).append(
+                    (b, ci, c, view[at:at + c.raw]))
                 at += c.raw
+        threads = threads or default_threads()
+        total = sum(t[2].stored for t in raw)
+        spans = ranges.coalesce([(t[2].file, t[2].offset, t[2].stored) for t in raw],
+                                ranges.span_bytes(total, threads, SPAN_MIN, span_max()))
+        tasks = [("raw", s) for s in spans] + [("coded", t) for t in coded]
         if not tasks:
             return
         spools = _Spools()
         try:
             def one(task) -> None:
-                b, group, start, stop, view = task
-                ci, c = group[0]
+                kind, what = task
+                if kind == "raw":
+                    self._get_span(paths, what, raw, names, verify)
+                    return
+                b, ci, c, out = what
                 try:
-                    if c.codec == CODEC_RAW:
-                        self._get_raw(paths[c.file], group, view[start:stop], verify)
-                    else:
-                        self._get_coded(paths[c.file], c, view[start:stop], elem_sizes[b],
-                                        verify, spools)
-                except _ChunkFailure as f:
-                    raise _named(f.error, names[b], f.index, f.chunk, paths[c.file]) from None
+                    self._get_coded(paths[c.file], c, out, elem_sizes[b], verify, spools)
                 except DckptError as e:
                     raise _named(e, names[b], ci, c, paths[c.file]) from None
-            _run_all(one, tasks, threads or default_threads())
+            _run_all(one, tasks, threads)
         finally:
             spools.close()
 
-    def _get_raw(self, url: str, group: list, out: np.ndarray, verify: bool) -> None:
-        """Raw chunks adjacent in `url` into `out` (their bytes back to back), in GETs of at
-        most RANGE_BYTES, then each chunk's hash checked in place."""
-        first = group[0][1].offset
-        for a in range(0, out.nbytes, RANGE_BYTES):
-            self.store.get_into(url, first + a, out[a:a + RANGE_BYTES])
+    def _get_span(self, paths: list[str], span, raw: list, names: list[str],
+                  verify: bool) -> None:
+        """One coalesced range into the destinations of its chunks, then each chunk's hash
+        checked in place; a failure names the first chunk it concerns."""
+        url = paths[span.file]
+        pieces = [raw[i] for i in span.pieces]
+        try:
+            self.store.get_scatter(url, span.start, span.stop,
+                                   [(p[2].offset, p[3]) for p in pieces])
+        except DckptError as e:
+            b, ci, c, _ = pieces[0]
+            if getattr(e, "offset", None) is not None:  # truncated at e.offset: the
+                # first chunk it cuts is the one to name
+                b, ci, c, _ = next((p for p in pieces if p[2].offset + p[2].stored > e.offset),
+                                   pieces[0])
+            raise _named(e, names[b], ci, c, url) from None
         if verify:
             from .local import hash64
-            at = 0
-            for ci, c in group:
-                actual = hash64(out[at:at + c.raw])
+            for b, ci, c, out in pieces:
+                actual = hash64(out)
                 if actual != c.raw_hash:
-                    raise _ChunkFailure(ci, c, CorruptCheckpointError(
-                        "raw hash mismatch", url, offset=c.offset, expected=c.raw_hash,
-                        actual=actual))
-                at += c.raw
+                    raise _named(CorruptCheckpointError("raw hash mismatch", url,
+                                                        offset=c.offset, expected=c.raw_hash,
+                                                        actual=actual), names[b], ci, c, url)
 
     def _fetch_to_spool(self, url: str, c: Chunk, fd: int) -> None:
         buf = np.empty(min(RANGE_BYTES, max(c.stored, 1)), np.uint8)
@@ -329,14 +346,6 @@ class RemoteStorage:
         finally:
             spools.close()
         return sorted(failures)
-
-
-class _ChunkFailure(Exception):
-    """A failure of one chunk of a merged read: which one, and the error."""
-
-    def __init__(self, index: int, chunk: Chunk, error: DckptError):
-        super().__init__(str(error))
-        self.index, self.chunk, self.error = index, chunk, error
 
 
 def read_manifest_bytes(store: ObjectStore, ckpt: str) -> bytes:
