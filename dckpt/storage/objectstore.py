@@ -346,7 +346,8 @@ class ObjectStore:
                                           Range=f"bytes={start}-{stop - 1}", **kw)
         except OSError as e:
             # A range starting past the end of a shorter object: the object is truncated.
-            if "InvalidRange" in f"{type(e).__name__}{e}" or _status(e) == 416:
+            text = f"{type(e).__name__} {e}"
+            if "InvalidRange" in text or "not satisfiable" in text or _status(e) == 416:
                 return
             raise
         body = resp["Body"]

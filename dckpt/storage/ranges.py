@@ -48,8 +48,9 @@ def coalesce(pieces: list[tuple[int, int, int]], max_bytes: int,
 
 def span_bytes(total: int, threads: int, low: int, high: int) -> int:
     """The largest span for a load of `total` bytes on `threads` requests in flight: enough
-    spans to keep every request busy, none smaller than `low` nor larger than `high`."""
-    return max(low, min(high, -(-total // max(1, threads))))
+    spans to keep every request busy, none smaller than `low` (fewer, larger requests
+    where the load is small) nor larger than `high` (which wins over `low`)."""
+    return max(1, min(high, max(low, -(-total // max(1, threads)))))
 
 
 __all__ = ["Span", "coalesce", "span_bytes", "MAX_GAP"]

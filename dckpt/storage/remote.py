@@ -56,7 +56,7 @@ SPAN_MAX = 64 << 20  # and at most this (streamed: its size costs no memory)
 def span_max() -> int:
     """The largest coalesced GET (DCKPT_REMOTE_RANGE_BYTES overrides SPAN_MAX)."""
     try:
-        return max(1 << 20, int(os.environ.get("DCKPT_REMOTE_RANGE_BYTES", "") or SPAN_MAX))
+        return max(64 << 10, int(os.environ.get("DCKPT_REMOTE_RANGE_BYTES", "") or SPAN_MAX))
     except ValueError:
         return SPAN_MAX
 
