@@ -409,12 +409,25 @@ class ObjectStore:
         part_size = part_size or default_part_size()
         concurrency = concurrency or max(1, UPLOAD_MEMORY // part_size)
         kwargs = {}
+        early = None
         if self.protocol in ("s3", "s3a") and _is_s3fs(self.fs):
             # s3fs reads a file below 2 parts whole: parts of part_size keep it bounded.
             kwargs = {"chunksize": part_size, "max_concurrency": concurrency}
-        self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url), **kwargs)
-        return self._checked(url, size, lambda parts: _md5_etag_of_file(local, size, parts),
-                             check)
+            if check:
+                # s3fs's cut is known (one PUT below 2 parts, else parts of part_size): the
+                # ETag the bytes should get is computed while they travel, not after.
+                early = _EarlyEtag(local, size, 0 if size < 2 * part_size else part_size)
+        try:
+            self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url),
+                       **kwargs)
+        finally:
+            want = early.result() if early is not None else None
+
+        def md5_etag(parts: int) -> str | None:
+            if want is not None and want[0] == parts:
+                return want[1]
+            return _md5_etag_of_file(local, size, parts)
+        return self._checked(url, size, md5_etag, check)
 
     def _checked(self, url: str, size: int, md5_etag, check: bool) -> ObjectInfo:
         """The uploaded object's HEAD against what was sent; on a mismatch the object is
@@ -502,6 +515,48 @@ def _md5_etag_of_bytes(data: bytes, parts: int) -> str | None:
     if parts == 0:
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
     return None  # put_bytes never uploads in parts
+
+
+class _EarlyEtag:
+    """The MD5 ETag of a file for one known cut (part 0: a single PUT), computed on its own
+    thread (hashlib releases the GIL) while the upload runs; result() is (parts, ETag), or
+    None if the file could not be read."""
+
+    def __init__(self, path, size: int, part: int):
+        self._out = None
+        self._thread = threading.Thread(target=self._run, args=(path, size, part),
+                                        name="dckpt-etag", daemon=True)
+        self._thread.start()
+
+    def _run(self, path, size: int, part: int) -> None:
+        try:
+            self._out = _md5_etag_cut(path, size, part)
+        except OSError:
+            self._out = None
+
+    def result(self):
+        self._thread.join()
+        return self._out
+
+
+def _md5_etag_cut(path, size: int, part: int) -> tuple[int, str]:
+    """(parts, ETag) of the file's bytes cut into parts of `part` bytes (0: one PUT)."""
+    with open(path, "rb") as f:
+        if part == 0:
+            h = hashlib.md5(usedforsecurity=False)
+            while block := f.read(8 << 20):
+                h.update(block)
+            return 0, h.hexdigest()
+        digests = b""
+        for _ in range(-(-size // part)):
+            h = hashlib.md5(usedforsecurity=False)
+            left = part
+            while left and (block := f.read(min(left, 8 << 20))):
+                h.update(block)
+                left -= len(block)
+            digests += h.digest()
+    parts = -(-size // part)
+    return parts, f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{parts}"
 
 
 def _md5_etag_of_file(path, size: int, parts: int) -> str | None:
