@@ -190,3 +190,22 @@ def test_etag_computed_during_the_upload_is_the_servers(s3_bucket, tmp_path, siz
     parts = 0 if size < 10 << 20 else 3
     assert info.etag == objectstore._md5_etag_cut(f, size, 5 << 20 if parts else 0)[1]
     assert info.etag.endswith("-3") == bool(parts)
+
+
+def test_a_failed_multipart_upload_is_aborted_leaving_nothing(s3_endpoint, s3_bucket, tmp_path):
+    """A part that cannot be read (here: the file is shorter than the upload expects) fails
+    the upload: the other parts are cancelled and the multipart upload aborted, so neither
+    an object nor stored parts remain."""
+    from fsspec.asyn import sync
+    f = tmp_path / "blob"
+    f.write_bytes(b"x" * (11 << 20))
+    store = objectstore.connect(f"s3://{s3_bucket}")
+    url = f"s3://{s3_bucket}/blob"
+    with pytest.raises(OSError, match="shrank"):
+        sync(store.fs.loop, store._upload_s3, str(f), url, 16 << 20, 5 << 20, 2)
+    c = boto3.client("s3", **s3server._boto_args(s3_endpoint))
+    assert not c.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    assert store.info(url) is None
+    # the same file with its true size goes up whole, in 3 parts
+    info = store.put_file(f, url, part_size=5 << 20)
+    assert info.size == 11 << 20 and info.etag.endswith("-3")

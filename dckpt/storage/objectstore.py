@@ -18,9 +18,10 @@ API (stable; later work extends it, never renames):
 
     ObjectStore (URLs are full "scheme://bucket/key" strings; keys never end in "/"):
       put_file(local_path, url, part_size=0, concurrency=0, check=True) -> ObjectInfo
-          multipart, streamed from the file (at most concurrency x part_size in memory),
-          then checked: size always, ETag against the local MD5 when check and the server
-          gives an MD5-shaped one; a mismatch removes the object and raises.
+          multipart, streamed from the file (at most concurrency x part_size in memory;
+          for s3://, a sliding window of parts, each hashed as it is read), then checked:
+          size always, ETag against the local MD5 when check and the server gives an
+          MD5-shaped one; a mismatch removes the object and raises.
       put_bytes(url, data, check=True) -> ObjectInfo     one PUT (manifests, small files)
       get_into(url, offset, buffer) -> None  fills the writable buffer from `offset`;
           IncompleteCheckpointError if the object is shorter or absent
@@ -408,26 +409,82 @@ class ObjectStore:
         size = os.path.getsize(local)
         part_size = part_size or default_part_size()
         concurrency = concurrency or max(1, UPLOAD_MEMORY // part_size)
-        kwargs = {}
-        early = None
+        want = None
         if self.protocol in ("s3", "s3a") and _is_s3fs(self.fs):
-            # s3fs reads a file below 2 parts whole: parts of part_size keep it bounded.
-            kwargs = {"chunksize": part_size, "max_concurrency": concurrency}
-            if check:
-                # s3fs's cut is known (one PUT below 2 parts, else parts of part_size): the
-                # ETag the bytes should get is computed while they travel, not after.
-                early = _EarlyEtag(local, size, 0 if size < 2 * part_size else part_size)
-        try:
-            self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url),
-                       **kwargs)
-        finally:
-            want = early.result() if early is not None else None
+            # Our own upload over s3fs's client: a sliding window of parts (s3fs's put_file
+            # sends them in batches, reading each part on its event loop), each part read
+            # and hashed on a worker thread, so the ETag the bytes should get is known
+            # when the upload ends (no second reading of the file for the check).
+            from fsspec.asyn import sync
+            want = self._call("PUT", url, lambda: sync(
+                self.fs.loop, self._upload_s3, os.fspath(local), url, size, part_size,
+                concurrency))
+        else:
+            self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url))
 
         def md5_etag(parts: int) -> str | None:
             if want is not None and want[0] == parts:
                 return want[1]
             return _md5_etag_of_file(local, size, parts)
         return self._checked(url, size, md5_etag, check)
+
+    async def _upload_s3(self, local: str, url: str, size: int, part: int,
+                         concurrency: int) -> tuple[int, str]:
+        """Upload a file through s3fs's S3 client: one PUT below two parts, else a
+        multipart upload with at most `concurrency` parts read or in flight at once.
+        Returns (parts, the MD5 ETag of the bytes sent); a failure aborts the upload."""
+        import asyncio
+        fs = self.fs
+        bucket, key, _ = fs.split_path(self._key(url))
+        loop = asyncio.get_running_loop()
+        fd = os.open(local, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if size < 2 * part:
+                body, digest = await loop.run_in_executor(None, _read_part, fd, 0, size)
+                await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+                return 0, digest.hex()
+            n = -(-size // part)
+            mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+            uid = mpu["UploadId"]
+            etags, digests = [None] * n, [b""] * n
+            window = asyncio.Semaphore(max(1, concurrency))
+
+            async def one(i: int) -> None:
+                async with window:
+                    body, digests[i] = await loop.run_in_executor(
+                        None, _read_part, fd, i * part, min(part, size - i * part))
+                    r = await fs._call_s3("upload_part", Bucket=bucket, Key=key,
+                                          UploadId=uid, PartNumber=i + 1, Body=body)
+                    etags[i] = r["ETag"]
+            tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+            try:
+                done, pending = await asyncio.wait(tasks,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+                await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
+                                  UploadId=uid, MultipartUpload={"Parts": [
+                                      {"PartNumber": i + 1, "ETag": etags[i]}
+                                      for i in range(n)]})
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                try:
+                    await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key,
+                                      UploadId=uid)
+                except Exception:  # noqa: BLE001 - the upload's own error is the one to see
+                    pass
+                raise
+            md5 = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+            return n, f"{md5}-{n}"
+        finally:
+            os.close(fd)
+            fs.invalidate_cache(self._key(url))
 
     def _checked(self, url: str, size: int, md5_etag, check: bool) -> ObjectInfo:
         """The uploaded object's HEAD against what was sent; on a mismatch the object is
@@ -517,26 +574,13 @@ def _md5_etag_of_bytes(data: bytes, parts: int) -> str | None:
     return None  # put_bytes never uploads in parts
 
 
-class _EarlyEtag:
-    """The MD5 ETag of a file for one known cut (part 0: a single PUT), computed on its own
-    thread (hashlib releases the GIL) while the upload runs; result() is (parts, ETag), or
-    None if the file could not be read."""
-
-    def __init__(self, path, size: int, part: int):
-        self._out = None
-        self._thread = threading.Thread(target=self._run, args=(path, size, part),
-                                        name="dckpt-etag", daemon=True)
-        self._thread.start()
-
-    def _run(self, path, size: int, part: int) -> None:
-        try:
-            self._out = _md5_etag_cut(path, size, part)
-        except OSError:
-            self._out = None
-
-    def result(self):
-        self._thread.join()
-        return self._out
+def _read_part(fd: int, offset: int, n: int) -> tuple[bytes, bytes]:
+    """Bytes [offset, offset + n) of a file and their MD5 (on a worker thread: both release
+    the GIL)."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise OSError(f"file shrank during its upload: {len(data)} of {n} bytes at {offset}")
+    return data, hashlib.md5(data, usedforsecurity=False).digest()
 
 
 def _md5_etag_cut(path, size: int, part: int) -> tuple[int, str]:
