@@ -3,10 +3,12 @@
 Writes: the native writer (chunking, hashing, compression, its thread pool) writes each
 file into a node-local spool file (DCKPT_SPOOL_DIR, else the temporary directory); each
 file is then uploaded (storage/objectstore.py: multipart, checked by size and MD5 ETag)
-and its spool file removed. Reads: ranged GETs on a thread pool, raw chunks straight into
-the destination memory and checked there by hash; a compressed chunk goes through a small
-per-thread spool file that the native reader decodes (hash, zstd, unshuffle) into the
-destination. Memory held by a read is bounded by threads x RANGE_BYTES, by an upload by
+and its spool file removed. Reads: raw chunks of all tensors coalesced into few large
+ranged GETs (storage/ranges.py) on a thread pool, each response streamed straight into the
+destinations and every chunk then checked there by its hash; a compressed chunk goes
+through a small per-thread spool file that the native reader decodes (hash, zstd,
+unshuffle) into the destination. Memory held by a read is bounded by threads x
+objectstore.STREAM_BYTES (raw) or threads x RANGE_BYTES (compressed), by an upload by
 objectstore.UPLOAD_MEMORY, whatever the state size.
 
 Commit without rename (docs/STORAGE.md). A checkpoint is the prefix `target/`; the object
