@@ -209,3 +209,31 @@ def test_a_failed_multipart_upload_is_aborted_leaving_nothing(s3_endpoint, s3_bu
     # the same file with its true size goes up whole, in 3 parts
     info = store.put_file(f, url, part_size=5 << 20)
     assert info.size == 11 << 20 and info.etag.endswith("-3")
+
+
+def test_compressed_chunks_share_gets_and_damage_is_still_named(s3_endpoint, s3_bucket,
+                                                                 monkeypatch):
+    """zstd chunks close together are fetched by one GET and decoded one by one: the load
+    is bitwise, and a flipped bit names its tensor and chunk."""
+    st = {f"t{i:02d}": (torch.arange(30_000 + 17 * i) % 97).to(torch.float32)
+          for i in range(30)}
+    url = f"s3://{s3_bucket}/z"
+    dckpt.save(st, url, compression="zstd", chunk_size=32 << 10)
+    m = dckpt.read_manifest(url)
+    chunks = [c for t in m.tensors.values() for s in t.shards for c in s.chunks]
+    assert len(chunks) > 60 and all(c.codec != 0 for c in chunks)
+    calls = _count_gets(monkeypatch)
+    out = {k: torch.zeros_like(v) for k, v in st.items()}
+    dckpt.load(url, into=out)
+    assert all(torch.equal(out[k], v) for k, v in st.items())
+    assert len(calls) == 1  # every compressed chunk in one GET (all lie within 8 MiB)
+    ch = m.tensors["t13"].shards[0].chunks[2]
+    c = boto3.client("s3", **s3server._boto_args(s3_endpoint))
+    key = "z/rank-00000.dckpt"
+    body = bytearray(c.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+    body[ch.offset + ch.stored // 2] ^= 0x01
+    c.put_object(Bucket=s3_bucket, Key=key, Body=bytes(body))
+    with pytest.raises(CorruptCheckpointError) as e:
+        dckpt.load(url, into=out)
+    assert e.value.tensor == "t13" and e.value.chunk == 2 and "chunk 2" in str(e.value)
+    assert key in str(e.value) and e.value.offset == ch.offset

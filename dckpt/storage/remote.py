@@ -259,7 +259,11 @@ class RemoteStorage:
         total = sum(t[2].stored for t in raw)
         spans = ranges.coalesce([(t[2].file, t[2].offset, t[2].stored) for t in raw],
                                 ranges.span_bytes(total, threads, SPAN_MIN, span_max()))
-        tasks = [("raw", s) for s in spans] + [("coded", t) for t in coded]
+        # Compressed chunks close together share a GET too, of at most RANGE_BYTES: it is
+        # held in memory, then decoded chunk by chunk from a per-thread spool file.
+        coded_spans = ranges.coalesce([(t[2].file, t[2].offset, t[2].stored) for t in coded],
+                                      RANGE_BYTES)
+        tasks = [("raw", s) for s in spans] + [("coded", s) for s in coded_spans]
         if not tasks:
             return
         spools = _Spools()
@@ -269,11 +273,7 @@ class RemoteStorage:
                 if kind == "raw":
                     self._get_span(paths, what, raw, names, verify)
                     return
-                b, ci, c, out = what
-                try:
-                    self._get_coded(paths[c.file], c, out, elem_sizes[b], verify, spools)
-                except DckptError as e:
-                    raise _named(e, names[b], ci, c, paths[c.file]) from None
+                self._get_coded_span(paths, what, coded, names, elem_sizes, verify, spools)
             _run_all(one, tasks, threads)
         finally:
             spools.close()
@@ -310,6 +310,41 @@ class RemoteStorage:
             n = min(RANGE_BYTES, c.stored - a)
             self.store.get_into(url, c.offset + a, buf[:n])
             os.pwrite(fd, buf[:n], a)
+
+    def _get_coded_span(self, paths: list[str], span, coded: list, names: list[str],
+                        elem_sizes: list[int], verify: bool, spools: "_Spools") -> None:
+        """Compressed chunks of one span: fetched together (one GET, into the thread's spool
+        file) where the span holds several, then each decoded by the native reader."""
+        from . import local
+        url = paths[span.file]
+        pieces = [coded[i] for i in span.pieces]
+        if len(pieces) == 1:
+            b, ci, c, out = pieces[0]
+            try:
+                self._get_coded(url, c, out, elem_sizes[b], verify, spools)
+            except DckptError as e:
+                raise _named(e, names[b], ci, c, url) from None
+            return
+        path, fd = spools.mine()
+        buf = np.empty(span.stop - span.start, np.uint8)
+        try:
+            self.store.get_scatter(url, span.start, span.stop, [(span.start, buf)])
+        except DckptError as e:
+            b, ci, c, _ = pieces[0]
+            if getattr(e, "offset", None) is not None:
+                b, ci, c, _ = next((p for p in pieces if p[2].offset + p[2].stored > e.offset),
+                                   pieces[0])
+            raise _named(e, names[b], ci, c, url) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, buf, 0)
+        del buf
+        for b, ci, c, out in pieces:
+            try:
+                local.read_into([path], [out], [elem_sizes[b]],
+                                [[Chunk(0, c.offset - span.start, *c[2:])]], ["?"],
+                                verify=verify, threads=1)
+            except DckptError as e:
+                raise _named(e, names[b], ci, c, url) from None
 
     def _get_coded(self, url: str, c: Chunk, out: np.ndarray, elem_size: int, verify: bool,
                    spools: "_Spools") -> None:
