@@ -81,6 +81,9 @@ SECTIONS: list[Section] = [
             ["-m", "dckpt", "bench", "--variance"],
             ["-m", "dckpt", "bench", "--variance", "--quick", "--repeats", "2", "--regimes",
              "shm"]),
+    Section("object-storage", "Object storage",
+            ["benchmarks/bench_remote.py", "--gb", "1", "--rounds", "2", "--lora-mb", "500"],
+            ["benchmarks/bench_remote.py", "--gb", "0.02", "--rounds", "1", "--lora-mb", "10"]),
     Section("gpu", "GPU", ["benchmarks/gpu_check.py"], ["benchmarks/gpu_check.py", "--gb", "0.1"],
             needs="a CUDA GPU", available=_cuda),
 ]

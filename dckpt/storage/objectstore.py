@@ -18,9 +18,10 @@ API (stable; later work extends it, never renames):
 
     ObjectStore (URLs are full "scheme://bucket/key" strings; keys never end in "/"):
       put_file(local_path, url, part_size=0, concurrency=0, check=True) -> ObjectInfo
-          multipart, streamed from the file (at most concurrency x part_size in memory),
-          then checked: size always, ETag against the local MD5 when check and the server
-          gives an MD5-shaped one; a mismatch removes the object and raises.
+          multipart, streamed from the file (at most concurrency x part_size in memory;
+          for s3://, a sliding window of parts, each hashed as it is read), then checked:
+          size always, ETag against the local MD5 when check and the server gives an
+          MD5-shaped one; a mismatch removes the object and raises.
       put_bytes(url, data, check=True) -> ObjectInfo     one PUT (manifests, small files)
       get_into(url, offset, buffer) -> None  fills the writable buffer from `offset`;
           IncompleteCheckpointError if the object is shorter or absent
@@ -56,6 +57,8 @@ log = logging.getLogger("dckpt.storage")
 
 PART_SIZE = 16 << 20  # multipart part size: S3 needs >= 5 MiB; 16 MiB keeps memory small
 UPLOAD_MEMORY = 64 << 20  # parts in flight at once, over all uploads of one call
+STREAM_BYTES = 1 << 20  # one read of a streamed GET's body: what a request holds at once
+SCATTER_WINDOW = 8 << 20  # one GET of a client that cannot stream (all of it in memory)
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -300,6 +303,66 @@ class ObjectStore:
                 offset=offset)
         view[:] = data
 
+    def get_scatter(self, url: str, start: int, stop: int, targets: list) -> None:
+        """One ranged GET of bytes [start, stop), each byte landing in the target buffer
+        that covers it: `targets` are (object offset, writable buffer) by offset, disjoint,
+        inside the range; bytes between them are read and dropped. The response is
+        streamed (s3fs) in STREAM_BYTES pieces, so memory stays small whatever the range;
+        other clients fetch windows of at most SCATTER_WINDOW bytes. A failed try starts
+        the range again (every byte has one place: rewriting it is harmless).
+        IncompleteCheckpointError if the object is absent or ends before `stop`."""
+        if stop <= start:
+            return
+        views = [(off, memoryview(b).cast("B")) for off, b in targets]
+        sink = _Scatter(views)
+        try:
+            if _is_s3fs(self.fs):
+                from fsspec.asyn import sync
+                self._call("GET", url, lambda: sync(self.fs.loop, self._stream, url, start,
+                                                    stop, sink))
+            else:
+                sink.restart(start)
+                for a in range(start, stop, SCATTER_WINDOW):
+                    b = min(stop, a + SCATTER_WINDOW)
+                    data = self._call("GET", url, self.fs.cat_file, self._key(url), start=a,
+                                      end=b)
+                    sink.put(a, data)
+                    if len(data) != b - a:
+                        break
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(f"object {redact(url)} is missing",
+                                            redact(url)) from None
+        if sink.end != stop:  # offset: the first byte the object did not give
+            raise IncompleteCheckpointError(
+                f"object {redact(url)} ends before byte {stop} (got {sink.end - start} of "
+                f"{stop - start} bytes from offset {start}): the object was truncated",
+                redact(url), offset=sink.end)
+
+    async def _stream(self, url: str, start: int, stop: int, sink: "_Scatter") -> None:
+        bucket, key, version = self.fs.split_path(self._key(url))
+        kw = {"VersionId": version} if version else {}
+        sink.restart(start)
+        try:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                          Range=f"bytes={start}-{stop - 1}", **kw)
+        except OSError as e:
+            # A range starting past the end of a shorter object: the object is truncated.
+            text = f"{type(e).__name__} {e}"
+            if "InvalidRange" in text or "not satisfiable" in text or _status(e) == 416:
+                return
+            raise
+        body = resp["Body"]
+        try:
+            at = start
+            while at < stop:
+                data = await body.read(min(STREAM_BYTES, stop - at))
+                if not data:
+                    break
+                sink.put(at, data)
+                at += len(data)
+        finally:
+            body.close()
+
     def get_bytes(self, url: str, max_bytes: int) -> bytes:
         """A whole small object; FileNotFoundError if absent, RemoteStorageError if larger
         than max_bytes (checked before the download)."""
@@ -346,13 +409,82 @@ class ObjectStore:
         size = os.path.getsize(local)
         part_size = part_size or default_part_size()
         concurrency = concurrency or max(1, UPLOAD_MEMORY // part_size)
-        kwargs = {}
+        want = None
         if self.protocol in ("s3", "s3a") and _is_s3fs(self.fs):
-            # s3fs reads a file below 2 parts whole: parts of part_size keep it bounded.
-            kwargs = {"chunksize": part_size, "max_concurrency": concurrency}
-        self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url), **kwargs)
-        return self._checked(url, size, lambda parts: _md5_etag_of_file(local, size, parts),
-                             check)
+            # Our own upload over s3fs's client: a sliding window of parts (s3fs's put_file
+            # sends them in batches, reading each part on its event loop), each part read
+            # and hashed on a worker thread, so the ETag the bytes should get is known
+            # when the upload ends (no second reading of the file for the check).
+            from fsspec.asyn import sync
+            want = self._call("PUT", url, lambda: sync(
+                self.fs.loop, self._upload_s3, os.fspath(local), url, size, part_size,
+                concurrency))
+        else:
+            self._call("PUT", url, self.fs.put_file, os.fspath(local), self._key(url))
+
+        def md5_etag(parts: int) -> str | None:
+            if want is not None and want[0] == parts:
+                return want[1]
+            return _md5_etag_of_file(local, size, parts)
+        return self._checked(url, size, md5_etag, check)
+
+    async def _upload_s3(self, local: str, url: str, size: int, part: int,
+                         concurrency: int) -> tuple[int, str]:
+        """Upload a file through s3fs's S3 client: one PUT below two parts, else a
+        multipart upload with at most `concurrency` parts read or in flight at once.
+        Returns (parts, the MD5 ETag of the bytes sent); a failure aborts the upload."""
+        import asyncio
+        fs = self.fs
+        bucket, key, _ = fs.split_path(self._key(url))
+        loop = asyncio.get_running_loop()
+        fd = os.open(local, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if size < 2 * part:
+                body, digest = await loop.run_in_executor(None, _read_part, fd, 0, size)
+                await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+                return 0, digest.hex()
+            n = -(-size // part)
+            mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+            uid = mpu["UploadId"]
+            etags, digests = [None] * n, [b""] * n
+            window = asyncio.Semaphore(max(1, concurrency))
+
+            async def one(i: int) -> None:
+                async with window:
+                    body, digests[i] = await loop.run_in_executor(
+                        None, _read_part, fd, i * part, min(part, size - i * part))
+                    r = await fs._call_s3("upload_part", Bucket=bucket, Key=key,
+                                          UploadId=uid, PartNumber=i + 1, Body=body)
+                    etags[i] = r["ETag"]
+            tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+            try:
+                done, pending = await asyncio.wait(tasks,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+                await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key,
+                                  UploadId=uid, MultipartUpload={"Parts": [
+                                      {"PartNumber": i + 1, "ETag": etags[i]}
+                                      for i in range(n)]})
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                try:
+                    await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key,
+                                      UploadId=uid)
+                except Exception:  # noqa: BLE001 - the upload's own error is the one to see
+                    pass
+                raise
+            md5 = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+            return n, f"{md5}-{n}"
+        finally:
+            os.close(fd)
+            fs.invalidate_cache(self._key(url))
 
     def _checked(self, url: str, size: int, md5_etag, check: bool) -> ObjectInfo:
         """The uploaded object's HEAD against what was sent; on a mismatch the object is
@@ -394,6 +526,33 @@ class ObjectStore:
         self._forget(dst)
 
 
+class _Scatter:
+    """Copies bytes arriving in object order into the buffers that cover them; `end` is
+    the object offset after the last byte received."""
+
+    def __init__(self, views: list):
+        self.views = views
+        self.end = 0
+        self._next = 0  # views before this one are filled
+
+    def restart(self, at: int) -> None:
+        self.end, self._next = at, 0
+
+    def put(self, at: int, data) -> None:
+        n = len(data)
+        self.end = at + n
+        src = memoryview(data).cast("B")
+        views, i = self.views, self._next
+        while i < len(views) and views[i][0] + views[i][1].nbytes <= at:
+            i += 1
+        self._next = i
+        for off, v in views[i:]:
+            if off >= at + n:
+                break
+            lo, hi = max(at, off), min(at + n, off + v.nbytes)
+            v[lo - off:hi - off] = src[lo - at:hi - at]
+
+
 def default_part_size() -> int:
     """DCKPT_REMOTE_PART_BYTES (at least S3's 5 MiB), else PART_SIZE."""
     try:
@@ -413,6 +572,35 @@ def _md5_etag_of_bytes(data: bytes, parts: int) -> str | None:
     if parts == 0:
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
     return None  # put_bytes never uploads in parts
+
+
+def _read_part(fd: int, offset: int, n: int) -> tuple[bytes, bytes]:
+    """Bytes [offset, offset + n) of a file and their MD5 (on a worker thread: both release
+    the GIL)."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise OSError(f"file shrank during its upload: {len(data)} of {n} bytes at {offset}")
+    return data, hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _md5_etag_cut(path, size: int, part: int) -> tuple[int, str]:
+    """(parts, ETag) of the file's bytes cut into parts of `part` bytes (0: one PUT)."""
+    with open(path, "rb") as f:
+        if part == 0:
+            h = hashlib.md5(usedforsecurity=False)
+            while block := f.read(8 << 20):
+                h.update(block)
+            return 0, h.hexdigest()
+        digests = b""
+        for _ in range(-(-size // part)):
+            h = hashlib.md5(usedforsecurity=False)
+            left = part
+            while left and (block := f.read(min(left, 8 << 20))):
+                h.update(block)
+                left -= len(block)
+            digests += h.digest()
+    parts = -(-size // part)
+    return parts, f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{parts}"
 
 
 def _md5_etag_of_file(path, size: int, parts: int) -> str | None:

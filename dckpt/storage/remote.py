@@ -3,10 +3,12 @@
 Writes: the native writer (chunking, hashing, compression, its thread pool) writes each
 file into a node-local spool file (DCKPT_SPOOL_DIR, else the temporary directory); each
 file is then uploaded (storage/objectstore.py: multipart, checked by size and MD5 ETag)
-and its spool file removed. Reads: ranged GETs on a thread pool, raw chunks straight into
-the destination memory and checked there by hash; a compressed chunk goes through a small
-per-thread spool file that the native reader decodes (hash, zstd, unshuffle) into the
-destination. Memory held by a read is bounded by threads x RANGE_BYTES, by an upload by
+and its spool file removed. Reads: raw chunks of all tensors coalesced into few large
+ranged GETs (storage/ranges.py) on a thread pool, each response streamed straight into the
+destinations and every chunk then checked there by its hash; a compressed chunk goes
+through a small per-thread spool file that the native reader decodes (hash, zstd,
+unshuffle) into the destination. Memory held by a read is bounded by threads x
+objectstore.STREAM_BYTES (raw) or threads x RANGE_BYTES (compressed), by an upload by
 objectstore.UPLOAD_MEMORY, whatever the state size.
 
 Commit without rename (docs/STORAGE.md). A checkpoint is the prefix `target/`; the object
@@ -41,14 +43,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import objectstore
+from . import objectstore, ranges
 from .objectstore import ObjectStore, redact
 from ..errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                       DckptError, IncompleteCheckpointError, ManifestError, RemoteStorageError,
                       StorageError)
 from ..format.manifest import (CODEC_RAW, MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest)
 
-RANGE_BYTES = 8 << 20  # the most one GET brings into memory at once
+RANGE_BYTES = 8 << 20  # the most one GET of a compressed chunk brings into memory at once
+SPAN_MIN = 8 << 20  # a coalesced GET of raw chunks: at least this (where the load has it)
+SPAN_MAX = 64 << 20  # and at most this (streamed: its size costs no memory)
+
+
+def span_max() -> int:
+    """The largest coalesced GET (DCKPT_REMOTE_RANGE_BYTES overrides SPAN_MAX)."""
+    try:
+        return max(64 << 10, int(os.environ.get("DCKPT_REMOTE_RANGE_BYTES", "") or SPAN_MAX))
+    except ValueError:
+        return SPAN_MAX
 
 
 def default_threads() -> int:
@@ -217,11 +229,14 @@ class RemoteStorage:
 
     def read_into(self, paths: list[str], dests: list, elem_sizes: list[int], chunks: list,
                   names: list[str], verify: bool = True, threads: int = 0) -> None:
-        """Fill each destination from its chunks (see the module docstring): raw chunks
-        land in the destination by ranged GETs and are hashed there; compressed ones are
-        decoded by the native reader from a per-thread spool file."""
+        """Fill each destination from its chunks (see the module docstring): raw chunks,
+        whichever tensor they belong to, are coalesced into large ranged GETs
+        (storage/ranges.py) whose bytes land straight in the destinations, each chunk then
+        hashed in place; compressed ones are decoded by the native reader from a per-thread
+        spool file."""
         from .local import byte_view
-        tasks = []
+        raw: list[tuple] = []  # (tensor, chunk index, chunk, destination bytes)
+        coded: list[tuple] = []
         for b, (dest, cs) in enumerate(zip(dests, chunks)):
             view = _bytes_of(dest, byte_view)
             if sum(c[3] for c in cs) != view.nbytes:
@@ -234,55 +249,59 @@ class RemoteStorage:
                 if not 0 <= c.file < len(paths):
                     raise ManifestError(f"tensor '{names[b]}' chunk {ci}: file index {c.file} "
                                         "out of range")
-                last = tasks[-1] if tasks else None
-                if (c.codec == CODEC_RAW and last and last[0] == b and last[1][-1][1].codec ==
-                        CODEC_RAW and last[1][-1][1].file == c.file and last[1][-1][1].offset +
-                        last[1][-1][1].stored == c.offset and at + c.raw - last[2] <=
-                        RANGE_BYTES):
-                    # Raw chunks adjacent in the object and in the destination: one GET
-                    # (fewer requests; each chunk is still checked by its own hash).
-                    last[1].append((ci, c))
-                    last[3] = at + c.raw
-                else:
-                    tasks.append([b, [(ci, c)], at, at + c.raw, view])
+                if c.codec == CODEC_RAW and c.stored != c.raw:
+                    raise ManifestError(f"tensor '{names[b]}' chunk {ci}: a raw chunk of "
+                                        f"{c.raw} bytes stores {c.stored}", paths[c.file])
+                (raw if c.codec == CODEC_RAW else coded).append(
+                    (b, ci, c, view[at:at + c.raw]))
                 at += c.raw
+        threads = threads or default_threads()
+        total = sum(t[2].stored for t in raw)
+        spans = ranges.coalesce([(t[2].file, t[2].offset, t[2].stored) for t in raw],
+                                ranges.span_bytes(total, threads, SPAN_MIN, span_max()))
+        # Compressed chunks close together share a GET too, of at most RANGE_BYTES: it is
+        # held in memory, then decoded chunk by chunk from a per-thread spool file.
+        coded_spans = ranges.coalesce([(t[2].file, t[2].offset, t[2].stored) for t in coded],
+                                      RANGE_BYTES)
+        tasks = [("raw", s) for s in spans] + [("coded", s) for s in coded_spans]
         if not tasks:
             return
         spools = _Spools()
         try:
             def one(task) -> None:
-                b, group, start, stop, view = task
-                ci, c = group[0]
-                try:
-                    if c.codec == CODEC_RAW:
-                        self._get_raw(paths[c.file], group, view[start:stop], verify)
-                    else:
-                        self._get_coded(paths[c.file], c, view[start:stop], elem_sizes[b],
-                                        verify, spools)
-                except _ChunkFailure as f:
-                    raise _named(f.error, names[b], f.index, f.chunk, paths[c.file]) from None
-                except DckptError as e:
-                    raise _named(e, names[b], ci, c, paths[c.file]) from None
-            _run_all(one, tasks, threads or default_threads())
+                kind, what = task
+                if kind == "raw":
+                    self._get_span(paths, what, raw, names, verify)
+                    return
+                self._get_coded_span(paths, what, coded, names, elem_sizes, verify, spools)
+            _run_all(one, tasks, threads)
         finally:
             spools.close()
 
-    def _get_raw(self, url: str, group: list, out: np.ndarray, verify: bool) -> None:
-        """Raw chunks adjacent in `url` into `out` (their bytes back to back), in GETs of at
-        most RANGE_BYTES, then each chunk's hash checked in place."""
-        first = group[0][1].offset
-        for a in range(0, out.nbytes, RANGE_BYTES):
-            self.store.get_into(url, first + a, out[a:a + RANGE_BYTES])
+    def _get_span(self, paths: list[str], span, raw: list, names: list[str],
+                  verify: bool) -> None:
+        """One coalesced range into the destinations of its chunks, then each chunk's hash
+        checked in place; a failure names the first chunk it concerns."""
+        url = paths[span.file]
+        pieces = [raw[i] for i in span.pieces]
+        try:
+            self.store.get_scatter(url, span.start, span.stop,
+                                   [(p[2].offset, p[3]) for p in pieces])
+        except DckptError as e:
+            b, ci, c, _ = pieces[0]
+            if getattr(e, "offset", None) is not None:  # truncated at e.offset: the
+                # first chunk it cuts is the one to name
+                b, ci, c, _ = next((p for p in pieces if p[2].offset + p[2].stored > e.offset),
+                                   pieces[0])
+            raise _named(e, names[b], ci, c, url) from None
         if verify:
             from .local import hash64
-            at = 0
-            for ci, c in group:
-                actual = hash64(out[at:at + c.raw])
+            for b, ci, c, out in pieces:
+                actual = hash64(out)
                 if actual != c.raw_hash:
-                    raise _ChunkFailure(ci, c, CorruptCheckpointError(
-                        "raw hash mismatch", url, offset=c.offset, expected=c.raw_hash,
-                        actual=actual))
-                at += c.raw
+                    raise _named(CorruptCheckpointError("raw hash mismatch", url,
+                                                        offset=c.offset, expected=c.raw_hash,
+                                                        actual=actual), names[b], ci, c, url)
 
     def _fetch_to_spool(self, url: str, c: Chunk, fd: int) -> None:
         buf = np.empty(min(RANGE_BYTES, max(c.stored, 1)), np.uint8)
@@ -291,6 +310,41 @@ class RemoteStorage:
             n = min(RANGE_BYTES, c.stored - a)
             self.store.get_into(url, c.offset + a, buf[:n])
             os.pwrite(fd, buf[:n], a)
+
+    def _get_coded_span(self, paths: list[str], span, coded: list, names: list[str],
+                        elem_sizes: list[int], verify: bool, spools: "_Spools") -> None:
+        """Compressed chunks of one span: fetched together (one GET, into the thread's spool
+        file) where the span holds several, then each decoded by the native reader."""
+        from . import local
+        url = paths[span.file]
+        pieces = [coded[i] for i in span.pieces]
+        if len(pieces) == 1:
+            b, ci, c, out = pieces[0]
+            try:
+                self._get_coded(url, c, out, elem_sizes[b], verify, spools)
+            except DckptError as e:
+                raise _named(e, names[b], ci, c, url) from None
+            return
+        path, fd = spools.mine()
+        buf = np.empty(span.stop - span.start, np.uint8)
+        try:
+            self.store.get_scatter(url, span.start, span.stop, [(span.start, buf)])
+        except DckptError as e:
+            b, ci, c, _ = pieces[0]
+            if getattr(e, "offset", None) is not None:
+                b, ci, c, _ = next((p for p in pieces if p[2].offset + p[2].stored > e.offset),
+                                   pieces[0])
+            raise _named(e, names[b], ci, c, url) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, buf, 0)
+        del buf
+        for b, ci, c, out in pieces:
+            try:
+                local.read_into([path], [out], [elem_sizes[b]],
+                                [[Chunk(0, c.offset - span.start, *c[2:])]], ["?"],
+                                verify=verify, threads=1)
+            except DckptError as e:
+                raise _named(e, names[b], ci, c, url) from None
 
     def _get_coded(self, url: str, c: Chunk, out: np.ndarray, elem_size: int, verify: bool,
                    spools: "_Spools") -> None:
@@ -329,14 +383,6 @@ class RemoteStorage:
         finally:
             spools.close()
         return sorted(failures)
-
-
-class _ChunkFailure(Exception):
-    """A failure of one chunk of a merged read: which one, and the error."""
-
-    def __init__(self, index: int, chunk: Chunk, error: DckptError):
-        super().__init__(str(error))
-        self.index, self.chunk, self.error = index, chunk, error
 
 
 def read_manifest_bytes(store: ObjectStore, ckpt: str) -> bytes:
