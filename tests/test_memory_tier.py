@@ -84,6 +84,12 @@ def test_lost_node_comes_back_from_partner_replicas_then_durable(tmp_path):
     assert all(r["sources"] == res[0]["sources"] for r in res)  # every rank's report agrees
     assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
     assert "rank 0" in res[0]["sources"]["2"]["from"] and res[0]["sources"]["2"]["bytes"] > 0
+    # Where each rank's time went: every rank agreed, took part in the transfer (as sender
+    # or receiver) and read verified; only the receivers kept a fetched copy.
+    for q in range(4):
+        ph = res[0]["sources"][str(q)]["phases"]
+        assert {"agree", "transfer", "read"} <= set(ph) and ("keep" in ph) == (q >= 2), ph
+        assert ph["read"]["wall"] > 0 and all(v["cpu"] >= 0 for v in ph.values())
     # The replica fetched is kept as node b's own part again.
     assert Path(mem, "b", "step-000000003", part_name(2, 4), "manifest.json").is_file()
 
