@@ -98,6 +98,7 @@ def test_lost_node_comes_back_from_partner_replicas_then_durable(tmp_path):
     res = run_with_ranks(4, _restore, root, mem, 2)
     assert {r["step"] for r in res} == {2} and all(r["same"] for r in res)
     assert tiers(res[0]) == ["durable"] * 4
+    assert all(set(res[0]["sources"][str(q)]["phases"]) == {"agree", "read"} for q in range(4))
 
 
 def test_flipped_bit_in_a_replica_is_detected_and_the_next_source_used(tmp_path):
