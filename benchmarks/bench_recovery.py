@@ -10,7 +10,8 @@ balanced order, each repeated --repeats times, restore() of that step:
              replicas over gloo (loopback TCP here), verified, and keep them again
   durable    both nodes' memory gone, the durable files' pages evicted first
              (posix_fadvise DONTNEED after fsync: a cold read from the disk, without
-             dropping the whole machine's page cache)
+             dropping the whole machine's page cache); mincore() then counts the bytes
+             still resident (the table's "resident" column: 0 when truly cold)
 
 and what a save costs: a synchronous memory-tier save (its own part written to tmpfs, then
 replicated; what training waits for), an async save with the memory tier (blocked: the
@@ -19,7 +20,10 @@ the same snapshot; background: the durable write). Finally the replication bandw
 transfer of every rank's part to its partner, bytes sent per rank / time.
 
 Times are wall times from a common barrier to the slowest rank's finish (medians, with
-min-max). On a machine shared with other work they are loose: the ratios, measured in one
+min-max), restore() alone: zeroing the state before and the bitwise check after are outside
+the timed span (they touch 3x the bytes restored). CPU seconds are those of all four ranks'
+processes (every thread), also per GB restored, and per phase of the restore (the report's
+phases: agreeing on the step, replica transfer, verified read, keeping a fetched replica). On a machine shared with other work they are loose: the ratios, measured in one
 run and interleaved, are what to read.
 
     python benchmarks/bench_recovery.py                  # 1 GB job state, 3 repeats
@@ -28,6 +32,8 @@ run and interleaved, are what to read.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import mmap
 import json
 import os
 import shutil
@@ -57,6 +63,30 @@ def _evict(root: Path) -> int:
                 n += os.fstat(fd).st_size
             finally:
                 os.close(fd)
+    return n
+
+
+def _resident(root: Path) -> int:
+    """Bytes of the files under `root` that are in the page cache (mincore() on a mapping)."""
+    import numpy as np
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page, n = mmap.PAGESIZE, 0
+    for p in root.rglob("*"):
+        size = p.stat().st_size if p.is_file() else 0
+        if size == 0:
+            continue
+        with open(p, "rb") as f:
+            m = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+        try:
+            view = np.frombuffer(m, dtype=np.uint8)  # the mapping's address, nothing read
+            vec = ctypes.create_string_buffer((size + page - 1) // page)
+            if libc.mincore(view.ctypes.data, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {p}")
+            n += sum(b & 1 for b in vec.raw) * page
+            del view
+        finally:
+            m.close()
     return n
 
 
@@ -93,13 +123,8 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
     nodes = Path(shm, "mem")
     aside = Path(shm, "aside")
     out: dict = {k: [] for k in KINDS}
-    out["sources"] = {}
-
-    def restore(kind: str) -> None:
-        state["params"].zero_()
-        rep = mgr.restore(state)
-        assert rep.step == 1 and torch.equal(state["params"], want), "not restored bitwise"
-        out["sources"][kind] = [rep.sources[q]["tier"] for q in range(world)]
+    out["sources"], out["phases"], out["resident"] = {}, {k: [] for k in KINDS}, []
+    got: list = []
 
     for kind in [k for r in range(repeats) for k in balanced(KINDS, r)]:
         if rank == 0:  # the failure each kind recovers from, made by one rank
@@ -109,7 +134,13 @@ def _rank(rank: int, world: int, root: str, shm: str, mb: int, repeats: int) -> 
             elif kind == "durable":
                 os.rename(nodes, aside / "mem")
                 _evict(Path(root))
-        out[kind].append(timed(lambda: restore(kind), kind))
+                out["resident"].append(_resident(Path(root)))
+        state["params"].zero_()  # outside the timed span, as the check below
+        out[kind].append(timed(lambda: got.append(mgr.restore(state)), kind))
+        rep = got.pop()
+        assert rep.step == 1 and torch.equal(state["params"], want), "not restored bitwise"
+        out["sources"][kind] = [rep.sources[q]["tier"] for q in range(world)]
+        out["phases"][kind].append([rep.sources[q].get("phases", {}) for q in range(world)])
         if rank == 0:
             if kind == "node-lost":  # restore() put node b's parts back from the replicas
                 shutil.rmtree(aside / "b-step")
@@ -190,12 +221,24 @@ def main() -> int:
     print(f"# recovery bench: {mb} MB job state, {WORLD} gloo ranks as 2 nodes, "
           f"{args.repeats} repeats, load average at start {load[0]:.1f}, "
           f"{time.time() - t0:.0f} s")
-    print("| restore from | time | GB/s (job) | CPU s, all ranks | where each rank's bytes "
-          "came from |")
-    print("|---|---|---|---|---|")
+    gb = mb / 1024
+    print("| restore from | time | GB/s (job) | CPU s, all ranks | CPU s per GB | where each "
+          "rank's bytes came from |")
+    print("|---|---|---|---|---|---|")
     for k in KINDS:
-        print(f"| {k} | {_fmt(res[k])} | {mb / 1024 / statistics.median(res[k]):.2f} | "
-              f"{statistics.median(res['cpu'][k]):.2f} | {', '.join(res['sources'][k])} |")
+        c = statistics.median(res["cpu"][k])
+        print(f"| {k} | {_fmt(res[k])} | {gb / statistics.median(res[k]):.2f} | {c:.2f} | "
+              f"{c / gb:.2f} | {', '.join(res['sources'][k])} |")
+    print(f"\ndurable files resident in the page cache after eviction (mincore): "
+          f"{res['resident']} bytes")
+    print("\n| restore from | phase | wall, slowest rank | CPU s, all ranks |")
+    print("|---|---|---|---|")
+    for k in KINDS:
+        names = sorted({p for run in res["phases"][k] for rk in run for p in rk})
+        for p in names:
+            wall = [max(rk.get(p, {}).get("wall", 0.0) for rk in run) for run in res["phases"][k]]
+            cpu = [sum(rk.get(p, {}).get("cpu", 0.0) for rk in run) for run in res["phases"][k]]
+            print(f"| {k} | {p} | {_fmt(wall)} | {statistics.median(cpu):.2f} |")
     med = {k: statistics.median(res[k]) for k in KINDS}
     print(f"\ndurable / memory = {med['durable'] / med['memory']:.1f}x, "
           f"durable / node-lost = {med['durable'] / med['node-lost']:.1f}x")
@@ -212,9 +255,11 @@ def main() -> int:
           f"{statistics.median(res['cpu']['replication']):.2f} CPU s in all ranks' processes "
           f"({statistics.median(res['cpu']['replication']) / (WORLD * per_rank / 1e9):.2f} "
           "CPU s per GB moved)")
+    load_end = os.getloadavg()
+    print(f"\nload average at the end {load_end[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps({"mb": mb, "repeats": args.repeats, "load": load,
-                                         **res}, indent=1))
+                                         "load_end": load_end, **res}, indent=1))
     return 0
 
 

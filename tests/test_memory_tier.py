@@ -84,6 +84,12 @@ def test_lost_node_comes_back_from_partner_replicas_then_durable(tmp_path):
     assert all(r["sources"] == res[0]["sources"] for r in res)  # every rank's report agrees
     assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
     assert "rank 0" in res[0]["sources"]["2"]["from"] and res[0]["sources"]["2"]["bytes"] > 0
+    # Where each rank's time went: every rank agreed, took part in the transfer (as sender
+    # or receiver) and read verified; only the receivers kept a fetched copy.
+    for q in range(4):
+        ph = res[0]["sources"][str(q)]["phases"]
+        assert {"agree", "transfer", "read"} <= set(ph) and ("keep" in ph) == (q >= 2), ph
+        assert ph["read"]["wall"] > 0 and all(v["cpu"] >= 0 for v in ph.values())
     # The replica fetched is kept as node b's own part again.
     assert Path(mem, "b", "step-000000003", part_name(2, 4), "manifest.json").is_file()
 
@@ -92,6 +98,7 @@ def test_lost_node_comes_back_from_partner_replicas_then_durable(tmp_path):
     res = run_with_ranks(4, _restore, root, mem, 2)
     assert {r["step"] for r in res} == {2} and all(r["same"] for r in res)
     assert tiers(res[0]) == ["durable"] * 4
+    assert all(set(res[0]["sources"][str(q)]["phases"]) == {"agree", "read"} for q in range(4))
 
 
 def test_flipped_bit_in_a_replica_is_detected_and_the_next_source_used(tmp_path):

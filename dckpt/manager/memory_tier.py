@@ -20,7 +20,10 @@ tries its sources fastest first: its own node's part, the partner's replica (sen
 the process group), the durable checkpoint. Every source is read by the verified read
 path, so a missing or corrupt copy (a flipped bit in a replica) falls through to the next
 one; a step that no source completes falls back to an older step as restore() always did.
-The report says per rank where its bytes came from and how long that took.
+The report says per rank where its bytes came from and how long that took, with the
+time of each phase (report.sources[rank]["phases"]: agreeing on the step, the replica
+transfer, the verified read, keeping a fetched replica), as wall and CPU seconds of the
+rank's process (every thread of it: gloo's and the native reader's too).
 
 Parts name the world size they were saved by: after a change of world size only the
 durable tier serves (it reshards).
@@ -50,6 +53,25 @@ MEMORY, REPLICA, DURABLE = "memory", "replica", "durable"
 
 def part_name(rank: int, world: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}"
+
+
+class Phases:
+    """Wall and CPU seconds of a restore's phases on this rank (CPU: the whole process)."""
+
+    def __init__(self):
+        self.spent: dict[str, list[float]] = {}
+        self._at = (time.perf_counter(), time.process_time())
+
+    def mark(self, name: str) -> None:
+        """What was spent since the last mark goes to `name`."""
+        now = (time.perf_counter(), time.process_time())
+        got = self.spent.setdefault(name, [0.0, 0.0])
+        got[0] += now[0] - self._at[0]
+        got[1] += now[1] - self._at[1]
+        self._at = now
+
+    def json(self) -> dict:
+        return {k: {"wall": round(w, 6), "cpu": round(c, 6)} for k, (w, c) in self.spent.items()}
 
 
 @dataclass(frozen=True)
@@ -200,6 +222,7 @@ class MemoryTier:
         """CheckpointManager.restore with the memory tier (see the module docstring)."""
         from . import manager as m  # manager.py imports this module
         group, r = mgr.group, self.rank
+        phases = Phases()
         failure = mine = None
         try:
             durable = None
@@ -223,8 +246,10 @@ class MemoryTier:
         kw = dict(restore_rng=restore_rng, allow_missing=allow_missing, keys=keys,
                   strict=strict, verify=mgr.verify, threads=mgr.threads)
         skipped: list[str] = []
+        phases.mark("agree")
         for i, s in enumerate(order):
-            attempt, records, notes, bad = self._restore_step(mgr, state, s, plans[s], kw)
+            attempt, records, notes, bad = self._restore_step(mgr, state, s, plans[s], kw,
+                                                              phases)
             if not bad:
                 break
             if i + 1 < len(order) and all(h[2] for _, h in bad):
@@ -269,7 +294,8 @@ class MemoryTier:
                 plans[s] = per_rank
         return plans
 
-    def _restore_step(self, mgr, state, s: int, sources: list[list[Source]], kw: dict):
+    def _restore_step(self, mgr, state, s: int, sources: list[list[Source]], kw: dict,
+                      phases: Phases):
         """Restore step `s` on every rank, in rounds: in round i each rank not yet restored
         tries its i-th source (replicas are sent by their holders within the round), then
         the ranks exchange how it went. Returns (this rank's last Attempt, per-rank
@@ -300,21 +326,23 @@ class MemoryTier:
                 received = replicate.transfer(outgoing, lambda src: staging_dir(self.part(s)),
                                               group, self.p2p, f"restore of step {s}: replicas")
                 got = received.get(fetch.get(r, -1))
+                phases.mark("transfer")
             hit = None
             if r in tries:
                 src = tries[r]
-                attempt = self._try(mgr, state, s, src, got, kw, m)
+                attempt = self._try(mgr, state, s, src, got, kw, m, phases)
                 if attempt.failure is None:
                     hit = [True, self._describe(src, mgr, s), False, False,
                            {"tier": src.tier, "from": self._describe(src, mgr, s),
                             "seconds": time.perf_counter() - t,
                             "since_start": time.perf_counter() - start,
-                            "bytes": attempt.report.bytes}]
+                            "bytes": attempt.report.bytes, "phases": phases.json()}]
                 else:
                     e = attempt.failure
                     hit = [False, f"{type(e).__name__}: {e}", m._damaged(e),
                            getattr(e, "live_state_changed", False), self._describe(src, mgr, s)]
             hits = dist.all_gather_json(hit, group, f"restore of step {s}: round {i}")
+            phases.mark("agree")
             for q, h in enumerate(hits):
                 if h is None:
                     continue
@@ -336,8 +364,14 @@ class MemoryTier:
             return f"replica on rank {src.holder} (node {self.nodes[src.holder]})"
         return f"durable {mgr.path(s)}"
 
-    def _try(self, mgr, state, s: int, src: Source, got, kw: dict, m):
+    def _try(self, mgr, state, s: int, src: Source, got, kw: dict, m, phases: Phases):
         """Load this rank's bytes of step `s` from `src` (verified): an Attempt."""
+        try:
+            return self._load(mgr, state, s, src, got, kw, m, phases)
+        finally:
+            phases.mark("read")  # the replica path marks its own phases: then ~0 here
+
+    def _load(self, mgr, state, s: int, src: Source, got, kw: dict, m, phases: Phases):
         if src.tier == DURABLE:
             return m.load_step(state, mgr.path(s), rank=self.rank, group=mgr.group, **kw)
         if src.tier == MEMORY:
@@ -352,15 +386,18 @@ class MemoryTier:
                 f"{got or 'nothing was sent'}")
             return a
         a = m.load_step(state, got, rank=0, group=self.solo, local_shards=True, **kw)
+        phases.mark("read")
         if a.failure is None:
             try:
                 _commit_dir(got, self.part(s))
                 a.path = self.part(s)
+                phases.mark("keep")
                 return a
             except OSError as e:
                 log.warning("dckpt: restored step %d from a replica, but could not keep it "
                             "as %s: %s", s, self.part(s), e)
         shutil.rmtree(got, ignore_errors=True)
+        phases.mark("keep")
         return a
 
 
