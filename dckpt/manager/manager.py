@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..engine import checkpoint
+from ..engine import checkpoint, gcpause
 from ..storage import commit
 from ..distributed import collective as dist
 from ..storage import local as io
@@ -376,6 +376,7 @@ class CheckpointManager:
         return s if s is not None and is_committed(self.root / text) else None
 
     # ---- save ----------------------------------------------------------------------------
+    @gcpause.during  # as checkpoint.write: the save's objects die unpromoted (gcpause.py)
     @dist.collective
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,

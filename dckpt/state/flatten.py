@@ -13,6 +13,7 @@ gives views of one storage again, as torch.load does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,13 @@ class Leaf:
     # version counter does not follow writes through the views
     storage: bool = False
 
-    @property
+    # Cached: asked per leaf by the plan, the offer, the writer and the manifest, each save.
+    # A leaf's value may be replaced (by its host copy) but never by one of another dtype.
+    @cached_property
     def is_numpy(self) -> bool:
         return isinstance(self.value, np.ndarray)
 
-    @property
+    @cached_property
     def dtype(self) -> str:
         if self.is_numpy:
             return self.value.dtype.str

@@ -1,0 +1,128 @@
+"""What a CheckpointManager keeps between saves (the manifest it committed last, reused as
+the next save's base; the plan of the last layout; one listing of the root per save) never
+changes what is saved: a changed layout is saved and loaded bitwise, and a manifest changed
+on disk after the manager wrote it is read again, not trusted from memory."""
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import dckpt
+from dckpt import CheckpointManager
+
+CHUNK = 64 << 10
+
+
+def state0() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(300, 100, generator=g), "b": torch.randn(4096, generator=g),
+            "c": torch.arange(1000, dtype=torch.int64), "n": 3}
+
+
+def same(loaded: dict, state: dict) -> None:
+    assert set(loaded) == set(state)
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape, k
+            assert loaded[k].contiguous().view(torch.uint8).reshape(-1).tolist() == \
+                v.contiguous().view(torch.uint8).reshape(-1).tolist(), k
+        else:
+            assert loaded[k] == v, k
+
+
+def test_changed_layout_after_cached_saves_is_saved_bitwise(tmp_path):
+    mgr = CheckpointManager(tmp_path, chunk_size=CHUNK)
+    state = state0()
+    for step in range(3):  # the manifest and plan caches are warm after these
+        r = mgr.save(step, state)
+    assert r.manifest.meta["incremental"]["new_bytes"] == 0  # the unchanged state shared all
+    assert mgr._written.get(mgr.path(2)) is r.manifest  # the cache is what the next save uses
+    variants = [
+        {**state, "a": torch.randn(100, 300)},  # same bytes count, another shape
+        {**state, "b": state["b"].to(torch.float64)},  # another dtype
+        {**state, "b": state["b"].view(torch.int32)},  # same bytes, another dtype
+        {**state, "d": torch.ones(17, dtype=torch.bfloat16)},  # a new tensor
+        {k: v for k, v in state.items() if k != "c"},  # one gone
+        {**state, "a": state["a"][:, :50].contiguous()},  # fewer bytes
+        {**state, "n": 4.0},  # a value of another type in the tree
+    ]
+    step = 3
+    for v in variants:
+        mgr.save(step, v)
+        same(dckpt.load(mgr.path(step)), v)
+        r = mgr.save(step + 1, v)  # and the same layout again, now from the cache
+        assert r.manifest.meta["incremental"]["new_bytes"] == 0
+        same(dckpt.load(mgr.path(step + 1)), v)
+        step += 2
+    # A restore of the newest step into a live state gives back the last variant.
+    live = {k: (torch.zeros_like(x) if isinstance(x, torch.Tensor) else x)
+            for k, x in variants[-1].items()}
+    mgr.restore(live)
+    same(live, variants[-1])
+
+
+REWRITE = """
+import sys, torch, dckpt
+g = torch.Generator().manual_seed(1)
+dckpt.save({"a": torch.randn(300, 100, generator=g), "b": torch.randn(4096, generator=g),
+            "c": torch.arange(1000, dtype=torch.int64) * 7, "n": 3}, sys.argv[1],
+           overwrite=True, chunk_size=%d)
+""" % CHUNK
+
+
+def test_manifest_rewritten_by_another_process_is_not_trusted_from_cache(tmp_path):
+    mgr = CheckpointManager(tmp_path, chunk_size=CHUNK)
+    state = state0()
+    mgr.save(0, state)
+    # Every tensor changed: step 1 holds its own data file, of the size the rewrite's has.
+    state = {k: (v + 1 if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    mgr.save(1, state)
+    assert mgr._written.get(mgr.path(1)) is not None
+    # Another process replaces step 1 with other bytes (and its own manifest).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", REWRITE, str(mgr.path(1))], check=True, env=env)
+    assert mgr._written.get(mgr.path(1)) is None
+    r = mgr.save(2, state)
+    inc = r.manifest.meta["incremental"]
+    # Compared against the manifest on disk, whose tensors hold other bytes: nothing is
+    # shared, and no linked chunk had to be caught by the rot check (which is what a stale
+    # manifest, promising the old bytes, would have needed).
+    assert "damaged_base_chunks" not in inc and "fallback" not in inc
+    assert inc["referenced_chunks"] == 0
+    same(dckpt.load(mgr.path(2)), state)
+
+
+def test_manifest_edited_in_place_is_read_again(tmp_path):
+    mgr = CheckpointManager(tmp_path, chunk_size=CHUNK)
+    state = state0()
+    mgr.save(0, state)
+    manifest = mgr.path(0) / "manifest.json"
+    data = manifest.read_bytes()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    with open(manifest, "r+b") as f:  # same inode, same size, same bytes: only times move
+        f.write(data)
+    assert mgr._written.get(mgr.path(0)) is None
+    # A manifest damaged in place is read, found unreadable, and the save is full.
+    with open(manifest, "r+b") as f:
+        f.seek(len(data) // 2)
+        f.write(b"#")
+    r = mgr.save(1, state)
+    assert any("written in full" in n for n in r.notes)
+    same(dckpt.load(mgr.path(1)), state)
+
+
+def test_repeated_save_lists_the_root_once(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep_last=2, chunk_size=CHUNK)
+    state = state0()
+    for step in range(3):
+        mgr.save(step, state)
+    scans = []
+    scan = mgr._scan
+    monkeypatch.setattr(mgr, "_scan", lambda: scans.append(1) or scan())
+    mgr.save(3, state)
+    assert len(scans) == 1
+    assert mgr.steps() == [2, 3]  # retention still saw the new step and the old ones
+    assert mgr.latest_step() == 3
+    assert (tmp_path / "latest").read_text() == "step-000000003\n"
