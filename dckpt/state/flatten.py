@@ -136,7 +136,12 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                 "(or use torchdata's StatefulDataLoader) to save its position", path)
         return v  # scalars; anything else is refused with its path by tree.encode
 
-    flat.tree = walk(state, "")
+    try:
+        flat.tree = walk(state, "")
+    finally:
+        # walk refers to itself through its closure: without this the Flat, its leaves and
+        # their tensors would live on in a reference cycle until the next full collection.
+        walk = None  # noqa: F841
     share_storages(flat, plain, unique)
     if isinstance(state, dict):
         flat.components = {str(k): component_kind(v) for k, v in state.items()}
