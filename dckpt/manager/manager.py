@@ -234,7 +234,9 @@ class CheckpointManager:
         effect with async saves, which write from staging copies);
         remove_staging: clear incomplete temporaries now (off for tools that only look);
         async_save: True or AsyncOptions(...) makes save() take a snapshot and return a
-        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
+        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py); call
+        prepare(state) once after construction to allocate (and fault in) the staging
+        buffers there, not inside the first save;
         save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
         each step boundary then saves at a step all ranks agree on and exits
         (dckpt/manager/preemption.py, docs/preemption.md);
