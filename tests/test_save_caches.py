@@ -126,3 +126,28 @@ def test_repeated_save_lists_the_root_once(tmp_path, monkeypatch):
     assert mgr.steps() == [2, 3]  # retention still saw the new step and the old ones
     assert mgr.latest_step() == 3
     assert (tmp_path / "latest").read_text() == "step-000000003\n"
+
+
+def test_int_lists_in_the_tree_keep_their_types():
+    """The one-step encoding of int lists (RNG states) takes exact ints only: bools, int
+    subclasses and floats among them still go through the general path, and round-trip."""
+    import enum
+    import json
+    from dckpt.format import tree
+
+    class Flag(enum.IntEnum):
+        A = 1
+
+    value = {"ints": list(range(700)), "t": tuple(range(5)), "mixed": [1, True, 2.0, None],
+             "bools": [True, False], "empty": [], "sub": [Flag.A, 2]}
+    plain = {k: value[k] for k in sorted(value) if k != "sub"}  # sorted: stored as a dict
+    enc = tree.encode(plain)
+    assert enc["ints"] == list(range(700)) and enc["t"] == {"$tuple": [0, 1, 2, 3, 4]}
+    assert [type(x) for x in enc["mixed"]] == [int, bool, float, type(None)]
+    assert [type(x) for x in enc["bools"]] == [bool, bool] and enc["empty"] == []
+    back = tree.decode(json.loads(json.dumps(enc)))
+    assert back == plain
+    assert [type(x) for x in back["mixed"]] == [int, bool, float, type(None)]
+    assert type(back["t"]) is tuple
+    # An int subclass is not an int to the fast path: encoded as the general path does.
+    assert [type(x) for x in tree.encode(value["sub"])] == [int, int]

@@ -256,6 +256,8 @@ def _extent(t: torch.Tensor) -> int:
 
 def component_kind(v: Any) -> str:
     """A coarse label for reports and completeness checks."""
+    if type(v) is torch.Tensor:  # the common case first (a plain tensor has no state_dict)
+        return "tensor"
     if isinstance(v, torch.nn.Module):
         return "model"
     if isinstance(v, torch.optim.Optimizer):
