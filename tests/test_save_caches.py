@@ -151,3 +151,20 @@ def test_int_lists_in_the_tree_keep_their_types():
     assert type(back["t"]) is tuple
     # An int subclass is not an int to the fast path: encoded as the general path does.
     assert [type(x) for x in tree.encode(value["sub"])] == [int, int]
+
+
+def test_the_save_listing_is_the_saving_threads_own(tmp_path):
+    """An async save's worker lists the root once per save; the training thread asking
+    steps() or latest_step() meanwhile gets the disk's answer, not that memo."""
+    import threading
+    mgr = CheckpointManager(tmp_path, chunk_size=CHUNK)
+    mgr.save(0, state0())
+    mgr._memo.listing = {"steps": [0, 7], "latest": 7}  # as a save in this thread holds it
+    assert mgr.steps() == [0, 7] and mgr.latest_step() == 7
+    seen = []
+    t = threading.Thread(target=lambda: seen.append((mgr.steps(), mgr.latest_step())))
+    t.start()
+    t.join()
+    assert seen == [([0], 0)]
+    mgr._memo.listing = None
+    assert mgr.steps() == [0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -278,8 +279,10 @@ class CheckpointManager:
             keep=memory_keep, group=group)
         # Per save, under the root lock: one listing of the root instead of one per question
         # (the base, the order check, retention, `latest`), since the lock keeps other
-        # writers out while it is held (_persist).
-        self._listing: dict | None = None
+        # writers out while it is held (_persist). Per thread: an async save runs on its
+        # worker while the training thread may ask steps() or latest_step(), and gets the
+        # disk's answer, not the save's memo.
+        self._memo = threading.local()
         # The manifest this manager last committed, keyed by the identity of its file on
         # disk (_ManifestCache): the next incremental save compares against it without
         # reading and parsing it again, and reads it anew when the file was replaced.
@@ -317,11 +320,17 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        if self._listing is not None:
-            if "steps" not in self._listing:
-                self._listing["steps"] = self._scan()
-            return list(self._listing["steps"])
+        listing = self._listing
+        if listing is not None:
+            if "steps" not in listing:
+                listing["steps"] = self._scan()
+            return list(listing["steps"])
         return self._scan()
+
+    @property
+    def _listing(self) -> dict | None:
+        """This thread's listing of the root during a save (None: ask the disk)."""
+        return getattr(self._memo, "listing", None)
 
     def _scan(self) -> list[int]:
         if not self.root.is_dir():
@@ -363,10 +372,11 @@ class CheckpointManager:
         return max(found) if found else None
 
     def _read_latest(self) -> int | None:
-        if self._listing is not None:
-            if "latest" not in self._listing:
-                self._listing["latest"] = self._read_pointer()
-            return self._listing["latest"]
+        listing = self._listing
+        if listing is not None:
+            if "latest" not in listing:
+                listing["latest"] = self._read_pointer()
+            return listing["latest"]
         return self._read_pointer()
 
     def _read_pointer(self) -> int | None:
@@ -438,7 +448,7 @@ class CheckpointManager:
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
-                self._listing = {}  # valid while the lock is held: see __init__
+                self._memo.listing = {}  # valid while the lock is held: see __init__
                 newest = self.latest_step()
                 base = self._base_name(full, newest)  # (name, note)
                 decided = SaveDecision(*base, self._best_with(step, metrics), newest)
@@ -477,8 +487,9 @@ class CheckpointManager:
                 self._versions.commit()
             if self.is_writer:
                 self._written.remember(self.path(step), result)
-                if self._listing is not None and "steps" in self._listing:
-                    self._listing["steps"] = sorted({*self._listing["steps"], step})
+                listing = self._listing
+                if listing is not None and "steps" in listing:
+                    listing["steps"] = sorted({*listing["steps"], step})
             if decided.full_note:  # why the save is full although incremental
                 result.notes.append(decided.full_note)
             failure = None
@@ -493,7 +504,7 @@ class CheckpointManager:
             if self._remote is not None:
                 self._remote.submit(step)  # in the background: training does not wait
         finally:
-            self._listing = None
+            self._memo.listing = None
             if lock:
                 lock.release()
         log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
@@ -650,7 +661,7 @@ class CheckpointManager:
         commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
                                   fsync=False)
         if self._listing is not None:
-            self._listing["latest"] = step
+            self._listing["latest"] = step  # the memo is this thread's own
 
     def _fix_latest(self) -> None:
         latest = self.latest_step()
