@@ -191,6 +191,8 @@ def dtensor_leaf(t: torch.Tensor, name: str) -> Leaf | None:
 def contiguous_cpu(v):
     if isinstance(v, np.ndarray):
         return np.ascontiguousarray(v)
+    if v.device.type == "cpu" and v.is_contiguous():  # the common case, per leaf per save
+        return v.detach()
     return v.detach().to("cpu").contiguous()
 
 

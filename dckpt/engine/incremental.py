@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,8 @@ import xxhash
 
 from ..storage import commit
 from ..storage import records
-from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
+from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
+                      StorageError)
 from ..format.layout import rank_file
 from ..format.manifest import Chunk, FileEntry, Manifest, Shard, is_safe_name, open_regular
 
@@ -253,10 +254,13 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # from memory, with the rest of its tensor (the writer compares by position), in a
     # rewrite of this rank's file: rot is rare, its cost only matters then.
     intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
+    # The data file is fsynced below, once it is known to hold a chunk: a save that changed
+    # nothing would otherwise pay an fsync for an empty file it then deletes.
+    unsynced = replace(opts, fsync=False)
     while True:
         todo = [i for i in range(len(leaves)) if i not in reused]
         written = store.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
-                                   opts, mode, prev_hashes=[prev[i] for i in todo])
+                                   unsynced, mode, prev_hashes=[prev[i] for i in todo])
         shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
                   for i, recs in zip(todo, written)}
         shared.update({i: list(enumerate(recs)) for i, recs in reused.items()})
@@ -301,6 +305,12 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     own = FileEntry(fname, (tmp / fname).stat().st_size, rank)
     if not wrote:
         os.unlink(tmp / fname)  # nothing changed: no empty data file
+    elif opts.fsync:
+        try:
+            commit.fsync_file(tmp / fname)
+        except OSError as e:  # as the writer reports its own fsync failing
+            raise StorageError(f"writing {tmp / fname} failed: fsync: {e.strerror or e}",
+                               str(tmp / fname)) from None
     stats["new_bytes"] = own.size
     files = [own] * wrote + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:

@@ -104,9 +104,15 @@ def encode(value: Any, path: str = "") -> Any:
         return {"$object": value.type_name, "state": encode(value.state, path)}
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    # Lists of plain ints (RNG states: 625 of them for Python's random) in one step: each
+    # encodes to itself. Exact types only: a bool or an int subclass takes the general path.
     if isinstance(value, tuple):
+        if all(type(v) is int for v in value):
+            return {"$tuple": list(value)}
         return {"$tuple": [encode(v, _join(path, i)) for i, v in enumerate(value)]}
     if isinstance(value, list):
+        if all(type(v) is int for v in value):
+            return list(value)
         return [encode(v, _join(path, i)) for i, v in enumerate(value)]
     if isinstance(value, dict):
         # The manifest's JSON has sorted keys: a dict in another order is stored as pairs,

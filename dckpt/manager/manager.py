@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..engine import checkpoint
+from ..engine import checkpoint, gcpause
 from ..storage import commit
 from ..distributed import collective as dist
 from ..storage import local as io
@@ -24,7 +25,7 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptErro
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
                       StepOrderError, StorageError)
 from ..format import tree as treecodec
-from ..format.layout import (LATEST_NAME, is_committed, is_set_aside, is_staging,
+from ..format.layout import (LATEST_NAME, MANIFEST_NAME, is_committed, is_set_aside, is_staging,
                              parse_step_dir, step_dir)
 from ..state import rng
 from ..engine.incremental import Base, VersionCache, exclusive_bytes
@@ -165,6 +166,40 @@ def _hit(e: Exception | None) -> RestoreHit | None:
                       getattr(e, "live_state_changed", False))
 
 
+class _ManifestCache:
+    """The manifest of the step this manager committed last, trusted only while the file
+    on disk is the one written: its identity (device, inode, size, modification and change
+    times) is compared at each use. Any rewrite by another process (a commit renames a new
+    file into place; an edit changes mtime and ctime; ctime cannot be set back) makes the
+    next save read and validate the manifest again. Single-manifest checkpoints only: of a
+    split one the manager holds no parsed records to reuse."""
+
+    def __init__(self):
+        self._path: Path | None = None
+        self._id: tuple | None = None
+        self._manifest = None
+
+    @staticmethod
+    def _identity(path: Path) -> tuple | None:
+        try:
+            st = os.stat(path / MANIFEST_NAME)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def remember(self, path: Path, result) -> None:
+        m = getattr(result, "_manifest", None)
+        ident = self._identity(path) if m is not None and m.split is None else None
+        self._path, self._id, self._manifest = (path, ident, m) if ident else (None, None,
+                                                                                 None)
+
+    def get(self, path: Path):
+        """The cached manifest of `path`, or None (read it from disk)."""
+        if self._path != path or self._id is None or self._identity(path) != self._id:
+            return None
+        return self._manifest
+
+
 class CheckpointManager:
     """Numbered checkpoints of one run under `root`, with retention and exact resume.
 
@@ -200,7 +235,9 @@ class CheckpointManager:
         effect with async saves, which write from staging copies);
         remove_staging: clear incomplete temporaries now (off for tools that only look);
         async_save: True or AsyncOptions(...) makes save() take a snapshot and return a
-        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py);
+        SaveHandle while a worker writes and commits it (dckpt/manager/async_save.py); call
+        prepare(state) once after construction to allocate (and fault in) the staging
+        buffers there, not inside the first save;
         save_on: a signal, signals or a Preemption(...): save_if_preempted(step, state) at
         each step boundary then saves at a step all ranks agree on and exits
         (dckpt/manager/preemption.py, docs/preemption.md);
@@ -240,6 +277,16 @@ class CheckpointManager:
         self._tier = None if memory is None else MemoryTier(
             memory, replicas=replicas, durable_every=durable_every, node=node,
             keep=memory_keep, group=group)
+        # Per save, under the root lock: one listing of the root instead of one per question
+        # (the base, the order check, retention, `latest`), since the lock keeps other
+        # writers out while it is held (_persist). Per thread: an async save runs on its
+        # worker while the training thread may ask steps() or latest_step(), and gets the
+        # disk's answer, not the save's memo.
+        self._memo = threading.local()
+        # The manifest this manager last committed, keyed by the identity of its file on
+        # disk (_ManifestCache): the next incremental save compares against it without
+        # reading and parsing it again, and reads it anew when the file was replaced.
+        self._written = _ManifestCache()
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -273,6 +320,19 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
+        listing = self._listing
+        if listing is not None:
+            if "steps" not in listing:
+                listing["steps"] = self._scan()
+            return list(listing["steps"])
+        return self._scan()
+
+    @property
+    def _listing(self) -> dict | None:
+        """This thread's listing of the root during a save (None: ask the disk)."""
+        return getattr(self._memo, "listing", None)
+
+    def _scan(self) -> list[int]:
         if not self.root.is_dir():
             return []
         out = []
@@ -312,6 +372,14 @@ class CheckpointManager:
         return max(found) if found else None
 
     def _read_latest(self) -> int | None:
+        listing = self._listing
+        if listing is not None:
+            if "latest" not in listing:
+                listing["latest"] = self._read_pointer()
+            return listing["latest"]
+        return self._read_pointer()
+
+    def _read_pointer(self) -> int | None:
         try:
             text = (self.root / LATEST_NAME).read_text().strip()
         except OSError:
@@ -320,6 +388,7 @@ class CheckpointManager:
         return s if s is not None and is_committed(self.root / text) else None
 
     # ---- save ----------------------------------------------------------------------------
+    @gcpause.during  # as checkpoint.write: the save's objects die unpromoted (gcpause.py)
     @dist.collective
     def save(self, step: int, state: Any, metrics: dict | None = None, *,
              epoch: int | None = None, step_in_epoch: int | None = None,
@@ -379,7 +448,9 @@ class CheckpointManager:
         if self.is_writer:
             try:
                 lock = RootLock(self.root, wait=LOCK_WAIT).acquire()
-                base, newest = self._base_name(full), self.latest_step()  # base: (name, note)
+                self._memo.listing = {}  # valid while the lock is held: see __init__
+                newest = self.latest_step()
+                base = self._base_name(full, newest)  # (name, note)
                 decided = SaveDecision(*base, self._best_with(step, metrics), newest)
             except Exception as e:
                 failure = e
@@ -402,7 +473,7 @@ class CheckpointManager:
             try:
                 result = checkpoint.write(
                     snap, self.path(step), counters=ctr, metrics=metrics, overwrite=overwrite,
-                    group=group, base=Base(self.root / base, self._versions) if base else None,
+                    group=group, base=self._base(base) if base else None,
                     # Recorded so `dckpt ls` / `dckpt gc` apply the policy the run used.
                     # save_started: with the manifest's `created`, how long a save takes
                     # (save_on='s grace-period warning at the next start).
@@ -414,6 +485,11 @@ class CheckpointManager:
                 raise
             if self._versions is not None:
                 self._versions.commit()
+            if self.is_writer:
+                self._written.remember(self.path(step), result)
+                listing = self._listing
+                if listing is not None and "steps" in listing:
+                    listing["steps"] = sorted({*listing["steps"], step})
             if decided.full_note:  # why the save is full although incremental
                 result.notes.append(decided.full_note)
             failure = None
@@ -428,6 +504,7 @@ class CheckpointManager:
             if self._remote is not None:
                 self._remote.submit(step)  # in the background: training does not wait
         finally:
+            self._memo.listing = None
             if lock:
                 lock.release()
         log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
@@ -526,14 +603,19 @@ class CheckpointManager:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _base_name(self, full: bool) -> tuple[str | None, str | None]:
+    def _base(self, name: str) -> Base:
+        """The base `name`, with its manifest from the cache when the file on disk is the
+        one this manager wrote (then it is neither read nor parsed again)."""
+        path = self.root / name
+        return Base(path, self._versions, _manifest=self._written.get(path))
+
+    def _base_name(self, full: bool, latest: int | None) -> tuple[str | None, str | None]:
         """(the committed checkpoint the next save shares unchanged chunks with, if any;
-        why there is none although the save would be incremental)."""
-        latest = self.latest_step() if self.incremental and not full else None
-        if latest is None:
+        why there is none although the save would be incremental). latest: latest_step()."""
+        if not self.incremental or full or latest is None:
             return None, None
         try:
-            depth = Base(self.path(latest)).depth  # parses the base's manifest
+            depth = self._base(step_dir(latest)).depth  # parses the base's manifest
         except DckptError as e:
             # A damaged newest checkpoint must not fail every later save: this one is
             # written in full, sharing nothing with it.
@@ -570,8 +652,16 @@ class CheckpointManager:
             log.warning("dckpt: step %d is committed but 'latest' was not moved: %s", step, e)
 
     def _write_latest(self, step: int) -> None:
+        # Not fsynced: `latest` is a hint that every reader checks against the committed
+        # steps on disk (latest_step), and the step it names was made durable by its own
+        # commit (data, manifest and both directories fsynced). After a crash the pointer
+        # may be older, missing or empty; each reads as "no hint" or an older step, and the
+        # newest committed step is still found and kept (retention never deletes it). The
+        # rename keeps a reader from seeing a half-written name.
         commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
-                                  self.save_options["fsync"])
+                                  fsync=False)
+        if self._listing is not None:
+            self._listing["latest"] = step  # the memo is this thread's own
 
     def _fix_latest(self) -> None:
         latest = self.latest_step()

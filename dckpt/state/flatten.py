@@ -13,6 +13,7 @@ gives views of one storage again, as torch.load does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,11 +37,13 @@ class Leaf:
     # version counter does not follow writes through the views
     storage: bool = False
 
-    @property
+    # Cached: asked per leaf by the plan, the offer, the writer and the manifest, each save.
+    # A leaf's value may be replaced (by its host copy) but never by one of another dtype.
+    @cached_property
     def is_numpy(self) -> bool:
         return isinstance(self.value, np.ndarray)
 
-    @property
+    @cached_property
     def dtype(self) -> str:
         if self.is_numpy:
             return self.value.dtype.str
@@ -133,7 +136,12 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                 "(or use torchdata's StatefulDataLoader) to save its position", path)
         return v  # scalars; anything else is refused with its path by tree.encode
 
-    flat.tree = walk(state, "")
+    try:
+        flat.tree = walk(state, "")
+    finally:
+        # walk refers to itself through its closure: without this the Flat, its leaves and
+        # their tensors would live on in a reference cycle until the next full collection.
+        walk = None  # noqa: F841
     share_storages(flat, plain, unique)
     if isinstance(state, dict):
         flat.components = {str(k): component_kind(v) for k, v in state.items()}
@@ -248,6 +256,8 @@ def _extent(t: torch.Tensor) -> int:
 
 def component_kind(v: Any) -> str:
     """A coarse label for reports and completeness checks."""
+    if type(v) is torch.Tensor:  # the common case first (a plain tensor has no state_dict)
+        return "tensor"
     if isinstance(v, torch.nn.Module):
         return "model"
     if isinstance(v, torch.optim.Optimizer):

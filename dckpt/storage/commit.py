@@ -64,6 +64,14 @@ def _storage_error(what: str, path: Path, e: OSError) -> StorageError:
     return StorageError(f"{what}: {e.strerror or e}{hint}", str(path))
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
