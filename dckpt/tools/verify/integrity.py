@@ -63,16 +63,8 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
             hint = f" ({len(data)} bytes, it does not end where JSON must: truncated?)"
         rep.add(g, "structure.manifest", ERROR, f"{e}{hint}", Location(file=MANIFEST_NAME))
         return None
-    if m.split is not None:  # the split layout: every rank's record file, hash-checked
-        try:
-            read_records(m, ckpt)
-        except (ManifestError, CorruptCheckpointError, IncompleteCheckpointError) as e:
-            name = Path(e.path).name if getattr(e, "path", None) else MANIFEST_NAME
-            rep.add(g, "structure.records", ERROR, str(e), Location(file=name))
-            return None
-        rep.add(g, "structure.records", PASS,
-                f"{m.split.count} record file(s) match the index's {HASH_ALGORITHM} "
-                "hashes and validate", Location(file=MANIFEST_NAME))
+    if not records_check(m, lambda: read_records(m, ckpt), rep):
+        return None
     rep.add(g, "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
             f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
@@ -116,21 +108,51 @@ def check_files(ckpt: Path, m: Manifest, rep: CheckpointReport) -> set[int]:
                     f"records {f.size} bytes", loc)
             continue
         usable.add(i)
-        if size < f.size:
-            rep.add(g, "files.size", ERROR, f"{shown} (rank {f.rank}) is truncated: {size} of "
-                    f"{f.size} bytes", loc)
-        elif size > f.size:
-            rep.add(g, "files.size", WARNING, f"{shown} (rank {f.rank}) has {size - f.size} "
-                    f"bytes more than recorded ({f.size}); they are not covered by any hash", loc)
-        else:
+        if size_check(f, size, shown, loc, rep):
             good += 1
             good_bytes += size
-    if good:
-        rep.add(g, "files.present", PASS, f"{good} of {len(m.files)} data file(s) present with "
-                f"the recorded sizes ({_size(good_bytes)})")
-    elif not m.files:
-        rep.add(g, "files.present", PASS, "no data files (the state holds no tensors)")
+    files_present(m, good, good_bytes, rep)
     return usable
+
+
+def records_check(m: Manifest, read, rep: CheckpointReport) -> bool:
+    """structure.records: of a split checkpoint, every rank's record file, read by `read()`
+    and checked against the index's hash; False when one is damaged or missing."""
+    if m.split is None:
+        return True
+    try:
+        read()
+    except (ManifestError, CorruptCheckpointError, IncompleteCheckpointError) as e:
+        name = str(getattr(e, "path", None) or MANIFEST_NAME).rpartition("/")[2]
+        rep.add("structure", "structure.records", ERROR, str(e), Location(file=name))
+        return False
+    rep.add("structure", "structure.records", PASS,
+            f"{m.split.count} record file(s) match the index's {HASH_ALGORITHM} hashes and "
+            "validate", Location(file=MANIFEST_NAME))
+    return True
+
+
+def size_check(f, size: int, shown: str, loc: Location, rep: CheckpointReport) -> bool:
+    """files.size of a present data file; True when it has exactly the recorded size."""
+    if size < f.size:
+        rep.add("files", "files.size", ERROR, f"{shown} (rank {f.rank}) is truncated: {size} "
+                f"of {f.size} bytes", loc)
+    elif size > f.size:
+        rep.add("files", "files.size", WARNING, f"{shown} (rank {f.rank}) has "
+                f"{size - f.size} bytes more than recorded ({f.size}); they are not covered "
+                "by any hash", loc)
+    else:
+        return True
+    return False
+
+
+def files_present(m: Manifest, good: int, good_bytes: int, rep: CheckpointReport) -> None:
+    """The files.present summary once every data file was looked at."""
+    if good:
+        rep.add("files", "files.present", PASS, f"{good} of {len(m.files)} data file(s) "
+                f"present with the recorded sizes ({_size(good_bytes)})")
+    elif not m.files:
+        rep.add("files", "files.present", PASS, "no data files (the state holds no tensors)")
 
 
 def _tensors_in(m: Manifest, index: int) -> str:

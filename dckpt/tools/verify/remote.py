@@ -16,10 +16,9 @@ import numpy as np
 
 from ... import storage
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, DckptError, \
-    FormatVersionError, IncompleteCheckpointError, ManifestError
+    FormatVersionError, ManifestError
 from ...format.layout import parse_step_dir
 from ...format.manifest import FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Manifest
-from ...format.units import human_size as _size
 from ...storage import objectstore
 from ...storage.records import parse, read_records
 from ...storage.remote import read_manifest_bytes
@@ -124,16 +123,9 @@ def _structure(backend, ckpt: str, rep: CheckpointReport,
     except (ManifestError, CorruptCheckpointError) as e:
         rep.add(g, "structure.manifest", ERROR, str(e), Location(file=MANIFEST_NAME))
         return None
-    if m.split is not None:  # the split layout: every rank's record object, hash-checked
-        try:
-            read_records(m, ckpt, storage_options=storage_options)
-        except (ManifestError, CorruptCheckpointError, IncompleteCheckpointError) as e:
-            name = str(getattr(e, "path", None) or MANIFEST_NAME).rpartition("/")[2]
-            rep.add(g, "structure.records", ERROR, str(e), Location(file=name))
-            return None
-        rep.add(g, "structure.records", PASS,
-                f"{m.split.count} record object(s) match the index's {HASH_ALGORITHM} "
-                "hashes and validate", Location(file=MANIFEST_NAME))
+    if not integrity.records_check(
+            m, lambda: read_records(m, ckpt, storage_options=storage_options), rep):
+        return None
     rep.add(g, "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
             f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
@@ -156,20 +148,10 @@ def _files(m: Manifest, sizes: list, rep: CheckpointReport) -> set[int]:
                     f"{integrity._tensors_in(m, i)} lost", loc)
             continue
         usable.add(i)
-        if size < f.size:
-            rep.add(g, "files.size", ERROR, f"{shown} (rank {f.rank}) is truncated: {size} of "
-                    f"{f.size} bytes", loc)
-        elif size > f.size:
-            rep.add(g, "files.size", WARNING, f"{shown} (rank {f.rank}) has {size - f.size} "
-                    f"bytes more than recorded ({f.size}); they are not covered by any hash", loc)
-        else:
+        if integrity.size_check(f, size, shown, loc, rep):
             good += 1
             good_bytes += size
-    if good:
-        rep.add(g, "files.present", PASS, f"{good} of {len(m.files)} data object(s) present "
-                f"with the recorded sizes ({_size(good_bytes)})")
-    elif not m.files:
-        rep.add(g, "files.present", PASS, "no data files (the state holds no tensors)")
+    integrity.files_present(m, good, good_bytes, rep)
     return usable
 
 
