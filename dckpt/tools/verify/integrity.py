@@ -65,11 +65,16 @@ def check_structure(ckpt: Path, rep: CheckpointReport) -> Manifest | None:
         return None
     if not records_check(m, lambda: read_records(m, ckpt), rep):
         return None
-    rep.add(g, "structure.manifest", PASS,
+    return manifest_passed(m, rep)
+
+
+def manifest_passed(m: Manifest, rep: CheckpointReport) -> Manifest:
+    """The structure checks' passes once the manifest (and its records) validated."""
+    rep.add("structure", "structure.manifest", PASS,
             f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
             f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
             Location(file=MANIFEST_NAME))
-    rep.add(g, "structure.version", PASS,
+    rep.add("structure", "structure.version", PASS,
             f"format version {m.version} (this dckpt reads up to {FORMAT_VERSION})")
     rep.stats["tensors"] = len(m.tensors)
     rep.stats["files"] = len(m.files)

@@ -18,7 +18,7 @@ from ... import storage
 from ...errors import CheckpointNotFoundError, CorruptCheckpointError, DckptError, \
     FormatVersionError, ManifestError
 from ...format.layout import parse_step_dir
-from ...format.manifest import FORMAT_VERSION, HASH_ALGORITHM, MANIFEST_NAME, Manifest
+from ...format.manifest import MANIFEST_NAME, Manifest
 from ...storage import objectstore
 from ...storage.records import parse, read_records
 from ...storage.remote import read_manifest_bytes
@@ -126,15 +126,7 @@ def _structure(backend, ckpt: str, rep: CheckpointReport,
     if not integrity.records_check(
             m, lambda: read_records(m, ckpt, storage_options=storage_options), rep):
         return None
-    rep.add(g, "structure.manifest", PASS,
-            f"{MANIFEST_NAME} parses and validates ({HASH_ALGORITHM} self-hash ok): "
-            f"{len(m.tensors)} tensors in {len(m.files)} file(s), world size {m.world_size}",
-            Location(file=MANIFEST_NAME))
-    rep.add(g, "structure.version", PASS,
-            f"format version {m.version} (this dckpt reads up to {FORMAT_VERSION})")
-    rep.stats["tensors"] = len(m.tensors)
-    rep.stats["files"] = len(m.files)
-    return m
+    return integrity.manifest_passed(m, rep)
 
 
 def _files(m: Manifest, sizes: list, rep: CheckpointReport) -> set[int]:
