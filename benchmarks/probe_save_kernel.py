@@ -9,6 +9,12 @@ pwrite loops with 256 KiB / 4 MiB / 64 MiB writes, with and without posix_falloc
     python benchmarks/probe_save_kernel.py [--dir /dev/shm] [--mb 800] [--repeats 6]
     python benchmarks/probe_save_kernel.py --one  # one dckpt.save after a torch.save,
         # for wrapping in `strace -f -c` or `perf record -g -e cpu-clock`
+    python benchmarks/probe_save_kernel.py --first-touch [--gap 8] [--dir .]
+        # the same plain write (fsync'd on a disk), in 256 KiB and in 4 MiB pwrites, into
+        # pages just freed by the unlink of the file before it, into pages freed --gap
+        # seconds earlier (which the VM may have handed back to its host meanwhile: free
+        # page reporting), and over an existing file in place (no new pages); the kernel's
+        # reported_kib count beside it
 
 CPU times and counts hold on a loaded machine; wall times do not. vmstat counts are
 system wide (other processes' allocations show up too).
@@ -169,15 +175,70 @@ def write_sizes(root: Path, nbytes: int, repeats: int) -> None:
               + " ".join(f"{x:.2f}" for x in v))
 
 
+def reported_kib() -> int | None:
+    """KiB of free memory this VM has handed back to its host so far (virtio-balloon free
+    page reporting), where the kernel exposes the count."""
+    try:
+        return int(Path("/sys/module/page_reporting/parameters/reported_kib").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def first_touch(root: Path, nbytes: int, repeats: int, gap: float) -> None:
+    """Kernel time of one write of nbytes by where its page-cache pages come from."""
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    view = memoryview(src)
+    sync = not str(root).startswith("/dev/shm")
+    path = root / "probe-touch"
+
+    def write(trunc: bool, piece: int) -> tuple[float, float]:
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if trunc else 0))
+        for off in range(0, nbytes, piece):
+            os.pwrite(fd, view[off:off + piece], off)
+        if sync:
+            os.fsync(fd)
+        os.close(fd)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter() - t0, r1.ru_stime - r0.ru_stime
+
+    out: dict = {}
+    write(True, 4 << 20)
+    for _ in range(repeats):
+        for piece in (256 << 10, 4 << 20):
+            size = f"{piece >> 10} KiB"
+            path.unlink()
+            out.setdefault(f"{size}, just freed", []).append(write(True, piece) + (0,))
+            path.unlink()
+            before = reported_kib()
+            time.sleep(gap)
+            after = reported_kib()
+            out.setdefault(f"{size}, freed {gap:g} s before", []).append(
+                write(True, piece) + ((after - before) >> 10 if before is not None else -1,))
+            time.sleep(gap)
+            out.setdefault(f"{size}, in place", []).append(write(False, piece) + (0,))
+    path.unlink()
+    print(f"one write of {nbytes / 1e6:.0f} MB{' + fsync' if sync else ''}, per run: "
+          "wall s / kernel s [MiB the VM reported to its host during the gap]")
+    for name, v in out.items():
+        print(f"  {name:30s} " + "  ".join(
+            f"{w:.2f}/{k:.2f}" + (f" [{r}]" if r else "") for w, k, r in v))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     p.add_argument("--mb", type=int, default=800)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--one", action="store_true")
+    p.add_argument("--first-touch", action="store_true")
+    p.add_argument("--gap", type=float, default=8.0)
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix=".dckpt-probe-", dir=a.dir))
     try:
+        if a.first_touch:
+            first_touch(root, a.mb << 20, max(2, a.repeats // 2), a.gap)
+            return 0
         w = workloads.transformer(a.mb * 1_000_000)
         if a.one:
             TorchSave().save(w, root / "t")

@@ -74,6 +74,26 @@ def test_goals_are_ratios_of_the_medians():
     assert m["spread"] == pytest.approx(0.8) and not m["ok"]["spread"]
 
 
+def test_the_kernel_goal_reads_ours_against_the_plain_writes_own_range():
+    def op(*sys_s):
+        return [{"wall": 1.0, "user": 0.0, "sys": x} for x in sys_s]
+    samples = {variance.PLAIN: {"save": op(0.30, 0.30, 0.31, 0.35), "load": op(0.1, 0.1)},
+               variance.TORCH: {"save": op(0.3, 0.3), "load": op(0.1, 0.1)},
+               variance.SAFETENSORS: {"save": op(0.3, 0.3), "load": op(0.1, 0.1)},
+               # median 0.32: 1.05x the plain write's median, inside its range (p90 0.338)
+               variance.DCKPT: {"save": op(0.32, 0.32, 0.32), "load": op(0.5, 0.5)},
+               # median 0.34: above the plain write's p90, inflated
+               variance.MANAGER: {"save": op(0.34, 0.34, 0.34), "load": op(0.1, 0.1)}}
+    rows = {(r["system"], r["op"]): r for r in variance.goals(
+        {"bytes": 10**9, "regimes": {"disk": {"after training": samples}}})}
+    d, m = rows[(variance.DCKPT, "save")], rows[(variance.MANAGER, "save")]
+    assert d["kernel"] == pytest.approx(0.32 / 0.305) and d["ok"]["kernel"]
+    assert m["kernel"] == pytest.approx(0.34 / 0.305) and not m["ok"]["kernel"]
+    # Loads: the ratio is reported (5x here), not a goal.
+    load = rows[("dckpt.load", "load")]
+    assert load["kernel"] == pytest.approx(5.0) and "kernel" not in load["ok"]
+
+
 def test_a_training_step_changes_the_state():
     w = Spec("transformer", 4_000_000, "float32").build()
     before = [t.clone() for t in w.model.parameters()]
