@@ -15,6 +15,9 @@ pwrite loops with 256 KiB / 4 MiB / 64 MiB writes, with and without posix_falloc
         # seconds earlier (which the VM may have handed back to its host meanwhile: free
         # page reporting), and over an existing file in place (no new pages); the kernel's
         # reported_kib count beside it
+    python benchmarks/probe_save_kernel.py --pauses [--gap 8] [--dir .]
+        # safetensors save_file + fsync and dckpt.save(overwrite=True) of the --mb state,
+        # each into its one path, alternating, after a --gap s pause each
 
 CPU times and counts hold on a loaded machine; wall times do not. vmstat counts are
 system wide (other processes' allocations show up too).
@@ -225,6 +228,24 @@ def first_touch(root: Path, nbytes: int, repeats: int, gap: float) -> None:
             f"{w:.2f}/{k:.2f}" + (f" [{r}]" if r else "") for w, k, r in v))
 
 
+def pauses(w, root: Path, repeats: int, gap: float) -> None:
+    """Saves the way a job that checkpoints now and then does: into the same path, after a
+    pause. dckpt writes 256 KiB pieces; safetensors fills one buffer and writes it at once."""
+    out: dict = {}
+    for _ in range(repeats):
+        for name, save in (("safetensors", lambda: Safetensors().save(w, root / "s")),
+                           ("dckpt.save", lambda: dckpt.save(w.state(), root / "d",
+                                                             overwrite=True))):
+            time.sleep(gap)
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            save()
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            out.setdefault(name, []).append((time.perf_counter() - t0, r1.ru_stime - r0.ru_stime))
+    print(f"saves after a {gap:g} s pause, per run: wall s / kernel s")
+    for name, v in out.items():
+        print(f"  {name:12s} " + "  ".join(f"{a:.2f}/{k:.2f}" for a, k in v))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
@@ -233,6 +254,7 @@ def main() -> int:
     p.add_argument("--one", action="store_true")
     p.add_argument("--first-touch", action="store_true")
     p.add_argument("--gap", type=float, default=8.0)
+    p.add_argument("--pauses", action="store_true")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix=".dckpt-probe-", dir=a.dir))
     try:
@@ -240,6 +262,9 @@ def main() -> int:
             first_touch(root, a.mb << 20, max(2, a.repeats // 2), a.gap)
             return 0
         w = workloads.transformer(a.mb * 1_000_000)
+        if a.pauses:
+            pauses(w, root, max(2, a.repeats // 2), a.gap)
+            return 0
         if a.one:
             TorchSave().save(w, root / "t")
             (root / "t").unlink()
