@@ -43,34 +43,10 @@ def run(args) -> int:
         return EXIT_USAGE
     mgr = CheckpointManager(root, retention=policy or Retention(), remove_staging=False)
     result = mgr.gc(dry_run=args.dry_run)
-    doc = {"schema": SCHEMA, "root": str(root), "dry_run": args.dry_run,
-           "retention": {"policy": None if policy is None else vars(policy).copy(),
-                         "source": source},
-           "removed_steps": result["removed_steps"],
-           "removed_temporaries": result["removed_temporaries"],
-           "kept_links": result["kept_links"],
-           "freed_bytes": result["freed_bytes"]}
-    if args.json:
-        print_json(doc)
-        return EXIT_OK
-    style = Style(args.color)
-    verb = "would remove" if args.dry_run else "removed"
-    if policy is not None:
-        print(f"retention ({source}): {describe_policy(doc['retention']['policy'])}")
-    for s in doc["removed_steps"]:
-        print(f"{verb} step {s} (not kept by the retention policy)")
-    for t in doc["removed_temporaries"]:
-        print(f"{verb} incomplete temporary {t}")
-    for s in doc["kept_links"]:
-        print(f"kept step {s}: not kept by the retention policy, but a symbolic link "
-              f"({os.readlink(root / step_dir(s))}); not deleted through it, remove the "
-              "link by hand")
-    if policy is None:
-        print("retention: none recorded and none given: every committed checkpoint is kept")
-    freed = size(doc["freed_bytes"])
-    print(style(f"{'would free' if args.dry_run else 'freed'} {freed}", "bold")
-          + ("" if doc["removed_steps"] or doc["removed_temporaries"] else " (nothing to do)"))
-    return EXIT_OK
+    kept = {s: os.readlink(root / step_dir(s)) for s in result["kept_links"]}
+    return report(args, str(root), policy, source, result["removed_steps"],
+                  result["removed_temporaries"], result["freed_bytes"], kept,
+                  "incomplete temporary")
 
 
 def run_remote(args) -> int:
@@ -107,12 +83,19 @@ def run_remote(args) -> int:
             continue
         store.delete([join(prefix, "manifest.json")])  # absent from here on
         store.delete([o.url for o in store.list(prefix)])
+    return report(args, root, policy, source, [e["step"] for e in steps],
+                  [e["name"] for e in temps], freed, {}, "uncommitted upload")
+
+
+def report(args, root: str, policy, source: str, steps: list, temps: list, freed: int,
+           kept: dict, temp_kind: str) -> int:
+    """What gc removed (or would): as JSON with --json, else one line each. kept: steps the
+    policy drops but that are symbolic links, with their targets (never deleted through)."""
     doc = {"schema": SCHEMA, "root": root, "dry_run": args.dry_run,
            "retention": {"policy": None if policy is None else vars(policy).copy(),
                          "source": source},
-           "removed_steps": [e["step"] for e in steps],
-           "removed_temporaries": [e["name"] for e in temps],
-           "kept_links": [], "freed_bytes": freed}
+           "removed_steps": steps, "removed_temporaries": temps,
+           "kept_links": list(kept), "freed_bytes": freed}
     if args.json:
         print_json(doc)
         return EXIT_OK
@@ -120,10 +103,13 @@ def run_remote(args) -> int:
     verb = "would remove" if args.dry_run else "removed"
     if policy is not None:
         print(f"retention ({source}): {describe_policy(doc['retention']['policy'])}")
-    for s in doc["removed_steps"]:
+    for s in steps:
         print(f"{verb} step {s} (not kept by the retention policy)")
-    for t in doc["removed_temporaries"]:
-        print(f"{verb} uncommitted upload {t}")
+    for t in temps:
+        print(f"{verb} {temp_kind} {t}")
+    for s, target in kept.items():
+        print(f"kept step {s}: not kept by the retention policy, but a symbolic link "
+              f"({target}); not deleted through it, remove the link by hand")
     if policy is None:
         print("retention: none recorded and none given: every committed checkpoint is kept")
     print(style(f"{'would free' if args.dry_run else 'freed'} {size(freed)}", "bold")
