@@ -159,3 +159,47 @@ def test_sharded_state_reshards_4_to_2_from_memory_bitwise(tmp_path, kind):
     assert [r["step"] for r in res] == [3, 3]  # the durable tier has only step 2
     assert [s["tier"] for s in res[0]["sources"]] == ["memory", "memory"]
     assert_same_global_tensors(ref, out)  # every model and optimizer tensor, bitwise
+
+
+# ---- joining parts into one manifest: the checks, without processes ---------------------------
+def _part(tmp: Path, q: int, world: int, state: dict, shards: dict, counters=None) -> tuple:
+    path = tmp / step_dir(3) / f"rank-{q:05d}-of-{world:05d}"
+    dckpt.save(state, path, counters=counters or {"step": 3},
+               meta={"memory_tier": {"rank": q, "world": world, "shards": shards}})
+    return q, path, dckpt.read_manifest(path)
+
+
+def _joined(tmp: Path, parts: list) -> dict:
+    from dckpt.manager.memory_reshard import assemble
+    base = tmp / step_dir(3)
+    return dckpt.load(base, manifest=assemble(parts, base, len(parts)))
+
+
+def test_parts_join_into_one_manifest(tmp_path):
+    w = torch.arange(16.0).reshape(4, 4)
+    parts = [_part(tmp_path, q, 2, {"w": w[2 * q:2 * q + 2].clone(), "same": torch.ones(3),
+                                    "own": torch.full((2,), float(q))},
+                   {"w": [[4, 4], [2 * q, 0]]}) for q in range(2)]
+    full = _joined(tmp_path, parts)
+    assert torch.equal(full["w"], w)  # the shards, placed by their global offsets
+    assert torch.equal(full["same"], torch.ones(3)) and torch.equal(full["own"], torch.zeros(2))
+    from dckpt.manager.memory_reshard import assemble
+    m = assemble(parts, tmp_path / step_dir(3), 2)
+    assert len(m.tensors["same"].shards) == 1  # alike in both parts: kept once
+    assert m.ranks[1]["aliases"] == {"own": "own@r1"}  # differing: rank 1's own copy
+
+
+@pytest.mark.parametrize("case,why", [
+    ("overlap", "overlap"), ("outside", "does not fit"), ("gap", "do not tile"),
+    ("other_rank", "not rank 1's part of a 2-rank save"), ("counters", "other counters")])
+def test_parts_that_do_not_fit_are_refused(tmp_path, case, why):
+    from dckpt.errors import IncompleteCheckpointError, ManifestError
+    w = torch.arange(16.0).reshape(4, 4)
+    at = {"overlap": 1, "outside": 3}.get(case, 2)  # where part 1 says its rows 2-3 are
+    block = w[2:3] if case == "gap" else w[2:4]
+    parts = [_part(tmp_path, 0, 2, {"w": w[:2].clone()}, {"w": [[4, 4], [0, 0]]}),
+             _part(tmp_path, 1, 3 if case == "other_rank" else 2, {"w": block.clone()},
+                   {"w": [[4, 4], [at, 0]]}, {"step": 4} if case == "counters" else None)]
+    want = IncompleteCheckpointError if case == "counters" else ManifestError
+    with pytest.raises(want, match=why):
+        _joined(tmp_path, parts)

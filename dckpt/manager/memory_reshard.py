@@ -38,6 +38,7 @@ from ..engine import checkpoint
 from ..errors import IncompleteCheckpointError, ManifestError
 from ..format.layout import is_committed, parse_step_dir, staging_dir, step_dir
 from ..format.manifest import FileEntry, Manifest, Shard, TensorEntry
+from ..storage import records
 
 log = logging.getLogger("dckpt")
 
@@ -218,9 +219,24 @@ def assemble(parts: list[tuple[int, Path, Manifest]], base: Path, world: int) ->
         aliases.update({n: new for n, new in renamed.items() if n not in own.values()})
         entry["aliases"] = aliases
         ranks.append(entry)
-    return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
-                    counters=first.counters, metrics=first.metrics, meta=first.meta,
-                    created=first.created, version=max(m.version for _, _, m in parts))
+    joined = Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
+                      counters=first.counters, metrics=first.metrics, meta=first.meta,
+                      created=first.created, version=max(m.version for _, _, m in parts))
+    return _validated(joined, base)
+
+
+def _validated(m: Manifest, base: Path) -> Manifest:
+    """`m` through the reader's own validation, as if read from disk: shards inside their
+    tensor, disjoint and tiling it (no element left unread), chunks inside their files and
+    never sharing bytes, trees and aliases well formed. The files' directories (paths into
+    the memory tier, which a manifest on disk may not name) are put back after."""
+    dirs = [f.dir for f in m.files]
+    for i, f in enumerate(m.files):
+        f.dir = f"part-{i}"
+    checked = records.parse(m.to_bytes(), str(base))
+    for f, d in zip(checked.files, dirs):
+        f.dir = d
+    return checked
 
 
 def _free(name: str, taken: dict) -> str:
