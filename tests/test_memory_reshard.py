@@ -109,7 +109,10 @@ def test_parts_of_another_world_size_are_retired(tmp_path):
     run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)
     _lose_node_b(mem)
     a = Path(mem, "a")
+    debris = a / "replicas" / step_dir(3) / ".rank-00002-of-00004.tmp-0123456789ab"
+    debris.mkdir()  # a fetch of rank 2's part interrupted by a crash
     run_with_ranks(2, _restore, root, mem, ["a", "c"], [4])
+    assert not debris.exists()
     # One step of the 2-rank job: with memory_keep=2, step 3 (4 ranks) is still kept.
     assert sorted(os.listdir(a / step_dir(3))) == OLD[:2]
     assert sorted(os.listdir(Path(mem, "c", "replicas", step_dir(3)))) == OLD

@@ -36,7 +36,8 @@ from ..distributed import collective as dist, replicate
 from ..distributed.sharding import DTensorLeaf
 from ..engine import checkpoint
 from ..errors import IncompleteCheckpointError, ManifestError
-from ..format.layout import is_committed, parse_step_dir, staging_dir, step_dir
+from ..format.layout import (TMP_MARK, is_committed, is_staging, parse_step_dir, staging_dir,
+                             step_dir)
 from ..format.manifest import FileEntry, Manifest, Shard, TensorEntry
 from ..storage import records
 
@@ -130,6 +131,22 @@ def retire(tier, remove) -> None:
     for w, s, q, path in old:
         if s not in window:
             remove(path)
+
+
+def remove_debris(tier) -> None:
+    """Staging directories of parts of other world sizes (a fetch interrupted by a crash).
+    The node's lowest rank only, as retire()."""
+    if tier.rank != min(q for q, n in enumerate(tier.nodes) if n == tier.node):
+        return
+    for base in (tier.dir, tier.dir / REPLICAS):
+        for d in (base.iterdir() if base.is_dir() else []):
+            if parse_step_dir(d.name) is None or not d.is_dir():
+                continue
+            for p in d.iterdir():
+                if is_staging(p.name):
+                    rw = parse_part_name(p.name[1:].partition(TMP_MARK)[0])
+                    if rw is not None and rw[1] != tier.world:
+                        shutil.rmtree(p, ignore_errors=True)
 
 
 # ---- joining the parts -----------------------------------------------------------------------

@@ -17,16 +17,19 @@ without any other rank). A step is in the memory tier when each rank's part is s
 
 restore() takes the newest step that every rank can get from some tier and, per rank,
 tries its sources fastest first: its own node's part, the partner's replica (sent back over
-the process group), the durable checkpoint. Every source is read by the verified read
-path, so a missing or corrupt copy (a flipped bit in a replica) falls through to the next
-one; a step that no source completes falls back to an older step as restore() always did.
+the process group), the durable checkpoint under `root`, the same checkpoint in the remote
+tier (remote=). Every source is read by the verified read path, so a missing or corrupt
+copy (a flipped bit in a replica) falls through to the next one; a step that no source
+completes falls back to an older step as restore() always did.
 The report says per rank where its bytes came from and how long that took, with the
 time of each phase (report.sources[rank]["phases"]: agreeing on the step, the replica
 transfer, the verified read, keeping a fetched replica), as wall and CPU seconds of the
 rank's process (every thread of it: gloo's and the native reader's too).
 
-Parts name the world size they were saved by: after a change of world size only the
-durable tier serves (it reshards).
+Parts name the world size they were saved by. After a change of world size, a step whose
+every part is still on some node is restored from them, resharded (memory_reshard.py);
+otherwise the durable tier serves (it reshards too). Retention removes the parts of other
+world sizes once the node holds `keep` newer steps.
 """
 from __future__ import annotations
 
@@ -225,6 +228,7 @@ class MemoryTier:
                 for p in step.iterdir():
                     if p.name.startswith(prefix) and p.name != prefix:
                         shutil.rmtree(p, ignore_errors=True)
+        reshard.remove_debris(self)
 
     # ---- restore -------------------------------------------------------------------------
     def restore(self, mgr, state: dict, step: int | None, *, allow_missing, keys,
