@@ -206,3 +206,12 @@ def test_parts_that_do_not_fit_are_refused(tmp_path, case, why):
     want = IncompleteCheckpointError if case == "counters" else ManifestError
     with pytest.raises(want, match=why):
         _joined(tmp_path, parts)
+
+
+def test_a_part_without_shard_places_is_refused(tmp_path):
+    from dckpt.errors import ManifestError
+    from dckpt.manager.memory_reshard import assemble
+    q, path, m = _part(tmp_path, 0, 1, {"w": torch.ones(2)}, {})
+    del m.meta["memory_tier"]["shards"]  # as a part written before shard places were kept
+    with pytest.raises(ManifestError, match="cannot be resharded"):
+        assemble([(q, path, m)], tmp_path / step_dir(3), 1)

@@ -157,7 +157,10 @@ def _geometry(m: Manifest, path: Path, q: int, world: int) -> dict[str, tuple[li
         raise ManifestError(f"{path}: not rank {q}'s part of a {world}-rank save (its meta "
                             f"says {mt and {k: mt.get(k) for k in ('rank', 'world')}})",
                             str(path), "meta")
-    shards = mt.get("shards", {})
+    shards = mt.get("shards")
+    if shards is None:  # a part of an earlier version: its DTensors' places are unknown
+        raise ManifestError(f"{path}: the part does not record its shards' places "
+                            f"(meta.{META}.shards): it cannot be resharded", str(path), "meta")
     if not isinstance(shards, dict):
         raise ManifestError(f"{path}: meta.{META}.shards is not a mapping", str(path), "meta")
     out = {}
