@@ -127,31 +127,35 @@ def test_parts_of_another_world_size_are_retired(tmp_path):
 
 
 # ---- sharded states: FSDP2 shards and ZeRO partitions, bitwise --------------------------------
-def _train_save(rank, world, root, mem, ref, kind):
+def _train_save(rank, world, root, mem, ref, kind, nodes="aabb"):
     from test_distributed import ddp_state, fsdp_state, train
-    state = fsdp_state(rank, world) if kind == "fsdp" else ddp_state(rank, world, zero=True)
-    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="ab"[rank // 2],
-                                  durable_every=2)
+    state = (ddp_state(rank, world, zero=True) if kind == "zero"
+             else fsdp_state(rank, world))
+    # fsdp-async: the parts are written from the async saver's staged copy of the shards
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node=nodes[rank],
+                                  durable_every=2, async_save=kind == "fsdp-async")
     losses = []
     for s in (1, 2, 3):
         train(state, 1, losses)
         mgr.save(s, state)
+        mgr.wait()
     dckpt.save(state, ref)  # the reference: step 3 as a 4-rank checkpoint
     mgr.close()
 
 
-def _restore_sharded(rank, world, root, mem, out, kind):
+def _restore_sharded(rank, world, root, mem, out, kind, nodes="aa"):
     from test_distributed import ddp_state, fsdp_state, train
-    state = (fsdp_state(rank, world, init_seed=1) if kind == "fsdp"
-             else ddp_state(rank, world, init_seed=1, zero=True))
-    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    state = (ddp_state(rank, world, init_seed=1, zero=True) if kind == "zero"
+             else fsdp_state(rank, world, init_seed=1))
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node=nodes[rank],
+                                  durable_every=2)
     rep = mgr.restore(state)
     dckpt.save(state, out)  # what the 2 ranks hold, as a 2-rank checkpoint
     train(state, 1, [])  # the restored optimizer state works
     return {"step": rep.step, "sources": [rep.sources[q] for q in range(world)]}
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "zero"])
+@pytest.mark.parametrize("kind", ["fsdp", "zero", "fsdp-async"])
 def test_sharded_state_reshards_4_to_2_from_memory_bitwise(tmp_path, kind):
     from test_distributed import assert_same_global_tensors
     root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
@@ -215,3 +219,17 @@ def test_a_part_without_shard_places_is_refused(tmp_path):
     del m.meta["memory_tier"]["shards"]  # as a part written before shard places were kept
     with pytest.raises(ManifestError, match="cannot be resharded"):
         assemble([(q, path, m)], tmp_path / step_dir(3), 1)
+
+
+def test_fsdp_reshards_2_to_4_from_memory_bitwise(tmp_path):
+    """The other way: each new shard is part of an old one (a partial read of it)."""
+    from test_distributed import assert_same_global_tensors
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
+    run_with_ranks(2, _train_save, root, mem, ref, "fsdp", "ab", timeout=120)
+    res = run_with_ranks(4, _restore_sharded, root, mem, out, "fsdp", "aabb", timeout=120)
+    assert [r["step"] for r in res] == [3] * 4
+    assert [s["tier"] for s in res[0]["sources"]] == ["memory"] * 4
+    assert res[0]["sources"][2]["from"] == ("memory of node b, parts of the 2-rank save: "
+                                            "own [1], replicas [0]")
+    assert_same_global_tensors(ref, out)
