@@ -65,20 +65,23 @@ def shard_geometry(leaves) -> dict[str, list[list[int]]]:
 
 
 # ---- what a node holds -----------------------------------------------------------------------
-def _parts(tier, other_worlds: bool = True):
-    """(world, step, rank, path) of every committed part on this node (replicas first):
-    of the world sizes other than the current one, or of all."""
+def _parts(tier, all_worlds: bool = False):
+    """(world, step, rank, path) of every committed part on this node (replicas first): of
+    the world sizes other than the current one, or of all."""
     for base in (tier.dir / REPLICAS, tier.dir):
         if not base.is_dir():
             continue
         for d in base.iterdir():
             s = parse_step_dir(d.name)
-            if s is None or not d.is_dir():
+            if s is None:
                 continue
-            for p in d.iterdir():
+            try:
+                inside = list(d.iterdir())
+            except (FileNotFoundError, NotADirectoryError):  # removed by retention meanwhile
+                continue
+            for p in inside:
                 rw = parse_part_name(p.name)
-                if rw is not None and (rw[1] != tier.world or not other_worlds) \
-                        and is_committed(p):
+                if rw is not None and (all_worlds or rw[1] != tier.world) and is_committed(p):
                     yield rw[1], s, rw[0], p
 
 
@@ -127,7 +130,7 @@ def retire(tier, remove) -> None:
     old = list(_parts(tier))
     if not old:
         return
-    window = set(sorted({s for _, s, _, _ in _parts(tier, other_worlds=False)})[-tier.keep:])
+    window = set(sorted({s for _, s, _, _ in _parts(tier, all_worlds=True)})[-tier.keep:])
     for w, s, q, path in old:
         if s not in window:
             remove(path)
