@@ -403,6 +403,8 @@ def _fetch_missing(tier, s: int, world: int, have: dict[str, set[int]], group):
                 fetched[q] = src
             except Exception as e:
                 failure = failure or f"{type(e).__name__}: {e}"
+                log.warning("dckpt: restore of step %d: rank %d's part of the %d-rank save "
+                            "from rank %d could not be kept: %s", s, q, world, src, e)
                 if isinstance(d, Path):
                     shutil.rmtree(d, ignore_errors=True)
     return fetched, failure
