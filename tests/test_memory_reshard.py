@@ -233,3 +233,31 @@ def test_fsdp_reshards_2_to_4_from_memory_bitwise(tmp_path):
     assert res[0]["sources"][2]["from"] == ("memory of node b, parts of the 2-rank save: "
                                             "own [1], replicas [0]")
     assert_same_global_tensors(ref, out)
+
+
+def _restore_then_save_again(rank, world, root, mem):
+    """Restore step 3 (resharded), then save a step 3 of this world size (a rerun)."""
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    mgr.restore(make(rank, 0))
+    mgr.save(3, make(rank, 30))
+    mgr.close()
+
+
+def _restore_state(rank, world, root, mem):
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    state = make(rank, 0)
+    rep = mgr.restore(state)
+    return {"step": rep.step, "sources": [rep.sources[q] for q in range(world)],
+            "rerun": all(torch.equal(state[k], v) for k, v in make(rank, 30).items())}
+
+
+def test_a_step_saved_again_at_this_world_size_comes_before_the_old_parts(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)
+    _lose_node_b(mem)
+    run_with_ranks(2, _restore_then_save_again, root, mem)
+    assert sorted(os.listdir(Path(mem, "a", step_dir(3)))) == sorted(
+        OLD[:2] + [f"rank-{q:05d}-of-00002" for q in range(2)])  # both saves of step 3
+    res = run_with_ranks(2, _restore_state, root, mem)
+    assert [r["step"] for r in res] == [3, 3] and all(r["rerun"] for r in res)
+    assert all("resharded_from" not in s for s in res[0]["sources"])

@@ -254,11 +254,16 @@ class MemoryTier:
             raise StateMismatchError([f"ranks asked to restore different steps: {asked}"])
         plans = self._plans(info)
         resized = reshard.candidates(info)  # step -> the other world size that saved it
-        # Newest first; of one step, the parts of another world size before the durable
-        # tier (both reshard; memory is the faster).
-        order = [(s, w) for s in sorted(set(plans) | set(resized), reverse=True)
-                 if step in (None, s) for w in (resized.get(s), None)
-                 if w is not None or s in plans]
+        # Newest first. Of one step: this world size's parts (a save since the resize),
+        # else the parts of another world size before the durable tier (both reshard;
+        # memory is the faster).
+        order = []
+        for s in sorted(set(plans) | set(resized), reverse=True):
+            if step not in (None, s):
+                continue
+            ways = [None, resized.get(s)] if _in_memory(info, s) else [resized.get(s), None]
+            order += [(s, w) for w in ways if (w is None and s in plans) or
+                      (w is not None and w == resized.get(s))]
         if not order:
             what = f"step {step}" if step is not None else "committed checkpoint"
             raise CheckpointNotFoundError(
@@ -434,6 +439,11 @@ class MemoryTier:
         shutil.rmtree(got, ignore_errors=True)
         phases.mark("keep")
         return a
+
+
+def _in_memory(info: list[dict], s: int) -> bool:
+    """Whether some rank holds a part of step `s` of this world size (own or replica)."""
+    return any(s in x["own"] or any(s in h for h in x["held"].values()) for x in info)
 
 
 def _remote_steps(mgr) -> list[int]:
