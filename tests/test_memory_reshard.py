@@ -261,3 +261,26 @@ def test_a_step_saved_again_at_this_world_size_comes_before_the_old_parts(tmp_pa
     res = run_with_ranks(2, _restore_state, root, mem)
     assert [r["step"] for r in res] == [3, 3] and all(r["rerun"] for r in res)
     assert all("resharded_from" not in s for s in res[0]["sources"])
+
+
+def _restore_holder_dies(rank, world, root, mem):
+    os.environ["DCKPT_PEER_TIMEOUT"] = "3"
+    from dckpt.distributed import replicate
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="ca"[rank],
+                                  durable_every=2)
+    if rank == 1:  # node a's rank dies as it starts sending the parts to node c (rank 0
+        # is spared: it serves the process group's store)
+        replicate._mapped = lambda *a, **k: os._exit(9)
+    try:
+        mgr.restore(make(rank, 0))
+    except dckpt.errors.DistributedError as e:
+        return e.rank
+    return None
+
+
+def test_a_holder_dying_while_sending_parts_fails_every_rank_without_a_hang(tmp_path):
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)
+    _lose_node_b(mem)
+    got = run_with_ranks(2, _restore_holder_dies, root, mem, may_die=(1,), timeout=40)
+    assert got[0] == 1  # rank 0 learns, within seconds, that rank 1 failed
