@@ -171,9 +171,10 @@ def test_sharded_state_reshards_4_to_2_from_memory_bitwise(tmp_path, kind):
 
 
 # ---- joining parts into one manifest: the checks, without processes ---------------------------
-def _part(tmp: Path, q: int, world: int, state: dict, shards: dict, counters=None) -> tuple:
+def _part(tmp: Path, q: int, world: int, state: dict, shards: dict, counters=None,
+          layout=None) -> tuple:
     path = tmp / step_dir(3) / f"rank-{q:05d}-of-{world:05d}"
-    dckpt.save(state, path, counters=counters or {"step": 3},
+    dckpt.save(state, path, counters=counters or {"step": 3}, layout=layout,
                meta={"memory_tier": {"rank": q, "world": world, "shards": shards}})
     return q, path, dckpt.read_manifest(path)
 
@@ -184,11 +185,13 @@ def _joined(tmp: Path, parts: list) -> dict:
     return dckpt.load(base, manifest=assemble(parts, base, len(parts)))
 
 
-def test_parts_join_into_one_manifest(tmp_path):
+@pytest.mark.parametrize("layout", ["single", "split"])  # parts saved under DCKPT_LAYOUT
+def test_parts_join_into_one_manifest(tmp_path, layout):
     w = torch.arange(16.0).reshape(4, 4)
     parts = [_part(tmp_path, q, 2, {"w": w[2 * q:2 * q + 2].clone(), "same": torch.ones(3),
                                     "own": torch.full((2,), float(q))},
-                   {"w": [[4, 4], [2 * q, 0]]}) for q in range(2)]
+                   {"w": [[4, 4], [2 * q, 0]]}, layout=layout) for q in range(2)]
+    assert (parts[0][2].split is not None) == (layout == "split")
     full = _joined(tmp_path, parts)
     assert torch.equal(full["w"], w)  # the shards, placed by their global offsets
     assert torch.equal(full["same"], torch.ones(3)) and torch.equal(full["own"], torch.zeros(2))

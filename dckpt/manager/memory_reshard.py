@@ -190,7 +190,7 @@ def assemble(parts: list[tuple[int, Path, Manifest]], base: Path, world: int) ->
     ranks: list[dict] = []
     first = parts[0][2]
     for q, path, m in parts:
-        if m.world_size != 1 or len(m.ranks) != 1 or m.split is not None:
+        if m.world_size != 1 or len(m.ranks) != 1 or (m.split and not m.split.complete):
             raise ManifestError(f"{path}: a memory-tier part is a single-rank checkpoint",
                                 str(path), "world_size")
         if m.counters != first.counters:
