@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distributed import run_with_ranks  # noqa: E402
 
 import dckpt  # noqa: E402
+from dckpt.format.layout import step_dir  # noqa: E402
 from dckpt.manager.memory_tier import part_name  # noqa: E402
 
 
@@ -230,9 +231,13 @@ def test_sharded_states_replicate_each_ranks_shard(tmp_path, kind):
     assert tiers(res[0]) == ["memory", "memory", "replica", "replica"]
 
 
-def test_other_world_size_restores_from_the_durable_tier(tmp_path):
+def test_other_world_size_restores_from_the_durable_tier_without_all_parts(tmp_path):
     root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
     run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)  # memory: 2, 3; durable: 2
+    # Node b and the replicas of its ranks are gone: no step of the 4-rank job is whole in
+    # memory (with them, memory reshards: tests/test_memory_reshard.py).
+    shutil.rmtree(Path(mem, "b"))
+    shutil.rmtree(Path(mem, "a", "replicas"))
     res = run_with_ranks(2, _restore_resized, root, mem)
     assert [r["step"] for r in res] == [2, 2] and all(r["same"] for r in res)
     assert all(r["tiers"] == ["durable", "durable"] for r in res)
@@ -313,3 +318,51 @@ def test_a_holder_dying_while_sending_a_replica_fails_every_rank_without_a_hang(
     shutil.rmtree(Path(mem, "b"))
     got = run_with_ranks(4, _restore_holder_dies, root, mem, may_die=(1,), timeout=40)
     assert got == [1, None, 1, 1]
+
+
+# ---- the last source: the remote durable tier ------------------------------------------------
+def _aws() -> dict:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def _save_remote(rank, world, root, mem, url, env):
+    os.environ.update(env)  # the forkserver may predate the test's AWS_* variables
+    mgr = manager(rank, root, mem, 1, remote=url)  # every save durable, then uploaded
+    for s in (1, 2):
+        mgr.save(s, make(rank, s))
+    assert mgr.wait(60)
+    mgr.close()
+
+
+def _restore_remote(rank, world, root, mem, url, env):
+    os.environ.update(env)
+    mgr = manager(rank, root, mem, 1, remote=url)
+    newest = mgr.newest_step()
+    state = make(rank, 0)
+    rep = mgr.restore(state)
+    want = make(rank, rep.step)
+    mgr.close()
+    return {"step": rep.step, "newest": newest,
+            "same": all(torch.equal(state[k], want[k]) for k in want),
+            "sources": {str(q): v for q, v in rep.sources.items()}}
+
+
+def test_chain_ends_at_the_remote_durable_tier(tmp_path, s3_endpoint, s3_bucket):
+    root, mem, url = str(tmp_path / "root"), str(tmp_path / "shm"), f"s3://{s3_bucket}/mt"
+    run_with_ranks(4, _save_remote, root, mem, url, _aws(), timeout=120)
+    # Ranks 2-3 lose both memory copies (their node, and the replicas node a keeps for
+    # them); the local durable root is gone too: the remote serves them.
+    shutil.rmtree(Path(mem, "b"))
+    shutil.rmtree(Path(mem, "a", "replicas"))
+    shutil.rmtree(root)
+    res = run_with_ranks(4, _restore_remote, root, mem, url, _aws(), timeout=120)
+    assert [r["step"] for r in res] == [2] * 4 and [r["newest"] for r in res] == [2] * 4
+    assert all(r["same"] for r in res)  # bitwise
+    assert tiers(res[0]) == ["memory", "memory", "remote", "remote"]
+    assert res[0]["sources"]["2"]["from"] == f"remote {url}/{step_dir(2)}"
+    # Nothing in memory at all: every rank from the remote.
+    shutil.rmtree(mem)
+    shutil.rmtree(root)
+    res = run_with_ranks(4, _restore_remote, root, mem, url, _aws(), timeout=120)
+    assert [r["step"] for r in res] == [2] * 4 and all(r["same"] for r in res)
+    assert tiers(res[0]) == ["remote"] * 4

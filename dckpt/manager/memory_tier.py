@@ -17,16 +17,19 @@ without any other rank). A step is in the memory tier when each rank's part is s
 
 restore() takes the newest step that every rank can get from some tier and, per rank,
 tries its sources fastest first: its own node's part, the partner's replica (sent back over
-the process group), the durable checkpoint. Every source is read by the verified read
-path, so a missing or corrupt copy (a flipped bit in a replica) falls through to the next
-one; a step that no source completes falls back to an older step as restore() always did.
+the process group), the durable checkpoint under `root`, the same checkpoint in the remote
+tier (remote=). Every source is read by the verified read path, so a missing or corrupt
+copy (a flipped bit in a replica) falls through to the next one; a step that no source
+completes falls back to an older step as restore() always did.
 The report says per rank where its bytes came from and how long that took, with the
 time of each phase (report.sources[rank]["phases"]: agreeing on the step, the replica
 transfer, the verified read, keeping a fetched replica), as wall and CPU seconds of the
 rank's process (every thread of it: gloo's and the native reader's too).
 
-Parts name the world size they were saved by: after a change of world size only the
-durable tier serves (it reshards).
+Parts name the world size they were saved by. After a change of world size, a step whose
+every part is still on some node is restored from them, resharded (memory_reshard.py);
+otherwise the durable tier serves (it reshards too). Retention removes the parts of other
+world sizes once the node holds `keep` newer steps.
 """
 from __future__ import annotations
 
@@ -39,16 +42,17 @@ from pathlib import Path
 
 from ..distributed import collective as dist, replicate
 from ..engine import checkpoint
-from ..errors import (CheckpointNotFoundError, DistributedError, InvalidArgumentError,
-                      StateMismatchError)
+from ..errors import (CheckpointNotFoundError, DckptError, DistributedError,
+                      InvalidArgumentError, StateMismatchError)
 from ..format.layout import is_committed, is_set_aside, parse_step_dir, staging_dir, step_dir
 from ..storage import local as io
+from . import memory_reshard as reshard
 from .async_save import commit_group
+from .memory_reshard import REPLICAS
 
 log = logging.getLogger("dckpt")
 
-REPLICAS = "replicas"
-MEMORY, REPLICA, DURABLE = "memory", "replica", "durable"
+MEMORY, REPLICA, DURABLE, REMOTE = "memory", "replica", "durable", "remote"
 
 
 def part_name(rank: int, world: int) -> str:
@@ -146,6 +150,8 @@ class MemoryTier:
     def newest(self) -> int | None:
         """The newest step this rank holds a part of (its own or a replica)."""
         steps = self.own_steps() + [s for q in self.sources for s in self.replica_steps(q)]
+        other = reshard.newest(self)  # a step of another world size (restore reshards it)
+        steps += [other] if other is not None else []
         return max(steps) if steps else None
 
     # ---- save ----------------------------------------------------------------------------
@@ -167,11 +173,13 @@ class MemoryTier:
             snap = snap() if callable(snap) else snap
             own.parent.mkdir(parents=True, exist_ok=True)
             # tmpfs: fsync would cost a syscall per file and protect nothing.
+            # The shards' global places: what a restore at another world size needs.
             result = checkpoint.write(
                 checkpoint.local_snapshot(snap), own, counters=ctr, metrics=metrics,
                 overwrite=True, group=self.solo, fsync=False, threads=threads, mode=mode,
-                meta={"memory_tier": {"rank": self.rank, "world": self.world,
-                                      "node": self.node}})
+                meta={reshard.META: {"rank": self.rank, "world": self.world,
+                                     "node": self.node,
+                                     "shards": reshard.shard_geometry(snap.flat.leaves)}})
         except Exception as e:
             failure = e
         what = f"memory tier save of step {step}"
@@ -202,6 +210,11 @@ class MemoryTier:
                                                      for q in self.sources)]:
             for s in self._steps(base, rank)[:-self.keep]:
                 _remove(base / step_dir(s) / part_name(rank, self.world))
+        try:  # parts an earlier job of another world size left on this node
+            reshard.retire(self, _remove)
+        except OSError as e:
+            log.warning("dckpt: could not clear parts of other world sizes under %s: %s",
+                        self.dir, e)
 
     def _remove_debris(self) -> None:
         """Staging directories of this rank's parts and of the replicas it receives, left by
@@ -215,6 +228,7 @@ class MemoryTier:
                 for p in step.iterdir():
                     if p.name.startswith(prefix) and p.name != prefix:
                         shutil.rmtree(p, ignore_errors=True)
+        reshard.remove_debris(self)
 
     # ---- restore -------------------------------------------------------------------------
     def restore(self, mgr, state: dict, step: int | None, *, allow_missing, keys,
@@ -225,10 +239,12 @@ class MemoryTier:
         phases = Phases()
         failure = mine = None
         try:
-            durable = None
+            durable = remote = None
             if r == 0:
                 durable = [s for s in mgr.steps() if not is_set_aside(mgr.path(s))]
-            mine = {"own": self.own_steps(), "durable": durable, "asked": step,
+                remote = _remote_steps(mgr)
+            mine = {"own": self.own_steps(), "durable": durable, "remote": remote,
+                    "asked": step, "others": reshard.listing(self),
                     "held": {str(q): self.replica_steps(q) for q in self.sources}}
         except Exception as e:
             failure = e
@@ -237,25 +253,41 @@ class MemoryTier:
         if len(asked) > 1 or (asked and any(x["asked"] is None for x in info)):
             raise StateMismatchError([f"ranks asked to restore different steps: {asked}"])
         plans = self._plans(info)
-        order = sorted(plans, reverse=True) if step is None else [s for s in plans if s == step]
+        resized = reshard.candidates(info)  # step -> the other world size that saved it
+        # Newest first. Of one step: this world size's parts (a save since the resize),
+        # else the parts of another world size before the durable tier (both reshard;
+        # memory is the faster).
+        order = []
+        for s in sorted(set(plans) | set(resized), reverse=True):
+            if step not in (None, s):
+                continue
+            ways = [None, resized.get(s)] if _in_memory(info, s) else [resized.get(s), None]
+            order += [(s, w) for w in ways if (w is None and s in plans) or
+                      (w is not None and w == resized.get(s))]
         if not order:
             what = f"step {step}" if step is not None else "committed checkpoint"
             raise CheckpointNotFoundError(
                 f"no {what} that every rank can restore: not in the memory tier "
-                f"{self.dir} (of all nodes) nor under {mgr.root}")
+                f"{self.dir} (of all nodes) nor under {mgr.root}"
+                + (f" nor under {mgr._remote.url}" if mgr._remote is not None else ""))
         kw = dict(restore_rng=restore_rng, allow_missing=allow_missing, keys=keys,
                   strict=strict, verify=mgr.verify, threads=mgr.threads)
         skipped: list[str] = []
         phases.mark("agree")
-        for i, s in enumerate(order):
-            attempt, records, notes, bad = self._restore_step(mgr, state, s, plans[s], kw,
-                                                              phases)
+        for i, (s, world) in enumerate(order):
+            if world is None:
+                attempt, records, notes, bad = self._restore_step(mgr, state, s, plans[s], kw,
+                                                                  phases)
+            else:
+                attempt, records, notes, bad = reshard.restore_step(self, mgr, state, s, world,
+                                                                    info, kw, phases)
             if not bad:
                 break
             if i + 1 < len(order) and all(h[2] for _, h in bad):
-                skipped.append(f"step {s} could not be restored (rank {bad[0][0]}: "
+                where = f" from the {world}-rank save's memory tier" if world else ""
+                skipped.append(f"step {s}{where} could not be restored (rank {bad[0][0]}: "
                                f"{bad[0][1][1].splitlines()[0]})")
-                log.warning("dckpt: %s; falling back to step %d", skipped[-1], order[i + 1])
+                log.warning("dckpt: %s; falling back to step %d", skipped[-1], order[i + 1][0])
                 continue
             mine_bad = dict(bad).get(r)
             if mine_bad is not None and attempt is not None and attempt.failure is not None:
@@ -276,7 +308,8 @@ class MemoryTier:
     def _plans(self, info: list[dict]) -> dict[int, list[list[Source]]]:
         """step -> per rank its sources, fastest first; only steps every rank can get."""
         durable = set(info[0]["durable"] or [])
-        steps = set(durable)
+        remote = set(info[0].get("remote") or [])
+        steps = durable | remote
         for x in info:
             steps.update(x["own"])
             for held in x["held"].values():
@@ -289,6 +322,7 @@ class MemoryTier:
                 src += [Source(REPLICA, h) for h in self.partners[q]
                         if s in info[h]["held"].get(str(q), [])]
                 src += [Source(DURABLE)] if s in durable else []
+                src += [Source(REMOTE)] if s in remote else []
                 per_rank.append(src)
             if all(per_rank):
                 plans[s] = per_rank
@@ -362,6 +396,8 @@ class MemoryTier:
             return f"memory of node {self.node}"
         if src.tier == REPLICA:
             return f"replica on rank {src.holder} (node {self.nodes[src.holder]})"
+        if src.tier == REMOTE:
+            return f"remote {mgr._remote.step_url(s)}"
         return f"durable {mgr.path(s)}"
 
     def _try(self, mgr, state, s: int, src: Source, got, kw: dict, m, phases: Phases):
@@ -374,6 +410,10 @@ class MemoryTier:
     def _load(self, mgr, state, s: int, src: Source, got, kw: dict, m, phases: Phases):
         if src.tier == DURABLE:
             return m.load_step(state, mgr.path(s), rank=self.rank, group=mgr.group, **kw)
+        if src.tier == REMOTE:  # the same checkpoint's objects, each chunk hash-checked
+            return m.load_step(state, mgr._remote.step_url(s), rank=self.rank,
+                               group=mgr.group, storage_options=mgr._remote.storage_options,
+                               **kw)
         if src.tier == MEMORY:
             return m.load_step(state, self.part(s), rank=0, group=self.solo,
                                local_shards=True, **kw)
@@ -399,6 +439,23 @@ class MemoryTier:
         shutil.rmtree(got, ignore_errors=True)
         phases.mark("keep")
         return a
+
+
+def _in_memory(info: list[dict], s: int) -> bool:
+    """Whether some rank holds a part of step `s` of this world size (own or replica)."""
+    return any(s in x["own"] or any(s in h for h in x["held"].values()) for x in info)
+
+
+def _remote_steps(mgr) -> list[int]:
+    """The remote tier's committed steps; none (with a warning) when it cannot be listed."""
+    if mgr._remote is None:
+        return []
+    try:
+        return mgr._remote.steps()
+    except DckptError as e:
+        log.warning("dckpt: the remote tier %s cannot be listed (%s); restoring without it",
+                    mgr._remote.url, e)
+        return []
 
 
 def _commit_dir(staged: Path, target: Path) -> None:
