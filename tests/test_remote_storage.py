@@ -1,5 +1,5 @@
-"""Checkpoints in object storage against a real S3 server on loopback (tests/s3server.py):
-the client layer (storage/objectstore.py), the backend (storage/remote.py) and
+"""Checkpoints in object storage against a real S3 server on loopback
+(tests/helpers/s3server.py): the client layer (storage/objectstore.py), the backend (storage/remote.py) and
 dckpt.save / dckpt.load / dckpt.read_manifest with s3:// URLs."""
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import dckpt
-import attacks
-import s3server
+from helpers import attacks, s3server
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError,
                           CorruptCheckpointError, IncompleteCheckpointError, ManifestError,
                           RemoteStorageError, StorageError)
