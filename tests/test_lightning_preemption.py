@@ -2,8 +2,8 @@
 moment of a 2-process torchrun job (Lightning's ddp on CPU) becomes one committed
 last.ckpt of the step in progress, the processes exit with 128 + signal, Lightning's own
 SIGTERM handling stays out of it, and fit(ckpt_path="last") continues bitwise identical to
-a run never stopped (tests/helpers/jobs/lightning_preempt_job.py: dropout, AdamW + per-step StepLR, a
-shuffled StatefulDataLoader, mid-epoch)."""
+a run never stopped (tests/helpers/jobs/lightning_preempt_job.py: dropout, AdamW + per-step
+StepLR, a shuffled StatefulDataLoader, mid-epoch)."""
 import json
 import os
 import random

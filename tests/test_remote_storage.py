@@ -1,6 +1,6 @@
 """Checkpoints in object storage against a real S3 server on loopback
-(tests/helpers/s3server.py): the client layer (storage/objectstore.py), the backend (storage/remote.py) and
-dckpt.save / dckpt.load / dckpt.read_manifest with s3:// URLs."""
+(tests/helpers/s3server.py): the client layer (storage/objectstore.py), the backend
+(storage/remote.py) and dckpt.save / dckpt.load / dckpt.read_manifest with s3:// URLs."""
 from __future__ import annotations
 
 import json
