@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from distributed import run_with_ranks  # noqa: E402  (the test suite's N-rank launcher)
+from helpers.ranks import run_with_ranks  # noqa: E402  (the test suite's N-rank launcher)
 from dckpt.bench.order import balanced  # noqa: E402
 from dckpt.bench.record import recording  # noqa: E402
 

@@ -301,7 +301,7 @@ def main() -> None:
     ap.add_argument("--record", help="write the docs record here (dckpt/bench/record.py)")
     args = ap.parse_args()
 
-    import s3server  # tests/s3server.py: the same loopback server the tests use
+    from helpers import s3server  # tests/helpers/s3server.py: the tests' loopback server
     proc = None
     endpoint = args.endpoint
     if endpoint is None:

@@ -8,7 +8,7 @@ off and on), a parallel ranged download of it (16 threads x 8 MiB ranges into on
 buffer, as the remote backend reads), and dckpt.save / dckpt.load of a state of the same
 size. Prints wall seconds, MB/s and this process's CPU seconds per GB (the server's CPU
 is not counted; moto_server runs in Python, usually the limit). Without --endpoint a
-moto_server is started on loopback (tests/s3server.py).
+moto_server is started on loopback (tests/helpers/s3server.py).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--clients", default="s3fs,obstore")
     args = ap.parse_args()
     import numpy as np
-    import s3server
+    from helpers import s3server
     proc = None
     endpoint = args.endpoint
     if endpoint is None:

@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--compression", default=None)
     ap.add_argument("--endpoint")
     args = ap.parse_args()
-    import s3server
+    from helpers import s3server
     proc = None
     endpoint = args.endpoint
     if endpoint is None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from distributed import run_with_ranks  # noqa: E402
+from helpers.ranks import run_with_ranks  # noqa: E402
 
 
 def _rank(rank: int, world: int, mb: int, piece: int) -> list[float]:

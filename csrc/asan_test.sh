@@ -22,7 +22,7 @@ trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 cp "$repo/setup.py" "$repo/pyproject.toml" "$work/"
 [ -f "$repo/README.md" ] && cp "$repo/README.md" "$work/"
 cp -r "$repo/csrc" "$work/csrc"
-mkdir -p "$work/dckpt" "$work/tests"
+mkdir -p "$work/dckpt" "$work/tests/helpers"
 cp "$repo/dckpt/__init__.py" "$repo/dckpt/errors.py" "$work/dckpt/"
 cp -r "$repo/dckpt/format" "$work/dckpt/format"
 mkdir -p "$work/dckpt/storage"
@@ -30,8 +30,8 @@ cp "$repo/dckpt/storage/__init__.py" "$repo/dckpt/storage/records.py" "$work/dck
 rm -rf "$work/dckpt/format/__pycache__"
 cp "$repo/tests/test_native_hostile.py" "$repo/tests/test_native_direct.py" \
   "$repo/tests/test_native_records.py" "$repo/tests/test_attack_native.py" \
-  "$repo/tests/test_native.py" "$repo/tests/test_native_spread.py" "$repo/tests/helpers.py" \
-  "$work/tests/"
+  "$repo/tests/test_native.py" "$repo/tests/test_native_spread.py" "$work/tests/"
+cp "$repo/tests/helpers/__init__.py" "$work/tests/helpers/"
 
 echo "== building the ASan core in $work"
 (cd "$work" && DCKPT_ASAN=1 "$py" setup.py -q build_ext --inplace -j "$(nproc)" >build.log 2>&1) || {
@@ -72,12 +72,13 @@ fi
 # claim fails before allocating; ASan reserves terabytes of shadow address space at
 # start-up, so no process under it can run with that cap.
 full="$work/full"
-mkdir -p "$full/tests"
+mkdir -p "$full/tests/helpers"
 cp -r "$repo/dckpt" "$full/dckpt"
 rm -f "$full"/dckpt/_native*.so
 find "$full/dckpt" -name __pycache__ -prune -exec rm -rf {} +
 cp "$work"/dckpt/_native*.so "$full/dckpt/"
-cp "$repo/tests/test_attack_hostile.py" "$repo/tests/attacks.py" "$full/tests/"
+cp "$repo/tests/test_attack_hostile.py" "$full/tests/"
+cp "$repo/tests/helpers/__init__.py" "$repo/tests/helpers/attacks.py" "$full/tests/helpers/"
 export PYTHONPATH=$full
 cd "$full"
 loaded=$("$py" -c 'import dckpt, torch, dckpt._native as n; print(n.__file__)')

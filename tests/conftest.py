@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-import s3server
+from helpers import s3server
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """The endpoint of a real S3 server on loopback (see tests/s3server.py), with the
+    """The endpoint of a real S3 server on loopback (see tests/helpers/s3server.py), with the
     standard AWS_* variables pointing at it for the whole session."""
     endpoint = s3server.existing_endpoint()
     proc = None

@@ -21,9 +21,9 @@ from dckpt.tools.convert import convert
 from dckpt.errors import LockError, UnsafePickleError
 from dckpt.integrations.accelerate import DckptAccelerator, install
 from dckpt.integrations.loader_position import LoaderState
-from helpers import env
+from helpers import JOBS, env
 
-JOB = str(Path(__file__).with_name("accel_job.py"))
+JOB = str(JOBS / "accel_job.py")
 ENV = env(OMP_NUM_THREADS="1")
 
 

@@ -1,7 +1,7 @@
 """accelerate's own tests/test_state_checkpointing.py is the specification of DckptAccelerator:
 run here unchanged, in a fresh interpreter, with `accelerate.Accelerator` replaced by
 DckptAccelerator and accelerate's save_accelerator_state/load_accelerator_state (and its
-custom-object writer and reader) made to raise (tests/accelerate_spec_patch.py).
+custom-object writer and reader) made to raise (tests/helpers/accelerate_spec_patch.py).
 
 accelerate ships that file in its source archive, not in its wheel, and this repository does
 not commit it: scripts/setup.sh (`make setup`) downloads the archive of the installed version
@@ -31,13 +31,13 @@ def test_accelerates_checkpointing_tests_pass_with_dckpt(tmp_path):
     with tarfile.open(ARCHIVE) as tar:
         (tmp_path / "test_state_checkpointing.py").write_bytes(tar.extractfile(SPEC).read())
     # In every interpreter of the run: pytest's, and those `accelerate launch` starts.
-    (tmp_path / "sitecustomize.py").write_text("import accelerate_spec_patch\n")
+    (tmp_path / "sitecustomize.py").write_text("import helpers.accelerate_spec_patch\n")
     path = [str(tmp_path), str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     junit = tmp_path / "results.xml"
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-         "accelerate_spec_patch", f"--junitxml={junit}", "test_state_checkpointing.py"],
+         "helpers.accelerate_spec_patch", f"--junitxml={junit}", "test_state_checkpointing.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert junit.is_file(), res.stdout[-3000:] + res.stderr[-3000:]
     outcome = {}

@@ -23,9 +23,9 @@ from dckpt.state.data import ResumableLoader
 from dckpt.errors import AsyncSaveError, CheckpointExistsError
 from dckpt.format import reader
 from dckpt.manager.async_save import AsyncOptions
-from helpers import env
+from helpers import JOBS, env
 
-JOB = str(Path(__file__).with_name("async_job.py"))
+JOB = str(JOBS / "async_job.py")
 
 
 def build(seed: int = 0, width: int = 64):

@@ -16,7 +16,7 @@ from dckpt.errors import CorruptCheckpointError, DckptError
 from dckpt.tools.verify import verify_checkpoint
 from dckpt.format.manifest import MANIFEST_NAME
 
-from attacks import assert_same, known_state, model_state, trials
+from helpers.attacks import assert_same, known_state, model_state, trials
 from helpers import flip_bit
 
 TRIALS = trials(100, 5000, medium=1000)

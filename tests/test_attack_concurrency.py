@@ -18,7 +18,7 @@ from dckpt.format.layout import is_staging
 from dckpt.manager import AsyncOptions
 from dckpt.tools.verify import verify_checkpoint
 
-from attacks import SLOW, assert_same, known_state
+from helpers.attacks import SLOW, assert_same, known_state
 
 
 def content(step: int, version: int = 0) -> dict:

@@ -25,7 +25,7 @@ from dckpt.format.manifest import MANIFEST_NAME
 from dckpt.manager import AsyncOptions
 from dckpt.tools.verify import verify_checkpoint
 
-from attacks import assert_same, killed_at, known_state, trials
+from helpers.attacks import assert_same, killed_at, known_state, trials
 
 KEEP = 3  # retention keep_last: deletions happen during the trials
 

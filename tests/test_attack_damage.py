@@ -12,8 +12,8 @@ from dckpt.errors import (CheckpointNotFoundError, CorruptCheckpointError, Dckpt
 from dckpt.format.manifest import MANIFEST_NAME
 from dckpt.tools.verify import verify_checkpoint
 
-from attacks import (SLOW, assert_same, json_paths, manifest_obj, model_state, rewrite_manifest,
-                     substituted)
+from helpers.attacks import (SLOW, assert_same, json_paths, manifest_obj, model_state,
+                             rewrite_manifest, substituted)
 
 DATA = "rank-00000.dckpt"
 

@@ -17,7 +17,7 @@ from dckpt import CheckpointManager
 from dckpt.errors import StorageError
 from dckpt.format.layout import LATEST_NAME, LOCK_NAME, parse_step_dir
 
-from attacks import MEDIUM, SLOW, assert_same, known_state
+from helpers.attacks import MEDIUM, SLOW, assert_same, known_state
 
 PAGE = 4096
 
@@ -105,7 +105,7 @@ from pathlib import Path
 import dckpt
 from dckpt import CheckpointManager
 from dckpt.errors import StorageError
-from attacks import known_state
+from helpers.attacks import known_state
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -17,8 +17,8 @@ from dckpt.errors import (DckptError, IncompleteCheckpointError, ManifestError,
                           StateMismatchError)
 from dckpt.format.manifest import MANIFEST_NAME, _canonical, parse
 
-from attacks import (SLOW, json_paths, manifest_obj, model_state, rewrite_manifest, seal,
-                     tree_child, tree_set)
+from helpers.attacks import (SLOW, json_paths, manifest_obj, model_state, rewrite_manifest, seal,
+                             tree_child, tree_set)
 
 W = "extra/w"  # float32 [64, 33], several 4 KiB chunks
 

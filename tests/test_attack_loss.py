@@ -18,7 +18,7 @@ from dckpt import CheckpointManager
 from dckpt.cli import main as cli
 from dckpt.format.manifest import MANIFEST_NAME
 
-from attacks import SLOW, assert_same
+from helpers.attacks import SLOW, assert_same
 from helpers import env, flip_bit
 
 
@@ -333,7 +333,7 @@ def rank_save_past_a_corrupt_newest(rank, world, root):
 
 
 def test_a_corrupt_newest_manifest_on_two_ranks(tmp_path):
-    from distributed import run_with_ranks
+    from helpers.ranks import run_with_ranks
     res = run_with_ranks(2, rank_save_past_a_corrupt_newest, str(tmp_path / "root"))
     assert [r["w"] for r in res] == [3.0, 4.0]
     assert any("written in full" in n for n in res[0]["notes"])

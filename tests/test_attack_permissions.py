@@ -12,7 +12,7 @@ from dckpt import CheckpointManager
 from dckpt.engine.incremental import consolidate
 from dckpt.manager import AsyncOptions
 
-from attacks import known_state
+from helpers.attacks import known_state
 
 
 @contextmanager

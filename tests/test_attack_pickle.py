@@ -114,7 +114,7 @@ def planted(tmp_path_factory):
     # $object nodes naming callables: a loader that imported type names would run them.
     obj = json.loads((ckpt / MANIFEST_NAME).read_bytes())
     tree = obj["ranks"][0]["tree"]
-    from attacks import rewrite_manifest, tree_set
+    from helpers.attacks import rewrite_manifest, tree_set
     tree_set(tree, "exec", {"$object": "builtins.exec", "state": f"open({str(marker)!r}, 'w')"})
     tree_set(tree, "system", {"$object": "os.system", "state": {"command": f"touch {marker}"}})
     rewrite_manifest(ckpt, obj)

@@ -24,7 +24,7 @@ from dckpt.tools.verify import verify
 import xxhash
 
 import helpers
-from attacks import SLOW, manifest_obj, model_state, rewrite_manifest, tree_child, tree_set
+from helpers.attacks import SLOW, manifest_obj, model_state, rewrite_manifest, tree_child, tree_set
 
 
 
@@ -421,7 +421,7 @@ def test_out_of_inodes(few_inodes):
     previous step stays the latest, intact, with nothing left behind. A manager whose root
     cannot be created raises StorageError too."""
     from dckpt.errors import StorageError
-    from attacks import assert_same, known_state
+    from helpers.attacks import assert_same, known_state
     root = few_inodes / "root"
     mgr = dckpt.CheckpointManager(root, chunk_size=16384)
     mgr.save(1, known_state(1, scale=4))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dckpt
-from cli_fixtures import build_state, run_cli, run_json, train
+from helpers.cli import build_state, run_cli, run_json, train
 from dckpt.format.reader import read_manifest
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import copy, key_paths, make_root, run_cli, run_json
+from helpers.cli import copy, key_paths, make_root, run_cli, run_json
 from helpers import flip_bit
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_fixtures import copy, key_paths, make_root, run_cli, run_json
+from helpers.cli import copy, key_paths, make_root, run_cli, run_json
 from dckpt.format.reader import read_manifest
 from helpers import env, flip_bit
 

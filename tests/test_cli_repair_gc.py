@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import (build_state, copy, key_paths, make_root, run_cli,
-                          run_json, snapshot)
+from helpers.cli import build_state, copy, key_paths, make_root, run_cli, run_json, snapshot
 from helpers import flip_bit
 from dckpt.format import tree
 from dckpt.format.reader import read_manifest

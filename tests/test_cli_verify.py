@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import dckpt
-from cli_fixtures import (build_state, copy, key_paths, make_root, run_cli, run_json,
-                          sharded_root)
+from helpers.cli import build_state, copy, key_paths, make_root, run_cli, run_json, sharded_root
 from helpers import flip_bit
 from dckpt.format.reader import read_manifest
 from dckpt.tools.verify import verify
@@ -193,7 +192,7 @@ def test_missing_manifest(ckpt):
 
 def test_optimizer_step_mismatch(tmp_path):
     state = build_state()
-    from cli_fixtures import train
+    from helpers.cli import train
     train(state, 7, [])
     mgr = dckpt.CheckpointManager(tmp_path / "run", fsync=False)
     # The run claims step 3 although the optimizer has stepped 7 times.
@@ -209,7 +208,7 @@ def test_optimizer_step_mismatch(tmp_path):
 
 def test_gradient_accumulation_is_consistent(tmp_path):
     state = build_state()
-    from cli_fixtures import train
+    from helpers.cli import train
     train(state, 5, [])
     mgr = dckpt.CheckpointManager(tmp_path / "run", fsync=False)
     mgr.save(20, state, counters={"grad_accum": 4})
@@ -282,7 +281,7 @@ def test_color_and_progress(ckpt, capsys):
 
 def test_damaged_step_count_is_reported_when_checksums_are_skipped(tmp_path):
     """The step counts are read and checked by hash even without the checksum pass."""
-    from cli_fixtures import train
+    from helpers.cli import train
     state = build_state()
     train(state, 2, [])
     res = dckpt.save(state, tmp_path / "ckpt", counters={"step": 2})

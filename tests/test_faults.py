@@ -1,8 +1,8 @@
 """Across ranks, one rank's failure is every rank's error within seconds (design invariant 8).
 
 Ranks are launched directly (RANK / WORLD_SIZE / MASTER_ADDR, as srun or mpirun do), with
-default settings, and tests/fault_job.py injects a fault at dckpt's collective steps: a
-raise at every step of every operation (sync save, restore, gc, async save + wait, async
+default settings, and tests/helpers/jobs/fault_job.py injects a fault at dckpt's collective
+steps: a raise at every step of every operation (sync save, restore, gc, async save + wait, async
 save + close), or a SIGKILL at chosen steps (every step with DCKPT_SLOW=1). Each survivor
 must raise a typed error naming the failed rank within 20 s, no checkpoint may be committed
 half, and after a raise the same manager objects must save and restore bit for bit.
@@ -20,7 +20,7 @@ import pytest
 
 import helpers
 
-JOB = Path(__file__).with_name("fault_job.py")
+JOB = helpers.JOBS / "fault_job.py"
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 WITHIN = 20.0  # seconds from a fault to every survivor's error
 
@@ -144,7 +144,7 @@ def _save_two_steps(rank, world, base):
 
 
 def test_ranks_restore_the_step_rank_0_picks(tmp_path):
-    from distributed import run_with_ranks
+    from helpers.ranks import run_with_ranks
     run_with_ranks(2, _save_two_steps, str(tmp_path), timeout=120)
     results = run_with_ranks(2, _restore_from_own_root, str(tmp_path), timeout=120)
     assert results[0][0] == results[1][0], results  # never two different steps

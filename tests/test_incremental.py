@@ -23,8 +23,8 @@ from dckpt.cli import main
 from dckpt.errors import CorruptCheckpointError
 from dckpt.format.reader import read_manifest, read_tensor_bytes
 from dckpt.engine.incremental import Base, VersionCache, _same_tensor, consolidate, fingerprint
-from attacks import killed_at
-from distributed import run_with_ranks
+from helpers.attacks import killed_at
+from helpers.ranks import run_with_ranks
 
 CHUNK = 64 << 10
 

@@ -14,14 +14,14 @@ import pytest
 pytest.importorskip("lightning")
 
 import dckpt  # noqa: E402
-from helpers import TESTS, env  # noqa: E402
+from helpers import JOBS, env  # noqa: E402
 
-ENV = env(TESTS, OMP_NUM_THREADS="1")
+ENV = env(OMP_NUM_THREADS="1")
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 
 
 def job(d, result, *args):
-    r = subprocess.run([sys.executable, str(TESTS / "lightning_job.py"), str(d), str(result),
+    r = subprocess.run([sys.executable, str(JOBS / "lightning_job.py"), str(d), str(result),
                         *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(Path(result).read_text()) if Path(result).exists() else None

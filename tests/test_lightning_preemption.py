@@ -2,8 +2,8 @@
 moment of a 2-process torchrun job (Lightning's ddp on CPU) becomes one committed
 last.ckpt of the step in progress, the processes exit with 128 + signal, Lightning's own
 SIGTERM handling stays out of it, and fit(ckpt_path="last") continues bitwise identical to
-a run never stopped (tests/lightning_preempt_job.py: dropout, AdamW + per-step StepLR, a
-shuffled StatefulDataLoader, mid-epoch)."""
+a run never stopped (tests/helpers/jobs/lightning_preempt_job.py: dropout, AdamW + per-step
+StepLR, a shuffled StatefulDataLoader, mid-epoch)."""
 import json
 import os
 import random
@@ -20,12 +20,11 @@ pytest.importorskip("lightning")
 pytest.importorskip("torchdata")
 
 import dckpt  # noqa: E402
+from helpers import JOBS, env  # noqa: E402
 
-HERE = Path(__file__).parent
-ENV = {**os.environ, "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
-       "DCKPT_PEER_TIMEOUT": "30"}
+ENV = env(OMP_NUM_THREADS="1", DCKPT_PEER_TIMEOUT="30")
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
-JOB = str(HERE / "lightning_preempt_job.py")
+JOB = str(JOBS / "lightning_preempt_job.py")
 
 
 def launch(root, out, *args, procs=2):

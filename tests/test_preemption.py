@@ -1,6 +1,6 @@
 """save_on=: a signal at a random moment of a 2-rank torchrun job becomes one committed
 checkpoint at a step both ranks agreed on, and the resumed run is bitwise identical to one
-that was never stopped (tests/preempt_job.py)."""
+that was never stopped (tests/helpers/jobs/preempt_job.py)."""
 import json
 import os
 import random
@@ -14,15 +14,15 @@ import pytest
 
 import dckpt
 from dckpt.manager import Preemption
-from helpers import TESTS, env
+from helpers import JOBS, env
 
-ENV = env(TESTS, OMP_NUM_THREADS="1", DCKPT_PEER_TIMEOUT="30")
+ENV = env(OMP_NUM_THREADS="1", DCKPT_PEER_TIMEOUT="30")
 STEPS = 60
 
 
 def torchrun(root, out, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "--max-restarts", "0", str(TESTS / "preempt_job.py"), str(root), str(out),
+           "2", "--max-restarts", "0", str(JOBS / "preempt_job.py"), str(root), str(out),
            "--steps", str(STEPS)]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **popen)

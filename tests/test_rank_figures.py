@@ -8,7 +8,7 @@ import sys
 import torch
 
 import dckpt
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 
 def _save_rank(rank, world, path):

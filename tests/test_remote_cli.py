@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dckpt
-import s3server
+from helpers import s3server
 from dckpt.cli import main
 from dckpt.storage import objectstore
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dckpt
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 from dckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, DistributedError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dckpt
-import s3server
+from helpers import s3server
 from dckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from dckpt.storage import objectstore, ranges
 

@@ -1,6 +1,6 @@
-"""Checkpoints in object storage against a real S3 server on loopback (tests/s3server.py):
-the client layer (storage/objectstore.py), the backend (storage/remote.py) and
-dckpt.save / dckpt.load / dckpt.read_manifest with s3:// URLs."""
+"""Checkpoints in object storage against a real S3 server on loopback
+(tests/helpers/s3server.py): the client layer (storage/objectstore.py), the backend
+(storage/remote.py) and dckpt.save / dckpt.load / dckpt.read_manifest with s3:// URLs."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import dckpt
-import attacks
-import s3server
+from helpers import attacks, s3server
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError,
                           CorruptCheckpointError, IncompleteCheckpointError, ManifestError,
                           RemoteStorageError, StorageError)
@@ -93,6 +92,28 @@ def test_urls_and_locations():
     assert str(storage.location("file:///tmp/x")) == "/tmp/x"
     assert storage.join("s3://b/x", "manifest.json") == "s3://b/x/manifest.json"
     assert objectstore.split("s3://b/x/y") == ("s3://b/x", "y")
+
+
+def test_local_or_remote_is_decided_by_the_location_alone():
+    """storage/__init__.py decides, and objectstore's names are the same code: a Path is
+    local whatever it spells, a str by its scheme (file:// and local:// are local)."""
+    from pathlib import Path, PurePosixPath
+
+    from dckpt import storage
+    assert objectstore.is_url is storage.is_remote and objectstore.local_path is storage.local_path
+    p = Path("s3://not/a/url")  # a Path is never a URL, even one that reads like it
+    assert not storage.is_remote(p) and storage.location(p) is p
+    assert storage.join(p, "m.json") == p / "m.json"
+    assert storage.location(PurePosixPath("/tmp/x")) == Path("/tmp/x")
+    assert storage.location("/tmp/x") == Path("/tmp/x")
+    assert storage.location("FILE:///tmp/x") == Path("/tmp/x")
+    assert storage.location("local:///tmp/x") == Path("/tmp/x")
+    assert storage.location("file://") == Path("/")
+    assert storage.local_path("gs://b/x") is None and storage.location("GS://b/x//") == "GS://b/x"
+    assert storage.is_remote("s3+https://b/x") and not storage.is_remote("s3:/b/x")
+    assert not storage.is_remote("rel/s3://x") and storage.location("rel/s3://x") == Path(
+        "rel/s3://x")
+    assert storage.join("s3://b/x/", "m.json") == "s3://b/x/m.json"
 
 
 def test_server_gone_is_retried_then_a_typed_error_without_secrets(tmp_path, monkeypatch,
@@ -318,12 +339,17 @@ def test_upload_checkpoint_commits_a_local_one_manifest_last(s3_bucket, tmp_path
 
 
 def test_local_use_imports_no_object_store_client(tmp_path):
+    """Local saves and loads, by Path, str and file:// URL, never import the object store
+    client module (so none of its code runs), let alone fsspec or a cloud SDK."""
     import subprocess
     import sys
-    code = ("import sys, torch, dckpt; dckpt.save({'a': torch.zeros(3)}, sys.argv[1]); "
-            "dckpt.load(sys.argv[1]); dckpt.read_manifest('file://' + sys.argv[1]); "
-            "print(sorted(m for m in ('fsspec', 's3fs', 'obstore', 'botocore') "
-            "if m in sys.modules))")
+    code = ("import sys, pathlib, torch, dckpt; p = sys.argv[1]; "
+            "dckpt.save({'a': torch.zeros(3)}, p); dckpt.load(p); "
+            "dckpt.save({'a': torch.ones(3)}, pathlib.Path(p), overwrite=True); "
+            "dckpt.load(pathlib.Path(p)); dckpt.read_manifest('file://' + p); "
+            "dckpt.load('file://' + p); "
+            "print(sorted(m for m in ('fsspec', 's3fs', 'obstore', 'botocore', "
+            "'dckpt.storage.objectstore', 'dckpt.storage.remote') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], check=True,
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout

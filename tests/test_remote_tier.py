@@ -1,5 +1,5 @@
 """The remote tier: CheckpointManager(local_root, remote="s3://...") uploads every committed
-step in the background to a real S3 server on loopback (moto, tests/s3server.py).
+step in the background to a real S3 server on loopback (moto, tests/helpers/s3server.py).
 
 The state is LoRA-shaped: a frozen base that incremental saves share by hard link, and a
 small trainable part. What is asserted: bitwise restores from the remote alone, the bytes
@@ -19,8 +19,8 @@ import boto3
 import pytest
 import torch
 
-import s3server
-from distributed import run_with_ranks
+from helpers import s3server
+from helpers.ranks import run_with_ranks
 from helpers import free_port
 from dckpt import CheckpointManager
 from dckpt.errors import UploadError

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-JOB = str(Path(__file__).with_name("resume_job.py"))
+from helpers import JOBS
+
+JOB = str(JOBS / "resume_job.py")
 TOTAL, STOP = 24, 13  # 10 batches per epoch: the save lands mid-epoch
 
 

@@ -13,7 +13,7 @@ import torch
 import dckpt
 from dckpt import CheckpointManager
 from dckpt.errors import StepOrderError
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 from helpers import env
 
 

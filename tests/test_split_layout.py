@@ -16,7 +16,7 @@ from dckpt.errors import CorruptCheckpointError
 from dckpt.format import reader
 from dckpt.format.manifest import MANIFEST_NAME
 from dckpt.tools.verify import verify, verify_checkpoint
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 SHAPES = {"w1": (16, 3), "w2": (32,), "w3": (16, 2, 2), "w4": (8, 5)}  # rows divide 1, 2, 4
 

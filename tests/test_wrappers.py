@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dckpt
-from distributed import run_with_ranks
+from helpers.ranks import run_with_ranks
 
 
 def _model(seed: int) -> nn.Module:

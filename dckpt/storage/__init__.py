@@ -32,7 +32,10 @@ The contract, written for the backends to come (object stores, a peer's memory):
 
 Locations: a local checkpoint is a Path; a remote one (any "scheme://" URL but file://,
 see storage/remote.py for its commit without rename) a URL string. location() makes one
-from what a user passed, join() names a file inside either.
+from what a user passed, join() names a file inside either. Which of the two a location is
+gets decided here, by a type check and one match of a string's start, and nowhere else:
+objectstore.is_url / local_path are these functions, so a local save or load never enters
+the object store client (nor imports it, nor fsspec).
 
 The local backend releases the GIL for all byte work (pwrite/pread straight from tensor
 memory on the core's thread pool). `records` (the manifest reader with the native record
@@ -40,11 +43,12 @@ check) imports no torch, so this package's __init__ imports nothing heavy either
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ..format.manifest import Chunk, Manifest
     from .local import Background, WriteOptions
 
@@ -68,29 +72,44 @@ class Storage(Protocol):
                       deep: bool = False, threads: int = 0) -> list[tuple]: ...
 
 
+# What makes a string a URL: "scheme://" at its start. file:// and local:// name the local
+# file system; every other scheme is an object store.
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+LOCAL_SCHEMES = ("file", "local")
+
+
 def is_remote(path) -> bool:
-    """True for an object store URL ("s3://...", any scheme but file://)."""
-    from .objectstore import is_url
-    return is_url(path)
+    """True for an object store URL: a str "scheme://..." with any scheme but file:// (a
+    Path, or anything else not a str, is local)."""
+    if not isinstance(path, str):
+        return False
+    m = SCHEME.match(path)
+    return m is not None and m.group(1).lower() not in LOCAL_SCHEMES
+
+
+def local_path(path) -> str | None:
+    """The local file system path of a plain path or a file:// URL; None for a remote URL."""
+    if isinstance(path, str):
+        m = SCHEME.match(path)
+        if m:
+            return (path[m.end():] or "/") if m.group(1).lower() in LOCAL_SCHEMES else None
+    return os.fspath(path)
 
 
 def location(path) -> "Path | str":
     """Where a checkpoint lies: a Path for a local path or file:// URL, the URL (without a
-    trailing "/") for an object store."""
-    from pathlib import Path
-
-    from .objectstore import is_url, local_path
-    if is_url(path):
-        return str(path).rstrip("/")
-    return Path(local_path(path))
+    trailing "/") for an object store. A Path is returned as it is: already decided."""
+    if isinstance(path, Path):
+        return path
+    local = local_path(path)
+    return Path(local) if local is not None else str(path).rstrip("/")
 
 
 def join(where, name: str) -> "Path | str":
     """The file `name` inside a location."""
-    if isinstance(where, str) and is_remote(where):
+    if is_remote(where):
         from .objectstore import join as url_join
         return url_join(where, name)
-    from pathlib import Path
     return Path(where) / name
 
 

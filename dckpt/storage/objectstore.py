@@ -49,9 +49,11 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path, PurePath
 
 from ..errors import IncompleteCheckpointError, RemoteStorageError
+# Whether a location is a URL is decided in one place, the package's, which the local path
+# uses without entering this module: these names are that code.
+from . import SCHEME, is_remote as is_url, local_path  # noqa: F401  (this API)
 
 log = logging.getLogger("dckpt.storage")
 
@@ -59,28 +61,6 @@ PART_SIZE = 16 << 20  # multipart part size: S3 needs >= 5 MiB; 16 MiB keeps mem
 UPLOAD_MEMORY = 64 << 20  # parts in flight at once, over all uploads of one call
 STREAM_BYTES = 1 << 20  # one read of a streamed GET's body: what a request holds at once
 SCATTER_WINDOW = 8 << 20  # one GET of a client that cannot stream (all of it in memory)
-
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-def is_url(path) -> bool:
-    """True for "scheme://..." strings other than file:// (a Path is always local)."""
-    if isinstance(path, PurePath) or not isinstance(path, str):
-        return False
-    m = _URL.match(path)
-    return bool(m) and m.group(1).lower() not in ("file", "local")
-
-
-def local_path(path) -> str | None:
-    """The local file system path of a plain path or a file:// URL; None for a remote URL."""
-    if isinstance(path, str):
-        m = _URL.match(path)
-        if m:
-            if m.group(1).lower() in ("file", "local"):
-                return path[m.end():] or "/"
-            return None
-    return os.fspath(path)
-
 
 def join(url: str, *names: str) -> str:
     out = url.rstrip("/")
@@ -96,7 +76,7 @@ def split(url: str) -> tuple[str, str]:
 
 
 def protocol(url: str) -> str:
-    m = _URL.match(url)
+    m = SCHEME.match(url)
     return m.group(1).lower() if m else "file"
 
 
@@ -228,7 +208,7 @@ class ObjectStore:
 
     def _key(self, url: str) -> str:
         """The path the fsspec file system takes ("bucket/key")."""
-        m = _URL.match(url)
+        m = SCHEME.match(url)
         return url[m.end():] if m else url
 
     def _url(self, key: str) -> str:

@@ -16,6 +16,7 @@ import os
 from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manifest as _read
 from ..format.manifest import read_records as _read_records
 from ..format import lookup as _lookup
+from . import is_remote, local_path
 
 try:
     from .._native import whole_tensors as check
@@ -29,21 +30,22 @@ def read_manifest(ckpt: str | os.PathLike, ranks: list[int] | None = None,
     of a split checkpoint, only these ranks' record files (None: all). For an object store
     URL, the manifest object (its size checked before it is downloaded) and the record
     objects asked for."""
-    from .objectstore import connect, is_url, join, local_path
-    if is_url(ckpt):
-        from .remote import read_manifest_bytes
-        url = str(ckpt).rstrip("/")
-        m = _parse(read_manifest_bytes(connect(url, storage_options), url),
-                   join(url, "manifest.json"), check)
-        return read_records(m, url, ranks, storage_options) if m.split is not None else m
-    return _read(local_path(ckpt), check, ranks)
+    local = local_path(ckpt)  # None for an object store URL: local or not, decided once
+    if local is not None:
+        return _read(local, check, ranks)
+    from .objectstore import connect, join
+    from .remote import read_manifest_bytes
+    url = str(ckpt).rstrip("/")
+    m = _parse(read_manifest_bytes(connect(url, storage_options), url),
+               join(url, "manifest.json"), check)
+    return read_records(m, url, ranks, storage_options) if m.split is not None else m
 
 
 def _fetch(ckpt, storage_options: dict | None):
     """How record files are read: from the directory (None), or as objects."""
-    from .objectstore import connect, is_url
-    if not is_url(ckpt):
+    if not is_remote(ckpt):
         return None
+    from .objectstore import connect
     store = connect(str(ckpt), storage_options)
 
     def fetch(url: str, size: int) -> bytes:

@@ -19,12 +19,12 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from helpers import free_port
+from . import free_port
 
 # Imported once by the forkserver (torch._dynamo alone takes seconds, and FSDP2 pulls it in).
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp",
             "torch.distributed.tensor", "torch.nn.parallel", "torch.distributed.optim",
-            "dckpt.engine.checkpoint", "dckpt.manager", "distributed"]
+            "dckpt.engine.checkpoint", "dckpt.manager", "helpers.ranks"]
 _ctx = None
 
 

@@ -1,6 +1,7 @@
 """A real S3 server on loopback for the object-storage tests: moto's standalone server
-(`moto_server`, the S3 HTTP API in a separate process). `.ci/run` starts one and exports
-DCKPT_TEST_S3_ENDPOINT; without it, the first test that needs a server starts its own.
+(`moto_server`, the S3 HTTP API in a separate process). `.ci/run` starts one (`cd tests &&
+python -m helpers.s3server --serve-for-ci`) and exports DCKPT_TEST_S3_ENDPOINT; without it,
+the first test that needs a server starts its own.
 
 Credentials and endpoint reach the clients the standard way (AWS_* variables), so the code
 under test finds them through the same chain a user's job would."""
@@ -15,7 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from helpers import free_port
+from . import free_port
 
 ENDPOINT_VAR = "DCKPT_TEST_S3_ENDPOINT"
 

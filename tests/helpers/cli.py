@@ -129,6 +129,6 @@ def _rank_sharded_save(rank: int, world: int, root: str) -> int:
 
 def sharded_root(root: Path) -> Path:
     """A real 2-rank FSDP2 save over gloo: tensors sharded across the ranks' data files."""
-    from distributed import run_with_ranks
+    from helpers.ranks import run_with_ranks
     run_with_ranks(2, _rank_sharded_save, str(root))
     return root
