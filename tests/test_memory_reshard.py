@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed import run_with_ranks  # noqa: E402
+from helpers.ranks import run_with_ranks  # noqa: E402
 from test_memory_tier import _save, make  # noqa: E402
 
 import dckpt  # noqa: E402
