@@ -30,6 +30,7 @@ def entries(shape=(4, 25), dtype="float32", placement=None) -> dict:
             Shard([0, 0], [4, 4], 0, [chunk(3)]), Shard([4, 0], [4, 4], 1, [chunk(4)])],
             "torch", {"kind": "sharded", "mesh": 0, "placements": ["Shard(dim=0)"]}),
         "~3": TensorEntry("float64", [], [Shard([], [], 0, [chunk(5)])]),
+        "100%d %s": TensorEntry("uint8", [3], [Shard([0], [3], 0, [chunk(6)])]),
     }
 
 

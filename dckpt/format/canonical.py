@@ -26,57 +26,61 @@ def _text(obj: Any) -> str:
                       ensure_ascii=True)
 
 
-# A record's fixed text (its name, dtype, kind, placement, shape) repeats save after save:
-# kept per name, and reused while the record's fields are equal. Bounded: a state with
-# more tensors than this simply formats the rest each time.
-_HEADS: dict[str, tuple] = {}
-_MAX_HEADS = 1 << 16
+# A record's text is a template: its fixed part (name, dtype, kind, placement, shapes,
+# offsets, ranks) and one '%d...%016x' slot group per chunk. Kept per name and reused while
+# those fields are equal, which they are save after save. Bounded: a state with more
+# tensors than this formats the rest each time.
+_TEMPLATES: dict[str, tuple] = {}
+_MAX_TEMPLATES = 1 << 16
+_CHUNK = '[%d,%d,%d,%d,%d,"%016x","%016x"]'  # Chunk.to_json(): five ints, two hashes as hex
 
 
 def _ints(values) -> str:
-    # Exact ints only: json writes a bool as true and an int subclass by its own rules.
-    if type(values) is list and all(type(v) is int for v in values):
-        return "[" + ",".join(map(str, values)) + "]"
-    return _text(values)
+    return "[" + ",".join(map(str, values)) + "]"
 
 
-def _chunk(c) -> str:
-    # A chunk as its to_json() list: five ints, then both hashes as 16 hex digits.
-    if len(c) == 7 and all(type(v) is int for v in c) and 0 <= c[5] < 1 << 64 and \
-            0 <= c[6] < 1 << 64:
-        return '[%d,%d,%d,%d,%d,"%016x","%016x"]' % c
-    return _text(c.to_json())
-
-
-def _shard(s) -> str:
-    rank = str(s.rank) if type(s.rank) is int else _text(s.rank)
-    return ('{"chunks":[' + ",".join(map(_chunk, s.chunks)) + '],"offsets":'
-            + _ints(s.offsets) + ',"rank":' + rank + ',"shape":' + _ints(s.shape) + "}")
-
-
-def _head(name: str, t) -> str:
-    """'"name":{"dtype":...,"kind":...,["placement":...,]"shape":[...],"shards":['"""
-    # Keyed by the texts of the fields that vary (equal texts, equal bytes: a shape [True]
-    # never matches one of [1]); name, dtype and kind are exact strs, compared as such.
-    key = (t.dtype, t.kind, _ints(t.shape),
-           None if t.placement is None else _text(t.placement))
-    hit = _HEADS.get(name)
-    if hit is not None and hit[0] == key and type(t.dtype) is str and type(t.kind) is str:
-        return hit[1]
-    placement = "" if key[3] is None else ',"placement":' + key[3]
-    text = (_text(name) + ':{"dtype":' + _text(t.dtype) + ',"kind":' + _text(t.kind)
-            + placement + ',"shape":' + key[2] + ',"shards":[')
-    if len(_HEADS) < _MAX_HEADS or name in _HEADS:
-        _HEADS[name] = (key, text)
-    return text
+def _template(name: str, t, placement: str | None) -> str:
+    # Only the strings may hold a '%': the slots stay slots, the rest is escaped.
+    shards = ",".join('{"chunks":[' + ",".join([_CHUNK] * len(s.chunks)) + '],"offsets":'
+                      + _ints(s.offsets) + ',"rank":' + str(s.rank) + ',"shape":'
+                      + _ints(s.shape) + "}" for s in t.shards)
+    head = (_text(name).replace("%", "%%") + ':{"dtype":' + _text(t.dtype).replace("%", "%%")
+            + ',"kind":' + _text(t.kind).replace("%", "%%"))
+    if placement is not None:
+        head += ',"placement":' + placement.replace("%", "%%")
+    return head + ',"shape":' + _ints(t.shape) + ',"shards":[' + shards + "]}"
 
 
 def tensors(entries: dict) -> bytes:
     """canonical({name: entry.to_json() for name, entry in entries.items()})."""
-    if not all(type(k) is str for k in entries):
+    keys, ints, whole = [], [], True
+    for name in sorted(entries) if all(type(k) is str for k in entries) else ():
+        t = entries[name]
+        shards = t.shards
+        placement = None if t.placement is None else _text(t.placement)
+        # Equal keys give equal text only for exact ints and strs (True == 1, "a" == a str
+        # subclass): every int of the record is type-checked below, in one pass.
+        keys.append((name, (t.dtype, t.kind, tuple(t.shape), placement,
+                            tuple((tuple(s.offsets), tuple(s.shape), s.rank, len(s.chunks))
+                                  for s in shards))))
+        ints += t.shape
+        for s in shards:
+            ints += s.offsets
+            ints += s.shape
+            ints.append(s.rank)
+            for c in s.chunks:
+                ints += c
+                whole = whole and len(c) == 7
+    if not whole or len(keys) != len(entries) or not set(map(type, ints)) <= {int} or not all(
+            type(k[1][0]) is str and type(k[1][1]) is str for k in keys):
         return canonical({k: v.to_json() for k, v in entries.items()})
     parts = []
-    for name in sorted(entries):
+    for name, key in keys:
         t = entries[name]
-        parts.append(_head(name, t) + ",".join(map(_shard, t.shards)) + "]}")
+        hit = _TEMPLATES.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, _template(name, t, key[3]))
+            if len(_TEMPLATES) < _MAX_TEMPLATES or name in _TEMPLATES:
+                _TEMPLATES[name] = hit
+        parts.append(hit[1] % tuple([v for s in t.shards for c in s.chunks for v in c]))
     return ("{" + ",".join(parts) + "}").encode("ascii")

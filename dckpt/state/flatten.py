@@ -76,7 +76,8 @@ def type_name(obj: Any) -> str:
 
 
 def flatten(state: Any, tensor_hook=None) -> Flat:
-    """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors."""
+    """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors;
+    it is asked about tensors of a subclass only (a DTensor is one, a plain tensor never)."""
     flat = Flat(tree=None)
     plain: list[int] = []  # leaves of plain tensors (not DTensor shards): may share storage
     seen: dict[tuple, str] = {}
@@ -96,7 +97,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             if key is not None and key in seen:
                 return TensorRef(seen[key])
             name = unique(path)
-            leaf = tensor_hook(v, name) if tensor_hook else None
+            leaf = tensor_hook(v, name) if tensor_hook and type(v) is not torch.Tensor else None
             if leaf is None:
                 if v.dtype not in TORCH_NAMES:
                     raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
