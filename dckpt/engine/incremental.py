@@ -150,14 +150,21 @@ def _old_shard(m: Manifest, name: str, leaf) -> Shard | None:
     if t is None or t.kind != kind or t.dtype != leaf.dtype or t.shape != leaf.global_shape:
         return None
     shape = list(leaf.value.shape)
-    return next((s for s in t.shards if s.offsets == leaf.offsets and s.shape == shape), None)
+    for s in t.shards:  # one, unless sharded
+        if s.offsets == leaf.offsets and s.shape == shape:
+            return s
+    return None
 
 
 def _comparable(shard: Shard, chunk_size: int, links: "_Links") -> list[Chunk]:
     """The leading chunks of `shard` that line up with how a rewrite would cut it and can
     be linked. A prefix: the native writer compares position by position."""
+    chunks = shard.chunks
+    if len(chunks) == 1:  # the usual small tensor: one chunk, cut as a rewrite would
+        c = chunks[0]
+        return [c] if c.raw <= chunk_size and links.get(c.file) is not None else []
     total, out = shard.raw_bytes, []
-    for i, c in enumerate(shard.chunks):
+    for i, c in enumerate(chunks):
         if c.raw != min(chunk_size, total - i * chunk_size) or links.get(c.file) is None:
             break
         out.append(c)
@@ -234,8 +241,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]
     # A storage record of views is a fresh tensor each save: its version counter does not
     # see writes through the views, so it is always hashed.
-    fps = [fingerprint(leaf.value) if versions is not None and not leaf.storage else None
-           for leaf in leaves]
+    fps = ([fingerprint(leaf.value) if not leaf.storage else None for leaf in leaves]
+           if versions is not None else [None] * len(leaves))
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
     prev: list[list[int] | None] = []
@@ -289,16 +296,23 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     local = {j: used.index(name) + wrote for j, name in links.names.items() if name in used}
     stats = dict.fromkeys(_STATS, 0)
     chunks = []
-    for i, leaf in enumerate(leaves):
-        out = [Chunk(0 if j is None else local[j], *c[1:]) for c, j in picked[i]]
-        for c, j in picked[i]:
-            stats["new_chunks" if j is None else "referenced_chunks"] += 1
-            stats["referenced_bytes"] += 0 if j is None else c.stored
-        if i in reused:
-            stats["unhashed_bytes"] += leaf.nbytes
+    new_chunks = referenced = referenced_bytes = 0
+    for i, p in enumerate(picked):
+        # A chunk just written already names file 0 (the writer's file_index).
+        out = [c if j is None and c[0] == 0 else
+               Chunk(0 if j is None else local[j], *c[1:]) for c, j in p]
+        for c, j in p:
+            if j is None:
+                new_chunks += 1
+            else:
+                referenced += 1
+                referenced_bytes += c.stored
         if versions is not None:
             versions.record(names[i], fps[i], out)
         chunks.append(out)
+    stats["new_chunks"], stats["referenced_chunks"] = new_chunks, referenced
+    stats["referenced_bytes"] = referenced_bytes
+    stats["unhashed_bytes"] = sum(leaves[i].nbytes for i in reused)
     links.drop_unused(set(used))
     sizes = {links.names[j]: m.files[j].size for j in local}
 
@@ -333,7 +347,7 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
     files = sorted({ch.file for _, _, ch in todo})
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
-    records = [ch._replace(file=index[ch.file]) for _, _, ch in todo]
+    records = [(index[ch.file], *ch[1:]) for _, _, ch in todo]  # tuples: as the core takes them
     bad = {f[0] for f in store.verify_chunks(paths, records, [1] * len(records),
                                              threads=threads)}
     damaged: dict[int, int] = {}

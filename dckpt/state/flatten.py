@@ -13,7 +13,6 @@ gives views of one storage again, as torch.load does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,20 @@ from ..errors import UnsupportedStateError
 from ..format.dtypes import numpy_itemsize
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
 from .tensors import TORCH_NAMES, dtype_name, view_key
+
+
+class _once:
+    """functools.cached_property without its per-instance lock (Python < 3.12 takes one on
+    every first access: thousands of leaves a save, each asked once per save)."""
+
+    def __init__(self, f):
+        self.f, self.name = f, f.__name__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.f(obj)
+        return value
 
 
 @dataclass
@@ -39,11 +52,11 @@ class Leaf:
 
     # Cached: asked per leaf by the plan, the offer, the writer and the manifest, each save.
     # A leaf's value may be replaced (by its host copy) but never by one of another dtype.
-    @cached_property
+    @_once
     def is_numpy(self) -> bool:
         return isinstance(self.value, np.ndarray)
 
-    @cached_property
+    @_once
     def dtype(self) -> str:
         if self.is_numpy:
             return self.value.dtype.str
