@@ -238,21 +238,27 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     m = base.manifest_for(rank)
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
-    old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]
     # A storage record of views is a fresh tensor each save: its version counter does not
     # see writes through the views, so it is always hashed.
     fps = ([fingerprint(leaf.value) if not leaf.storage else None for leaf in leaves]
            if versions is not None else [None] * len(leaves))
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
+    old: list[Shard | None] = []  # each leaf's block in the base, where it has one
     prev: list[list[int] | None] = []
-    for i, (n, shard) in enumerate(zip(names, old)):
-        if versions is not None and versions.lookup(n, fps[i], shard) and \
+    chunk_size = opts.chunk_size
+    for i, (n, leaf) in enumerate(zip(names, leaves)):
+        shard = _old_shard(m, n, leaf)
+        old.append(shard)
+        if shard is None:
+            prev.append(None)
+        elif versions is not None and versions.lookup(n, fps[i], shard) and \
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
-        comparable = _comparable(shard, opts.chunk_size, links) if shard and i not in reused \
-            else []
-        prev.append([c.raw_hash for c in comparable] if comparable else None)
+            prev.append(None)
+        else:
+            comparable = _comparable(shard, chunk_size, links)
+            prev.append([c.raw_hash for c in comparable] if comparable else None)
 
     # The writer matches live data against the base's *recorded* hashes; the stored bytes
     # may have rotted since. So every base chunk the new checkpoint is about to link is read

@@ -300,7 +300,11 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        total = 0
+        for t in self.tensors.values():  # TensorEntry.nbytes, inlined: asked at every save
+            size = ITEMSIZE.get(t.dtype) if t.kind == "torch" else None
+            total += math.prod(t.shape) * size if size is not None else t.nbytes
+        return total
 
     @property
     def stored_bytes(self) -> int:

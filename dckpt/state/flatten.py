@@ -117,7 +117,9 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                 if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
                     raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
                                                 "only dense tensors are stored", path)
-                leaf = Leaf(name, v.detach(), list(v.shape), [0] * v.dim())
+                # A plain tensor that needs no grad is its own detached self: no new object.
+                value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
+                leaf = Leaf(name, value, list(v.shape), [0] * v.dim())
                 plain.append(len(flat.leaves))
             flat.leaves.append(leaf)
             if key is not None:
