@@ -304,8 +304,9 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     chunks = []
     new_chunks = referenced = referenced_bytes = 0
     for i, p in enumerate(picked):
-        # A chunk just written already names file 0 (the writer's file_index).
-        out = [c if j is None and c[0] == 0 else
+        # A record that already names its file (a chunk just written names file 0, the
+        # writer's file_index; a base chunk often keeps its index) is kept as it is.
+        out = [c if c[0] == (0 if j is None else local[j]) else
                Chunk(0 if j is None else local[j], *c[1:]) for c, j in p]
         for c, j in p:
             if j is None:
