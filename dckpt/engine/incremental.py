@@ -345,8 +345,8 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
                    shared: dict[int, list[tuple[int, Chunk]]], intact: set,
                    threads: int) -> dict[int, int]:
     """leaf -> position of its first shared base chunk whose stored bytes do not match
-    their stored hash, read through the links made for them. Chunks found intact are added
-    to `intact` and not read again."""
+    their stored hash, read through the links made for them. When one is damaged, the
+    chunks found intact are added to `intact` and not read again by the rewrite's check."""
     todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
             if (ch.file, ch.offset) not in intact]
     if not todo:
@@ -354,9 +354,14 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
     files = sorted({ch.file for _, _, ch in todo})
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
-    records = [(index[ch.file], *ch[1:]) for _, _, ch in todo]  # tuples: as the core takes them
+    if all(k == j for j, k in index.items()):  # the records name their files as they are
+        records = [ch for _, _, ch in todo]
+    else:
+        records = [(index[ch.file], *ch[1:]) for _, _, ch in todo]  # tuples, as the core takes
     bad = {f[0] for f in store.verify_chunks(paths, records, [1] * len(records),
                                              threads=threads)}
+    if not bad:  # the usual case: `intact` is only asked again after a damaged chunk
+        return {}
     damaged: dict[int, int] = {}
     for k, (i, c, ch) in enumerate(todo):
         if k not in bad:
