@@ -92,7 +92,9 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
     """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors;
     it is asked about tensors of a subclass only (a DTensor is one, a plain tensor never)."""
     flat = Flat(tree=None)
-    plain: list[int] = []  # leaves of plain tensors (not DTensor shards): may share storage
+    # (leaf, (storage address, device)) of plain tensors (not DTensor shards) with data:
+    # those may share a storage
+    plain: list[tuple[int, tuple]] = []
     seen: dict[tuple, str] = {}
     names: set[str] = set()
 
@@ -120,7 +122,10 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                 # A plain tensor that needs no grad is its own detached self: no new object.
                 value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
                 leaf = Leaf(name, value, list(v.shape), [0] * v.dim())
-                plain.append(len(flat.leaves))
+                if key is not None:  # not empty, not meta: may share its storage
+                    # The storage's address (cheaper than untyped_storage()), and device.
+                    plain.append((len(flat.leaves),
+                                  (key[1] - v.storage_offset() * v.element_size(), key[0])))
             flat.leaves.append(leaf)
             if key is not None:
                 seen[key] = name
@@ -201,20 +206,15 @@ def without_wrapper_prefixes(saved: dict, live_keys) -> dict:
 MAX_SPAN_RATIO = 2
 
 
-def share_storages(flat: Flat, plain: list[int], unique) -> None:
+def share_storages(flat: Flat, plain: list[tuple[int, tuple]], unique) -> None:
     """Replace plain tensors that are different views of one storage by one storage record
-    and view references into it (see the module docstring)."""
+    and view references into it (see the module docstring). plain: (leaf index, (storage
+    address, device)) of the candidates, as flatten found them."""
     groups: dict[tuple, list[int]] = {}
-    leaves = flat.leaves
-    for i in plain:
-        t = leaves[i].value
-        if t.is_meta or not t.numel():
-            continue
-        # The storage's address (cheaper than untyped_storage(), thousands of leaves a save)
-        base = t.data_ptr() - t.storage_offset() * t.element_size()
-        group = groups.get((base, t.get_device()))
+    for i, where in plain:
+        group = groups.get(where)
         if group is None:
-            groups[(base, t.get_device())] = [i]
+            groups[where] = [i]
         else:
             group.append(i)
     views: dict[str, ViewRef] = {}  # member's name -> its view of the record
