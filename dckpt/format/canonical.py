@@ -26,61 +26,64 @@ def _text(obj: Any) -> str:
                       ensure_ascii=True)
 
 
-# A record's text is a template: its fixed part (name, dtype, kind, placement, shapes,
-# offsets, ranks) and one '%d...%016x' slot group per chunk. Kept per name and reused while
-# those fields are equal, which they are save after save. Bounded: a state with more
-# tensors than this formats the rest each time.
+# A record's text is a template: its strings (name, dtype, kind, placement) written out and
+# a slot for every number (shapes, offsets, ranks, each chunk's five ints and two hashes).
+# Kept per name and reused while the strings and the counts of numbers are equal, which they
+# are save after save. Bounded: a state with more tensors than this formats the rest each
+# time.
 _TEMPLATES: dict[str, tuple] = {}
 _MAX_TEMPLATES = 1 << 16
 _CHUNK = '[%d,%d,%d,%d,%d,"%016x","%016x"]'  # Chunk.to_json(): five ints, two hashes as hex
 
 
-def _ints(values) -> str:
-    return "[" + ",".join(map(str, values)) + "]"
+def _slots(n: int) -> str:
+    return "[" + ",".join(["%d"] * n) + "]"
 
 
 def _template(name: str, t, placement: str | None) -> str:
-    # Only the strings may hold a '%': the slots stay slots, the rest is escaped.
+    # The strings are escaped ('%' -> '%%'); the numbers are slots.
     shards = ",".join('{"chunks":[' + ",".join([_CHUNK] * len(s.chunks)) + '],"offsets":'
-                      + _ints(s.offsets) + ',"rank":' + str(s.rank) + ',"shape":'
-                      + _ints(s.shape) + "}" for s in t.shards)
+                      + _slots(len(s.offsets)) + ',"rank":%d,"shape":' + _slots(len(s.shape))
+                      + "}" for s in t.shards)
     head = (_text(name).replace("%", "%%") + ':{"dtype":' + _text(t.dtype).replace("%", "%%")
             + ',"kind":' + _text(t.kind).replace("%", "%%"))
     if placement is not None:
         head += ',"placement":' + placement.replace("%", "%%")
-    return head + ',"shape":' + _ints(t.shape) + ',"shards":[' + shards + "]}"
+    return head + ',"shape":' + _slots(len(t.shape)) + ',"shards":[' + shards + "]}"
 
 
 def tensors(entries: dict) -> bytes:
     """canonical({name: entry.to_json() for name, entry in entries.items()})."""
-    keys, ints, whole = [], [], True
-    for name in sorted(entries) if all(type(k) is str for k in entries) else ():
-        t = entries[name]
-        shards = t.shards
-        placement = None if t.placement is None else _text(t.placement)
-        # Equal keys give equal text only for exact ints and strs (True == 1, "a" == a str
-        # subclass): every int of the record is type-checked below, in one pass.
-        keys.append((name, (t.dtype, t.kind, tuple(t.shape), placement,
-                            tuple((tuple(s.offsets), tuple(s.shape), s.rank, len(s.chunks))
-                                  for s in shards))))
-        ints += t.shape
-        for s in shards:
-            ints += s.offsets
-            ints += s.shape
-            ints.append(s.rank)
-            for c in s.chunks:
-                ints += c
-                whole = whole and len(c) == 7
-    if not whole or len(keys) != len(entries) or not set(map(type, ints)) <= {int} or not all(
-            type(k[1][0]) is str and type(k[1][1]) is str for k in keys):
+    if not all(type(k) is str for k in entries):
         return canonical({k: v.to_json() for k, v in entries.items()})
-    parts = []
-    for name, key in keys:
+    parts, numbers, exact = [], [], True
+    for name in sorted(entries):
         t = entries[name]
+        exact = exact and type(t.dtype) is str and type(t.kind) is str
+        placement = None if t.placement is None else _text(t.placement)
+        # The numbers in the order the template holds their slots (a record's keys sorted:
+        # shape before shards; a shard's chunks, offsets, rank, shape), the counts in the key.
+        values = list(t.shape)
+        layout = [t.dtype, t.kind, placement, len(values)]
+        for s in t.shards:
+            chunks = s.chunks
+            for c in chunks:
+                values += c
+                exact = exact and len(c) == 7
+            values += s.offsets
+            values.append(s.rank)
+            values += s.shape
+            layout += (len(chunks), len(s.offsets), len(s.shape))
         hit = _TEMPLATES.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, _template(name, t, key[3]))
+        if hit is None or hit[0] != layout:
+            hit = (layout, _template(name, t, placement))
             if len(_TEMPLATES) < _MAX_TEMPLATES or name in _TEMPLATES:
                 _TEMPLATES[name] = hit
-        parts.append(hit[1] % tuple([v for s in t.shards for c in s.chunks for v in c]))
-    return ("{" + ",".join(parts) + "}").encode("ascii")
+        parts.append((hit[1], values))
+        numbers += values
+    # Exact ints and strs only: json writes a bool as true, a float with a point, and a
+    # str subclass by its own str; anything else is written by json itself.
+    if not exact or not set(map(type, numbers)) <= {int}:
+        return canonical({k: v.to_json() for k, v in entries.items()})
+    return ("{" + ",".join([text % tuple(values) for text, values in parts])
+            + "}").encode("ascii")
