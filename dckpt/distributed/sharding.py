@@ -220,10 +220,11 @@ def offer(flat: Flat, world: int) -> list[Offer]:
 
 # A training job flattens the same layout at every save: the offers it makes (but for the
 # digests of small plain tensors, which follow the values) and their layout hash are kept
-# for the last few layouts, found by layout_key. A state holding DTensors is described
-# anew each time (its placements and meshes are not in the key).
+# for the last two layouts, found by layout_key (exact keys: a few hundred bytes per
+# tensor). A state holding DTensors is described anew each time (its placements and
+# meshes are not in the key).
 _layouts: dict[tuple, tuple[list[Offer], str]] = {}
-_MAX_LAYOUTS = 4
+_MAX_LAYOUTS = 2  # a training loop saves one layout (two: a memory tier beside the root)
 
 
 def layout_key(flat: Flat) -> tuple | None:
