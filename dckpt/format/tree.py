@@ -141,7 +141,11 @@ def encode(value: Any, path: str = "") -> Any:
                 raise UnsupportedStateError(
                     f"dict key {k!r} of type {type(k).__name__} at '{path or '/'}' "
                     "cannot be stored without pickle", path or "/")
-            pairs.append([encode(k, path), encode(v, _join(path, k))])
+            t = type(v)  # as above: the common leaves inline (a model's keys are not sorted)
+            pairs.append([k if type(k) is str else encode(k, path),
+                          {"$tensor": v.name} if t is TensorRef else
+                          v if t is str or t is int or v is None or t is bool else
+                          encode(v, _join(path, k))])
         return {"$dict": pairs}
     raise UnsupportedStateError(
         f"value of type {type(value).__module__}.{type(value).__qualname__} at "
