@@ -274,7 +274,9 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
                             counters, metrics, meta, fsync, group, t0, (sent0, received0),
                             reused)
     try:
-        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base)
+        # A single process builds its manifest records at once (no JSON form to send).
+        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base,
+                             wire=dist.active(group))
         failure = None
     except Exception as e:
         report, failure = None, e
@@ -597,6 +599,9 @@ class WriteReport:
     tree: Any
     extra: Any
     views: int
+    # A single process's records as manifest TensorEntries already (then `tensors` is
+    # empty): never sent, so _build_manifest takes them as they are.
+    entries: dict[str, TensorEntry] | None = None
 
     def to_json(self) -> dict:
         return {"files": self.files, "tensors": self.tensors, "aliases": self.aliases,
@@ -613,9 +618,10 @@ class WriteReport:
 
 def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
                 opts: io.WriteOptions, mode: io.Background, r: int,
-                base: incremental.Base | None) -> WriteReport:
+                base: incremental.Base | None, wire: bool = True) -> WriteReport:
     """Write the tensors the plan gives this rank into its data file(s); returns its part of
-    the manifest."""
+    the manifest. wire: its records as JSON values, to send or to write as a record file;
+    else (a single process, no placements to index) as the manifest's TensorEntries."""
     flat = snap.flat
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
@@ -633,6 +639,14 @@ def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: shardin
         files = [FileEntry(n, store.size(p), r) for n, p in zip(fnames, paths)]
     tensors = {}
     placements = plan.placements
+    if not wire and not placements:
+        # cs: the writer's fresh list of Chunks for the leaf, as it is.
+        entries = {name: TensorEntry(leaf.dtype, leaf.global_shape,
+                                     [Shard(leaf.offsets, list(leaf.value.shape), r, cs)],
+                                     "numpy" if leaf.is_numpy else "torch")
+                   for leaf, name, cs in zip(leaves, names, chunks)}
+        return WriteReport([f.to_json() for f in files], {}, plan.aliases, stats, snap.tree,
+                           snap.rank_state, snap.flat.views, entries)
     for leaf, name, cs in zip(leaves, names, chunks):
         # cs: the writer's fresh list of Chunks (tuples: JSON lists on the wire), as it is.
         tensors[name] = {
@@ -650,6 +664,14 @@ def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, m
     for rep in reports:
         first = len(files)  # a rank's chunks index its own file list
         files.extend(FileEntry(**f) for f in rep.files)
+        if rep.entries is not None:  # a single process's records, made by _write_rank
+            for name, t in rep.entries.items():
+                shards = [Shard(x.offsets, x.shape, x.rank, _chunks(x.chunks, first))
+                          for x in t.shards] if first else t.shards
+                if name in tensors:
+                    tensors[name].shards.extend(shards)
+                else:
+                    tensors[name] = t if first == 0 else t._replace(shards=shards)
         for name, t in rep.tensors.items():
             shards = [Shard(s["offsets"], s["shape"], s["rank"], _chunks(s["chunks"], first))
                       for s in t["shards"]]
