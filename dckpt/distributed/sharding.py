@@ -250,7 +250,10 @@ def offer_layout(flat: Flat, world: int) -> tuple[list[Offer], str]:
         if key is not None:
             if len(_layouts) >= _MAX_LAYOUTS:
                 del _layouts[next(iter(_layouts))]
-            _layouts[key] = ([replace(o, digest=None) if o.digest else o for o in offers], own)
+            # Kept with lists of their own: this save's leaves (and manifest) hold these.
+            _layouts[key] = ([replace(o, digest=None, shape=list(o.shape),
+                                      global_shape=list(o.global_shape),
+                                      offsets=list(o.offsets)) for o in offers], own)
         return offers, own
     offers, own = hit
     if world > 1:  # as offer() does: small plain tensors carry their digest
