@@ -57,16 +57,21 @@ class ZeroState:
 ZERO_TYPE = type_name(ZeroState(None))
 
 
+# Values that are neither an optimizer nor hold one: passed over at once (a state dict
+# holds hundreds of tensors, each otherwise asked three questions per save).
+_LEAVES = frozenset({torch.Tensor, torch.nn.Parameter, int, float, str, bool, type(None)})
+
+
 def adapt(state: Any) -> Any:
     """`state` with every ZeroRedundancyOptimizer (in dicts, lists, tuples) wrapped in
     ZeroState; containers are copied only where something was wrapped."""
     if _is_zero(state):
         return ZeroState(state)
     if isinstance(state, dict):
-        out = {k: adapt(v) for k, v in state.items()}
+        out = {k: v if type(v) in _LEAVES else adapt(v) for k, v in state.items()}
         return state if all(out[k] is state[k] for k in state) else out
     if isinstance(state, (list, tuple)):
-        out = [adapt(v) for v in state]
+        out = [v if type(v) in _LEAVES else adapt(v) for v in state]
         if all(a is b for a, b in zip(out, state)):
             return state
         return type(state)(out) if isinstance(state, tuple) else out

@@ -191,8 +191,8 @@ def dtensor_leaf(t: torch.Tensor, name: str) -> Leaf | None:
 def contiguous_cpu(v):
     if isinstance(v, np.ndarray):
         return np.ascontiguousarray(v)
-    if v.device.type == "cpu" and v.is_contiguous():  # the common case, per leaf per save
-        return v.detach()
+    if v.is_cpu and v.is_contiguous():  # the common case, per leaf per save
+        return v.detach() if v.requires_grad else v  # leaves are detached: no new object
     return v.detach().to("cpu").contiguous()
 
 
@@ -216,6 +216,50 @@ def offer(flat: Flat, world: int) -> list[Offer]:
                          list(leaf.value.shape), leaf.global_shape, leaf.offsets, leaf.nbytes,
                          placement, digest))
     return out
+
+
+# A training job flattens the same layout at every save: the offers it makes (but for the
+# digests of small plain tensors, which follow the values) and their layout hash are kept
+# for the last two layouts, found by layout_key (exact keys: a few hundred bytes per
+# tensor). A state holding DTensors is described anew each time (its placements and
+# meshes are not in the key).
+_layouts: dict[tuple, tuple[list[Offer], str]] = {}
+_MAX_LAYOUTS = 2  # a training loop saves one layout (two: a memory tier beside the root)
+
+
+def layout_key(flat: Flat) -> tuple | None:
+    """Everything offer() takes from the leaves but their values: name, dtype, kind, local
+    and global shapes, offsets. None where a leaf is a DTensor shard."""
+    key = []
+    for leaf in flat.leaves:
+        if isinstance(leaf, DTensorLeaf):
+            return None
+        key.append((leaf.name, leaf.dtype, leaf.is_numpy, tuple(leaf.value.shape),
+                    tuple(leaf.global_shape), tuple(leaf.offsets)))
+    return tuple(key)
+
+
+def offer_layout(flat: Flat, world: int) -> tuple[list[Offer], str]:
+    """offer(flat, world) and its layout_hash, from the last saves' when the layout is one
+    of theirs (only the eager digests are computed again)."""
+    key = layout_key(flat)
+    hit = _layouts.get(key) if key is not None else None
+    if hit is None:
+        offers = offer(flat, world)
+        own = layout_hash(offers)
+        if key is not None:
+            if len(_layouts) >= _MAX_LAYOUTS:
+                del _layouts[next(iter(_layouts))]
+            # Kept with lists of their own: this save's leaves (and manifest) hold these.
+            _layouts[key] = ([replace(o, digest=None, shape=list(o.shape),
+                                      global_shape=list(o.global_shape),
+                                      offsets=list(o.offsets)) for o in offers], own)
+        return offers, own
+    offers, own = hit
+    if world > 1:  # as offer() does: small plain tensors carry their digest
+        offers = [replace(o, digest=_digest(leaf)) if leaf.nbytes <= EAGER_DIGEST_BYTES else o
+                  for o, leaf in zip(offers, flat.leaves)]
+    return list(offers), own
 
 
 def _digest(leaf: Leaf) -> str:

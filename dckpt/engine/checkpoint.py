@@ -54,8 +54,13 @@ class SaveResult:
 
     @classmethod
     def of(cls, path: Path | str, m: Manifest, seconds: float, rank: int) -> "SaveResult":
-        mine = sum(s.raw_bytes for t in m.tensors.values() for s in t.shards if s.rank == rank)
-        return cls(path, m.total_bytes, m.stored_bytes, seconds, m, mine, rank=rank)
+        mine = stored = 0
+        for t in m.tensors.values():  # one pass over the chunks: thousands per save
+            for s in t.shards:
+                if s.rank == rank:
+                    mine += sum([c.raw for c in s.chunks])
+                stored += sum([c.stored for c in s.chunks])
+        return cls(path, m.total_bytes, stored, seconds, m, mine, rank=rank)
 
     @property
     def manifest(self) -> Manifest:
@@ -233,8 +238,7 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
                 staged.append(storage.location(begun.staging))
         if begun is None or begun.staging:
             snap = snap() if callable(snap) else snap
-            offers = sharding.offer(snap.flat, world)
-            own = sharding.layout_hash(offers)
+            offers, own = sharding.offer_layout(snap.flat, world)
             same = cache is not None and cache.own == own
             key = {"layout": own, "plan": cache.plan_id if same else None,
                    "replicas": sharding.replica_fingerprint(snap.flat, offers,
@@ -270,7 +274,9 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
                             counters, metrics, meta, fsync, group, t0, (sent0, received0),
                             reused)
     try:
-        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base)
+        # A single process builds its manifest records at once (no JSON form to send).
+        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base,
+                             wire=dist.active(group))
         failure = None
     except Exception as e:
         report, failure = None, e
@@ -593,6 +599,9 @@ class WriteReport:
     tree: Any
     extra: Any
     views: int
+    # A single process's records as manifest TensorEntries already (then `tensors` is
+    # empty): never sent, so _build_manifest takes them as they are.
+    entries: dict[str, TensorEntry] | None = None
 
     def to_json(self) -> dict:
         return {"files": self.files, "tensors": self.tensors, "aliases": self.aliases,
@@ -609,9 +618,10 @@ class WriteReport:
 
 def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
                 opts: io.WriteOptions, mode: io.Background, r: int,
-                base: incremental.Base | None) -> WriteReport:
+                base: incremental.Base | None, wire: bool = True) -> WriteReport:
     """Write the tensors the plan gives this rank into its data file(s); returns its part of
-    the manifest."""
+    the manifest. wire: its records as JSON values, to send or to write as a record file;
+    else (a single process, no placements to index) as the manifest's TensorEntries."""
     flat = snap.flat
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
@@ -628,12 +638,22 @@ def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: shardin
         chunks = store.write_files(paths, values, opts, mode)
         files = [FileEntry(n, store.size(p), r) for n, p in zip(fnames, paths)]
     tensors = {}
+    placements = plan.placements
+    if not wire and not placements:
+        # cs: the writer's fresh list of Chunks for the leaf, as it is.
+        entries = {name: TensorEntry(leaf.dtype, leaf.global_shape,
+                                     [Shard(leaf.offsets, list(leaf.value.shape), r, cs)],
+                                     "numpy" if leaf.is_numpy else "torch")
+                   for leaf, name, cs in zip(leaves, names, chunks)}
+        return WriteReport([f.to_json() for f in files], {}, plan.aliases, stats, snap.tree,
+                           snap.rank_state, snap.flat.views, entries)
     for leaf, name, cs in zip(leaves, names, chunks):
+        # cs: the writer's fresh list of Chunks (tuples: JSON lists on the wire), as it is.
         tensors[name] = {
             "kind": "numpy" if leaf.is_numpy else "torch", "dtype": leaf.dtype,
-            "shape": leaf.global_shape, "placement": plan.placements.get(name),
+            "shape": leaf.global_shape, "placement": placements.get(name),
             "shards": [{"offsets": leaf.offsets, "shape": list(leaf.value.shape), "rank": r,
-                        "chunks": [tuple(c) for c in cs]}]}
+                        "chunks": cs}]}
     return WriteReport([f.to_json() for f in files], tensors, plan.aliases, stats, snap.tree,
                        snap.rank_state, snap.flat.views)
 
@@ -644,9 +664,16 @@ def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, m
     for rep in reports:
         first = len(files)  # a rank's chunks index its own file list
         files.extend(FileEntry(**f) for f in rep.files)
+        if rep.entries is not None:  # a single process's records, made by _write_rank
+            for name, t in rep.entries.items():
+                shards = [Shard(x.offsets, x.shape, x.rank, _chunks(x.chunks, first))
+                          for x in t.shards] if first else t.shards
+                if name in tensors:
+                    tensors[name].shards.extend(shards)
+                else:
+                    tensors[name] = t if first == 0 else t._replace(shards=shards)
         for name, t in rep.tensors.items():
-            shards = [Shard(s["offsets"], s["shape"], s["rank"],
-                            [Chunk(first + c[0], *c[1:]) for c in s["chunks"]])
+            shards = [Shard(s["offsets"], s["shape"], s["rank"], _chunks(s["chunks"], first))
                       for s in t["shards"]]
             if name in tensors:
                 tensors[name].shards.extend(shards)
@@ -662,6 +689,14 @@ def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, m
     return Manifest(world_size=world, files=files, tensors=tensors, ranks=ranks,
                     counters=counters or {}, metrics=metrics or {},
                     meta={"library": info, **(meta or {})}, meshes=meshes, version=version)
+
+
+def _chunks(records: list, first: int) -> list[Chunk]:
+    """A shard's chunk records (Chunks, or JSON lists from another rank) as Chunks whose
+    file indices count from `first`, the rank's first file in the manifest."""
+    if first == 0 and all(type(c) is Chunk for c in records):
+        return list(records)  # the usual single-process save: already what it needs
+    return [Chunk(first + c[0], *c[1:]) for c in records]
 
 
 def _index_mesh(placement: dict | None, meshes: list[dict]) -> dict | None:

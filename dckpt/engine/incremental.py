@@ -150,14 +150,21 @@ def _old_shard(m: Manifest, name: str, leaf) -> Shard | None:
     if t is None or t.kind != kind or t.dtype != leaf.dtype or t.shape != leaf.global_shape:
         return None
     shape = list(leaf.value.shape)
-    return next((s for s in t.shards if s.offsets == leaf.offsets and s.shape == shape), None)
+    for s in t.shards:  # one, unless sharded
+        if s.offsets == leaf.offsets and s.shape == shape:
+            return s
+    return None
 
 
 def _comparable(shard: Shard, chunk_size: int, links: "_Links") -> list[Chunk]:
     """The leading chunks of `shard` that line up with how a rewrite would cut it and can
     be linked. A prefix: the native writer compares position by position."""
+    chunks = shard.chunks
+    if len(chunks) == 1:  # the usual small tensor: one chunk, cut as a rewrite would
+        c = chunks[0]
+        return [c] if c.raw <= chunk_size and links.get(c.file) is not None else []
     total, out = shard.raw_bytes, []
-    for i, c in enumerate(shard.chunks):
+    for i, c in enumerate(chunks):
         if c.raw != min(chunk_size, total - i * chunk_size) or links.get(c.file) is None:
             break
         out.append(c)
@@ -231,21 +238,27 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     m = base.manifest_for(rank)
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
-    old = [_old_shard(m, n, leaf) for n, leaf in zip(names, leaves)]
     # A storage record of views is a fresh tensor each save: its version counter does not
     # see writes through the views, so it is always hashed.
-    fps = [fingerprint(leaf.value) if versions is not None and not leaf.storage else None
-           for leaf in leaves]
+    fps = ([fingerprint(leaf.value) if not leaf.storage else None for leaf in leaves]
+           if versions is not None else [None] * len(leaves))
 
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
+    old: list[Shard | None] = []  # each leaf's block in the base, where it has one
     prev: list[list[int] | None] = []
-    for i, (n, shard) in enumerate(zip(names, old)):
-        if versions is not None and versions.lookup(n, fps[i], shard) and \
+    chunk_size = opts.chunk_size
+    for i, (n, leaf) in enumerate(zip(names, leaves)):
+        shard = _old_shard(m, n, leaf)
+        old.append(shard)
+        if shard is None:
+            prev.append(None)
+        elif versions is not None and versions.lookup(n, fps[i], shard) and \
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
-        comparable = _comparable(shard, opts.chunk_size, links) if shard and i not in reused \
-            else []
-        prev.append([c.raw_hash for c in comparable] if comparable else None)
+            prev.append(None)
+        else:
+            comparable = _comparable(shard, chunk_size, links)
+            prev.append([c.raw_hash for c in comparable] if comparable else None)
 
     # The writer matches live data against the base's *recorded* hashes; the stored bytes
     # may have rotted since. So every base chunk the new checkpoint is about to link is read
@@ -289,16 +302,24 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     local = {j: used.index(name) + wrote for j, name in links.names.items() if name in used}
     stats = dict.fromkeys(_STATS, 0)
     chunks = []
-    for i, leaf in enumerate(leaves):
-        out = [Chunk(0 if j is None else local[j], *c[1:]) for c, j in picked[i]]
-        for c, j in picked[i]:
-            stats["new_chunks" if j is None else "referenced_chunks"] += 1
-            stats["referenced_bytes"] += 0 if j is None else c.stored
-        if i in reused:
-            stats["unhashed_bytes"] += leaf.nbytes
+    new_chunks = referenced = referenced_bytes = 0
+    for i, p in enumerate(picked):
+        # A record that already names its file (a chunk just written names file 0, the
+        # writer's file_index; a base chunk often keeps its index) is kept as it is.
+        out = [c if c[0] == (0 if j is None else local[j]) else
+               Chunk(0 if j is None else local[j], *c[1:]) for c, j in p]
+        for c, j in p:
+            if j is None:
+                new_chunks += 1
+            else:
+                referenced += 1
+                referenced_bytes += c.stored
         if versions is not None:
             versions.record(names[i], fps[i], out)
         chunks.append(out)
+    stats["new_chunks"], stats["referenced_chunks"] = new_chunks, referenced
+    stats["referenced_bytes"] = referenced_bytes
+    stats["unhashed_bytes"] = sum(leaves[i].nbytes for i in reused)
     links.drop_unused(set(used))
     sizes = {links.names[j]: m.files[j].size for j in local}
 
@@ -324,8 +345,8 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
                    shared: dict[int, list[tuple[int, Chunk]]], intact: set,
                    threads: int) -> dict[int, int]:
     """leaf -> position of its first shared base chunk whose stored bytes do not match
-    their stored hash, read through the links made for them. Chunks found intact are added
-    to `intact` and not read again."""
+    their stored hash, read through the links made for them. When one is damaged, the
+    chunks found intact are added to `intact` and not read again by the rewrite's check."""
     todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
             if (ch.file, ch.offset) not in intact]
     if not todo:
@@ -333,9 +354,14 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
     files = sorted({ch.file for _, _, ch in todo})
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
-    records = [ch._replace(file=index[ch.file]) for _, _, ch in todo]
+    if all(k == j for j, k in index.items()):  # the records name their files as they are
+        records = [ch for _, _, ch in todo]
+    else:
+        records = [(index[ch.file], *ch[1:]) for _, _, ch in todo]  # tuples, as the core takes
     bad = {f[0] for f in store.verify_chunks(paths, records, [1] * len(records),
                                              threads=threads)}
+    if not bad:  # the usual case: `intact` is only asked again after a damaged chunk
+        return {}
     damaged: dict[int, int] = {}
     for k, (i, c, ch) in enumerate(todo):
         if k not in bad:

@@ -23,7 +23,7 @@ import xxhash
 from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, FormatVersionError,
                       ManifestError, NotACheckpointError)
 from .dtypes import ITEMSIZE, numpy_itemsize
-from . import split as splitfmt
+from . import canonical, split as splitfmt
 
 # The fast check of whole-tensor records: the native core's `whole_tensors`, handed in by
 # the storage layer (dckpt.storage.records), which alone imports the core. It returns an
@@ -246,9 +246,11 @@ class Manifest:
     # were read. None for the single-file layout.
     split: splitfmt.SplitIndex | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, tensors: bool = True) -> dict:
+        """The manifest as JSON values; without its "tensors" member when not `tensors`
+        (to_bytes writes that one itself)."""
         if self.split is not None and not self.split.loaded:
-            return self._index_dict()
+            return self._index_dict(tensors)
         if self.split is not None and not self.split.complete:
             raise ValueError("a split manifest with only some record files read cannot be "
                              "written as one file")
@@ -261,41 +263,48 @@ class Manifest:
             "created": self.created,
             "world_size": self.world_size,
             "files": [f.to_json() for f in self.files],
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "ranks": self.ranks,
             "counters": encode_nonfinite(self.counters),
             "metrics": encode_nonfinite(self.metrics),
             "meta": self.meta,
         }
+        if tensors:
+            out["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
         if self.meshes:
             out["meshes"] = self.meshes
         return out
 
-    def _index_dict(self) -> dict:
+    def _index_dict(self, tensors: bool = True) -> dict:
         """The split layout's index: what every rank reads (docs/FORMAT.md)."""
         out = {
             "format": FORMAT_NAME, "version": splitfmt.SPLIT_VERSION,
             "hash_algorithm": HASH_ALGORITHM, "created": self.created,
             "world_size": self.world_size, "files": [f.to_json() for f in self.files],
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
             "records": self.split.to_json(),
             "owned": self.split.owned,
             "counters": encode_nonfinite(self.counters),
             "metrics": encode_nonfinite(self.metrics), "meta": self.meta,
         }
+        if tensors:
+            out["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
         if self.meshes:
             out["meshes"] = self.meshes
         return out
 
     def to_bytes(self) -> bytes:
-        parts = _canonical_parts(self.to_dict())
+        parts = _canonical_parts(self.to_dict(tensors=False))
+        parts["tensors"] = canonical.tensors(self.tensors)  # its records written directly
         digest = xxhash.xxh3_64_intdigest(_join(parts))
         parts["self_hash"] = _canonical(f"{digest:016x}")
         return _join(parts) + b"\n"
 
     @property
     def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        total = 0
+        for t in self.tensors.values():  # TensorEntry.nbytes, inlined: asked at every save
+            size = ITEMSIZE.get(t.dtype) if t.kind == "torch" else None
+            total += math.prod(t.shape) * size if size is not None else t.nbytes
+        return total
 
     @property
     def stored_bytes(self) -> int:
@@ -339,9 +348,7 @@ def _values(c: "_Check", obj: dict, key: str) -> dict:
         c.fail(key, "nested too deeply")
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False,
-                      ensure_ascii=True).encode("ascii")
+_canonical = canonical.canonical
 
 
 # The canonical form of a dict is its sorted "key":value pairs joined by commas, so the forms

@@ -83,6 +83,8 @@ def _join(path: str, key: Any) -> str:
 
 def encode(value: Any, path: str = "") -> Any:
     """Tree of safe values and refs -> JSON-ready structure. Raises UnsupportedStateError."""
+    if type(value) is TensorRef:  # the most common node
+        return {"$tensor": value.name}
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -120,14 +122,30 @@ def encode(value: Any, path: str = "") -> Any:
         keys = list(value)
         if all(isinstance(k, str) and not k.startswith("$") for k in keys) and all(
                 a < b for a, b in zip(keys, keys[1:])):
-            return {k: encode(v, _join(path, k)) for k, v in value.items()}
+            # The leaves a state dict is made of (tensors, strings, ints) inline: a model's
+            # state is hundreds of tensor references, encoded at every save, and the key
+            # path is only needed by what can fail.
+            out = {}
+            for k, v in value.items():
+                t = type(v)
+                if t is TensorRef:
+                    out[k] = {"$tensor": v.name}
+                elif t is str or t is int or v is None or t is bool:
+                    out[k] = v
+                else:
+                    out[k] = encode(v, _join(path, k))
+            return out
         pairs = []
         for k, v in value.items():
             if k is not None and not isinstance(k, (str, int, float, bool, tuple)):
                 raise UnsupportedStateError(
                     f"dict key {k!r} of type {type(k).__name__} at '{path or '/'}' "
                     "cannot be stored without pickle", path or "/")
-            pairs.append([encode(k, path), encode(v, _join(path, k))])
+            t = type(v)  # as above: the common leaves inline (a model's keys are not sorted)
+            pairs.append([k if type(k) is str else encode(k, path),
+                          {"$tensor": v.name} if t is TensorRef else
+                          v if t is str or t is int or v is None or t is bool else
+                          encode(v, _join(path, k))])
         return {"$dict": pairs}
     raise UnsupportedStateError(
         f"value of type {type(value).__module__}.{type(value).__qualname__} at "

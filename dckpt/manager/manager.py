@@ -346,7 +346,15 @@ class CheckpointManager:
         """The newest committed step, skipping those `dckpt repair` set aside as failing
         verification; the `latest` pointer is a hint checked against disk."""
         pointed = self._read_latest()
-        steps = [s for s in self.steps() if not is_set_aside(self.path(s))]
+        listing = self._listing
+        if listing is None:
+            steps = [s for s in self.steps() if not is_set_aside(self.path(s))]
+        else:  # asked twice per save (the base, retention): each step's marker looked up once
+            aside = listing.setdefault("aside", {})
+            for s in self.steps():
+                if s not in aside:
+                    aside[s] = is_set_aside(self.path(s))
+            steps = [s for s in self.steps() if not aside[s]]
         if pointed is not None and steps and pointed == steps[-1]:
             return pointed
         return steps[-1] if steps else None

@@ -13,7 +13,6 @@ gives views of one storage again, as torch.load does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,20 @@ from ..errors import UnsupportedStateError
 from ..format.dtypes import numpy_itemsize
 from ..format.tree import ArrayRef, DtypeRef, ObjectState, TensorRef, ViewRef
 from .tensors import TORCH_NAMES, dtype_name, view_key
+
+
+class _once:
+    """functools.cached_property without its per-instance lock (Python < 3.12 takes one on
+    every first access: thousands of leaves a save, each asked once per save)."""
+
+    def __init__(self, f):
+        self.f, self.name = f, f.__name__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.f(obj)
+        return value
 
 
 @dataclass
@@ -39,11 +52,11 @@ class Leaf:
 
     # Cached: asked per leaf by the plan, the offer, the writer and the manifest, each save.
     # A leaf's value may be replaced (by its host copy) but never by one of another dtype.
-    @cached_property
+    @_once
     def is_numpy(self) -> bool:
         return isinstance(self.value, np.ndarray)
 
-    @cached_property
+    @_once
     def dtype(self) -> str:
         if self.is_numpy:
             return self.value.dtype.str
@@ -76,9 +89,12 @@ def type_name(obj: Any) -> str:
 
 
 def flatten(state: Any, tensor_hook=None) -> Flat:
-    """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors."""
+    """`tensor_hook(tensor, path) -> Leaf | None` lets the dist layer describe DTensors;
+    it is asked about tensors of a subclass only (a DTensor is one, a plain tensor never)."""
     flat = Flat(tree=None)
-    plain: list[int] = []  # leaves of plain tensors (not DTensor shards): may share storage
+    # (leaf, (storage address, device)) of plain tensors (not DTensor shards) with data:
+    # those may share a storage
+    plain: list[tuple[int, tuple]] = []
     seen: dict[tuple, str] = {}
     names: set[str] = set()
 
@@ -96,15 +112,20 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             if key is not None and key in seen:
                 return TensorRef(seen[key])
             name = unique(path)
-            leaf = tensor_hook(v, name) if tensor_hook else None
+            leaf = tensor_hook(v, name) if tensor_hook and type(v) is not torch.Tensor else None
             if leaf is None:
                 if v.dtype not in TORCH_NAMES:
                     raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
                 if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
                     raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
                                                 "only dense tensors are stored", path)
-                leaf = Leaf(name, v.detach(), list(v.shape), [0] * v.dim())
-                plain.append(len(flat.leaves))
+                # A plain tensor that needs no grad is its own detached self: no new object.
+                value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
+                leaf = Leaf(name, value, list(v.shape), [0] * v.dim())
+                if key is not None:  # not empty, not meta: may share its storage
+                    # The storage's address (cheaper than untyped_storage()), and device.
+                    plain.append((len(flat.leaves),
+                                  (key[1] - v.storage_offset() * v.element_size(), key[0])))
             flat.leaves.append(leaf)
             if key is not None:
                 seen[key] = name
@@ -185,20 +206,15 @@ def without_wrapper_prefixes(saved: dict, live_keys) -> dict:
 MAX_SPAN_RATIO = 2
 
 
-def share_storages(flat: Flat, plain: list[int], unique) -> None:
+def share_storages(flat: Flat, plain: list[tuple[int, tuple]], unique) -> None:
     """Replace plain tensors that are different views of one storage by one storage record
-    and view references into it (see the module docstring)."""
+    and view references into it (see the module docstring). plain: (leaf index, (storage
+    address, device)) of the candidates, as flatten found them."""
     groups: dict[tuple, list[int]] = {}
-    leaves = flat.leaves
-    for i in plain:
-        t = leaves[i].value
-        if t.is_meta or not t.numel():
-            continue
-        # The storage's address (cheaper than untyped_storage(), thousands of leaves a save)
-        base = t.data_ptr() - t.storage_offset() * t.element_size()
-        group = groups.get((base, t.get_device()))
+    for i, where in plain:
+        group = groups.get(where)
         if group is None:
-            groups[(base, t.get_device())] = [i]
+            groups[where] = [i]
         else:
             group.append(i)
     views: dict[str, ViewRef] = {}  # member's name -> its view of the record

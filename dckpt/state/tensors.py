@@ -34,10 +34,12 @@ def numpy_dtype(name: str) -> np.dtype:
 
 def view_key(t: torch.Tensor) -> tuple | None:
     """Identity of a view: equal keys mean the very same memory seen the same way."""
-    if hasattr(t, "to_local") and hasattr(t, "placements"):  # a DTensor: by its local shard
+    # A DTensor: by its local shard. (A plain tensor, asked for each of hundreds of leaves
+    # per save, is known by its exact type without the failing attribute lookups.)
+    if type(t) is not torch.Tensor and hasattr(t, "to_local") and hasattr(t, "placements"):
         key = view_key(t.to_local())
         return None if key is None else ("dtensor", *key)
-    if t.numel() == 0 or t.device.type == "meta":
+    if t.is_meta or t.numel() == 0:
         return None
     # data_ptr() is the storage's address plus the view's offset: the same memory.
     return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
