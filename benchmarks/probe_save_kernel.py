@@ -15,6 +15,9 @@ pwrite loops with 256 KiB / 4 MiB / 64 MiB writes, with and without posix_falloc
         # seconds earlier (which the VM may have handed back to its host meanwhile: free
         # page reporting), and over an existing file in place (no new pages); the kernel's
         # reported_kib count beside it
+    python benchmarks/probe_save_kernel.py --manager-changed [--dir .]
+        # CheckpointManager.save (keep_last=1) after every tensor of a --mb bf16 state
+        # changed: the incremental writer's path (hash first, then write), 5 saves
     python benchmarks/probe_save_kernel.py --pauses [--gap 8] [--dir .]
         # safetensors save_file + fsync and dckpt.save(overwrite=True) of the --mb state,
         # each into its one path, alternating, after a --gap s pause each
@@ -246,6 +249,28 @@ def pauses(w, root: Path, repeats: int, gap: float) -> None:
         print(f"  {name:12s} " + "  ".join(f"{a:.2f}/{k:.2f}" for a, k in v))
 
 
+def manager_changed(root: Path, mb: int, saves: int = 5) -> None:
+    """Wall and kernel seconds of manager saves where every tensor changed since the last."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn(1 << 21, generator=g).to(torch.bfloat16)
+             for i in range(max(1, (mb << 20) // (4 << 20)))}
+    m = dckpt.CheckpointManager(root / "m", keep_last=1)
+    m.save(0, state)
+    out = []
+    for step in range(1, saves + 1):
+        for t in state.values():
+            t.add_(1)
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        m.save(step, state)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out.append((time.perf_counter() - t0, r1.ru_stime - r0.ru_stime))
+    m.close()
+    print(f"CheckpointManager.save after every tensor changed ({mb} MB bf16), per save: "
+          "wall s / kernel s")
+    print("  " + "  ".join(f"{a:.2f}/{k:.2f}" for a, k in out))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
@@ -255,9 +280,13 @@ def main() -> int:
     p.add_argument("--first-touch", action="store_true")
     p.add_argument("--gap", type=float, default=8.0)
     p.add_argument("--pauses", action="store_true")
+    p.add_argument("--manager-changed", action="store_true")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix=".dckpt-probe-", dir=a.dir))
     try:
+        if a.manager_changed:
+            manager_changed(root, a.mb)
+            return 0
         if a.first_touch:
             first_touch(root, a.mb << 20, max(2, a.repeats // 2), a.gap)
             return 0
