@@ -228,7 +228,8 @@ py::int_ hash64(py::handle obj) {
 
 py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
                       int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
-                      int64_t file_index, py::handle prev_obj, bool direct, double duty) {
+                      int64_t file_index, py::handle prev_obj, bool direct, double duty,
+                      bool writeback) {
   // One path, or a list of files that the writer threads share the chunks between.
   bool several = py::isinstance<py::list>(path_obj) || py::isinstance<py::tuple>(path_obj);
   std::vector<std::string> paths =
@@ -263,7 +264,8 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
     sources.push_back({held.back()->data(), held.back()->size(), elem_sizes[b],
                        has_prev[b] ? &prev[b] : nullptr});
   }
-  dckpt::WriteOptions options{chunk_size, codec, level, threads, fsync, file_index, direct, duty};
+  dckpt::WriteOptions options{chunk_size, codec,  level, threads,
+                              fsync,      file_index, direct, duty, fsync || writeback};
   std::vector<std::vector<ChunkRecord>> records;
   Status st;
   {
@@ -360,12 +362,14 @@ PYBIND11_MODULE(_native, m) {
         py::arg("elem_sizes"), py::arg("chunk_size") = int64_t{4} << 20, py::arg("codec") = 0,
         py::arg("level") = 1, py::arg("threads") = 0, py::arg("fsync") = true,
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
-        py::arg("direct") = false, py::arg("duty") = 1.0,
+        py::arg("direct") = false, py::arg("duty") = 1.0, py::arg("writeback") = false,
         "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.\n"
         "path may be a list of files: writer thread w appends the chunks it takes to file\n"
         "w % len(path) (record file_index = file_index + that position); not with direct.\n"
         "direct: raw chunks bypass the page cache where the filesystem allows it; duty: the\n"
-        "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest).");
+        "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest);\n"
+        "writeback: start the kernel's writeback of each MiB as it is written (always with\n"
+        "fsync; set it when the caller fsyncs the file itself).");
   m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),
         py::arg("chunks"), py::arg("verify") = true, py::arg("threads") = 0,
         "Fill each destination from its chunk records: a writable C-contiguous buffer, or an\n"

@@ -55,6 +55,9 @@ struct WriteOptions {
   // that took t, it sleeps t * (1 - duty) / duty, so a background save leaves training
   // the rest of the memory bandwidth and CPU.
   double duty = 1.0;
+  // Start the kernel's writeback of each range as soon as it is written (buffered writes):
+  // for bytes that will be fsync'd, here or by the caller.
+  bool writeback = false;
 };
 
 // Creates or truncates `path` and stores every source's chunks in it; out[b] receives

@@ -139,6 +139,11 @@ int File::sync() const {
   return rc == 0 ? 0 : errno;
 }
 
+void File::start_writeback(uint64_t offset, size_t len) const {
+  ::sync_file_range(fd_, static_cast<off64_t>(offset), static_cast<off64_t>(len),
+                    SYNC_FILE_RANGE_WRITE);
+}
+
 int File::close() {
   int fd = std::exchange(fd_, -1);
   // POSIX leaves the descriptor state unspecified after EINTR; Linux has always

@@ -41,6 +41,9 @@ class File {
   int pwrite_all(const void* src, size_t len, uint64_t offset) const;
   int truncate(uint64_t size) const;
   int sync() const;
+  // Asks the kernel to start writing [offset, offset + len) back without waiting for it.
+  // Advisory: an error here is reported again by the fsync that follows.
+  void start_writeback(uint64_t offset, size_t len) const;
   // Reports errors that some filesystems (NFS) only surface on close.
   int close();
 

@@ -269,7 +269,7 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
     # The data file is fsynced below, once it is known to hold a chunk: a save that changed
     # nothing would otherwise pay an fsync for an empty file it then deletes.
-    unsynced = replace(opts, fsync=False)
+    unsynced = replace(opts, fsync=False, synced_later=opts.fsync)
     while True:
         todo = [i for i in range(len(leaves)) if i not in reused]
         written = store.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],

@@ -166,6 +166,11 @@ def _hit(e: Exception | None) -> RestoreHit | None:
                       getattr(e, "live_state_changed", False))
 
 
+def _remove_dirs(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 class _ManifestCache:
     """The manifest of the step this manager committed last, trusted only while the file
     on disk is the one written: its identity (device, inode, size, modification and change
@@ -287,6 +292,8 @@ class CheckpointManager:
         # disk (_ManifestCache): the next incremental save compares against it without
         # reading and parsing it again, and reads it anew when the file was replaced.
         self._written = _ManifestCache()
+        # Removes the directories of steps retention retired (_apply_retention).
+        self._deleter: threading.Thread | None = None
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -505,7 +512,7 @@ class CheckpointManager:
                 try:
                     # Moved first, so that retention can protect whatever `latest` names.
                     self._move_latest(step)
-                    self._apply_retention(saved=step)
+                    self._apply_retention(saved=step, background=True)
                 except Exception as e:
                     failure = e
             dist.raise_if_any_failed(failure, group, f"save of step {step}: retention")
@@ -574,8 +581,11 @@ class CheckpointManager:
             if self._saver is not None:
                 self._saver.close(timeout)
         finally:
-            if self._remote is not None:
-                self._remote.close(timeout)
+            try:
+                if self._remote is not None:
+                    self._remote.close(timeout)
+            finally:
+                self._join_deleter()
 
     def _wait_saves(self) -> None:
         """Wait for the async saves only (their commits hold the root lock); uploads go on
@@ -703,23 +713,43 @@ class CheckpointManager:
                         os.readlink(self.path(s)))
         return [s for s in doomed if s not in links], links
 
-    def _apply_retention(self, dry_run: bool = False, saved: int | None = None) -> list[int]:
+    def _apply_retention(self, dry_run: bool = False, saved: int | None = None,
+                         background: bool = False) -> list[int]:
+        """Retire the steps the policy drops: each is renamed aside at once (from then on
+        no checkpoint), then its directory removed, here or, with `background`, by a
+        thread while training goes on: unlinking a step's files frees its page cache,
+        4 ms of a 14 MB save's 24 on ext4 and seconds for large steps (Orbax deletes in
+        the background too). A crash mid-removal leaves debris the next start clears."""
         doomed, _ = self._doomed(saved)
-        if not dry_run:
-            for s in doomed:
-                # Rename first so a crash mid-delete leaves debris gc recognizes, not a
-                # half-deleted directory that still looks committed.
-                trash = self.root / f".{step_dir(s)}.tmp-deleting"
-                try:
-                    os.rename(self.path(s), trash)
-                except OSError as e:
-                    # The new step is committed; a step another process removed (or one
-                    # that cannot be moved) must not make its save fail.
-                    log.warning("dckpt: retention could not delete %s: %s", self.path(s),
-                                e.strerror or e)
-                    continue
-                shutil.rmtree(trash, ignore_errors=True)
+        if dry_run:
+            return doomed
+        self._join_deleter()  # one removal at a time, in retirement order
+        trash = []
+        for s in doomed:
+            # Rename first so a crash mid-delete leaves debris gc recognizes, not a
+            # half-deleted directory that still looks committed.
+            aside = self.root / f".{step_dir(s)}.tmp-deleting"
+            try:
+                os.rename(self.path(s), aside)
+            except OSError as e:
+                # The new step is committed; a step another process removed (or one
+                # that cannot be moved) must not make its save fail.
+                log.warning("dckpt: retention could not delete %s: %s", self.path(s),
+                            e.strerror or e)
+                continue
+            trash.append(aside)
+        if background and trash:
+            self._deleter = threading.Thread(target=_remove_dirs, args=(trash,),
+                                             name="dckpt-retention")
+            self._deleter.start()
+        else:
+            _remove_dirs(trash)
         return doomed
+
+    def _join_deleter(self) -> None:
+        if self._deleter is not None:
+            self._deleter.join()
+            self._deleter = None
 
     def _temporaries(self) -> list[Path]:
         """Staging directories and the half-written `latest` a crash leaves behind."""
@@ -744,6 +774,7 @@ class CheckpointManager:
         """Apply retention and remove incomplete temporaries; reports what (would be) freed.
         Collective: rank 0 does it, every rank gets its report or its error."""
         self._wait_saves()  # the async worker holds the root lock while it commits
+        self._join_deleter()  # its directories would count as debris
         report = failure = None
         if self.is_writer:
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ class WriteOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     threads: int = 0
     fsync: bool = True
+    # The caller fsyncs the files itself afterwards (fsync=False here): the writer still
+    # starts the kernel's writeback of each MiB as it goes, as it does with fsync.
+    synced_later: bool = False
 
     @property
     def codec(self) -> int:
@@ -129,7 +132,8 @@ def _write_views(path: str | list[str], views: list, sizes: list[int], opts: Wri
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
             threads=opts.threads, fsync=opts.fsync, file_index=file_index,
-            prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty)
+            prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty,
+            writeback=opts.synced_later)
     except _native.ChunkError as e:
         where = getattr(e, "path", None) or (path if isinstance(path, str) else path[0])
         raise StorageError(f"writing {where} failed: {e}", where) from None
@@ -167,8 +171,7 @@ def write_files(paths: list[str], values: list, opts: WriteOptions,
     views = [byte_view(v).reshape(-1) for v in values]
     sizes = [elem_size(v) for v in values]
     plan = _split([v.nbytes for v in views], len(paths), opts.chunk_size)
-    each = WriteOptions(opts.compression, opts.shuffle, opts.chunk_size,
-                        max(1, (opts.threads or default_threads()) // len(paths)), opts.fsync)
+    each = replace(opts, threads=max(1, (opts.threads or default_threads()) // len(paths)))
     results: list = [None] * len(paths)
     errors: list[BaseException] = []
     # The helper threads write as this one does (direct: each O_DIRECT file in its own call).

@@ -1,0 +1,125 @@
+"""What a durable save does besides writing its bytes: the writer hands each MiB to the
+kernel's writeback as it goes (so the closing fsync waits for the tail only), and the
+manager removes the steps retention retired in a thread, after the save returned."""
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from dckpt import _native as native
+from dckpt.manager import CheckpointManager
+from dckpt.manager import manager as manager_module
+from dckpt.storage import local as io
+
+from test_native import noise, weights
+
+CS = 1 << 20
+
+
+def dirty_pages() -> int:
+    with open("/proc/vmstat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("nr_dirty "))
+
+
+def on_tmpfs(path) -> bool:
+    best, fstype = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, kind = line.split()[:3]
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, fstype = mount, kind
+    return fstype in ("tmpfs", "ramfs")
+
+
+@pytest.mark.parametrize("codec", [0, 1, 2])
+def test_writeback_leaves_files_and_records_as_they_were(tmp_path, codec):
+    bufs = [weights(3 * CS + 123, seed=1), noise(CS // 2, seed=2), weights(5, seed=3)]
+    prev = [None, [0], None]  # one buffer hashed against (wrong) previous hashes
+    out = {}
+    for wb in (False, True):
+        p = tmp_path / f"wb{wb}"
+        recs = native.write_chunks(str(p), bufs, [4, 1, 1], chunk_size=CS, codec=codec,
+                                   threads=1, fsync=False, prev_hashes=prev, writeback=wb)
+        out[wb] = (recs, p.read_bytes())
+    assert out[True] == out[False]
+
+
+def test_writeback_starts_the_disk_writes_before_any_fsync(tmp_path):
+    if on_tmpfs(tmp_path):
+        pytest.skip("tmpfs has no writeback")
+    buf = noise(96 << 20, seed=4)
+    pages = len(buf) // os.sysconf("SC_PAGE_SIZE")
+    dirtied = {}
+    for wb in (False, True):
+        before = dirty_pages()
+        native.write_chunks(str(tmp_path / f"f{wb}"), [buf], [1], chunk_size=4 * CS,
+                            threads=2, fsync=False, writeback=wb)
+        dirtied[wb] = dirty_pages() - before
+    if dirtied[False] < pages // 2:
+        pytest.skip(f"the kernel wrote back on its own ({dirtied[False]} of {pages} pages "
+                    "still dirty): nothing to compare")
+    # Handed to writeback, a page is no longer dirty (it is under writeback or clean).
+    assert dirtied[True] < pages // 4, dirtied
+
+
+def test_incremental_writer_hands_its_file_to_writeback(tmp_path, monkeypatch):
+    """The incremental save fsyncs its data file itself, after the write: the writer must
+    still be told the bytes will be synced."""
+    seen = []
+    real = io._native.write_chunks
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["fsync"], kwargs["writeback"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io._native, "write_chunks", spy)
+    mgr = CheckpointManager(tmp_path)
+    state = {"w": torch.arange(1000.0)}
+    mgr.save(1, state)
+    state["w"] += 1
+    mgr.save(2, state)
+    assert seen and all(fsync or writeback for fsync, writeback in seen), seen
+    seen.clear()
+    CheckpointManager(tmp_path / "nosync", fsync=False).save(1, state)
+    assert seen and not any(fsync or writeback for fsync, writeback in seen), seen
+
+
+def test_retired_steps_are_removed_after_the_save_returns(tmp_path, monkeypatch):
+    release, started, log = threading.Event(), threading.Event(), []
+    real = shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):
+        log.append(("rmtree", threading.current_thread().name, os.path.basename(path)))
+        started.set()
+        release.wait(30)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manager_module.shutil, "rmtree", slow_rmtree)
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    state = {"w": torch.arange(10.0)}
+    mgr.save(1, state)
+    mgr.save(2, state)  # retires step 1; returns while its removal is held up
+    log.append(("returned", threading.current_thread().name, 2))
+    assert started.wait(30)
+    assert mgr.steps() == [2]  # renamed aside before the save returned
+    assert (tmp_path / ".step-000000001.tmp-deleting").exists()
+    release.set()
+    mgr.close()  # waits for the removal
+    assert not (tmp_path / ".step-000000001.tmp-deleting").exists()
+    assert sorted(log) == [("returned", "MainThread", 2),
+                           ("rmtree", "dckpt-retention", ".step-000000001.tmp-deleting")]
+    mgr2 = CheckpointManager(tmp_path, keep_last=1)
+    assert mgr2.restore({"w": torch.zeros(10)}).step == 2
+
+
+def test_gc_waits_for_a_removal_in_progress(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    state = {"w": torch.arange(10.0)}
+    for s in (1, 2, 3):
+        mgr.save(s, state)
+    report = mgr.gc()
+    # The retired steps' directories are not reported as a crash's debris.
+    assert not report["removed_temporaries"], report
+    assert sorted(os.listdir(tmp_path)) == [".lock", "latest", "step-000000003"]
