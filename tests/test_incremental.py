@@ -124,6 +124,7 @@ def test_frozen_base_finetune_writes_only_the_trainable_part(tmp_path):
         assert meta["base"] == f"step-{step - 1:09d}" and meta["depth"] == step - 1
         # ... and the base model is the very file step 1 wrote, linked, not copied.
         links = [p for p in mgr.path(step).iterdir() if p.name.startswith("ref-")]
+        mgr.wait()  # the retired step's directory is removed in the background
         assert [p.name for p in links] == ["ref-r0-step-000000001-rank-00000.dckpt"]
         assert links[0].stat().st_nlink == 2  # kept: step 1 and 2, then two links
         assert mgr.steps() == list(range(max(1, step - 1), step + 1))

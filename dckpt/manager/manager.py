@@ -565,13 +565,21 @@ class CheckpointManager:
 
     # ---- async service -------------------------------------------------------------------
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for pending async saves, then for uploads to the remote tier (True when
-        none is left); raises their failures (AsyncSaveError, UploadError)."""
+        """Wait for pending async saves, then for uploads to the remote tier and the
+        removal of retired steps (True when none is left); raises the failures of saves
+        and uploads (AsyncSaveError, UploadError)."""
         start = time.monotonic()
+
+        def left() -> float | None:
+            return None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+
         done = self._saver.wait(timeout) if self._saver is not None else True
         if self._remote is not None:
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            done = self._remote.wait(left) and done
+            done = self._remote.wait(left()) and done
+        deleter = self._deleter
+        if deleter is not None:
+            deleter.join(left())
+            done = not deleter.is_alive() and done
         return done
 
     def close(self, timeout: float | None = None) -> None:
