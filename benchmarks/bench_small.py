@@ -1,7 +1,7 @@
 """The fixed costs of a small checkpoint, and an async snapshot against a bare copy.
 
     python benchmarks/bench_small.py [--tensors 300] [--numel 11675] [--rounds 12]
-                                     [--dir /tmp] [--async-mb 256]
+                                     [--dir /tmp] [--async-mb 256] [--record FILE]
 
 One run, one process, one state of `--tensors` fp32 tensors of `--numel` elements each
 (default 300 x 46.7 KB = 14 MB, the demo's size). Timed, interleaved in a balanced order
@@ -190,7 +190,15 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     ap.add_argument("--async-mb", type=float, default=256.0)
     ap.add_argument("--no-async", action="store_true")
+    ap.add_argument("--record", default=None,
+                    help="also write a record for the docs generator (dckpt/bench/docs.py)")
     args = ap.parse_args()
+    from dckpt.bench.record import recording
+    with recording(args.record, kind="text", directory=args.dir or tempfile.gettempdir()):
+        run(args)
+
+
+def run(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-small-", dir=args.dir))
     try:
         times = small(args, root)
