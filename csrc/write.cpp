@@ -55,9 +55,9 @@ constexpr size_t kFusedBlock = size_t{256} << 10;
 //
 // With options.writeback, each MiB written is handed to the kernel's writeback at once
 // (sync_file_range WRITE, which does not wait), so the disk works while the rest is still
-// being copied and the fsync at the end waits only for the tail: a 16 MB file + fsync took
-// 10.8 -> 7.8 ms on ext4, 256 MB 158 -> 111 ms (docs/ARCHITECTURE.md, "Writeback and
-// background removal").
+// being copied and the fsync at the end waits only for the tail: on ext4 here a 16 MB
+// file + fsync took 13.2 -> 10.4 ms, 256 MB 158 -> 110 ms (benchmarks/probe_writeback.py;
+// docs/ARCHITECTURE.md, "Writeback and background removal").
 constexpr size_t kWritebackStep = size_t{1} << 20;
 
 // hash, when given, takes each piece just before it is written (still in cache).
