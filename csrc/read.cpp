@@ -142,15 +142,20 @@ Status load_chunk(const File& file, const ChunkRecord& r, uint8_t* dst, size_t e
   return Status();
 }
 
+// Verify reads in 1 MiB blocks (the L2 of a core here) rather than 256 KiB: a quarter of
+// the calls for the same copy, the block still in cache when it is hashed
+// (docs/BENCHMARKS.md, "Verify": warm, against a sequential read of the same files).
+constexpr size_t kCheckBlock = size_t{1} << 20;
+
 // Hashes one admitted chunk's stored bytes through a small reused buffer. pread rather
 // than mmap: it measured faster here (10 vs 6 GB/s per core), and a file truncated
 // under a mapping raises SIGBUS where pread just comes up short.
 Status check_stored(const File& file, const ChunkRecord& r, Worker& w, const Where& where) {
-  uint8_t* buf = w.frame.get(kBlock);
+  uint8_t* buf = w.frame.get(kCheckBlock);
   StreamHash hash;
   uint64_t len = static_cast<uint64_t>(r.stored_len);
   for (uint64_t done = 0; done < len;) {
-    size_t n = static_cast<size_t>(std::min<uint64_t>(kBlock, len - done));
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kCheckBlock, len - done));
     int err = file.pread_all(buf, n, r.offset + done);
     if (err != 0) return io_failure(where, "read failed", err);
     hash.update(buf, n);
