@@ -289,3 +289,35 @@ def test_a_holder_dying_while_sending_parts_fails_every_rank_without_a_hang(tmp_
     _lose_node_b(mem)
     got = run_with_ranks(2, _restore_holder_dies, root, mem, may_die=(1,), timeout=40)
     assert got[0] == 1  # rank 0 learns, within seconds, that rank 1 failed
+
+
+def _rerun_from(rank, world, root, mem, step, again):
+    """Restore `step` explicitly, then save step `again` anew (content of step 10 * again)."""
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    mgr.restore(make(rank, 0), step)
+    mgr.save(again, make(rank, 10 * again))
+    mgr.close()
+
+
+def _restore_newest(rank, world, root, mem):
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    state = make(rank, 0)
+    rep = mgr.restore(state)
+    old = rank if rank < 2 else 0  # a rank the 2-rank save did not have gets rank 0's state
+    return {"step": rep.step, "resharded_from": rep.sources[rank].get("resharded_from"),
+            "rerun": all(torch.equal(state[k], v) for k, v in make(old, 30).items())}
+
+
+def test_of_two_saves_of_one_step_at_other_world_sizes_the_later_is_restored(tmp_path):
+    """A 4-rank job saves step 3; a 2-rank job resumes from step 2 and saves its own step 3;
+    a 3-rank restart finds both complete on node a and must take the 2-rank one (the
+    larger world's is the older save)."""
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(4, _save, root, mem, [1, 2, 3], 2)  # node a: own parts 0-1, replicas 2-3
+    run_with_ranks(2, _rerun_from, root, mem, 2, 3)
+    held = sorted(os.listdir(Path(mem, "a", step_dir(3))))
+    assert OLD[0] in held and "rank-00000-of-00002" in held  # both saves of step 3
+    res = run_with_ranks(3, _restore_newest, root, mem)
+    assert [r["step"] for r in res] == [3, 3, 3]
+    assert [r["resharded_from"] for r in res] == [2, 2, 2]
+    assert all(r["rerun"] for r in res)

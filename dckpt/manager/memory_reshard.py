@@ -35,7 +35,7 @@ from pathlib import Path
 from ..distributed import collective as dist, replicate
 from ..distributed.sharding import DTensorLeaf
 from ..engine import checkpoint
-from ..errors import IncompleteCheckpointError, ManifestError
+from ..errors import DckptError, IncompleteCheckpointError, ManifestError
 from ..format.layout import (TMP_MARK, is_committed, is_staging, parse_step_dir, staging_dir,
                              step_dir)
 from ..format.manifest import FileEntry, Manifest, Shard, TensorEntry
@@ -99,19 +99,48 @@ def listing(tier) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+def saved_at(tier) -> dict[str, float]:
+    """"world/step" -> when the newest part of that save on this node was written (its
+    manifest's `created`), for every world size, this one too: of two saves of one step
+    (a job that resumed from an older step and saved it again at another size), the later
+    is the one to restore."""
+    out: dict[str, float] = {}
+    for w, s, _, p in _parts(tier, all_worlds=True):
+        t = _created(p)
+        if t is not None and t > out.get(f"{w}/{s}", float("-inf")):
+            out[f"{w}/{s}"] = t
+    return out
+
+
+def _created(part: Path) -> float | None:
+    """The part's manifest's `created`, read by the validating reader; None when it is
+    unreadable (its restore says why)."""
+    try:
+        return float(checkpoint.read_index(part).created)
+    except (DckptError, OSError, TypeError, ValueError):
+        return None
+
+
+def newest_save(info: list[dict], world: int, s: int) -> float:
+    """When the newest part of the `world`-rank save of step `s` was written, over every
+    node's report (-inf when none says)."""
+    return max((x.get("saved", {}).get(f"{world}/{s}", float("-inf")) for x in info),
+               default=float("-inf"))
+
+
 def candidates(info: list[dict]) -> dict[int, int]:
-    """step -> the world size whose every part is on some node (the largest such world when
-    two qualify), from every rank's listing."""
+    """step -> the other world size whose every part is on some node, from every rank's
+    listing; of two such, the later save (then the larger world)."""
     held: dict[tuple[int, int], set[int]] = {}
     for x in info:
         for w, steps in (x.get("others") or {}).items():
             for s, ranks in steps.items():
                 held.setdefault((int(w), int(s)), set()).update(ranks)
-    out: dict[int, int] = {}
+    best: dict[int, tuple[float, int]] = {}
     for (w, s), ranks in sorted(held.items()):
         if ranks == set(range(w)):
-            out[s] = max(w, out.get(s, 0))
-    return out
+            best[s] = max((newest_save(info, w, s), w), best.get(s, (float("-inf"), 0)))
+    return {s: w for s, (_, w) in best.items()}
 
 
 def newest(tier) -> int | None:

@@ -245,6 +245,7 @@ class MemoryTier:
                 remote = _remote_steps(mgr)
             mine = {"own": self.own_steps(), "durable": durable, "remote": remote,
                     "asked": step, "others": reshard.listing(self),
+                    "saved": reshard.saved_at(self),
                     "held": {str(q): self.replica_steps(q) for q in self.sources}}
         except Exception as e:
             failure = e
@@ -256,12 +257,15 @@ class MemoryTier:
         resized = reshard.candidates(info)  # step -> the other world size that saved it
         # Newest first. Of one step: this world size's parts (a save since the resize),
         # else the parts of another world size before the durable tier (both reshard;
-        # memory is the faster).
+        # memory is the faster); of two saves of the step in memory, the later first.
         order = []
         for s in sorted(set(plans) | set(resized), reverse=True):
             if step not in (None, s):
                 continue
-            ways = [None, resized.get(s)] if _in_memory(info, s) else [resized.get(s), None]
+            ours_first = _in_memory(info, s) and (
+                s not in resized or reshard.newest_save(info, self.world, s)
+                >= reshard.newest_save(info, resized[s], s))
+            ways = [None, resized.get(s)] if ours_first else [resized.get(s), None]
             order += [(s, w) for w in ways if (w is None and s in plans) or
                       (w is not None and w == resized.get(s))]
         if not order:
