@@ -28,6 +28,7 @@ system wide (other processes' allocations show up too).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import shutil
@@ -75,19 +76,19 @@ def cg_pages(stat: Path | None) -> int:
     return int(d.get("pgpgin", d.get("file", -1)))
 
 
-def static_split(paths, values, opts):
+def static_split(paths, values, opts, mode=io.FOREGROUND):
     """write_files as it was before issue 27: equal shares, one native call per file."""
     if len(paths) == 1:
-        return io.write_file(paths[0], values, opts)
+        return io.write_file(paths[0], values, opts, mode)
     views = [io.byte_view(v).reshape(-1) for v in values]
     sizes = [io.elem_size(v) for v in values]
     plan = io._split([v.nbytes for v in views], len(paths), opts.chunk_size)
-    each = io.WriteOptions(opts.compression, opts.shuffle, opts.chunk_size, 1, opts.fsync)
+    each = dataclasses.replace(opts, threads=1)
     results, ends = [None] * len(paths), [0.0] * len(paths)
 
     def write(i):
         results[i] = io._write_views(paths[i], [views[v][a:z] for v, a, z in plan[i]],
-                                     [sizes[v] for v, _, _ in plan[i]], each, io.write_mode(), i)
+                                     [sizes[v] for v, _, _ in plan[i]], each, mode, i)
         ends[i] = time.perf_counter()
 
     helpers = [threading.Thread(target=write, args=(i,)) for i in range(1, len(paths))]
