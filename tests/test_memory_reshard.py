@@ -321,3 +321,22 @@ def test_of_two_saves_of_one_step_at_other_world_sizes_the_later_is_restored(tmp
     assert [r["step"] for r in res] == [3, 3, 3]
     assert [r["resharded_from"] for r in res] == [2, 2, 2]
     assert all(r["rerun"] for r in res)
+
+
+def _save_on_a(rank, world, root, mem, steps):
+    mgr = dckpt.CheckpointManager(root, memory=mem + "/{node}", node="a", durable_every=2)
+    for s in steps:
+        mgr.save(s, make(rank, s))
+    mgr.close()
+
+
+def test_a_later_save_of_the_step_at_another_world_size_comes_before_this_ones(tmp_path):
+    """2 ranks save steps 1-3; 4 ranks resume from step 2 and save their own step 3; a
+    2-rank restart must take the 4-rank step 3 (the later save), not its own world's."""
+    root, mem = str(tmp_path / "root"), str(tmp_path / "shm")
+    run_with_ranks(2, _save_on_a, root, mem, [1, 2, 3])
+    run_with_ranks(4, _rerun_from, root, mem, 2, 3)
+    res = run_with_ranks(2, _restore_newest, root, mem)
+    assert [r["step"] for r in res] == [3, 3]
+    assert [r["resharded_from"] for r in res] == [4, 4]
+    assert all(r["rerun"] for r in res)
