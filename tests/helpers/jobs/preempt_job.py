@@ -49,7 +49,9 @@ for step in range(start, a.steps):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    progress.write_text(f"{step} {os.getpid()}")
+    # Atomic, so that the test never reads a half-written (empty) file.
+    progress.with_suffix(".tmp").write_text(f"{step} {os.getpid()}")
+    os.replace(progress.with_suffix(".tmp"), progress)
     time.sleep(a.sleep)  # a slower step, so that a signal lands mid-run
     mgr.save_if_preempted(step, state)  # the one line: save, commit and exit when signalled
 
