@@ -76,7 +76,10 @@ class Net(L.LightningModule):
 class Progress(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, i):
         step = trainer.global_step
-        (root / f"progress-{trainer.global_rank}").write_text(f"{step} {os.getpid()}")
+        # Atomic, so that the test never reads a half-written (empty) file.
+        tmp = root / f"progress-{trainer.global_rank}.tmp"
+        tmp.write_text(f"{step} {os.getpid()}")
+        os.replace(tmp, root / f"progress-{trainer.global_rank}")
         if a.signal_at is not None and step == a.signal_at:
             os.kill(os.getpid(), sig)
         time.sleep(a.sleep)
