@@ -218,6 +218,9 @@ py::tuple to_tuple(const ChunkRecord& r) {
 
 py::int_ hash64(py::handle obj) {
   Buffer buf(obj, false, "buf");
+  // Small buffers (the eager digests of a save's small tensors, a hundred per save) are
+  // hashed holding the GIL: releasing and taking it back costs more than their hash.
+  if (buf.size() < (size_t{64} << 10)) return py::int_(dckpt::hash64(buf.data(), buf.size()));
   uint64_t h;
   {
     py::gil_scoped_release release;

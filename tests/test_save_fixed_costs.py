@@ -103,3 +103,39 @@ def test_manager_saves_after_layout_changes_are_bitwise(tmp_path):
                                   if isinstance(x, (torch.Tensor, np.ndarray)))
             step += 1
         assert r.manifest.meta["incremental"]["new_bytes"] == 0  # unchanged: all shared
+
+
+def test_small_tensor_digest_fast_path_hashes_the_same_bytes():
+    """sharding._digest hashes a plain contiguous CPU tensor through its numpy view; the
+    digest must be the general path's (its bytes) for every shape and dtype."""
+    g = torch.Generator().manual_seed(5)
+    values = [torch.tensor(3.5), torch.tensor(7, dtype=torch.int64), torch.randn(5, generator=g),
+              torch.randn(3, 4, generator=g).double(), torch.tensor([True, False, True]),
+              torch.randn(6, generator=g).half(), torch.randn(4, generator=g).bfloat16(),
+              torch.randn(4, 3, generator=g).t(), torch.empty(0),
+              torch.randn(3, generator=g, requires_grad=True),
+              torch.randn(2, dtype=torch.complex64, generator=g)]
+    for v in values:
+        leaf = sharding.Leaf("x", v, list(v.shape), [0] * v.dim())
+        host = v.detach().contiguous()
+        want = f"{sharding.io.hash64(sharding.io.byte_view(host)):016x}"
+        assert sharding._digest(leaf) == want, (v.dtype, tuple(v.shape))
+
+
+def test_lists_of_plain_values_are_copied_into_the_tree():
+    """flatten takes a list of plain values in one step: the tree holds a copy (a later
+    change to the live list does not reach a snapshot), and subclasses still come out as
+    the plain containers they did."""
+    import collections
+    import enum
+    order = list(range(1000))
+    Pair = collections.namedtuple("Pair", "a b")
+    Color = enum.IntEnum("Color", "RED GREEN")
+    state = {"order": order, "mixed": [1, 2.5, "x", None, True], "pair": Pair(1, 2),
+             "enums": [Color.RED, 3]}
+    tree = snapshot(state).flat.tree
+    order.append(1000)
+    assert tree["order"] == list(range(1000)) and type(tree["order"]) is list
+    assert tree["mixed"] == [1, 2.5, "x", None, True]
+    assert type(tree["pair"]) is tuple and tree["pair"] == (1, 2)
+    assert tree["enums"] == [Color.RED, 3]

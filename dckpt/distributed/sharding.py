@@ -59,6 +59,11 @@ class Offer:
     placement: dict | None = None  # a DTensor's mesh and placements
     digest: str | None = None  # hash of the bytes, to recognize replicas
 
+    def with_digest(self, digest: str | None) -> "Offer":
+        # dataclasses.replace, at half its cost: asked for every small tensor at each save.
+        return Offer(self.name, self.dtype, self.kind, self.shape, self.global_shape,
+                     self.offsets, self.nbytes, self.placement, digest)
+
     def to_json(self) -> dict:
         p = self.placement
         if p is not None and "mesh" in p:  # a mesh's rank list as a range where it is one
@@ -257,13 +262,19 @@ def offer_layout(flat: Flat, world: int) -> tuple[list[Offer], str]:
         return offers, own
     offers, own = hit
     if world > 1:  # as offer() does: small plain tensors carry their digest
-        offers = [replace(o, digest=_digest(leaf)) if leaf.nbytes <= EAGER_DIGEST_BYTES else o
+        offers = [o.with_digest(_digest(leaf)) if leaf.nbytes <= EAGER_DIGEST_BYTES else o
                   for o, leaf in zip(offers, flat.leaves)]
     return list(offers), own
 
 
 def _digest(leaf: Leaf) -> str:
-    host = contiguous_cpu(leaf.value)
+    v = leaf.value
+    if type(v) is torch.Tensor and v.is_cpu and not v.requires_grad and \
+            v.dtype in io.NUMPY_DTYPES and v.is_contiguous():
+        # The usual small CPU tensor: its numpy view hashes the same bytes (0-d included)
+        # at a third of the cost of the general path, for a hundred of them per save.
+        return "%016x" % io.hash64(v.numpy())
+    host = contiguous_cpu(v)
     if isinstance(host, np.ndarray) or leaf.value.device.type == "cpu":
         leaf.value = host  # no new memory (unless it was strided): the write reuses it
     # A device tensor's host copy is dropped: only its writer needs one, later.
@@ -299,7 +310,7 @@ def add_digests(offers: list[list[Offer]], names: list[str],
     out = []
     for items, mine in zip(offers, digests):
         found = dict(zip(names, mine))
-        out.append([replace(it, digest=found[it.name]) if it.name in found else it
+        out.append([it.with_digest(found[it.name]) if it.name in found else it
                     for it in items])
     return out
 

@@ -78,6 +78,11 @@ class Flat:
     views: int = 0  # tensors stored as views of a shared storage record
 
 
+# Values that flatten keeps as they are (exact types: a subclass, an IntEnum say, takes the
+# general path).
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
 def has_state_dict(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(
         getattr(obj, "load_state_dict", None))
@@ -107,6 +112,8 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         return name
 
     def walk(v: Any, path: str) -> Any:
+        if type(v) in _PLAIN:
+            return v
         if isinstance(v, torch.Tensor):
             key = view_key(v)
             if key is not None and key in seen:
@@ -145,8 +152,14 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         if isinstance(v, dict):
             return {k: walk(x, f"{path}/{k}" if path else str(k)) for k, x in v.items()}
         if isinstance(v, list):
+            # Lists of plain values (a sampler's order, a param group's indices: thousands of
+            # ints) in one step, copied: the tree must not change with the live list.
+            if all(type(x) in _PLAIN for x in v):
+                return v.copy() if type(v) is list else list(v)
             return [walk(x, f"{path}/{i}" if path else str(i)) for i, x in enumerate(v)]
         if isinstance(v, tuple):
+            if all(type(x) in _PLAIN for x in v):
+                return tuple(v)
             return tuple(walk(x, f"{path}/{i}" if path else str(i)) for i, x in enumerate(v))
         if has_state_dict(v) and not isinstance(v, type):
             v = unwrap(v)

@@ -103,13 +103,13 @@ def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if value.dim() == 0 or not value.numel():  # view(dtype) needs a dimension and data
         value = value.reshape(-1) if value.numel() else torch.empty(0, dtype=torch.uint8)
     # The native side takes any C-contiguous buffer, so the N-d uint8 view needs no reshape.
-    if value.dtype in _NUMPY_DTYPES:  # numpy's byte view is cheaper than torch's (per leaf)
+    if value.dtype in NUMPY_DTYPES:  # numpy's byte view is cheaper than torch's (per leaf)
         return value.numpy().view(np.uint8)
     return value.view(torch.uint8).numpy()
 
 
 # Tensor dtypes that numpy() converts (bfloat16 and the float8s are not among them).
-_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int8,
+NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int8,
                            torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
                            torch.complex64, torch.complex128})
 
