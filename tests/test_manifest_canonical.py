@@ -70,3 +70,19 @@ def test_saved_manifest_bytes_are_the_json_form(tmp_path):
         assert m.to_bytes()[:-1].replace(b',"self_hash":"' + data.split(b'"self_hash":"')[1][:16]
                                          + b'"', b"") == body_bytes
         assert r.manifest.tensors.keys() == m.tensors.keys()
+
+
+def test_record_file_bytes_are_the_json_form():
+    """A split layout's record file (format/split.py record_bytes) writes its tensors the
+    same way: the bytes json.dumps gives of the whole document."""
+    from dckpt.format import split
+    tensors = entries(placement={"kind": "sharded", "mesh": 0, "placements": ["Shard(dim=0)"]})
+    files = [{"name": "rank00001.dckpt", "size": 300, "rank": 1}]
+    entry = {"tree": {"w": {"$tensor": "b"}}, "aliases": {}, "rng": {"torch": "x"}}
+    meshes = [{"shape": [2], "dim_names": None, "ranks": [0, 1]}]
+    got = split.record_bytes(1, files, tensors, entry, meshes)
+    doc = {"format": split.RECORDS_FORMAT, "version": split.SPLIT_VERSION, "rank": 1,
+           "files": files, "tensors": {k: v.to_json() for k, v in tensors.items()},
+           "rank_state": entry, "meshes": [split.compact_mesh(m) for m in meshes]}
+    assert got == json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                             ensure_ascii=True).encode("ascii") + b"\n"

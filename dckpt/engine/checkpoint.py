@@ -361,20 +361,20 @@ def _write_records(store: storage.Storage, tmp: Path | str, report: "WriteReport
     for name, t in report.tensors.items():
         shards = []
         for sh in t["shards"]:
-            chunks = [Chunk(*c) for c in sh["chunks"]]
-            raw += sum(c.raw for c in chunks)
-            stored += sum(c.stored for c in chunks)
-            shards.append({**sh, "chunks": [c.to_json() for c in chunks]})
-        rec = {"kind": t["kind"], "dtype": t["dtype"], "shape": t["shape"], "shards": shards}
-        placement = _index_mesh(t["placement"], meshes)
-        if placement is not None:
-            rec["placement"] = placement
-        if placement and placement.get("kind") == sharding.REPLICATED:
-            index_tensors[name] = rec  # every rank needs it: the index holds it
+            chunks = [c if type(c) is Chunk else Chunk(*c) for c in sh["chunks"]]
+            for c in chunks:
+                raw += c.raw
+                stored += c.stored
+            shards.append(Shard(sh["offsets"], sh["shape"], sh["rank"], chunks))
+        rec = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
+                          _index_mesh(t["placement"], meshes))
+        if rec.placement and rec.placement.get("kind") == sharding.REPLICATED:
+            index_tensors[name] = rec.to_json()  # every rank needs it: the index holds it
         else:
             own[name] = rec
     entry = {"tree": report.tree, "aliases": report.aliases, **report.extra}
-    span = splitfmt.span_of(splitfmt.shard_blocks(own))
+    span = splitfmt.span_of([(s.offsets, s.shape, t.shape) for t in own.values()
+                             for s in t.shards if s.shape != t.shape])
     data = splitfmt.record_bytes(r, report.files, own, entry, meshes)
     ref = splitfmt.RecordRef.of(r, data, span)
     if storage.is_remote(tmp):

@@ -21,13 +21,14 @@ Pure data like the rest of format: no torch, no native core.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 import xxhash
+
+from . import canonical
 
 SPLIT_VERSION = 3
 RECORDS_FORMAT = "dckpt-records"
@@ -154,24 +155,16 @@ def compact_mesh(mesh: dict) -> dict:
 
 def record_bytes(rank: int, files: list[dict], tensors: dict, entry: dict,
                  meshes: list[dict]) -> bytes:
-    """A rank's record file: canonical JSON (sorted keys, compact, ASCII). Chunk file
-    indices refer to `files`; placement mesh indices to `meshes`."""
+    """A rank's record file: canonical JSON (sorted keys, compact, ASCII). `tensors`: name
+    -> TensorEntry, written by canonical.tensors (the bytes json.dumps gives of their
+    to_json(), faster). Chunk file indices refer to `files`; placement mesh indices to
+    `meshes`."""
     doc = {"format": RECORDS_FORMAT, "version": SPLIT_VERSION, "rank": rank, "files": files,
-           "tensors": tensors, "rank_state": entry, "meshes": [compact_mesh(m) for m in meshes]}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False,
-                      ensure_ascii=True).encode("ascii") + b"\n"
-
-
-def shard_blocks(tensors: dict) -> list[tuple[list[int], list[int], list[int]]]:
-    """(offsets, shape, global shape) of every shard in record-JSON `tensors` that is a
-    block of a larger tensor: what resharding readers look for by span."""
-    out = []
-    for t in tensors.values():
-        gshape = t["shape"]
-        for s in t["shards"]:
-            if s["shape"] != gshape:
-                out.append((s["offsets"], s["shape"], gshape))
-    return out
+           "rank_state": entry, "meshes": [compact_mesh(m) for m in meshes]}
+    parts = {k: canonical.canonical(v) for k, v in doc.items()}
+    parts["tensors"] = canonical.tensors(tensors)
+    return (b"{" + b",".join(canonical.canonical(k) + b":" + parts[k] for k in sorted(parts))
+            + b"}\n")
 
 
 def expand_ranks(value: Any) -> Any:
