@@ -48,6 +48,11 @@ struct Worker {
   Scratch shuffled;  // shuffled raw bytes
   Scratch raw;       // decoded chunk that has no destination (deep verify)
   AlignedScratch bounce;  // unaligned bytes on their way to an O_DIRECT write
+  // Buffered bytes this worker wrote since it last started their writeback (write.cpp):
+  // their count and the span [lo, hi) of the file they lie in.
+  struct Unflushed {
+    uint64_t lo = UINT64_MAX, hi = 0, bytes = 0;
+  } unflushed;
 };
 
 // Where a failure happened, for the message and the ChunkError attributes.

@@ -53,35 +53,45 @@ constexpr size_t kFusedBlock = size_t{256} << 10;
 // the host, whose first touch costs 1.4-1.7 s of kernel time per GB against 0.2 for 256 KiB
 // writes (docs/ARCHITECTURE.md, "Save time outside a warm loop").
 //
-// With options.writeback, each MiB written is handed to the kernel's writeback at once
-// (sync_file_range WRITE, which does not wait), so the disk works while the rest is still
-// being copied and the fsync at the end waits only for the tail: on ext4 here a 16 MB
-// file + fsync took 13.2 -> 10.4 ms, 256 MB 158 -> 110 ms (benchmarks/probe_writeback.py;
-// docs/ARCHITECTURE.md, "Writeback and background removal").
+// With options.writeback, each MiB a worker writes is handed to the kernel's writeback at
+// once (sync_file_range WRITE, which does not wait), so the disk works while the rest is
+// still being copied and the fsync at the end waits only for the tail: on ext4 here a 16
+// MB file + fsync took 13.2 -> 10.4 ms, 256 MB 158 -> 110 ms (benchmarks/probe_writeback.py;
+// docs/ARCHITECTURE.md, "Writeback and background removal"). Counted per worker across
+// chunks, not per chunk: a state of small tensors (one chunk each) would otherwise make a
+// syscall and a small disk write of each. The span handed may hold another worker's
+// pieces in between; writing them early is harmless, and what is left goes at the fsync.
 constexpr size_t kWritebackStep = size_t{1} << 20;
+
+void note_written(const File& file, Worker::Unflushed& u, uint64_t offset, size_t n) {
+  u.lo = std::min(u.lo, offset);
+  u.hi = std::max(u.hi, offset + n);
+  u.bytes += n;
+  if (u.bytes >= kWritebackStep) {
+    file.start_writeback(u.lo, u.hi - u.lo);
+    u = Worker::Unflushed{};
+  }
+}
 
 // hash, when given, takes each piece just before it is written (still in cache).
 int pwrite_blocks(const File& file, const uint8_t* src, size_t len, uint64_t offset,
-                  bool writeback, StreamHash* hash = nullptr) {
-  size_t handed = 0;  // bytes already given to writeback
+                  Worker::Unflushed* writeback, StreamHash* hash = nullptr) {
   for (size_t done = 0; done < len;) {
     size_t n = std::min(kFusedBlock, len - done);
     if (hash != nullptr) hash->update(src + done, n);
     if (int err = file.pwrite_all(src + done, n, offset + done); err != 0) return err;
+    if (writeback != nullptr) note_written(file, *writeback, offset + done, n);
     done += n;
-    if (writeback && (done - handed >= kWritebackStep || done == len)) {
-      file.start_writeback(offset + handed, done - handed);
-      handed = done;
-    }
   }
   return 0;
 }
 
 Status write_raw_fused(WriteJob& job, const uint8_t* raw, size_t len, size_t b, size_t c,
-                       ChunkRecord* rec) {
+                       Worker& w, ChunkRecord* rec) {
   uint64_t offset = job.end.fetch_add(len, std::memory_order_relaxed);
   StreamHash hash;
-  if (int err = pwrite_blocks(job.file, raw, len, offset, job.options.writeback, &hash); err != 0)
+  Worker::Unflushed* writeback = job.options.writeback ? &w.unflushed : nullptr;
+  if (int err = pwrite_blocks(job.file, raw, len, offset, writeback, &hash); err != 0)
     return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
                             static_cast<int64_t>(offset)},
                       "write failed", err);
@@ -102,7 +112,7 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
   rec->raw_len = static_cast<int64_t>(len);
   // Without previous hashes nothing depends on the hash before the bytes are written.
   if (o.codec == kRaw && src.prev_hashes == nullptr)
-    return write_raw_fused(job, raw, len, b, c, rec);
+    return write_raw_fused(job, raw, len, b, c, w, rec);
   rec->raw_hash = hash64(raw, len);
   if (src.prev_hashes != nullptr && c < src.prev_hashes->size() &&
       (*src.prev_hashes)[c] == rec->raw_hash) {
@@ -139,7 +149,8 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
   }
 
   uint64_t offset = job.end.fetch_add(stored_len, std::memory_order_relaxed);
-  int err = pwrite_blocks(job.file, stored, stored_len, offset, o.writeback);
+  int err = pwrite_blocks(job.file, stored, stored_len, offset,
+                          o.writeback ? &w.unflushed : nullptr);
   if (err != 0)
     return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
                             static_cast<int64_t>(offset)},

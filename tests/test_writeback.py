@@ -3,6 +3,8 @@ kernel's writeback as it goes (so the closing fsync waits for the tail only), an
 manager removes the steps retention retired in a thread, after the save returned."""
 import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -62,6 +64,25 @@ def test_writeback_starts_the_disk_writes_before_any_fsync(tmp_path):
                     "still dirty): nothing to compare")
     # Handed to writeback, a page is no longer dirty (it is under writeback or clean).
     assert dirtied[True] < pages // 4, dirtied
+
+
+def test_small_buffers_are_handed_to_writeback_a_mib_at_a_time(tmp_path):
+    """A state of small tensors (one chunk each) is handed over per MiB a worker wrote, not
+    per chunk: one sync_file_range per MiB, and the pages still leave the dirty list."""
+    if on_tmpfs(tmp_path):
+        pytest.skip("tmpfs has no writeback")
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    script = (
+        "import sys, numpy as np\n"
+        "from dckpt import _native as n\n"
+        "bufs = [np.full(64 << 10, i % 251, np.uint8) for i in range(256)]\n"
+        "n.write_chunks(sys.argv[1], bufs, [1] * 256, threads=2, fsync=False, writeback=True)\n")
+    out = tmp_path / "strace.txt"
+    subprocess.run(["strace", "-f", "-qq", "-e", "trace=sync_file_range", "-o", str(out),
+                    sys.executable, "-c", script, str(tmp_path / "small")], check=True)
+    calls = out.read_text().count("sync_file_range(")
+    assert 1 <= calls <= 16 + 2, calls  # 16 MiB in 256 chunks, two workers
 
 
 def test_incremental_writer_hands_its_file_to_writeback(tmp_path, monkeypatch):
