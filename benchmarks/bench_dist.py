@@ -16,7 +16,7 @@ as many threads as there are cores. Loads read what the save just wrote (warm pa
 for both). One untimed save and load by each system comes first; the repeats run in a
 balanced order and every figure is a median with its min-max.
 
-    python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 3 repeats
+    python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 7 repeats
     python benchmarks/bench_dist.py --mb 64 --repeats 1 --worlds 1 2
     python benchmarks/bench_dist.py --dir /var/tmp       # disk instead of memory
     python benchmarks/bench_dist.py --record benchmarks/results/distributed.json  # for the docs
@@ -133,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=int, default=256, help="fp32 parameter MB (state ~3x)")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--record", default=None,
                     help="also write a record for the docs generator (dckpt/bench/docs.py)")
