@@ -2,11 +2,14 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 namespace dckpt {
 namespace {
@@ -119,6 +122,31 @@ int File::pwrite_all(const void* src, size_t len, uint64_t offset) const {
     p += n;
     len -= static_cast<size_t>(n);
     offset += static_cast<uint64_t>(n);
+  }
+  return 0;
+}
+
+int File::pwritev_all(const struct iovec* pieces, int count, uint64_t offset) const {
+  std::vector<struct iovec> left(pieces, pieces + count);
+  size_t first = 0;
+  while (first < left.size()) {
+    ssize_t n = ::pwritev(fd_, left.data() + first, static_cast<int>(left.size() - first),
+                          static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;  // as pwrite_all: a zero-byte write would loop forever
+    offset += static_cast<uint64_t>(n);
+    // Skip what was written: whole pieces, then the front of a partly written one.
+    for (size_t done = static_cast<size_t>(n); done > 0;) {
+      size_t take = std::min(done, left[first].iov_len);
+      left[first].iov_base = static_cast<char*>(left[first].iov_base) + take;
+      left[first].iov_len -= take;
+      done -= take;
+      if (left[first].iov_len == 0) ++first;
+    }
+    while (first < left.size() && left[first].iov_len == 0) ++first;
   }
   return 0;
 }

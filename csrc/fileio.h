@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+struct iovec;
+
 namespace dckpt {
 
 // Error codes are errno values, 0 for success, or one of these.
@@ -39,6 +41,8 @@ class File {
   // With O_DIRECT, src, len and offset must be multiples of kDirectAlign; a write the
   // filesystem still refuses (EINVAL) turns O_DIRECT off for the file and is retried.
   int pwrite_all(const void* src, size_t len, uint64_t offset) const;
+  // Buffered only: the pieces written back to back from `offset`, as one write.
+  int pwritev_all(const struct iovec* pieces, int count, uint64_t offset) const;
   int truncate(uint64_t size) const;
   int sync() const;
   // Asks the kernel to start writing [offset, offset + len) back without waiting for it.

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include <sys/uio.h>
+
 #include "chunk_work.h"
 #include "chunks.h"
 #include "codec.h"
@@ -162,6 +164,99 @@ Status write_chunk(WriteJob& job, const WriteSource& src, size_t b, size_t c, Wo
   return Status();
 }
 
+// Small raw chunks (a state of small tensors has one chunk per tensor) go out several at a
+// time: consecutive ones, up to kFusedBlock bytes together, in one pwritev. One write of
+// 256 KiB instead of five of 47 KB, each ending mid-page, cost ext4 here 3.3 instead of 5.3
+// ms for 14 MB in 300 tensors (docs/ARCHITECTURE.md, "Small tensors"); the page cache sees
+// the same 256 KiB writes as for a large tensor.
+constexpr size_t kMaxRunPieces = 256;  // well under IOV_MAX
+
+struct Run {
+  size_t first, count;  // tasks[first, first + count)
+};
+
+size_t chunk_len(const WriteSource& src, size_t c, size_t chunk) {
+  return std::min(chunk, src.size - c * chunk);
+}
+
+std::vector<Run> chunk_runs(const std::vector<std::pair<size_t, size_t>>& tasks,
+                            const std::vector<WriteSource>& sources, const WriteOptions& o) {
+  std::vector<Run> runs;
+  size_t chunk = static_cast<size_t>(o.chunk_size);
+  size_t bytes = 0;  // of the last run, when it takes small chunks
+  bool open = false;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    size_t len = chunk_len(sources[tasks[t].first], tasks[t].second, chunk);
+    bool small = o.codec == kRaw && len < kFusedBlock;
+    if (small && open && bytes + len <= kFusedBlock && runs.back().count < kMaxRunPieces) {
+      ++runs.back().count;
+      bytes += len;
+      continue;
+    }
+    runs.push_back({t, 1});
+    open = small;
+    bytes = small ? len : 0;
+  }
+  return runs;
+}
+
+// A run of small raw chunks: each hashed (and skipped where it matches its previous hash),
+// the rest written back to back in one pwritev.
+Status write_small_run(WriteJob& job, const std::vector<WriteSource>& sources,
+                       const std::vector<std::pair<size_t, size_t>>& tasks, const Run& run,
+                       Worker& w, std::vector<std::vector<ChunkRecord>>* out) {
+  size_t chunk = static_cast<size_t>(job.options.chunk_size);
+  std::vector<struct iovec> pieces;
+  std::vector<ChunkRecord*> written;
+  pieces.reserve(run.count);
+  written.reserve(run.count);
+  uint64_t total = 0;
+  for (size_t k = run.first; k < run.first + run.count; ++k) {
+    auto [b, c] = tasks[k];
+    const WriteSource& src = sources[b];
+    size_t len = chunk_len(src, c, chunk);
+    const uint8_t* raw = src.data + c * chunk;
+    ChunkRecord* rec = &(*out)[b][c];
+    rec->file_index = job.file_index;
+    rec->raw_len = static_cast<int64_t>(len);
+    rec->codec = kRaw;
+    rec->raw_hash = hash64(raw, len);
+    if (src.prev_hashes != nullptr && c < src.prev_hashes->size() &&
+        (*src.prev_hashes)[c] == rec->raw_hash) {
+      rec->offset = -1;
+      rec->stored_len = 0;
+      rec->stored_hash = 0;
+      continue;
+    }
+    rec->stored_hash = rec->raw_hash;
+    rec->stored_len = static_cast<int64_t>(len);
+    rec->offset = static_cast<int64_t>(total);  // within the run, for now
+    pieces.push_back({const_cast<uint8_t*>(raw), len});
+    written.push_back(rec);
+    total += len;
+  }
+  if (total == 0) return Status();
+  uint64_t offset = job.end.fetch_add(total, std::memory_order_relaxed);
+  for (ChunkRecord* rec : written) rec->offset += static_cast<int64_t>(offset);
+  if (int err = job.file.pwritev_all(pieces.data(), static_cast<int>(pieces.size()), offset);
+      err != 0) {
+    auto [b, c] = tasks[run.first];
+    return io_failure(Where{&job.path, static_cast<int64_t>(b), static_cast<int64_t>(c),
+                            static_cast<int64_t>(offset)},
+                      "write failed", err);
+  }
+  if (job.options.writeback) note_written(job.file, w.unflushed, offset, total);
+  return Status();
+}
+
+Status write_run(WriteJob& job, const std::vector<WriteSource>& sources,
+                 const std::vector<std::pair<size_t, size_t>>& tasks, const Run& run, Worker& w,
+                 std::vector<std::vector<ChunkRecord>>* out) {
+  if (run.count > 1) return write_small_run(job, sources, tasks, run, w, out);
+  auto [b, c] = tasks[run.first];
+  return write_chunk(job, sources[b], b, c, w, &(*out)[b][c]);
+}
+
 // (source, chunk) of every chunk, in order; sizes out to match.
 std::vector<std::pair<size_t, size_t>> chunk_tasks(const std::vector<WriteSource>& sources,
                                                    size_t chunk,
@@ -213,10 +308,10 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
     st = write_direct(path, file, sources, tasks, options, workers, out);
   } else {
     WriteJob job{path, file, options, options.file_index};
-    st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+    std::vector<Run> runs = chunk_runs(tasks, sources, options);
+    st = parallel_for(runs.size(), threads, [&](size_t r, int w) {
       Clock::time_point start = Clock::now();
-      auto [b, c] = tasks[t];
-      Status s = write_chunk(job, sources[b], b, c, workers[w], &(*out)[b][c]);
+      Status s = write_run(job, sources, tasks, runs[r], workers[w], out);
       pace(start, options.duty);
       return s;
     });
@@ -250,11 +345,11 @@ Status write_chunks(const std::vector<std::string>& paths, const std::vector<Wri
                          static_cast<int>(std::min(paths.size(), tasks.size())));
   threads = std::min(threads, kMaxThreads);
   std::vector<Worker> workers(threads);
-  st = parallel_for(tasks.size(), threads, [&](size_t t, int w) {
+  std::vector<Run> runs = chunk_runs(tasks, sources, options);
+  st = parallel_for(runs.size(), threads, [&](size_t r, int w) {
     Clock::time_point start = Clock::now();
-    auto [b, c] = tasks[t];
-    Status s = write_chunk(*jobs[static_cast<size_t>(w) % jobs.size()], sources[b], b, c,
-                           workers[w], &(*out)[b][c]);
+    Status s = write_run(*jobs[static_cast<size_t>(w) % jobs.size()], sources, tasks, runs[r],
+                         workers[w], out);
     pace(start, options.duty);
     return s;
   });

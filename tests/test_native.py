@@ -416,3 +416,39 @@ def test_gil_is_released(tmp_path):
     worker.join()
     call = times["finished"] - times["started"]
     assert resumed - times["started"] < 0.5 * call, (resumed - times["started"], call)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runs_of_small_chunks(tmp_path, threads):
+    """Small raw chunks go out several at a time (one pwritev of up to 256 KiB, at most 256
+    pieces, csrc/write.cpp): sizes around the limits, tiny tensors in runs longer than the
+    piece cap, large chunks in between, and previous hashes that skip some of a run."""
+    big = 1 << 20  # one chunk per buffer: which are small is decided by their sizes
+    rng = np.random.default_rng(9)
+    sizes = ([4] * 600 + [1, 3, 4095, 4096, 4097, 46_700, 100_000, 262_143, 262_144,
+                          262_145, 3 * big + 5] + list(rng.integers(1, 80_000, 200)))
+    bufs = [noise(int(n), seed=i) for i, n in enumerate(sizes)]
+    widths = [1] * len(bufs)
+    roundtrip(tmp_path, bufs, widths, chunk_size=big, threads=threads)
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    first = native.write_chunks(a, bufs, widths, chunk_size=big)
+    changed = [x.copy() for x in bufs]
+    for i in range(0, len(changed), 3):  # every third buffer changes, in its last chunk
+        changed[i][-1] ^= 1
+    again = native.write_chunks(b, changed, widths, chunk_size=big, threads=threads,
+                                prev_hashes=[[r[5] for r in recs] for recs in first])
+    for i, recs in enumerate(again):
+        assert [r[1] == -1 for r in recs][-1] == (i % 3 != 0), i
+    assert os.path.getsize(b) == sum(r[2] for recs in again for r in recs)
+    merged = [[o if n[1] == -1 else (1, *n[1:]) for o, n in zip(f, g)]
+              for f, g in zip(first, again)]
+    dests = [np.empty_like(x) for x in changed]
+    native.read_chunks([a, b], dests, widths, merged)
+    assert all((d == s).all() for d, s in zip(dests, changed))
+
+    paths = [str(tmp_path / "m0"), str(tmp_path / "m1")]
+    recs = native.write_chunks(paths, bufs, widths, chunk_size=big, threads=threads)
+    dests = [np.empty_like(x) for x in bufs]
+    native.read_chunks(paths, dests, widths, recs)
+    assert all((d == s).all() for d, s in zip(dests, bufs))

@@ -1,6 +1,7 @@
 """What a durable save does besides writing its bytes: the writer hands each MiB to the
-kernel's writeback as it goes (so the closing fsync waits for the tail only), and the
-manager removes the steps retention retired in a thread, after the save returned."""
+kernel's writeback as it goes (so the closing fsync waits for the tail only), writes small
+tensors several at a time, and the manager removes the steps retention retired in a
+thread, after the save returned."""
 import os
 import shutil
 import subprocess
@@ -66,23 +67,38 @@ def test_writeback_starts_the_disk_writes_before_any_fsync(tmp_path):
     assert dirtied[True] < pages // 4, dirtied
 
 
-def test_small_buffers_are_handed_to_writeback_a_mib_at_a_time(tmp_path):
-    """A state of small tensors (one chunk each) is handed over per MiB a worker wrote, not
-    per chunk: one sync_file_range per MiB, and the pages still leave the dirty list."""
-    if on_tmpfs(tmp_path):
-        pytest.skip("tmpfs has no writeback")
+def syscalls(tmp_path, names: str, size: int, count: int, **kw) -> str:
+    """strace of one write_chunks of `count` buffers of `size` bytes into tmp_path."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace")
     script = (
         "import sys, numpy as np\n"
         "from dckpt import _native as n\n"
-        "bufs = [np.full(64 << 10, i % 251, np.uint8) for i in range(256)]\n"
-        "n.write_chunks(sys.argv[1], bufs, [1] * 256, threads=2, fsync=False, writeback=True)\n")
+        f"bufs = [np.full({size}, i % 251, np.uint8) for i in range({count})]\n"
+        f"n.write_chunks(sys.argv[1], bufs, [1] * {count}, **{kw!r})\n")
     out = tmp_path / "strace.txt"
-    subprocess.run(["strace", "-f", "-qq", "-e", "trace=sync_file_range", "-o", str(out),
-                    sys.executable, "-c", script, str(tmp_path / "small")], check=True)
-    calls = out.read_text().count("sync_file_range(")
+    subprocess.run(["strace", "-f", "-qq", "-e", f"trace={names}", "-o", str(out),
+                    sys.executable, "-c", script, str(tmp_path / "data")], check=True)
+    return out.read_text()
+
+
+def test_small_buffers_are_handed_to_writeback_a_mib_at_a_time(tmp_path):
+    """A state of small tensors (one chunk each) is handed over per MiB a worker wrote, not
+    per chunk: one sync_file_range per MiB."""
+    if on_tmpfs(tmp_path):
+        pytest.skip("tmpfs has no writeback")
+    trace = syscalls(tmp_path, "sync_file_range", 64 << 10, 256, threads=2, fsync=False,
+                     writeback=True)
+    calls = trace.count("sync_file_range(")
     assert 1 <= calls <= 16 + 2, calls  # 16 MiB in 256 chunks, two workers
+
+
+def test_small_chunks_are_written_several_at_a_time(tmp_path):
+    """300 tensors of 46.7 KB (the demo's size) go out in writes of up to 256 KiB: about 55
+    pwritev calls, not 300 pwrites."""
+    trace = syscalls(tmp_path, "pwrite64,pwritev", 46_700, 300, threads=2, fsync=False)
+    writes = trace.count("pwrite64(") + trace.count("pwritev(")
+    assert 14_010_000 // (256 << 10) <= writes <= 70, writes
 
 
 def test_incremental_writer_hands_its_file_to_writeback(tmp_path, monkeypatch):
