@@ -270,14 +270,16 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # The data file is fsynced below, once it is known to hold a chunk: a save that changed
     # nothing would otherwise pay an fsync for an empty file it then deletes.
     unsynced = replace(opts, fsync=False, synced_later=opts.fsync)
+    # One file per writer thread when there is enough to write, as a full save does
+    # (io.part_count): threads writing one file take turns on its inode lock. Decided once:
+    # a rewrite (below) recreates the same files.
+    todo = [i for i in range(len(leaves)) if i not in reused]
+    parts = 1 if mode.direct else io.part_count(_expected_bytes(m, rank, leaves, todo, prev),
+                                                opts)
+    names_own = [fname] + [rank_file(rank, p) for p in range(1, parts)]
+    paths = [str(tmp / n) for n in names_own]
     while True:
         todo = [i for i in range(len(leaves)) if i not in reused]
-        # One file per writer thread when there is enough to write, as a full save does
-        # (io.part_count): threads writing one file take turns on its inode lock.
-        parts = 1 if mode.direct else io.part_count(_expected_bytes(m, rank, leaves, todo, prev),
-                                                    opts)
-        names_own = [fname] + [rank_file(rank, p) for p in range(1, parts)]
-        paths = [str(tmp / n) for n in names_own]
         written = store.write_file(paths[0] if parts == 1 else paths,
                                    [to_cpu(leaves[i].value) for i in todo],
                                    unsynced, mode, prev_hashes=[prev[i] for i in todo])

@@ -110,8 +110,8 @@ def byte_view(value: torch.Tensor | np.ndarray) -> np.ndarray:
 
 # Tensor dtypes that numpy() converts (bfloat16 and the float8s are not among them).
 NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int8,
-                           torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
-                           torch.complex64, torch.complex128})
+                          torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+                          torch.complex64, torch.complex128})
 
 
 def elem_size(value: torch.Tensor | np.ndarray) -> int:
