@@ -114,16 +114,19 @@ def test_lower_step_is_refused_on_every_rank(tmp_path):
 INTERRUPTED_SAVE = """
     import sys, torch, dckpt
     root, mode = sys.argv[1], sys.argv[2]
-    big = {"w": torch.full((75_000_000,), 1.5)}  # 300 MB
+    big = {"w": torch.full((150_000_000,), 1.5)}  # 600 MB
+    # One writer thread: the other core stays free for the test, which must see the first
+    # bytes and send the signal while the save is still writing (two writers on two cores
+    # once finished before it got to run).
     if mode == "manager":
-        mgr = dckpt.CheckpointManager(root)
+        mgr = dckpt.CheckpointManager(root, threads=1)
         mgr.save(1, {"w": torch.arange(4.0)})
         print("ready", flush=True)
         mgr.save(2, big)
     else:
         dckpt.save({"w": torch.arange(4.0)}, root + "/step-000000001")
         print("ready", flush=True)
-        dckpt.save(big, root + "/step-000000002")
+        dckpt.save(big, root + "/step-000000002", threads=1)
     print("done", flush=True)
 """
 
