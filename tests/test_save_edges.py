@@ -112,7 +112,12 @@ def test_lower_step_is_refused_on_every_rank(tmp_path):
 
 # ---- an interrupted save leaves nothing behind ---------------------------------------------
 INTERRUPTED_SAVE = """
-    import sys, torch, dckpt
+    import signal, sys, torch, dckpt
+    # Ctrl-C as in a terminal, even where this process inherited SIGINT ignored or blocked
+    # (from a background job of a shell without job control, or from what ran before in
+    # the test process): a child keeps both across exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     root, mode = sys.argv[1], sys.argv[2]
     big = {"w": torch.full((150_000_000,), 1.5)}  # 600 MB
     # One writer thread: the other core stays free for the test, which must see the first
