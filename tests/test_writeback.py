@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -160,3 +161,79 @@ def test_gc_waits_for_a_removal_in_progress(tmp_path):
     # The retired steps' directories are not reported as a crash's debris.
     assert not report["removed_temporaries"], report
     assert sorted(os.listdir(tmp_path)) == [".lock", "latest", "step-000000003"]
+
+
+def _durability_log(monkeypatch) -> list:
+    """Every fsync (once it returned) and rename, in order: fsyncs by the file they synced."""
+    log = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".dckpt"):
+            time.sleep(0.2)  # a slow disk: the commit must wait for it
+        real_fsync(fd)
+        log.append(("fsync", path))
+
+    def rename(src, dst, *args, **kwargs):
+        log.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return log
+
+
+@pytest.mark.parametrize("how", ["save", "split", "manager, changed"])
+def test_data_fsyncs_return_before_the_commit(tmp_path, monkeypatch, how):
+    """The data and record files are fsync'd in threads while the manifest is built: every
+    one of those fsyncs has returned before the staging directory is renamed into place."""
+    import dckpt
+    state = {f"w{i}": torch.randn(50_000) for i in range(8)}
+    mgr = CheckpointManager(tmp_path / "mgr") if how.startswith("manager") else None
+    if mgr is not None:
+        mgr.save(1, state)
+    log = _durability_log(monkeypatch)
+    if mgr is not None:
+        for t in state.values():
+            t.add_(1)
+        mgr.save(2, state)
+        target = tmp_path / "mgr" / "step-000000002"
+    else:
+        target = tmp_path / "ck"
+        dckpt.save(state, target, threads=2, layout="split" if how == "split" else None)
+    commit = [i for i, e in enumerate(log) if e[0] == "rename" and e[2] == str(target)]
+    assert len(commit) == 1, log
+    synced = {os.path.basename(e[1]) for e in log[:commit[0]] if e[0] == "fsync"}
+    staged = {os.path.basename(e[1]) for e in log if e[0] == "fsync" and ".tmp-" in e[1]}
+    data = {p.name for p in target.iterdir() if p.suffix == ".dckpt" and "ref-" not in p.name}
+    assert data and data <= synced, (data, log)
+    assert {"manifest.json"} | data <= staged <= synced, log
+    if how == "split":
+        assert any(n.startswith("records-") for n in synced), log
+    assert torch.equal(dckpt.load(target)["w3"], state["w3"])
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_failed_background_fsync_fails_the_save(tmp_path, monkeypatch, incremental):
+    """An I/O error in a data file's fsync, which runs beside the manifest's building, is the
+    save's error (naming the file), and nothing is committed or left behind."""
+    from dckpt.errors import StorageError
+    from dckpt.storage import commit
+    real = commit.fsync_file
+
+    def failing(path):
+        if str(path).endswith(".dckpt"):
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    mgr = CheckpointManager(tmp_path)
+    state = {"w": torch.randn(100_000)}
+    if incremental:
+        mgr.save(1, state)
+        state["w"].add_(1)
+    monkeypatch.setattr(commit, "fsync_file", failing)
+    with pytest.raises(StorageError, match=r"rank-00000.*\.dckpt failed: fsync: Input/output"):
+        mgr.save(2, state, full=not incremental)
+    assert mgr.steps() == ([1] if incremental else [])
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

@@ -273,10 +273,12 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
         return _write_split(snap, agreed, store, tmp, target, opts, mode, r, world, base,
                             counters, metrics, meta, fsync, group, t0, (sent0, received0),
                             reused)
+    syncs = commit.Syncs()  # this rank's data fsyncs: see _durable
     try:
         # A single process builds its manifest records at once (no JSON form to send).
         report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base,
-                             wire=dist.active(group))
+                             wire=dist.active(group), syncs=syncs)
+        _durable(syncs, r)
         failure = None
     except Exception as e:
         report, failure = None, e
@@ -289,7 +291,7 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     outcome = None
     if r == 0:
         try:
-            store.finish(tmp, target, m, fsync)
+            store.finish(tmp, target, m, fsync, syncs)
         except Exception as e:
             store.abort(tmp)
             if not dist.active(group):
@@ -312,10 +314,12 @@ def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, 
     wrote, which the index holds for every rank); rank 0 writes only the index, last, and
     broadcasts the outcome. No rank holds another rank's records."""
     summary = failure = None
+    syncs = commit.Syncs()  # this rank's data and record fsyncs: see _durable
     try:
         plan = agreed()
-        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base)
-        summary = _write_records(store, tmp, report, r, fsync)
+        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base, syncs=syncs)
+        summary = _write_records(store, tmp, report, r, fsync, syncs)
+        _durable(syncs, r)
     except Exception as e:
         failure = e
     msg = ({"rank": r, "value": summary} if failure is None
@@ -333,7 +337,7 @@ def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, 
                 summaries = [g["value"] for g in gathered]
                 index = _build_index(summaries, plan.owned, world, counters, metrics, meta,
                                      opts, base)
-                store.finish(tmp, target, index, fsync)
+                store.finish(tmp, target, index, fsync, syncs)
                 outcome = index.meta["totals"]
             except Exception as e:
                 store.abort(tmp)
@@ -353,9 +357,18 @@ def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, 
     return result
 
 
+def _durable(syncs: commit.Syncs, r: int) -> None:
+    """A rank's files are durable before it reports them written: every rank but 0 waits
+    for its fsyncs here. Rank 0 waits inside store.finish, just before the commit point, so
+    that its fsyncs run while it waits for the other ranks and builds the manifest."""
+    if r != 0:
+        syncs.wait()
+
+
 def _write_records(store: storage.Storage, tmp: Path | str, report: "WriteReport", r: int,
-                   fsync: bool) -> dict:
-    """Write this rank's record file (fsync'd) and return its summary for rank 0."""
+                   fsync: bool, syncs: commit.Syncs) -> dict:
+    """Write this rank's record file (fsync'd in `syncs`) and return its summary for
+    rank 0."""
     own, index_tensors, meshes = {}, {}, []
     raw = stored = 0
     for name, t in report.tensors.items():
@@ -380,7 +393,7 @@ def _write_records(store: storage.Storage, tmp: Path | str, report: "WriteReport
     if storage.is_remote(tmp):
         store.write_bytes(str(storage.join(tmp, ref.name)), data)
     else:
-        commit.write_file_durably(tmp / ref.name, data, fsync)
+        commit.write_staged(tmp / ref.name, data, fsync, syncs)
     return {"record": ref.to_json(), "files": report.files if index_tensors else [],
             "tensors": index_tensors, "stats": report.stats, "views": report.views,
             "bytes": raw, "stored_bytes": stored}
@@ -618,10 +631,12 @@ class WriteReport:
 
 def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
                 opts: io.WriteOptions, mode: io.Background, r: int,
-                base: incremental.Base | None, wire: bool = True) -> WriteReport:
-    """Write the tensors the plan gives this rank into its data file(s); returns its part of
-    the manifest. wire: its records as JSON values, to send or to write as a record file;
-    else (a single process, no placements to index) as the manifest's TensorEntries."""
+                base: incremental.Base | None, wire: bool = True,
+                syncs: commit.Syncs | None = None) -> WriteReport:
+    """Write the tensors the plan gives this rank into its data file(s), their fsyncs left
+    running in `syncs` when given; returns its part of the manifest. wire: its records as
+    JSON values, to send or to write as a record file; else (a single process, no
+    placements to index) as the manifest's TensorEntries."""
     flat = snap.flat
     leaves = [flat.leaves[i] for _, i in plan.writes]
     names = [name for name, _ in plan.writes]
@@ -629,13 +644,14 @@ def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: shardin
     files, chunks, stats = [], [], None
     if leaves and base is not None:
         chunks, files, stats = incremental.write_rank(base, tmp, fname, r, leaves, names, opts,
-                                                      sharding.contiguous_cpu, store, mode)
+                                                      sharding.contiguous_cpu, store, mode,
+                                                      syncs)
     elif leaves:
         values = [sharding.contiguous_cpu(x.value) for x in leaves]
         parts = io.part_count(sum(v.nbytes for v in values), opts)
         fnames = [rank_file(r, p) for p in range(parts)]
         paths = [str(storage.join(tmp, n)) for n in fnames]
-        chunks = store.write_files(paths, values, opts, mode)
+        chunks = store.write_files(paths, values, opts, mode, syncs)
         files = [FileEntry(n, store.size(p), r) for n, p in zip(fnames, paths)]
     tensors = {}
     placements = plan.placements

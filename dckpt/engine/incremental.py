@@ -229,9 +229,11 @@ class _Links:
 
 
 def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names: list[str],
-               opts, to_cpu: Callable, store, mode) -> tuple[list[list[Chunk]], list[FileEntry],
-                                                              dict]:
-    """Write this rank's leaves into tmp/fname, referencing unchanged chunks of `base`.
+               opts, to_cpu: Callable, store, mode,
+               syncs: commit.Syncs | None = None) -> tuple[list[list[Chunk]], list[FileEntry],
+                                                           dict]:
+    """Write this rank's leaves into tmp/fname, referencing unchanged chunks of `base`; its
+    fsync is left running in `syncs` when given.
 
     Returns each leaf's chunk records (file indices into the returned file list: 0 is
     fname, then the links), the file list and the statistics for the manifest."""
@@ -326,6 +328,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     own = FileEntry(fname, (tmp / fname).stat().st_size, rank)
     if not wrote:
         os.unlink(tmp / fname)  # nothing changed: no empty data file
+    elif opts.fsync and syncs is not None:
+        syncs.start(tmp / fname)
     elif opts.fsync:
         try:
             commit.fsync_file(tmp / fname)

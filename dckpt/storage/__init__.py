@@ -6,15 +6,16 @@ The contract, written for the backends to come (object stores, a peer's memory):
 
 - begin(target, overwrite) -> staging: rank 0, once per save, before any write. Fails
   (CheckpointExistsError) if `target` is committed and not `overwrite`.
-- write_files(paths, values, opts, mode) -> chunk records: every rank, at the same time,
-  each to its own file names inside the staging location; a call may write its files in
-  parallel. `values` are contiguous CPU tensors/arrays read in place (no copy) until the
-  call returns; with opts.fsync the bytes are durable when it returns. `mode` (Background)
+- write_files(paths, values, opts, mode, syncs) -> chunk records: every rank, at the same
+  time, each to its own file names inside the staging location; a call may write its files
+  in parallel. `values` are contiguous CPU tensors/arrays read in place (no copy) until the
+  call returns; with opts.fsync the bytes are durable when it returns, or, given `syncs`
+  (a commit.Syncs), once syncs.wait() returned. `mode` (Background)
   says how a save beside training writes: direct (bypass caches) and a duty cycle.
 - write_file(path, values, opts, mode, file_index, prev_hashes): one file, for the
   incremental writer, which links unchanged chunks of a base (a local-backend feature).
-- finish(staging, target, manifest, fsync): rank 0, after every rank's write returned. The
-  commit point: afterwards a reader finds the whole checkpoint, before it none. Locally the
+- finish(staging, target, manifest, fsync, syncs): rank 0, after every rank's write
+  returned; waits for rank 0's own `syncs` before the commit point: afterwards a reader finds the whole checkpoint, before it none. Locally the
   manifest is written last into the staging directory, then the directory is renamed onto
   `target` (an exchange when overwriting). Where there is no rename (an object store),
   the manifest object is written last and *is* the commit: data objects live under a
@@ -58,10 +59,11 @@ class Storage(Protocol):
 
     def begin(self, target: Path, overwrite: bool = False) -> Path: ...
     def write_files(self, paths: list[str], values: list, opts: WriteOptions,
-                    mode: Background = ...) -> list[list[Chunk]]: ...
+                    mode: Background = ..., syncs=None) -> list[list[Chunk]]: ...
     def write_file(self, path: str, values: list, opts: WriteOptions, mode: Background = ...,
                    file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]: ...
-    def finish(self, tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> None: ...
+    def finish(self, tmp: Path, target: Path, manifest: Manifest, fsync: bool = True,
+               syncs=None) -> None: ...
     def abort(self, tmp: Path) -> None: ...
     def size(self, path: str) -> int | None: ...
     def write_bytes(self, path: str, data: bytes) -> None: ...

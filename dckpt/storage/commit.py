@@ -1,8 +1,9 @@
 """Atomic commit: a checkpoint appears complete or not at all.
 
-Data files are fsync'd by the writer. Then manifest.json is written into the staging
-directory and fsync'd, then that directory, the staging directory is renamed onto the
-target name, and the parent directory fsync'd. A crash before the last rename leaves
+Data files are fsync'd by the writer, or by threads (`Syncs`) while the records and the
+manifest are built. Then manifest.json is written into the staging directory and fsync'd,
+then that directory; once every data fsync has returned, the staging directory is renamed
+onto the target name, and the parent directory fsync'd. A crash before the last rename leaves
 only a hidden staging directory, which readers ignore and gc removes.
 
 Overwriting swaps the staging directory and the committed target in one atomic step
@@ -17,6 +18,7 @@ import ctypes
 import errno
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ..errors import CheckpointExistsError, StorageError
@@ -78,6 +80,58 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Syncs:
+    """fsyncs of a save's files, run in threads (fsync releases the GIL) while the save goes
+    on building its records and manifest; wait() before the commit point joins them and
+    raises the first failure. A save's data fsync is disk time (4-8 ms for 14 MB here) that
+    the Python work after the write (the records, the manifest and its own fsync) used to
+    wait behind."""
+
+    def __init__(self):
+        self._threads: list[threading.Thread] = []
+        self._errors: list[StorageError] = []
+
+    def start(self, path: Path | str) -> None:
+        t = threading.Thread(target=self._sync, args=(path,), daemon=True,
+                             name="dckpt-fsync")
+        t.start()
+        self._threads.append(t)
+
+    def _sync(self, path) -> None:
+        try:
+            fsync_file(path)
+        except OSError as e:  # as the writer reports its own fsync failing
+            self._errors.append(StorageError(f"writing {path} failed: fsync: "
+                                             f"{e.strerror or e}", str(path)))
+
+    def wait(self) -> None:
+        # A Ctrl-C during a join is raised once every fsync is done: the caller then removes
+        # the staging directory, whose files the threads still hold open.
+        interrupted = None
+        for t in self._threads:
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt as e:
+                    interrupted = e
+        self._threads = []
+        if interrupted is not None:
+            raise interrupted
+        if self._errors:
+            raise self._errors[0]
+
+
+def write_staged(path: Path, data: bytes, fsync: bool, syncs: Syncs | None = None) -> None:
+    """Write a file inside a staging directory (nothing reads one, so no temporary name);
+    fsync'd now, or by `syncs` before the commit."""
+    try:
+        _write(path, data, fsync and syncs is None)
+    except OSError as e:
+        raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
+    if fsync and syncs is not None:
+        syncs.start(path)
 
 
 def _write(path: Path, data: bytes, fsync: bool) -> None:
@@ -142,9 +196,13 @@ def write_manifest(tmp: Path, data: bytes, fsync: bool = True) -> None:
         raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
 
 
-def finish(tmp: Path, target: Path, manifest: Manifest, fsync: bool = True) -> None:
-    """Write the manifest last and move the staging directory into place."""
+def finish(tmp: Path, target: Path, manifest: Manifest, fsync: bool = True,
+           syncs: Syncs | None = None) -> None:
+    """Write the manifest last and move the staging directory into place; the fsyncs still
+    running in `syncs` (the data files') complete before the move."""
     write_manifest(tmp, manifest.to_bytes(), fsync)
+    if syncs is not None:
+        syncs.wait()
     try:
         _move_into_place(tmp, target, fsync)
     except OSError as e:

@@ -290,8 +290,8 @@ class LocalStorage:
     def begin(self, target, overwrite=False):
         return commit.begin(target, overwrite)
 
-    def finish(self, tmp, target, manifest, fsync=True):
-        return commit.finish(tmp, target, manifest, fsync)
+    def finish(self, tmp, target, manifest, fsync=True, syncs=None):
+        return commit.finish(tmp, target, manifest, fsync, syncs)
 
     def abort(self, tmp):
         return commit.abort(tmp)
@@ -305,8 +305,14 @@ class LocalStorage:
     def write_bytes(self, path, data):
         commit.write_file_durably(Path(path), data)
 
-    def write_files(self, paths, values, opts, mode=FOREGROUND):
-        return write_files(paths, values, opts, mode)
+    def write_files(self, paths, values, opts, mode=FOREGROUND, syncs=None):
+        if syncs is None or not opts.fsync:
+            return write_files(paths, values, opts, mode)
+        # The files' fsyncs go on in `syncs`, beside the records and manifest being built.
+        chunks = write_files(paths, values, replace(opts, fsync=False, synced_later=True), mode)
+        for p in paths:
+            syncs.start(p)
+        return chunks
 
     def write_file(self, path, values, opts, mode=FOREGROUND, file_index=0, prev_hashes=None):
         return write_file(path, values, opts, mode, file_index, prev_hashes)

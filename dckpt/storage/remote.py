@@ -114,7 +114,10 @@ class RemoteStorage:
         self.store.delete([o.url for o in self.store.list(prefix)
                            if "/" not in o.url[len(prefix) + 1:]])
 
-    def finish(self, tmp: str, target: str, manifest: Manifest, fsync: bool = True) -> None:
+    def finish(self, tmp: str, target: str, manifest: Manifest, fsync: bool = True,
+               syncs=None) -> None:
+        if syncs is not None:
+            syncs.wait()
         self._check_files(target, manifest)
         self.store.put_bytes(objectstore.join(target, MANIFEST_NAME), manifest.to_bytes())
 
@@ -179,7 +182,8 @@ class RemoteStorage:
 
     # -- writes --------------------------------------------------------------------------
 
-    def write_files(self, paths: list[str], values: list, opts, mode=None) -> list:
+    def write_files(self, paths: list[str], values: list, opts, mode=None, syncs=None) -> list:
+        # syncs: unused; an object is durable once its upload returned.
         from . import local
         return self._spooled(paths, lambda spooled: local.write_files(
             spooled, values, _no_fsync(opts), mode or local.FOREGROUND))
