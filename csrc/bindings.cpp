@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <memory>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -263,9 +264,18 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
   std::vector<std::unique_ptr<Buffer>> held;
   std::vector<dckpt::WriteSource> sources;
   for (size_t b = 0; b < n; ++b) {
-    held.push_back(std::make_unique<Buffer>(buffers[b], false, "buffers[" + std::to_string(b) + "]"));
-    sources.push_back({held.back()->data(), held.back()->size(), elem_sizes[b],
-                       has_prev[b] ? &prev[b] : nullptr});
+    std::string name = "buffers[" + std::to_string(b) + "]";
+    py::handle obj = buffers[b];
+    uint8_t* data;
+    size_t size;
+    if (PyTuple_Check(obj.ptr())) {  // a tensor's (address, nbytes): the caller holds it
+      std::tie(data, size) = to_memory(obj, name);
+    } else {
+      held.push_back(std::make_unique<Buffer>(obj, false, name));
+      data = held.back()->data();
+      size = held.back()->size();
+    }
+    sources.push_back({data, size, elem_sizes[b], has_prev[b] ? &prev[b] : nullptr});
   }
   dckpt::WriteOptions options{chunk_size, codec,  level, threads,
                               fsync,      file_index, direct, duty, fsync || writeback};
@@ -367,6 +377,8 @@ PYBIND11_MODULE(_native, m) {
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
         py::arg("direct") = false, py::arg("duty") = 1.0, py::arg("writeback") = false,
         "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.\n"
+        "A buffer is a C-contiguous buffer or an (address, nbytes) pair of memory the caller\n"
+        "keeps alive and unchanged for the call (a torch tensor's).\n"
         "path may be a list of files: writer thread w appends the chunks it takes to file\n"
         "w % len(path) (record file_index = file_index + that position); not with direct.\n"
         "direct: raw chunks bypass the page cache where the filesystem allows it; duty: the\n"

@@ -180,6 +180,24 @@ def test_buffer_types(tmp_path):
     roundtrip(tmp_path, buffers, [4, 4, 4, 4], codec=2, threads=2)
 
 
+def test_write_from_address_and_nbytes(tmp_path):
+    """A tensor's memory by (address, nbytes), as the save passes CPU tensors: the same
+    file and records as from the buffer itself; a pair that names no memory is refused."""
+    bufs = [weights(2 * CS + 7, seed=1), noise(999, seed=2), np.zeros(0, np.uint8)]
+    for codec in (0, 2):
+        by_buffer = native.write_chunks(str(tmp_path / "a"), bufs, [4, 1, 1], chunk_size=CS,
+                                        codec=codec, threads=2)
+        pairs = [(b.ctypes.data, b.nbytes) for b in bufs]
+        by_address = native.write_chunks(str(tmp_path / "b"), pairs, [4, 1, 1], chunk_size=CS,
+                                         codec=codec, threads=2)
+        assert by_address == by_buffer
+        assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+    for bad in [(0, 10), (-1, 10), (bufs[0].ctypes.data, -1), (1, 2, 3), ("a", 1)]:
+        with pytest.raises(native.ChunkError) as e:
+            native.write_chunks(str(tmp_path / "c"), [bad], [1])
+        assert e.value.kind == "invalid_argument" and "buffers[0]" in str(e.value)
+
+
 def test_non_contiguous_or_readonly_buffers_are_rejected(tmp_path):
     path = str(tmp_path / "f")
     strided = np.zeros((64, 64), np.uint8)[:, ::2]
