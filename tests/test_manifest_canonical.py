@@ -37,7 +37,11 @@ def entries(shape=(4, 25), dtype="float32", placement=None) -> dict:
 def test_direct_tensors_equal_json_dumps_for_every_record_shape():
     for variant in (entries(), entries((100,), "float16"), entries((5, 20)),
                     entries(placement={"kind": "replicated"}),
-                    entries(placement={"kind": "owned"}), entries(), {}):
+                    entries(placement={"kind": "owned"}), entries(),
+                    # Equal as dict keys, written apart: 1, 1.0 and true.
+                    entries(placement={"kind": "x", "n": 1}),
+                    entries(placement={"kind": "x", "n": 1.0}),
+                    entries(placement={"kind": "x", "n": True}), {}):
         # The same names again with other fields: a stale cached head would show here.
         assert canonical.tensors(variant) == slow(variant)
 

@@ -53,6 +53,24 @@ def _template(name: str, t, placement: str | None) -> str:
     return head + ',"shape":' + _slots(len(t.shape)) + ',"shards":[' + shards + "]}"
 
 
+_PLACEMENTS: dict[tuple, str] = {}  # a placement's items -> its text (a handful per state)
+
+
+def _placement(p: dict) -> str:
+    """_text(p), remembered for placements of strings only ({"kind": "replicated"}: one per
+    tensor of a DDP state, a json.dumps each otherwise). Sharded ones hold lists, and a
+    number as key would confuse 1, 1.0 and True: those are written each time."""
+    if not all(type(k) is str and type(v) is str for k, v in p.items()):
+        return _text(p)
+    key = tuple(p.items())
+    text = _PLACEMENTS.get(key)
+    if text is None:
+        text = _text(p)
+        if len(_PLACEMENTS) < 256:
+            _PLACEMENTS[key] = text
+    return text
+
+
 def tensors(entries: dict) -> bytes:
     """canonical({name: entry.to_json() for name, entry in entries.items()})."""
     if not all(type(k) is str for k in entries):
@@ -61,7 +79,7 @@ def tensors(entries: dict) -> bytes:
     for name in sorted(entries):
         t = entries[name]
         exact = exact and type(t.dtype) is str and type(t.kind) is str
-        placement = None if t.placement is None else _text(t.placement)
+        placement = None if t.placement is None else _placement(t.placement)
         # The numbers in the order the template holds their slots (a record's keys sorted:
         # shape before shards; a shard's chunks, offsets, rank, shape), the counts in the key.
         values = list(t.shape)
