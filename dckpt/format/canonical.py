@@ -60,7 +60,8 @@ def _placement(p: dict) -> str:
     """_text(p), remembered for placements of strings only ({"kind": "replicated"}: one per
     tensor of a DDP state, a json.dumps each otherwise). Sharded ones hold lists, and a
     number as key would confuse 1, 1.0 and True: those are written each time."""
-    if not all(type(k) is str and type(v) is str for k, v in p.items()):
+    if type(p) is not dict or not all(type(k) is str and type(v) is str
+                                      for k, v in p.items()):
         return _text(p)
     key = tuple(p.items())
     text = _PLACEMENTS.get(key)
