@@ -5,8 +5,8 @@
 #include <pybind11/pybind11.h>
 
 #include <memory>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "chunks.h"

@@ -10,12 +10,13 @@ The contract, written for the backends to come (object stores, a peer's memory):
   time, each to its own file names inside the staging location; a call may write its files
   in parallel. `values` are contiguous CPU tensors/arrays read in place (no copy) until the
   call returns; with opts.fsync the bytes are durable when it returns, or, given `syncs`
-  (a commit.Syncs), once syncs.wait() returned. `mode` (Background)
-  says how a save beside training writes: direct (bypass caches) and a duty cycle.
+  (a commit.Syncs), once syncs.wait() returned. `mode` (Background) says how a save
+  beside training writes: direct (bypass caches) and a duty cycle.
 - write_file(path, values, opts, mode, file_index, prev_hashes): one file, for the
   incremental writer, which links unchanged chunks of a base (a local-backend feature).
 - finish(staging, target, manifest, fsync, syncs): rank 0, after every rank's write
-  returned; waits for rank 0's own `syncs` before the commit point: afterwards a reader finds the whole checkpoint, before it none. Locally the
+  returned; rank 0's own `syncs` are waited for before the commit point. The commit point:
+  afterwards a reader finds the whole checkpoint, before it none. Locally the
   manifest is written last into the staging directory, then the directory is renamed onto
   `target` (an exchange when overwriting). Where there is no rename (an object store),
   the manifest object is written last and *is* the commit: data objects live under a
