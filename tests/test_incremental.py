@@ -151,6 +151,39 @@ def test_unchanged_state_writes_no_data_file(tmp_path):
     assert as_bytes(dckpt.load(tmp_path / "b")["model"]) == snapshot(state)["model"]
 
 
+def test_large_changes_go_into_one_file_per_writer(tmp_path):
+    """With enough to write (io.part_count: 16 MiB per file of what the save expects to
+    write, the base's own new bytes), an incremental save writes one file per writer thread,
+    as a full save does (one file's writers take turns on its inode lock); files that end up
+    without a chunk are removed, the rest numbered first."""
+    g = torch.Generator().manual_seed(4)
+    state = {f"w{i}": torch.randn(1 << 20, generator=g) for i in range(10)}  # 40 MiB
+    dckpt.save(state, tmp_path / "a", threads=2)
+    with torch.no_grad():
+        for t in state.values():
+            t.add_(1.0)
+    r = dckpt.save(state, tmp_path / "b", threads=2, base=tmp_path / "a")
+    own = sorted(f.name for f in r.manifest.files)
+    assert own == ["rank-00000-1.dckpt", "rank-00000.dckpt"], own
+    assert {c.file for t in r.manifest.tensors.values() for c in t.shards[0].chunks} == {0, 1}
+    back = dckpt.load(tmp_path / "b")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    # A few tensors change (8 MiB) at each step: once the base's own save wrote that little
+    # too, one file of new data, the links after it.
+    for step in "cd":
+        with torch.no_grad():
+            state["w3"].add_(1.0)
+            state["w7"].add_(1.0)
+        r = dckpt.save(state, tmp_path / step, threads=2, base=tmp_path / chr(ord(step) - 1))
+        assert r.manifest.meta["incremental"]["new_bytes"] == 8 << 20
+    names = [f.name for f in r.manifest.files]
+    assert names[0] == "rank-00000.dckpt" and all(n.startswith("ref-") for n in names[1:]), names
+    assert not (tmp_path / "d" / "rank-00000-1.dckpt").exists()
+    back = dckpt.load(tmp_path / "d")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert main(["verify", str(tmp_path / "d")]) == 0
+
+
 def test_only_comparable_chunks_are_shared(tmp_path):
     """Same name, dtype, block and chunk length, else written again; changed chunks too."""
     big = torch.randn(40_000)  # 160 KB: 3 chunks of 64 KiB

@@ -36,7 +36,7 @@ from typing import Callable
 import xxhash
 
 from ..storage import commit
-from ..storage import records
+from ..storage import local as io, records
 from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
                       StorageError)
 from ..format.layout import rank_file
@@ -232,11 +232,14 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
                opts, to_cpu: Callable, store, mode,
                syncs: commit.Syncs | None = None) -> tuple[list[list[Chunk]], list[FileEntry],
                                                            dict]:
-    """Write this rank's leaves into tmp/fname, referencing unchanged chunks of `base`; its
-    fsync is left running in `syncs` when given.
+    """Write this rank's leaves into tmp/fname (one file per writer thread when it writes
+    enough), referencing unchanged chunks of `base`; the fsyncs are left running in
+    `syncs` when given.
 
-    Returns each leaf's chunk records (file indices into the returned file list: 0 is
-    fname, then the links), the file list and the statistics for the manifest."""
+    Returns each leaf's chunk records (file indices into the returned file list: this
+    rank's new files first, fname and, when it wrote enough for one per writer thread, the
+    rank's numbered files; then the links), the file list and the statistics for the
+    manifest."""
     m = base.manifest_for(rank)
     links = _Links(base.path, m, tmp, rank)
     versions = base.versions
@@ -272,9 +275,18 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # The data file is fsynced below, once it is known to hold a chunk: a save that changed
     # nothing would otherwise pay an fsync for an empty file it then deletes.
     unsynced = replace(opts, fsync=False, synced_later=opts.fsync)
+    # One file per writer thread when there is enough to write, as a full save does
+    # (io.part_count): threads writing one file take turns on its inode lock. Decided once:
+    # a rewrite (below) recreates the same files.
+    todo = [i for i in range(len(leaves)) if i not in reused]
+    parts = 1 if mode.direct else io.part_count(_expected_bytes(m, rank, leaves, todo, prev),
+                                                opts)
+    names_own = [fname] + [rank_file(rank, p) for p in range(1, parts)]
+    paths = [str(tmp / n) for n in names_own]
     while True:
         todo = [i for i in range(len(leaves)) if i not in reused]
-        written = store.write_file(str(tmp / fname), [to_cpu(leaves[i].value) for i in todo],
+        written = store.write_file(paths[0] if parts == 1 else paths,
+                                   [to_cpu(leaves[i].value) for i in todo],
                                    unsynced, mode, prev_hashes=[prev[i] for i in todo])
         shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
                   for i, recs in zip(todo, written)}
@@ -297,9 +309,11 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     for i, recs in reused.items():
         picked[i] = [(c, c.file) for c in recs]
 
-    # Renumber: this rank's new file first (unless it got no chunk), then the links used.
+    # Renumber: this rank's new files first (those that got a chunk), then the links used.
     # Two base entries of one origin (linked by two ranks) share one link name here.
-    wrote = any(j is None for p in picked for _, j in p)
+    filled = sorted({c.file for p in picked for c, j in p if j is None})
+    own_index = {f: k for k, f in enumerate(filled)}
+    wrote = len(filled)
     used = sorted({links.names[j] for p in picked for _, j in p if j is not None})
     local = {j: used.index(name) + wrote for j, name in links.names.items() if name in used}
     stats = dict.fromkeys(_STATS, 0)
@@ -308,8 +322,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     for i, p in enumerate(picked):
         # A record that already names its file (a chunk just written names file 0, the
         # writer's file_index; a base chunk often keeps its index) is kept as it is.
-        out = [c if c[0] == (0 if j is None else local[j]) else
-               Chunk(0 if j is None else local[j], *c[1:]) for c, j in p]
+        out = [c if c[0] == (own_index[c[0]] if j is None else local[j]) else
+               Chunk(own_index[c[0]] if j is None else local[j], *c[1:]) for c, j in p]
         for c, j in p:
             if j is None:
                 new_chunks += 1
@@ -325,24 +339,35 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     links.drop_unused(set(used))
     sizes = {links.names[j]: m.files[j].size for j in local}
 
-    own = FileEntry(fname, (tmp / fname).stat().st_size, rank)
-    if not wrote:
-        os.unlink(tmp / fname)  # nothing changed: no empty data file
-    elif opts.fsync and syncs is not None:
-        syncs.start(tmp / fname)
-    elif opts.fsync:
-        try:
-            commit.fsync_file(tmp / fname)
-        except OSError as e:  # as the writer reports its own fsync failing
-            raise StorageError(f"writing {tmp / fname} failed: fsync: {e.strerror or e}",
-                               str(tmp / fname)) from None
-    stats["new_bytes"] = own.size
-    files = [own] * wrote + [FileEntry(name, sizes[name], rank) for name in used]
+    own = [FileEntry(names_own[f], (tmp / names_own[f]).stat().st_size, rank) for f in filled]
+    for f, name in enumerate(names_own):
+        if f not in own_index:
+            os.unlink(tmp / name)  # nothing (more) changed: no empty data file
+        elif opts.fsync and syncs is not None:
+            syncs.start(tmp / name)
+        elif opts.fsync:
+            try:
+                commit.fsync_file(tmp / name)
+            except OSError as e:  # as the writer reports its own fsync failing
+                raise StorageError(f"writing {tmp / name} failed: fsync: {e.strerror or e}",
+                                   str(tmp / name)) from None
+    stats["new_bytes"] = sum(f.size for f in own)
+    files = own + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:
         stats["fallback"] = links.failure
     if links.damaged:
         stats["damaged_base_chunks"] = links.damaged
     return chunks, files, stats
+
+
+def _expected_bytes(m: Manifest, rank: int, leaves: list, todo: list[int],
+                    prev: list) -> int:
+    """What this save will likely write: the leaves with nothing to compare against, or
+    as much as the base's own save of this rank wrote when that is more (how much changes
+    is known only once hashed; a run changes about as much from one step to the next)."""
+    fresh = sum(leaves[i].nbytes for i in todo if prev[i] is None)
+    wrote_before = sum(f.size for f in m.files if f.rank == rank and not _LINK.match(f.name))
+    return min(sum(leaves[i].nbytes for i in todo), max(fresh, wrote_before))
 
 
 def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
