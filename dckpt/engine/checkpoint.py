@@ -276,8 +276,8 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     syncs = commit.Syncs()  # this rank's data fsyncs: see _durable
     try:
         # A single process builds its manifest records at once (no JSON form to send).
-        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base,
-                             wire=dist.active(group), syncs=syncs)
+        report = _write_rank(store, tmp, snap, agreed(), opts, mode, r, base, syncs,
+                             wire=dist.active(group))
         _durable(syncs, r)
         failure = None
     except Exception as e:
@@ -317,7 +317,7 @@ def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, 
     syncs = commit.Syncs()  # this rank's data and record fsyncs: see _durable
     try:
         plan = agreed()
-        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base, syncs=syncs)
+        report = _write_rank(store, tmp, snap, plan, opts, mode, r, base, syncs)
         summary = _write_records(store, tmp, report, r, fsync, syncs)
         _durable(syncs, r)
     except Exception as e:
@@ -631,10 +631,10 @@ class WriteReport:
 
 def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: sharding.WritePlan,
                 opts: io.WriteOptions, mode: io.Background, r: int,
-                base: incremental.Base | None, wire: bool = True,
-                syncs: commit.Syncs | None = None) -> WriteReport:
+                base: incremental.Base | None, syncs: commit.Syncs,
+                wire: bool = True) -> WriteReport:
     """Write the tensors the plan gives this rank into its data file(s), their fsyncs left
-    running in `syncs` when given; returns its part of the manifest. wire: its records as
+    running in `syncs`; returns its part of the manifest. wire: its records as
     JSON values, to send or to write as a record file; else (a single process, no
     placements to index) as the manifest's TensorEntries."""
     flat = snap.flat

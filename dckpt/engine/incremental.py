@@ -37,8 +37,7 @@ import xxhash
 
 from ..storage import commit
 from ..storage import local as io, records
-from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
-                      StorageError)
+from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
 from ..format.layout import rank_file
 from ..format.manifest import Chunk, FileEntry, Manifest, Shard, is_safe_name, open_regular
 
@@ -230,11 +229,10 @@ class _Links:
 
 def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names: list[str],
                opts, to_cpu: Callable, store, mode,
-               syncs: commit.Syncs | None = None) -> tuple[list[list[Chunk]], list[FileEntry],
-                                                           dict]:
+               syncs: commit.Syncs) -> tuple[list[list[Chunk]], list[FileEntry], dict]:
     """Write this rank's leaves into tmp/fname (one file per writer thread when it writes
-    enough), referencing unchanged chunks of `base`; the fsyncs are left running in
-    `syncs` when given.
+    enough), referencing unchanged chunks of `base`; their fsyncs are left running in
+    `syncs`.
 
     Returns each leaf's chunk records (file indices into the returned file list: this
     rank's new files first, fname and, when it wrote enough for one per writer thread, the
@@ -272,8 +270,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # from memory, with the rest of its tensor (the writer compares by position), in a
     # rewrite of this rank's file: rot is rare, its cost only matters then.
     intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
-    # The data file is fsynced below, once it is known to hold a chunk: a save that changed
-    # nothing would otherwise pay an fsync for an empty file it then deletes.
+    # The data files are fsynced below, once each is known to hold a chunk: a save that
+    # changed nothing would otherwise pay an fsync for an empty file it then deletes.
     unsynced = replace(opts, fsync=False, synced_later=opts.fsync)
     # One file per writer thread when there is enough to write, as a full save does
     # (io.part_count): threads writing one file take turns on its inode lock. Decided once:
@@ -343,14 +341,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     for f, name in enumerate(names_own):
         if f not in own_index:
             os.unlink(tmp / name)  # nothing (more) changed: no empty data file
-        elif opts.fsync and syncs is not None:
-            syncs.start(tmp / name)
         elif opts.fsync:
-            try:
-                commit.fsync_file(tmp / name)
-            except OSError as e:  # as the writer reports its own fsync failing
-                raise StorageError(f"writing {tmp / name} failed: fsync: {e.strerror or e}",
-                                   str(tmp / name)) from None
+            syncs.start(tmp / name)
     stats["new_bytes"] = sum(f.size for f in own)
     files = own + [FileEntry(name, sizes[name], rank) for name in used]
     if links.failure:

@@ -107,20 +107,25 @@ class Syncs:
                                              f"{e.strerror or e}", str(path)))
 
     def wait(self) -> None:
-        # A Ctrl-C during a join is raised once every fsync is done: the caller then removes
-        # the staging directory, whose files the threads still hold open.
-        interrupted = None
-        for t in self._threads:
-            while t.is_alive():
-                try:
-                    t.join()
-                except KeyboardInterrupt as e:
-                    interrupted = e
-        self._threads = []
-        if interrupted is not None:
-            raise interrupted
+        threads, self._threads = self._threads, []
+        join_all(threads)
         if self._errors:
             raise self._errors[0]
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    """Join every thread; a Ctrl-C meanwhile is raised once all of them are done: the
+    caller then removes the staging directory, which must not race threads still writing
+    or syncing its files."""
+    interrupted = None
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted
 
 
 def write_staged(path: Path, data: bytes, fsync: bool, syncs: Syncs | None = None) -> None:

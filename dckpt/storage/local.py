@@ -195,17 +195,7 @@ def write_files(paths: list[str], values: list, opts: WriteOptions,
     for t in helpers:
         t.start()
     write(0)
-    # A Ctrl-C during a join is raised only once every helper is done: the caller then
-    # removes the staging directory, which must not race helpers still writing into it.
-    interrupted = None
-    for t in helpers:
-        while t.is_alive():
-            try:
-                t.join()
-            except KeyboardInterrupt as e:
-                interrupted = e
-    if interrupted is not None:
-        raise interrupted
+    commit.join_all(helpers)
     if errors:
         raise errors[0]
     out: list[list[Chunk]] = [[] for _ in values]
