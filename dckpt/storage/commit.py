@@ -3,8 +3,8 @@
 Data files are fsync'd by the writer, or by threads (`Syncs`) while the records and the
 manifest are built. Then manifest.json is written into the staging directory and fsync'd,
 then that directory; once every data fsync has returned, the staging directory is renamed
-onto the target name, and the parent directory fsync'd. A crash before the last rename leaves
-only a hidden staging directory, which readers ignore and gc removes.
+onto the target name, and the parent directory fsync'd. A crash before the last rename
+leaves only a hidden staging directory, which readers ignore and gc removes.
 
 Overwriting swaps the staging directory and the committed target in one atomic step
 (Linux renameat2 RENAME_EXCHANGE), so readers see the old or the new checkpoint, never none.
@@ -128,14 +128,14 @@ def join_all(threads: list[threading.Thread]) -> None:
         raise interrupted
 
 
-def write_staged(path: Path, data: bytes, fsync: bool, syncs: Syncs | None = None) -> None:
-    """Write a file inside a staging directory (nothing reads one, so no temporary name);
-    fsync'd now, or by `syncs` before the commit."""
+def write_staged(path: Path, data: bytes, fsync: bool, syncs: Syncs) -> None:
+    """Write a file inside a staging directory (nothing reads one, so no temporary name),
+    fsync'd by `syncs` before the commit."""
     try:
-        _write(path, data, fsync and syncs is None)
+        _write(path, data, False)
     except OSError as e:
         raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
-    if fsync and syncs is not None:
+    if fsync:
         syncs.start(path)
 
 
