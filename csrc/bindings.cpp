@@ -405,4 +405,14 @@ PYBIND11_MODULE(_native, m) {
       py::arg("types"),
       "Manifest tensor records stored whole by one rank, checked and built as\n"
       "types = (Chunk, Shard, TensorEntry); None for any other record (see manifest.py).");
+  m.def(
+      "records_json",
+      [](py::handle entries, py::handle placements) {
+        PyObject* out = dckpt::records_json(entries.ptr(), placements.ptr());
+        if (out == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(out);
+      },
+      py::arg("entries"), py::arg("placements"),
+      "The canonical JSON of TensorEntry records (name -> entry) as bytes, placements given\n"
+      "as their JSON text per name; None when a record needs json's own writer.");
 }

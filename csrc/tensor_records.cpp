@@ -8,7 +8,9 @@
 #include "tensor_records.h"
 
 #include <cstdint>
+#include <charconv>
 #include <initializer_list>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -287,6 +289,214 @@ PyObject* whole_tensors(PyObject* tensors, PyObject* file_sizes, long long world
     PyList_SET_ITEM(out, i++, e);
   }
   return out;
+}
+
+}  // namespace dckpt
+
+// ---- the write side: canonical JSON of TensorEntry records -----------------------------
+// What format/canonical.py tensors() writes (byte for byte json.dumps(..., sort_keys=True,
+// separators=(",", ":"), ensure_ascii=True) of the records' to_json()), without building
+// a string per number in the interpreter. Anything of another shape (a value that is not an
+// exact int or str where one belongs, a hash outside 64 bits) gives None: the Python
+// writer then takes the whole dict, so the bytes never differ.
+namespace dckpt {
+namespace {
+
+// JSON's ensure_ascii form of an exact str: printable ASCII as is, the rest escaped as
+// Python's json escapes it (\uXXXX in lowercase hex, surrogate pairs above U+FFFF).
+bool put_string(std::string* out, PyObject* s) {
+  if (!PyUnicode_CheckExact(s)) return false;
+  static const char kHex[] = "0123456789abcdef";
+  const int kind = PyUnicode_KIND(s);
+  const void* data = PyUnicode_DATA(s);
+  const Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+  auto put_u = [out](unsigned v) {
+    char b[6] = {'\\', 'u', kHex[v >> 12 & 15], kHex[v >> 8 & 15], kHex[v >> 4 & 15],
+                 kHex[v & 15]};
+    out->append(b, 6);
+  };
+  out->push_back('"');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const Py_UCS4 c = PyUnicode_READ(kind, data, i);
+    if (c == '"' || c == '\\') {
+      out->push_back('\\');
+      out->push_back(static_cast<char>(c));
+    } else if (c >= ' ' && c <= '~') {
+      out->push_back(static_cast<char>(c));
+    } else if (c == '\n') {
+      out->append("\\n");
+    } else if (c == '\r') {
+      out->append("\\r");
+    } else if (c == '\t') {
+      out->append("\\t");
+    } else if (c == '\b') {
+      out->append("\\b");
+    } else if (c == '\f') {
+      out->append("\\f");
+    } else if (c > 0xFFFF) {
+      const Py_UCS4 v = c - 0x10000;
+      put_u(0xD800 | (v >> 10));
+      put_u(0xDC00 | (v & 0x3FF));
+    } else {
+      put_u(c);
+    }
+  }
+  out->push_back('"');
+  return true;
+}
+
+bool put_int(std::string* out, PyObject* v) {
+  if (!PyLong_CheckExact(v)) return false;  // a bool or an int subclass: json's way
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+  if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  char b[24];
+  const auto end = std::to_chars(b, b + sizeof b, x).ptr;
+  out->append(b, static_cast<size_t>(end - b));
+  return true;
+}
+
+// A list or tuple's items (borrowed) and count; false for anything else.
+bool items(PyObject* v, PyObject*** out, Py_ssize_t* n) {
+  if (!PyList_CheckExact(v) && !PyTuple_CheckExact(v)) return false;
+  *out = PySequence_Fast_ITEMS(v);
+  *n = PySequence_Fast_GET_SIZE(v);
+  return true;
+}
+
+bool put_ints(std::string* out, PyObject* v) {
+  PyObject** xs;
+  Py_ssize_t n;
+  if (!items(v, &xs, &n)) return false;
+  out->push_back('[');
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i) out->push_back(',');
+    if (!put_int(out, xs[i])) return false;
+  }
+  out->push_back(']');
+  return true;
+}
+
+// Chunk.to_json(): five ints, then the two hashes as 16 lowercase hex digits.
+bool put_chunk(std::string* out, PyObject* c) {
+  if (!PyTuple_Check(c) || PyTuple_GET_SIZE(c) != 7) return false;
+  out->push_back('[');
+  for (Py_ssize_t i = 0; i < 5; ++i) {
+    if (!put_int(out, PyTuple_GET_ITEM(c, i))) return false;
+    out->push_back(',');
+  }
+  for (Py_ssize_t i = 5; i < 7; ++i) {
+    PyObject* h = PyTuple_GET_ITEM(c, i);
+    if (!PyLong_CheckExact(h)) return false;
+    const unsigned long long x = PyLong_AsUnsignedLongLong(h);
+    if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();  // negative or wider than 64 bits
+      return false;
+    }
+    static const char kHex[] = "0123456789abcdef";
+    char b[18];
+    b[0] = b[17] = '"';
+    for (int k = 0; k < 16; ++k) b[16 - k] = kHex[x >> (4 * k) & 15];
+    out->append(b, 18);
+    if (i == 5) out->push_back(',');
+  }
+  out->push_back(']');
+  return true;
+}
+
+// Shard.to_json() with its keys sorted: chunks, offsets, rank, shape.
+bool put_shard(std::string* out, PyObject* s) {
+  PyObject** cs;
+  Py_ssize_t n;
+  if (!PyTuple_Check(s) || PyTuple_GET_SIZE(s) != 4 || !items(PyTuple_GET_ITEM(s, 3), &cs, &n))
+    return false;
+  out->append("{\"chunks\":[");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i) out->push_back(',');
+    if (!put_chunk(out, cs[i])) return false;
+  }
+  out->append("],\"offsets\":");
+  if (!put_ints(out, PyTuple_GET_ITEM(s, 0))) return false;
+  out->append(",\"rank\":");
+  if (!put_int(out, PyTuple_GET_ITEM(s, 2))) return false;
+  out->append(",\"shape\":");
+  if (!put_ints(out, PyTuple_GET_ITEM(s, 1))) return false;
+  out->push_back('}');
+  return true;
+}
+
+// TensorEntry.to_json() with its keys sorted: dtype, kind, placement (its text given, as
+// the Python writer keeps it), shape, shards.
+bool put_entry(std::string* out, PyObject* name, PyObject* e, PyObject* placements) {
+  if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 5 || !put_string(out, name)) return false;
+  out->append(":{\"dtype\":");
+  if (!put_string(out, PyTuple_GET_ITEM(e, 0))) return false;
+  out->append(",\"kind\":");
+  if (!put_string(out, PyTuple_GET_ITEM(e, 3))) return false;
+  if (PyTuple_GET_ITEM(e, 4) != Py_None) {
+    PyObject* text = PyDict_GetItemWithError(placements, name);
+    Py_ssize_t len;
+    const char* p = text && PyUnicode_CheckExact(text) ? PyUnicode_AsUTF8AndSize(text, &len)
+                                                       : nullptr;
+    if (p == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    out->append(",\"placement\":");
+    out->append(p, static_cast<size_t>(len));
+  }
+  out->append(",\"shape\":");
+  if (!put_ints(out, PyTuple_GET_ITEM(e, 1))) return false;
+  out->append(",\"shards\":[");
+  PyObject** ss;
+  Py_ssize_t n;
+  if (!items(PyTuple_GET_ITEM(e, 2), &ss, &n)) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i) out->push_back(',');
+    if (!put_shard(out, ss[i])) return false;
+  }
+  out->append("]}");
+  return true;
+}
+
+}  // namespace
+
+PyObject* records_json(PyObject* entries, PyObject* placements) {
+  if (!PyDict_Check(entries) || !PyDict_Check(placements)) {
+    PyErr_SetString(PyExc_TypeError, "records_json(entries: dict, placements: dict)");
+    return nullptr;
+  }
+  PyObject* names = PyDict_Keys(entries);
+  if (names == nullptr) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(names);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyUnicode_CheckExact(PyList_GET_ITEM(names, i))) {  // sorted() of mixed keys raises
+      Py_DECREF(names);
+      Py_RETURN_NONE;
+    }
+  }
+  if (PyList_Sort(names) != 0) {
+    Py_DECREF(names);
+    return nullptr;
+  }
+  std::string out;
+  out.reserve(static_cast<size_t>(n) * 160 + 2);
+  out.push_back('{');
+  bool ok = true;
+  for (Py_ssize_t i = 0; ok && i < n; ++i) {
+    PyObject* name = PyList_GET_ITEM(names, i);
+    PyObject* e = PyDict_GetItemWithError(entries, name);
+    if (i) out.push_back(',');
+    ok = e != nullptr && put_entry(&out, name, e, placements);
+  }
+  Py_DECREF(names);
+  if (PyErr_Occurred()) return nullptr;
+  if (!ok) Py_RETURN_NONE;
+  out.push_back('}');
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
 }  // namespace dckpt

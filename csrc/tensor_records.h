@@ -11,4 +11,10 @@ namespace dckpt {
 PyObject* whole_tensors(PyObject* tensors, PyObject* file_sizes, long long world,
                         PyObject* itemsizes, PyObject* types);
 
+// The canonical JSON text (sorted keys, compact, ASCII) of `entries` (name -> TensorEntry)
+// as bytes; placements: name -> the JSON text of each entry's placement. None when a
+// record holds anything but exact ints and strs where those belong (the caller then
+// writes it with json); nullptr with a Python error set on bad arguments.
+PyObject* records_json(PyObject* entries, PyObject* placements);
+
 }  // namespace dckpt

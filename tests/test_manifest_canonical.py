@@ -2,11 +2,14 @@
 what json.dumps writes of the records' to_json(), for every shape of record, including
 after the cached record heads were filled by an earlier manifest with other fields."""
 import json
+import random
 
 import numpy as np
+import pytest
 import torch
 
 import dckpt
+from dckpt import _native
 from dckpt.format import canonical
 from dckpt.format.manifest import Chunk, Manifest, Shard, TensorEntry, parse
 
@@ -34,7 +37,19 @@ def entries(shape=(4, 25), dtype="float32", placement=None) -> dict:
     }
 
 
-def test_direct_tensors_equal_json_dumps_for_every_record_shape():
+def native(entries: dict) -> bytes | None:
+    """The core's writer alone (canonical.tensors falls back to Python on None)."""
+    return _native.records_json(entries, {n: canonical._placement(t.placement)
+                                          for n, t in entries.items() if t.placement is not None})
+
+
+def test_saves_write_records_with_the_core():
+    import dckpt.storage.commit  # noqa: F401  (what every local save imports)
+    assert canonical._native is _native.records_json
+
+
+@pytest.mark.parametrize("writer", [canonical.written, native, canonical.tensors])
+def test_direct_tensors_equal_json_dumps_for_every_record_shape(writer):
     for variant in (entries(), entries((100,), "float16"), entries((5, 20)),
                     entries(placement={"kind": "replicated"}),
                     entries(placement={"kind": "owned"}), entries(),
@@ -43,7 +58,7 @@ def test_direct_tensors_equal_json_dumps_for_every_record_shape():
                     entries(placement={"kind": "x", "n": 1.0}),
                     entries(placement={"kind": "x", "n": True}), {}):
         # The same names again with other fields: a stale cached head would show here.
-        assert canonical.tensors(variant) == slow(variant)
+        assert writer(variant) == slow(variant)
 
 
 def test_values_of_other_types_fall_back_to_json():
@@ -54,9 +69,51 @@ def test_values_of_other_types_fall_back_to_json():
         "y": TensorEntry("float32", [3], [Shard([0], [3], 0, [Chunk(0, 0, 12, 12, 0, 5, -1)])]),
     }
     assert canonical.tensors(odd) == slow(odd)
+    for name in odd:  # the core refuses each; the Python writer then takes the dict
+        assert native({name: odd[name]}) is None
     # The head cached for "x" with shape [True, 3] is not used for [1, 3].
     again = {"x": TensorEntry("float32", [1, 3], [Shard([0, 0], [1, 3], 0, [chunk(0)])])}
     assert canonical.tensors(again) == slow(again)
+
+
+def test_random_records_are_written_as_json_dumps_writes_them():
+    """Names with every kind of character JSON escapes (quotes, backslashes, control
+    characters, DEL, non-ASCII, a lone surrogate, beyond U+FFFF), numbers at and past the
+    64-bit edges, tuples for lists: the core writes json's bytes or declines, never other
+    bytes, and canonical.tensors always gives json's."""
+    rng = random.Random(7)
+    alphabet = ['a', 'Z', '0', '/', '.', ' ', '"', '\\', '\n', '\r', '\t', '\b', '\f', '\x00',
+                '\x1f', '\x7f', '\x80', 'é', '\u2028', '\ud800', '\U0001f600', '%', '~']
+    ints = [0, 1, 7, 4096, (1 << 63) - 1, -1, -(1 << 63), 1 << 63, 1 << 70]
+    declined = 0
+    for _ in range(300):
+        def num():
+            return rng.choice(ints) if rng.random() < 0.1 else rng.randrange(1 << 20)
+
+        def seq(n):
+            xs = [num() for _ in range(n)]
+            return tuple(xs) if rng.random() < 0.2 else xs
+
+        def hsh():
+            return rng.choice([0, (1 << 64) - 1, 1 << 64, -1]) if rng.random() < 0.05 \
+                else rng.getrandbits(64)
+
+        recs = {}
+        for _ in range(rng.randrange(0, 6)):
+            name = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 9)))
+            shards = [Shard(seq(d := rng.randrange(0, 3)), seq(d), num(),
+                            [Chunk(*seq(5), hsh(), hsh()) for _ in range(rng.randrange(0, 3))])
+                      for _ in range(rng.randrange(0, 3))]
+            placement = rng.choice([None, {"kind": "replicated"},
+                                    {"kind": "sharded", "mesh": 1, "placements": ["S(0)"]}])
+            recs[name] = TensorEntry(rng.choice(["float32", "<f4", "ü"]), seq(2), shards,
+                                     rng.choice(["torch", "numpy"]), placement)
+        expected = slow(recs)
+        got = native(recs)
+        declined += got is None
+        assert got is None or got == expected
+        assert canonical.tensors(recs) == expected
+    assert 0 < declined < 200  # both paths were taken
 
 
 def test_saved_manifest_bytes_are_the_json_form(tmp_path):

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import CheckpointExistsError, StorageError
 from ..format.layout import aside_dir, aside_target, staging_dir
 from ..format.manifest import MANIFEST_NAME, Manifest
+from . import records  # noqa: F401  (loads the core's manifest writer: format/canonical.py)
 
 
 # Modes everything a save creates asks for; the umask applies on top. Never world-writable,

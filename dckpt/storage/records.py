@@ -15,11 +15,12 @@ import os
 
 from ..format.manifest import Manifest, RecordCheck, parse as _parse, read_manifest as _read
 from ..format.manifest import read_records as _read_records
-from ..format import lookup as _lookup
+from ..format import canonical, lookup as _lookup
 from . import is_remote, local_path
 
 try:
-    from .._native import whole_tensors as check
+    from .._native import records_json, whole_tensors as check
+    canonical.use_native(records_json)  # manifests written by the core (format/canonical.py)
 except ImportError:  # inspect/ls without the core: format's field-by-field checks only
     check: RecordCheck | None = None
 
