@@ -39,7 +39,8 @@ from ..storage import commit
 from ..storage import local as io, records
 from ..errors import CorruptCheckpointError, DckptError, IncompleteCheckpointError
 from ..format.layout import rank_file
-from ..format.manifest import Chunk, FileEntry, Manifest, Shard, is_safe_name, open_regular
+from ..format.manifest import (Chunk, FileEntry, Manifest, Shard, TensorEntry, is_safe_name,
+                               open_regular)
 
 log = logging.getLogger("dckpt")
 
@@ -143,10 +144,10 @@ class Base:
 
 # ---- the write path -------------------------------------------------------------------
 
-def _old_shard(m: Manifest, name: str, leaf) -> Shard | None:
-    t = m.tensors.get(name)
-    kind = "numpy" if leaf.is_numpy else "torch"
-    if t is None or t.kind != kind or t.dtype != leaf.dtype or t.shape != leaf.global_shape:
+def _old_shard(t: TensorEntry | None, leaf) -> Shard | None:
+    """The block of the base's record `t` that holds what `leaf` holds, if any."""
+    if t is None or t.kind != ("numpy" if leaf.is_numpy else "torch") or \
+            t.dtype != leaf.dtype or t.shape != leaf.global_shape:
         return None
     shape = list(leaf.value.shape)
     for s in t.shards:  # one, unless sharded
@@ -159,9 +160,6 @@ def _comparable(shard: Shard, chunk_size: int, links: "_Links") -> list[Chunk]:
     """The leading chunks of `shard` that line up with how a rewrite would cut it and can
     be linked. A prefix: the native writer compares position by position."""
     chunks = shard.chunks
-    if len(chunks) == 1:  # the usual small tensor: one chunk, cut as a rewrite would
-        c = chunks[0]
-        return [c] if c.raw <= chunk_size and links.get(c.file) is not None else []
     total, out = shard.raw_bytes, []
     for i, c in enumerate(chunks):
         if c.raw != min(chunk_size, total - i * chunk_size) or links.get(c.file) is None:
@@ -249,9 +247,9 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     reused: dict[int, list[Chunk]] = {}  # leaf -> base records taken without hashing
     old: list[Shard | None] = []  # each leaf's block in the base, where it has one
     prev: list[list[int] | None] = []
-    chunk_size = opts.chunk_size
+    chunk_size, base_tensors = opts.chunk_size, m.tensors
     for i, (n, leaf) in enumerate(zip(names, leaves)):
-        shard = _old_shard(m, n, leaf)
+        shard = _old_shard(base_tensors.get(n), leaf)
         old.append(shard)
         if shard is None:
             prev.append(None)
@@ -259,6 +257,10 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
                 all(links.get(c.file) is not None for c in shard.chunks):
             reused[i] = shard.chunks
             prev.append(None)
+        elif len(shard.chunks) == 1:  # the usual small tensor (_comparable, inlined)
+            c = shard.chunks[0]
+            prev.append([c.raw_hash] if c.raw <= chunk_size and links.get(c.file) is not None
+                        else None)
         else:
             comparable = _comparable(shard, chunk_size, links)
             prev.append([c.raw_hash for c in comparable] if comparable else None)
@@ -286,10 +288,8 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
         written = store.write_file(paths[0] if parts == 1 else paths,
                                    [to_cpu(leaves[i].value) for i in todo],
                                    unsynced, mode, prev_hashes=[prev[i] for i in todo])
-        shared = {i: [(c, old[i].chunks[c]) for c, r in enumerate(recs) if r.offset == -1]
-                  for i, recs in zip(todo, written)}
-        shared.update({i: list(enumerate(recs)) for i, recs in reused.items()})
-        damaged = _first_damaged(store, base.path, m, links, shared, intact, opts.threads)
+        picked = _pick(todo, written, reused, old, names, len(leaves))
+        damaged = _first_damaged(store, base.path, m, links, picked, intact, opts.threads)
         if not damaged:
             break
         for i, c in damaged.items():
@@ -299,45 +299,34 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
             prev[i] = prev[i][:c] or None
         links.damaged += len(damaged)
 
-    # (record, index of its base file or None when just written) per chunk of each leaf
-    picked: list[list[tuple[Chunk, int | None]]] = [[] for _ in leaves]
-    for i, recs in zip(todo, written):
-        picked[i] = [(r, None) if r.offset != -1 else _unchanged(old[i], c, r, names[i])
-                     for c, r in enumerate(recs)]
-    for i, recs in reused.items():
-        picked[i] = [(c, c.file) for c in recs]
-
     # Renumber: this rank's new files first (those that got a chunk), then the links used.
     # Two base entries of one origin (linked by two ranks) share one link name here.
-    filled = sorted({c.file for p in picked for c, j in p if j is None})
-    own_index = {f: k for k, f in enumerate(filled)}
-    wrote = len(filled)
-    used = sorted({links.names[j] for p in picked for _, j in p if j is not None})
-    local = {j: used.index(name) + wrote for j, name in links.names.items() if name in used}
-    stats = dict.fromkeys(_STATS, 0)
+    own_index = {f: k for k, f in enumerate(sorted(picked.new_files))}
+    wrote = len(own_index)
+    used = sorted({links.names[j] for j in picked.base_files})
+    local = {j: used.index(links.names[j]) + wrote for j in picked.base_files}
+    # Usually every record already names its file (a chunk just written names file 0, the
+    # writer's file_index; a base chunk often keeps its index): then all are kept as they are.
+    renumber = any(k != f for f, k in own_index.items()) or any(k != j for j, k in local.items())
     chunks = []
-    new_chunks = referenced = referenced_bytes = 0
-    for i, p in enumerate(picked):
-        # A record that already names its file (a chunk just written names file 0, the
-        # writer's file_index; a base chunk often keeps its index) is kept as it is.
-        out = [c if c[0] == (own_index[c[0]] if j is None else local[j]) else
-               Chunk(own_index[c[0]] if j is None else local[j], *c[1:]) for c, j in p]
-        for c, j in p:
-            if j is None:
-                new_chunks += 1
-            else:
-                referenced += 1
-                referenced_bytes += c.stored
+    for i, p in enumerate(picked.chunks):
+        if not renumber:
+            out = [c for c, _ in p]
+        else:
+            out = [c if c[0] == (own_index[c[0]] if j is None else local[j]) else
+                   Chunk(own_index[c[0]] if j is None else local[j], *c[1:]) for c, j in p]
         if versions is not None:
             versions.record(names[i], fps[i], out)
         chunks.append(out)
-    stats["new_chunks"], stats["referenced_chunks"] = new_chunks, referenced
-    stats["referenced_bytes"] = referenced_bytes
+    stats = dict.fromkeys(_STATS, 0)
+    stats["new_chunks"], stats["referenced_chunks"] = picked.new, picked.referenced
+    stats["referenced_bytes"] = picked.referenced_bytes
     stats["unhashed_bytes"] = sum(leaves[i].nbytes for i in reused)
     links.drop_unused(set(used))
     sizes = {links.names[j]: m.files[j].size for j in local}
 
-    own = [FileEntry(names_own[f], (tmp / names_own[f]).stat().st_size, rank) for f in filled]
+    own = [FileEntry(names_own[f], (tmp / names_own[f]).stat().st_size, rank)
+           for f in sorted(own_index)]
     for f, name in enumerate(names_own):
         if f not in own_index:
             os.unlink(tmp / name)  # nothing (more) changed: no empty data file
@@ -362,17 +351,58 @@ def _expected_bytes(m: Manifest, rank: int, leaves: list, todo: list[int],
     return min(sum(leaves[i].nbytes for i in todo), max(fresh, wrote_before))
 
 
-def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
-                   shared: dict[int, list[tuple[int, Chunk]]], intact: set,
-                   threads: int) -> dict[int, int]:
-    """leaf -> position of its first shared base chunk whose stored bytes do not match
+@dataclass
+class _Picked:
+    """Each leaf's chunks as (record, index of its base file, or None when just written),
+    the base chunks to read back before they are trusted (leaf, position, record), and
+    counts for the statistics."""
+    chunks: list
+    linked: list = field(default_factory=list)
+    new_files: set = field(default_factory=set)
+    base_files: set = field(default_factory=set)
+    new: int = 0
+    referenced: int = 0
+    referenced_bytes: int = 0
+
+
+def _pick(todo: list[int], written: list, reused: dict[int, list[Chunk]],
+          old: list, names: list[str], count: int) -> _Picked:
+    """One pass over what the writer returned: a chunk it skipped (offset -1) is the
+    base's record at that position, checked against what the writer hashed."""
+    out = _Picked([None] * count)
+    for i, recs in zip(todo, written):
+        p = []
+        for c, r in enumerate(recs):
+            if r.offset != -1:
+                p.append((r, None))
+                out.new_files.add(r.file)
+            else:
+                o = _unchanged(old[i], c, r, names[i])
+                p.append((o, o.file))
+                out.linked.append((i, c, o))
+        out.chunks[i] = p
+        out.new += len(recs)
+    out.new -= len(out.linked)  # of the leaves written: the chunks not skipped
+    for i, recs in reused.items():
+        out.chunks[i] = [(c, c.file) for c in recs]
+        out.linked.extend((i, c, ch) for c, ch in enumerate(recs))
+    out.referenced = len(out.linked)
+    for _, _, ch in out.linked:
+        out.base_files.add(ch.file)
+        out.referenced_bytes += ch.stored
+    return out
+
+
+def _first_damaged(store, base: Path, m: Manifest, links: "_Links", picked: _Picked,
+                   intact: set, threads: int) -> dict[int, int]:
+    """leaf -> position of its first linked base chunk whose stored bytes do not match
     their stored hash, read through the links made for them. When one is damaged, the
     chunks found intact are added to `intact` and not read again by the rewrite's check."""
-    todo = [(i, c, ch) for i, pairs in shared.items() for c, ch in pairs
-            if (ch.file, ch.offset) not in intact]
+    todo = [x for x in picked.linked if (x[2].file, x[2].offset) not in intact] if intact \
+        else picked.linked
     if not todo:
         return {}
-    files = sorted({ch.file for _, _, ch in todo})
+    files = sorted(picked.base_files)
     index = {j: k for k, j in enumerate(files)}
     paths = [str(links.tmp / links.names[j]) for j in files]
     if all(k == j for j, k in index.items()):  # the records name their files as they are
@@ -395,13 +425,13 @@ def _first_damaged(store, base: Path, m: Manifest, links: "_Links",
     return damaged
 
 
-def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> tuple[Chunk, int]:
+def _unchanged(shard: Shard, c: int, rec: Chunk, name: str) -> Chunk:
     """The base record for chunk c, which the writer found unchanged."""
     old = shard.chunks[c]
     if old.raw != rec.raw or old.raw_hash != rec.raw_hash:  # the writer broke its contract
         raise DckptError(f"tensor '{name}' chunk {c}: skipped as unchanged, but its raw "
                          f"length/hash differ from the base's")
-    return old, old.file
+    return old
 
 
 def summarize(base: Base, reports: list) -> dict:
