@@ -196,9 +196,10 @@ def rank_repeat(rank, world, root, extra):
         res = dckpt.save(state_for(rank, world, True, extra), f"{root}/s{i}")
         out.append({"reused": res.plan_reused, "sent": res.sent_bytes,
                     "received": res.received_bytes})
-    res = dckpt.save(state_for(rank, world, True, extra + 1), f"{root}/changed")
-    out.append({"reused": res.plan_reused, "sent": res.sent_bytes,
-                "received": res.received_bytes})
+    for i, more in enumerate((1, 0, 1)):  # a new layout, then the two in turn
+        res = dckpt.save(state_for(rank, world, True, extra + more), f"{root}/changed{i}")
+        out.append({"reused": res.plan_reused, "sent": res.sent_bytes,
+                    "received": res.received_bytes})
     return out
 
 
@@ -206,9 +207,11 @@ def test_plan_reuse_sends_fewer_bytes(tmp_path):
     few = run_with_ranks(4, rank_repeat, str(tmp_path / "few"), 0)
     many = run_with_ranks(4, rank_repeat, str(tmp_path / "many"), 40)
     for runs in (few, many):
-        for r, (first, second, third, changed) in enumerate(runs):
+        for r, (first, second, third, changed, back, again) in enumerate(runs):
             assert not first["reused"] and second["reused"] and third["reused"]
             assert not changed["reused"]  # a new tensor: the offers travel again
+            # Either layout's plan is kept: saving them in turn reuses both.
+            assert back["reused"] and again["reused"]
             assert second["sent"] < first["sent"] and second["received"] < first["received"]
             assert changed["sent"] > second["sent"]
     # What a rank sends does not grow with its DTensors: 44 cost what 4 do, within the

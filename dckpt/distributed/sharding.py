@@ -229,7 +229,7 @@ def offer(flat: Flat, world: int) -> list[Offer]:
 # tensor). A state holding DTensors is described anew each time (its placements and
 # meshes are not in the key).
 _layouts: dict[tuple, tuple[list[Offer], str]] = {}
-_MAX_LAYOUTS = 2  # a training loop saves one layout (two: a memory tier beside the root)
+_MAX_LAYOUTS = 4  # a training loop saves one layout or a few (engine.checkpoint._MAX_PLANS)
 
 
 def layout_key(flat: Flat) -> tuple | None:

@@ -40,11 +40,12 @@ class SaveResult:
     time taken and the manifest written (of a split checkpoint: read on first use, the
     index and this rank's records), and what this rank's exchanges cost."""
     path: Path | str  # a URL string for an object store
-    bytes: int  # logical bytes of all tensors saved by every rank
-    stored_bytes: int  # bytes in the data files
     seconds: float
     _manifest: Manifest | None = field(repr=False)
-    rank_bytes: int = 0  # this rank's share of `bytes`: the shards it wrote
+    # (logical bytes of all tensors saved by every rank, bytes in the data files, this
+    # rank's share of the first: the shards it wrote); None: counted from the manifest on
+    # first use (one pass over every chunk, which a training loop rarely asks for)
+    _sizes: tuple[int, int, int] | None = field(default=None, repr=False)
     notes: list[str] = field(default_factory=list)  # e.g. why an incremental save was full
     sent_bytes: int = 0  # JSON this rank sent through the save's collectives
     received_bytes: int = 0  # and received
@@ -54,13 +55,33 @@ class SaveResult:
 
     @classmethod
     def of(cls, path: Path | str, m: Manifest, seconds: float, rank: int) -> "SaveResult":
-        mine = stored = 0
-        for t in m.tensors.values():  # one pass over the chunks: thousands per save
-            for s in t.shards:
-                if s.rank == rank:
-                    mine += sum([c.raw for c in s.chunks])
-                stored += sum([c.stored for c in s.chunks])
-        return cls(path, m.total_bytes, stored, seconds, m, mine, rank=rank)
+        return cls(path, seconds, m, rank=rank)
+
+    def _counted(self) -> tuple[int, int, int]:
+        if self._sizes is None:
+            m, mine, stored = self.manifest, 0, 0
+            for t in m.tensors.values():
+                for s in t.shards:
+                    if s.rank == self.rank:
+                        mine += sum([c.raw for c in s.chunks])
+                    stored += sum([c.stored for c in s.chunks])
+            self._sizes = (m.total_bytes, stored, mine)
+        return self._sizes
+
+    @property
+    def bytes(self) -> int:
+        """Logical bytes of all tensors saved by every rank."""
+        return self._counted()[0]
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes in the data files."""
+        return self._counted()[1]
+
+    @property
+    def rank_bytes(self) -> int:
+        """This rank's share of `bytes`: the shards it wrote."""
+        return self._counted()[2]
 
     @property
     def manifest(self) -> Manifest:
@@ -218,9 +239,8 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     # Phase 1: rank 0 opens the staging directory while every rank flattens its state; the
     # exchange tells all ranks its name and, when the layout is the last save's, that the
     # last plan holds (plan reuse: a few bytes per rank instead of every offer).
-    begun = offers = failure = key = None
+    begun = offers = failure = key = cache = None
     cache_key = (dist.group_key(group), world, r)
-    cache = _plans.get(cache_key)
     try:
         # The whole call is checked before anything is created, and inside this phase, so
         # that a bad argument on any rank fails every rank (nothing fails at commit).
@@ -239,11 +259,11 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
         if begun is None or begun.staging:
             snap = snap() if callable(snap) else snap
             offers, own = sharding.offer_layout(snap.flat, world)
-            same = cache is not None and cache.own == own
-            key = {"layout": own, "plan": cache.plan_id if same else None,
+            cache = _plans.get((*cache_key, own))
+            key = {"layout": own, "plan": cache.plan_id if cache else None,
                    "replicas": sharding.replica_fingerprint(snap.flat, offers,
                                                            cache.plan.replicated)
-                   if same else None}
+                   if cache else None}
     except Exception as e:
         failure = e
     staged = storage.location(begun.staging) if begun and begun.staging else None
@@ -264,9 +284,10 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
         how, agreed_offers = everyone
         plan = (sharding.assign_compact(agreed_offers, offers, r) if how == "compact"
                 else sharding.assign(agreed_offers, r))
-        _plans[cache_key] = sharding.PlanCache(keys[r]["layout"],
-                                               sharding.plan_id([k["layout"] for k in keys]),
-                                               plan)
+        if len(_plans) >= _MAX_PLANS:
+            del _plans[next(iter(_plans))]
+        _plans[(*cache_key, keys[r]["layout"])] = sharding.PlanCache(
+            keys[r]["layout"], sharding.plan_id([k["layout"] for k in keys]), plan)
         return plan
 
     if layout == SPLIT:
@@ -350,8 +371,8 @@ def _write_split(snap, agreed, store: storage.Storage, tmp: Path, target: Path, 
         raise failure
     if "error" in outcome:
         raise DistributedError(f"save to {target} aborted: {outcome['error']}", outcome["rank"])
-    result = SaveResult(target, outcome["bytes"], outcome["stored_bytes"],
-                        time.perf_counter() - t0, None, summary["bytes"], rank=r,
+    result = SaveResult(target, time.perf_counter() - t0, None,
+                        (outcome["bytes"], outcome["stored_bytes"], summary["bytes"]), rank=r,
                         metadata_bytes=summary["record"]["size"])
     result.traffic(*traffic0, reused)
     return result
@@ -434,8 +455,11 @@ def _build_index(summaries: list[dict], owned: tuple[str, ...], world: int, coun
 
 SINGLE, SPLIT = "single", "split"
 LAYOUT_ENV = "DCKPT_LAYOUT"
-# This process's last agreed plan per (group, world size, rank): see sharding.PlanCache.
+# This process's last agreed plans per (group, world size, rank, own layout hash): see
+# sharding.PlanCache. More than one: a process may save several layouts in turn (a model
+# and its EMA copy, two managers, a memory tier's state beside the root's).
 _plans: dict[tuple, sharding.PlanCache] = {}
+_MAX_PLANS = 4
 
 
 def choose_layout(layout: str | None, world: int) -> str:

@@ -522,8 +522,9 @@ class CheckpointManager:
             self._memo.listing = None
             if lock:
                 lock.release()
-        log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s", step,
-                 result.bytes / 1e6, result.rank_bytes / 1e6, result.seconds)
+        if log.isEnabledFor(logging.INFO):  # the sizes are counted for it
+            log.info("dckpt: saved step %d (%.1f MB, %.1f MB of it by this rank) in %.2f s",
+                     step, result.bytes / 1e6, result.rank_bytes / 1e6, result.seconds)
         if self.preemption is not None and started is not None:
             self.preemption.check_grace(time.time() - started, f"the save of step {step}")
         return result

@@ -121,7 +121,8 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             name = unique(path)
             leaf = tensor_hook(v, name) if tensor_hook and type(v) is not torch.Tensor else None
             if leaf is None:
-                if v.dtype not in TORCH_NAMES:
+                dtype = TORCH_NAMES.get(v.dtype)
+                if dtype is None:
                     raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
                 if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
                     raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
@@ -129,6 +130,8 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
                 # A plain tensor that needs no grad is its own detached self: no new object.
                 value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
                 leaf = Leaf(name, value, list(v.shape), [0] * v.dim())
+                # Known here already: what the cached properties would compute per leaf.
+                leaf.__dict__.update(dtype=dtype, is_numpy=False)
                 if key is not None:  # not empty, not meta: may share its storage
                     # The storage's address (cheaper than untyped_storage()), and device.
                     plain.append((len(flat.leaves),
