@@ -116,15 +116,21 @@ def operation(group=None):
 
 def collective(fn):
     """Run `fn` as one operation() over its group: its `group` argument, else `self.group`."""
-    sig = inspect.signature(fn)
-    takes_group = "group" in sig.parameters
+    params = list(inspect.signature(fn).parameters.values())
+    names = [p.name for p in params]
+    # Where `group` comes in (several calls per save: no signature binding at each one).
+    at = names.index("group") if "group" in names else None
+    positional = at is not None and params[at].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if takes_group:
-            group = sig.bind_partial(*args, **kwargs).arguments.get("group")
-        else:
+        if at is None:
             group = getattr(args[0], "group", None)
+        elif positional and len(args) > at:
+            group = args[at]
+        else:
+            group = kwargs.get("group")  # not given: None, as the default of every user
         with operation(group):
             return fn(*args, **kwargs)
     return wrapper

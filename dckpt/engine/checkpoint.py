@@ -680,11 +680,19 @@ def _write_rank(store: storage.Storage, tmp: Path, snap: Snapshot, plan: shardin
     tensors = {}
     placements = plan.placements
     if not wire and not placements:
-        # cs: the writer's fresh list of Chunks for the leaf, as it is.
-        entries = {name: TensorEntry(leaf.dtype, leaf.global_shape,
-                                     [Shard(leaf.offsets, list(leaf.value.shape), r, cs)],
-                                     "numpy" if leaf.is_numpy else "torch")
-                   for leaf, name, cs in zip(leaves, names, chunks)}
+        # cs: the writer's fresh list of Chunks for the leaf, as it is; or the base's own
+        # list, when nothing of the leaf changed: then its base record is this save's too.
+        prior = base.manifest_for(r).tensors if base is not None else {}
+        entries = {}
+        for leaf, name, cs in zip(leaves, names, chunks):
+            t = prior.get(name)
+            if t is not None and len(t.shards) == 1 and t.shards[0].chunks is cs and \
+                    t.shards[0].rank == r and t.placement is None:
+                entries[name] = t
+            else:
+                entries[name] = TensorEntry(leaf.dtype, leaf.global_shape,
+                                            [Shard(leaf.offsets, list(leaf.value.shape), r, cs)],
+                                            "numpy" if leaf.is_numpy else "torch")
         return WriteReport([f.to_json() for f in files], {}, plan.aliases, stats, snap.tree,
                            snap.rank_state, snap.flat.views, entries)
     for leaf, name, cs in zip(leaves, names, chunks):

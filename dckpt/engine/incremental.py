@@ -312,6 +312,10 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     for i, p in enumerate(picked.chunks):
         if not renumber:
             out = [c for c, _ in p]
+            if old[i] is not None and out == old[i].chunks:
+                # Unchanged: the base's very list, which tells the manifest builder that
+                # the base's record holds for this leaf as it is (_write_rank).
+                out = old[i].chunks
         else:
             out = [c if c[0] == (own_index[c[0]] if j is None else local[j]) else
                    Chunk(own_index[c[0]] if j is None else local[j], *c[1:]) for c, j in p]
