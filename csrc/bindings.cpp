@@ -217,6 +217,26 @@ py::tuple to_tuple(const ChunkRecord& r) {
                         r.stored_hash);
 }
 
+// A record as an instance of `type`, a tuple subclass of seven fields (the manifest's Chunk
+// named tuple): what Chunk(*to_tuple(r)) gives, without a Python call per chunk.
+py::object to_record_of(PyTypeObject* type, const ChunkRecord& r) {
+  PyObject* out = type->tp_alloc(type, 7);
+  if (out == nullptr) throw py::error_already_set();
+  py::object result = py::reinterpret_steal<py::object>(out);
+  PyObject* items[7] = {PyLong_FromLongLong(r.file_index), PyLong_FromLongLong(r.offset),
+                        PyLong_FromLongLong(r.stored_len), PyLong_FromLongLong(r.raw_len),
+                        PyLong_FromLongLong(r.codec), PyLong_FromUnsignedLongLong(r.raw_hash),
+                        PyLong_FromUnsignedLongLong(r.stored_hash)};
+  for (int i = 0; i < 7; ++i) {
+    if (items[i] == nullptr) {
+      for (int j = i + 1; j < 7; ++j) Py_XDECREF(items[j]);
+      throw py::error_already_set();
+    }
+    PyTuple_SET_ITEM(out, i, items[i]);
+  }
+  return result;
+}
+
 py::int_ hash64(py::handle obj) {
   Buffer buf(obj, false, "buf");
   // Small buffers (the eager digests of a save's small tensors, a hundred per save) are
@@ -233,7 +253,14 @@ py::int_ hash64(py::handle obj) {
 py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
                       int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
                       int64_t file_index, py::handle prev_obj, bool direct, double duty,
-                      bool writeback) {
+                      bool writeback, py::handle record_type) {
+  PyTypeObject* record_of = nullptr;  // records as plain tuples
+  if (!record_type.is_none()) {
+    if (!PyType_Check(record_type.ptr()) ||
+        !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(record_type.ptr()), &PyTuple_Type))
+      invalid_argument("record_type must be a tuple subclass (a named tuple of 7 fields)");
+    record_of = reinterpret_cast<PyTypeObject*>(record_type.ptr());
+  }
   // One path, or a list of files that the writer threads share the chunks between.
   bool several = py::isinstance<py::list>(path_obj) || py::isinstance<py::tuple>(path_obj);
   std::vector<std::string> paths =
@@ -291,7 +318,8 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
   py::list result;
   for (const auto& per_buffer : records) {
     py::list items;
-    for (const ChunkRecord& r : per_buffer) items.append(to_tuple(r));
+    for (const ChunkRecord& r : per_buffer)
+      items.append(record_of ? to_record_of(record_of, r) : to_tuple(r));
     result.append(items);
   }
   return result;
@@ -376,7 +404,9 @@ PYBIND11_MODULE(_native, m) {
         py::arg("level") = 1, py::arg("threads") = 0, py::arg("fsync") = true,
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
         py::arg("direct") = false, py::arg("duty") = 1.0, py::arg("writeback") = false,
-        "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer.\n"
+        py::arg("record_type") = py::none(),
+        "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer\n"
+        "(tuples, or instances of record_type: a tuple subclass of seven fields).\n"
         "A buffer is a C-contiguous buffer or an (address, nbytes) pair of memory the caller\n"
         "keeps alive and unchanged for the call (a torch tensor's).\n"
         "path may be a list of files: writer thread w appends the chunks it takes to file\n"

@@ -204,6 +204,26 @@ def test_write_from_address_and_nbytes(tmp_path):
         assert e.value.kind == "invalid_argument" and "buffers[0]" in str(e.value)
 
 
+def test_records_of_a_given_tuple_type(tmp_path):
+    """record_type: the records come back as that named tuple, field for field what the
+    plain tuples hold (the save passes the manifest's Chunk); anything but a tuple subclass
+    is refused."""
+    from dckpt.format.manifest import Chunk
+    bufs = [weights(2 * CS + 7, seed=3), noise(999, seed=4)]
+    for codec in (0, 2):
+        plain = native.write_chunks(str(tmp_path / "a"), bufs, [4, 1], chunk_size=CS,
+                                    codec=codec, threads=1)
+        typed = native.write_chunks(str(tmp_path / "b"), bufs, [4, 1], chunk_size=CS,
+                                    codec=codec, threads=1, record_type=Chunk)
+        assert [[type(r) for r in rs] for rs in typed] == [[Chunk] * 3, [Chunk]]
+        assert [[tuple(r) for r in rs] for rs in typed] == plain
+        assert typed[0][0].raw_hash == plain[0][0][5] and typed[1][0].raw == 999
+    for bad in (list, int, "Chunk"):
+        with pytest.raises(native.ChunkError) as e:
+            native.write_chunks(str(tmp_path / "c"), bufs, [4, 1], record_type=bad)
+        assert e.value.kind == "invalid_argument" and "record_type" in str(e.value)
+
+
 def test_non_contiguous_or_readonly_buffers_are_rejected(tmp_path):
     path = str(tmp_path / "f")
     strided = np.zeros((64, 64), np.uint8)[:, ::2]

@@ -111,35 +111,39 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         names.add(name)
         return name
 
+    def tensor(v: torch.Tensor, path: str) -> TensorRef:
+        key = view_key(v)
+        if key is not None and key in seen:
+            return TensorRef(seen[key])
+        name = unique(path)
+        leaf = tensor_hook(v, name) if tensor_hook and type(v) is not torch.Tensor else None
+        if leaf is None:
+            dtype = TORCH_NAMES.get(v.dtype)
+            if dtype is None:
+                raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
+            if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
+                raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
+                                            "only dense tensors are stored", path)
+            # A plain tensor that needs no grad is its own detached self: no new object.
+            value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
+            shape = list(v.shape)
+            leaf = Leaf(name, value, shape, [0] * len(shape))
+            # Known here already: what the cached properties would compute per leaf.
+            leaf.__dict__.update(dtype=dtype, is_numpy=False)
+            if key is not None:  # not empty, not meta: may share its storage
+                # The storage's address (cheaper than untyped_storage()), and device.
+                plain.append((len(flat.leaves),
+                              (key[1] - v.storage_offset() * v.element_size(), key[0])))
+        flat.leaves.append(leaf)
+        if key is not None:
+            seen[key] = name
+        return TensorRef(name)
+
     def walk(v: Any, path: str) -> Any:
         if type(v) in _PLAIN:
             return v
         if isinstance(v, torch.Tensor):
-            key = view_key(v)
-            if key is not None and key in seen:
-                return TensorRef(seen[key])
-            name = unique(path)
-            leaf = tensor_hook(v, name) if tensor_hook and type(v) is not torch.Tensor else None
-            if leaf is None:
-                dtype = TORCH_NAMES.get(v.dtype)
-                if dtype is None:
-                    raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
-                if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
-                    raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
-                                                "only dense tensors are stored", path)
-                # A plain tensor that needs no grad is its own detached self: no new object.
-                value = v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
-                leaf = Leaf(name, value, list(v.shape), [0] * v.dim())
-                # Known here already: what the cached properties would compute per leaf.
-                leaf.__dict__.update(dtype=dtype, is_numpy=False)
-                if key is not None:  # not empty, not meta: may share its storage
-                    # The storage's address (cheaper than untyped_storage()), and device.
-                    plain.append((len(flat.leaves),
-                                  (key[1] - v.storage_offset() * v.element_size(), key[0])))
-            flat.leaves.append(leaf)
-            if key is not None:
-                seen[key] = name
-            return TensorRef(name)
+            return tensor(v, path)
         if isinstance(v, np.ndarray):
             if numpy_itemsize(v.dtype.str) is None:
                 raise UnsupportedStateError(
@@ -153,7 +157,9 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         if isinstance(v, torch.dtype):
             return DtypeRef(dtype_name(v))
         if isinstance(v, dict):
-            return {k: walk(x, f"{path}/{k}" if path else str(k)) for k, x in v.items()}
+            # A state dict's values are mostly plain tensors: those go straight to tensor().
+            return {k: (tensor if type(x) is torch.Tensor else walk)(
+                x, f"{path}/{k}" if path else str(k)) for k, x in v.items()}
         if isinstance(v, list):
             # Lists of plain values (a sampler's order, a param group's indices: thousands of
             # ints) in one step, copied: the tree must not change with the live list.
@@ -178,7 +184,7 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
     finally:
         # walk refers to itself through its closure: without this the Flat, its leaves and
         # their tensors would live on in a reference cycle until the next full collection.
-        walk = None  # noqa: F841
+        walk = tensor = None  # noqa: F841
     share_storages(flat, plain, unique)
     if isinstance(state, dict):
         flat.components = {str(k): component_kind(v) for k, v in state.items()}

@@ -141,11 +141,11 @@ def _write_views(path: str | list[str], views: list, sizes: list[int], opts: Wri
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
             threads=opts.threads, fsync=opts.fsync, file_index=file_index,
             prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty,
-            writeback=opts.synced_later)
+            writeback=opts.synced_later, record_type=Chunk)
     except _native.ChunkError as e:
         where = getattr(e, "path", None) or (path if isinstance(path, str) else path[0])
         raise StorageError(f"writing {where} failed: {e}", where) from None
-    return [[Chunk(*r) for r in rs] for rs in records]
+    return records
 
 
 # Below this much data per file a rank writes one file: another would cost an open and an
