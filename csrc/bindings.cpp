@@ -445,4 +445,14 @@ PYBIND11_MODULE(_native, m) {
       py::arg("entries"), py::arg("placements"),
       "The canonical JSON of TensorEntry records (name -> entry) as bytes, placements given\n"
       "as their JSON text per name; None when a record needs json's own writer.");
+  m.def(
+      "value_json",
+      [](py::handle value) {
+        PyObject* out = dckpt::value_json(value.ptr());
+        if (out == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(out);
+      },
+      py::arg("value"),
+      "The canonical JSON of a plain JSON value as bytes (json.dumps with sorted keys,\n"
+      "compact, ASCII, no NaN); None for a value json must write (or refuse) itself.");
 }

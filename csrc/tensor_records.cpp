@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <charconv>
+#include <cmath>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -462,6 +463,84 @@ bool put_entry(std::string* out, PyObject* name, PyObject* e, PyObject* placemen
   return true;
 }
 
+// Any JSON value as json.dumps(..., sort_keys=True, separators=(",", ":"),
+// allow_nan=False, ensure_ascii=True) writes it: dicts with exact str keys, lists and
+// tuples, exact strs, ints within 64 bits, finite floats (by float.__repr__, as json
+// writes them), True, False, None. False for anything else (or nesting past kMaxNesting):
+// json then writes it, or raises.
+constexpr int kMaxNesting = 256;
+
+bool put_value(std::string* out, PyObject* v, int depth) {
+  if (depth > kMaxNesting) return false;
+  if (v == Py_None) {
+    out->append("null");
+  } else if (v == Py_True) {
+    out->append("true");
+  } else if (v == Py_False) {
+    out->append("false");
+  } else if (PyUnicode_CheckExact(v)) {
+    return put_string(out, v);
+  } else if (PyLong_CheckExact(v)) {
+    return put_int(out, v);
+  } else if (PyFloat_CheckExact(v)) {
+    const double x = PyFloat_AS_DOUBLE(v);
+    if (!std::isfinite(x)) return false;
+    PyObject* text = PyFloat_Type.tp_repr(v);
+    if (text == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    Py_ssize_t n;
+    const char* p = PyUnicode_AsUTF8AndSize(text, &n);
+    if (p != nullptr) out->append(p, static_cast<size_t>(n));
+    Py_DECREF(text);
+    if (p == nullptr) PyErr_Clear();
+    return p != nullptr;
+  } else if (PyList_CheckExact(v) || PyTuple_CheckExact(v)) {
+    PyObject** xs = PySequence_Fast_ITEMS(v);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+    out->push_back('[');
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i) out->push_back(',');
+      if (!put_value(out, xs[i], depth + 1)) return false;
+    }
+    out->push_back(']');
+  } else if (PyDict_CheckExact(v)) {
+    PyObject* keys = PyDict_Keys(v);
+    if (keys == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    bool ok = true;
+    const Py_ssize_t n = PyList_GET_SIZE(keys);
+    for (Py_ssize_t i = 0; ok && i < n; ++i) ok = PyUnicode_CheckExact(PyList_GET_ITEM(keys, i));
+    if (ok && PyList_Sort(keys) != 0) {
+      PyErr_Clear();
+      ok = false;
+    }
+    out->push_back('{');
+    for (Py_ssize_t i = 0; ok && i < n; ++i) {
+      PyObject* k = PyList_GET_ITEM(keys, i);
+      PyObject* x = PyDict_GetItemWithError(v, k);
+      if (i) out->push_back(',');
+      ok = x != nullptr && put_string(out, k);
+      if (ok) {
+        out->push_back(':');
+        ok = put_value(out, x, depth + 1);
+      }
+    }
+    Py_DECREF(keys);
+    if (!ok) {
+      PyErr_Clear();
+      return false;
+    }
+    out->push_back('}');
+  } else {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 PyObject* records_json(PyObject* entries, PyObject* placements) {
@@ -496,6 +575,12 @@ PyObject* records_json(PyObject* entries, PyObject* placements) {
   if (PyErr_Occurred()) return nullptr;
   if (!ok) Py_RETURN_NONE;
   out.push_back('}');
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+}
+
+PyObject* value_json(PyObject* value) {
+  std::string out;
+  if (!put_value(&out, value, 0)) Py_RETURN_NONE;
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 

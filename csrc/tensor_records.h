@@ -17,4 +17,9 @@ PyObject* whole_tensors(PyObject* tensors, PyObject* file_sizes, long long world
 // writes it with json); nullptr with a Python error set on bad arguments.
 PyObject* records_json(PyObject* entries, PyObject* placements);
 
+// The canonical JSON text of a plain JSON value (dicts with str keys, lists, tuples, strs,
+// ints, finite floats, bools, None) as bytes; None for anything else (the caller then
+// writes it with json, which writes it or raises).
+PyObject* value_json(PyObject* value);
+
 }  // namespace dckpt

@@ -45,7 +45,8 @@ def native(entries: dict) -> bytes | None:
 
 def test_saves_write_records_with_the_core():
     import dckpt.storage.commit  # noqa: F401  (what every local save imports)
-    assert canonical._native is _native.records_json
+    assert canonical._records is _native.records_json
+    assert canonical._value is _native.value_json
 
 
 @pytest.mark.parametrize("writer", [canonical.written, native, canonical.tensors])
@@ -147,3 +148,62 @@ def test_record_file_bytes_are_the_json_form():
            "rank_state": entry, "meshes": [split.compact_mesh(m) for m in meshes]}
     assert got == json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False,
                              ensure_ascii=True).encode("ascii") + b"\n"
+
+
+def test_random_values_are_written_as_json_dumps_writes_them():
+    """The core's writer of any other JSON value (state trees, RNG states, metadata):
+    json's bytes for every nesting of dicts, lists, tuples, strs of every escape class, ints
+    at and past 64 bits, floats of every magnitude, bools and None; it declines what json
+    must write or refuse itself (non-str keys, NaN, an int subclass, other types), and
+    canonical() then gives json's bytes or its error."""
+    rng = random.Random(11)
+    alphabet = ['a', '"', '\\', '\n', '\x00', '\x1f', '\x7f', 'é', '\u2028', '\ud800',
+                '\U0001f600', '$', '~', ' ']
+    floats = [0.0, -0.0, 1.0, 0.1, 1e-7, 1e16, 1.5e300, 5e-324, -2.5, 123456789.125]
+
+    def text():
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 6)))
+
+    def value(depth=0):
+        kind = rng.randrange(9 if depth < 4 else 6)
+        if kind == 0:
+            return rng.choice([None, True, False])
+        if kind == 1:
+            return rng.choice([0, -1, 7, (1 << 63) - 1, -(1 << 63), 1 << 63, -(1 << 80)])
+        if kind == 2:
+            return rng.choice(floats) * rng.choice([1, -1])
+        if kind in (3, 4, 5):
+            return text()
+        if kind == 6:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 7:
+            return tuple(value(depth + 1) for _ in range(rng.randrange(4)))
+        return {text(): value(depth + 1) for _ in range(rng.randrange(5))}
+
+    declined = 0
+    for _ in range(500):
+        v = value()
+        got = _native.value_json(v)
+        declined += got is None
+        assert got is None or got == slow_value(v), v
+        assert canonical.canonical(v) == slow_value(v)
+    assert 0 < declined < 250  # big ints go to json; the rest is the core's
+    for odd in ({1: "x"}, {"a": float("nan")}, [float("inf")], {"a": {1, 2}}, b"x",
+                [True, np.int64(3)], {"k": type("S", (str,), {})("s")}):
+        assert _native.value_json(odd) is None
+        try:
+            expected = slow_value(odd)
+        except (TypeError, ValueError) as e:
+            with pytest.raises(type(e)):
+                canonical.canonical(odd)
+        else:
+            assert canonical.canonical(odd) == expected
+    deep = []
+    for _ in range(300):  # deeper than the core goes: json writes it
+        deep = [deep]
+    assert canonical.canonical(deep) == slow_value(deep)
+
+
+def slow_value(v) -> bytes:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=True).encode("ascii")

@@ -19,8 +19,9 @@ from ..format import canonical, lookup as _lookup
 from . import is_remote, local_path
 
 try:
-    from .._native import records_json, whole_tensors as check
-    canonical.use_native(records_json)  # manifests written by the core (format/canonical.py)
+    from .._native import records_json, value_json, whole_tensors as check
+    # Manifests and record files written by the core too (format/canonical.py).
+    canonical.use_native(records_json, value_json)
 except ImportError:  # inspect/ls without the core: format's field-by-field checks only
     check: RecordCheck | None = None
 
