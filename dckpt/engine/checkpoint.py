@@ -441,7 +441,7 @@ def _build_index(summaries: list[dict], owned: tuple[str, ...], world: int, coun
     if base is not None:
         stats = [SimpleNamespace(stats=sm["stats"]) for sm in summaries]
         meta = {**(meta or {}), incremental.META_KEY: incremental.summarize(base, stats)}
-    info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    info = {"dckpt": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
     totals = {"bytes": sum(sm["bytes"] for sm in summaries),
@@ -729,7 +729,7 @@ def _build_manifest(reports: list[WriteReport], world: int, counters, metrics, m
                 tensors[name] = TensorEntry(t["dtype"], t["shape"], shards, t["kind"],
                                             _index_mesh(t["placement"], meshes))
         ranks.append({"tree": rep.tree, "aliases": rep.aliases, **rep.extra})
-    info = {"dckpt": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    info = {"dckpt": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "python": platform.python_version(), "compression": str(opts.compression),
             "chunk_size": opts.chunk_size}
     # Version 2 only where a tree holds $view nodes, which version-1 readers do not know.

@@ -3,9 +3,10 @@
 The lock is taken on the root directory itself, not on a file in it: a directory cannot be
 hard-linked, so roots copied with `cp -al` have locks of their own, and nothing is opened
 through a name that could be a symlink planted to point elsewhere. ROOT/.lock only names
-the holder and why ("pid 123 save") for contenders; it is replaced by rename, never written
-in place, so a `.lock` that is a symlink, a hard link or a FIFO is swapped for a fresh file
-and whatever it pointed at is not touched.
+the holder and why ("pid 123 save") for contenders. It is written in place only while it is
+the very file this process created there with no other link (storage.commit.OwnFile); a
+`.lock` that is a symlink, a hard link or a FIFO is swapped for a fresh file by rename, and
+whatever it pointed at is not touched.
 
 Short holders (a manager clearing temporaries as it opens, gc, repair) must not make a
 concurrent save fail: a save meeting one waits up to `wait` seconds. A save meeting another
@@ -19,20 +20,20 @@ does not keep the root locked (flock locks belong to the open file description, 
 shares)."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import stat
 import time
-import uuid
 import weakref
 from pathlib import Path
 
 from ..errors import LockError, StorageError
-from ..format.layout import LOCK_NAME, TMP_MARK
+from ..format.layout import LOCK_NAME
+from ..storage.commit import OwnFile
 
 SAVE = "save"
 _HELD: "weakref.WeakSet[RootLock]" = weakref.WeakSet()
+_OWN: dict[Path, OwnFile] = {}  # ROOT/.lock -> the holder-name file this process wrote
 
 
 def _close_in_child() -> None:
@@ -44,6 +45,9 @@ def _close_in_child() -> None:
                 pass
             lock.fd = None
     _HELD.clear()
+    for own in _OWN.values():  # the parent's files: a child writes fresh ones of its own
+        own.close()
+    _OWN.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -104,24 +108,16 @@ class RootLock:
             os.close(fd)
 
     def _publish(self, text: str) -> None:
-        """Replace ROOT/.lock by a fresh file holding `text`. The name only informs
-        contenders: a full disk must not stop us. The temporary is a staging name, so a
-        crash leaves debris the manager's clean-up removes."""
-        tmp = self.root / f"{LOCK_NAME}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        """Make ROOT/.lock hold `text`: a file of this process's own, replaced by a fresh one
+        whenever anything else is found there (storage.commit.OwnFile). The name only
+        informs contenders: a full disk must not stop us."""
+        own = _OWN.get(self.path)
+        if own is None:
+            own = _OWN[self.path] = OwnFile(self.path)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            own.write(text.encode())
+        except OSError:
+            own.close()
 
     def _close(self) -> None:
         if self.fd is not None:

@@ -292,6 +292,7 @@ class CheckpointManager:
         # disk (_ManifestCache): the next incremental save compares against it without
         # reading and parsing it again, and reads it anew when the file was replaced.
         self._written = _ManifestCache()
+        self._latest = commit.OwnFile(self.root / LATEST_NAME)
         # Removes the directories of steps retention retired (_apply_retention).
         self._deleter: threading.Thread | None = None
         self._saver = None
@@ -595,6 +596,7 @@ class CheckpointManager:
                     self._remote.close(timeout)
             finally:
                 self._join_deleter()
+                self._latest.close()
 
     def _wait_saves(self) -> None:
         """Wait for the async saves only (their commits hold the root lock); uploads go on
@@ -679,14 +681,19 @@ class CheckpointManager:
             log.warning("dckpt: step %d is committed but 'latest' was not moved: %s", step, e)
 
     def _write_latest(self, step: int) -> None:
-        # Not fsynced: `latest` is a hint that every reader checks against the committed
-        # steps on disk (latest_step), and the step it names was made durable by its own
-        # commit (data, manifest and both directories fsynced). After a crash the pointer
-        # may be older, missing or empty; each reads as "no hint" or an older step, and the
-        # newest committed step is still found and kept (retention never deletes it). The
-        # rename keeps a reader from seeing a half-written name.
-        commit.write_file_durably(self.root / LATEST_NAME, f"{step_dir(step)}\n".encode(),
-                                  fsync=False)
+        # Not fsynced, and written in place while it is this manager's own file
+        # (commit.OwnFile): `latest` is a hint that every reader checks against the
+        # committed steps on disk (latest_step), and the step it names was made durable by
+        # its own commit (data, manifest and both directories fsynced). After a crash, or
+        # read while it is rewritten, the pointer may be older, missing, empty or cut
+        # short; each reads as "no hint" or a step that is not the newest, and the newest
+        # committed step is still found and kept (retention never deletes it).
+        try:
+            self._latest.write(f"{step_dir(step)}\n".encode())
+        except OSError as e:
+            self._latest.close()
+            raise StorageError(f"writing {self.root / LATEST_NAME} failed: "
+                               f"{e.strerror or e}", str(self.root / LATEST_NAME)) from None
         if self._listing is not None:
             self._listing["latest"] = step  # the memo is this thread's own
 
@@ -761,7 +768,8 @@ class CheckpointManager:
             self._deleter = None
 
     def _temporaries(self) -> list[Path]:
-        """Staging directories and the half-written `latest` a crash leaves behind."""
+        """Staging directories and the half-written `latest` a crash leaves behind (a
+        staging name now; `latest.tmp` from dckpt before 2026-12)."""
         return [p for p in self.root.iterdir()
                 if is_staging(p.name) or p.name == LATEST_NAME + ".tmp"]
 

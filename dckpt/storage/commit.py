@@ -18,11 +18,13 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import threading
+import uuid
 from pathlib import Path
 
 from ..errors import CheckpointExistsError, StorageError
-from ..format.layout import aside_dir, aside_target, staging_dir
+from ..format.layout import TMP_MARK, aside_dir, aside_target, staging_dir
 from ..format.manifest import MANIFEST_NAME, Manifest
 from . import records  # noqa: F401  (loads the core's manifest writer: format/canonical.py)
 
@@ -157,6 +159,52 @@ def write_file_durably(path: Path, data: bytes, fsync: bool = True) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"writing {path} failed: {e.strerror or e}", str(path)) from None
+
+
+class OwnFile:
+    """A small file this process rewrites at every save (the root lock's holder name, the
+    `latest` pointer). The first write creates a fresh file under a staging name (O_EXCL,
+    no link followed) and renames it into place; later writes go in place through the
+    descriptor kept from that creation, as long as the name still leads to that very file
+    with no other link. Anything planted there meanwhile (a symbolic link, a hard link to
+    it, a FIFO, another file) is replaced by a fresh file again, never written through.
+    A new inode and a rename cost ~0.15 ms on ext4 each time, three per save. Readers may
+    see the file empty or part-written: its callers' readers take it as a hint only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._id: tuple[int, int] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._fd is not None:
+            try:
+                st = os.stat(self.path, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == self._id and st.st_nlink == 1 and \
+                        stat.S_ISREG(st.st_mode):
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, data, 0)
+                    return
+            except OSError:
+                pass
+            self.close()
+        tmp = self.path.with_name(f".{self.path.name.lstrip('.')}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+        try:
+            os.write(fd, data)
+            os.rename(tmp, self.path)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fd, self._id = fd, (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._id = None
 
 
 _RENAME_EXCHANGE = 2
