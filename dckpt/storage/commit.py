@@ -182,8 +182,9 @@ class OwnFile:
                 st = os.stat(self.path, follow_symlinks=False)
                 if (st.st_dev, st.st_ino) == self._id and st.st_nlink == 1 and \
                         stat.S_ISREG(st.st_mode):
-                    os.ftruncate(self._fd, 0)
                     os.pwrite(self._fd, data, 0)
+                    if st.st_size > len(data):  # truncating costs: only when shorter
+                        os.ftruncate(self._fd, len(data))
                     return
             except OSError:
                 pass
