@@ -184,10 +184,41 @@ ChunkRecord to_record(py::handle obj, const std::string& name) {
   return r;
 }
 
+// The usual record, a tuple (a Chunk) of exact ints that fit, read without pybind's
+// conversions or a name built per record (thousands per load); false for anything else,
+// which to_record then takes field by field, naming what is wrong.
+bool plain_record(PyObject* obj, ChunkRecord* r) {
+  if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 7) return false;
+  int64_t* ints[5] = {&r->file_index, &r->offset, &r->stored_len, &r->raw_len, &r->codec};
+  for (int i = 0; i < 5; ++i) {
+    PyObject* v = PyTuple_GET_ITEM(obj, i);
+    int overflow = 0;
+    if (!PyLong_CheckExact(v)) return false;
+    *ints[i] = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow != 0) return false;
+  }
+  uint64_t* hashes[2] = {&r->raw_hash, &r->stored_hash};
+  for (int i = 0; i < 2; ++i) {
+    PyObject* v = PyTuple_GET_ITEM(obj, 5 + i);
+    if (!PyLong_CheckExact(v)) return false;
+    *hashes[i] = PyLong_AsUnsignedLongLong(v);
+    if (*hashes[i] == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  }
+  r->representable = true;
+  return true;
+}
+
 std::vector<ChunkRecord> to_records(py::handle obj, const std::string& name) {
   std::vector<ChunkRecord> records;
-  for (py::handle r : to_sequence(obj, name))
-    records.push_back(to_record(r, name + "[" + std::to_string(records.size()) + "]"));
+  for (py::handle r : to_sequence(obj, name)) {
+    ChunkRecord rec;
+    if (!plain_record(r.ptr(), &rec))
+      rec = to_record(r, name + "[" + std::to_string(records.size()) + "]");
+    records.push_back(rec);
+  }
   return records;
 }
 
