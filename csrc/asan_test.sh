@@ -6,7 +6,8 @@
 # (tests/test_attack_native.py, DCKPT_SLOW=1 for the long run) against an AddressSanitizer
 # + UBSan build of the native core; then the torch-level hostile loads
 # (tests/test_attack_hostile.py: hostile manifests and fuzzed fields, bytes and chunk
-# records through dckpt.load and restore) with the whole package on the same build. The build happens in a temporary copy of the sources, so the normal
+# records through dckpt.load and restore) and the native JSON writers against json.dumps
+# (tests/test_manifest_canonical.py) with the whole package on the same build. The build happens in a temporary copy of the sources, so the normal
 # in-place build stays as it is. Fails on any sanitizer report.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -77,7 +78,7 @@ cp -r "$repo/dckpt" "$full/dckpt"
 rm -f "$full"/dckpt/_native*.so
 find "$full/dckpt" -name __pycache__ -prune -exec rm -rf {} +
 cp "$work"/dckpt/_native*.so "$full/dckpt/"
-cp "$repo/tests/test_attack_hostile.py" "$full/tests/"
+cp "$repo/tests/test_attack_hostile.py" "$repo/tests/test_manifest_canonical.py" "$full/tests/"
 cp "$repo/tests/helpers/__init__.py" "$repo/tests/helpers/attacks.py" "$full/tests/helpers/"
 export PYTHONPATH=$full
 cd "$full"
@@ -86,9 +87,10 @@ case $loaded in
   "$full"/*) ;;
   *) echo "picked up $loaded instead of the ASan build" >&2; exit 1 ;;
 esac
-echo "== running the torch-level hostile loads under ASan"
+echo "== running the torch-level hostile loads and the native JSON writers under ASan"
 "$py" -m pytest -q -p no:cacheprovider --capture=sys tests/test_attack_hostile.py \
-  -k "not enormous_declared_size" 2>&1 | tee "$work/test-torch.log" || status=$?
+  tests/test_manifest_canonical.py -k "not enormous_declared_size" 2>&1 |
+  tee "$work/test-torch.log" || status=$?
 if grep -qE 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$work/test-torch.log"; then
   echo "== sanitizer report above" >&2
   exit 1

@@ -111,6 +111,42 @@ std::pair<uint8_t*, size_t> to_memory(py::handle obj, const std::string& name) {
   return {reinterpret_cast<uint8_t*>(address), static_cast<size_t>(size)};
 }
 
+// to_memory for the usual pair of exact ints that name memory, without building its name;
+// false for anything else (to_memory then says what is wrong).
+bool memory_fast(PyObject* t, uint8_t** data, size_t* size) {
+  if (PyTuple_GET_SIZE(t) != 2) return false;
+  PyObject* a = PyTuple_GET_ITEM(t, 0);
+  PyObject* n = PyTuple_GET_ITEM(t, 1);
+  if (!PyLong_CheckExact(a) || !PyLong_CheckExact(n)) return false;
+  int overflow = 0;
+  unsigned long long address = PyLong_AsUnsignedLongLong(a);
+  if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  long long nbytes = PyLong_AsLongLongAndOverflow(n, &overflow);
+  if (overflow != 0 || nbytes < 0 || (address == 0 && nbytes > 0)) return false;
+  *data = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(address));
+  *size = static_cast<size_t>(nbytes);
+  return true;
+}
+
+// A list of exact ints in [0, 2^64) into *out; false (out partly filled) for anything else.
+bool prev_fast(PyObject* list, std::vector<uint64_t>* out) {
+  if (!PyList_CheckExact(list)) return false;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    PyObject* h = PyList_GET_ITEM(list, i);
+    if (!PyLong_CheckExact(h)) return false;
+    unsigned long long v = PyLong_AsUnsignedLongLong(h);
+    if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    out->push_back(v);
+  }
+  return true;
+}
+
 py::sequence to_sequence(py::handle obj, const std::string& name) {
   if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
     invalid_argument(name + " must be a list or tuple");
@@ -211,6 +247,19 @@ bool plain_record(PyObject* obj, ChunkRecord* r) {
   return true;
 }
 
+// A list of plain records (see plain_record) into *out; false (out cleared) otherwise.
+bool records_fast(PyObject* list, std::vector<ChunkRecord>* out) {
+  if (!PyList_CheckExact(list)) return false;
+  out->resize(static_cast<size_t>(PyList_GET_SIZE(list)));
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    if (!plain_record(PyList_GET_ITEM(list, i), &(*out)[static_cast<size_t>(i)])) {
+      out->clear();
+      return false;
+    }
+  }
+  return true;
+}
+
 std::vector<ChunkRecord> to_records(py::handle obj, const std::string& name) {
   std::vector<ChunkRecord> records;
   for (py::handle r : to_sequence(obj, name)) {
@@ -229,6 +278,12 @@ std::vector<size_t> to_elem_sizes(py::handle obj, size_t expected) {
                      std::to_string(expected));
   std::vector<size_t> sizes;
   for (py::handle h : seq) {
+    int overflow = 0;  // the usual exact int first: no name is built for it
+    long long x = PyLong_CheckExact(h.ptr()) ? PyLong_AsLongLongAndOverflow(h.ptr(), &overflow) : 0;
+    if (PyLong_CheckExact(h.ptr()) && overflow == 0 && x >= 1 && x <= dckpt::kMaxChunkSize) {
+      sizes.push_back(static_cast<size_t>(x));
+      continue;
+    }
     bool fits = true;
     int64_t v = to_int64(h, &fits, "elem_sizes[" + std::to_string(sizes.size()) + "]");
     if (!fits || v < 1 || v > dckpt::kMaxChunkSize)
@@ -310,6 +365,8 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
       py::handle list = lists[b];
       if (list.is_none()) continue;
       has_prev[b] = true;
+      if (prev_fast(list.ptr(), &prev[b])) continue;
+      prev[b].clear();
       std::string name = "prev_hashes[" + std::to_string(b) + "]";
       for (py::handle h : to_sequence(list, name)) {
         bool fits = true;
@@ -322,14 +379,14 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
   std::vector<std::unique_ptr<Buffer>> held;
   std::vector<dckpt::WriteSource> sources;
   for (size_t b = 0; b < n; ++b) {
-    std::string name = "buffers[" + std::to_string(b) + "]";
     py::handle obj = buffers[b];
+    auto name = [b] { return "buffers[" + std::to_string(b) + "]"; };
     uint8_t* data;
     size_t size;
     if (PyTuple_Check(obj.ptr())) {  // a tensor's (address, nbytes): the caller holds it
-      std::tie(data, size) = to_memory(obj, name);
+      if (!memory_fast(obj.ptr(), &data, &size)) std::tie(data, size) = to_memory(obj, name());
     } else {
-      held.push_back(std::make_unique<Buffer>(obj, false, name));
+      held.push_back(std::make_unique<Buffer>(obj, false, name()));
       data = held.back()->data();
       size = held.back()->size();
     }
@@ -366,19 +423,26 @@ void read_chunks(py::handle paths_obj, py::handle dests_obj, py::handle elem_siz
   std::vector<size_t> elem_sizes = to_elem_sizes(elem_sizes_obj, n);
   check_threads(threads);
 
-  std::vector<std::vector<ChunkRecord>> records;
-  for (size_t i = 0; i < n; ++i)
-    records.push_back(to_records(chunk_lists[i], "chunks[" + std::to_string(i) + "]"));
+  std::vector<std::vector<ChunkRecord>> records(n);
+  for (size_t i = 0; i < n; ++i) {
+    py::handle list = chunk_lists[i];
+    if (!records_fast(list.ptr(), &records[i]))
+      records[i] = to_records(list, "chunks[" + std::to_string(i) + "]");
+  }
   std::vector<std::unique_ptr<Buffer>> held;
   std::vector<dckpt::ReadTarget> targets;
   for (size_t i = 0; i < n; ++i) {
-    std::string name = "dests[" + std::to_string(i) + "]";
-    if (PyTuple_Check(dests[i].ptr())) {
-      auto [address, size] = to_memory(dests[i], name);
+    auto name = [i] { return "dests[" + std::to_string(i) + "]"; };
+    py::handle dest = dests[i];
+    if (PyTuple_Check(dest.ptr())) {
+      uint8_t* address;
+      size_t size;
+      if (!memory_fast(dest.ptr(), &address, &size))
+        std::tie(address, size) = to_memory(dest, name());
       targets.push_back({address, size, elem_sizes[i], &records[i]});
       continue;
     }
-    held.push_back(std::make_unique<Buffer>(dests[i], true, name));
+    held.push_back(std::make_unique<Buffer>(dest, true, name()));
     targets.push_back({held.back()->data(), held.back()->size(), elem_sizes[i], &records[i]});
   }
   Status st;
