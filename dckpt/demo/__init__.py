@@ -305,14 +305,16 @@ def _plot(png: Path, ref, killed, two, one, resumed_at: int, kill_at: int) -> Pa
 def _print_bench(b: dict) -> None:
     mb = b["state_bytes"] / 1e6
     print(f"\n      save_state / load_state of this state ({mb:.1f} MB of model and optimizer "
-          f"tensors per process, {b['processes']} processes; median of 3, interleaved):")
-    print("       system              save                 load            on disk")
+          f"tensors per process, {b['processes']} processes; median of {b.get('repeats', 3)}, "
+          "interleaved):")
+    print("       system                save                 load            on disk")
     for name, s in b["systems"].items():
-        print(f"       {name:<16} {s['save'] * 1e3:5.0f} ms {mb / s['save']:6.0f} MB/s   "
+        print(f"       {name:<18} {s['save'] * 1e3:5.0f} ms {mb / s['save']:6.0f} MB/s   "
               f"{s['load'] * 1e3:5.0f} ms {mb / s['load']:6.0f} MB/s   "
               f"{s['disk_bytes'] / 1e6:6.1f} MB")
     print("      dckpt commits atomically, verifies every chunk on load and also saves the data "
-          "position and RNG streams of every process; accelerate neither fsyncs nor checksums.")
+          "position and RNG streams of every process; accelerate neither fsyncs nor checksums "
+          "(\"accelerate + fsync\": its files fsynced after its save, for a durable save).")
     if mb < 100:
         print(f"      At {mb:.0f} MB fixed costs per call (process collectives, the manifest) "
               "outweigh the I/O; `make bench` measures large states.")

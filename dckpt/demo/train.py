@@ -23,6 +23,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch import nn
 
 from ..integrations.accelerate import DckptAccelerator
+from ..storage import commit
 
 VOCAB, SEQ, GLOBAL_BATCH, SAMPLES = 64, 64, 16, 512
 D_MODEL, LAYERS, HEADS, FF = 192, 3, 4, 576
@@ -153,9 +154,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 3) -> dict:
-    """Time save_state/load_state of this very state: accelerate's own and dckpt's, interleaved,
-    `repeats` times each; the median wall time of the collective call (all processes done)."""
+def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 5) -> dict:
+    """Time save_state/load_state of this very state: accelerate's own and dckpt's, each with
+    and without fsync, interleaved, `repeats` times each; the median wall time of the
+    collective call (all processes done). accelerate does not fsync: its durable variant
+    fsyncs what its save_state wrote (every file, then their directories) afterwards."""
     pc = acc.project_configuration
     pc.automatic_checkpoint_naming = False  # explicit directories for both
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -172,9 +175,19 @@ def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 3) -> di
                 opts.pop("fsync")
         return save
 
+    def accelerate_durably(d):
+        Accelerator.save_state(acc, d)
+        acc.wait_for_everyone()  # every process's files are written
+        if acc.is_main_process:
+            for f in sorted(Path(d).rglob("*")):
+                (commit.fsync_dir if f.is_dir() else commit.fsync_file)(f)
+            commit.fsync_dir(Path(d))
+            commit.fsync_dir(Path(d).parent)
+
+    accelerate_load = lambda d: Accelerator.load_state(acc, d)  # noqa: E731
     systems = {
-        "accelerate": (lambda d: Accelerator.save_state(acc, d),
-                       lambda d: Accelerator.load_state(acc, d)),
+        "accelerate": (lambda d: Accelerator.save_state(acc, d), accelerate_load),
+        "accelerate + fsync": (accelerate_durably, accelerate_load),
         "dckpt": (dckpt_save(True), acc.load_state),
         "dckpt, no fsync": (dckpt_save(False), acc.load_state),
     }
@@ -184,7 +197,8 @@ def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 3) -> di
             d = root / f"{i}-{r}"
             times[name]["save"].append(_timed(acc, lambda: save(d)))
             times[name]["load"].append(_timed(acc, lambda: load(d)))
-    out = {"state_bytes": state_bytes, "processes": acc.num_processes, "systems": {}}
+    out = {"state_bytes": state_bytes, "processes": acc.num_processes, "repeats": repeats,
+           "systems": {}}
     for i, name in enumerate(systems):
         fig = {k: sorted(v)[len(v) // 2] for k, v in times[name].items()}
         fig["disk_bytes"] = sum(f.stat().st_size for f in (root / f"{i}-0").rglob("*")
