@@ -352,7 +352,9 @@ def _expected_bytes(m: Manifest, rank: int, leaves: list, todo: list[int],
     is known only once hashed; a run changes about as much from one step to the next)."""
     fresh = sum(leaves[i].nbytes for i in todo if prev[i] is None)
     wrote_before = sum(f.size for f in m.files if f.rank == rank and not _LINK.match(f.name))
-    return min(sum(leaves[i].nbytes for i in todo), max(fresh, wrote_before))
+    bound = max(fresh, wrote_before)
+    # 0: a base that wrote nothing and nothing new (an unchanged state saved again)
+    return min(sum(leaves[i].nbytes for i in todo), bound) if bound else 0
 
 
 @dataclass
