@@ -278,16 +278,19 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # One file per writer thread when there is enough to write, as a full save does
     # (io.part_count): threads writing one file take turns on its inode lock. Decided once:
     # a rewrite (below) recreates the same files.
-    todo = [i for i in range(len(leaves)) if i not in reused]
+    todo = [i for i in range(len(leaves)) if i not in reused] if reused else range(len(leaves))
     parts = 1 if mode.direct else io.part_count(_expected_bytes(m, rank, leaves, todo, prev),
                                                 opts)
     names_own = [fname] + [rank_file(rank, p) for p in range(1, parts)]
     paths = [str(tmp / n) for n in names_own]
     while True:
-        todo = [i for i in range(len(leaves)) if i not in reused]
-        written = store.write_file(paths[0] if parts == 1 else paths,
-                                   [to_cpu(leaves[i].value) for i in todo],
-                                   unsynced, mode, prev_hashes=[prev[i] for i in todo])
+        if reused:
+            todo = [i for i in range(len(leaves)) if i not in reused]
+            values, hashes = [to_cpu(leaves[i].value) for i in todo], [prev[i] for i in todo]
+        else:  # the usual case (no version cache): every leaf, in order
+            todo, values, hashes = range(len(leaves)), [to_cpu(x.value) for x in leaves], prev
+        written = store.write_file(paths[0] if parts == 1 else paths, values, unsynced, mode,
+                                   prev_hashes=hashes)
         picked = _pick(todo, written, reused, old, names, len(leaves))
         damaged = _first_damaged(store, base.path, m, links, picked, intact, opts.threads)
         if not damaged:
@@ -376,6 +379,7 @@ def _pick(todo: list[int], written: list, reused: dict[int, list[Chunk]],
     """One pass over what the writer returned: a chunk it skipped (offset -1) is the
     base's record at that position, checked against what the writer hashed."""
     out = _Picked([None] * count)
+    linked, base_files, stored = out.linked, out.base_files, 0
     for i, recs in zip(todo, written):
         p = []
         for c, r in enumerate(recs):
@@ -385,17 +389,19 @@ def _pick(todo: list[int], written: list, reused: dict[int, list[Chunk]],
             else:
                 o = _unchanged(old[i], c, r, names[i])
                 p.append((o, o.file))
-                out.linked.append((i, c, o))
+                linked.append((i, c, o))
+                base_files.add(o.file)
+                stored += o.stored
         out.chunks[i] = p
         out.new += len(recs)
-    out.new -= len(out.linked)  # of the leaves written: the chunks not skipped
+    out.new -= len(linked)  # of the leaves written: the chunks not skipped
     for i, recs in reused.items():
         out.chunks[i] = [(c, c.file) for c in recs]
-        out.linked.extend((i, c, ch) for c, ch in enumerate(recs))
-    out.referenced = len(out.linked)
-    for _, _, ch in out.linked:
-        out.base_files.add(ch.file)
-        out.referenced_bytes += ch.stored
+        for c, ch in enumerate(recs):
+            linked.append((i, c, ch))
+            base_files.add(ch.file)
+            stored += ch.stored
+    out.referenced, out.referenced_bytes = len(linked), stored
     return out
 
 

@@ -114,14 +114,6 @@ NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.int
                           torch.complex64, torch.complex128})
 
 
-def write_source(value: torch.Tensor | np.ndarray):
-    """What the native writer reads a value from: a CPU tensor by (address, nbytes), which
-    costs a tenth of byte_view (a few hundred small tensors per save); arrays as they are."""
-    if type(value) is torch.Tensor and value.is_cpu and value.is_contiguous():
-        return (value.data_ptr(), value.nbytes)
-    return byte_view(value)
-
-
 def elem_size(value: torch.Tensor | np.ndarray) -> int:
     return value.itemsize if isinstance(value, np.ndarray) else value.element_size()
 
@@ -129,8 +121,23 @@ def elem_size(value: torch.Tensor | np.ndarray) -> int:
 def write_file(path: str, values: list, opts: WriteOptions, mode: Background = FOREGROUND,
                file_index: int = 0, prev_hashes: list | None = None) -> list[list[Chunk]]:
     """Write contiguous CPU tensors/arrays to one file; returns their chunk records."""
-    return _write_views(path, [write_source(v) for v in values],
-                        [elem_size(v) for v in values], opts, mode, file_index, prev_hashes)
+    sources, sizes = _sources(values)
+    return _write_views(path, sources, sizes, opts, mode, file_index, prev_hashes)
+
+
+def _sources(values: list) -> tuple[list, list[int]]:
+    """What the native writer reads each value from, and its element size, in one pass (a
+    few hundred small tensors per save): a CPU tensor by (address, nbytes), which costs a
+    tenth of byte_view; arrays as they are."""
+    sources, sizes = [], []
+    for v in values:
+        if type(v) is torch.Tensor and v.is_cpu and v.is_contiguous():
+            sources.append((v.data_ptr(), v.nbytes))
+            sizes.append(v.element_size())
+        else:
+            sources.append(byte_view(v))
+            sizes.append(elem_size(v))
+    return sources, sizes
 
 
 def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions,
@@ -174,8 +181,7 @@ def write_files(paths: list[str], values: list, opts: WriteOptions,
         # One native call whose writer threads take chunks from one queue, each appending
         # to its own file: a thread slowed by other work on the machine writes fewer chunks
         # instead of finishing a fixed half late (issue 27; docs/ARCHITECTURE.md).
-        return _write_views(list(paths), [write_source(v) for v in values],
-                            [elem_size(v) for v in values], opts, mode)
+        return _write_views(list(paths), *_sources(values), opts, mode)
     views = [byte_view(v).reshape(-1) for v in values]
     sizes = [elem_size(v) for v in values]
     plan = _split([v.nbytes for v in views], len(paths), opts.chunk_size)
