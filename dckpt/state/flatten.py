@@ -129,7 +129,8 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
             shape = list(v.shape)
             leaf = Leaf(name, value, shape, [0] * len(shape))
             # Known here already: what the cached properties would compute per leaf.
-            leaf.__dict__.update(dtype=dtype, is_numpy=False)
+            cached = leaf.__dict__
+            cached["dtype"], cached["is_numpy"] = dtype, False
             if key is not None:  # not empty, not meta: may share its storage
                 # The storage's address (cheaper than untyped_storage()), and device.
                 plain.append((len(flat.leaves),

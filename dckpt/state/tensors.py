@@ -41,5 +41,6 @@ def view_key(t: torch.Tensor) -> tuple | None:
         return None if key is None else ("dtensor", *key)
     if t.is_meta or t.numel() == 0:
         return None
-    # data_ptr() is the storage's address plus the view's offset: the same memory.
-    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    # data_ptr() is the storage's address plus the view's offset: the same memory. (The
+    # shape as torch.Size: a tuple, hashed and compared as one.)
+    return (t.device, t.data_ptr(), t.shape, t.stride(), t.dtype)
