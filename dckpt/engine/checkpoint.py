@@ -189,8 +189,8 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
 
     1. "plan" (all-gather): rank 0 has begun (storage.begin: the staging location, or the
        error every rank raises); every rank sends its plan key: a hash of its offers
-       (sharding.layout_hash), the id of the plan it last agreed to if its layout is
-       unchanged, and a hash of its digests of that plan's replicas. When every rank's key
+       (sharding.layout_hash), the id of the plan it last agreed to for that layout (one
+       of the last few it saved), and a hash of its digests of that plan's replicas. When every rank's key
        names the same plan and the replica hashes agree, that plan is reused (steps 2-3
        are skipped): a few hundred bytes per rank, whatever the number of tensors.
     2. "offers" (all-gather, only without reuse): every rank's offers in compact form (a
