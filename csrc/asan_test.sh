@@ -7,8 +7,9 @@
 # + UBSan build of the native core; then the torch-level hostile loads
 # (tests/test_attack_hostile.py: hostile manifests and fuzzed fields, bytes and chunk
 # records through dckpt.load and restore) and the native JSON writers against json.dumps
-# (tests/test_manifest_canonical.py) with the whole package on the same build. The build happens in a temporary copy of the sources, so the normal
-# in-place build stays as it is. Fails on any sanitizer report.
+# (tests/test_manifest_canonical.py) with the whole package on the same build. The build
+# happens in a temporary copy of the sources, so the normal in-place build stays as it is.
+# Fails on any sanitizer report.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PY:-$repo/.venv/bin/python}

@@ -190,9 +190,10 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
     1. "plan" (all-gather): rank 0 has begun (storage.begin: the staging location, or the
        error every rank raises); every rank sends its plan key: a hash of its offers
        (sharding.layout_hash), the id of the plan it last agreed to for that layout (one
-       of the last few it saved), and a hash of its digests of that plan's replicas. When every rank's key
-       names the same plan and the replica hashes agree, that plan is reused (steps 2-3
-       are skipped): a few hundred bytes per rank, whatever the number of tensors.
+       of the last few it saved), and a hash of its digests of that plan's replicas. When
+       every rank's key names the same plan and the replica hashes agree, that plan is
+       reused (steps 2-3 are skipped): a few hundred bytes per rank, whatever the number
+       of tensors.
     2. "offers" (all-gather, only without reuse): every rank's offers in compact form (a
        hash of its DTensors, their bytes, its plain sharding.Offers); when the ranks'
        DTensors differ or replicate, a second exchange, "offers (all)", of every Offer.
@@ -237,8 +238,8 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     layout = choose_layout(layout, world)
 
     # Phase 1: rank 0 opens the staging directory while every rank flattens its state; the
-    # exchange tells all ranks its name and, when the layout is the last save's, that the
-    # last plan holds (plan reuse: a few bytes per rank instead of every offer).
+    # exchange tells all ranks its name and, when the layout is one saved lately, that its
+    # plan holds (plan reuse: a few bytes per rank instead of every offer).
     begun = offers = failure = key = cache = None
     cache_key = (dist.group_key(group), world, r)
     try:

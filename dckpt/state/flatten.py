@@ -120,7 +120,8 @@ def flatten(state: Any, tensor_hook=None) -> Flat:
         if leaf is None:
             dtype = TORCH_NAMES.get(v.dtype)
             if dtype is None:
-                raise UnsupportedStateError(f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
+                raise UnsupportedStateError(
+                    f"tensor at '{path}' has unsupported dtype {v.dtype}", path)
             if v.layout != torch.strided:  # sparse, sparse CSR, jagged, ...
                 raise UnsupportedStateError(f"tensor at '{path}' has layout {v.layout}; "
                                             "only dense tensors are stored", path)

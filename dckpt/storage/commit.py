@@ -189,7 +189,9 @@ class OwnFile:
             except OSError:
                 pass
             self.close()
-        tmp = self.path.with_name(f".{self.path.name.lstrip('.')}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        # A staging name (".latest.tmp-...", ".lock.tmp-..."): a crash's leftover is cleared.
+        name = self.path.name.lstrip(".")
+        tmp = self.path.with_name(f".{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      FILE_MODE)
         try:
