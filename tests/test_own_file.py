@@ -51,3 +51,19 @@ def test_a_manager_keeps_its_latest_and_lock_files(tmp_path):
     assert (tmp_path / "root" / ".lock").read_text() == ""  # cleared when released
     mgr.close()
     assert CheckpointManager(tmp_path / "root").latest_step() == 4
+
+
+def test_many_roots_keep_few_descriptors(tmp_path):
+    """A process that saves under many roots (a sweep) and drops its managers without
+    close() keeps a bounded number of open descriptors for the lock names and pointers."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for i in range(60):
+        mgr = CheckpointManager(tmp_path / f"root{i}", keep_last=1)
+        mgr.save(1, {"w": torch.ones(2)})
+        del mgr
+    import gc
+    gc.collect()
+    assert open_fds() - before <= 20  # the lock registry's bound (16) and a few spare

@@ -34,6 +34,7 @@ from ..storage.commit import OwnFile
 SAVE = "save"
 _HELD: "weakref.WeakSet[RootLock]" = weakref.WeakSet()
 _OWN: dict[Path, OwnFile] = {}  # ROOT/.lock -> the holder-name file this process wrote
+_MAX_OWN = 16
 
 
 def _close_in_child() -> None:
@@ -113,6 +114,8 @@ class RootLock:
         informs contenders: a full disk must not stop us."""
         own = _OWN.get(self.path)
         if own is None:
+            if len(_OWN) >= _MAX_OWN:  # one descriptor per root: a process may open many
+                _OWN.pop(next(iter(_OWN))).close()
             own = _OWN[self.path] = OwnFile(self.path)
         try:
             own.write(text.encode())

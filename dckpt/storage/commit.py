@@ -209,6 +209,12 @@ class OwnFile:
             os.close(self._fd)
             self._fd = self._id = None
 
+    def __del__(self) -> None:  # a manager dropped without close() keeps no descriptor
+        try:
+            self.close()
+        except OSError:
+            pass
+
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -67,6 +67,7 @@ def make_root(root: Path, saves=(5, 10), **manager_kwargs) -> Path:
                      step_in_epoch=state["data"].batches, loss_history=losses)
 
     train(state, max(saves), losses, maybe_save)
+    mgr.close()  # retired steps are removed in a thread: done before anyone lists the root
     return root
 
 
