@@ -11,9 +11,9 @@ dicts, then json.dumps), 0.9 ms with this writer (0.54 ms of it the records). An
 another shape (a value that is not an exact int where ints are expected, a key that is not
 a str) goes through json.dumps, so the bytes never differ.
 
-The native core writes the same bytes again faster: the records (`records_json`,
-csrc/tensor_records.cpp: 0.08 ms instead of 0.53 for those 300 records) and any other JSON
-value (`value_json`: a state tree of 300 tensor references in a fifth of json.dumps' time).
+The native core writes the same bytes again, without a Python call per number: the
+records (`records_json`, csrc/tensor_records.cpp) and any other JSON value (`value_json`:
+state trees, RNG states, metadata).
 format never imports the core: the storage layer hands them in with `use_native` when it
 loads the core (dckpt/storage/records.py), as it hands in the native record check for
 reads. Without them (a process without the core) json and this module's writer run;

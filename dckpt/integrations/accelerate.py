@@ -270,7 +270,7 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike | None = 
     else:
         target = Path(os.path.expanduser(output_dir))
     try:
-        # Unwrapped once per save: accelerate's unwrap_model costs 0.15 ms a call.
+        # Unwrapped once per save (accelerate's unwrap_model checks for every engine).
         bare = [_model_for_state(accelerator, m) for m in accelerator._models]
         weights = [m.state_dict() for m in bare]
         if accelerator._save_model_state_pre_hook:

@@ -168,8 +168,8 @@ class OwnFile:
     descriptor kept from that creation, as long as the name still leads to that very file
     with no other link. Anything planted there meanwhile (a symbolic link, a hard link to
     it, a FIFO, another file) is replaced by a fresh file again, never written through.
-    A new inode and a rename cost ~0.15 ms on ext4 each time, three per save. Readers may
-    see the file empty or part-written: its callers' readers take it as a hint only."""
+    A save would otherwise make three new inodes and renames for these. Readers may see
+    the file empty or part-written: its callers' readers take it as a hint only."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
