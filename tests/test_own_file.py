@@ -6,7 +6,7 @@ import os
 import torch
 
 from dckpt.manager import CheckpointManager
-from dckpt.storage.commit import OwnFile
+from dckpt.storage.commit import OwnFile, write_file_durably
 
 
 def test_rewrites_in_place_while_the_file_is_its_own(tmp_path):
@@ -67,3 +67,19 @@ def test_many_roots_keep_few_descriptors(tmp_path):
     import gc
     gc.collect()
     assert open_fds() - before <= 20  # the lock registry's bound (16) and a few spare
+
+
+def test_durable_writes_never_write_through_their_temporary_name(tmp_path):
+    """repair and convert write through `NAME.tmp`: a link planted at that name (or a
+    crash's leftover) is removed, never written through or truncated."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    path = tmp_path / "manifest.json"
+    tmp = tmp_path / "manifest.json.tmp"
+    for plant in (lambda: tmp.symlink_to(victim), lambda: os.link(victim, tmp),
+                  lambda: tmp.symlink_to(tmp_path / "missing"), lambda: tmp.write_bytes(b"x")):
+        plant()
+        write_file_durably(path, b"new\n")
+        assert path.read_bytes() == b"new\n" and not path.is_symlink()
+        assert not os.path.lexists(tmp) and not (tmp_path / "missing").exists()
+        assert victim.read_bytes() == b"precious\n" and os.stat(victim).st_nlink == 1

@@ -34,10 +34,12 @@ from . import records  # noqa: F401  (loads the core's manifest writer: format/c
 FILE_MODE, DIR_MODE = 0o664, 0o775
 
 
-def create_file(path: Path):
-    """Open `path` for writing (created or truncated) with FILE_MODE."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             FILE_MODE), "wb")
+def create_file(path: Path, fresh: bool = False):
+    """Open `path` for writing with FILE_MODE: created or truncated, or with `fresh` only
+    created (no file there, and never through a link)."""
+    how = os.O_EXCL | os.O_NOFOLLOW if fresh else os.O_TRUNC
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | how, FILE_MODE),
+                     "wb")
 
 
 def make_dirs(path: Path) -> None:
@@ -142,8 +144,8 @@ def write_staged(path: Path, data: bytes, fsync: bool, syncs: Syncs) -> None:
         syncs.start(path)
 
 
-def _write(path: Path, data: bytes, fsync: bool) -> None:
-    with create_file(path) as f:
+def _write(path: Path, data: bytes, fsync: bool, fresh: bool = False) -> None:
+    with create_file(path, fresh) as f:
         f.write(data)
         f.flush()
         if fsync:
@@ -151,10 +153,16 @@ def _write(path: Path, data: bytes, fsync: bool) -> None:
 
 
 def write_file_durably(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Write `data` under a temporary name, fsync, rename onto `path`."""
+    """Write `data` under a temporary name, fsync, rename onto `path`. The temporary is
+    always a new file: whatever lies at its name (a crash's leftover, or a link planted
+    there to have the write truncate another file) is removed, not written through."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _write(tmp, data, fsync)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        _write(tmp, data, fsync, fresh=True)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

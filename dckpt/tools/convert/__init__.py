@@ -207,6 +207,7 @@ def _export(ckpt, dst, component: str | None, overwrite: bool, torch_file: bool)
     if "step" in m.counters:
         meta["step"] = str(m.counters["step"])
     tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover or a planted link: not written through
     if torch_file:
         torch.save(tensors, tmp)
     else:
