@@ -339,7 +339,7 @@ py::int_ hash64(py::handle obj) {
 py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle elem_sizes_obj,
                       int64_t chunk_size, int64_t codec, int level, int threads, bool fsync,
                       int64_t file_index, py::handle prev_obj, bool direct, double duty,
-                      bool writeback, py::handle record_type) {
+                      bool writeback, py::handle record_type, py::handle reuse_obj) {
   PyTypeObject* record_of = nullptr;  // records as plain tuples
   if (!record_type.is_none()) {
     if (!PyType_Check(record_type.ptr()) ||
@@ -393,7 +393,12 @@ py::list write_chunks(py::handle path_obj, py::handle buffers_obj, py::handle el
     sources.push_back({data, size, elem_sizes[b], has_prev[b] ? &prev[b] : nullptr});
   }
   dckpt::WriteOptions options{chunk_size, codec,  level, threads,
-                              fsync,      file_index, direct, duty, fsync || writeback};
+                              fsync,      file_index, direct, duty, fsync || writeback, {}};
+  if (!reuse_obj.is_none()) {
+    py::sequence flags = to_sequence(reuse_obj, "reuse");
+    if (py::len(flags) != paths.size()) invalid_argument("reuse must have one entry per path");
+    for (py::handle f : flags) options.reuse.push_back(PyObject_IsTrue(f.ptr()) == 1);
+  }
   std::vector<std::vector<ChunkRecord>> records;
   Status st;
   {
@@ -499,7 +504,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("level") = 1, py::arg("threads") = 0, py::arg("fsync") = true,
         py::arg("file_index") = 0, py::arg("prev_hashes") = py::none(),
         py::arg("direct") = false, py::arg("duty") = 1.0, py::arg("writeback") = false,
-        py::arg("record_type") = py::none(),
+        py::arg("record_type") = py::none(), py::arg("reuse") = py::none(),
         "Cut each buffer into chunks, store them in `path`; returns chunk records per buffer\n"
         "(tuples, or instances of record_type: a tuple subclass of seven fields).\n"
         "A buffer is a C-contiguous buffer or an (address, nbytes) pair of memory the caller\n"
@@ -509,7 +514,9 @@ PYBIND11_MODULE(_native, m) {
         "direct: raw chunks bypass the page cache where the filesystem allows it; duty: the\n"
         "share of time each writer thread spends writing, in (0, 1] (it sleeps the rest);\n"
         "writeback: start the kernel's writeback of each MiB as it is written (always with\n"
-        "fsync; set it when the caller fsyncs the file itself).");
+        "fsync; set it when the caller fsyncs the file itself).\n"
+        "reuse: one flag per path (buffered only): that file exists and is written over in\n"
+        "place, then cut to the bytes written; left as it was when it got none.");
   m.def("read_chunks", &read_chunks, py::arg("paths"), py::arg("dests"), py::arg("elem_sizes"),
         py::arg("chunks"), py::arg("verify") = true, py::arg("threads") = 0,
         "Fill each destination from its chunk records: a writable C-contiguous buffer, or an\n"

@@ -58,9 +58,14 @@ struct WriteOptions {
   // Start the kernel's writeback of each range as soon as it is written (buffered writes):
   // for bytes that will be fsync'd, here or by the caller.
   bool writeback = false;
+  // Per file (empty: none): the file exists and is overwritten in place, not truncated
+  // first, so that its pages in the cache and its blocks on disk are reused (a recycled
+  // data file). Cut to the bytes written at the end; one that got no bytes is left as it
+  // was, for the caller to return. Buffered writes only.
+  std::vector<bool> reuse;
 };
 
-// Creates or truncates `path` and stores every source's chunks in it; out[b] receives
+// Creates or truncates (or, with options.reuse, overwrites) `path` and stores every source's chunks in it; out[b] receives
 // the records of source b in chunk order.
 Status write_chunks(const std::string& path, const std::vector<WriteSource>& sources,
                     const WriteOptions& options, std::vector<std::vector<ChunkRecord>>* out);

@@ -68,17 +68,24 @@ int File::open_read(const std::string& path) {
   return 0;
 }
 
-int File::create(const std::string& path, bool direct) {
-  int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
+int File::create(const std::string& path, bool direct, bool keep) {
+  int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (keep ? 0 : O_TRUNC);
   int fd;
   do {
     // Never world-writable, even under a umask of 0 (the umask applies on top).
     fd = ::open(path.c_str(), flags | (direct ? O_DIRECT : 0), 0664);
   } while (fd < 0 && errno == EINTR);
-  if (fd < 0 && direct && errno == EINVAL) return create(path, false);  // tmpfs, some FUSE
+  if (fd < 0 && direct && errno == EINVAL) return create(path, false, keep);  // tmpfs, FUSE
   if (fd < 0) return errno;
+  struct stat st;
+  if (keep && ::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return err;
+  }
   *this = File();
   fd_ = fd;
+  size_ = keep ? static_cast<uint64_t>(st.st_size) : 0;
   direct_.store(direct, std::memory_order_relaxed);
   return 0;
 }

@@ -32,10 +32,11 @@ class File {
 
   // Refuses anything but a regular file, without blocking on a FIFO planted in its place.
   int open_read(const std::string& path);
-  // Creates or truncates; mode 0666 so the process umask decides the permissions.
+  // Creates or truncates; mode 0664, the process umask on top.
   // direct: open with O_DIRECT where the filesystem allows it (tmpfs does not: then the
-  // file is opened for buffered writes and direct() is false).
-  int create(const std::string& path, bool direct = false);
+  // file is opened for buffered writes and direct() is false). keep: an existing file is
+  // not truncated (size() is its size), for writing over in place.
+  int create(const std::string& path, bool direct = false, bool keep = false);
 
   int pread_all(void* dst, size_t len, uint64_t offset) const;
   // With O_DIRECT, src, len and offset must be multiples of kDirectAlign; a write the

@@ -33,6 +33,22 @@ Status check_write_options(const WriteOptions& o) {
   if (o.file_index < 0) return fail(Kind::InvalidArgument, none, "file_index must be >= 0");
   if (!(o.duty > 0.0 && o.duty <= 1.0))
     return fail(Kind::InvalidArgument, none, "duty must be in (0, 1]");
+  if (o.direct && !o.reuse.empty())
+    return fail(Kind::InvalidArgument, none, "reuse is for buffered writes, not direct");
+  return Status();
+}
+
+bool reused(const WriteOptions& o, size_t f) { return f < o.reuse.size() && o.reuse[f]; }
+
+// A file written over in place ends where its new bytes end (before the fsync: the cut is
+// part of what is made durable). One that got none keeps its old bytes for the caller.
+Status cut_reused(const std::vector<std::string>& paths, std::vector<File>& files,
+                  const std::vector<uint64_t>& ends, const WriteOptions& o) {
+  for (size_t f = 0; f < files.size(); ++f) {
+    if (!reused(o, f) || ends[f] == 0 || files[f].size() <= ends[f]) continue;
+    if (int err = files[f].truncate(ends[f]); err != 0)
+      return fail(Kind::Io, Where{&paths[f]}, "truncate failed", error_text(err));
+  }
   return Status();
 }
 
@@ -300,7 +316,7 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
   std::vector<std::string> paths{path};
   std::vector<File> files(1);
   File& file = files[0];
-  int err = file.create(path, options.direct && options.codec == kRaw);
+  int err = file.create(path, options.direct && options.codec == kRaw, reused(options, 0));
   if (err != 0) return fail(Kind::Io, Where{&path}, "cannot create file", error_text(err));
   int threads = resolve_threads(options.threads, tasks.size());
   std::vector<Worker> workers(threads);
@@ -315,6 +331,7 @@ Status write_chunks(const std::string& path, const std::vector<WriteSource>& sou
       pace(start, options.duty);
       return s;
     });
+    if (st.ok()) st = cut_reused(paths, files, {job.end.load()}, options);
   }
   return finish_files(paths, files, options.fsync, st);
 }
@@ -333,7 +350,7 @@ Status write_chunks(const std::vector<std::string>& paths, const std::vector<Wri
   // Every file is created, even one no thread gets to: the caller lists them all.
   std::vector<File> files(paths.size());
   for (size_t f = 0; f < paths.size(); ++f) {
-    if (int err = files[f].create(paths[f]); err != 0)
+    if (int err = files[f].create(paths[f], false, reused(options, f)); err != 0)
       return fail(Kind::Io, Where{&paths[f]}, "cannot create file", error_text(err));
   }
   std::vector<std::unique_ptr<WriteJob>> jobs;
@@ -353,6 +370,11 @@ Status write_chunks(const std::vector<std::string>& paths, const std::vector<Wri
     pace(start, options.duty);
     return s;
   });
+  if (st.ok()) {
+    std::vector<uint64_t> ends;
+    for (const auto& job : jobs) ends.push_back(job->end.load());
+    st = cut_reused(paths, files, ends, options);
+  }
   return finish_files(paths, files, options.fsync, st);
 }
 

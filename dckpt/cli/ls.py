@@ -80,13 +80,15 @@ def describe_policy(policy: dict | None) -> str:
 def scan(root: Path) -> dict:
     """Every checkpoint-like entry under root, described from manifests only."""
     from ..errors import DckptError
-    from ..format.layout import LATEST_NAME, TMP_MARK, is_staging, parse_step_dir
+    from ..format.layout import LATEST_NAME, SPARE_DIR, TMP_MARK, is_staging, parse_step_dir
     from ..errors import CheckpointNotFoundError
     from ..storage.records import read_manifest
     entries, metrics, recorded = [], {}, None
     for p in sorted(root.iterdir(), key=lambda p: p.name.lstrip(".")):
         step = parse_step_dir(p.name)
-        if step is None and is_staging(p.name):
+        if p.name == SPARE_DIR:  # a manager's recycled files (storage/spares.py)
+            entry = {"step": None, "name": p.name, "status": "spare files"}
+        elif step is None and is_staging(p.name):
             base = p.name[1:].split(TMP_MARK)[0]
             entry = {"step": parse_step_dir(base), "name": p.name, "status": (
                 "being deleted" if p.name.endswith("deleting") else "incomplete")}
@@ -260,7 +262,7 @@ def _verify_all(root: Path | str, entries: list[dict]) -> bool:
 def render(doc: dict, style: Style) -> list[str]:
     rows = []
     colors = {"committed": None, "verified": "green", "incomplete": "yellow",
-              "being deleted": "dim", "corrupt": "red", "invalid": "red",
+              "being deleted": "dim", "spare files": "dim", "corrupt": "red", "invalid": "red",
               "no manifest": "red", "bad manifest": "red"}
     for e in doc["checkpoints"]:
         mets = ", ".join(f"{k} {number(v)}" for k, v in (e["metrics"] or {}).items())
@@ -271,7 +273,8 @@ def render(doc: dict, style: Style) -> list[str]:
         mark = "latest" if e["latest"] else ""
         if e["latest"] and not e["latest_pointer"]:
             mark = "latest (pointer stale)"
-        rows.append([str(e["step"]) if e["step"] is not None else "?", when(e["created"]),
+        step = "-" if status == "spare files" else "?" if e["step"] is None else str(e["step"])
+        rows.append([step, when(e["created"]),
                      size(e["disk_bytes"]), status, mets or "-", kept, mark])
     out = [style(f"{doc['root']}", "bold") + f"  ({len(doc['checkpoints'])} entr"
            f"{'y' if len(doc['checkpoints']) == 1 else 'ies'})"]

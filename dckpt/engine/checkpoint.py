@@ -161,15 +161,17 @@ def write(snap: Snapshot | Callable[[], Snapshot], path: str | os.PathLike, *,
           overwrite: bool = False, counters: dict | None = None, metrics: dict | None = None,
           meta: dict | None = None, base: str | os.PathLike | incremental.Base | None = None,
           group=None, mode: io.Background = io.FOREGROUND,
-          storage_options: dict | None = None, layout: str | None = None) -> SaveResult:
+          storage_options: dict | None = None, layout: str | None = None,
+          spares: str | os.PathLike | None = None) -> SaveResult:
     """Write and commit a snapshot (or what a callable returns, taken inside the first
     phase so that its failure aborts every rank); collective over `group` like save().
-    mode: how the bytes are written (the async saver's direct writes and duty cycle)."""
+    mode: how the bytes are written (the async saver's direct writes and duty cycle).
+    spares: a directory of retired data files to write over (storage/spares.py)."""
     return _commit_snapshot(snap, path, compression=compression, shuffle=shuffle,
                             chunk_size=chunk_size, threads=threads, fsync=fsync,
                             overwrite=overwrite, counters=counters, metrics=metrics, meta=meta,
                             base=base, group=group, mode=mode, storage_options=storage_options,
-                            layout=layout)
+                            layout=layout, spares=spares)
 
 
 def local_snapshot(snap: Snapshot) -> Snapshot:
@@ -182,7 +184,8 @@ def local_snapshot(snap: Snapshot) -> Snapshot:
 def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, fsync,
                      overwrite, counters, metrics, meta, base, group,
                      mode: io.Background = io.FOREGROUND,
-                     storage_options: dict | None = None, layout=None) -> SaveResult:
+                     storage_options: dict | None = None, layout=None,
+                     spares=None) -> SaveResult:
     """The save protocol: the home of its collective exchanges, in this order on every rank
     (each carries a failure too, so a rank that raises makes every rank abort and none
     hangs; rank 0 then removes the staging directory):
@@ -216,7 +219,7 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
         return _write(snap, path, staged, store, compression=compression, shuffle=shuffle,
                       chunk_size=chunk_size, threads=threads, fsync=fsync, overwrite=overwrite,
                       counters=counters, metrics=metrics, meta=meta, base=base, group=group,
-                      mode=mode, layout=layout)
+                      mode=mode, layout=layout, spares=spares)
     except BaseException:
         # Ctrl-C (KeyboardInterrupt), SystemExit, or any error: the phases below remove the
         # staging directory on the errors they exchange, this on everything else, so no
@@ -228,7 +231,7 @@ def _commit_snapshot(snap, path, *, compression, shuffle, chunk_size, threads, f
 
 def _write(snap, path, staged: list, store: storage.Storage, *, compression, shuffle,
            chunk_size, threads, fsync, overwrite, counters, metrics, meta, base, group,
-           mode, layout=None) -> SaveResult:
+           mode, layout=None, spares=None) -> SaveResult:
     t0 = time.perf_counter()
     sent0, received0 = dist.traffic()
     threads = dist.threads_per_rank(threads, io.default_threads())
@@ -245,7 +248,8 @@ def _write(snap, path, staged: list, store: storage.Storage, *, compression, shu
     try:
         # The whole call is checked before anything is created, and inside this phase, so
         # that a bad argument on any rank fails every rank (nothing fails at commit).
-        opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync).validate()
+        opts = io.WriteOptions(compression, shuffle, chunk_size, threads, fsync,
+                               spares=None if spares is None else str(spares)).validate()
         metrics = plain_metrics(metrics)
         counters = plain_json(counters or {}, "counters")
         meta = plain_json(meta or {}, "meta")

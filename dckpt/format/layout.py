@@ -10,6 +10,9 @@ from .manifest import MANIFEST_NAME
 LATEST_NAME = "latest"
 LOCK_NAME = ".lock"
 TMP_MARK = ".tmp-"
+# A manager root's retired data files, kept for the next save to write over
+# (storage/spares.py). A staging name: debris a start or `dckpt gc` clears.
+SPARE_DIR = f".spare{TMP_MARK}files"
 ASIDE_MARK = ".old-"
 # Written by `dckpt repair` into a committed checkpoint that fails verification while an
 # older one passes: resume (latest_step, verify --latest) then skips it. The file says why;

@@ -11,12 +11,13 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..engine import checkpoint, gcpause
-from ..storage import commit
+from ..storage import commit, spares
 from ..distributed import collective as dist
 from ..storage import local as io
 from ..storage import objectstore
@@ -25,8 +26,8 @@ from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, DckptErro
                       InvalidArgumentError, LockError, ManifestError, StateMismatchError,
                       StepOrderError, StorageError)
 from ..format import tree as treecodec
-from ..format.layout import (LATEST_NAME, MANIFEST_NAME, is_committed, is_set_aside, is_staging,
-                             parse_step_dir, step_dir)
+from ..format.layout import (LATEST_NAME, MANIFEST_NAME, SPARE_DIR, is_committed, is_set_aside,
+                             is_staging, parse_step_dir, step_dir)
 from ..state import rng
 from ..engine.incremental import Base, VersionCache, exclusive_bytes
 from .async_save import AsyncOptions, AsyncSaver, SaveHandle, commit_group
@@ -232,7 +233,8 @@ class CheckpointManager:
                  remote: str | None = None, storage_options: dict | None = None,
                  keep_last_remote: int | None = None,
                  memory: str | os.PathLike | None = None, replicas: int = 1,
-                 durable_every: int = 10, node: str | None = None, memory_keep: int = 2):
+                 durable_every: int = 10, node: str | None = None, memory_keep: int = 2,
+                 recycle: bool = True):
         """incremental: share chunks unchanged since the latest checkpoint instead of writing
         them again (dckpt/engine/incremental.py); full_every: every K-th save is written in full;
         trust_versions: skip hashing tensors whose storage and version counter did not change
@@ -252,7 +254,11 @@ class CheckpointManager:
         memory: a node-local (tmpfs) path, `{node}` standing for the node: every save is
         committed there and copied to `replicas` partner ranks on other nodes, every
         `durable_every`-th save also under `root`; `memory_keep` steps stay in memory; `node`
-        overrides the node id (dckpt/manager/memory_tier.py, docs/RECOVERY.md)."""
+        overrides the node id (dckpt/manager/memory_tier.py, docs/RECOVERY.md).
+        recycle: the unshared data files of the step retention retired last are kept (in a
+        hidden directory of the root, removed by close()) and the next save writes over
+        them instead of creating new files, which spares the kernel new pages and blocks
+        (dckpt/storage/spares.py); False deletes them with their step."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -295,6 +301,10 @@ class CheckpointManager:
         self._latest = commit.OwnFile(self.root / LATEST_NAME)
         # Removes the directories of steps retention retired (_apply_retention).
         self._deleter: threading.Thread | None = None
+        # Where retired data files wait for the next save to write over them, and what
+        # removes that directory at close() or when the process exits (storage/spares.py).
+        self._spares = self.root / SPARE_DIR if recycle else None
+        self._spares_gone = None
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
@@ -494,7 +504,7 @@ class CheckpointManager:
                     # save_started: with the manifest's `created`, how long a save takes
                     # (save_on='s grace-period warning at the next start).
                     meta={"retention": asdict(self.retention), "save_started": started},
-                    mode=mode, **{**self.save_options, "threads": threads})
+                    mode=mode, spares=self._spares, **{**self.save_options, "threads": threads})
             except BaseException:
                 if self._versions is not None:
                     self._versions.discard()
@@ -597,6 +607,8 @@ class CheckpointManager:
             finally:
                 self._join_deleter()
                 self._latest.close()
+                if self._spares_gone is not None:
+                    self._spares_gone()  # the root keeps only its checkpoints
 
     def _wait_saves(self) -> None:
         """Wait for the async saves only (their commits hold the root lock); uploads go on
@@ -754,6 +766,11 @@ class CheckpointManager:
                             e.strerror or e)
                 continue
             trash.append(aside)
+        if background and trash and self._spares is not None:
+            # Renames only: the files kept are out of the removal's way before it starts.
+            if sum(spares.keep(aside, self._spares) for aside in trash) and \
+                    self._spares_gone is None:
+                self._spares_gone = weakref.finalize(self, shutil.rmtree, self._spares, True)
         if background and trash:
             self._deleter = threading.Thread(target=_remove_dirs, args=(trash,),
                                              name="dckpt-retention")

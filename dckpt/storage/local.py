@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import _native
-from . import commit
+from . import commit, spares
 from ..errors import (CorruptCheckpointError, DckptError, IncompleteCheckpointError,
                       InvalidArgumentError, ManifestError, StorageError)
 from ..format.manifest import CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_SHUFFLE, Chunk
@@ -38,6 +38,9 @@ class WriteOptions:
     # The caller fsyncs the files itself afterwards (fsync=False here): the writer still
     # starts the kernel's writeback of each MiB as it goes, as it does with fsync.
     synced_later: bool = False
+    # A directory of retired data files to write over instead of creating new ones
+    # (storage/spares.py; the manager's). Buffered writes only.
+    spares: str | None = None
 
     @property
     def codec(self) -> int:
@@ -143,16 +146,36 @@ def _sources(values: list) -> tuple[list, list[int]]:
 def _write_views(path: str | list[str], views: list, sizes: list[int], opts: WriteOptions,
                  mode: Background, file_index: int = 0,
                  prev_hashes: list | None = None) -> list[list[Chunk]]:
+    paths = [path] if isinstance(path, str) else path
+    reuse = None
+    if opts.spares is not None and not mode.direct:
+        reuse = spares.take(paths, Path(opts.spares))
     try:
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,
             threads=opts.threads, fsync=opts.fsync, file_index=file_index,
             prev_hashes=prev_hashes, direct=mode.direct, duty=mode.duty,
-            writeback=opts.synced_later, record_type=Chunk)
+            writeback=opts.synced_later, record_type=Chunk,
+            reuse=reuse if reuse and any(reuse) else None)
     except _native.ChunkError as e:
         where = getattr(e, "path", None) or (path if isinstance(path, str) else path[0])
         raise StorageError(f"writing {where} failed: {e}", where) from None
+    if reuse and any(reuse):
+        _unused_spares_back(paths, reuse, records, file_index, Path(opts.spares))
     return records
+
+
+def _unused_spares_back(paths: list[str], reuse: list[bool], records: list, file_index: int,
+                        spare_dir: Path) -> None:
+    """A spare the writer wrote nothing into (an incremental save that found its chunks
+    unchanged) still holds its old bytes: it goes back, and an empty file takes its place,
+    as the writer leaves a file it got nothing for."""
+    written = {c.file for recs in records for c in recs if c.offset != -1}
+    for f, p in enumerate(paths):
+        if reuse[f] and file_index + f not in written:
+            spares.give_back(p, spare_dir)
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              commit.FILE_MODE))
 
 
 # Below this much data per file a rank writes one file: another would cost an open and an

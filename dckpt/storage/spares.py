@@ -1,0 +1,107 @@
+"""Recycled data files: the data files of the step retention retired last are kept aside and
+the next save writes over them in place instead of creating new files.
+
+A new file costs the kernel fresh page-cache pages, fresh blocks and their metadata, all
+freed again when retention deletes an old step; writing over a file of the same size reuses
+all three. On ext4 here the native writer's 14 MB and fsync took 9.5 ms into a new file
+against 4.4 ms written over, 256 MB 112 against 65 ms (benchmarks/probe_recycle.py,
+2026-12-07 20:46 UTC). Databases recycle their log segments for the same reason.
+
+What is kept: a retired step's own data files (`rank-*.dckpt`), only those that are regular
+files with a single link (a file shared with a kept step by an incremental save is that
+step's data) and that no process holds open. Whether any process holds a file open (a
+reader loading the step when it was retired, a mapping) is asked of the kernel with a write
+lease, which it grants only to an open file's sole user; the lease is dropped at once. The
+check is made when a file is kept and again when a save takes it. A reader that opened the
+step before it was retired therefore keeps reading the bytes it expects, as after a delete.
+
+The spare directory is a staging name (format.layout.SPARE_DIR): a crash leaves it as
+debris that the next manager's start and `dckpt gc` clear; the manager removes it on
+close(). Disk use at its peak (during a save) is what it was: the spare becomes the new
+step's file. Between saves the root holds the retired step's unshared files as well.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import signal
+import stat
+from pathlib import Path
+
+# Own data files only (format.layout.rank_file): links into other steps are named ref-*.
+_DATA_FILE = re.compile(r"^rank-\d{5,}(-\d+)?\.dckpt$")
+
+
+def _sole_user(fd: int) -> bool:
+    """No other open file description (in any process, this one included) and no mapping
+    refers to the file: the kernel grants a write lease only then."""
+    try:
+        # A lease broken while held signals its holder; SIGURG's default is to ignore it
+        # (SIGIO's would end the process). Held for two system calls only.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError:  # EAGAIN: in use; EACCES: not our file; EINVAL: no leases here
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def _reusable(path: Path | str) -> bool:
+    """A regular file, one link, owned by this user and used by no one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 and \
+            _sole_user(fd)
+    finally:
+        os.close(fd)
+
+
+def keep(retired: Path, spares: Path) -> int:
+    """Move `retired`'s reusable data files into `spares` (created when needed), except
+    names it holds already. Returns how many were kept."""
+    kept = 0
+    try:
+        entries = [e for e in os.scandir(retired) if _DATA_FILE.match(e.name)]
+    except OSError:
+        return 0
+    for e in entries:
+        dst = spares / e.name
+        if os.path.lexists(dst) or not _reusable(e.path):
+            continue
+        try:
+            spares.mkdir(exist_ok=True)
+            os.rename(e.path, dst)
+        except OSError:
+            continue
+        kept += 1
+    return kept
+
+
+def take(paths: list[str], spares: Path) -> list[bool]:
+    """Move the spare of each path's name, where there is a reusable one, to that path
+    (which must not exist yet). Returns which paths got one."""
+    got = []
+    for p in paths:
+        src = spares / os.path.basename(p)
+        ok = False
+        if _reusable(src):
+            try:
+                os.rename(src, p)
+                ok = True
+            except OSError:
+                pass
+        got.append(ok)
+    return got
+
+
+def give_back(path: str, spares: Path) -> None:
+    """Return a file `take` placed at `path` that the save did not write to."""
+    try:
+        os.rename(path, spares / os.path.basename(path))
+    except OSError:
+        os.unlink(path)
