@@ -97,6 +97,22 @@ def test_a_file_shared_with_a_kept_step_is_not_kept(tmp_path):
     mgr.close()
 
 
+def test_a_link_left_as_the_last_name_of_a_file_is_kept(tmp_path):
+    """Step 2 linked step 1's unchanged file; once both are retired, that file is no
+    step's data and becomes the spare under the name it was written with."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, state(1))
+    original = ino(mgr.path(1) / DATA)
+    mgr.save(2, state(1))  # unchanged: links step 1's file
+    mgr.save(3, state(3))  # retires step 2, whose link is the file's last name
+    mgr.wait()
+    assert ino(tmp_path / SPARE_DIR / DATA) == original
+    mgr.save(4, state(4))
+    assert ino(mgr.path(4) / DATA) == original
+    assert_loads(mgr, 4, state(4))
+    mgr.close()
+
+
 def test_a_file_someone_reads_is_deleted_not_written_over(tmp_path):
     """A reader that opened the retired step keeps reading the bytes it expects: another
     process holding the file open, or this one (an open descriptor, a mapping)."""
@@ -197,20 +213,26 @@ def test_native_reuse_writes_over_in_place_and_cuts(tmp_path):
         native.write_chunks(path, [small], [1], reuse=[True, False])
 
 
-def test_keep_takes_only_own_unshared_unused_files(tmp_path):
+def test_keep_takes_only_unshared_data_files(tmp_path):
+    """A step's own files, and its links to an older step's files that no kept step shares
+    any more (under the name they were written with); never a file with another link."""
     retired, spare_dir = tmp_path / "retired", tmp_path / "spares"
     retired.mkdir()
-    for name in (DATA, "rank-00000-1.dckpt", "ref-r0-step-000000001-rank-00000.dckpt",
-                 "manifest.json", "shared.dckpt"):
+    for name in ("ref-r0-step-000000001-rank-00000.dckpt", DATA, "rank-00000-1.dckpt",
+                 "ref-r1-step-000000001-rank-00001.dckpt",
+                 "ref-r2-step-000000001-rank-00002.dckpt", "manifest.json", "shared.dckpt"):
         (retired / name).write_bytes(b"x" * 100)
     os.link(retired / "rank-00000-1.dckpt", tmp_path / "elsewhere")
-    assert spares.keep(retired, spare_dir) == 1
-    assert sorted(os.listdir(spare_dir)) == [DATA]
+    os.link(retired / "ref-r2-step-000000001-rank-00002.dckpt", tmp_path / "elsewhere2")
+    assert spares.keep(retired, spare_dir) == 2
+    assert sorted(os.listdir(spare_dir)) == [DATA, "rank-00001.dckpt"]
+    assert ino(spare_dir / DATA) != ino(retired / "ref-r0-step-000000001-rank-00000.dckpt")
     dest = tmp_path / "new"
     dest.mkdir()
-    assert spares.take([str(dest / DATA), str(dest / "rank-00001.dckpt")], spare_dir) == \
+    assert spares.take([str(dest / DATA), str(dest / "rank-00002.dckpt")], spare_dir) == \
         [True, False]
-    assert (dest / DATA).read_bytes() == b"x" * 100 and not os.listdir(spare_dir)
+    assert (dest / DATA).read_bytes() == b"x" * 100
+    assert os.listdir(spare_dir) == ["rank-00001.dckpt"]
 
 
 def _ranks_recycle(rank: int, world: int, root: str) -> tuple[list, bool]:

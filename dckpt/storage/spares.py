@@ -7,9 +7,10 @@ all three. On ext4 here the native writer's 14 MB and fsync took 9.5 ms into a n
 against 4.4 ms written over, 256 MB 112 against 65 ms (benchmarks/probe_recycle.py,
 2026-12-07 20:46 UTC). Databases recycle their log segments for the same reason.
 
-What is kept: a retired step's own data files (`rank-*.dckpt`), only those that are regular
-files with a single link (a file shared with a kept step by an incremental save is that
-step's data) and that no process holds open. Whether any process holds a file open (a
+What is kept: a retired step's data files (`rank-*.dckpt`, and the links an incremental save
+made to an older step's, `ref-r*-...-rank-*.dckpt`, kept under the name they were written
+with), only those that are regular files with a single link (a file shared with a kept step
+is that step's data) and that no process holds open. Whether any process holds a file open (a
 reader loading the step when it was retired, a mapping) is asked of the kernel with a write
 lease, which it grants only to an open file's sole user; the lease is dropped at once. The
 check is made when a file is kept and again when a save takes it. A reader that opened the
@@ -29,8 +30,10 @@ import signal
 import stat
 from pathlib import Path
 
-# Own data files only (format.layout.rank_file): links into other steps are named ref-*.
-_DATA_FILE = re.compile(r"^rank-\d{5,}(-\d+)?\.dckpt$")
+# Data files (format.layout.rank_file), and links to older steps' (incremental._link_name:
+# ref-r<rank>-<origin directory>-<file name>): the spare takes the name the file was written
+# with, which is what a save of that rank creates again.
+_DATA_FILE = re.compile(r"^(?:ref-r\d+-.+-)?(rank-\d{5,}(?:-\d+)?\.dckpt)$")
 
 
 def _sole_user(fd: int) -> bool:
@@ -66,11 +69,15 @@ def keep(retired: Path, spares: Path) -> int:
     names it holds already. Returns how many were kept."""
     kept = 0
     try:
-        entries = [e for e in os.scandir(retired) if _DATA_FILE.match(e.name)]
+        # (spare name, entry), the step's own files first: a link to an older step's file
+        # takes a name only where none of its own holds it.
+        found = sorted(((m.group(1), e) for e in os.scandir(retired)
+                        if (m := _DATA_FILE.match(e.name))),
+                       key=lambda x: (not x[1].name.startswith("rank-"), x[1].name))
     except OSError:
         return 0
-    for e in entries:
-        dst = spares / e.name
+    for name, e in found:
+        dst = spares / name
         if os.path.lexists(dst) or not _reusable(e.path):
             continue
         try:
