@@ -256,3 +256,17 @@ def test_every_rank_writes_over_its_own_retired_file(tmp_path):
         assert same  # bit for bit
     assert verify(tmp_path / "step-000000003", deep=True).ok
     assert not (tmp_path / SPARE_DIR).exists()
+
+
+def test_verify_and_repair_leave_a_live_runs_spares_alone(tmp_path):
+    from dckpt.tools.repair import repair
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    for step in (1, 2):
+        mgr.save(step, state(step))
+    mgr.wait()
+    report = verify(tmp_path)
+    assert report.ok and not [c for c in report.all_checks() if c.group == "root"
+                              and c.level != "pass"]
+    repair(tmp_path)
+    assert (tmp_path / SPARE_DIR / DATA).exists()
+    mgr.close()

@@ -30,8 +30,8 @@ from ..storage import records
 from ..errors import ManifestError
 from ..format import anatomy
 from ..format import tree as treecodec
-from ..format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
-                             parse_step_dir)
+from ..format.layout import (FAILED_MARK, LATEST_NAME, SPARE_DIR, aside_target, is_set_aside,
+                             is_staging, parse_step_dir)
 from ..format.manifest import MANIFEST_NAME
 
 SCHEMA = "dckpt.repair/1"
@@ -192,7 +192,9 @@ def _temporaries(base: Path, kind: str, ckpts: list[Path], report: RepairReport,
                  saver: _Backup) -> None:
     found = []
     if kind == "root":
-        found += [p for p in sorted(base.iterdir()) if is_staging(p.name)
+        # Not a live manager's spare files (storage/spares.py): nothing interrupted them.
+        found += [p for p in sorted(base.iterdir())
+                  if is_staging(p.name) and p.name != SPARE_DIR
                   or (p.is_file() and p.name.endswith(".tmp"))]
     for ckpt in ckpts:
         found += [p for p in sorted(ckpt.iterdir()) if p.is_file() and p.name.endswith(".tmp")]

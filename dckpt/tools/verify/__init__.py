@@ -16,8 +16,8 @@ from typing import Callable
 from ...engine import gcpause
 from ...errors import CheckpointNotFoundError, DckptError, NotACheckpointError
 from ...format import anatomy
-from ...format.layout import (FAILED_MARK, LATEST_NAME, aside_target, is_set_aside, is_staging,
-                              not_a_checkpoint, parse_step_dir)
+from ...format.layout import (FAILED_MARK, LATEST_NAME, SPARE_DIR, aside_target, is_set_aside,
+                              is_staging, not_a_checkpoint, parse_step_dir)
 from ...format.manifest import MANIFEST_NAME, Manifest
 from . import integrity, training
 from .report import (COMPLETE, ERROR, INCOMPLETE, PARTIAL, PASS, SCHEMA, WARNING, Check,
@@ -181,7 +181,8 @@ def _check_root(root: Path, steps: list[Path], report: Report) -> None:
         else:
             add("root.latest", PASS, f"'{LATEST_NAME}' names step {pointed}, the newest",
                 LATEST_NAME)
-    temps = sorted(p.name for p in root.iterdir() if is_staging(p.name))
+    # A live manager's spare files (storage/spares.py) are no interrupted save.
+    temps = sorted(p.name for p in root.iterdir() if is_staging(p.name) and p.name != SPARE_DIR)
     if temps:
         n = len(temps)
         shown = ", ".join(temps[:3]) + (", ..." if n > 3 else "")
