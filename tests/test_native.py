@@ -496,3 +496,23 @@ def test_runs_of_small_chunks(tmp_path, threads):
     dests = [np.empty_like(x) for x in bufs]
     native.read_chunks(paths, dests, widths, recs)
     assert all((d == s).all() for d, s in zip(dests, bufs))
+
+
+def test_verify_reads_runs_of_small_chunks_and_names_each_failure(tmp_path):
+    """Adjacent small chunks are checked from one read per run: every damaged chunk is still
+    reported on its own, whatever the order of the records and across files with gaps."""
+    bufs = [noise(5 + i % 7, seed=i) for i in range(300)]
+    paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+    recs_a = native.write_chunks(paths[0], bufs[:200], [1] * 200, fsync=False)
+    recs_b = native.write_chunks(paths[1], bufs[200:], [1] * 100, fsync=False, file_index=1)
+    flat = [r[0] for r in recs_a + recs_b]
+    skip = set(range(0, 300, 9))  # gaps: chunks whose neighbours are not checked
+    order = [i for i in np.random.default_rng(0).permutation(300).tolist() if i not in skip]
+    records = [flat[i] for i in order]
+    assert native.verify_chunks(paths, records, [1] * len(records), threads=2) == []
+    damaged = [1, 2, 150, 199, 200, 299]  # neighbours, the ends of both files
+    for i in damaged:
+        flip_bit(paths[flat[i][0]], flat[i][1] + flat[i][2] - 1, 3)
+    failures = native.verify_chunks(paths, records, [1] * len(records), threads=2)
+    assert sorted(order[f[0]] for f in failures) == [i for i in damaged if i not in skip]
+    assert all(f[1] == "stored_hash" and f[2] == records[f[0]][6] != f[3] for f in failures)
