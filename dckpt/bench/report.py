@@ -287,7 +287,9 @@ def headline(result: dict) -> str:
              "tensors): GB/s, median (min-max) for dckpt, (dckpt x that) for the others, whose "
              "spreads are in the figures below. The manager columns are CheckpointManager.save, "
              "what a training loop calls (the first save into an empty root; a save where "
-             "every tensor changed since the previous checkpoint), and its restore. Verify "
+             "every tensor changed since the previous checkpoint, in a run's steady state: "
+             "keep_last=2, three saves before it, the files retention retired written over), "
+             "and its restore. Verify "
              "peers: torch.save's zip CRC check and sha256sum of the files here; each peer's "
              "own loader (its load figure) in the goals.", "",
              "| " + " | ".join(hdr) + " |",

@@ -130,6 +130,8 @@ def _run_workload(spec: Spec, systems: list[System], rank_systems: list[str], op
                         s.errors.append(f"{type(e).__name__}: {e}")
                         log(f"[bench]   {regime} {name}: FAILED {type(e).__name__}: {e}")
                     finally:
+                        if name in by_name:
+                            by_name[name].finish()
                         remove(path)
             log(f"[bench]   repeat {rep + 1}/{opts.repeats} done "
                 f"(load average {measure.load_average()})")
@@ -165,6 +167,8 @@ def _warm_up(names: list[str], by_name: dict, limits: Limits, pair, w: Workload,
         except Exception:  # the timed repeats record the failure
             pass
         finally:
+            if name in by_name:
+                by_name[name].finish()
             remove(path)
 
 

@@ -42,6 +42,10 @@ class System:
     def verify(self, path: Path) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Untimed, after one save's measurements and before its directory is removed:
+        end what still works in it (the manager's removal of retired steps)."""
+
     def close(self, w: Workload) -> None:
         """Drop what the system keeps for a workload (accelerate's prepared objects)."""
 
@@ -70,13 +74,16 @@ class Dckpt(System):
 class DckptManager(System):
     """CheckpointManager.save, what a training loop calls: incremental by default (every
     tensor hashed before it is written, unchanged chunks linked from the previous
-    checkpoint), one data file per rank, RNG streams and counters, retention. The manager
-    is made before the timed save, once per run as a training job makes it.
+    checkpoint), one data file per rank, RNG streams and counters, retention (keep_last=2,
+    as a training job sets it). The manager is made before the timed save, once per run as
+    a training job makes it.
 
-    changed=False: the first save into an empty root. changed=True: a save where every
-    tensor differs from the previous checkpoint, which an untimed save of the bitwise-
-    inverted state (Workload.perturb, undone right after) put there: all hashing and no
-    linking, the most an incremental save can cost."""
+    changed=False: the first save into an empty root. changed=True: a save in a run's
+    steady state where every tensor differs from the previous checkpoint: three untimed
+    saves, of the bitwise-inverted state (Workload.perturb, undone right after), the state,
+    and the inverted state again, come first, so the timed save hashes everything, links
+    nothing, and writes over the data file of the first, which retention retired after the
+    third (dckpt/storage/spares.py) as it does at every save of a long run."""
     peer = False
 
     def __init__(self, changed: bool):
@@ -89,24 +96,35 @@ class DckptManager(System):
     def before_save(self, w: Workload, path: Path) -> None:
         from dckpt import CheckpointManager
         self.close(w)
-        self._mgr = CheckpointManager(path)
-        if self.changed:
-            w.perturb()
+        self._mgr = CheckpointManager(path, keep_last=2)
+        for step in (1, 2, 3) if self.changed else ():
+            inverted = step != 2
+            if inverted:
+                w.perturb()
             try:
-                self._mgr.save(1, w.state())
+                self._mgr.save(step, w.state())
             finally:
-                w.perturb()  # every bit flipped back: the saved state again
+                if inverted:
+                    w.perturb()  # every bit flipped back: the state again
+        self._mgr.wait()  # retention's removal of step 1's rest, before the timing
+
+    @property
+    def step(self) -> int:
+        return 4 if self.changed else 1
 
     def save(self, w: Workload, path: Path) -> None:
-        self.last = self._mgr.save(2 if self.changed else 1, w.state())
+        self.last = self._mgr.save(self.step, w.state())
 
     def load(self, w: Workload, path: Path) -> None:
         self._mgr.restore(w.state())  # the newest checkpoint, as a resume does
 
     def size(self, path: Path) -> int:
-        return disk_usage(self._mgr.path(2 if self.changed else 1))
+        return disk_usage(self._mgr.path(self.step))
 
-    def close(self, w: Workload) -> None:
+    def finish(self) -> None:
+        self.close(None)
+
+    def close(self, w: Workload | None) -> None:
         if self._mgr is not None:
             self._mgr.close()
             self._mgr = None
