@@ -270,3 +270,36 @@ def test_verify_and_repair_leave_a_live_runs_spares_alone(tmp_path):
     repair(tmp_path)
     assert (tmp_path / SPARE_DIR / DATA).exists()
     mgr.close()
+
+
+def test_a_spare_far_larger_than_the_save_is_left_alone(tmp_path):
+    """A small save would cut a large spare down while it waits (freeing its pages):
+    it writes a new file instead, and the spare stays for a save of its size."""
+    mgr = CheckpointManager(tmp_path, keep_last=1)
+    mgr.save(1, state(1, n=256))
+    mgr.save(2, state(2, n=256))  # step 1's 4 MB file is the spare
+    spare = ino(tmp_path / SPARE_DIR / DATA)
+    mgr.save(3, state(3, n=2))  # 32 KB
+    assert ino(mgr.path(3) / DATA) != spare
+    assert ino(tmp_path / SPARE_DIR / DATA) == spare
+    assert_loads(mgr, 3, state(3, n=2))
+    mgr.close()
+
+
+def test_async_saves_recycle_only_when_buffered(tmp_path):
+    from dckpt import AsyncOptions
+    for direct in (True, False):
+        root = tmp_path / str(direct)
+        mgr = CheckpointManager(root, keep_last=1, async_save=AsyncOptions(direct=direct))
+        for step in (1, 2, 3):
+            mgr.save(step, state(step))
+            mgr.wait()
+        # Direct writes never take a spare: none is kept to lie unused.
+        assert (root / SPARE_DIR).exists() is not direct
+        first = ino(root / SPARE_DIR / DATA) if not direct else None
+        mgr.save(4, state(4))
+        mgr.wait()
+        if not direct:
+            assert ino(mgr.path(4) / DATA) == first
+        assert_loads(mgr, 4, state(4))
+        mgr.close()

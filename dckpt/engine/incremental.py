@@ -272,15 +272,16 @@ def write_rank(base: Base, tmp: Path, fname: str, rank: int, leaves: list, names
     # from memory, with the rest of its tensor (the writer compares by position), in a
     # rewrite of this rank's file: rot is rare, its cost only matters then.
     intact: set[tuple[int, int]] = set()  # (base file, offset) of chunks found intact
-    # The data files are fsynced below, once each is known to hold a chunk: a save that
-    # changed nothing would otherwise pay an fsync for an empty file it then deletes.
-    unsynced = replace(opts, fsync=False, synced_later=opts.fsync)
     # One file per writer thread when there is enough to write, as a full save does
     # (io.part_count): threads writing one file take turns on its inode lock. Decided once:
     # a rewrite (below) recreates the same files.
     todo = [i for i in range(len(leaves)) if i not in reused] if reused else range(len(leaves))
-    parts = 1 if mode.direct else io.part_count(_expected_bytes(m, rank, leaves, todo, prev),
-                                                opts)
+    expect = _expected_bytes(m, rank, leaves, todo, prev)
+    parts = 1 if mode.direct else io.part_count(expect, opts)
+    # The data files are fsynced below, once each is known to hold a chunk: a save that
+    # changed nothing would otherwise pay an fsync for an empty file it then deletes. The
+    # estimate keeps a much larger spare from being written over (and cut) by a small save.
+    unsynced = replace(opts, fsync=False, synced_later=opts.fsync, expect=expect)
     names_own = [fname] + [rank_file(rank, p) for p in range(1, parts)]
     paths = [str(tmp / n) for n in names_own]
     while True:

@@ -258,7 +258,8 @@ class CheckpointManager:
         recycle: the unshared data files of the step retention retired last are kept (in a
         hidden directory of the root, removed by close()) and the next save writes over
         them instead of creating new files, which spares the kernel new pages and blocks
-        (dckpt/storage/spares.py); False deletes them with their step."""
+        (dckpt/storage/spares.py); False deletes them with their step. Async saves that
+        write with O_DIRECT (AsyncOptions.direct, the default) do not recycle."""
         if full_every is not None and (not isinstance(full_every, int) or full_every < 1):
             raise ValueError("full_every must be a positive integer or None")
         io.WriteOptions(compression, shuffle).validate()  # an unknown codec, at once
@@ -301,15 +302,17 @@ class CheckpointManager:
         self._latest = commit.OwnFile(self.root / LATEST_NAME)
         # Removes the directories of steps retention retired (_apply_retention).
         self._deleter: threading.Thread | None = None
-        # Where retired data files wait for the next save to write over them, and what
-        # removes that directory at close() or when the process exits (storage/spares.py).
-        self._spares = self.root / SPARE_DIR if recycle else None
-        self._spares_gone = None
         self._saver = None
         if async_save:
             opts = async_save if isinstance(async_save, AsyncOptions) else AsyncOptions()
             self._commit_group = commit_group(group)
             self._saver = AsyncSaver(opts, group)
+        # Where retired data files wait for the next save to write over them, and what
+        # removes that directory at close() or when the process exits (storage/spares.py).
+        # Not for saves that bypass the page cache (async, direct): they never take one.
+        direct = self._saver is not None and self._saver.options.direct
+        self._spares = self.root / SPARE_DIR if recycle and not direct else None
+        self._spares_gone = None
         self.preemption = None
         if save_on is not None:
             self.preemption = Preemption.of(save_on)

@@ -41,6 +41,9 @@ class WriteOptions:
     # A directory of retired data files to write over instead of creating new ones
     # (storage/spares.py; the manager's). Buffered writes only.
     spares: str | None = None
+    # What the write is expected to store (an incremental save's estimate; None: all of
+    # it): a spare much larger would be cut down in line, freeing pages the save waits for.
+    expect: int | None = None
 
     @property
     def codec(self) -> int:
@@ -149,7 +152,9 @@ def _write_views(path: str | list[str], views: list, sizes: list[int], opts: Wri
     paths = [path] if isinstance(path, str) else path
     reuse = None
     if opts.spares is not None and not mode.direct:
-        reuse = spares.take(paths, Path(opts.spares))
+        expect = opts.expect if opts.expect is not None else \
+            sum(v[1] if type(v) is tuple else v.nbytes for v in views)
+        reuse = spares.take(paths, Path(opts.spares), 2 * expect // len(paths) + (1 << 20))
     try:
         records = _native.write_chunks(
             path, views, sizes, chunk_size=opts.chunk_size, codec=opts.codec, level=opts.level,

@@ -50,8 +50,8 @@ def _sole_user(fd: int) -> bool:
     return True
 
 
-def _reusable(path: Path | str) -> bool:
-    """A regular file, one link, owned by this user and used by no one."""
+def _reusable(path: Path | str, limit: int | None = None) -> bool:
+    """A regular file, one link, of at most `limit` bytes, used by no one."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -59,7 +59,7 @@ def _reusable(path: Path | str) -> bool:
     try:
         st = os.fstat(fd)
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size > 0 and \
-            _sole_user(fd)
+            (limit is None or st.st_size <= limit) and _sole_user(fd)
     finally:
         os.close(fd)
 
@@ -89,14 +89,15 @@ def keep(retired: Path, spares: Path) -> int:
     return kept
 
 
-def take(paths: list[str], spares: Path) -> list[bool]:
-    """Move the spare of each path's name, where there is a reusable one, to that path
+def take(paths: list[str], spares: Path, limit: int | None = None) -> list[bool]:
+    """Move the spare of each path's name, where there is a reusable one of at most `limit`
+    bytes (the rest of a larger one would be cut off while the save waits), to that path
     (which must not exist yet). Returns which paths got one."""
     got = []
     for p in paths:
         src = spares / os.path.basename(p)
         ok = False
-        if _reusable(src):
+        if _reusable(src, limit):
             try:
                 os.rename(src, p)
                 ok = True
