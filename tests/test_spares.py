@@ -163,6 +163,20 @@ def test_what_is_planted_among_the_spares_is_never_written_through(tmp_path):
     mgr.close()
 
 
+def test_a_link_planted_as_the_spare_directory_is_not_followed(tmp_path):
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "root"
+    elsewhere.mkdir()
+    mgr = CheckpointManager(root, keep_last=1)
+    (root / SPARE_DIR).symlink_to(elsewhere)
+    for step in (1, 2, 3):
+        mgr.save(step, state(step))
+        mgr.wait()
+    assert os.listdir(elsewhere) == []
+    assert_loads(mgr, 3, state(3))
+    mgr.close()
+    assert elsewhere.is_dir()
+
+
 def test_recycle_off_and_gc_and_restart_leave_no_spares(tmp_path):
     mgr = CheckpointManager(tmp_path / "off", keep_last=1, recycle=False)
     for step in (1, 2, 3):

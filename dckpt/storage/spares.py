@@ -30,6 +30,8 @@ import signal
 import stat
 from pathlib import Path
 
+from .commit import DIR_MODE
+
 # Data files (format.layout.rank_file), and links to older steps' (incremental._link_name:
 # ref-r<rank>-<origin directory>-<file name>): the spare takes the name the file was written
 # with, which is what a save of that rank creates again.
@@ -76,12 +78,18 @@ def keep(retired: Path, spares: Path) -> int:
                        key=lambda x: (not x[1].name.startswith("rank-"), x[1].name))
     except OSError:
         return 0
+    if found:
+        try:
+            spares.mkdir(mode=DIR_MODE, exist_ok=True)
+            if not stat.S_ISDIR(os.lstat(spares).st_mode):  # a link planted there
+                return 0
+        except OSError:
+            return 0
     for name, e in found:
         dst = spares / name
         if os.path.lexists(dst) or not _reusable(e.path):
             continue
         try:
-            spares.mkdir(exist_ok=True)
             os.rename(e.path, dst)
         except OSError:
             continue
@@ -91,8 +99,8 @@ def keep(retired: Path, spares: Path) -> int:
 
 def take(paths: list[str], spares: Path, limit: int | None = None) -> list[bool]:
     """Move the spare of each path's name, where there is a reusable one of at most `limit`
-    bytes (the rest of a larger one would be cut off while the save waits), to that path
-    (which must not exist yet). Returns which paths got one."""
+    bytes (the rest of a larger one would be cut off while the save waits), to that path.
+    Returns which paths got one."""
     got = []
     for p in paths:
         src = spares / os.path.basename(p)
