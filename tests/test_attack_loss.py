@@ -3,6 +3,7 @@ incremental saves, a lock file that follows symlinks, gc and repair racing a job
 symlinked directories in the root, a corrupt newest manifest, async failures at exit."""
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -447,3 +448,28 @@ def test_an_unreported_async_failure_fails_the_process(tmp_path):
     assert "training finished" in p.stdout  # stdout flushed before the exit
     assert p.returncode == 1, p.stderr[-2000:]
     assert "step(s) [1] failed" in p.stderr and "exiting with status 1" in p.stderr
+
+
+@pytest.mark.parametrize("backup", [True, False])
+def test_repair_of_a_root_whose_retired_step_vanishes_meanwhile(tmp_path, monkeypatch,
+                                                                backup):
+    """A live job's retention removes a retired step in the background, outside the root
+    lock: repair finding it gone halfway is not an error."""
+    from dckpt.tools import repair as repair_mod
+    root = tmp_path / "root"
+    small_root(root, keep_last=2).close()
+    gone = root / ".step-000000009.tmp-deleting"
+    gone.mkdir()
+    (gone / "rank-00000.dckpt").write_bytes(b"x")
+    remove = repair_mod._Backup.remove
+
+    def vanishing(self, src):
+        if src.name == gone.name:
+            shutil.rmtree(src)  # the job's removal thread, a moment earlier
+        return remove(self, src)
+
+    monkeypatch.setattr(repair_mod._Backup, "remove", vanishing)
+    report = repair_mod.repair(root, backup=backup)
+    action = [a for a in report.actions if a.target == gone.name]
+    assert action and action[0].done and "gone meanwhile" in action[0].detail
+    assert not gone.exists()
