@@ -789,16 +789,18 @@ class CheckpointManager:
 
     def _temporaries(self) -> list[Path]:
         """Staging directories and the half-written `latest` a crash leaves behind (a
-        staging name now; `latest.tmp` from dckpt before 2026-12)."""
+        staging name now; `latest.tmp` from dckpt before 2026-12). Spare files are none."""
         return [p for p in self.root.iterdir()
-                if is_staging(p.name) or p.name == LATEST_NAME + ".tmp"]
+                if is_staging(p.name) and p.name != SPARE_DIR or p.name == LATEST_NAME + ".tmp"]
 
     def _remove_staging(self) -> list[Path]:
         for name in commit.recover(self.root):
             log.warning("dckpt: %s was moved aside by an overwrite that crashed; put back",
                         name)
         gone = self._temporaries()
-        for p in gone:
+        # And the spare files a run left (storage/spares.py): only a live manager uses them.
+        spare = self.root / SPARE_DIR
+        for p in gone + ([spare] if os.path.lexists(spare) else []):
             # A link is removed, never what it points to.
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
@@ -829,7 +831,8 @@ class CheckpointManager:
                 self._fix_latest()  # first: retention spares what `latest` names
             doomed, links = self._doomed()
             # Hard-linked data shared with kept checkpoints is not freed.
-            freed = exclusive_bytes(staging + [self.path(s) for s in doomed])
+            spare = [self.root / SPARE_DIR] if (self.root / SPARE_DIR).is_dir() else []
+            freed = exclusive_bytes(staging + spare + [self.path(s) for s in doomed])
             if not dry_run:
                 self._remove_staging()
                 self._apply_retention()

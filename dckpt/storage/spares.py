@@ -78,23 +78,27 @@ def keep(retired: Path, spares: Path) -> int:
                        key=lambda x: (not x[1].name.startswith("rank-"), x[1].name))
     except OSError:
         return 0
-    if found:
-        try:
-            spares.mkdir(mode=DIR_MODE, exist_ok=True)
-            if not stat.S_ISDIR(os.lstat(spares).st_mode):  # a link planted there
-                return 0
-        except OSError:
-            return 0
     for name, e in found:
         dst = spares / name
         if os.path.lexists(dst) or not _reusable(e.path):
             continue
+        if not kept and not _directory(spares):
+            return 0
         try:
             os.rename(e.path, dst)
         except OSError:
             continue
         kept += 1
     return kept
+
+
+def _directory(path: Path) -> bool:
+    """`path` is (now) a directory of its own, not a link planted in its place."""
+    try:
+        path.mkdir(mode=DIR_MODE, exist_ok=True)
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def take(paths: list[str], spares: Path, limit: int | None = None) -> list[bool]:
