@@ -40,7 +40,10 @@ _DATA_FILE = re.compile(r"^(?:ref-r\d+-.+-)?(rank-\d{5,}(?:-\d+)?\.dckpt)$")
 
 def _sole_user(fd: int) -> bool:
     """No other open file description (in any process, this one included) and no mapping
-    refers to the file: the kernel grants a write lease only then."""
+    refers to the file: the kernel grants a write lease only then. Linux only: elsewhere
+    nothing is reused."""
+    if not hasattr(fcntl, "F_SETLEASE"):
+        return False
     try:
         # A lease broken while held signals its holder; SIGURG's default is to ignore it
         # (SIGIO's would end the process). Held for two system calls only.
