@@ -92,15 +92,6 @@ def against(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def started() -> str:
-    """The run's commit, date, load and machine, as every benchmark records them."""
-    from dckpt.bench.record import header
-    h = header()
-    m, load = h["machine"], "/".join(f"{x:.2f}" for x in h["load_average_start"])
-    return (f"{h['command']} (commit {h['commit']}) on {h['started']}, {m['cores']} cores "
-            f"({m['cpu']}), Python {m['python']}, load average {load} (1/5/15 min)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tensors", type=int, default=300)
@@ -111,7 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     if args.against:
-        print(started(), flush=True)
+        from dckpt.bench.record import header_line  # here only: runs may import an old tree
+        print(header_line(), flush=True)
         against(args)
     else:
         print(probe(args))

@@ -21,14 +21,6 @@ import time
 import numpy as np
 
 
-def started() -> str:
-    from dckpt.bench.record import header
-    h = header()
-    m, load = h["machine"], "/".join(f"{x:.2f}" for x in h["load_average_start"])
-    return (f"{h['command']} (commit {h['commit']}) on {h['started']}, {m['cores']} cores "
-            f"({m['cpu']}), Python {m['python']}, load average {load} (1/5/15 min)")
-
-
 def line(label: str, times: list[float]) -> str:
     return (f"  {label:<28s} {statistics.median(times) * 1e3:8.1f} ms "
             f"({min(times) * 1e3:.1f}-{max(times) * 1e3:.1f})")
@@ -84,12 +76,13 @@ def manager(d: str, repeats: int) -> None:
 
 
 def main() -> None:
+    from dckpt.bench.record import header_line
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--mb", type=int, nargs="+", default=[14, 256])
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    print(started(), flush=True)
+    print(header_line(), flush=True)
     with tempfile.TemporaryDirectory(prefix="probe-recycle-", dir=args.dir) as d:
         for mb in args.mb:
             files(d, mb, args.repeats)

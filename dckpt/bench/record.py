@@ -81,6 +81,15 @@ def header(directory: str | os.PathLike | None = None, argv: list[str] | None = 
             "load_average_start": measure.load_average()}
 
 
+def header_line() -> str:
+    """One line of header(): the command, commit, date, machine and load, for probes that
+    print rather than record."""
+    h = header()
+    m, load = h["machine"], "/".join(f"{x:.2f}" for x in h["load_average_start"])
+    return (f"{h['command']} (commit {h['commit']}) on {h['started']}, {m['cores']} cores "
+            f"({m['cpu']}), Python {m['python']}, load average {load} (1/5/15 min)")
+
+
 @contextmanager
 def recording(path: str | os.PathLike | None, kind: str = "text",
               directory: str | os.PathLike | None = None):
@@ -109,4 +118,4 @@ def recording(path: str | os.PathLike | None, kind: str = "text",
     os.replace(tmp, path)
 
 
-__all__ = ["recording", "header", "commit", "command_line", "REPO"]
+__all__ = ["recording", "header", "header_line", "commit", "command_line", "REPO"]
