@@ -449,3 +449,44 @@ def test_existing_target_refused_on_every_rank(tmp_path):
     assert res == ["CheckpointExistsError"] * 2  # the same typed error everywhere
     assert dckpt.read_manifest(path).to_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging debris
+
+
+def rank_exchanges(rank, world):
+    """Exchanges of each kind; then how many keys the store holds once this process's
+    cleanup has had time, against the count before them."""
+    import torch.distributed as tdist
+    store = tdist.distributed_c10d._get_default_store()
+
+    def settled(want=None, within=10.0):
+        deadline = time.monotonic() + within
+        while True:
+            tdist.barrier()  # gloo: no store keys
+            count = store.num_keys()
+            done = torch.tensor([int(want is None or count == want
+                                     or time.monotonic() > deadline)])
+            tdist.all_reduce(done, tdist.ReduceOp.MIN)  # every rank decides alike
+            if done.item():
+                return count
+            time.sleep(0.05)
+
+    dist.barrier()  # the first operation starts the heartbeat (one key per rank)
+    time.sleep(0.5)
+    before = settled()
+    values = []
+    for i in range(30):
+        values.append(dist.all_gather_json([rank, i]))
+        values.append(dist.gather_json(rank * i))
+        values.append(dist.broadcast_json({"i": i} if rank == 1 else None, src=1))
+    return {"values": values, "before": before, "after": settled(before)}
+
+
+def test_exchanges_leave_no_keys_in_the_store():
+    """Each exchange's keys are deleted once every rank has read them (by a thread of each
+    process, off the exchange's path): a long job's store does not grow by a save's keys."""
+    res = run_with_ranks(2, rank_exchanges)
+    for rank, r in enumerate(res):
+        assert r["after"] == r["before"], r
+        for i in range(30):
+            assert r["values"][3 * i] == [[0, i], [1, i]]
+            assert r["values"][3 * i + 1] == ([0, i] if rank == 0 else None)
+            assert r["values"][3 * i + 2] == {"i": i}
