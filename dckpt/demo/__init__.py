@@ -306,7 +306,7 @@ def _print_bench(b: dict) -> None:
     mb = b["state_bytes"] / 1e6
     print(f"\n      save_state / load_state of this state ({mb:.1f} MB of model and optimizer "
           f"tensors per process, {b['processes']} processes; median of {b.get('repeats', 3)}, "
-          "interleaved):")
+          "interleaved in a balanced order):")
     print("       system                save                 load            on disk")
     for name, s in b["systems"].items():
         print(f"       {name:<18} {s['save'] * 1e3:5.0f} ms {mb / s['save']:6.0f} MB/s   "

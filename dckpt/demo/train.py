@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import nn
 
+from ..bench.order import balanced
 from ..integrations.accelerate import DckptAccelerator
 from ..storage import commit
 
@@ -154,9 +155,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 5) -> dict:
+def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 8) -> dict:
     """Time save_state/load_state of this very state: accelerate's own and dckpt's, each with
-    and without fsync, interleaved, `repeats` times each; the median wall time of the
+    and without fsync, interleaved in a balanced order (each system in each position and
+    after each other system equally often), `repeats` times each; the median wall time of the
     collective call (all processes done). accelerate does not fsync: its durable variant
     fsyncs what its save_state wrote (every file, then their directories) afterwards."""
     pc = acc.project_configuration
@@ -193,8 +195,9 @@ def bench(acc: DckptAccelerator, root: Path, model, opt, repeats: int = 5) -> di
     }
     times: dict = {name: {"save": [], "load": []} for name in systems}
     for r in range(repeats):
-        for i, (name, (save, load)) in enumerate(systems.items()):
-            d = root / f"{i}-{r}"
+        for name in balanced(list(systems), r):
+            save, load = systems[name]
+            d = root / f"{list(systems).index(name)}-{r}"
             times[name]["save"].append(_timed(acc, lambda: save(d)))
             times[name]["load"].append(_timed(acc, lambda: load(d)))
     out = {"state_bytes": state_bytes, "processes": acc.num_processes, "repeats": repeats,
