@@ -258,8 +258,8 @@ def _clean_up(keys: list[str], readers: str | None = None, n: int = 0) -> None:
     """Delete an exchange's keys from the store once it is over: at once when `readers` is
     None, else when this is the n-th rank to count itself in `readers` (the last reader).
     A thread of this process does it with a store client of its own, so that no exchange
-    waits for these round trips (three to five a save, ~0.2 ms each on loopback, on rank 0's
-    path to the commit). Where the store cannot be cloned, they are made here."""
+    waits for these round trips (three to five a save, on rank 0's path to the commit).
+    Where the store cannot be cloned, they are made here."""
     store = _store()
     if not _cleaner or _cleaner[0][0] != os.getpid() or _cleaner[0][1] is not store:
         if _cleaner and _cleaner[0][0] == os.getpid() and _cleaner[0][2] is not None:
