@@ -458,19 +458,23 @@ def rank_exchanges(rank, world):
     store = tdist.distributed_c10d._get_default_store()
 
     def settled(want=None, within=10.0):
-        deadline = time.monotonic() + within
+        """The store's key count once it is `want` (or, for None, the same in 3 looks
+        in a row), on every rank, or after `within` seconds."""
+        deadline, seen = time.monotonic() + within, []
         while True:
             tdist.barrier()  # gloo: no store keys
-            count = store.num_keys()
-            done = torch.tensor([int(want is None or count == want
-                                     or time.monotonic() > deadline)])
+            seen.append(store.num_keys())
+            if want is None:
+                ok = len(seen) >= 3 and len(set(seen[-3:])) == 1
+            else:
+                ok = seen[-1] == want
+            done = torch.tensor([int(ok or time.monotonic() > deadline)])
             tdist.all_reduce(done, tdist.ReduceOp.MIN)  # every rank decides alike
             if done.item():
-                return count
+                return seen[-1]
             time.sleep(0.05)
 
     dist.barrier()  # the first operation starts the heartbeat (one key per rank)
-    time.sleep(0.5)
     before = settled()
     values = []
     for i in range(30):
