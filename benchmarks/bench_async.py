@@ -247,6 +247,14 @@ def run(a, work: Path) -> int:
     # writes into fresh pages fall outside every timed run, for every system alike.
     torch_save_durable(state, work / "torch.pt")
     sync_save(sync, 0, state)
+    for key, opts in modes.items():  # and one async save of each dckpt mode
+        if key not in dcps:
+            mgr = dckpt.CheckpointManager(work / f"{key}-warm-up", keep_last=1,
+                                          async_save=opts)
+            mgr.prepare(state)
+            mgr.save(0, state)
+            mgr.close()
+            shutil.rmtree(work / f"{key}-warm-up", ignore_errors=True)
     r = {k: [] for k in ("torch", "sync", "base", "prepare")}
     for key in modes:
         r.update({key: [], f"{key}_steps": [], f"{key}_total": [], f"{key}_n": [],

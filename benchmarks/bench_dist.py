@@ -133,7 +133,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=int, default=256, help="fp32 parameter MB (state ~3x)")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=8)  # whole cycles of 2 systems
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--record", default=None,
                     help="also write a record for the docs generator (dckpt/bench/docs.py)")

@@ -1,11 +1,12 @@
 """The fixed costs of a small checkpoint, and an async snapshot against a bare copy.
 
-    python benchmarks/bench_small.py [--tensors 300] [--numel 11675] [--rounds 12]
+    python benchmarks/bench_small.py [--tensors 300] [--numel 11675] [--rounds 14]
                                      [--dir /tmp] [--async-mb 256] [--record FILE]
 
 One run, one process, one state of `--tensors` fp32 tensors of `--numel` elements each
 (default 300 x 46.7 KB = 14 MB, the demo's size). Timed, interleaved in a balanced order
-(each system in each position equally often: the order is rotated and reversed per round):
+(dckpt/bench/order.py; the default 14 rounds are one full cycle for its 7 systems: each
+system in each position, and after each other system, equally often):
   - manager, repeated: CheckpointManager.save of the unchanged state (incremental: it hashes
     every tensor, links the unchanged chunks of the previous step and re-reads and checks
     them; what is left is the fixed cost per save);
@@ -48,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from dckpt.bench.order import balanced
+
 
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -72,12 +75,6 @@ def timed(fn, settle=None) -> tuple[float, float]:
     if settle is not None:
         settle()
     return wall, time.process_time() - c
-
-
-def balanced(names: list[str], round_: int) -> list[str]:
-    k = round_ // 2 % len(names)
-    order = names[k:] + names[:k]
-    return order[::-1] if round_ % 2 else order
 
 
 def small(args, root: Path) -> dict[str, tuple[list[float], list[float]]]:
@@ -216,7 +213,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tensors", type=int, default=300)
     ap.add_argument("--numel", type=int, default=11675)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=14)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--async-mb", type=float, default=256.0)
     ap.add_argument("--no-async", action="store_true")

@@ -92,7 +92,7 @@ def run_verify(ckpt: Path, deep: bool = False) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, default=2.0, help="state size in GB (default 2)")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=12)  # 2 cycles of 3 systems
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir on /tmp)")
     ap.add_argument("--no-deep", action="store_true", help="skip the --deep measurement")
     ap.add_argument("--record", default=None,

@@ -153,13 +153,36 @@ class _Forgetful:
 
 
 def test_a_load_that_restores_wrong_bytes_records_no_time(tmp_path):
-    from dckpt.bench.runner import Samples, _measure_load, fingerprint
+    from dckpt.bench.runner import Samples, _measure_load
     from dckpt.bench.workloads import transformer
     w = transformer(2_000_000)
     s = Samples()
     with pytest.raises(AssertionError, match="differs"):
-        _measure_load(_Forgetful(), w, fingerprint(w), tmp_path, s, "load")
+        _measure_load(_Forgetful(), w, w.fingerprint(), tmp_path, s, "load")
     assert "load" not in s.seconds
+
+
+def _rank_loads(rank, world, root):
+    """A 2-rank load as the bench's rank pair times it: dckpt's, and one that forgets."""
+    from dckpt.bench import ranks
+    from dckpt.bench.workloads import transformer
+    w = transformer(1_000_000, seed=rank)
+    state, reference, path = {f"rank{rank}": w.state()}, w.fingerprint(), Path(root) / "ck"
+    ranks.timed(ranks._dckpt_save, "save", "dckpt 2 ranks", state, w, path, rank, reference)
+    seconds = ranks.timed(ranks._dckpt_load, "load", "dckpt 2 ranks", state, w, path, rank,
+                          reference)
+    try:
+        ranks.timed(lambda *a: None, "load", "forgetful", state, w, path, rank, reference)
+    except AssertionError as e:
+        return [seconds, str(e)]
+    return [seconds, None]
+
+
+def test_a_two_rank_load_counts_only_when_exact(tmp_path):
+    from helpers.ranks import run_with_ranks
+    for seconds, error in run_with_ranks(2, _rank_loads, str(tmp_path)):
+        assert seconds > 0
+        assert error == "forgetful: loaded state differs from the saved one"
 
 
 def test_perturb_changes_every_tensor_including_adamw_steps():
@@ -202,6 +225,20 @@ def test_verify_goal_counts_sha256sum_and_every_peers_loader():
     assert goal["met"] is False and "torch.save (its loader)" in goal["detail"]
 
 
+def test_a_failed_verify_peer_fails_the_verify_goal():
+    result = _result(1.0, 0.8, 8 * 10**8)
+    regime = result["workloads"][0]["regimes"]["shm"]
+    regime["dckpt"]["seconds"]["verify"] = [0.25]
+    regime["plain write"]["seconds"]["sha256sum"] = [2.0]
+    regime["torch.save"]["seconds"], regime["torch.save"]["errors"] = {}, ["OSError: disk full"]
+    goal = _goal(result, "dckpt verify (warm) faster than every peer")
+    assert goal["met"] is False
+    assert "1 of 2 cases failed" in goal["detail"] and "torch.save" in goal["detail"]
+    del regime["plain write"]["seconds"]["sha256sum"]  # the failed peer is the only one
+    goal = _goal(result, "dckpt verify (warm) faster than every peer")
+    assert goal["met"] is False and "1 of 1 cases failed" in goal["detail"]
+
+
 def test_manager_goal_is_judged_against_every_peer():
     result = _result(1.0, 0.8, 8 * 10**8)
     regime = result["workloads"][0]["regimes"]["shm"]
@@ -212,19 +249,18 @@ def test_manager_goal_is_judged_against_every_peer():
 
 
 def test_manager_save_with_every_tensor_changed_writes_everything_and_links_nothing(tmp_path):
-    from dckpt.bench.runner import fingerprint
     from dckpt.bench.workloads import transformer
     w = transformer(2_000_000)
-    before = fingerprint(w)
+    before = w.fingerprint()
     system = DckptManager(changed=True)
     root = tmp_path / "root"
     system.before_save(w, root)
-    assert fingerprint(w) == before  # the untimed first save left the state as it was
+    assert w.fingerprint() == before  # the untimed first save left the state as it was
     system.save(w, root)
     stats = system.last.manifest.meta["incremental"]
     assert stats["referenced_bytes"] == 0 and stats["referenced_chunks"] == 0
     assert stats["new_bytes"] >= w.nbytes  # every byte written again
     w.perturb()
     system.load(w, root)
-    assert fingerprint(w) == before
+    assert w.fingerprint() == before
     system.close(w)

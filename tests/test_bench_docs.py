@@ -79,8 +79,9 @@ def test_quick_run_records_and_renders_sections_and_keeps_their_notes(tmp_path):
     assert (tmp_path / "bench_save_load.png").read_bytes()[:4] == b"\x89PNG"
     rec = json.loads((tmp_path / "results" / "verify.json").read_text())
     assert rec["quick"] is True and rec["machine"]["cores"] >= 1
-    # sections not run keep their earlier figures, under the banner
-    assert "## Distributed\n\n*Not regenerated yet" in text
+    # a section with no record yet says so, and keeps its notes
+    assert "## Distributed\n\n*Not measured yet" in text
+    assert "NOTE-KEPT distributed" in text
     # rendering again from the records changes nothing and deletes no note
     again = docs.render(tmp_path / "results", notes, tmp_path)
     assert again == text

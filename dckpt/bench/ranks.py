@@ -3,11 +3,14 @@
 
 The processes live for one workload and take commands over pipes, so their runs are
 interleaved with the single-process systems like any other. Rank 0 times each operation
-from a barrier before it to a barrier after it.
+from a barrier before it to a barrier after it. As for the single-process systems
+(runner._measure_load), every rank flips every bit of its state before a load and checks
+after it that the load restored the saved bytes: an inexact load is an error, not a time.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import time
 import warnings
@@ -72,6 +75,7 @@ def _serve(pipe, spec: Spec, rank: int, world: int, port: int) -> None:
         w = spec.build(seed=rank + 1, fraction=1 / world)
         # Distinct top-level keys: each rank owns its part (DCP would dedup equal keys).
         state = {f"rank{rank}": w.state()}
+        reference = w.fingerprint()  # what every load must restore
         pipe.send(("ok", w.nbytes))
     except Exception as e:  # reported, then the parent gives up on the pair
         pipe.send(("error", f"{type(e).__name__}: {e}"))
@@ -82,14 +86,28 @@ def _serve(pipe, spec: Spec, rank: int, world: int, port: int) -> None:
             break
         op, system, path = cmd
         try:
-            tdist.barrier()
-            t0 = time.perf_counter()
-            _OPS[(op, system)](state, w, Path(path), rank)
-            tdist.barrier()
-            pipe.send(("ok", time.perf_counter() - t0))
+            pipe.send(("ok", timed(_OPS[(op, system)], op, system, state, w, Path(path), rank,
+                                   reference)))
         except Exception as e:
             pipe.send(("error", f"rank {rank} {op} {system}: {type(e).__name__}: {e}"))
     tdist.destroy_process_group()
+
+
+def timed(run, op: str, system: str, state: dict, w, path: Path, rank: int,
+          reference: list[int]) -> float:
+    """Seconds from a barrier before `run` to a barrier after it; a load after every bit of
+    the state was flipped, and counted only once the state is the saved one again."""
+    import torch.distributed as tdist
+    if op == "load":
+        w.perturb()
+    tdist.barrier()
+    t0 = time.perf_counter()
+    run(state, w, path, rank)
+    tdist.barrier()
+    seconds = time.perf_counter() - t0
+    if op == "load" and w.fingerprint() != reference:
+        raise AssertionError(f"{system}: loaded state differs from the saved one")
+    return seconds
 
 
 def _dckpt_save(state, w, path: Path, rank: int) -> None:
@@ -112,10 +130,16 @@ def _dcp_save(state, w, path: Path, rank: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(_dcp_state(w, rank),
-                 storage_writer=dcp.FileSystemWriter(str(path), thread_count=1, sync_files=True))
+                 storage_writer=dcp.FileSystemWriter(str(path), thread_count=_threads(),
+                                                    sync_files=True))
     tdist.barrier()
     if rank == 0:
         fsync_tree(path)
+
+
+def _threads() -> int:
+    """DCP at its best, as in benchmarks/bench_dist.py: a writer thread per usable core."""
+    return len(os.sched_getaffinity(0))
 
 
 def _dcp_load(state, w, path: Path, rank: int) -> None:
@@ -131,4 +155,4 @@ def _dcp_load(state, w, path: Path, rank: int) -> None:
 _OPS = {("save", "dckpt 2 ranks"): _dckpt_save, ("load", "dckpt 2 ranks"): _dckpt_load,
         ("save", "DCP 2 ranks"): _dcp_save, ("load", "DCP 2 ranks"): _dcp_load}
 
-__all__ = ["RankPair", "SYSTEMS"]
+__all__ = ["RankPair", "SYSTEMS", "timed"]

@@ -93,9 +93,14 @@ def _verify_peers(rows: dict) -> list[tuple[str, str, str]]:
     """(label, row, op) of every integrity check a user could run instead of dckpt verify:
     a peer's own check (torch.save's zip CRCs), sha256sum of the files, and reading the
     checkpoint with each peer's own loader (it fails on a file it cannot parse)."""
-    out = [(n, n, "verify") for n in _peers(rows, DCKPT) if _median(rows.get(n), "verify")]
-    out += [(f"{n} (its loader)", n, "load") for n in _peers(rows, DCKPT)
+    peers = _peers(rows, DCKPT)
+    out = [(n, n, "verify") for n in peers if _median(rows.get(n), "verify")]
+    out += [(f"{n} (its loader)", n, "load") for n in peers
             if n != SHA256 and _median(rows.get(n), "load")]
+    # A peer that failed has no figures to tell what it can check: it stays in, as one
+    # failed case, so that the goal is not met over the peers that are left.
+    out += [(f"{n} (its loader)" if n != SHA256 else n, n, "load" if n != SHA256 else "verify")
+            for n in peers if _failure(n, rows.get(n))]
     return out
 
 

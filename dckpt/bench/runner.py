@@ -95,7 +95,7 @@ def _parse_spec(name: str) -> Spec:
 def _run_workload(spec: Spec, systems: list[System], rank_systems: list[str], opts: Options,
                   cold: bool, log) -> dict:
     w = spec.build()
-    reference = fingerprint(w)
+    reference = w.fingerprint()
     limits = Limits(w.tensors)
     if spec.total_bytes > RANKS_MAX_BYTES:
         rank_systems = []
@@ -232,7 +232,7 @@ def _measure_load(system: System, w: Workload, reference: list[int], path: Path,
         system.load(w, path)
         seconds = time.perf_counter() - t0
     # A load counts only once it is proven exact: wrong bytes are an error, not a figure.
-    if fingerprint(w) != reference:
+    if w.fingerprint() != reference:
         raise AssertionError(f"{system.name}: loaded state differs from the saved one")
     s.add(op, seconds)
     s.peak_rss.setdefault(op, []).append(peak.extra)
@@ -247,10 +247,4 @@ def _measure_ranks(pair: RankPair, name: str, path: Path, s: Samples, cold: bool
         s.add("load_cold", pair.run("load", name, path))
 
 
-def fingerprint(w: Workload) -> list[int]:
-    """XXH3 of every tensor's bytes: a load must restore exactly these."""
-    from dckpt.storage import local as io
-    return [io.hash64(io.byte_view(t.contiguous())) for t in w.tensors()]
-
-
-__all__ = ["Options", "Samples", "run", "fingerprint", "LIMIT_WRITE"]
+__all__ = ["Options", "Samples", "run", "LIMIT_WRITE"]

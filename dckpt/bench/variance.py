@@ -33,7 +33,6 @@ import torch
 from . import measure
 from .limits import Limits
 from .order import balanced
-from .runner import fingerprint
 from .systems import Dckpt, Safetensors, TorchSave
 from .workloads import Spec, Workload
 
@@ -160,12 +159,12 @@ def _situation(situation: str, systems: dict, w: Workload, root: Path, repeats: 
                     save(name)
                 else:
                     save(name)
-                    reference = fingerprint(w)
+                    reference = w.fingerprint()
                     w.perturb()
                     gc.collect()
                     samples[name]["load"].append(
                         _timed(lambda: systems[name].load(w, paths[name])))
-                    if fingerprint(w) != reference:
+                    if w.fingerprint() != reference:
                         raise AssertionError(f"{name}: the loaded state differs from the saved one")
                 measure.remove(paths[name])
     return samples

@@ -74,6 +74,11 @@ class Workload:
             view = io.byte_view(t)
             np.bitwise_not(view, out=view)
 
+    def fingerprint(self) -> list[int]:
+        """XXH3 of every tensor's bytes: a load must restore exactly these."""
+        from dckpt.storage import local as io
+        return [io.hash64(io.byte_view(t.contiguous())) for t in self.tensors()]
+
 
 def _shape_for(total_bytes: int, itemsize: int, trainable_fraction: float) -> tuple[int, int, int]:
     """(d_model, layers, vocab) whose model + AdamW state is about total_bytes."""
