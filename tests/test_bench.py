@@ -127,6 +127,11 @@ def test_a_ratio_of_exactly_one_is_not_faster():
     assert _goal(_result(1.0, 1.0, 8 * 10**8), "save faster than every peer")["met"] is False
 
 
+def test_a_ratio_just_above_one_is_not_printed_as_one():
+    goal = _goal(_result(1.0, 0.996, 8 * 10**8), "save faster than every peer")
+    assert goal["met"] is True and "worst 1.004" in goal["detail"]
+
+
 def test_a_failed_peer_fails_the_goal_instead_of_dropping_out():
     result = _result(1.0, 0.8, 8 * 10**8)
     peer = result["workloads"][0]["regimes"]["shm"]["torch.save"]

@@ -124,7 +124,7 @@ def goals(result: dict) -> list[dict]:
         parts = []
         if known:
             worst = min(known, key=lambda c: c[1] / c[2])
-            parts.append(f"worst {worst[1]:.2f} ({worst[0]})")
+            parts.append(f"worst {_figure(worst[1], worst[2])} ({worst[0]})")
         if failed:
             parts.append(f"{len(failed)} of {len(cases)} cases failed ({failed[0][0]}: "
                          f"{failed[0][3]})")
@@ -210,6 +210,13 @@ def goals(result: dict) -> list[dict]:
                               RSS_LIMIT / max(rss, 1), 1.0, None))
     check("peak extra RSS of a synchronous dckpt save < 300 MB (figure: 300 MB / peak)", cases)
     return out
+
+
+def _figure(value: float, threshold: float) -> str:
+    """Two decimals, or three where two would print the threshold itself: a ratio of 1.004
+    met "> 1" and must not read as 1.00."""
+    text = f"{value:.2f}"
+    return f"{value:.3f}" if value != threshold and text == f"{threshold:.2f}" else text
 
 
 def _regimes(figs: dict) -> list[str]:
