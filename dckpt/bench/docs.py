@@ -61,7 +61,7 @@ SECTIONS: list[Section] = [
             ["-m", "dckpt", "bench", "--quick", "--repeats", "1", "--no-ranks",
              "--regimes", "shm", "--workloads", "transformer-20MB-fp32"]),
     Section("small", "Small checkpoints: fixed costs",
-            ["benchmarks/bench_small.py", "--rounds", "14"],
+            ["benchmarks/bench_small.py", "--rounds", "16"],
             ["benchmarks/bench_small.py", "--rounds", "2", "--tensors", "20", "--async-mb", "8"]),
     Section("verify", "Verify", ["benchmarks/bench_verify.py", "--gb", "2", "--repeat", "12"],
             ["benchmarks/bench_verify.py", "--gb", "0.02", "--repeat", "2", "--no-deep"]),
