@@ -127,10 +127,9 @@ def run(args):
                 [raw_file], chunks, [4] * len(chunks), threads=2),
         }
         # Warm up, untimed: every system once (first calls, the pool's threads, the
-        # allocator, the output file's first pages), and the page cache for the read side.
+        # allocator, the output file's first pages) and the page cache of both input files.
         for fn in systems.values():
             fn()
-        py_verify(z_file, scratch)
         times = {name: [] for name in systems}
         cpu = {name: [] for name in systems}
         for round_ in range(args.repeats):

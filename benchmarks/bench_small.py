@@ -20,8 +20,8 @@ row in each position, and after each other row, equally often):
   - safetensors save_file, then fsync of the file and its directory;
   - torch.save, then fsync of the file and its directory;
   - reference: a loop of 200,000 Python additions, which does no I/O: the speed of this
-    VM's CPU at the time, which moves by up to 2x between runs here. The fixed-cost goal
-    is an absolute time; this row tells a record made on a slow day from a slow save.
+    VM's CPU at the time, which moves between runs here. The fixed-cost goal is an
+    absolute time; this row tells a record made on a slow day from a slow save.
 Every system saves untimed first (imports, first pages). Each figure is the median over
 rounds of wall time and of this process's CPU time (time.process_time: on a shared machine
 CPU time is the steadier figure; the I/O wait of fsync is in wall time only). A manager

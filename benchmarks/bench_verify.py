@@ -1,6 +1,6 @@
 """How fast `dckpt verify` checks a checkpoint, against reading the same files sequentially.
 
-    python benchmarks/bench_verify.py [--gb 2] [--repeat 5] [--dir /tmp]
+    python benchmarks/bench_verify.py [--gb 2] [--repeat 12] [--dir /tmp]
 
 Target: verify without --deep (every chunk's stored-bytes hash, through the native core)
 runs at >= 90% of the sequential read bandwidth of the same data files. Both are timed in

@@ -33,21 +33,26 @@ class RankPair:
             p.start()
             self.pipes.append(parent)
             self.procs.append(p)
-        self.nbytes = sum(self._reply(pipe) for pipe in self.pipes)  # each reports when built
+        self.nbytes = sum(self._replies())  # each reports when built
 
     def run(self, op: str, system: str, path: Path) -> float:
         """Seconds rank 0 measured for `op` ("save" or "load") of `system` at `path`."""
         for pipe in self.pipes:
             pipe.send((op, system, str(path)))
-        return [self._reply(pipe) for pipe in self.pipes][0]
+        return self._replies()[0]
 
-    def _reply(self, pipe):
-        if not pipe.poll(600):
-            raise TimeoutError("a rank process did not answer within 10 minutes")
-        kind, value = pipe.recv()
-        if kind == "error":
-            raise RuntimeError(f"rank process failed: {value}")
-        return value
+    def _replies(self) -> list:
+        """Every rank's answer, all read before an error is raised: one left unread would
+        be taken for the answer to the next command."""
+        replies = []
+        for pipe in self.pipes:
+            if not pipe.poll(600):
+                raise TimeoutError("a rank process did not answer within 10 minutes")
+            replies.append(pipe.recv())
+        for kind, value in replies:
+            if kind == "error":
+                raise RuntimeError(f"rank process failed: {value}")
+        return [value for _, value in replies]
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -86,14 +91,16 @@ def _serve(pipe, spec: Spec, rank: int, world: int, port: int) -> None:
             break
         op, system, path = cmd
         try:
-            pipe.send(("ok", timed(_OPS[(op, system)], op, system, state, w, Path(path), rank,
+            pipe.send(("ok", _timed(_OPS[(op, system)], op, system, state, w, Path(path), rank,
                                    reference)))
         except Exception as e:
             pipe.send(("error", f"rank {rank} {op} {system}: {type(e).__name__}: {e}"))
+            if w.fingerprint() != reference:  # a load failed midway: as built again
+                w.reset(spec.build(seed=rank + 1, fraction=1 / world))
     tdist.destroy_process_group()
 
 
-def timed(run, op: str, system: str, state: dict, w, path: Path, rank: int,
+def _timed(run, op: str, system: str, state: dict, w, path: Path, rank: int,
           reference: list[int]) -> float:
     """Seconds from a barrier before `run` to a barrier after it; a load after every bit of
     the state was flipped, and counted only once the state is the saved one again."""
@@ -155,4 +162,4 @@ def _dcp_load(state, w, path: Path, rank: int) -> None:
 _OPS = {("save", "dckpt 2 ranks"): _dckpt_save, ("load", "dckpt 2 ranks"): _dckpt_load,
         ("save", "DCP 2 ranks"): _dcp_save, ("load", "DCP 2 ranks"): _dcp_load}
 
-__all__ = ["RankPair", "SYSTEMS", "timed"]
+__all__ = ["RankPair", "SYSTEMS"]

@@ -129,6 +129,8 @@ def _run_workload(spec: Spec, systems: list[System], rank_systems: list[str], op
                     except Exception as e:  # a failing system is reported, the run goes on
                         s.errors.append(f"{type(e).__name__}: {e}")
                         log(f"[bench]   {regime} {name}: FAILED {type(e).__name__}: {e}")
+                        if w.fingerprint() != reference:  # a load failed midway
+                            w.reset(spec.build())
                     finally:
                         if name in by_name:
                             by_name[name].finish()
