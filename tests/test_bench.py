@@ -218,10 +218,16 @@ def test_balanced_order_puts_each_system_in_each_slot_and_after_each_other_equal
     assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
 
 
-def test_verify_goal_counts_sha256sum_and_every_peers_loader():
+def _verify_result() -> tuple[dict, dict]:
+    """_result with dckpt's verify at 4 GB/s: the result and its one regime's rows."""
     result = _result(1.0, 0.8, 8 * 10**8)
     regime = result["workloads"][0]["regimes"]["shm"]
-    regime["dckpt"]["seconds"]["verify"] = [0.25]  # 4 GB/s; torch.save's load: 2 GB/s
+    regime["dckpt"]["seconds"]["verify"] = [0.25]
+    return result, regime
+
+
+def test_verify_goal_counts_sha256sum_and_every_peers_loader():
+    result, regime = _verify_result()  # dckpt verifies at 4 GB/s; torch.save loads at 2
     regime["plain write"]["seconds"]["sha256sum"] = [2.0]  # 0.5 GB/s
     goal = _goal(result, "dckpt verify (warm) faster than every peer")
     assert goal["met"] is True and "all 2 cases" in goal["detail"]
@@ -235,9 +241,7 @@ def test_verify_goal_counts_sha256sum_and_every_peers_loader():
 
 
 def test_a_failed_verify_peer_fails_the_verify_goal():
-    result = _result(1.0, 0.8, 8 * 10**8)
-    regime = result["workloads"][0]["regimes"]["shm"]
-    regime["dckpt"]["seconds"]["verify"] = [0.25]
+    result, regime = _verify_result()
     regime["plain write"]["seconds"]["sha256sum"] = [2.0]
     regime["torch.save"]["seconds"], regime["torch.save"]["errors"] = {}, ["OSError: disk full"]
     goal = _goal(result, "dckpt verify (warm) faster than every peer")
@@ -249,9 +253,7 @@ def test_a_failed_verify_peer_fails_the_verify_goal():
 
 
 def test_a_peer_that_failed_once_is_one_failed_case_of_the_verify_goal():
-    result = _result(1.0, 0.8, 8 * 10**8)
-    regime = result["workloads"][0]["regimes"]["shm"]
-    regime["dckpt"]["seconds"]["verify"] = [0.25]
+    result, regime = _verify_result()
     regime["plain write"]["seconds"]["sha256sum"] = [2.0]
     regime["torch.save"]["seconds"]["verify"] = [2.0]  # figures from the repeats that ran
     regime["torch.save"]["errors"] = ["OSError: disk full"]
@@ -260,9 +262,7 @@ def test_a_peer_that_failed_once_is_one_failed_case_of_the_verify_goal():
 
 
 def test_a_failed_plain_write_fails_sha256sum_and_the_limit_goals():
-    result = _result(1.0, 0.8, 8 * 10**8)
-    regime = result["workloads"][0]["regimes"]["shm"]
-    regime["dckpt"]["seconds"]["verify"] = [0.25]
+    result, regime = _verify_result()
     regime["plain write"]["seconds"] = {"save": [1.0]}  # sha256sum never ran
     regime["plain write"]["errors"] = ["OSError: disk full"]
     goal = _goal(result, "dckpt verify (warm) faster than every peer")
