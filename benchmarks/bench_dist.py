@@ -16,7 +16,7 @@ as many threads as there are cores. Loads read what the save just wrote (warm pa
 for both). One untimed save and load by each system comes first; the repeats run in a
 balanced order and every figure is a median with its min-max.
 
-    python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 7 repeats
+    python benchmarks/bench_dist.py                      # 256 MB params, /dev/shm, 8 repeats
     python benchmarks/bench_dist.py --mb 64 --repeats 1 --worlds 1 2
     python benchmarks/bench_dist.py --dir /var/tmp       # disk instead of memory
     python benchmarks/bench_dist.py --record benchmarks/results/distributed.json  # for the docs
